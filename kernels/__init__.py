@@ -1,0 +1,1 @@
+"""Triton kernels, each with a plain-torch twin (imports only torch and triton)."""
