@@ -1,0 +1,393 @@
+"""The DeepSeek-V4 forward math, readable top to bottom (spec §3). Stateless.
+
+One sequence, T new tokens at absolute positions `pos` (contiguous, starting at the state's
+position). Shapes use the legend: T tokens, D model dim, N = hc_mult streams, H heads, Dh head
+dim (nope | rope), W window, C compressed entries, E experts, K experts per token, I expert width.
+
+Weights arrive as `LayerWeights` dicts keyed by the checkpoint's names without the layer prefix
+(`attn.wq_a` for the linear `layers.{i}.attn.wq_a.weight`, `attn_norm` for a norm weight).
+Decode state arrives as the layer's `LayerState` and is updated in place. Each layer is split
+into the two segments of design.md §4: `segment_a` (attention, mHC, router, shared expert) and
+`segment_b` (combine routed + shared, mHC post); the routed experts run between them, where the
+expert scheduler makes the selected experts resident.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from homeseek.checkpoint import QWeight
+from homeseek.config import CSA, SWA, ModelConfig, yarn_inv_freq
+from homeseek.quant import act_quant_sim, fp4_block_sim, fp8_block_sim, hadamard
+from homeseek.state import CompressorState, LayerState
+
+LayerWeights = dict[str, "torch.Tensor | QWeight"]
+# (layer, expert id) -> (w1, w3, w2) as stored (FP4 packed + E8M0 scales).
+ExpertFn = Callable[[int, int], tuple[QWeight, QWeight, QWeight]]
+
+
+@dataclass(frozen=True)
+class Ctx:
+    """Per-engine constants of the math: config, activation dtype, quantisation simulation."""
+
+    cfg: ModelConfig
+    dtype: torch.dtype
+    quant_sim: bool
+
+
+class RopeTables:
+    """cos/sin [positions, d_r/2] for both RoPE regimes (spec §3.3), fp32, built once."""
+
+    def __init__(self, cfg: ModelConfig, max_pos: int, device: str | torch.device) -> None:
+        t = torch.arange(max_pos, dtype=torch.float32)
+        self.tables = {}
+        for compressed in (False, True):
+            ang = torch.outer(t, yarn_inv_freq(cfg, compressed))  # [P, d_r/2]
+            self.tables[compressed] = (ang.cos().to(device), ang.sin().to(device))
+
+    def __call__(self, compressed: bool, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = self.tables[compressed]
+        return cos[pos], sin[pos]
+
+
+# --- small pieces --------------------------------------------------------------------------------
+def rms_norm(x: torch.Tensor, w: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """w ⊙ x / sqrt(mean(x²) + eps) in fp32, cast back to x's dtype (w None: unweighted)."""
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
+    if w is not None:
+        y = w * y
+    return y.to(x.dtype)
+
+
+def linear(x: torch.Tensor, w: QWeight, ctx: Ctx) -> torch.Tensor:
+    """x·Wᵀ with fp32 accumulation; FP8/FP4 weights see the reference's activation rounding."""
+    if ctx.quant_sim and w.fmt != "plain":
+        x = act_quant_sim(x)
+    return (x.float() @ w.dequant().T).to(x.dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs of the last 2·cos.shape[-1] channels (spec §3.3); fp32 math.
+
+    cos/sin must broadcast against x[..., :pairs]: [T, d_r/2] for [T, Dh], [T, 1, d_r/2] for
+    [T, H, Dh]. Pass -sin for the inverse rotation.
+    """
+    dr = cos.shape[-1] * 2
+    nope, rope = x[..., :-dr], x[..., -dr:].float().unflatten(-1, (-1, 2))
+    a, b = rope[..., 0], rope[..., 1]
+    rot = torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2)
+    return torch.cat((nope, rot.to(x.dtype)), dim=-1)
+
+
+# --- mHC (spec §3.2) -----------------------------------------------------------------------------
+def hc_pre(
+    X: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, ctx: Ctx
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """X [T, N, D] -> (sublayer input y [T, D], post [T, N], comb [T, N, N]); fp32 inside."""
+    cfg = ctx.cfg
+    N = cfg.hc_mult
+    xf = X.float().flatten(1)  # [T, N·D]
+    r = torch.rsqrt(xf.square().mean(-1, keepdim=True) + cfg.rms_norm_eps)
+    m = (xf @ fn.T) * r  # [T, (2+N)·N]
+    pre = torch.sigmoid(m[:, :N] * scale[0] + base[:N]) + cfg.hc_eps
+    post = 2 * torch.sigmoid(m[:, N : 2 * N] * scale[1] + base[N : 2 * N])
+    comb = (m[:, 2 * N :] * scale[2] + base[2 * N :]).view(-1, N, N)
+    # Sinkhorn, exact order: softmax over k + eps, column norm, then (iters - 1) row/column pairs.
+    comb = torch.softmax(comb, dim=-1) + cfg.hc_eps
+    comb = comb / (comb.sum(-2, keepdim=True) + cfg.hc_eps)
+    for _ in range(cfg.hc_sinkhorn_iters - 1):
+        comb = comb / (comb.sum(-1, keepdim=True) + cfg.hc_eps)
+        comb = comb / (comb.sum(-2, keepdim=True) + cfg.hc_eps)
+    y = (pre.unsqueeze(-1) * X.float()).sum(1)  # [T, D]
+    return y.to(ctx.dtype), post, comb
+
+
+def hc_post(F_out: torch.Tensor, X: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+    """X'_k = post_k·F + Σ_j comb[j, k]·X_j (out-stream k sums over the first index)."""
+    mixed = torch.einsum("tjk,tjd->tkd", comb, X.float())  # [T, N, D]
+    return (post.unsqueeze(-1) * F_out.float().unsqueeze(1) + mixed).to(X.dtype)
+
+
+def hc_head(X: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, ctx: Ctx) -> torch.Tensor:
+    """Collapse the N streams before the final norm: [T, N, D] -> [T, D]."""
+    xf = X.float().flatten(1)
+    r = torch.rsqrt(xf.square().mean(-1, keepdim=True) + ctx.cfg.rms_norm_eps)
+    pre = torch.sigmoid((xf @ fn.T) * r * scale[0] + base) + ctx.cfg.hc_eps  # [T, N]
+    return (pre.unsqueeze(-1) * X.float()).sum(1).to(X.dtype)
+
+
+# --- compressor (spec §3.3) ----------------------------------------------------------------------
+def compress(
+    x: torch.Tensor,
+    s0: int,
+    lw: LayerWeights,
+    prefix: str,
+    cs: CompressorState,
+    rope: RopeTables,
+    post: Callable[[torch.Tensor], torch.Tensor],
+    ctx: Ctx,
+) -> int:
+    """Feed T tokens (positions s0..s0+T-1) to a compressor; write every block they complete.
+
+    Returns the number of compressed entries now in `cs.cache`. Block j covers positions
+    jm..jm+m-1; its entry pools (CSA) the A half of block j-1 and the B half of block j over
+    2m slots, or (HCA) the m tokens of block j, with a per-channel softmax over the gates.
+    """
+    m, T = cs.ratio, x.shape[0]
+    xf = x.float()  # the compressor runs in fp32
+    kv = xf @ lw[f"{prefix}.wkv"].dequant().T  # [T, c·d]
+    offs = torch.arange(s0, s0 + T, device=x.device) % m
+    gate = xf @ lw[f"{prefix}.wgate"].dequant().T + lw[f"{prefix}.ape"][offs]  # [T, c·d]
+    n_buf = s0 % m  # tokens of the current partial block already buffered
+    all_kv = torch.cat((cs.buf_kv[:n_buf], kv))
+    all_gate = torch.cat((cs.buf_gate[:n_buf], gate))
+    n_blk = (n_buf + T) // m
+    j0 = (s0 - n_buf) // m  # first block this call completes
+    if n_blk:
+        bk = all_kv[: n_blk * m].view(n_blk, m, -1)  # [B, m, c·d]
+        bg = all_gate[: n_blk * m].view(n_blk, m, -1)
+        if cs.overlap:
+            d = bk.shape[-1] // 2
+            a_kv = torch.cat((cs.prev_kv.unsqueeze(0), bk[:-1, :, :d]))  # A halves of blocks j-1
+            a_gate = torch.cat((cs.prev_gate.unsqueeze(0), bg[:-1, :, :d]))
+            slot_kv = torch.cat((a_kv, bk[:, :, d:]), dim=1)  # [B, 2m, d]
+            slot_gate = torch.cat((a_gate, bg[:, :, d:]), dim=1)
+            cs.prev_kv.copy_(bk[-1, :, :d])
+            cs.prev_gate.copy_(bg[-1, :, :d])
+        else:
+            slot_kv, slot_gate = bk, bg
+        pooled = (slot_kv * torch.softmax(slot_gate, dim=1)).sum(1)  # [B, d] fp32
+        norm_w = lw[f"{prefix}.norm"]
+        e = rms_norm(pooled.to(ctx.dtype), norm_w, ctx.cfg.rms_norm_eps)
+        first = (torch.arange(j0, j0 + n_blk, device=x.device)) * m  # RoPE at the block's start
+        cos, sin = rope(True, first)
+        e = post(apply_rope(e, cos, sin))
+        cs.cache[j0 : j0 + n_blk] = e
+    rem = n_buf + T - n_blk * m
+    cs.buf_kv[:rem] = all_kv[n_blk * m :]
+    cs.buf_gate[:rem] = all_gate[n_blk * m :]
+    return j0 + n_blk
+
+
+# --- attention (spec §3.3) -----------------------------------------------------------------------
+def sparse_attention(
+    q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, sink: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """q [T, H, Dh], kv [L, Dh] (K = V), idx [T, S] rows of kv (-1: none), sink [H] -> [T, H, Dh].
+
+    softmax over the selected keys with the sink in the denominator only; fp32 logits and
+    accumulation, probabilities cast to the activation dtype before P·V (as the reference).
+    """
+    valid = idx >= 0
+    keys = kv[idx.clamp(min=0)]  # [T, S, Dh]
+    logits = torch.einsum("thd,tsd->ths", q.float(), keys.float()) * scale
+    logits = logits.masked_fill(~valid.unsqueeze(1), float("-inf"))
+    sinks = sink.view(1, -1, 1).expand(logits.shape[0], -1, 1)
+    m = torch.maximum(logits.amax(-1, keepdim=True), sinks)
+    p = torch.exp(logits - m)
+    p = p / (p.sum(-1, keepdim=True) + torch.exp(sinks - m))
+    return torch.einsum("ths,tsd->thd", p.to(q.dtype).float(), keys.float()).to(q.dtype)
+
+
+def indexer_topk(
+    x: torch.Tensor,
+    qr: torch.Tensor,
+    pos: torch.Tensor,
+    lw: LayerWeights,
+    st: LayerState,
+    rope: RopeTables,
+    ctx: Ctx,
+) -> torch.Tensor:
+    """Lightning indexer: top-k compressed entries per query -> [T, k] (-1 = not usable)."""
+    cfg = ctx.cfg
+    HI, DI = cfg.index_n_heads, cfg.index_head_dim
+    cs = st.index_comp
+    s0, T = int(pos[0]), x.shape[0]
+
+    def key_post(k: torch.Tensor) -> torch.Tensor:
+        return fp4_block_sim(hadamard(k)) if ctx.quant_sim else k
+
+    n_c = compress(x, s0, lw, "attn.indexer.compressor", cs, rope, key_post, ctx)
+    cos, sin = rope(True, pos)
+    qi = linear(qr, lw["attn.indexer.wq_b"], ctx).view(T, HI, DI)
+    qi = apply_rope(qi, cos.unsqueeze(1), sin.unsqueeze(1))
+    if ctx.quant_sim:
+        qi = fp4_block_sim(hadamard(qi))
+    # Head weights scaled by DI^-1/2 · HI^-1/2 (spec §3.3 step 4).
+    w = linear(x, lw["attn.indexer.weights_proj"], ctx).float() * (DI**-0.5 * HI**-0.5)
+    keys = cs.cache[:n_c].float()  # [C, DI]
+    scores = torch.relu(torch.einsum("thd,cd->thc", qi.float(), keys))  # [T, HI, C]
+    score = (scores * w.unsqueeze(-1)).sum(1)  # [T, C]
+    limit = (pos + 1) // cs.ratio  # entry j usable iff j < floor((p+1)/m)
+    entries = torch.arange(n_c, device=x.device)
+    score = score.masked_fill(entries.unsqueeze(0) >= limit.unsqueeze(1), float("-inf"))
+    k = min(cfg.index_topk, n_c)
+    top = score.topk(k, dim=-1).indices
+    return torch.where(top >= limit.unsqueeze(1), torch.full_like(top, -1), top)
+
+
+def attention(
+    x: torch.Tensor, pos: torch.Tensor, lw: LayerWeights, st: LayerState, layer: int, rope: RopeTables, ctx: Ctx
+) -> torch.Tensor:
+    """x [T, D] (after attn_norm) at positions pos -> [T, D]; updates the layer's state."""
+    cfg = ctx.cfg
+    T, H, Dh, W = x.shape[0], cfg.num_attention_heads, cfg.head_dim, cfg.sliding_window
+    kind = cfg.attn_kind(layer)
+    s0 = int(pos[0])
+    cos, sin = rope(kind != SWA, pos)  # [T, d_r/2]; YaRN only on compressed layers
+    eps = cfg.rms_norm_eps
+
+    # Query path: low-rank q, per-head unweighted RMS, RoPE on the last d_r dims.
+    qr = rms_norm(linear(x, lw["attn.wq_a"], ctx), lw["attn.q_norm"], eps)  # [T, Q]
+    q = linear(qr, lw["attn.wq_b"], ctx).view(T, H, Dh)
+    q = q * torch.rsqrt(q.float().square().mean(-1, keepdim=True) + eps).to(q.dtype)
+    q = apply_rope(q, cos.unsqueeze(1), sin.unsqueeze(1))
+
+    # One shared K = V head.
+    kv = rms_norm(linear(x, lw["attn.wkv"], ctx), lw["attn.kv_norm"], eps)  # [T, Dh]
+    kv = apply_rope(kv, cos, sin)
+    if ctx.quant_sim:  # the cache stores the nope part as FP8 (block 64)
+        nope = cfg.nope_dim
+        kv = torch.cat((fp8_block_sim(kv[:, :nope], 64), kv[:, nope:]), dim=-1)
+
+    # Local keys: the W-1 positions before this call (from the ring), then the new ones.
+    n_prev = min(s0, W - 1)
+    prev_pos = torch.arange(s0 - n_prev, s0, device=x.device)
+    local = torch.cat((st.window[prev_pos % W], kv))  # [n_prev + T, Dh]
+    keep = min(T, W)
+    st.window[pos[-keep:] % W] = kv[-keep:]
+    win = pos.unsqueeze(1) - (W - 1) + torch.arange(W, device=x.device)  # [T, W] positions
+    idx = torch.where(win >= 0, win - (s0 - n_prev), torch.full_like(win, -1))
+    keys = local
+
+    if kind != SWA:
+        n_c = compress(x, s0, lw, "attn.compressor", st.comp, rope, _kv_post(ctx), ctx)
+        keys = torch.cat((local, st.comp.cache[:n_c]))
+        n_local = local.shape[0]
+        if kind == CSA:
+            sel = indexer_topk(x, qr, pos, lw, st, rope, ctx)  # [T, k]
+        else:  # HCA: every complete block, causally
+            ent = torch.arange(n_c, device=x.device).expand(T, n_c)
+            limit = ((pos + 1) // st.comp.ratio).unsqueeze(1)
+            sel = torch.where(ent < limit, ent, torch.full_like(ent, -1))
+        idx = torch.cat((idx, torch.where(sel >= 0, sel + n_local, sel)), dim=1)
+
+    o = sparse_attention(q, keys, idx, lw["attn.attn_sink"], Dh**-0.5)  # [T, H, Dh]
+    o = apply_rope(o, cos.unsqueeze(1), -sin.unsqueeze(1))  # undo RoPE at the query position
+
+    # Grouped output: heads 8g..8g+7 form group g (V4-Flash), each projected to o_lora_rank.
+    G = cfg.o_groups
+    wo_a = lw["attn.wo_a"].dequant().view(G, cfg.o_lora_rank, -1)  # [G, R, H·Dh/G]
+    z = torch.einsum("tgi,gri->tgr", o.reshape(T, G, -1).float(), wo_a).to(x.dtype)
+    return linear(z.reshape(T, -1), lw["attn.wo_b"], ctx)
+
+
+def _kv_post(ctx: Ctx) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Main compressor entries are cached like window keys: nope part FP8-rounded (block 64)."""
+    nope = ctx.cfg.nope_dim
+
+    def post(e: torch.Tensor) -> torch.Tensor:
+        if not ctx.quant_sim:
+            return e
+        return torch.cat((fp8_block_sim(e[:, :nope], 64), e[:, nope:]), dim=-1)
+
+    return post
+
+
+# --- MoE (spec §3.4) -----------------------------------------------------------------------------
+def route(u: torch.Tensor, ids: torch.Tensor, lw: LayerWeights, layer: int, ctx: Ctx) -> tuple[torch.Tensor, torch.Tensor]:
+    """u [T, D] -> (expert ids [T, K] int64, routing weights [T, K] fp32)."""
+    cfg = ctx.cfg
+    logits = u.float() @ lw["ffn.gate"].dequant().T  # [T, E] fp32
+    sc = torch.sqrt(F.softplus(logits))
+    if cfg.is_hash_layer(layer):
+        sel = lw["ffn.gate.tid2eid"][ids]  # fixed by the input token id
+    else:  # the bias steers selection only
+        sel = torch.topk(sc + lw["ffn.gate.bias"], cfg.num_experts_per_tok, dim=-1).indices
+    w = sc.gather(1, sel)
+    return sel, w / w.sum(-1, keepdim=True) * cfg.routed_scaling_factor
+
+
+def swiglu(
+    u: torch.Tensor, w1: QWeight, w3: QWeight, w2: QWeight, ctx: Ctx, route_w: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Clamped SwiGLU expert: w2·(route_w · silu(min(w1·u, L)) · clamp(w3·u, ±L)) -> [T, D]."""
+    lim = ctx.cfg.swiglu_limit
+    g = linear(u, w1, ctx).float().clamp(max=lim)
+    v = linear(u, w3, ctx).float().clamp(-lim, lim)
+    a = F.silu(g) * v
+    if route_w is not None:  # the routing weight multiplies before w2 (spec §3.4)
+        a = a * route_w.unsqueeze(-1)
+    return linear(a.to(u.dtype), w2, ctx)
+
+
+def routed_experts(
+    u: torch.Tensor, sel: torch.Tensor, w: torch.Tensor, layer: int, experts: ExpertFn, ctx: Ctx
+) -> torch.Tensor:
+    """Σ_k expert_{sel[t,k]}(u_t) · w[t,k] -> [T, D] fp32 (reference path: one pass per expert)."""
+    out = torch.zeros(u.shape[0], u.shape[1], dtype=torch.float32, device=u.device)
+    for e in torch.unique(sel).tolist():  # each touched expert once, all its tokens together
+        t_idx, k_idx = (sel == e).nonzero(as_tuple=True)
+        w1, w3, w2 = experts(layer, e)
+        y = swiglu(u[t_idx], w1, w3, w2, ctx, route_w=w[t_idx, k_idx])
+        out.index_add_(0, t_idx, y.float())
+    return out
+
+
+# --- one block in two segments (design.md §4) ----------------------------------------------------
+@dataclass
+class FfnPending:
+    """What segment A hands to the expert scheduler and segment B."""
+
+    X: torch.Tensor  # [T, N, D] streams after the attention sublayer
+    u: torch.Tensor  # [T, D] normalised FFN input
+    post: torch.Tensor  # [T, N]
+    comb: torch.Tensor  # [T, N, N]
+    sel: torch.Tensor  # [T, K] expert ids
+    weights: torch.Tensor  # [T, K] routing weights
+    shared: torch.Tensor  # [T, D] shared-expert output
+
+
+def segment_a(
+    X: torch.Tensor,
+    ids: torch.Tensor,
+    pos: torch.Tensor,
+    lw: LayerWeights,
+    st: LayerState,
+    layer: int,
+    rope: RopeTables,
+    ctx: Ctx,
+) -> FfnPending:
+    eps = ctx.cfg.rms_norm_eps
+    y, post, comb = hc_pre(X, lw["hc_attn_fn"], lw["hc_attn_base"], lw["hc_attn_scale"], ctx)
+    a = attention(rms_norm(y, lw["attn_norm"], eps), pos, lw, st, layer, rope, ctx)
+    X = hc_post(a, X, post, comb)
+    y, post, comb = hc_pre(X, lw["hc_ffn_fn"], lw["hc_ffn_base"], lw["hc_ffn_scale"], ctx)
+    u = rms_norm(y, lw["ffn_norm"], eps)
+    sel, w = route(u, ids, lw, layer, ctx)
+    shared = swiglu(u, lw["ffn.shared_experts.w1"], lw["ffn.shared_experts.w3"], lw["ffn.shared_experts.w2"], ctx)
+    return FfnPending(X, u, post, comb, sel, w, shared)
+
+
+def segment_b(p: FfnPending, routed: torch.Tensor) -> torch.Tensor:
+    """Routed (fp32) + shared, cast to the activation dtype, then mHC post -> next streams."""
+    moe = (routed + p.shared.float()).to(p.X.dtype)
+    return hc_post(moe, p.X, p.post, p.comb)
+
+
+def embed(ids: torch.Tensor, table: torch.Tensor, ctx: Ctx) -> torch.Tensor:
+    """ids [T] -> N identical streams [T, N, D]."""
+    h = table[ids].to(ctx.dtype)
+    return h.unsqueeze(1).expand(-1, ctx.cfg.hc_mult, -1).contiguous()
+
+
+def head_logits(X: torch.Tensor, top: dict[str, torch.Tensor], ctx: Ctx) -> torch.Tensor:
+    """Streams [T, N, D] -> logits [T, V] fp32: hc_head collapse, norm, fp32 head."""
+    z = hc_head(X, top["hc_head_fn"], top["hc_head_base"], top["hc_head_scale"], ctx)
+    z = rms_norm(z, top["norm"], ctx.cfg.rms_norm_eps)
+    return z.float() @ top["head"].float().T
