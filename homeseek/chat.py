@@ -599,8 +599,11 @@ def _earliest(text: str, markers: Sequence[str]) -> tuple[int, str] | None:
 
 
 _WS = " \t\r\n"
-_INVOKE_HEAD_RE = re.compile(r'\s*name="([^"]*)"\s*')
-_PARAM_HEAD_RE = re.compile(r'\s*name="([^"]*)"\s+string="(true|false)"\s*')
+# A tag head ends at the first `">` (invoke) or `" string="...">` (parameter); what precedes it
+# is `name="..."`, the name taken verbatim (quotes included, as the official parser allows).
+_INVOKE_HEAD_END_RE = re.compile(r'"\s*>')
+_PARAM_HEAD_END_RE = re.compile(r'"\s+string="(true|false)"\s*>')
+_NAME_ATTR_RE = re.compile(r'\s*name="(.*)', re.DOTALL)
 
 # Parser states.
 _REASONING, _CONTENT = "reasoning", "content"
@@ -735,6 +738,25 @@ class CompletionStream:
             return None
         raise self._error(" or ".join(repr(t) for t in tags))
 
+    def _tag_head(self, end_re: re.Pattern[str], expected: str) -> tuple[str, re.Match[str]] | None:
+        """Consume `name="NAME" ...>` of an invoke/parameter tag: (NAME, match of the head's end),
+        or None while the head is incomplete."""
+        # A head never contains a DSML tag, so one showing up first means it is malformed; cutting
+        # the search there also keeps the outcome independent of how the text was chunked.
+        found = (self._buf.find("<" + DSML_TOKEN), self._buf.find("</" + DSML_TOKEN))
+        tag_at = min((p for p in found if p >= 0), default=len(self._buf))
+        region = self._buf[:tag_at]
+        end = end_re.search(region)
+        if end is None:
+            if tag_at < len(self._buf):
+                raise self._error(expected)
+            return None
+        name = _NAME_ATTR_RE.fullmatch(region[: end.start()])
+        if name is None:
+            raise self._error(expected)
+        self._buf = self._buf[end.end() :]
+        return name.group(1), end
+
     # Each step consumes what it can and returns True when the state changed (run again).
 
     def _step_text(self, final: bool) -> bool:
@@ -772,14 +794,11 @@ class CompletionStream:
         return True
 
     def _step_call_head(self, final: bool) -> bool:
-        end = self._buf.find(">")
-        if end < 0:
+        head = self._tag_head(_INVOKE_HEAD_END_RE, 'name="..."> after ' + repr(_INVOKE_OPEN))
+        if head is None:
             return False
-        m = _INVOKE_HEAD_RE.fullmatch(self._buf[:end])
-        if m is None:
-            raise self._error('name="..."> after ' + repr(_INVOKE_OPEN))
-        self._buf = self._buf[end + 1 :]
-        call_id, name = self._new_call_id(), m.group(1)
+        name = head[0]
+        call_id = self._new_call_id()
         self._calls.append((call_id, name, []))
         self._params = set()
         self._events.append(
@@ -801,16 +820,12 @@ class CompletionStream:
         return True
 
     def _step_param_head(self, final: bool) -> bool:
-        end = self._buf.find(">")
-        if end < 0:
+        head = self._tag_head(_PARAM_HEAD_END_RE, 'name="..." string="true|false"> in a parameter')
+        if head is None:
             return False
-        m = _PARAM_HEAD_RE.fullmatch(self._buf[:end])
-        if m is None:
-            raise self._error('name="..." string="true|false"> after ' + repr(_PARAM_OPEN))
-        key, is_str = m.group(1), m.group(2) == "true"
+        key, is_str = head[0], head[1].group(1) == "true"
         if key in self._params:
             raise ValueError(f"malformed tool-call block: duplicate parameter {key!r}")
-        self._buf = self._buf[end + 1 :]
         sep = ", " if self._params else ""
         self._params.add(key)
         self._param_is_str = is_str

@@ -155,40 +155,49 @@ def quant_fp4_groups(w: torch.Tensor, group: int = 32) -> tuple[torch.Tensor, to
 
 
 # --- simulation of the reference's in-kernel rounding (spec §2.5) --------------------------------
-def fp8_block_sim(x: torch.Tensor, block: int, amax_floor: float = 1e-4) -> torch.Tensor:
-    """Quantise-dequantise the last dim in blocks: UE8M0 scale rounded up, e4m3 RNE.
+def _per_block(x: torch.Tensor, block: int, fn) -> torch.Tensor:
+    """Apply `fn` to [..., nblocks, block] views of the last dim; a ragged tail is its own block.
 
-    Returns the input dtype. Used with block 128 for linear inputs and 64 for KV.
+    V4-Flash widths are all multiples of the block; tails only occur in tiny test configs.
     """
-    shape, dtype = x.shape, x.dtype
-    xb = x.float().reshape(*shape[:-1], shape[-1] // block, block)
-    amax = xb.abs().amax(-1, keepdim=True).clamp_min(amax_floor)
+    k = x.shape[-1]
+    full = (k // block) * block
+    parts = []
+    if full:
+        xb = x[..., :full].float().unflatten(-1, (full // block, block))
+        parts.append(fn(xb).flatten(-2))
+    if k > full:
+        parts.append(fn(x[..., full:].float().unsqueeze(-2)).squeeze(-2))
+    return torch.cat(parts, dim=-1).to(x.dtype)
+
+
+def _fp8_qdq(xb: torch.Tensor) -> torch.Tensor:
+    amax = xb.abs().amax(-1, keepdim=True).clamp_min(1e-4)
     s = pow2_ceil(amax / FP8_MAX)
-    q = (xb / s).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float()
-    return (q * s).reshape(shape).to(dtype)
+    return (xb / s).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float() * s
+
+
+def _fp4_qdq(xb: torch.Tensor) -> torch.Tensor:
+    amax = xb.abs().amax(-1, keepdim=True).clamp_min(FP4_MAX * 2.0**-126)
+    s = pow2_ceil(amax / FP4_MAX)
+    return round_e2m1(xb / s) * s
+
+
+def fp8_block_sim(x: torch.Tensor, block: int) -> torch.Tensor:
+    """Quantise-dequantise the last dim in blocks: UE8M0 scale rounded up (amax floor 1e-4),
+    e4m3 round-to-nearest-even. Returns the input dtype. Block 128 for linear inputs, 64 for KV.
+    """
+    return _per_block(x, block, _fp8_qdq)
 
 
 def act_quant_sim(x: torch.Tensor, block: int = 128) -> torch.Tensor:
-    """The activation rounding in front of every FP8/FP4 linear (blocks of 128 per row).
-
-    A width that is not a multiple of the block (tiny configs) ends in one partial block.
-    """
-    k = x.shape[-1]
-    if k % block == 0:
-        return fp8_block_sim(x, block)
-    full = (k // block) * block
-    parts = [fp8_block_sim(x[..., :full], block)] if full else []
-    parts.append(fp8_block_sim(x[..., full:], k - full))
-    return torch.cat(parts, dim=-1)
+    """The activation rounding in front of every FP8/FP4 linear (blocks of 128 per row)."""
+    return fp8_block_sim(x, block)
 
 
 def fp4_block_sim(x: torch.Tensor, block: int = 32) -> torch.Tensor:
-    """Quantise-dequantise to E2M1 in blocks of 32 (indexer q and keys)."""
-    shape, dtype = x.shape, x.dtype
-    xb = x.float().reshape(*shape[:-1], shape[-1] // block, block)
-    amax = xb.abs().amax(-1, keepdim=True).clamp_min(FP4_MAX * 2.0**-126)
-    s = pow2_ceil(amax / FP4_MAX)
-    return (round_e2m1(xb / s) * s).reshape(shape).to(dtype)
+    """Quantise-dequantise to E2M1 in blocks of 32 (amax floor 6·2^-126; indexer q and keys)."""
+    return _per_block(x, block, _fp4_qdq)
 
 
 @functools.lru_cache(maxsize=8)
