@@ -672,6 +672,8 @@ class CompletionStream:
         """End of generation without (or after) EOS: release everything held back."""
         if not self._closed:
             tail, self._eos_tail = self._eos_tail, ""
+            if self._state not in (_REASONING, _CONTENT, _PARAM_VALUE):
+                tail = ""  # between DSML tags it can only be a cut-off EOS, not text
             self._run(tail, final=True)
             self._closed = True
         return self._drain()
