@@ -319,3 +319,10 @@ def _e8m0_to_f32(s):
     """E8M0 byte -> 2^(s-127) as fp32 for bytes 1..254 (0 -> 2^-127 is flushed to 0 here;
     255 (NaN) -> +inf)."""
     return (s.to(tl.int32) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _and_flag(mask, flag):
+    """mask & flag for a tensor mask and a scalar bool flag. (The interpreter mishandles a
+    tensor & 0-d bool mask, so broadcast the flag through an int tensor first.)"""
+    return mask & ((mask.to(tl.int32) * 0 + flag.to(tl.int32)) > 0)

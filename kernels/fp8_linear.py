@@ -147,7 +147,10 @@ def _fp8_gemv_kernel(
             tot = tl.zeros([BLOCK_N, M_BLOCK], dtype=tl.float32)
             for sk in range(SPLIT_K):
                 tot += tl.load(
-                    part_ptr + sk * M * N + part_offs, mask=out_mask, other=0.0, cache_modifier=".cg"
+                    part_ptr + sk * M * N + part_offs,
+                    mask=out_mask,
+                    other=0.0,
+                    cache_modifier=".cg",
                 )
             tl.store(out_ptr + out_offs, tot.to(out_ptr.dtype.element_ty), mask=out_mask)
             tl.atomic_xchg(cnt_ptr + pid_n, 0)
@@ -345,7 +348,10 @@ def fp8_linear(
                     torch.empty(p.split_k * m * n, dtype=torch.float32, device=x.device),
                     torch.zeros(n_tiles, dtype=torch.int32, device=x.device),
                 )
-            if workspace.partial.numel() < p.split_k * m * n or workspace.counters.numel() < n_tiles:
+            if (
+                workspace.partial.numel() < p.split_k * m * n
+                or workspace.counters.numel() < n_tiles
+            ):
                 raise ValueError(
                     f"fp8_linear: workspace too small for M={m} N={n} K={k} split_k={p.split_k}: "
                     f"need {p.split_k * m * n} partials and {n_tiles} counters; size it with "
