@@ -284,7 +284,9 @@ class Checkpoint:
             for name, f in weight_map.items():
                 e = entries.get(name)
                 if e is None or e.file.name != f:
-                    raise CheckpointError(f"{self.path / f}: tensor {name} listed in index, not found")
+                    raise CheckpointError(
+                        f"{self.path / f}: tensor {name} listed in index, not found"
+                    )
         return entries
 
     def validate(self) -> None:

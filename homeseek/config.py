@@ -163,7 +163,9 @@ class ModelConfig:
         try:
             d = json.loads(path.read_text())
         except FileNotFoundError:
-            raise ConfigError(f"{path}: missing (a checkpoint directory needs config.json)") from None
+            raise ConfigError(
+                f"{path}: missing (a checkpoint directory needs config.json)"
+            ) from None
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}: not valid JSON ({e})") from None
         return cls.from_dict(d, source=str(path))
@@ -317,8 +319,10 @@ def yarn_inv_freq(cfg: ModelConfig, compressed: bool) -> torch.Tensor:
         return inv
 
     def corr(n: float) -> float:
-        return dr * math.log(cfg.original_max_position_embeddings / (n * 2 * math.pi)) / (
-            2 * math.log(base)
+        return (
+            dr
+            * math.log(cfg.original_max_position_embeddings / (n * 2 * math.pi))
+            / (2 * math.log(base))
         )
 
     lo = max(math.floor(corr(cfg.beta_fast)), 0)
@@ -326,5 +330,5 @@ def yarn_inv_freq(cfg: ModelConfig, compressed: bool) -> torch.Tensor:
     if lo == hi:
         hi += 0.001  # avoid a zero-width ramp
     ramp = ((torch.arange(dr // 2, dtype=torch.float32) - lo) / (hi - lo)).clamp(0, 1)
-    # ramp = 0 keeps the frequency, 1 divides it by the factor (spec: theta' = theta(1-r) + theta/f r)
+    # ramp 0 keeps a frequency, 1 divides it by the factor: theta(1 - r) + theta / f * r
     return inv / cfg.rope_factor * ramp + inv * (1 - ramp)

@@ -12,8 +12,11 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -22,6 +25,7 @@ from homeseek import model as M
 from homeseek.checkpoint import Checkpoint, QWeight, layer_prefix, layer_table, top_table
 from homeseek.config import PRESETS, ConfigError, ModelConfig, RuntimeConfig, default_cache_dir
 from homeseek.experts import ResidentExperts
+from homeseek.sampling import Sampler, SamplingParams
 from homeseek.state import SessionState
 
 
@@ -137,6 +141,75 @@ class Engine:
     def session(self) -> Session:
         return Session(self)
 
+    def encode_chat(
+        self,
+        messages: Sequence[dict[str, Any]],
+        thinking: bool = False,
+        reasoning_effort: str | None = None,
+    ) -> list[int]:
+        """Messages -> prompt ids in the official V4 chat format (one BOS, no second one)."""
+        from homeseek.chat import encode_messages
+
+        if self.tokenizer is None:
+            raise ValueError(
+                f"{self.path}: no tokenizer.json, so chat messages cannot be encoded; "
+                "pass prompt_ids instead"
+            )
+        mode = "thinking" if thinking else "chat"
+        text = encode_messages(
+            list(messages), thinking_mode=mode, reasoning_effort=reasoning_effort
+        )
+        return self.tokenizer.encode(text)
+
+    def generate(
+        self,
+        messages: Sequence[dict[str, Any]] | None = None,
+        prompt_ids: Sequence[int] | None = None,
+        max_tokens: int = 256,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        thinking: bool = False,
+        ignore_eos: bool = False,
+        stop: Sequence[str] | None = None,
+        stream: Callable[[str], None] | None = None,
+        reasoning_effort: str | None = None,
+        session: Session | None = None,
+    ) -> GenerationResult:
+        """Generate a completion for chat `messages` or raw `prompt_ids` (design.md §5).
+
+        `stream(delta)` receives text as it is decoded, never splitting a UTF-8 character and
+        never showing text that a stop string later cuts. Without a tokenizer, generation from
+        `prompt_ids` still works (token ids out, empty text).
+        """
+        if (messages is None) == (prompt_ids is None):
+            raise ValueError("pass exactly one of messages or prompt_ids")
+        params = SamplingParams(
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=seed,
+            stop=tuple(stop or ()),
+            ignore_eos=ignore_eos,
+        )
+        ids = (
+            self.encode_chat(messages, thinking, reasoning_effort)
+            if messages is not None
+            else [int(i) for i in prompt_ids]
+        )
+        if not ids:
+            raise ValueError("the prompt is empty")
+        sess = session or self.session()
+        room = self.rt.max_context - sess.pos
+        if len(ids) >= room:
+            raise ContextError(
+                f"prompt of {len(ids)} tokens leaves no room in max_context={self.rt.max_context}"
+                f" (session at {sess.pos}); raise max_context or shorten the prompt"
+            )
+        return _Generation(self, sess, params, thinking, stream).run(ids)
+
     # One step over T tokens of one sequence; returns the final streams [T, N, D].
     def _step(self, ids: torch.Tensor, state: SessionState) -> torch.Tensor:
         pos = torch.arange(state.pos, state.pos + ids.shape[0], device=ids.device)
@@ -165,7 +238,9 @@ class Session:
     def reset(self) -> None:
         self.state.reset()
 
-    def forward(self, token_ids: Sequence[int] | torch.Tensor, last_only: bool = False) -> torch.Tensor:
+    def forward(
+        self, token_ids: Sequence[int] | torch.Tensor, last_only: bool = False
+    ) -> torch.Tensor:
         """Feed any number of tokens at the current position -> float32 logits [T, vocab].
 
         Long inputs run in chunks of `prefill_chunk`; `last_only` returns just [1, vocab].
@@ -200,6 +275,116 @@ class Session:
     def decode(self, token_id: int) -> torch.Tensor:
         """One token -> float32 logits [vocab]."""
         return self.forward([int(token_id)])[0]
+
+
+@dataclass
+class GenerationResult:
+    text: str  # the raw completion text (reasoning, content and any tool-call block)
+    content: str
+    reasoning: str | None
+    tool_calls: list[dict[str, Any]]
+    finish_reason: str  # "stop" | "length" | "tool_calls"
+    token_ids: list[int]
+    prompt_ids: list[int]
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+class _Generation:
+    """One request's decode loop: sample, stream text, stop on EOS / stop string / length."""
+
+    def __init__(
+        self,
+        eng: Engine,
+        sess: Session,
+        params: SamplingParams,
+        thinking: bool,
+        stream: Callable[[str], None] | None,
+    ) -> None:
+        self.eng, self.sess, self.params, self.thinking = eng, sess, params, thinking
+        self.stream = stream
+        self.tok = eng.tokenizer
+        self.decoder = self.tok.stream_decoder() if self.tok is not None else None
+        self.text = ""  # decoded completion so far
+        self.sent = 0  # characters of self.text already streamed
+        self.hold = max((len(s) for s in params.stop), default=1) - 1
+
+    def _emit(self, final: bool) -> None:
+        # Hold back the last len(longest stop)-1 characters: they may start a stop string.
+        upto = len(self.text) if final else max(self.sent, len(self.text) - self.hold)
+        if self.stream is not None and upto > self.sent:
+            self.stream(self.text[self.sent : upto])
+        self.sent = max(self.sent, upto)
+
+    def _hit_stop(self) -> bool:
+        cut = min((i for s in self.params.stop if (i := self.text.find(s)) >= 0), default=-1)
+        if cut < 0:
+            return False
+        self.text = self.text[:cut]
+        return True
+
+    def run(self, prompt: list[int]) -> GenerationResult:
+        eng, p = self.eng, self.params
+        sampler = Sampler(p, eng.rt.device)
+        eos = eng.cfg.eos_token_id
+        t0 = time.perf_counter()
+        logits = self.sess.forward(prompt, last_only=True)[0]
+        t_prefill = time.perf_counter() - t0
+        out: list[int] = []
+        finish = "length"
+        ttft = None
+        t1 = time.perf_counter()
+        while True:
+            tok = int(sampler(logits))  # the one device->host read per token
+            if ttft is None:
+                ttft = time.perf_counter() - t0
+            if tok == eos and not p.ignore_eos:
+                finish = "stop"
+                break
+            out.append(tok)
+            if self.decoder is not None:
+                self.text += self.decoder.feed(tok)
+                if p.stop and self._hit_stop():
+                    finish = "stop"
+                    break
+                self._emit(final=False)
+            if len(out) >= p.max_tokens or self.sess.pos + 1 >= eng.rt.max_context:
+                break
+            logits = self.sess.decode(tok)
+        if self.decoder is not None and finish == "length":
+            self.text += self.decoder.finish()
+            if p.stop and self._hit_stop():
+                finish = "stop"
+        self._emit(final=True)
+        t_decode = time.perf_counter() - t1
+        parsed = {"content": self.text, "reasoning_content": None, "tool_calls": []}
+        if self.tok is not None:
+            from homeseek.chat import parse_completion
+
+            try:
+                parsed = parse_completion(self.text, "thinking" if self.thinking else "chat")
+            except ValueError:  # malformed tool-call block: hand back the raw text as content
+                parsed = {"content": self.text, "reasoning_content": None, "tool_calls": []}
+        if parsed["tool_calls"] and finish == "stop":
+            finish = "tool_calls"
+        n_dec = max(len(out) - 1, 0)
+        stats = {
+            "prompt_tokens": len(prompt),
+            "completion_tokens": len(out),
+            "ttft_s": ttft or 0.0,
+            "prefill_tok_s": len(prompt) / t_prefill if t_prefill > 0 else 0.0,
+            "decode_tok_s": n_dec / t_decode if t_decode > 0 and n_dec else 0.0,
+            "expert_lookups": float(eng.experts.lookups),
+        }
+        return GenerationResult(
+            text=self.text,
+            content=parsed["content"],
+            reasoning=parsed["reasoning_content"],
+            tool_calls=parsed["tool_calls"],
+            finish_reason=finish,
+            token_ids=out,
+            prompt_ids=prompt,
+            stats=stats,
+        )
 
 
 def _load_tokenizer(path: Path) -> object | None:

@@ -17,7 +17,12 @@ class ResidentExperts:
     """All routed experts of the listed layers, resident on `device` in their stored format."""
 
     def __init__(
-        self, ckpt: Checkpoint, cfg: ModelConfig, layers: list[int], device: str, progress: bool = False
+        self,
+        ckpt: Checkpoint,
+        cfg: ModelConfig,
+        layers: list[int],
+        device: str,
+        progress: bool = False,
     ) -> None:
         self.records: dict[tuple[int, int], tuple[QWeight, QWeight, QWeight]] = {}
         self.lookups = 0

@@ -107,13 +107,17 @@ def hc_pre(
     return y.to(ctx.dtype), post, comb
 
 
-def hc_post(F_out: torch.Tensor, X: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+def hc_post(
+    F_out: torch.Tensor, X: torch.Tensor, post: torch.Tensor, comb: torch.Tensor
+) -> torch.Tensor:
     """X'_k = post_k·F + Σ_j comb[j, k]·X_j (out-stream k sums over the first index)."""
     mixed = torch.einsum("tjk,tjd->tkd", comb, X.float())  # [T, N, D]
     return (post.unsqueeze(-1) * F_out.float().unsqueeze(1) + mixed).to(X.dtype)
 
 
-def hc_head(X: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, ctx: Ctx) -> torch.Tensor:
+def hc_head(
+    X: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, ctx: Ctx
+) -> torch.Tensor:
     """Collapse the N streams before the final norm: [T, N, D] -> [T, D]."""
     xf = X.float().flatten(1)
     r = torch.rsqrt(xf.square().mean(-1, keepdim=True) + ctx.cfg.rms_norm_eps)
@@ -232,7 +236,13 @@ def indexer_topk(
 
 
 def attention(
-    x: torch.Tensor, pos: torch.Tensor, lw: LayerWeights, st: LayerState, layer: int, rope: RopeTables, ctx: Ctx
+    x: torch.Tensor,
+    pos: torch.Tensor,
+    lw: LayerWeights,
+    st: LayerState,
+    layer: int,
+    rope: RopeTables,
+    ctx: Ctx,
 ) -> torch.Tensor:
     """x [T, D] (after attn_norm) at positions pos -> [T, D]; updates the layer's state."""
     cfg = ctx.cfg
@@ -300,7 +310,9 @@ def _kv_post(ctx: Ctx) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 # --- MoE (spec §3.4) -----------------------------------------------------------------------------
-def route(u: torch.Tensor, ids: torch.Tensor, lw: LayerWeights, layer: int, ctx: Ctx) -> tuple[torch.Tensor, torch.Tensor]:
+def route(
+    u: torch.Tensor, ids: torch.Tensor, lw: LayerWeights, layer: int, ctx: Ctx
+) -> tuple[torch.Tensor, torch.Tensor]:
     """u [T, D] -> (expert ids [T, K] int64, routing weights [T, K] fp32)."""
     cfg = ctx.cfg
     logits = u.float() @ lw["ffn.gate"].dequant().T  # [T, E] fp32
@@ -314,7 +326,12 @@ def route(u: torch.Tensor, ids: torch.Tensor, lw: LayerWeights, layer: int, ctx:
 
 
 def swiglu(
-    u: torch.Tensor, w1: QWeight, w3: QWeight, w2: QWeight, ctx: Ctx, route_w: torch.Tensor | None = None
+    u: torch.Tensor,
+    w1: QWeight,
+    w3: QWeight,
+    w2: QWeight,
+    ctx: Ctx,
+    route_w: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Clamped SwiGLU expert: w2·(route_w · silu(min(w1·u, L)) · clamp(w3·u, ±L)) -> [T, D]."""
     lim = ctx.cfg.swiglu_limit
@@ -370,7 +387,13 @@ def segment_a(
     y, post, comb = hc_pre(X, lw["hc_ffn_fn"], lw["hc_ffn_base"], lw["hc_ffn_scale"], ctx)
     u = rms_norm(y, lw["ffn_norm"], eps)
     sel, w = route(u, ids, lw, layer, ctx)
-    shared = swiglu(u, lw["ffn.shared_experts.w1"], lw["ffn.shared_experts.w3"], lw["ffn.shared_experts.w2"], ctx)
+    shared = swiglu(
+        u,
+        lw["ffn.shared_experts.w1"],
+        lw["ffn.shared_experts.w3"],
+        lw["ffn.shared_experts.w2"],
+        ctx,
+    )
     return FfnPending(X, u, post, comb, sel, w, shared)
 
 

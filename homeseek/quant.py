@@ -1,4 +1,4 @@
-"""Number formats of the V4 checkpoint and the reference's quantisation simulation (spec §2.3, §2.5).
+"""Number formats of the V4 checkpoint and the quantisation simulation (spec §2.3, §2.5).
 
 Formats:
 * E8M0 scale byte e -> 2^(e-127); 0xFF is NaN. Always handled as raw uint8 bytes.
@@ -125,7 +125,9 @@ def round_e2m1(x: torch.Tensor) -> torch.Tensor:
                 torch.where(
                     a < 1.75,
                     1.5,
-                    torch.where(a <= 2.5, 2.0, torch.where(a < 3.5, 3.0, torch.where(a <= 5, 4.0, 6.0))),
+                    torch.where(
+                        a <= 2.5, 2.0, torch.where(a < 3.5, 3.0, torch.where(a <= 5, 4.0, 6.0))
+                    ),
                 ),
             ),
         ),

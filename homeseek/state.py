@@ -76,7 +76,9 @@ class SessionState:
             kind, m = cfg.attn_kind(i), cfg.compress_ratios[i]
             comp = index_comp = None
             if kind in (CSA, HCA):
-                comp = _compressor(m, kind == CSA, cfg.head_dim, rt.max_context, rt.dtype, rt.device)
+                comp = _compressor(
+                    m, kind == CSA, cfg.head_dim, rt.max_context, rt.dtype, rt.device
+                )
             if kind == CSA:
                 index_comp = _compressor(
                     m, True, cfg.index_head_dim, rt.max_context, rt.dtype, rt.device

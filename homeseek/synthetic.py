@@ -52,7 +52,9 @@ def _fp4_random(shape: tuple[int, int], std: float, g: torch.Generator) -> dict[
     return {"weight": packed.view(torch.int8), "scale": scale.view(torch.float8_e8m0fnu)}
 
 
-def make_tensor(name: str, spec: TensorSpec, cfg: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
+def make_tensor(
+    name: str, spec: TensorSpec, cfg: ModelConfig, seed: int
+) -> dict[str, torch.Tensor]:
     """The stored tensors (name -> tensor) for one logical tensor of the table."""
     g = _gen(seed, name)
     leaf = name.split(".")[-2] if name.endswith(".weight") else name.split(".")[-1]

@@ -53,7 +53,9 @@ def test_config_roundtrip_and_errors(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory) -> Path:
     # Small shards so the multi-shard paths (index resolution) are exercised.
-    return write_checkpoint(tmp_path_factory.mktemp("ck"), tiny_config(), seed=0, shard_bytes=4 << 20)
+    return write_checkpoint(
+        tmp_path_factory.mktemp("ck"), tiny_config(), seed=0, shard_bytes=4 << 20
+    )
 
 
 def _copy(src: Path, dst: Path) -> Path:
@@ -69,14 +71,20 @@ def test_synthetic_layout_is_official(tiny_ckpt):
     ck = Checkpoint(tiny_ckpt)
     ck.validate()
     dt = {k: e.dtype for k, e in ck.entries.items()}
-    assert dt["layers.0.attn.wq_a.weight"] == "F8_E4M3" and dt["layers.0.attn.wq_a.scale"] == "F8_E8M0"
+    assert (
+        dt["layers.0.attn.wq_a.weight"] == "F8_E4M3" and dt["layers.0.attn.wq_a.scale"] == "F8_E8M0"
+    )
     assert dt["layers.0.ffn.experts.3.w1.weight"] == "I8"
     assert dt["layers.0.ffn.experts.3.w1.scale"] == "F8_E8M0"
     assert dt["layers.0.ffn.gate.tid2eid"] == "I64"
     assert dt["layers.2.attn.compressor.ape"] == "F32" and dt["layers.2.attn.attn_sink"] == "F32"
     assert dt["embed.weight"] == "BF16" and dt["mtp.0.hc_head_fn"] == "F32"
     # Paths a zero init would hide are live.
-    for name in ("layers.2.attn.attn_sink", "layers.2.attn.compressor.ape", "layers.3.ffn.gate.bias"):
+    for name in (
+        "layers.2.attn.attn_sink",
+        "layers.2.attn.compressor.ape",
+        "layers.3.ffn.gate.bias",
+    ):
         assert ck.get(name).abs().sum() > 0, name
     tid = ck.get("layers.0.ffn.gate.tid2eid")
     assert tid.min() >= 0 and tid.max() < 8

@@ -8,6 +8,7 @@ import torch
 
 import homeseek
 from homeseek.engine import ContextError, ensure_preset, preset_dir
+
 from oracle import compare
 
 N = 200

@@ -119,7 +119,7 @@ def test_round_e2m1_nearest_ties_even():
     xs = torch.linspace(-7, 7, 2801)
     xs = torch.cat([xs, torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, -0.25, -5.0])])
     got = quant.round_e2m1(xs)
-    for x, y in zip(xs.tolist(), got.tolist()):
+    for x, y in zip(xs.tolist(), got.tolist(), strict=True):
         a = min(abs(x), 6.0)
         best = min(grid, key=lambda v: (abs(v - a), v not in even))
         assert y == math.copysign(best, x), (x, y)
@@ -166,7 +166,11 @@ def test_fp4_block_sim_matches_formula():
                 a = abs(blk[j].item() / s)
                 d = (grid - a).abs()
                 cand = grid[d == d.min()]
-                v = cand[0].item() if len(cand) == 1 else [c for c in cand.tolist() if c in (0, 1, 2, 4)][0]
+                v = (
+                    cand[0].item()
+                    if len(cand) == 1
+                    else [c for c in cand.tolist() if c in (0, 1, 2, 4)][0]
+                )
                 assert got[r, b0 + j].item() == math.copysign(v * s, blk[j].item())
 
 

@@ -114,8 +114,10 @@ def test_engine_chunk_setting_matches(pair):
     """The engine's own prefill chunking (prefill_chunk) gives the same logits."""
     name, eng, ids, ref = pair
     small = homeseek.engine.Engine(
-        eng.path, homeseek.config.RuntimeConfig.build(dtype=torch.float32, quant_sim=False,
-                                                      max_context=512, prefill_chunk=50)
+        eng.path,
+        homeseek.config.RuntimeConfig.build(
+            dtype=torch.float32, quant_sim=False, max_context=512, prefill_chunk=50
+        ),
     )
     stats = compare(small.session().forward(ids), ref)
     _check(stats)

@@ -1,0 +1,7 @@
+"""python -m homeseek"""
+
+import sys
+
+from homeseek.cli import main
+
+sys.exit(main())
