@@ -1,0 +1,362 @@
+"""mHC (manifold-constrained hyper-connections), v4-architecture.md §3.2; all math in fp32.
+
+Letters: T tokens, D model dim, 4 residual streams, W = 4*D flattened stream width.
+
+pre (sublayer variant, fn [24, W], scale [3], base [24]):
+    r = 1/sqrt(mean(X^2) + norm_eps) over all W values of a token;  m = (X.flat . fn^T) * r
+    pre  = sigmoid(m[0:4] * scale[0] + base[0:4]) + hc_eps
+    post = 2 * sigmoid(m[4:8] * scale[1] + base[4:8])
+    C    = m[8:24].view(4, 4) * scale[2] + base[8:24]
+    Sinkhorn: C = softmax(C, -1) + hc_eps; C /= colsum + hc_eps;
+              (iters - 1) x { C /= rowsum + hc_eps; C /= colsum + hc_eps }
+    y = sum_k pre_k * X_k   -> (y [T, D], post [T, 4], C [T, 4, 4])
+head variant (fn [4, W], scale [1], base [4]): only pre and y.
+post: X'_k = post_k * F + sum_j C[j, k] * X_j.
+
+The pre kernel is one launch: the W-long projection is split over SPLIT programs per token (fn is
+1.5 MB, too much for one SM at decode); each writes fp32 partials, and the last to arrive (atomic
+counter, reset afterwards) reduces them in split order, runs the 4x4 Sinkhorn in registers and
+writes y.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ._formats import check_tensor, require_triton, tl, triton
+
+__all__ = [
+    "MhcWorkspace",
+    "mhc_head",
+    "mhc_head_ref",
+    "mhc_post",
+    "mhc_post_ref",
+    "mhc_pre",
+    "mhc_pre_ref",
+    "mhc_workspace",
+]
+
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_PART = 32  # partial row: 8 pre/post sums, 16 comb sums, 1 sum of squares, padding
+_SPLIT = 16
+
+
+def _sinkhorn_ref(c: torch.Tensor, hc_eps: float, iters: int) -> torch.Tensor:
+    c = torch.softmax(c, dim=-1) + hc_eps
+    c = c / (c.sum(-2, keepdim=True) + hc_eps)
+    for _ in range(iters - 1):
+        c = c / (c.sum(-1, keepdim=True) + hc_eps)
+        c = c / (c.sum(-2, keepdim=True) + hc_eps)
+    return c
+
+
+def _mix_ref(x: torch.Tensor, fn: torch.Tensor, norm_eps: float) -> torch.Tensor:
+    xf = x.float().flatten(1)  # [T, W]
+    r = torch.rsqrt(xf.square().mean(-1, keepdim=True) + norm_eps)
+    return (xf @ fn.float().t()) * r
+
+
+def mhc_pre_ref(
+    x: torch.Tensor,
+    fn: torch.Tensor,
+    scale: torch.Tensor,
+    base: torch.Tensor,
+    *,
+    hc_eps: float = 1e-6,
+    iters: int = 20,
+    norm_eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [T, 4, D] -> (y [T, D] in x's dtype, post [T, 4] fp32, comb [T, 4, 4] fp32)."""
+    t = x.shape[0]
+    m = _mix_ref(x, fn, norm_eps)
+    pre = torch.sigmoid(m[:, :4] * scale[0] + base[:4]) + hc_eps
+    post = 2 * torch.sigmoid(m[:, 4:8] * scale[1] + base[4:8])
+    comb = _sinkhorn_ref((m[:, 8:] * scale[2] + base[8:]).view(t, 4, 4), hc_eps, iters)
+    y = (pre[:, :, None] * x.float()).sum(1)
+    return y.to(x.dtype), post, comb
+
+
+def mhc_head_ref(
+    x: torch.Tensor,
+    fn: torch.Tensor,
+    scale: torch.Tensor,
+    base: torch.Tensor,
+    *,
+    hc_eps: float = 1e-6,
+    norm_eps: float = 1e-6,
+) -> torch.Tensor:
+    """Head collapse: x [T, 4, D], fn [4, 4D] -> y [T, D] in x's dtype."""
+    m = _mix_ref(x, fn, norm_eps)
+    pre = torch.sigmoid(m * scale[0] + base) + hc_eps
+    return (pre[:, :, None] * x.float()).sum(1).to(x.dtype)
+
+
+def mhc_post_ref(
+    f: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.Tensor
+) -> torch.Tensor:
+    """X'_k = post_k * F + sum_j comb[j, k] * X_j: f [T, D], x [T, 4, D] -> [T, 4, D] (x dtype)."""
+    out = post.float()[:, :, None] * f.float()[:, None, :]
+    out = out + torch.einsum("tjk,tjd->tkd", comb.float(), x.float())
+    return out.to(x.dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# Kernels
+# ------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _mhc_pre_kernel(
+    x_ptr,  # [T, 4, D] contiguous (row = W values)
+    fn_ptr,  # [24, W] fp32 (head: [4, W]), contiguous
+    scale_ptr,  # [3] fp32 (head: [1])
+    base_ptr,  # [24] fp32 (head: [4])
+    y_ptr,  # [T, D], contiguous
+    post_ptr,  # [T, 4] fp32 (unused for HEAD)
+    comb_ptr,  # [T, 4, 4] fp32 (unused for HEAD)
+    part_ptr,  # [T, SPLIT, 32] fp32 partial sums
+    cnt_ptr,  # [T] int32 arrival counters, zero before and after
+    D,
+    CHUNK,  # W range of one split, a multiple of BLOCK
+    hc_eps,
+    norm_eps,
+    ITERS: tl.constexpr,  # Sinkhorn iterations (20)
+    HEAD: tl.constexpr,
+    SPLIT: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    t = tl.program_id(0)
+    sp = tl.program_id(1)
+    W = 4 * D
+    r2 = tl.arange(0, 2)
+    r4 = tl.arange(0, 4)
+    n_rows = 4 if HEAD else 24
+    # rows of fn: pre/post as [2, 4] (row 4*i + k), comb as [4, 4] (row 8 + 4*j + k)
+    pp_rows = r2[:, None] * 4 + r4[None, :]
+    cc_rows = 8 + r4[:, None] * 4 + r4[None, :]
+    acc_pp = tl.zeros([2, 4], dtype=tl.float32)
+    acc_cc = tl.zeros([4, 4], dtype=tl.float32)
+    ssq = tl.zeros([BLOCK], dtype=tl.float32)
+    lo = sp * CHUNK
+    hi = tl.minimum(lo + CHUNK, W)
+    x_row = x_ptr + t.to(tl.int64) * W
+    for c0 in range(lo, hi, BLOCK):
+        cols = c0 + tl.arange(0, BLOCK)
+        ok = cols < hi
+        xv = tl.load(x_row + cols, mask=ok, other=0.0).to(tl.float32)
+        ssq += xv * xv
+        f = tl.load(
+            fn_ptr + pp_rows[:, :, None] * W + cols[None, None, :],
+            mask=(pp_rows[:, :, None] < n_rows) & ok[None, None, :],
+            other=0.0,
+        )
+        acc_pp += tl.sum(f * xv[None, None, :], axis=2)
+        if not HEAD:
+            f = tl.load(
+                fn_ptr + cc_rows[:, :, None] * W + cols[None, None, :],
+                mask=ok[None, None, :],
+                other=0.0,
+            )
+            acc_cc += tl.sum(f * xv[None, None, :], axis=2)
+    prow = part_ptr + (t * SPLIT + sp) * 32
+    tl.store(prow + pp_rows, acc_pp)
+    tl.store(prow + cc_rows, acc_cc)
+    tl.store(prow + 24, tl.sum(ssq, axis=0))
+    tl.debug_barrier()
+    arrived = tl.atomic_add(cnt_ptr + t, 1, sem="acq_rel")
+    if arrived == SPLIT - 1:
+        pp = tl.zeros([2, 4], dtype=tl.float32)
+        cc = tl.zeros([4, 4], dtype=tl.float32)
+        sq = 0.0
+        for s in range(SPLIT):
+            srow = part_ptr + (t * SPLIT + s) * 32
+            pp += tl.load(srow + pp_rows, cache_modifier=".cg")
+            cc += tl.load(srow + cc_rows, cache_modifier=".cg")
+            sq += tl.load(srow + 24, cache_modifier=".cg")
+        r = 1.0 / tl.sqrt_rn(sq / W + norm_eps)
+        s0 = tl.load(scale_ptr)
+        pre_m = tl.sum(tl.where(r2[:, None] == 0, pp, 0.0), axis=0) * r  # [4]
+        pre = 1.0 / (1.0 + tl.exp(-(pre_m * s0 + tl.load(base_ptr + r4)))) + hc_eps
+        if not HEAD:
+            s1 = tl.load(scale_ptr + 1)
+            s2 = tl.load(scale_ptr + 2)
+            post_m = tl.sum(tl.where(r2[:, None] == 1, pp, 0.0), axis=0) * r
+            post = 2.0 / (1.0 + tl.exp(-(post_m * s1 + tl.load(base_ptr + 4 + r4))))
+            tl.store(post_ptr + t * 4 + r4, post)
+            c = cc * r * s2 + tl.load(base_ptr + cc_rows)
+            c = tl.exp(c - tl.max(c, axis=1)[:, None])
+            c = c / tl.sum(c, axis=1)[:, None] + hc_eps
+            c = c / (tl.sum(c, axis=0)[None, :] + hc_eps)
+            for _ in tl.static_range(ITERS - 1):
+                c = c / (tl.sum(c, axis=1)[:, None] + hc_eps)
+                c = c / (tl.sum(c, axis=0)[None, :] + hc_eps)
+            tl.store(comb_ptr + t * 16 + r4[:, None] * 4 + r4[None, :], c)
+        for d0 in range(0, D, BLOCK_D):
+            dd = d0 + tl.arange(0, BLOCK_D)
+            d_ok = dd < D
+            xs = tl.load(x_row + r4[:, None] * D + dd[None, :], mask=d_ok[None, :], other=0.0).to(
+                tl.float32
+            )
+            y = tl.sum(pre[:, None] * xs, axis=0)
+            tl.store(y_ptr + t.to(tl.int64) * D + dd, y.to(y_ptr.dtype.element_ty), mask=d_ok)
+        tl.atomic_xchg(cnt_ptr + t, 0)
+
+
+@triton.jit
+def _mhc_post_kernel(
+    f_ptr,  # [T, D] sublayer output, contiguous
+    x_ptr,  # [T, 4, D] streams, contiguous
+    post_ptr,  # [T, 4] fp32
+    comb_ptr,  # [T, 4, 4] fp32
+    out_ptr,  # [T, 4, D] contiguous (may alias x: each program reads its tile first)
+    D,
+    BLOCK_D: tl.constexpr,
+):
+    t = tl.program_id(0)
+    dd = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_ok = dd < D
+    r4 = tl.arange(0, 4)
+    base = t.to(tl.int64) * 4 * D
+    f = tl.load(f_ptr + t.to(tl.int64) * D + dd, mask=d_ok, other=0.0).to(tl.float32)
+    xs = tl.load(x_ptr + base + r4[:, None] * D + dd[None, :], mask=d_ok[None, :], other=0.0)
+    post = tl.load(post_ptr + t * 4 + r4)
+    c = tl.load(comb_ptr + t * 16 + r4[:, None] * 4 + r4[None, :])  # [j, k]
+    mix = tl.sum(c[:, :, None] * xs.to(tl.float32)[:, None, :], axis=0)  # [k, BLOCK_D]
+    o = post[:, None] * f[None, :] + mix
+    tl.store(
+        out_ptr + base + r4[:, None] * D + dd[None, :],
+        o.to(out_ptr.dtype.element_ty),
+        mask=d_ok[None, :],
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# Launchers
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MhcWorkspace:
+    """Split scratch for mhc_pre / mhc_head; allocate once for the largest T."""
+
+    part: torch.Tensor  # fp32, >= T * SPLIT * 32
+    counters: torch.Tensor  # int32 zeros, >= T
+
+
+def mhc_workspace(max_t: int, device: torch.device | str) -> MhcWorkspace:
+    return MhcWorkspace(
+        torch.empty(max_t * _SPLIT * _PART, dtype=torch.float32, device=device),
+        torch.zeros(max_t, dtype=torch.int32, device=device),
+    )
+
+
+def _launch_pre(name, x, fn, scale, base, y, post, comb, workspace, hc_eps, norm_eps, iters, head):
+    require_triton(name)
+    check_tensor(f"{name}: x", x, dtypes=_DTYPES)
+    if x.dim() != 3 or x.shape[1] != 4:
+        raise ValueError(f"{name}: x must be [T, 4, D], got {list(x.shape)}")
+    t, _, d = x.shape
+    dev = x.device
+    n_rows = 4 if head else 24
+    check_tensor(f"{name}: fn", fn, shape=(n_rows, 4 * d), dtypes=(torch.float32,), device=dev)
+    check_tensor(
+        f"{name}: scale", scale, shape=(1 if head else 3,), dtypes=(torch.float32,), device=dev
+    )
+    check_tensor(f"{name}: base", base, shape=(n_rows,), dtypes=(torch.float32,), device=dev)
+    check_tensor(f"{name}: y", y, shape=(t, d), dtypes=_DTYPES, device=dev)
+    if not head:
+        check_tensor(f"{name}: post", post, shape=(t, 4), dtypes=(torch.float32,), device=dev)
+        check_tensor(f"{name}: comb", comb, shape=(t, 4, 4), dtypes=(torch.float32,), device=dev)
+    if workspace is None:
+        workspace = mhc_workspace(t, dev)
+    if workspace.part.numel() < t * _SPLIT * _PART or workspace.counters.numel() < t:
+        raise ValueError(f"{name}: workspace too small for T={t}; use mhc_workspace(max_t)")
+    if t == 0:
+        return
+    block = 256
+    chunk = triton.cdiv(triton.cdiv(4 * d, _SPLIT), block) * block
+    _mhc_pre_kernel[(t, _SPLIT)](
+        x, fn, scale, base, y, post, comb, workspace.part, workspace.counters, d, chunk,
+        float(hc_eps), float(norm_eps),
+        ITERS=iters, HEAD=head, SPLIT=_SPLIT, BLOCK=block, BLOCK_D=512, num_warps=4,
+    )  # fmt: skip
+
+
+def mhc_pre(
+    x: torch.Tensor,
+    fn: torch.Tensor,
+    scale: torch.Tensor,
+    base: torch.Tensor,
+    *,
+    hc_eps: float = 1e-6,
+    iters: int = 20,
+    norm_eps: float = 1e-6,
+    y: torch.Tensor | None = None,
+    post: torch.Tensor | None = None,
+    comb: torch.Tensor | None = None,
+    workspace: MhcWorkspace | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """mHC pre: x [T, 4, D] (bf16/fp16/fp32), fn [24, 4D], scale [3], base [24] (fp32) ->
+    (y [T, D] (default x's dtype), post [T, 4] fp32, comb [T, 4, 4] fp32). One launch."""
+    t, _, d = x.shape
+    if y is None:
+        y = torch.empty(t, d, dtype=x.dtype, device=x.device)
+    if post is None:
+        post = torch.empty(t, 4, dtype=torch.float32, device=x.device)
+    if comb is None:
+        comb = torch.empty(t, 4, 4, dtype=torch.float32, device=x.device)
+    _launch_pre(
+        "mhc_pre", x, fn, scale, base, y, post, comb, workspace, hc_eps, norm_eps, iters, False
+    )
+    return y, post, comb
+
+
+def mhc_head(
+    x: torch.Tensor,
+    fn: torch.Tensor,
+    scale: torch.Tensor,
+    base: torch.Tensor,
+    *,
+    hc_eps: float = 1e-6,
+    norm_eps: float = 1e-6,
+    y: torch.Tensor | None = None,
+    workspace: MhcWorkspace | None = None,
+) -> torch.Tensor:
+    """mHC head collapse: x [T, 4, D], fn [4, 4D], scale [1], base [4] -> y [T, D]."""
+    t, _, d = x.shape
+    if y is None:
+        y = torch.empty(t, d, dtype=x.dtype, device=x.device)
+    _launch_pre("mhc_head", x, fn, scale, base, y, y, y, workspace, hc_eps, norm_eps, 1, True)
+    return y
+
+
+def mhc_post(
+    f: torch.Tensor,
+    x: torch.Tensor,
+    post: torch.Tensor,
+    comb: torch.Tensor,
+    *,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """mHC post: X'_k = post_k * F + sum_j comb[j, k] * X_j. f [T, D], x [T, 4, D] ->
+    out [T, 4, D] (default x's dtype; may be x itself for an in-place update)."""
+    require_triton("mhc_post")
+    check_tensor("mhc_post: x", x, dtypes=_DTYPES)
+    if x.dim() != 3 or x.shape[1] != 4:
+        raise ValueError(f"mhc_post: x must be [T, 4, D], got {list(x.shape)}")
+    t, _, d = x.shape
+    dev = x.device
+    check_tensor("mhc_post: f", f, shape=(t, d), dtypes=_DTYPES, device=dev)
+    check_tensor("mhc_post: post", post, shape=(t, 4), dtypes=(torch.float32,), device=dev)
+    check_tensor("mhc_post: comb", comb, shape=(t, 4, 4), dtypes=(torch.float32,), device=dev)
+    if out is None:
+        out = torch.empty_like(x)
+    check_tensor("mhc_post: out", out, shape=(t, 4, d), dtypes=_DTYPES, device=dev)
+    if t == 0:
+        return out
+    bd = 512
+    _mhc_post_kernel[(t, triton.cdiv(d, bd))](f, x, post, comb, out, d, BLOCK_D=bd, num_warps=4)
+    return out

@@ -1,0 +1,177 @@
+"""Device dispatch: one function per op. CUDA tensors (with triton installed) go to the Triton
+launcher; anything else (CPU engine, tests, CI) runs the plain-torch `_ref` twin. Same signatures
+and results (up to fp32 summation order), so the engine calls these and never branches itself.
+
+`out=` buffers are honoured on both paths (the twin copies its result in), so code written for the
+GPU's static buffers runs unchanged on CPU. Workspaces are only used by the Triton path.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import fp4_experts as _fp4
+from . import fp8_linear as _fp8
+from . import indexer as _idx
+from . import mhc as _mhc
+from . import sparse_attn as _attn
+from ._formats import HAS_TRITON, interpreting
+
+__all__ = [
+    "fp4_experts",
+    "fp8_linear",
+    "indexer_topk",
+    "mhc_head",
+    "mhc_post",
+    "mhc_pre",
+    "sparse_attn",
+    "use_triton",
+]
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """True when `t` should go to a Triton kernel: a CUDA tensor (and triton importable), or a
+    CPU tensor while TRITON_INTERPRET=1 is set (kernel tests on CPU)."""
+    if not HAS_TRITON:
+        return False
+    if interpreting():
+        return t.device.type == "cpu"
+    return t.device.type == "cuda"
+
+
+def _into(out: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
+    if out is None:
+        return value
+    out.copy_(value)
+    return out
+
+
+def fp8_linear(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    w_scale: torch.Tensor,
+    *,
+    out: torch.Tensor | None = None,
+    act_quant: bool = False,
+    workspace: _fp8.Fp8LinearWorkspace | None = None,
+) -> torch.Tensor:
+    """y [M, N] = x [M, K] . W^T, W e4m3fn [N, K] with 128x128 block scale (E8M0 or fp32)."""
+    if use_triton(x):
+        return _fp8.fp8_linear(x, w, w_scale, out=out, act_quant=act_quant, workspace=workspace)
+    out_dtype = out.dtype if out is not None else None
+    return _into(out, _fp8.fp8_linear_ref(x, w, w_scale, act_quant=act_quant, out_dtype=out_dtype))
+
+
+def fp4_experts(
+    x: torch.Tensor,
+    slots: torch.Tensor,
+    route_w: torch.Tensor,
+    shared_out: torch.Tensor,
+    w13_q: torch.Tensor,
+    w13_s: torch.Tensor,
+    w2_q: torch.Tensor,
+    w2_s: torch.Tensor,
+    swiglu_limit: float,
+    *,
+    out: torch.Tensor | None = None,
+    act_quant: bool = False,
+    workspace: _fp4.Fp4ExpertsWorkspace | None = None,
+) -> torch.Tensor:
+    """Routed experts from the FP4 slot pool: out [M, D] = shared_out + sum_k expert(slots[m, k]).
+    M <= 16 takes the decode kernels, larger M the grouped (prefill) kernels."""
+    args = (x, slots, route_w, shared_out, w13_q, w13_s, w2_q, w2_s, swiglu_limit)
+    if use_triton(x):
+        if x.shape[0] <= _fp4.DECODE_MAX_M:
+            return _fp4.fp4_experts(*args, out=out, act_quant=act_quant, workspace=workspace)
+        return _fp4.fp4_experts_grouped(*args, out=out, act_quant=act_quant)
+    out_dtype = out.dtype if out is not None else None
+    return _into(out, _fp4.fp4_experts_ref(*args, act_quant=act_quant, out_dtype=out_dtype))
+
+
+def sparse_attn(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    idx: torch.Tensor,
+    sink: torch.Tensor,
+    scale: float,
+    *,
+    out: torch.Tensor | None = None,
+    workspace: _attn.SparseAttnWorkspace | None = None,
+) -> torch.Tensor:
+    """o [T, H, Dh]: attention of q over kv rows idx [T, L] (-1 masked) with a per-head sink."""
+    if use_triton(q):
+        return _attn.sparse_attn(q, kv, idx, sink, scale, out=out, workspace=workspace)
+    return _into(out, _attn.sparse_attn_ref(q, kv, idx, sink, scale))
+
+
+def indexer_topk(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    w: torch.Tensor,
+    n_valid: torch.Tensor,
+    topk: int = 512,
+    *,
+    out: torch.Tensor | None = None,
+    workspace: _idx.IndexerWorkspace | None = None,
+) -> torch.Tensor:
+    """idx [T, topk] int32: best indexer entries per token (-1 = none); ties -> lower index."""
+    if use_triton(q):
+        return _idx.indexer_topk(q, k, w, n_valid, topk, out=out, workspace=workspace)
+    return _into(out, _idx.indexer_topk_ref(q, k, w, n_valid, topk))
+
+
+def mhc_pre(
+    x: torch.Tensor,
+    fn: torch.Tensor,
+    scale: torch.Tensor,
+    base: torch.Tensor,
+    *,
+    hc_eps: float = 1e-6,
+    iters: int = 20,
+    norm_eps: float = 1e-6,
+    y: torch.Tensor | None = None,
+    post: torch.Tensor | None = None,
+    comb: torch.Tensor | None = None,
+    workspace: _mhc.MhcWorkspace | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """mHC pre: x [T, 4, D] -> (y [T, D], post [T, 4] fp32, comb [T, 4, 4] fp32)."""
+    if use_triton(x):
+        return _mhc.mhc_pre(
+            x, fn, scale, base, hc_eps=hc_eps, iters=iters, norm_eps=norm_eps,
+            y=y, post=post, comb=comb, workspace=workspace,
+        )  # fmt: skip
+    ry, rp, rc = _mhc.mhc_pre_ref(x, fn, scale, base, hc_eps=hc_eps, iters=iters, norm_eps=norm_eps)
+    return _into(y, ry), _into(post, rp), _into(comb, rc)
+
+
+def mhc_head(
+    x: torch.Tensor,
+    fn: torch.Tensor,
+    scale: torch.Tensor,
+    base: torch.Tensor,
+    *,
+    hc_eps: float = 1e-6,
+    norm_eps: float = 1e-6,
+    y: torch.Tensor | None = None,
+    workspace: _mhc.MhcWorkspace | None = None,
+) -> torch.Tensor:
+    """mHC head collapse: x [T, 4, D], fn [4, 4D] -> y [T, D]."""
+    if use_triton(x):
+        return _mhc.mhc_head(
+            x, fn, scale, base, hc_eps=hc_eps, norm_eps=norm_eps, y=y, workspace=workspace
+        )
+    return _into(y, _mhc.mhc_head_ref(x, fn, scale, base, hc_eps=hc_eps, norm_eps=norm_eps))
+
+
+def mhc_post(
+    f: torch.Tensor,
+    x: torch.Tensor,
+    post: torch.Tensor,
+    comb: torch.Tensor,
+    *,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """mHC post: X'_k = post_k * F + sum_j comb[j, k] * X_j -> [T, 4, D]."""
+    if use_triton(x):
+        return _mhc.mhc_post(f, x, post, comb, out=out)
+    return _into(out, _mhc.mhc_post_ref(f, x, post, comb))

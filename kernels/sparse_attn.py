@@ -1,0 +1,248 @@
+"""Decode sparse attention with a sink over one shared K=V head (v4-architecture.md §3.3).
+
+Letters: T query tokens (<= 4 at decode), H heads (64), Dh head dim (512), N rows of the KV buffer,
+L selected keys per token.
+
+    l_j = scale * q_h . kv[idx[t, j]]          (idx < 0: masked)
+    o_h = sum_j e^(l_j - M) kv_j / (sum_j e^(l_j - M) + e^(sink_h - M))
+
+fp32 logits, softmax and accumulation; values are the keys. A token with no valid key gets 0.
+
+Kernel: a program owns BLOCK_H heads of one token (all heads share the keys, so each key block is
+loaded once per head block and used by tl.dot for q.k and p.v) and one slice of the L keys
+(flash-decoding split). Each split keeps a running max starting at the sink (so a split whose keys
+are all masked stays finite) and writes (max, denominator, accumulator) partials; the last split to
+arrive (atomic counter, reset afterwards) merges them in split order and adds the sink term.
+With one split the program writes the output directly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ._formats import check_tensor, require_triton, tl, triton
+
+__all__ = ["SparseAttnWorkspace", "sparse_attn", "sparse_attn_ref", "sparse_attn_workspace"]
+
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_BLOCK_H = 16
+_KEYS_PER_SPLIT = 256
+
+
+def sparse_attn_ref(
+    q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, sink: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Numerical definition. q [T, H, Dh], kv [N, Dh], idx [T, L] int (-1 = masked), sink [H]
+    fp32 -> o [T, H, Dh] in q's dtype (fp32 math)."""
+    t, h, _ = q.shape
+    valid = idx >= 0
+    k = kv[idx.clamp(min=0).long()].float()  # [T, L, Dh]
+    logits = torch.einsum("thd,tld->thl", q.float(), k) * scale
+    logits = logits.masked_fill(~valid[:, None, :], float("-inf"))
+    # The sink is one more logit with no value: it only enlarges the denominator.
+    full = torch.cat([logits, sink.float()[None, :, None].expand(t, h, 1)], dim=-1)
+    p = torch.softmax(full, dim=-1)[..., :-1]
+    return torch.einsum("thl,tld->thd", p, k).to(q.dtype)
+
+
+@triton.jit
+def _sparse_attn_kernel(
+    q_ptr,  # [T, H, Dh], contiguous
+    kv_ptr,  # [N, Dh], row stride stride_kv
+    idx_ptr,  # [T, L] int32, contiguous (-1 = masked)
+    sink_ptr,  # [H] fp32
+    out_ptr,  # [T, H, Dh], contiguous
+    pacc_ptr,  # [T, H, SPLIT, Dh] fp32 partial accumulators (SPLIT > 1)
+    pml_ptr,  # [T, H, SPLIT, 2] fp32 partial (max, denominator) (SPLIT > 1)
+    cnt_ptr,  # [T * ceil(H/BLOCK_H)] int32 arrival counters, zero before and after
+    H,
+    L,
+    DH,
+    stride_kv,
+    scale,
+    KEYS_PER_SPLIT,  # multiple of BLOCK_L
+    SPLIT: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    BLOCK_D: tl.constexpr,  # next power of two >= Dh
+    IEEE_FP32: tl.constexpr,
+):
+    t = tl.program_id(0)
+    hb = tl.program_id(1)
+    sp = tl.program_id(2)
+    heads = hb * BLOCK_H + tl.arange(0, BLOCK_H)
+    h_ok = heads < H
+    dd = tl.arange(0, BLOCK_D)
+    d_ok = dd < DH
+    q = tl.load(
+        q_ptr + (t * H + heads[:, None]).to(tl.int64) * DH + dd[None, :],
+        mask=h_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )
+    sink = tl.load(sink_ptr + heads, mask=h_ok, other=0.0)
+    m_i = sink  # running max, starting at the sink keeps fully masked blocks finite
+    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
+    j_lo = sp * KEYS_PER_SPLIT
+    j_hi = tl.minimum(j_lo + KEYS_PER_SPLIT, L)
+    for j0 in range(j_lo, j_hi, BLOCK_L):
+        jj = j0 + tl.arange(0, BLOCK_L)
+        rows = tl.load(idx_ptr + t * L + jj, mask=jj < j_hi, other=-1)
+        ok = rows >= 0
+        k = tl.load(
+            kv_ptr + rows[:, None].to(tl.int64) * stride_kv + dd[None, :],
+            mask=ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )
+        if IEEE_FP32:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = tl.where(ok[None, :], s * scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if IEEE_FP32:
+            pv = tl.dot(p, k, input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(k.dtype), k)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+
+    o_mask = h_ok[:, None] & d_ok[None, :]
+    o_offs = (t * H + heads[:, None]).to(tl.int64) * DH + dd[None, :]
+    if SPLIT == 1:
+        o = acc / (l_i + tl.exp(sink - m_i))[:, None]
+        tl.store(out_ptr + o_offs, o.to(out_ptr.dtype.element_ty), mask=o_mask)
+    else:
+        row = (t * H + heads).to(tl.int64) * SPLIT + sp  # [BLOCK_H] partial row
+        tl.store(pacc_ptr + row[:, None] * DH + dd[None, :], acc, mask=o_mask)
+        tl.store(pml_ptr + row * 2, m_i, mask=h_ok)
+        tl.store(pml_ptr + row * 2 + 1, l_i, mask=h_ok)
+        tl.debug_barrier()
+        c_idx = t * tl.num_programs(1) + hb
+        arrived = tl.atomic_add(cnt_ptr + c_idx, 1, sem="acq_rel")
+        if arrived == SPLIT - 1:
+            base = (t * H + heads).to(tl.int64) * SPLIT
+            m_all = sink
+            for s_i in range(SPLIT):
+                m_s = tl.load(
+                    pml_ptr + (base + s_i) * 2, mask=h_ok, other=0.0, cache_modifier=".cg"
+                )
+                m_all = tl.maximum(m_all, m_s)
+            den = tl.exp(sink - m_all)
+            num = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
+            for s_i in range(SPLIT):
+                m_s = tl.load(
+                    pml_ptr + (base + s_i) * 2, mask=h_ok, other=0.0, cache_modifier=".cg"
+                )
+                l_s = tl.load(
+                    pml_ptr + (base + s_i) * 2 + 1, mask=h_ok, other=0.0, cache_modifier=".cg"
+                )
+                a_s = tl.load(
+                    pacc_ptr + (base + s_i)[:, None] * DH + dd[None, :],
+                    mask=o_mask,
+                    other=0.0,
+                    cache_modifier=".cg",
+                )
+                w = tl.exp(m_s - m_all)
+                den += w * l_s
+                num += w[:, None] * a_s
+            tl.store(
+                out_ptr + o_offs, (num / den[:, None]).to(out_ptr.dtype.element_ty), mask=o_mask
+            )
+            tl.atomic_xchg(cnt_ptr + c_idx, 0)
+
+
+@dataclass
+class SparseAttnWorkspace:
+    """Split-L scratch; allocate once for the largest (T, L), share across layers of a stream."""
+
+    acc: torch.Tensor  # fp32, >= T * H * SPLIT * Dh
+    ml: torch.Tensor  # fp32, >= T * H * SPLIT * 2
+    counters: torch.Tensor  # int32 zeros, >= T * ceil(H / 16)
+
+
+def _n_split(n_keys: int, config: dict) -> tuple[int, int]:
+    per = config.get("keys_per_split", _KEYS_PER_SPLIT)
+    per = triton.cdiv(per, config.get("block_l", 32)) * config.get("block_l", 32)
+    return max(1, triton.cdiv(n_keys, per)), per
+
+
+def sparse_attn_workspace(
+    max_t: int, h: int, dh: int, max_l: int, device: torch.device | str
+) -> SparseAttnWorkspace:
+    split, _ = _n_split(max_l, {})
+    return SparseAttnWorkspace(
+        torch.empty(max_t * h * split * dh, dtype=torch.float32, device=device),
+        torch.empty(max_t * h * split * 2, dtype=torch.float32, device=device),
+        torch.zeros(max_t * triton.cdiv(h, _BLOCK_H), dtype=torch.int32, device=device),
+    )
+
+
+def sparse_attn(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    idx: torch.Tensor,
+    sink: torch.Tensor,
+    scale: float,
+    *,
+    out: torch.Tensor | None = None,
+    workspace: SparseAttnWorkspace | None = None,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """o [T, H, Dh] = sparse attention of q over kv rows idx [T, L] with per-head sink.
+
+    q [T, H, Dh] bf16/fp16/fp32 contiguous; kv [N, Dh] same dtype (rows may be strided); idx
+    [T, L] int32, entries in [0, N) or -1; sink [H] fp32. The split-L path (L > 256 keys) needs
+    scratch: pass a workspace from sparse_attn_workspace() to keep the launch allocation-free.
+    """
+    require_triton("sparse_attn")
+    check_tensor("sparse_attn: q", q, dtypes=_DTYPES)
+    if q.dim() != 3:
+        raise ValueError(f"sparse_attn: q must be [T, H, Dh], got {list(q.shape)}")
+    t, h, dh = q.shape
+    dev = q.device
+    check_tensor("sparse_attn: kv", kv, shape=(None, dh), dtypes=(q.dtype,), contiguous=False)
+    if kv.stride(1) != 1:
+        raise ValueError("sparse_attn: kv must have unit column stride")
+    check_tensor("sparse_attn: idx", idx, shape=(t, None), dtypes=(torch.int32,), device=dev)
+    check_tensor("sparse_attn: sink", sink, shape=(h,), dtypes=(torch.float32,), device=dev)
+    if out is None:
+        out = torch.empty_like(q)
+    check_tensor("sparse_attn: out", out, shape=(t, h, dh), dtypes=_DTYPES, device=dev)
+    n_keys = idx.shape[1]
+    if t == 0:
+        return out
+    cfg = dict(config or {})
+    bl = cfg.get("block_l", 32)
+    split, per = _n_split(n_keys, cfg)
+    n_hb = triton.cdiv(h, _BLOCK_H)
+    pacc = pml = cnt = out  # placeholders when split == 1
+    if split > 1:
+        if workspace is None:
+            workspace = SparseAttnWorkspace(
+                torch.empty(t * h * split * dh, dtype=torch.float32, device=dev),
+                torch.empty(t * h * split * 2, dtype=torch.float32, device=dev),
+                torch.zeros(t * n_hb, dtype=torch.int32, device=dev),
+            )
+        ws = workspace
+        if (
+            ws.acc.numel() < t * h * split * dh
+            or ws.ml.numel() < t * h * split * 2
+            or ws.counters.numel() < t * n_hb
+        ):
+            raise ValueError(
+                f"sparse_attn: workspace too small for T={t} H={h} Dh={dh} L={n_keys} "
+                f"(split {split}); size it with sparse_attn_workspace()"
+            )
+        pacc, pml, cnt = ws.acc, ws.ml, ws.counters
+    _sparse_attn_kernel[(t, n_hb, split)](
+        q, kv, idx, sink, out, pacc, pml, cnt, h, n_keys, dh, kv.stride(0), float(scale), per,
+        SPLIT=split, BLOCK_H=_BLOCK_H, BLOCK_L=bl, BLOCK_D=triton.next_power_of_2(dh),
+        IEEE_FP32=q.dtype == torch.float32, num_warps=cfg.get("num_warps", 8),
+    )  # fmt: skip
+    return out
