@@ -350,6 +350,8 @@ def _tool_result_text(content: Any, where: str) -> str:
             if not isinstance(part, Mapping):
                 raise ValueError(f"{where}.content[{j}]: expected a dict content part")
             if part.get("type") == "text":
+                if not isinstance(part.get("text", ""), str):
+                    raise ValueError(f"{where}.content[{j}].text: expected a string")
                 texts.append(part.get("text", ""))
             else:
                 texts.append(f"[Unsupported {part.get('type')}]")

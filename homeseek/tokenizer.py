@@ -11,7 +11,9 @@ run the full text path (chat encoding -> ids -> model -> ids -> streamed text) o
 
 from __future__ import annotations
 
+import functools
 import heapq
+import itertools
 import json
 import os
 from collections import Counter
@@ -255,7 +257,7 @@ def _learn_merges(words: Counter[str], max_merges: int) -> list[tuple[str, str]]
     counts: Counter[tuple[str, str]] = Counter()
     where: dict[tuple[str, str], set[int]] = {}
     for i, seq in enumerate(seqs):
-        for pair in zip(seq, seq[1:]):  # noqa: B905 (offset pairs, lengths differ by design)
+        for pair in itertools.pairwise(seq):
             counts[pair] += freqs[i]
             where.setdefault(pair, set()).add(i)
     heap = [(-c, pair) for pair, c in counts.items()]
@@ -270,7 +272,7 @@ def _learn_merges(words: Counter[str], max_merges: int) -> list[tuple[str, str]]
         touched: set[tuple[str, str]] = set()
         for i in sorted(where.pop(pair, ())):
             seq, f = seqs[i], freqs[i]
-            for p in zip(seq, seq[1:]):  # noqa: B905
+            for p in itertools.pairwise(seq):
                 counts[p] -= f
                 touched.add(p)
             out, k = [], 0
@@ -282,7 +284,7 @@ def _learn_merges(words: Counter[str], max_merges: int) -> list[tuple[str, str]]
                     out.append(seq[k])
                     k += 1
             seqs[i] = out
-            for p in zip(out, out[1:]):  # noqa: B905
+            for p in itertools.pairwise(out):
                 counts[p] += f
                 touched.add(p)
                 where.setdefault(p, set()).add(i)
@@ -366,9 +368,15 @@ def synthetic_tokenizer_json() -> str:
     return json.dumps(doc, ensure_ascii=False, separators=(",", ":"))
 
 
+@functools.cache
+def _synthetic_json_once() -> str:
+    # A pure function of this file, and synthetic checkpoints are written many times per test run.
+    return synthetic_tokenizer_json()
+
+
 def build_synthetic_tokenizer() -> tokenizers.Tokenizer:
     """A small real byte-level BPE with exactly 129,280 ids and the V4 specials at their ids."""
-    return tokenizers.Tokenizer.from_str(synthetic_tokenizer_json())
+    return tokenizers.Tokenizer.from_str(_synthetic_json_once())
 
 
 def tokenizer_config() -> dict[str, Any]:
@@ -391,6 +399,6 @@ def write_tokenizer_files(out_dir: str | os.PathLike[str]) -> None:
     """Write the synthetic `tokenizer.json` and `tokenizer_config.json` into `out_dir`."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "tokenizer.json").write_bytes(synthetic_tokenizer_json().encode("utf-8"))
+    (out / "tokenizer.json").write_bytes(_synthetic_json_once().encode("utf-8"))
     cfg = json.dumps(tokenizer_config(), ensure_ascii=False, indent=2) + "\n"
     (out / "tokenizer_config.json").write_bytes(cfg.encode("utf-8"))

@@ -640,6 +640,35 @@ def test_parse_tool_block_right_after_reasoning() -> None:
     assert out["tool_calls"][0]["function"]["arguments"] == "{}"
 
 
+def test_parse_inverts_encode_randomized() -> None:
+    """Whatever assistant turn the encoder writes, the parser reads back (official arg format)."""
+    rng = random.Random(99)
+    texts = ["", "ok", "多行\n文本", "a <b> c", "trailing\n", " </th", 'quote"q', "\\"]
+    values = ["s", "", "中文", "<x>", "a\nb", 0, -1.5, True, None, [1, "x"], {"k": ["v"]}]
+    for _ in range(300):
+        mode = rng.choice(["chat", "thinking"])
+        turn: dict = {"role": "assistant", "content": rng.choice(texts)}
+        if mode == "thinking":
+            turn["reasoning_content"] = rng.choice(texts)
+        args_list = [
+            {
+                k: rng.choice(values)
+                for k in rng.sample(["a", "b", "城市", "x y"], rng.randint(0, 3))
+            }
+            for _ in range(rng.randint(0, 3))
+        ]
+        if args_list:
+            turn["tool_calls"] = [_call(rng.choice(["f", "g_2"]), a) for a in args_list]
+        prompt = encode_messages([{"role": "user", "content": "q"}, turn], mode)
+        out = parse_completion(_completion(prompt, mode == "thinking"), mode)
+        assert out["content"] == turn["content"]
+        assert out["reasoning_content"] == turn.get("reasoning_content")
+        got = [json.loads(c["function"]["arguments"]) for c in out["tool_calls"]]
+        assert got == args_list
+        names = [c["function"]["name"] for c in out["tool_calls"]]
+        assert names == [c["function"]["name"] for c in turn.get("tool_calls", [])]
+
+
 @pytest.mark.parametrize(
     "block",
     [
