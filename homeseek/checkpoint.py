@@ -247,6 +247,37 @@ def read_safetensors_header(path: Path) -> dict[str, _Entry]:
     return out
 
 
+def verify(path: str | Path) -> list[str]:
+    """Every problem a downloaded checkpoint directory has, as sentences (empty: complete).
+
+    Lists every missing or truncated shard (not just the first), then checks the tensors against
+    config.json.
+    """
+    path = Path(path)
+    problems: list[str] = []
+    if not (path / "config.json").exists():
+        return [f"{path}: config.json missing"]
+    index = path / INDEX_NAME
+    if not index.exists():
+        return [f"{path}: {INDEX_NAME} missing"]
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError) as e:
+        return [f"{index}: not a safetensors index ({e})"]
+    for f in sorted(set(weight_map.values())):
+        try:
+            read_safetensors_header(path / f)
+        except CheckpointError as e:
+            problems.append(str(e))
+    if problems:
+        return problems
+    try:
+        Checkpoint(path).validate()
+    except (CheckpointError, ValueError) as e:
+        problems.append(str(e))
+    return problems
+
+
 class Checkpoint:
     """An official checkpoint directory, validated against its config.json, read lazily."""
 

@@ -115,6 +115,115 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+HUB_REPO = "deepseek-ai/DeepSeek-V4-Flash"
+# What the engine needs from the release; the reference code and PDF are left out.
+DOWNLOAD_PATTERNS = [
+    "config.json",
+    "generation_config.json",
+    "model.safetensors.index.json",
+    "model-*.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+]
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    from homeseek.checkpoint import verify
+
+    out = Path(args.dir)
+    if not args.verify_only:
+        from huggingface_hub import snapshot_download
+
+        patterns = args.include or DOWNLOAD_PATTERNS
+        print(f"downloading {args.repo} ({', '.join(patterns)}) into {out}", file=sys.stderr)
+        try:
+            # Resumes partial files; huggingface_hub draws the progress bars.
+            snapshot_download(
+                repo_id=args.repo,
+                revision=args.revision,
+                local_dir=str(out),
+                allow_patterns=patterns,
+                max_workers=args.workers,
+            )
+        except Exception as e:  # noqa: BLE001 - hub/network errors come in many types
+            print(f"homeseek: download failed: {type(e).__name__}: {e}", file=sys.stderr)
+            problems = verify(out) if out.exists() else [f"{out}: nothing downloaded"]
+            for p in problems:
+                print(f"  - {p}", file=sys.stderr)
+            return 1
+    problems = verify(out)
+    if problems:
+        print(f"{out}: incomplete ({len(problems)} problem(s)):", file=sys.stderr)
+        for p in problems:
+            print(f"  - {p}", file=sys.stderr)
+        print("re-run `homeseek download` to resume", file=sys.stderr)
+        return 1
+    print(f"{out}: complete and consistent with its index and config.json")
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    import platform
+
+    import torch
+
+    from homeseek import plan
+    from homeseek.checkpoint import verify
+    from homeseek.config import PRESETS, ModelConfig
+    from homeseek.engine import preset_dir
+
+    GiB = plan.GiB
+    print(f"homeseek doctor - python {platform.python_version()}, torch {torch.__version__}")
+    vram = 0
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            free, total = torch.cuda.mem_get_info(i)
+            name = torch.cuda.get_device_name(i)
+            print(f"GPU {i}: {name}, {total / GiB:.1f} GiB VRAM ({free / GiB:.1f} GiB free)")
+            vram = vram or free
+    else:
+        print("GPU: none visible to torch (CUDA not available): CPU only")
+    total, avail = plan.host_memory()
+    print(f"RAM: {total / GiB:.1f} GiB total, {avail / GiB:.1f} GiB available")
+    lim = plan.pinned_limit()
+    print(
+        "pinned-memory limit (RLIMIT_MEMLOCK): "
+        + ("unlimited" if lim is None else f"{lim / GiB:.2f} GiB")
+        + " (cudaHostAlloc is not bound by it; mlock is)"
+    )
+    model = args.model
+    if model in PRESETS:
+        cfg = PRESETS[model]()
+        where = preset_dir(model) if model == "tiny" else None
+        print(f"model: preset {model!r}" + (f" (built in {where})" if where else ""))
+        disk_path = where or Path.cwd()
+    else:
+        path = Path(model)
+        disk_path = path
+        problems = verify(path) if path.exists() else [f"{path}: does not exist"]
+        cfg = (
+            ModelConfig.from_file(path / "config.json")
+            if not problems or (path / "config.json").exists()
+            else ModelConfig()
+        )
+        if problems:
+            print(f"checkpoint {path}: {len(problems)} problem(s)")
+            for p in problems[:10]:
+                print(f"  - {p}")
+        else:
+            files = list(path.glob("*.safetensors"))
+            size = sum(f.stat().st_size for f in files)
+            print(f"checkpoint {path}: complete, {len(files)} shards, {size / GiB:.1f} GiB")
+    print(f"disk free at {disk_path}: {plan.disk_free(disk_path) / GiB:.1f} GiB")
+    gpu_gb = args.gpu_mem_gb if args.gpu_mem_gb is not None else (vram / GiB if vram else 24.0)
+    host_gb = args.host_mem_gb if args.host_mem_gb is not None else plan.default_host_budget_gb()
+    p = plan.memory_plan(cfg, gpu_gb, host_gb, args.max_context)
+    print(f"memory plan (max_context {args.max_context}):")
+    for line in p.lines():
+        print(f"  {line}")
+    return 0 if p.fits else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="homeseek",
@@ -145,6 +254,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--shard-gb", type=float, default=4.0, help="target shard size in GiB")
     s.set_defaults(func=cmd_synth)
+
+    d = sub.add_parser("download", help="fetch the official weights and verify them")
+    d.add_argument("dir", help="target directory (resumes what is already there)")
+    d.add_argument("--repo", default=HUB_REPO, help=f"hub repository (default {HUB_REPO})")
+    d.add_argument("--revision", default=None, help="branch, tag or commit")
+    d.add_argument("--include", action="append", default=None, help="allow-pattern (repeatable)")
+    d.add_argument("--workers", type=int, default=8, help="parallel downloads")
+    d.add_argument("--verify-only", action="store_true", help="only check the directory")
+    d.set_defaults(func=cmd_download)
+
+    dr = sub.add_parser("doctor", help="check this machine and a checkpoint; show a memory plan")
+    dr.add_argument("--model", default="flash", help="checkpoint directory or preset name")
+    dr.add_argument(
+        "--gpu-mem-gb", type=float, default=None, help="GPU budget (default: free VRAM, or 24)"
+    )
+    dr.add_argument("--host-mem-gb", type=float, default=None, help="pinned host budget")
+    dr.add_argument("--max-context", type=int, default=32768)
+    dr.set_defaults(func=cmd_doctor)
     return p
 
 

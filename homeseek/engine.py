@@ -176,12 +176,15 @@ class Engine:
         stream: Callable[[str], None] | None = None,
         reasoning_effort: str | None = None,
         session: Session | None = None,
+        cancel: Callable[[], bool] | None = None,
     ) -> GenerationResult:
         """Generate a completion for chat `messages` or raw `prompt_ids` (design.md §5).
 
         `stream(delta)` receives text as it is decoded, never splitting a UTF-8 character and
         never showing text that a stop string later cuts. Without a tokenizer, generation from
-        `prompt_ids` still works (token ids out, empty text).
+        `prompt_ids` still works (token ids out, empty text). `session` continues an existing
+        sequence (prefix reuse: the prompt must be only the new tokens). `cancel()` is polled
+        once per token; when it returns True generation ends with finish_reason "cancelled".
         """
         if (messages is None) == (prompt_ids is None):
             raise ValueError("pass exactly one of messages or prompt_ids")
@@ -208,7 +211,7 @@ class Engine:
                 f"prompt of {len(ids)} tokens leaves no room in max_context={self.rt.max_context}"
                 f" (session at {sess.pos}); raise max_context or shorten the prompt"
             )
-        return _Generation(self, sess, params, thinking, stream).run(ids)
+        return _Generation(self, sess, params, thinking, stream, cancel).run(ids)
 
     # One step over T tokens of one sequence; returns the final streams [T, N, D].
     def _step(self, ids: torch.Tensor, state: SessionState) -> torch.Tensor:
@@ -230,6 +233,7 @@ class Session:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.state = SessionState(engine.cfg, engine.rt, engine.layers)
+        self.tokens: list[int] = []  # every id this sequence has consumed, in order
 
     @property
     def pos(self) -> int:
@@ -237,6 +241,7 @@ class Session:
 
     def reset(self) -> None:
         self.state.reset()
+        self.tokens.clear()
 
     def forward(
         self, token_ids: Sequence[int] | torch.Tensor, last_only: bool = False
@@ -246,15 +251,17 @@ class Session:
         Long inputs run in chunks of `prefill_chunk`; `last_only` returns just [1, vocab].
         """
         eng = self.engine
-        ids = torch.as_tensor(token_ids, dtype=torch.long).reshape(-1).to(eng.rt.device)
+        if isinstance(token_ids, torch.Tensor):
+            token_ids = token_ids.reshape(-1).tolist()
+        id_list = [int(t) for t in token_ids]
+        ids = torch.tensor(id_list, dtype=torch.long, device=eng.rt.device)
         T = ids.shape[0]
         if T == 0:
             raise ValueError("forward() needs at least one token id")
         V = eng.cfg.vocab_size
-        bad = (ids < 0) | (ids >= V)
-        if bool(bad.any()):
-            i = int(bad.nonzero()[0, 0])
-            raise ValueError(f"token id {int(ids[i])} at index {i} is outside [0, {V})")
+        bad = [i for i, t in enumerate(id_list) if not 0 <= t < V]
+        if bad:
+            raise ValueError(f"token id {id_list[bad[0]]} at index {bad[0]} is outside [0, {V})")
         if self.state.pos + T > eng.rt.max_context:
             raise ContextError(
                 f"sequence would reach {self.state.pos + T} tokens (at {self.state.pos}, +{T}); "
@@ -265,6 +272,7 @@ class Session:
         with torch.inference_mode():
             for a in range(0, T, chunk):
                 X = eng._step(ids[a : a + chunk], self.state)
+                self.tokens.extend(id_list[a : a + chunk])
                 if last_only and a + chunk < T:
                     continue
                 if last_only:
@@ -283,7 +291,7 @@ class GenerationResult:
     content: str
     reasoning: str | None
     tool_calls: list[dict[str, Any]]
-    finish_reason: str  # "stop" | "length" | "tool_calls"
+    finish_reason: str  # "stop" | "length" | "tool_calls" | "cancelled"
     token_ids: list[int]
     prompt_ids: list[int]
     stats: dict[str, float] = field(default_factory=dict)
@@ -299,9 +307,10 @@ class _Generation:
         params: SamplingParams,
         thinking: bool,
         stream: Callable[[str], None] | None,
+        cancel: Callable[[], bool] | None = None,
     ) -> None:
         self.eng, self.sess, self.params, self.thinking = eng, sess, params, thinking
-        self.stream = stream
+        self.stream, self.cancel = stream, cancel
         self.tok = eng.tokenizer
         self.decoder = self.tok.stream_decoder() if self.tok is not None else None
         self.text = ""  # decoded completion so far
@@ -348,6 +357,9 @@ class _Generation:
                     break
                 self._emit(final=False)
             if len(out) >= p.max_tokens or self.sess.pos + 1 >= eng.rt.max_context:
+                break
+            if self.cancel is not None and self.cancel():
+                finish = "cancelled"
                 break
             logits = self.sess.decode(tok)
         if self.decoder is not None and finish == "length":
