@@ -1,0 +1,610 @@
+"""Kernels against their plain-torch `_ref` twins, and the format definitions against torch.
+
+- Format tests run everywhere (CPU, no triton needed).
+- `interp` tests run the Triton kernels on CPU through TRITON_INTERPRET=1 (set here when no CUDA
+  device is present); small shapes, fp32/fp16 only (the interpreter's bf16 tl.dot is wrong).
+  Skipped without triton, and on a CUDA machine (where the gpu tests cover the kernels).
+- `gpu` tests run the compiled kernels at V4-Flash sizes, bf16 included, plus a CUDA-graph
+  capture/replay check. Skipped without CUDA.
+
+Every output buffer is poisoned (NaN / -7) before a launch and checked to be fully written.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+# Probe without importing: TRITON_INTERPRET must be set before triton is first imported.
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+INTERP = HAS_TRITON and not HAS_CUDA
+if INTERP:
+    os.environ["TRITON_INTERPRET"] = "1"
+    # Kernels are bound to interpreter or compiler when their module is imported: if another
+    # test imported them first, reload them now that the interpreter is on.
+    for _name in ("_formats", "fp8_linear", "fp4_experts", "sparse_attn", "indexer", "mhc", "ops"):
+        _mod = sys.modules.get(f"homeseek.kernels.{_name}")
+        if _mod is not None:
+            importlib.reload(_mod)
+
+from homeseek.kernels import _formats as fmt  # noqa: E402
+from homeseek.kernels import fp4_experts as f4  # noqa: E402
+from homeseek.kernels import fp8_linear as f8  # noqa: E402
+from homeseek.kernels import indexer as ix  # noqa: E402
+from homeseek.kernels import mhc as mh  # noqa: E402
+from homeseek.kernels import ops  # noqa: E402
+from homeseek.kernels import sparse_attn as sa  # noqa: E402
+
+interp = pytest.mark.skipif(not INTERP, reason="needs triton on a machine without CUDA")
+DEV = "cuda" if HAS_CUDA else "cpu"
+
+# Tolerance table: |got - ref| <= atol * max|ref| + rtol * |ref|, per output dtype.
+TOL = {
+    torch.float32: (2e-5, 1e-5),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (1.6e-2, 1.6e-2),
+}
+
+
+def assert_close(name: str, got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, loose=1.0):
+    """Compare with the tolerance table; on failure report how many, where and how bad."""
+    assert got.shape == ref.shape, f"{name}: shape {list(got.shape)} != {list(ref.shape)}"
+    g, r = got.float().cpu(), ref.float().cpu()
+    assert torch.isfinite(g).all(), f"{name}: {(~torch.isfinite(g)).sum()} non-finite outputs"
+    atol, rtol = (loose * v for v in TOL[dtype])
+    scale = r.abs().max().clamp_min(1e-30)
+    err = (g - r).abs()
+    bad = err > atol * scale + rtol * r.abs()
+    if bad.any():
+        i = int(err.argmax())
+        idx = tuple(int(v) for v in torch.unravel_index(torch.tensor(i), r.shape))
+        raise AssertionError(
+            f"{name}: {int(bad.sum())}/{bad.numel()} mismatches (atol {atol:g}*{scale:.3g}, "
+            f"rtol {rtol:g}); worst at {idx}: got {g.flatten()[i]:.6g} ref {r.flatten()[i]:.6g} "
+            f"(err {err.max():.3g}, {err.max() / scale:.2e} of max)"
+        )
+
+
+def poison(shape, dtype, device=DEV):
+    if dtype.is_floating_point:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.full(shape, -7, dtype=dtype, device=device)
+
+
+# ------------------------------------------------------------------------------------------------
+# Formats (CPU, bit-exact)
+# ------------------------------------------------------------------------------------------------
+
+
+def test_e8m0_matches_torch_dtype():
+    b = torch.arange(256, dtype=torch.uint8)
+    got = fmt.e8m0_to_float(b)
+    ref = b.view(torch.float8_e8m0fnu).float()
+    same = (got.view(torch.int32) == ref.view(torch.int32)) | (got.isnan() & ref.isnan())
+    assert same.all(), f"E8M0 bytes differ: {b[~same].tolist()}"
+    assert got[127] == 1.0 and got[128] == 2.0 and got[255].isnan()
+
+
+def test_fp8_dequant_matches_torch_dtype():
+    b = torch.arange(256, dtype=torch.uint8).reshape(2, 128)
+    s = torch.tensor([[127]], dtype=torch.uint8)
+    got = fmt.dequant_fp8(b, s)
+    ref = b.view(torch.float8_e4m3fn).float()
+    assert torch.equal(got.isnan(), ref.isnan())
+    assert torch.equal(got[~got.isnan()], ref[~ref.isnan()])
+    # block scale: row block 1 / col block 0 get their own scale
+    w = torch.ones(130, 129, dtype=torch.float8_e4m3fn)
+    s = torch.tensor([[127, 128], [126, 130]], dtype=torch.uint8)
+    d = fmt.dequant_fp8(w, s)
+    assert d[0, 0] == 1 and d[0, 128] == 2 and d[128, 0] == 0.5 and d[129, 128] == 8
+
+
+def test_fp4_unpack_table_and_nibble_order():
+    b = torch.arange(256, dtype=torch.uint8)
+    got = fmt.fp4_unpack(b[None])[0]
+    table = torch.tensor(fmt.FP4_E2M1_VALUES)
+    assert torch.equal(got[0::2], table[b.long() & 15])  # low nibble = even element
+    assert torch.equal(got[1::2], table[b.long() >> 4])
+    assert torch.equal(torch.signbit(got[0::2]), (b & 8) != 0)  # 8 is -0
+    # the torch dtype has the same byte layout (two E2M1 per byte); int8 views decode the same
+    assert torch.float4_e2m1fn_x2.itemsize == 1
+    x2 = b.view(torch.float4_e2m1fn_x2)
+    assert torch.equal(fmt.fp4_unpack(x2[None])[0], got)
+    assert torch.equal(fmt.fp4_unpack(b.view(torch.int8)[None])[0], got)
+    try:  # only some torch builds can convert float4_e2m1fn_x2
+        ref = x2.to(torch.float32)
+    except (RuntimeError, NotImplementedError):
+        return
+    assert torch.equal(ref.flatten(), got)
+
+
+def test_fp4_dequant_scale_groups():
+    q = torch.full((2, 32), 0x21, dtype=torch.uint8)  # even = 0.5, odd = 1.0
+    s = torch.tensor([[127, 129], [126, 0]], dtype=torch.uint8)
+    w = fmt.dequant_fp4(q, s)
+    assert w[0, 0] == 0.5 and w[0, 1] == 1.0 and w[0, 32] == 2.0 and w[1, 0] == 0.25
+    assert w[1, 33] == 2.0**-127
+
+
+def test_act_quant_ref_formula():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 300, generator=g) * torch.logspace(-6, 3, 300)
+    x[0, :128] = 0.0  # all-zero block: amax floor 1e-4
+    x[1, :128] = 448.0  # amax/448 exactly 1: s = 1
+    got = fmt.act_quant_ref(x)
+    xb = torch.nn.functional.pad(x, (0, 84)).view(5, 3, 128)
+    amax = xb.abs().amax(-1, keepdim=True).clamp_min(1e-4)
+    s = torch.exp2(torch.ceil(torch.log2(amax.double() / 448))).float()
+    ref = (xb / s).clamp(-448, 448).to(torch.float8_e4m3fn).float() * s
+    assert torch.equal(got, ref.view(5, 384)[:, :300])
+    assert torch.equal(got[1, :128], x[1, :128])
+
+
+# ------------------------------------------------------------------------------------------------
+# Triton format helpers (interpreter, bit-exact)
+# ------------------------------------------------------------------------------------------------
+
+if HAS_TRITON:
+    from homeseek.kernels._formats import (
+        _act_quant_apply,
+        _act_quant_scale,
+        _e4m3_round,
+        _fp4_pair_to_f32,
+        tl,
+    )
+
+    @fmt.triton.jit
+    def _helpers_kernel(v_ptr, r_ptr, b_ptr, lo_ptr, hi_ptr, N: tl.constexpr):
+        o = tl.arange(0, N)
+        v = tl.load(v_ptr + o)
+        tl.store(r_ptr + o, _e4m3_round(v))
+        b = tl.load(b_ptr + o)
+        lo, hi = _fp4_pair_to_f32(b)
+        tl.store(lo_ptr + o, lo)
+        tl.store(hi_ptr + o, hi)
+
+    @fmt.triton.jit
+    def _act_quant_kernel(x_ptr, y_ptr, R: tl.constexpr):
+        o = tl.arange(0, R)[:, None] * 128 + tl.arange(0, 128)[None, :]
+        x = tl.load(x_ptr + o)
+        s, s_inv = _act_quant_scale(tl.max(tl.abs(x), axis=1))
+        tl.store(y_ptr + o, _act_quant_apply(x, s[:, None], s_inv[:, None]))
+
+
+@interp
+def test_triton_e4m3_round_and_fp4_decode_bit_exact():
+    n = 4096
+    g = torch.Generator().manual_seed(1)
+    v = torch.randn(n, generator=g) * torch.logspace(-5, 2.6, n)
+    grid = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    grid = grid[grid.isfinite() & (grid.abs() <= 448)]
+    mids = (grid.sort().values[1:] + grid.sort().values[:-1]) / 2  # exact ties
+    v[: mids.numel()] = mids
+    v[-4:] = torch.tensor([448.0, -448.0, 2.0**-10, -(2.0**-9) * 1.5])
+    v = v.clamp(-448, 448)
+    r = torch.empty(n)
+    b = torch.arange(n, dtype=torch.int32).remainder(256).to(torch.uint8)
+    lo, hi = torch.empty(n), torch.empty(n)
+    _helpers_kernel[(1,)](v, r, b, lo, hi, N=n)
+    ref = v.to(torch.float8_e4m3fn).float()
+    assert torch.equal(r.view(torch.int32), ref.view(torch.int32)), (
+        f"e4m3 rounding differs at {(r != ref).nonzero()[:5].flatten().tolist()}"
+    )
+    pair = fmt.fp4_unpack(b[None])[0] * 2.0**-6
+    assert torch.equal(lo.view(torch.int32), pair[0::2].view(torch.int32))
+    assert torch.equal(hi.view(torch.int32), pair[1::2].view(torch.int32))
+
+
+@interp
+def test_triton_act_quant_bit_exact():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(8, 128, generator=g) * torch.logspace(-7, 4, 8)[:, None]
+    x[0] = 0.0
+    x[1, 0] = 448.0 * 2.0**-3  # amax/448 a power of two
+    y = torch.empty_like(x)
+    _act_quant_kernel[(1,)](x, y, R=8)
+    assert torch.equal(y, fmt.act_quant_ref(x))
+
+
+# ------------------------------------------------------------------------------------------------
+# Shared builders
+# ------------------------------------------------------------------------------------------------
+
+
+def _gen(seed):
+    return torch.Generator(device="cpu").manual_seed(seed)
+
+
+def make_fp8(n, k, seed=0, scale_fp32=False):
+    g = _gen(seed)
+    w = (torch.randn(n, k, generator=g) * 4).to(torch.float8_e4m3fn)
+    shape = ((n + 127) // 128, (k + 127) // 128)
+    s = torch.randint(118, 124, shape, generator=g, dtype=torch.uint8)
+    if scale_fp32:
+        s = fmt.e8m0_to_float(s)
+    return w.to(DEV), s.to(DEV)
+
+
+def make_pool(n_slots, d, i, seed=0):
+    g = _gen(seed)
+    sh = f4.pool_shapes(n_slots, d, i)
+    pool = []
+    for name in ("w13_q", "w13_s", "w2_q", "w2_s"):
+        if name.endswith("_q"):
+            t = torch.randint(0, 256, sh[name], generator=g, dtype=torch.uint8)
+        else:  # realistic E8M0 range: weights ~ 2^-7 .. 2^-4 * 6
+            t = torch.randint(118, 123, sh[name], generator=g, dtype=torch.uint8)
+        pool.append(t.to(DEV))
+    return pool
+
+
+def make_routing(m, k, n_slots, seed=0, holes=True):
+    g = _gen(seed)
+    slots = torch.stack([torch.randperm(n_slots, generator=g)[:k] for _ in range(m)]).int()
+    if holes and m > 1:
+        slots[1, 0] = -1  # skipped pair
+    if holes and m > 2 and k > 2:
+        slots[2, 2] = slots[2, 1]  # same slot twice in one token
+    rw = torch.rand(m, k, generator=g)
+    return slots.to(DEV), rw.to(DEV)
+
+
+# ------------------------------------------------------------------------------------------------
+# Interpreter tests (CPU): small shapes
+# ------------------------------------------------------------------------------------------------
+
+
+@interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("act_quant", [False, True])
+@pytest.mark.parametrize(
+    "m,n,k,scale_fp32",
+    [(1, 130, 256, False), (3, 64, 384, True), (1, 17, 200, False), (20, 70, 300, False)],
+)
+def test_fp8_linear_interp(m, n, k, scale_fp32, act_quant, dtype):
+    w, s = make_fp8(n, k, seed=m + n, scale_fp32=scale_fp32)
+    x = torch.randn(m, k, generator=_gen(k)).to(dtype)
+    out = poison((m, n), dtype)
+    f8.fp8_linear(x, w, s, out=out, act_quant=act_quant)
+    ref = f8.fp8_linear_ref(x, w, s, act_quant=act_quant)
+    assert_close("fp8_linear", out, ref, dtype)
+
+
+@interp
+def test_fp8_linear_split_k_workspace_reuse():
+    w, s = make_fp8(32, 1024, seed=3)
+    ws = f8.fp8_linear_workspace([(32, 1024)], 2, "cpu")
+    for seed in range(2):  # second launch checks the counters were reset
+        x = torch.randn(2, 1024, generator=_gen(seed))
+        out = poison((2, 32), torch.float32)
+        f8.fp8_linear(x, w, s, out=out, workspace=ws, config={"split_k": 4, "block_n": 16})
+        assert_close("fp8_linear split-K", out, f8.fp8_linear_ref(x, w, s), torch.float32)
+    assert int(ws.counters.abs().sum()) == 0
+
+
+@interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("act_quant", [False, True])
+@pytest.mark.parametrize("m,k", [(1, 3), (3, 3)])
+def test_fp4_experts_decode_interp(m, k, act_quant, dtype):
+    d, i, n_slots = 128, 64, 5
+    pool = make_pool(n_slots, d, i, seed=m)
+    slots, rw = make_routing(m, k, n_slots, seed=m + k)
+    if m == 3:
+        slots[0, 0] = slots[2, 0]  # a slot shared by two tokens: one leader serves both
+    x = torch.randn(m, d, generator=_gen(5)).to(dtype)
+    shared = torch.randn(m, d, generator=_gen(6)).to(dtype)
+    out = poison((m, d), dtype)
+    ws = f4.fp4_experts_workspace(m * k, d, i, dtype, "cpu")
+    cfg = {"block_n": 32}
+    f4.fp4_experts(x, slots, rw, shared, *pool, 10.0, out=out, act_quant=act_quant, workspace=ws,
+                   config=cfg)  # fmt: skip
+    ref = f4.fp4_experts_ref(x, slots, rw, shared, *pool, 10.0, act_quant=act_quant)
+    assert_close("fp4_experts", out, ref, dtype, loose=2.0 if dtype == torch.float16 else 1.0)
+    assert int(ws.counters.abs().sum()) == 0
+
+
+@interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fp4_experts_grouped_interp(dtype):
+    m, k, d, i, n_slots = 19, 2, 128, 64, 3
+    pool = make_pool(n_slots, d, i, seed=9)
+    slots, rw = make_routing(m, k, n_slots, seed=9)
+    x = torch.randn(m, d, generator=_gen(7)).to(dtype)
+    shared = torch.randn(m, d, generator=_gen(8)).to(dtype)
+    out = poison((m, d), dtype)
+    f4.fp4_experts_grouped(x, slots, rw, shared, *pool, 10.0, out=out, act_quant=True,
+                           config={"block_m": 16, "block_n": 32})  # fmt: skip
+    ref = f4.fp4_experts_ref(x, slots, rw, shared, *pool, 10.0, act_quant=True)
+    assert_close("fp4_experts_grouped", out, ref, dtype, loose=2.0)
+
+
+@interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("t,h,dh,n,n_keys", [(1, 16, 64, 50, 40), (2, 20, 48, 90, 300)])
+def test_sparse_attn_interp(t, h, dh, n, n_keys, dtype):
+    g = _gen(n_keys)
+    q = torch.randn(t, h, dh, generator=g).to(dtype)
+    kv = torch.randn(n, dh, generator=g).to(dtype)
+    idx = torch.randint(-1, n, (t, n_keys), generator=g, dtype=torch.int32)
+    if t > 1:
+        idx[1] = -1  # a token with no valid key -> 0
+    sink = torch.randn(h, generator=g)
+    out = poison((t, h, dh), dtype)
+    sa.sparse_attn(q, kv, idx, sink, dh**-0.5, out=out)
+    assert_close("sparse_attn", out, sa.sparse_attn_ref(q, kv, idx, sink, dh**-0.5), dtype)
+
+
+@interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_indexer_topk_interp(dtype):
+    t, hi, di, c, topk = 3, 16, 32, 200, 64
+    g = _gen(11)
+    q = torch.randn(t, hi, di, generator=g).to(dtype)
+    k = torch.randn(c, di, generator=g).to(dtype)
+    k[100:110] = k[90:100]  # exact ties: the lower index wins in both
+    w = torch.randn(t, hi, generator=g)
+    n_valid = torch.tensor([c, 37, 0], dtype=torch.int32)
+    out = poison((t, topk), torch.int32)
+    ix.indexer_topk(q, k, w, n_valid, topk, out=out)
+    ref = ix.indexer_topk_ref(q, k, w, n_valid, topk)
+    for r in range(t):
+        assert set(out[r].tolist()) == set(ref[r].tolist()), f"token {r}: selections differ"
+    assert (out[1, 37:] == -1).all() and (out[2] == -1).all()
+    assert (out[1, :37] >= 0).all()
+
+
+@interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("t,d", [(1, 64), (3, 200)])
+def test_mhc_interp(t, d, dtype):
+    g = _gen(d)
+    x = torch.randn(t, 4, d, generator=g).to(dtype)
+    fn = torch.randn(24, 4 * d, generator=g) * 0.05
+    scale = torch.rand(3, generator=g) + 0.5
+    base = torch.randn(24, generator=g) * 0.3
+    y, post, comb = (
+        poison((t, d), dtype),
+        poison((t, 4), torch.float32),
+        poison((t, 4, 4), torch.float32),
+    )
+    mh.mhc_pre(x, fn, scale, base, y=y, post=post, comb=comb)
+    ry, rp, rc = mh.mhc_pre_ref(x, fn, scale, base)
+    assert_close("mhc_pre y", y, ry, dtype)
+    assert_close("mhc_pre post", post, rp, torch.float32, loose=5.0)
+    assert_close("mhc_pre comb", comb, rc, torch.float32, loose=5.0)
+    yh = poison((t, d), dtype)
+    mh.mhc_head(x, fn[:4], scale[:1], base[:4], y=yh)
+    assert_close("mhc_head", yh, mh.mhc_head_ref(x, fn[:4], scale[:1], base[:4]), dtype)
+    f = torch.randn(t, d, generator=g).to(dtype)
+    out = poison((t, 4, d), dtype)
+    mh.mhc_post(f, x, rp, rc, out=out)
+    assert_close("mhc_post", out, mh.mhc_post_ref(f, x, rp, rc), dtype)
+
+
+@interp
+def test_launchers_reject_bad_inputs():
+    w, s = make_fp8(64, 256)
+    x = torch.randn(1, 256)
+    with pytest.raises(TypeError, match="x: expected dtype"):
+        f8.fp8_linear(x.to(torch.int32), w, s)
+    with pytest.raises(ValueError, match="w_scale: expected shape"):
+        f8.fp8_linear(x, w, s[:, :1])
+    with pytest.raises(ValueError, match="contiguous"):
+        f8.fp8_linear(x, w.t().contiguous().t(), s)
+    pool = make_pool(2, 128, 64)
+    slots, rw = make_routing(1, 2, 2)
+    with pytest.raises(TypeError, match="slots"):
+        f4.fp4_experts(x[:, :128], slots.long(), rw, x[:, :128], *pool, 10.0)
+    with pytest.raises(ValueError, match="w2_q: expected shape"):
+        bad = [pool[0], pool[1], pool[2][:, :1], pool[3]]
+        f4.fp4_experts(x[:, :128], slots, rw, x[:, :128], *bad, 10.0)
+
+
+def test_ops_dispatch_matches_ref():
+    """ops.* honour out= on whichever path this machine takes (CPU: ref, or interpreter)."""
+    w, s = make_fp8(64, 256)
+    x = torch.randn(2, 256, generator=_gen(1)).to(DEV)
+    out = poison((2, 64), torch.float32)
+    ops.fp8_linear(x, w, s, out=out)
+    assert_close("ops.fp8_linear", out, f8.fp8_linear_ref(x, w, s), torch.float32)
+    q = torch.randn(1, 16, 32, device=DEV)
+    kv = torch.randn(40, 32, device=DEV)
+    idx = torch.arange(30, dtype=torch.int32, device=DEV)[None]
+    sink = torch.zeros(16, device=DEV)
+    o = poison((1, 16, 32), torch.float32)
+    ops.sparse_attn(q, kv, idx, sink, 0.2, out=o)
+    assert_close("ops.sparse_attn", o, sa.sparse_attn_ref(q, kv, idx, sink, 0.2), torch.float32)
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU tests: compiled kernels at V4-Flash sizes
+# ------------------------------------------------------------------------------------------------
+
+GPU_DTYPES = [torch.bfloat16, torch.float32]
+
+
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("act_quant", [False, True])
+@pytest.mark.parametrize(
+    "m,n,k",
+    [(1, 1024, 4096), (1, 32768, 1024), (1, 512, 4096), (2, 4096, 8192), (16, 2048, 4096),
+     (1, 130, 200), (300, 4096, 2048), (77, 1000, 1000)],
+)  # fmt: skip
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_fp8_linear_gpu(m, n, k, act_quant, dtype):
+    w, s = make_fp8(n, k, seed=n)
+    x = torch.randn(m, k, generator=_gen(m)).to(dtype).to(DEV)
+    out = poison((m, n), dtype)
+    f8.fp8_linear(x, w, s, out=out, act_quant=act_quant)
+    ref = f8.fp8_linear_ref(x, w, s, act_quant=act_quant)
+    assert_close("fp8_linear", out, ref, dtype, loose=2.0 if act_quant else 1.0)
+
+
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("act_quant", [False, True])
+@pytest.mark.parametrize("m", [1, 2, 3, 16])
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_fp4_experts_decode_gpu(m, act_quant, dtype):
+    d, i, k, n_slots = f4.V4_FLASH_D, f4.V4_FLASH_I, 6, 16
+    pool = make_pool(n_slots, d, i, seed=m)
+    slots, rw = make_routing(m, k, n_slots, seed=m)
+    x = torch.randn(m, d, generator=_gen(m)).to(dtype).to(DEV)
+    shared = torch.randn(m, d, generator=_gen(m + 1)).to(dtype).to(DEV)
+    out = poison((m, d), dtype)
+    f4.fp4_experts(x, slots, rw, shared, *pool, 10.0, out=out, act_quant=act_quant)
+    ref = f4.fp4_experts_ref(x, slots, rw, shared, *pool, 10.0, act_quant=act_quant)
+    assert_close("fp4_experts", out, ref, dtype, loose=2.0)
+
+
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("m", [17, 512])
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_fp4_experts_grouped_gpu(m, dtype):
+    d, i, k, n_slots = f4.V4_FLASH_D, f4.V4_FLASH_I, 6, 12
+    pool = make_pool(n_slots, d, i, seed=m)
+    slots, rw = make_routing(m, k, n_slots, seed=m)
+    x = torch.randn(m, d, generator=_gen(m)).to(dtype).to(DEV)
+    shared = torch.randn(m, d, generator=_gen(m + 1)).to(dtype).to(DEV)
+    out = poison((m, d), dtype)
+    f4.fp4_experts_grouped(x, slots, rw, shared, *pool, 10.0, out=out, act_quant=True)
+    ref = f4.fp4_experts_ref(x, slots, rw, shared, *pool, 10.0, act_quant=True)
+    assert_close("fp4_experts_grouped", out, ref, dtype, loose=2.0)
+
+
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("t,n_keys", [(1, 128), (1, 640), (4, 640), (2, 8320), (1, 1)])
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_sparse_attn_gpu(t, n_keys, dtype):
+    h, dh, n = 64, 512, 9000
+    g = _gen(n_keys)
+    q = (torch.randn(t, h, dh, generator=g) * 0.3).to(dtype).to(DEV)
+    kv = torch.randn(n, dh, generator=g).to(dtype).to(DEV)
+    idx = torch.randint(-1, n, (t, n_keys), generator=g, dtype=torch.int32).to(DEV)
+    sink = torch.randn(h, generator=g).to(DEV)
+    out = poison((t, h, dh), dtype)
+    sa.sparse_attn(q, kv, idx, sink, dh**-0.5, out=out)
+    ref = sa.sparse_attn_ref(q, kv, idx, sink, dh**-0.5)
+    assert_close("sparse_attn", out, ref, dtype, loose=2.0)
+
+
+@pytest.mark.parametrize("c", [4096, 65536, 300])
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_indexer_topk_gpu(c):
+    t, hi, di, topk = 2, 64, 128, 512
+    g = _gen(c)
+    q = torch.randn(t, hi, di, generator=g).to(torch.bfloat16).to(DEV)
+    k = torch.randn(c, di, generator=g).to(torch.bfloat16).to(DEV)
+    w = (torch.randn(t, hi, generator=g) * 0.011).to(DEV)
+    n_valid = torch.tensor([c, c // 3], dtype=torch.int32, device=DEV)
+    out = poison((t, topk), torch.int32)
+    ix.indexer_topk(q, k, w, n_valid, topk, out=out)
+    ref = ix.indexer_topk_ref(q, k, w, n_valid, topk)
+    # bf16 dot vs fp32 einsum: near-ties at the k-th score may swap; compare as sets with slack.
+    scores = ix.indexer_scores_ref(q, k, w, n_valid)
+    for r in range(t):
+        a, b = set(out[r].tolist()), set(ref[r].tolist())
+        diff = (a ^ b) - {-1}
+        kth = scores[r, [v for v in b if v >= 0]].min() if (ref[r] >= 0).any() else 0.0
+        for v in diff:
+            assert abs(float(scores[r, v]) - float(kth)) < 1e-3 * float(scores[r].abs().max()), (
+                f"token {r}: entry {v} selected differently and is not a near-tie"
+            )
+
+
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("t", [1, 4, 300])
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_mhc_gpu(t, dtype):
+    d = 4096
+    g = _gen(t)
+    x = torch.randn(t, 4, d, generator=g).to(dtype).to(DEV)
+    fn = (torch.randn(24, 4 * d, generator=g) * 0.01).to(DEV)
+    scale = (torch.rand(3, generator=g) + 0.5).to(DEV)
+    base = (torch.randn(24, generator=g) * 0.3).to(DEV)
+    y, post, comb = mh.mhc_pre(x, fn, scale, base, y=poison((t, d), dtype),
+                               post=poison((t, 4), torch.float32),
+                               comb=poison((t, 4, 4), torch.float32))  # fmt: skip
+    ry, rp, rc = mh.mhc_pre_ref(x, fn, scale, base)
+    assert_close("mhc_pre y", y, ry, dtype, loose=5.0)
+    assert_close("mhc_pre post", post, rp, torch.float32, loose=20.0)
+    assert_close("mhc_pre comb", comb, rc, torch.float32, loose=20.0)
+    yh = mh.mhc_head(x, fn[:4].contiguous(), scale[:1], base[:4], y=poison((t, d), dtype))
+    assert_close("mhc_head", yh, mh.mhc_head_ref(x, fn[:4], scale[:1], base[:4]), dtype, 5.0)
+    f = torch.randn(t, d, generator=g).to(dtype).to(DEV)
+    out = mh.mhc_post(f, x, rp, rc, out=poison((t, 4, d), dtype))
+    assert_close("mhc_post", out, mh.mhc_post_ref(f, x, rp, rc), dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_cuda_graph_capture_and_replay():
+    """All decode launches capture into one graph (no host syncs, no allocation with
+    workspaces) and replay correctly after the static inputs change."""
+    dt = torch.bfloat16
+    d, i, k, n_slots = f4.V4_FLASH_D, f4.V4_FLASH_I, 6, 8
+    pool = make_pool(n_slots, d, i)
+    w, s = make_fp8(1024, d)
+    x = torch.randn(1, d, device=DEV).to(dt)
+    slots, rw = make_routing(1, k, n_slots, holes=False)
+    shared = torch.randn(1, d, device=DEV).to(dt)
+    q = torch.randn(1, 64, 512, device=DEV).to(dt)
+    kv = torch.randn(2000, 512, device=DEV).to(dt)
+    idx = torch.randint(0, 2000, (1, 640), dtype=torch.int32, device=DEV)
+    sink = torch.randn(64, device=DEV)
+    xs = torch.randn(1, 4, d, device=DEV).to(dt)
+    fn = torch.randn(24, 4 * d, device=DEV) * 0.01
+    sc, base = torch.ones(3, device=DEV), torch.zeros(24, device=DEV)
+    ws4 = f4.fp4_experts_workspace(k, d, i, dt, DEV)
+    ws8 = f8.fp8_linear_workspace([(1024, d)], 1, DEV)
+    wsa = sa.sparse_attn_workspace(1, 64, 512, 640, DEV)
+    wsm = mh.mhc_workspace(1, DEV)
+    o4 = torch.empty(1, d, device=DEV, dtype=dt)
+    o8 = torch.empty(1, 1024, device=DEV, dtype=dt)
+    oa = torch.empty_like(q)
+    om = (
+        torch.empty(1, d, device=DEV, dtype=dt),
+        torch.empty(1, 4, device=DEV),
+        torch.empty(1, 4, 4, device=DEV),
+    )
+
+    def step():
+        f4.fp4_experts(x, slots, rw, shared, *pool, 10.0, out=o4, act_quant=True, workspace=ws4)
+        f8.fp8_linear(x, w, s, out=o8, act_quant=True, workspace=ws8)
+        sa.sparse_attn(q, kv, idx, sink, 512**-0.5, out=oa, workspace=wsa)
+        mh.mhc_pre(xs, fn, sc, base, y=om[0], post=om[1], comb=om[2], workspace=wsm)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()  # compile and warm up outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for seed in range(3):
+        x.copy_(torch.randn(1, d, generator=_gen(seed)).to(dt))
+        slots.copy_(make_routing(1, k, n_slots, seed=seed, holes=False)[0])
+        idx.copy_(torch.randint(0, 2000, (1, 640), generator=_gen(seed), dtype=torch.int32))
+        xs.copy_(torch.randn(1, 4, d, generator=_gen(seed)).to(dt))
+        graph.replay()
+        torch.cuda.synchronize()
+        ref4 = f4.fp4_experts_ref(x, slots, rw, shared, *pool, 10.0, act_quant=True)
+        assert_close("graph fp4_experts", o4, ref4, dt, loose=2.0)
+        assert_close("graph fp8_linear", o8, f8.fp8_linear_ref(x, w, s, act_quant=True), dt, 2.0)
+        ref_a = sa.sparse_attn_ref(q, kv, idx, sink, 512**-0.5)
+        assert_close("graph sparse_attn", oa, ref_a, dt, 2.0)
+        assert_close("graph mhc_pre", om[0], mh.mhc_pre_ref(xs, fn, sc, base)[0], dt, 5.0)
