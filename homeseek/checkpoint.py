@@ -12,7 +12,9 @@ Shards are memory-mapped; nothing reads the whole checkpoint into RAM.
 from __future__ import annotations
 
 import json
+import mmap
 import struct
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -207,6 +209,8 @@ class _Entry:
     file: Path
     dtype: str
     shape: tuple[int, ...]
+    offset: int = 0  # absolute byte offset of the data in the file
+    nbytes: int = 0
 
 
 def read_safetensors_header(path: Path) -> dict[str, _Entry]:
@@ -239,7 +243,7 @@ def read_safetensors_header(path: Path) -> dict[str, _Entry]:
         elt = ST_SIZES.get(info["dtype"])
         if elt is not None and end - start != n_el * elt:
             raise CheckpointError(f"{path}: tensor {name} has {end - start} bytes for {shape}")
-        out[name] = _Entry(path, info["dtype"], shape)
+        out[name] = _Entry(path, info["dtype"], shape, 8 + n + start, end - start)
     if 8 + n + end_max > size:
         raise CheckpointError(
             f"{path}: truncated: header announces {8 + n + end_max} bytes, file has {size}"
@@ -288,6 +292,7 @@ class Checkpoint:
         self.cfg = cfg if cfg is not None else ModelConfig.from_file(self.path / "config.json")
         self.entries = self._read_index()
         self._handles: dict[Path, object] = {}
+        self._maps: dict[Path, mmap.mmap] = {}
 
     def _read_index(self) -> dict[str, _Entry]:
         index = self.path / INDEX_NAME
@@ -358,6 +363,25 @@ class Checkpoint:
         except Exception as ex:  # noqa: BLE001 - re-raised with the file and tensor named
             raise CheckpointError(f"{e.file}: cannot read tensor {name}: {ex}") from ex
 
+    def get_mapped(self, name: str) -> torch.Tensor:
+        """A zero-copy CPU view of one stored tensor over a read-only memory map of its shard.
+
+        Nothing is read until the bytes are touched; the OS page cache is the disk tier's only
+        buffer. The view must not be written to.
+        """
+        e = self.entries.get(name)
+        if e is None:
+            raise CheckpointError(f"{self.path}: tensor {name} not in the checkpoint")
+        mm = self._maps.get(e.file)
+        if mm is None:
+            with open(e.file, "rb") as f:
+                mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            self._maps[e.file] = mm
+        with warnings.catch_warnings():  # read-only buffer: torch warns, we never write to it
+            warnings.simplefilter("ignore", UserWarning)
+            raw = torch.frombuffer(mm, dtype=torch.uint8, count=e.nbytes, offset=e.offset)
+        return raw.view(ST_DTYPES[e.dtype]).view(e.shape)
+
     def get_weight(self, name: str) -> QWeight:
         """A linear weight in its stored format, decided by dtype (spec §2.3)."""
         w = self.get(name)
@@ -376,3 +400,4 @@ class Checkpoint:
 
     def close(self) -> None:
         self._handles.clear()
+        self._maps.clear()

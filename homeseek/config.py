@@ -283,6 +283,8 @@ class RuntimeConfig:
     host_mem_gb: float | None = None
     graphs: bool = False
     mtp: int = 0
+    expert_slots: int | None = None  # slot-pool size; None: derived from gpu_mem_gb
+    eviction: str = "lrfu"  # expert-pool eviction policy: lru | lrfu[:half-life]
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

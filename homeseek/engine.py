@@ -7,6 +7,7 @@ the expert store between the segments), then segment B (design.md §4).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -24,7 +25,7 @@ from tqdm import tqdm
 from homeseek import model as M
 from homeseek.checkpoint import Checkpoint, QWeight, layer_prefix, layer_table, top_table
 from homeseek.config import PRESETS, ConfigError, ModelConfig, RuntimeConfig, default_cache_dir
-from homeseek.experts import ResidentExperts
+from homeseek.experts import ExpertStore, record_bytes
 from homeseek.sampling import Sampler, SamplingParams
 from homeseek.state import SessionState
 
@@ -132,11 +133,48 @@ class Engine:
             _load_block(self.ckpt, cfg, i, dev)
             for i in tqdm(self.layers, desc="loading layers", disable=not progress)
         ]
-        self.experts = ResidentExperts(self.ckpt, cfg, self.layers, dev, progress)
+        n_slots, n_host = self._expert_budget()
+        self.experts = ExpertStore(
+            self.ckpt, cfg, self.layers, dev, n_slots, n_host, policy=rt.eviction, progress=progress
+        )
+        if n_host:
+            self.experts.start_host_fill()
         self.rope = M.RopeTables(cfg, rt.max_context, dev)
         self.tokenizer = _load_tokenizer(path)
         if top_table(cfg).keys() - self.ckpt.entries.keys():  # validate() guarantees this
             raise AssertionError("checkpoint validation missed a top-level tensor")
+
+    def _expert_budget(self) -> tuple[int, int]:
+        """(GPU slots, host records) from the budgets (design: gpu_mem_gb is the engine's total).
+
+        On CPU the slots are host memory: without a budget every expert gets a slot.
+        """
+        from homeseek import plan
+
+        cfg, rt = self.cfg, self.rt
+        n_total = len(self.layers) * cfg.n_routed_experts
+        rec = record_bytes(cfg)
+        host_gb = rt.host_mem_gb if rt.host_mem_gb is not None else plan.default_host_budget_gb()
+        n_host = int(host_gb * plan.GiB) // rec
+        if rt.expert_slots is not None:
+            return rt.expert_slots, n_host
+        gpu_gb = rt.gpu_mem_gb
+        if gpu_gb is None and str(rt.device).startswith("cuda"):
+            free, _ = torch.cuda.mem_get_info(torch.device(rt.device))
+            gpu_gb = (free + torch.cuda.memory_allocated(torch.device(rt.device))) / plan.GiB * 0.9
+        if gpu_gb is None:
+            return n_total, 0
+        act = torch.finfo(rt.dtype).bits // 8
+        p = plan.memory_plan(cfg, gpu_gb, host_gb, rt.max_context, act_bytes=act)
+        if not p.fits or p.gpu_slots < cfg.num_experts_per_tok:
+            raise ConfigError(
+                f"gpu_mem_gb={gpu_gb:.1f} is too small: dense weights {p.dense / plan.GiB:.2f} GiB "
+                f"+ decode state {p.state / plan.GiB:.2f} GiB + workspace "
+                f"{p.workspace / plan.GiB:.2f} GiB + {cfg.num_experts_per_tok} expert slots of "
+                f"{rec / 2**20:.2f} MiB need {p.min_gpu_gb:.2f} GiB; raise gpu_mem_gb to at least "
+                f"{p.min_gpu_gb:.1f} or lower max_context"
+            )
+        return p.gpu_slots, n_host
 
     def session(self) -> Session:
         return Session(self)
@@ -221,10 +259,26 @@ class Engine:
             p = M.segment_a(
                 X, ids, pos, self.weights[layer], state.layers[layer], layer, self.rope, self.ctx
             )
-            routed = M.routed_experts(p.u, p.sel, p.weights, layer, self.experts.get, self.ctx)
-            X = M.segment_b(p, routed)
+            X = M.segment_b(p, self._routed(p, layer))
         state.pos += ids.shape[0]
         return X
+
+    def _routed(self, p: M.FfnPending, layer: int) -> torch.Tensor:
+        """Routed experts of one layer: make them resident (the one host sync per layer), then
+        compute. When a chunk touches more experts than the pool holds, it runs in waves, each
+        expert still loaded once per chunk."""
+        store = self.experts
+        experts = sorted(set(p.sel.flatten().tolist()))
+        out = torch.zeros(p.u.shape[0], p.u.shape[1], dtype=torch.float32, device=p.u.device)
+        wave = max(store.n_slots - int(store.gpu.pinned.sum()), 1)
+        for i in range(0, len(experts), wave):
+            batch = experts[i : i + wave]
+            store.begin_layer()
+            slots = dict(zip(batch, store.ensure_resident(layer, batch), strict=True))
+            store.wait(slots.values())
+            weights_of = {e: store.weights(s) for e, s in slots.items()}.__getitem__
+            M.routed_experts(p.u, p.sel, p.weights, batch, weights_of, self.ctx, out)
+        return out
 
 
 class Session:
@@ -335,6 +389,7 @@ class _Generation:
         eng, p = self.eng, self.params
         sampler = Sampler(p, eng.rt.device)
         eos = eng.cfg.eos_token_id
+        c0 = dataclasses.replace(eng.experts.counters)
         t0 = time.perf_counter()
         logits = self.sess.forward(prompt, last_only=True)[0]
         t_prefill = time.perf_counter() - t0
@@ -385,8 +440,14 @@ class _Generation:
             "ttft_s": ttft or 0.0,
             "prefill_tok_s": len(prompt) / t_prefill if t_prefill > 0 else 0.0,
             "decode_tok_s": n_dec / t_decode if t_decode > 0 and n_dec else 0.0,
-            "expert_lookups": float(eng.experts.lookups),
         }
+        c = eng.experts.counters
+        stats.update(
+            expert_lookups=float(c.lookups - c0.lookups),
+            expert_hit_rate=(c.gpu_hits - c0.gpu_hits) / max(c.lookups - c0.lookups, 1),
+            expert_bytes_h2d=float(c.bytes_h2d - c0.bytes_h2d),
+            expert_bytes_disk=float(c.bytes_disk - c0.bytes_disk),
+        )
         return GenerationResult(
             text=self.text,
             content=parsed["content"],
@@ -418,6 +479,8 @@ def load(
     graphs: bool | None = None,
     mtp: int = 0,
     progress: bool = False,
+    expert_slots: int | None = None,
+    eviction: str = "lrfu",
 ) -> Engine:
     """Load a checkpoint directory or a preset ("tiny") -> Engine (design.md §5)."""
     rt = RuntimeConfig.build(
@@ -429,6 +492,8 @@ def load(
         quant_sim=quant_sim,
         graphs=graphs,
         mtp=mtp,
+        expert_slots=expert_slots,
+        eviction=eviction,
     )
     return Engine(resolve_model(path_or_preset), rt, progress=progress)
 

@@ -1,43 +1,426 @@
-"""Routed-expert weights: where each (layer, expert) record lives and how it reaches the math.
+"""Tiered FP4 expert store: GPU slot pool, pinned host cache, memory-mapped disk.
 
-`ResidentExperts` is the simplest store: every expert record read from the checkpoint once, kept
-packed (FP4 + E8M0, never BF16) on the engine's device. It serves CPU runs and any model whose
-experts fit; the tiered GPU/pinned/disk store replaces it behind the same `get` call.
+Per decode token V4-Flash reads 43 x 6 routed experts of 13,369,344 bytes; only ~1,000 of the
+11,008 fit beside the dense weights in 24 GB, so where an expert lives decides the speed. Each
+expert is one *record*, packed exactly as the checkpoint stores it (FP4 + E8M0, never BF16), in
+the layout the FP4 kernel reads (kernels/fp4_experts.py `pool_shapes`):
+
+    w13_q [2I, D/2]  w1 rows then w3 rows      w13_s [2I, D/32]  their E8M0 scales
+    w2_q  [D, I/2]                             w2_s  [D, I/32]
+
+Tiers: the slot pool (one preallocated buffer of S records on the engine's device; on CPU the
+slots are host tensors), a host cache of H records (pinned when CUDA is present), and the disk
+(zero-copy memory maps of the shards). A miss copies disk -> host -> slot; host -> slot copies run
+on a dedicated CUDA stream and the compute stream waits only on the events of the slots it uses.
+
+Eviction is pluggable (`Policy`): LRU, or LRFU - a decayed access count that weighs frequency
+against recency (Lee et al., 2001) - with a per-layer floor so no layer loses all its slots.
+`tools/routing_sim.py` replays recorded routing traces through both to choose the decay.
 """
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
 from tqdm import tqdm
 
 from homeseek.checkpoint import Checkpoint, QWeight, layer_prefix
-from homeseek.config import ModelConfig
+from homeseek.config import ConfigError, ModelConfig
+
+Key = tuple[int, int]  # (layer, expert)
 
 
-class ResidentExperts:
-    """All routed experts of the listed layers, resident on `device` in their stored format."""
+def record_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Shapes of one record's four uint8 tensors (no slot axis)."""
+    D, I = cfg.hidden_size, cfg.moe_intermediate_size
+    return {
+        "w13_q": (2 * I, D // 2),
+        "w13_s": (2 * I, D // 32),
+        "w2_q": (D, I // 2),
+        "w2_s": (D, I // 32),
+    }
+
+
+def record_bytes(cfg: ModelConfig) -> int:
+    return sum(int(np.prod(s)) for s in record_shapes(cfg).values())
+
+
+class RecordBuffer:
+    """S records in four [S, ...] uint8 tensors (the GPU pool, or the host cache)."""
+
+    def __init__(self, cfg: ModelConfig, n: int, device: str, pin: bool = False) -> None:
+        self.n = n
+        self.t = {
+            k: torch.empty((n, *shape), dtype=torch.uint8, device=device, pin_memory=pin)
+            for k, shape in record_shapes(cfg).items()
+        }
+
+    def copy_in(self, slot: int, src: dict[str, torch.Tensor], non_blocking: bool = False) -> None:
+        for k, t in self.t.items():
+            t[slot].copy_(src[k], non_blocking=non_blocking)
+
+    def view(self, slot: int) -> dict[str, torch.Tensor]:
+        return {k: t[slot] for k, t in self.t.items()}
+
+
+# --- eviction policies ---------------------------------------------------------------------------
+class Policy:
+    """Chooses which resident entry to evict. Entries are indexed by slot number."""
+
+    name = "base"
+
+    def __init__(self, n_slots: int) -> None:
+        self.n = n_slots
+
+    def on_access(self, slot: int, now: int) -> None:
+        raise NotImplementedError
+
+    def on_fill(self, slot: int, now: int) -> None:
+        self.on_access(slot, now)
+
+    def victim(self, candidates: np.ndarray, now: int) -> int:
+        """Index into `candidates` (slot numbers) of the entry to evict."""
+        raise NotImplementedError
+
+
+class LRUPolicy(Policy):
+    name = "lru"
+
+    def __init__(self, n_slots: int) -> None:
+        super().__init__(n_slots)
+        self.last = np.full(n_slots, -1, dtype=np.int64)
+
+    def on_access(self, slot: int, now: int) -> None:
+        self.last[slot] = now
+
+    def victim(self, candidates: np.ndarray, now: int) -> int:
+        return int(np.argmin(self.last[candidates]))
+
+
+class LRFUPolicy(Policy):
+    """Combined recency and frequency: each entry's CRF = Σ over its accesses of 2^(-(now-t)/h).
+
+    h (half-life, in accesses of the whole store) near 0 behaves like LRU, very large like LFU.
+    The victim has the smallest CRF at `now`; ties go to the least recently used.
+    """
+
+    name = "lrfu"
+
+    def __init__(self, n_slots: int, half_life: float = 2000.0) -> None:
+        super().__init__(n_slots)
+        self.h = float(half_life)
+        self.crf = np.zeros(n_slots, dtype=np.float64)
+        self.last = np.full(n_slots, -1, dtype=np.int64)
+
+    def _decayed(self, idx: np.ndarray | int, now: int) -> np.ndarray:
+        return self.crf[idx] * np.exp2(-(now - self.last[idx]) / self.h)
+
+    def on_access(self, slot: int, now: int) -> None:
+        self.crf[slot] = self._decayed(slot, now) + 1.0
+        self.last[slot] = now
+
+    def on_fill(self, slot: int, now: int) -> None:
+        self.crf[slot] = 1.0
+        self.last[slot] = now
+
+    def victim(self, candidates: np.ndarray, now: int) -> int:
+        score = self._decayed(candidates, now)
+        best = np.flatnonzero(score == score.min())
+        return int(best[np.argmin(self.last[candidates][best])])
+
+
+def make_policy(name: str, n_slots: int) -> Policy:
+    if name == "lru":
+        return LRUPolicy(n_slots)
+    if name.startswith("lrfu"):
+        _, _, h = name.partition(":")
+        return LRFUPolicy(n_slots, float(h) if h else 2000.0)
+    raise ConfigError(f"unknown eviction policy {name!r} (lru, lrfu, lrfu:<half-life>)")
+
+
+# --- residency -----------------------------------------------------------------------------------
+class Residency:
+    """(layer, expert) <-> slot for one tier, with eviction; no data, only bookkeeping.
+
+    `protected` slots (the ones the current layer is about to use) are never evicted. A per-layer
+    floor keeps each layer at least `floor` resident entries once it has them.
+    """
+
+    def __init__(self, n_slots: int, n_layers: int, policy: Policy, floor: int = 0) -> None:
+        self.n = n_slots
+        self.slot_of: dict[Key, int] = {}
+        self.key_of: list[Key | None] = [None] * n_slots
+        self.layer_of = np.full(n_slots, -1, dtype=np.int64)
+        self.per_layer = np.zeros(n_layers, dtype=np.int64)
+        self.pinned = np.zeros(n_slots, dtype=bool)  # hot set: never evicted
+        self.protected = np.zeros(n_slots, dtype=bool)
+        self.policy = policy
+        self.floor = floor
+        self.free = list(range(n_slots - 1, -1, -1))
+        self.clock = 0
+        self.evictions = 0
+
+    def lookup(self, key: Key) -> int | None:
+        s = self.slot_of.get(key)
+        if s is not None:
+            self.clock += 1
+            self.policy.on_access(s, self.clock)
+        return s
+
+    def admit(self, key: Key) -> tuple[int, Key | None]:
+        """A slot for a missing key (evicting if needed) -> (slot, evicted key or None)."""
+        self.clock += 1
+        evicted = None
+        if self.free:
+            s = self.free.pop()
+        else:
+            ok = ~self.pinned & ~self.protected
+            if self.floor:
+                ok &= self.per_layer[np.maximum(self.layer_of, 0)] > self.floor
+                ok |= (self.layer_of == key[0]) & ~self.pinned & ~self.protected
+            cand = np.flatnonzero(ok)
+            if cand.size == 0:
+                cand = np.flatnonzero(~self.pinned & ~self.protected)
+            if cand.size == 0:
+                raise RuntimeError(
+                    "expert store: every slot is in use by the current step; the pool needs more "
+                    "slots than experts touched at once (raise gpu_mem_gb)"
+                )
+            s = int(cand[self.policy.victim(cand, self.clock)])
+            evicted = self.key_of[s]
+            del self.slot_of[evicted]
+            self.per_layer[evicted[0]] -= 1
+            self.evictions += 1
+        self.slot_of[key] = s
+        self.key_of[s] = key
+        self.layer_of[s] = key[0]
+        self.per_layer[key[0]] += 1
+        self.policy.on_fill(s, self.clock)
+        return s, evicted
+
+
+def simulate(
+    trace: Iterable[tuple[int, Sequence[int]]],
+    n_slots: int,
+    n_layers: int,
+    policy: str,
+    floor: int = 0,
+) -> dict[str, float]:
+    """Replay (layer, expert ids of one step) through one tier of `n_slots`; hit rate etc."""
+    res = Residency(n_slots, n_layers, make_policy(policy, n_slots), floor)
+    hits = lookups = 0
+    for layer, experts in trace:
+        res.protected[:] = False
+        for e in experts:
+            lookups += 1
+            s = res.lookup((layer, int(e)))
+            if s is None:
+                s, _ = res.admit((layer, int(e)))
+            else:
+                hits += 1
+            res.protected[s] = True
+    return {"hit_rate": hits / max(lookups, 1), "lookups": lookups, "hits": hits}
+
+
+# --- the store -----------------------------------------------------------------------------------
+@dataclass
+class Counters:
+    """Expert traffic. lookups = gpu_hits + host_hits + disk_loads (each lookup ends in one)."""
+
+    lookups: int = 0
+    gpu_hits: int = 0  # already in the slot pool
+    host_hits: int = 0  # copied host -> slot
+    disk_loads: int = 0  # read from disk -> host -> slot
+    bytes_h2d: int = 0
+    bytes_disk: int = 0
+    copy_s: float = 0.0  # host time spent issuing/doing copies
+    evictions: int = 0
+    extra: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def hit_rate(self) -> float:
+        return self.gpu_hits / self.lookups if self.lookups else 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        d = {k: getattr(self, k) for k in ("lookups", "gpu_hits", "host_hits", "disk_loads")}
+        d.update(bytes_h2d=self.bytes_h2d, bytes_disk=self.bytes_disk, copy_s=self.copy_s)
+        d.update(evictions=self.evictions, hit_rate=self.hit_rate)
+        return d
+
+
+class ExpertStore:
+    """Makes routed experts resident in the slot pool and hands out slot ids / weight views."""
 
     def __init__(
         self,
         ckpt: Checkpoint,
         cfg: ModelConfig,
-        layers: list[int],
+        layers: Sequence[int],
         device: str,
+        n_slots: int,
+        n_host: int,
+        policy: str = "lrfu",
+        floor: int = 1,
         progress: bool = False,
     ) -> None:
-        self.records: dict[tuple[int, int], tuple[QWeight, QWeight, QWeight]] = {}
-        self.lookups = 0
-        total = len(layers) * cfg.n_routed_experts
-        with tqdm(total=total, desc="loading experts", unit="exp", disable=not progress) as bar:
-            for layer in layers:
-                pre = layer_prefix(cfg, layer)
-                for e in range(cfg.n_routed_experts):
-                    ws = tuple(
-                        ckpt.get_weight(f"{pre}ffn.experts.{e}.{w}.weight").to(device)
-                        for w in ("w1", "w3", "w2")
-                    )
-                    self.records[(layer, e)] = ws  # type: ignore[assignment]
-                    bar.update(1)
+        self.ckpt, self.cfg, self.layers, self.device = ckpt, cfg, list(layers), device
+        n_total = len(self.layers) * cfg.n_routed_experts
+        self.n_slots = min(n_slots, n_total)
+        if self.n_slots < cfg.num_experts_per_tok:
+            raise ConfigError(
+                f"expert pool of {self.n_slots} slots is smaller than num_experts_per_tok="
+                f"{cfg.num_experts_per_tok}: raise gpu_mem_gb"
+            )
+        cuda = str(device).startswith("cuda")
+        self.pool = RecordBuffer(cfg, self.n_slots, device)
+        n_layers = max(self.layers) + 1 if self.layers else 1
+        self.gpu = Residency(self.n_slots, n_layers, make_policy(policy, self.n_slots), floor)
+        # Host tier: only useful when the slots are on another device.
+        self.n_host = min(n_host, n_total) if cuda else 0
+        self.host = RecordBuffer(cfg, self.n_host, "cpu", pin=cuda) if self.n_host else None
+        self.hostres = (
+            Residency(self.n_host, n_layers, make_policy(policy, self.n_host), 0)
+            if self.n_host
+            else None
+        )
+        self.copy_stream = torch.cuda.Stream(device) if cuda else None
+        self.ready: dict[int, torch.cuda.Event] = {}  # slot -> copy-finished event
+        self.counters = Counters()
+        self.lock = threading.Lock()  # the background host filler shares the host tier
+        self._filler: threading.Thread | None = None
+        self.progress = progress
 
-    def get(self, layer: int, expert: int) -> tuple[QWeight, QWeight, QWeight]:
-        self.lookups += 1
-        return self.records[(layer, expert)]
+    # -- sources ----------------------------------------------------------------------------------
+    def _disk_record(self, key: Key) -> dict[str, torch.Tensor]:
+        """Zero-copy views of one expert's stored tensors (read on touch)."""
+        pre = f"{layer_prefix(self.cfg, key[0])}ffn.experts.{key[1]}."
+        g = self.ckpt.get_mapped
+        w1, w3 = g(pre + "w1.weight"), g(pre + "w3.weight")
+        s1, s3 = g(pre + "w1.scale"), g(pre + "w3.scale")
+        u8 = torch.uint8
+        return {
+            "w13_q": torch.cat((w1.view(u8), w3.view(u8))),
+            "w13_s": torch.cat((s1.view(u8), s3.view(u8))),
+            "w2_q": g(pre + "w2.weight").view(u8),
+            "w2_s": g(pre + "w2.scale").view(u8),
+        }
+
+    def _host_record(self, key: Key) -> dict[str, torch.Tensor]:
+        """The record in host memory: from the host cache, else disk (-> host cache)."""
+        if self.host is None:
+            self.counters.disk_loads += 1
+            self.counters.bytes_disk += record_bytes(self.cfg)
+            return self._disk_record(key)
+        with self.lock:
+            s = self.hostres.lookup(key)
+            if s is not None:
+                self.counters.host_hits += 1
+                return self.host.view(s)
+            self.counters.disk_loads += 1
+            self.counters.bytes_disk += record_bytes(self.cfg)
+            s, _ = self.hostres.admit(key)
+            self.host.copy_in(s, self._disk_record(key))
+            return self.host.view(s)
+
+    # -- residency --------------------------------------------------------------------------------
+    def begin_layer(self) -> None:
+        """Start a new residency request: nothing is protected from eviction any more."""
+        self.gpu.protected[:] = False
+
+    def ensure_resident(self, layer: int, experts: Sequence[int]) -> list[int]:
+        """Slots holding `experts` of `layer`, copying misses in; protects them until the next
+        `begin_layer`. On CUDA the copies are queued on the copy stream: call `wait` before use."""
+        t0 = time.perf_counter()
+        slots = []
+        for e in experts:
+            key = (layer, int(e))
+            self.counters.lookups += 1
+            s = self.gpu.lookup(key)
+            if s is None:
+                s, evicted = self.gpu.admit(key)
+                self.counters.evictions += evicted is not None
+                src = self._host_record(key)
+                self._copy_to_slot(s, src)
+                self.counters.bytes_h2d += record_bytes(self.cfg) if self.copy_stream else 0
+            else:
+                self.counters.gpu_hits += 1
+            self.gpu.protected[s] = True
+            slots.append(s)
+        self.counters.copy_s += time.perf_counter() - t0
+        return slots
+
+    def _copy_to_slot(self, s: int, src: dict[str, torch.Tensor]) -> None:
+        if self.copy_stream is None:
+            self.pool.copy_in(s, src)
+            return
+        # The slot may still be read by work queued before this eviction: order the copy after it.
+        self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.copy_stream):
+            self.pool.copy_in(s, src, non_blocking=src["w13_q"].is_pinned())
+            ev = torch.cuda.Event()
+            ev.record(self.copy_stream)
+        self.ready[s] = ev
+
+    def wait(self, slots: Iterable[int]) -> None:
+        """Make the compute stream wait for the copies into these slots (and nothing else)."""
+        if self.copy_stream is None:
+            return
+        cur = torch.cuda.current_stream(self.device)
+        for s in slots:
+            ev = self.ready.pop(s, None)
+            if ev is not None:
+                cur.wait_event(ev)
+
+    def prefetch(self, layer: int, experts: Sequence[int]) -> None:
+        """Start copies for experts known ahead (hash-routed layers, from the token ids)."""
+        self.ensure_resident(layer, experts)
+
+    def weights(self, slot: int) -> tuple[QWeight, QWeight, QWeight]:
+        """(w1, w3, w2) of the record in `slot`, as views (reference path)."""
+        v = self.pool.view(slot)
+        inter = self.cfg.moe_intermediate_size
+        return (
+            QWeight(v["w13_q"][:inter], v["w13_s"][:inter], "fp4"),
+            QWeight(v["w13_q"][inter:], v["w13_s"][inter:], "fp4"),
+            QWeight(v["w2_q"], v["w2_s"], "fp4"),
+        )
+
+    def pin_hot(self, keys: Sequence[Key]) -> int:
+        """Load a hot set and never evict it (at most half the pool). Returns how many."""
+        keys = list(keys)[: self.n_slots // 2]
+        for key in keys:
+            (s,) = self.ensure_resident(key[0], [key[1]])
+            self.gpu.pinned[s] = True
+        self.begin_layer()
+        return len(keys)
+
+    # -- background host fill ---------------------------------------------------------------------
+    def start_host_fill(self, order: Sequence[Key] | None = None) -> None:
+        """Copy experts disk -> host cache in a background thread until the cache is full."""
+        if self.host is None or self._filler is not None:
+            return
+        keys = (
+            list(order)
+            if order is not None
+            else [(layer, e) for layer in self.layers for e in range(self.cfg.n_routed_experts)]
+        )
+        keys = keys[: self.n_host]
+
+        def fill() -> None:
+            for key in tqdm(keys, desc="pinning experts", unit="exp", disable=not self.progress):
+                with self.lock:
+                    if self.hostres.slot_of.get(key) is None:
+                        s, _ = self.hostres.admit(key)
+                        self.host.copy_in(s, self._disk_record(key))
+
+        self._filler = threading.Thread(target=fill, name="homeseek-host-fill", daemon=True)
+        self._filler.start()
+
+    def join_host_fill(self) -> None:
+        if self._filler is not None:
+            self._filler.join()

@@ -14,7 +14,7 @@ expert scheduler makes the selected experts resident.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -26,8 +26,6 @@ from homeseek.quant import act_quant_sim, fp4_block_sim, fp8_block_sim, hadamard
 from homeseek.state import CompressorState, LayerState
 
 LayerWeights = dict[str, "torch.Tensor | QWeight"]
-# (layer, expert id) -> (w1, w3, w2) as stored (FP4 packed + E8M0 scales).
-ExpertFn = Callable[[int, int], tuple[QWeight, QWeight, QWeight]]
 
 
 @dataclass(frozen=True)
@@ -344,13 +342,22 @@ def swiglu(
 
 
 def routed_experts(
-    u: torch.Tensor, sel: torch.Tensor, w: torch.Tensor, layer: int, experts: ExpertFn, ctx: Ctx
+    u: torch.Tensor,
+    sel: torch.Tensor,
+    w: torch.Tensor,
+    experts: Sequence[int],
+    weights_of: Callable[[int], tuple[QWeight, QWeight, QWeight]],
+    ctx: Ctx,
+    out: torch.Tensor,
 ) -> torch.Tensor:
-    """Σ_k expert_{sel[t,k]}(u_t) · w[t,k] -> [T, D] fp32 (reference path: one pass per expert)."""
-    out = torch.zeros(u.shape[0], u.shape[1], dtype=torch.float32, device=u.device)
-    for e in torch.unique(sel).tolist():  # each touched expert once, all its tokens together
+    """out [T, D] fp32 += Σ over (t, k) with sel[t, k] in `experts` of w[t, k]·expert(u_t).
+
+    Reference path: each listed expert once, all its tokens together, in the listed order (so
+    the sum is bitwise the same however the experts are batched into waves).
+    """
+    for e in experts:
         t_idx, k_idx = (sel == e).nonzero(as_tuple=True)
-        w1, w3, w2 = experts(layer, e)
+        w1, w3, w2 = weights_of(e)
         y = swiglu(u[t_idx], w1, w3, w2, ctx, route_w=w[t_idx, k_idx])
         out.index_add_(0, t_idx, y.float())
     return out

@@ -13,8 +13,9 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from homeseek.checkpoint import ST_SIZES, layer_table, stored_shapes, tensor_table
+from homeseek.checkpoint import ST_SIZES, stored_shapes, tensor_table
 from homeseek.config import CSA, HCA, ModelConfig
+from homeseek.experts import record_bytes
 
 GiB = 2**30
 # Activations, logits and kernel scratch at batch 1 (T <= prefill chunk); measured headroom.
@@ -31,14 +32,6 @@ def _bytes(shapes: dict[str, tuple]) -> int:
             n *= d
         total += n * ST_SIZES[dtypes[0]]
     return total
-
-
-def expert_record_bytes(cfg: ModelConfig) -> int:
-    """One routed expert as stored: w1, w3, w2 packed FP4 + E8M0 scales (13,369,344 on Flash)."""
-    table = layer_table(cfg, 0, "")
-    return sum(
-        _bytes(stored_shapes(n, s, cfg)) for n, s in table.items() if n.startswith("ffn.experts.0.")
-    )
 
 
 def dense_bytes(cfg: ModelConfig, include_mtp: bool = False) -> int:
@@ -113,11 +106,11 @@ class MemoryPlan:
 
 
 def memory_plan(
-    cfg: ModelConfig, gpu_mem_gb: float, host_mem_gb: float, max_context: int
+    cfg: ModelConfig, gpu_mem_gb: float, host_mem_gb: float, max_context: int, act_bytes: int = 2
 ) -> MemoryPlan:
     dense = dense_bytes(cfg)
-    state = state_bytes(cfg, max_context)
-    record = expert_record_bytes(cfg)
+    state = state_bytes(cfg, max_context, act_bytes)
+    record = record_bytes(cfg)
     n = cfg.num_hidden_layers * cfg.n_routed_experts
     gpu = int(gpu_mem_gb * GiB)
     host = int(host_mem_gb * GiB)

@@ -1,0 +1,147 @@
+"""The tiered expert store: correctness under eviction, counters, and eviction policies."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import homeseek
+from homeseek.config import ConfigError
+from homeseek.experts import (
+    LRFUPolicy,
+    LRUPolicy,
+    Residency,
+    record_bytes,
+    simulate,
+)
+
+
+@pytest.fixture(scope="module")
+def ids() -> list[int]:
+    return torch.randint(0, 129280, (120,), generator=torch.Generator().manual_seed(9)).tolist()
+
+
+def _run(eng, ids: list[int]) -> torch.Tensor:
+    sess = eng.session()
+    pre = sess.forward(ids[:80])  # chunked prefill (waves when the pool is small)
+    dec = torch.stack([sess.decode(i) for i in ids[80:]])
+    return torch.cat([pre, dec])
+
+
+@pytest.mark.parametrize("policy", ["lru", "lrfu"])
+def test_logits_bitwise_equal_with_a_pool_that_evicts_every_step(ids, policy):
+    full = homeseek.load("tiny", dtype=torch.float32, max_context=256)
+    small = homeseek.load(
+        "tiny", dtype=torch.float32, max_context=256, expert_slots=2, eviction=policy
+    )
+    assert full.experts.n_slots == 5 * 8 and small.experts.n_slots == 2
+    a, b = _run(full, ids), _run(small, ids)
+    assert torch.equal(a, b)
+    c = small.experts.counters
+    assert c.evictions > len(ids)  # every step evicts (2 slots, 2 experts per token, 5 layers)
+    assert c.lookups == c.gpu_hits + c.host_hits + c.disk_loads
+    f = full.experts.counters
+    assert f.lookups == f.gpu_hits + f.host_hits + f.disk_loads and f.evictions == 0
+    # Without evictions every expert is read from disk once, then always hit.
+    assert f.disk_loads <= 40 and f.bytes_disk == f.disk_loads * record_bytes(full.cfg)
+
+
+def test_generate_reports_expert_stats():
+    eng = homeseek.load("tiny", dtype=torch.float32, max_context=128, expert_slots=4)
+    r = eng.generate(prompt_ids=[0, 5, 6, 7], max_tokens=6, temperature=0)
+    s = r.stats
+    assert s["expert_lookups"] > 0 and 0 <= s["expert_hit_rate"] <= 1
+    assert s["expert_bytes_disk"] > 0
+
+
+def test_too_small_gpu_budget_fails_at_load_with_numbers():
+    with pytest.raises(ConfigError, match=r"gpu_mem_gb=0\.0 is too small: dense weights .* GiB"):
+        homeseek.load("tiny", gpu_mem_gb=0.001, host_mem_gb=0.1)
+
+
+def test_budget_sizes_the_pool():
+    eng = homeseek.load("tiny", gpu_mem_gb=1.6, host_mem_gb=0.1, max_context=256)
+    # 1.6 GiB minus dense, state and the 1.5 GiB workspace leaves room for part of the experts.
+    assert 2 <= eng.experts.n_slots <= 40
+
+
+def test_disk_tier_is_zero_copy(ids):
+    eng = homeseek.load("tiny", dtype=torch.float32, max_context=64)
+    rec = eng.experts._disk_record((0, 3))
+    raw = eng.ckpt.get("layers.0.ffn.experts.3.w2.weight").view(torch.uint8)
+    assert torch.equal(rec["w2_q"], raw)
+    mapped = eng.ckpt.get_mapped("layers.0.ffn.experts.3.w2.weight")
+    assert mapped.untyped_storage().data_ptr() != raw.untyped_storage().data_ptr()
+    assert not mapped.untyped_storage().resizable()  # a view over the map, not an owned copy
+
+
+# --- policies ------------------------------------------------------------------------------------
+def _fill(res: Residency, keys) -> None:
+    for k in keys:
+        if res.lookup(k) is None:
+            res.admit(k)
+
+
+def test_lru_evicts_least_recent():
+    res = Residency(3, 1, LRUPolicy(3))
+    _fill(res, [(0, 1), (0, 2), (0, 3)])
+    res.lookup((0, 1))  # 2 is now the least recent
+    _, ev = res.admit((0, 4))
+    assert ev == (0, 2)
+
+
+def test_lrfu_keeps_frequent_over_recent_one_offs():
+    res = Residency(3, 1, LRFUPolicy(3, half_life=1000))
+    _fill(res, [(0, 1)] * 5 + [(0, 2)] * 5 + [(0, 3)])
+    _, ev = res.admit((0, 4))  # 3 was used once; 1 and 2 five times
+    assert ev == (0, 3)
+    _, ev = res.admit((0, 5))  # 4 (once, newest) goes before the frequent ones
+    assert ev == (0, 4)
+    # A short half-life forgets: it behaves like LRU.
+    res = Residency(3, 1, LRFUPolicy(3, half_life=0.01))
+    _fill(res, [(0, 1)] * 5 + [(0, 2), (0, 3)])
+    _, ev = res.admit((0, 4))
+    assert ev == (0, 1)
+
+
+def test_protected_and_pinned_are_never_evicted():
+    res = Residency(3, 1, LRUPolicy(3))
+    _fill(res, [(0, 1), (0, 2), (0, 3)])
+    res.pinned[res.slot_of[(0, 1)]] = True
+    res.protected[res.slot_of[(0, 2)]] = True
+    _, ev = res.admit((0, 9))
+    assert ev == (0, 3)
+    res.protected[res.slot_of[(0, 9)]] = True
+    with pytest.raises(RuntimeError, match="raise gpu_mem_gb"):
+        res.admit((0, 10))
+
+
+def test_per_layer_floor():
+    res = Residency(4, 2, LRUPolicy(4), floor=1)
+    _fill(res, [(0, 1), (1, 1), (1, 2), (1, 3)])  # layer 0 holds one entry: its floor
+    res.lookup((1, 1))
+    res.lookup((1, 2))
+    res.lookup((1, 3))
+    _, ev = res.admit((1, 4))  # (0, 1) is least recent but protected by the floor
+    assert ev[0] == 1 and res.per_layer[0] == 1
+
+
+def _skewed_trace(steps: int, layers: int, experts: int, k: int, seed: int):
+    """Zipf-like expert popularity per layer plus noise: what learned routers produce."""
+    rng = np.random.default_rng(seed)
+    pop = [rng.permutation(experts) for _ in range(layers)]
+    weights = 1.0 / np.arange(1, experts + 1) ** 0.8
+    weights /= weights.sum()
+    for _ in range(steps):
+        for layer in range(layers):
+            picks = rng.choice(experts, size=k, replace=False, p=weights)
+            yield layer, pop[layer][picks].tolist()
+
+
+def test_frequency_aware_beats_lru_on_skewed_routing():
+    trace = list(_skewed_trace(steps=600, layers=8, experts=64, k=6, seed=0))
+    lru = simulate(trace, n_slots=96, n_layers=8, policy="lru")
+    lrfu = simulate(trace, n_slots=96, n_layers=8, policy="lrfu:5000")
+    assert lrfu["lookups"] == lru["lookups"] == 600 * 8 * 6
+    assert lrfu["hit_rate"] > lru["hit_rate"] + 0.03, (lru, lrfu)
