@@ -203,6 +203,21 @@ class QWeight:
         return QWeight(self.weight.to(device), s, self.fmt, self.block)
 
 
+def as_qweight(
+    w: torch.Tensor, scale: torch.Tensor | None, name: str, block: int, where: object = ""
+) -> QWeight:
+    """Stored weight (+ `.scale`) -> QWeight, the format decided by dtype alone."""
+    if w.dtype == torch.float8_e4m3fn:
+        if scale is None:
+            raise CheckpointError(f"{where}: FP8 {name} has no .scale")
+        return QWeight(w, scale_to_float(scale), "fp8", block)
+    if w.dtype in (torch.int8, torch.uint8):
+        if scale is None:
+            raise CheckpointError(f"{where}: FP4 {name} has no .scale")
+        return QWeight(w.view(torch.uint8), scale.view(torch.uint8), "fp4")
+    return QWeight(w)
+
+
 # --- reading -------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class _Entry:
@@ -384,19 +399,10 @@ class Checkpoint:
 
     def get_weight(self, name: str) -> QWeight:
         """A linear weight in its stored format, decided by dtype (spec §2.3)."""
-        w = self.get(name)
         scale_name = name.removesuffix(".weight") + ".scale"
-        if w.dtype == torch.float8_e4m3fn:
-            if not self.has(scale_name):
-                raise CheckpointError(f"{self.entries[name].file}: FP8 {name} has no {scale_name}")
-            s = scale_to_float(self.get(scale_name))
-            return QWeight(w, s, "fp8", self.cfg.weight_block_size[0])
-        if w.dtype in (torch.int8, torch.uint8):
-            if not self.has(scale_name):
-                raise CheckpointError(f"{self.entries[name].file}: FP4 {name} has no {scale_name}")
-            s = self.get(scale_name).view(torch.uint8)
-            return QWeight(w.view(torch.uint8), s, "fp4")
-        return QWeight(w)
+        w = self.get(name)
+        scale = self.get(scale_name) if self.has(scale_name) else None
+        return as_qweight(w, scale, name, self.cfg.weight_block_size[0], self.entries[name].file)
 
     def close(self) -> None:
         self._handles.clear()

@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from homeseek import model as M
-from homeseek.checkpoint import Checkpoint, QWeight, layer_prefix, layer_table, top_table
+from homeseek.checkpoint import Checkpoint, QWeight, layer_prefix, layer_table
 from homeseek.config import PRESETS, ConfigError, ModelConfig, RuntimeConfig, default_cache_dir
 from homeseek.experts import ExpertStore, record_bytes
 from homeseek.sampling import Sampler, SamplingParams
@@ -108,10 +108,14 @@ def _load_block(ckpt: Checkpoint, cfg: ModelConfig, layer: int, device: str) -> 
 class Engine:
     """A loaded model. Build with `homeseek.load`."""
 
-    def __init__(self, path: Path, rt: RuntimeConfig, progress: bool = False) -> None:
-        self.path = path
+    def __init__(
+        self, source: Path | Checkpoint | Any, rt: RuntimeConfig, progress: bool = False
+    ) -> None:
+        """source: a checkpoint directory, an open Checkpoint, or an in-memory source with the
+        same reading methods (`homeseek.synthetic.SyntheticSource`)."""
         self.rt = rt
-        self.ckpt = Checkpoint(path)
+        self.ckpt = Checkpoint(source) if isinstance(source, (str, Path)) else source
+        self.path = self.ckpt.path
         self.ckpt.validate()
         self.cfg = cfg = self.ckpt.cfg
         if rt.max_context > cfg.max_position_embeddings:
@@ -140,9 +144,8 @@ class Engine:
         if n_host:
             self.experts.start_host_fill()
         self.rope = M.RopeTables(cfg, rt.max_context, dev)
-        self.tokenizer = _load_tokenizer(path)
-        if top_table(cfg).keys() - self.ckpt.entries.keys():  # validate() guarantees this
-            raise AssertionError("checkpoint validation missed a top-level tensor")
+        self.tokenizer = _load_tokenizer(self.path) if self.path is not None else None
+        self.routing_trace: list[tuple[int, torch.Tensor]] | None = None  # (layer, sel [T, K])
 
     def _expert_budget(self) -> tuple[int, int]:
         """(GPU slots, host records) from the budgets (design: gpu_mem_gb is the engine's total).
@@ -268,6 +271,8 @@ class Engine:
         compute. When a chunk touches more experts than the pool holds, it runs in waves, each
         expert still loaded once per chunk."""
         store = self.experts
+        if self.routing_trace is not None:
+            self.routing_trace.append((layer, p.sel.cpu()))
         experts = sorted(set(p.sel.flatten().tolist()))
         out = torch.zeros(p.u.shape[0], p.u.shape[1], dtype=torch.float32, device=p.u.device)
         wave = max(store.n_slots - int(store.gpu.pinned.sum()), 1)

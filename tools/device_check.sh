@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# One command for a CUDA machine without network: make homeseek importable (no pip needed),
+# then run the GPU tests, the expert-copy benchmark, the routing simulation on the full-size
+# synthetic model, and the kernel check. Logs go under $OUT when set (else ./device-logs).
+#   bash tools/device_check.sh [engine|copy|routing|kernels ...]   (default: all)
+set -uo pipefail
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$repo"
+logs="${OUT:-$repo/device-logs}"
+mkdir -p "$logs"
+py="${PYTHON:-python3}"
+export PYTHONUNBUFFERED=1
+# Wheels carried along (pytest on images that lack it), installed into a private target.
+if ls .whl/*.whl >/dev/null 2>&1 && ! "$py" -c "import pytest" 2>/dev/null; then
+    "$py" -m pip install -q --no-index --no-deps --no-compile --target /tmp/hs-site .whl/*.whl
+    export PYTHONPATH="/tmp/hs-site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+# homeseek.kernels / homeseek.graphs exist only through the install's package-dir map: shim it.
+if ! "$py" -c "import homeseek.kernels.ops" 2>/dev/null; then
+    shim="$(mktemp -d)"
+    mkdir -p "$shim/homeseek"
+    for f in "$repo"/homeseek/*; do ln -s "$f" "$shim/homeseek/"; done
+    ln -sfn "$repo/kernels" "$shim/homeseek/kernels"
+    ln -sfn "$repo/graphs" "$shim/homeseek/graphs"
+    export PYTHONPATH="$shim${PYTHONPATH:+:$PYTHONPATH}"
+fi
+parts=("$@")
+[ ${#parts[@]} -eq 0 ] && parts=(engine copy routing kernels)
+rc=0
+step() {  # step NAME SECONDS CMD...
+    local name="$1" secs="$2"
+    shift 2
+    echo "== $name: $*"
+    timeout "$secs" "$@" 2>&1 | tee "$logs/$name.log"
+    local r=${PIPESTATUS[0]}
+    echo "== $name rc=$r"
+    [ "$r" -eq 0 ] || rc=1
+}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$logs/env.log"
+"$py" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
+    | tee -a "$logs/env.log"
+for p in "${parts[@]}"; do
+    case "$p" in
+    engine) step gpu_engine 240 "$py" -m pytest -q -m gpu tests/test_gpu_engine.py -p no:cacheprovider ;;
+    copy) step expert_copy 120 "$py" tools/expert_copy_bench.py ;;
+    routing) step routing_flash 300 "$py" tools/routing_sim.py --synthetic flash --alias 64 \
+        --device cuda --tokens 4096 --chunk 1024 --gpu-mem-gb 24 --save-trace "$logs/trace.npz" ;;
+    kernels) step kernels 400 bash tools/gpu_kernels_check.sh ;;
+    esac
+done
+exit $rc
