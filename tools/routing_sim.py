@@ -41,8 +41,15 @@ def main() -> None:
     ap.add_argument("--save-profile", default=None)
     args = ap.parse_args()
 
+    # The recording engine's own pool only has to hold one layer's experts of a chunk; the host
+    # cache is not needed (the source is in memory already).
     rt = RuntimeConfig.build(
-        device=args.device, dtype=torch.bfloat16, max_context=args.tokens + 16, expert_slots=64
+        device=args.device,
+        dtype=torch.bfloat16,
+        max_context=args.tokens + 16,
+        prefill_chunk=args.chunk,
+        expert_slots=1100,
+        host_mem_gb=0.0,
     )
     t0 = time.perf_counter()
     if args.synthetic:
