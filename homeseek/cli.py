@@ -224,6 +224,53 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 0 if p.fits else 1
 
 
+def _served_name(model: str) -> str:
+    """The model id clients see: the checkpoint folder's name, or the preset's."""
+    return Path(model).name or "homeseek"
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from homeseek.server import MiB, ServerConfig, serve
+
+    # Validate the server settings before spending minutes loading weights.
+    cfg = ServerConfig(
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        model_name=args.served_model_name or _served_name(args.model),
+        max_queue=args.max_queue,
+        max_body_bytes=int(args.max_body_mb * MiB),
+        prefix_sessions=args.prefix_sessions,
+        drain_timeout_s=args.drain_timeout,
+        log_requests=not args.quiet,
+    )
+    eng = _load(args)
+    return serve(eng, cfg)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from homeseek.chat_cli import ChatError, HttpBackend, LocalBackend, Repl
+
+    if args.model is not None:
+        backend = LocalBackend(_load(args), _served_name(args.model))
+    else:
+        http = HttpBackend(args.url, api_key=args.api_key)
+        try:
+            http.connect()
+        except ChatError as e:
+            print(f"homeseek: {e}", file=sys.stderr)
+            return 1
+        backend = http
+    repl = Repl(
+        backend,
+        system=args.system,
+        thinking=args.think,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+    )
+    return repl.run()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="homeseek",
@@ -263,6 +310,37 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--workers", type=int, default=8, help="parallel downloads")
     d.add_argument("--verify-only", action="store_true", help="only check the directory")
     d.set_defaults(func=cmd_download)
+
+    sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions ...)")
+    _add_model_args(sv)
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    sv.add_argument("--port", type=int, default=8000, help="port (0 = any free port)")
+    sv.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY`")
+    sv.add_argument("--served-model-name", default=None, help="model id shown to clients")
+    sv.add_argument("--max-queue", type=int, default=16, help="waiting requests before 429")
+    sv.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body")
+    sv.add_argument(
+        "--prefix-sessions",
+        type=int,
+        default=1,
+        help="conversations whose state is kept for prefix reuse (each holds max-context state)",
+    )
+    sv.add_argument(
+        "--drain-timeout", type=float, default=30.0, help="seconds to finish work on SIGTERM"
+    )
+    sv.add_argument("--quiet", action="store_true", help="do not log each request")
+    sv.set_defaults(func=cmd_serve)
+
+    ch = sub.add_parser("chat", help="interactive chat against a server (or in-process: --model)")
+    _add_model_args(ch)
+    ch.set_defaults(model=None)  # no --model: talk to the server at --url
+    ch.add_argument("--url", default="http://127.0.0.1:8000", help="server (default %(default)s)")
+    ch.add_argument("--api-key", default=None, help="the server's --api-key")
+    ch.add_argument("--system", default=None, help="a system message for the conversation")
+    ch.add_argument("--think", action="store_true", help="start in thinking mode (/think toggles)")
+    ch.add_argument("--max-tokens", type=int, default=None, help="per reply (default: no limit)")
+    ch.add_argument("--temperature", type=float, default=1.0)
+    ch.set_defaults(func=cmd_chat)
 
     dr = sub.add_parser("doctor", help="check this machine and a checkpoint; show a memory plan")
     dr.add_argument("--model", default="flash", help="checkpoint directory or preset name")

@@ -1,0 +1,1547 @@
+"""OpenAI-compatible HTTP server on the standard library (`homeseek serve`).
+
+Threads and who owns what:
+
+* HTTP threads (`ThreadingHTTPServer`, one per connection) parse and validate requests, render and
+  tokenize prompts, write responses (SSE when streaming) and notice when a client goes away.
+* One engine worker takes jobs from a bounded queue and runs `Engine.generate` one at a time: the
+  engine holds one set of weights and one expert cache, so requests are served in turn. A full
+  queue answers 429 with Retry-After instead of letting latency grow without bound.
+* The main thread waits for SIGINT/SIGTERM, then stops listening, drains the queue (up to a
+  deadline, then cancels) and exits 0.
+
+Prefix reuse (`PrefixCache`): agents resend the whole conversation every turn, and the new prompt
+starts with the previous prompt plus the previous completion. The worker keeps the sessions of
+recent sequences with every id they consumed; a prompt that extends one of them is fed only its new
+tail. Decode state cannot be rewound, so a prompt that diverges inside a cached sequence starts a
+fresh session. The match is tried on token ids and on text (the completion may re-tokenize
+differently from the ids the model produced; the produced ids are then spliced in).
+
+The response side is one machine for streaming and non-streaming answers (`ChatReply` over the
+chat parser's `CompletionStream`), so both agree. This module knows no torch: it talks to the
+engine through `generate`, `tokenizer`, `cfg`, `rt` and `session()`.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import math
+import queue
+import select
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TYPE_CHECKING, Any, TextIO
+
+from homeseek.chat import (
+    BOS_TOKEN,
+    DSML_TOKEN,
+    EOS_TOKEN,
+    ROLES,
+    THINK_END_TOKEN,
+    THINK_START_TOKEN,
+    TOOL_CALLS_START,
+    CompletionStream,
+    StreamEvent,
+    encode_messages,
+)
+
+if TYPE_CHECKING:  # typing only: importing the engine pulls in torch
+    from homeseek.engine import Engine, GenerationResult, Session
+
+MiB = 2**20
+
+
+# ------------------------------------------------------------------------------------------------
+# Configuration and errors
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"  # loopback by default: the API has no rate limits or accounts
+    port: int = 8000  # 0 = any free port (the banner names it)
+    api_key: str | None = None  # when set, every route but /health needs `Bearer <key>`
+    model_name: str = "homeseek"  # the id /v1/models lists and responses carry
+    max_queue: int = 16  # requests waiting behind the running one; more get 429
+    max_body_bytes: int = 32 * MiB  # a 1M-token prompt is ~4 MB of text
+    prefix_sessions: int = 1  # sequences whose decode state is kept for prefix reuse
+    drain_timeout_s: float = 30.0  # on SIGTERM: time given to running and queued requests
+    log_requests: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_queue < 1:
+            raise ValueError(f"max_queue must be >= 1, got {self.max_queue}")
+        if self.prefix_sessions < 1:
+            raise ValueError(f"prefix_sessions must be >= 1, got {self.prefix_sessions}")
+        if self.max_body_bytes < 1024:
+            raise ValueError(f"max_body_bytes must be >= 1024, got {self.max_body_bytes}")
+
+
+class ApiError(Exception):
+    """An error answered as an OpenAI error object: {"error": {message, type, param, code}}."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        type: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.type = type or ("invalid_request_error" if status < 500 else "server_error")
+        self.headers = dict(headers or {})
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+# ------------------------------------------------------------------------------------------------
+# Request parsing (pure functions of the JSON body; every failure is a 400 naming the field)
+# ------------------------------------------------------------------------------------------------
+
+_MISSING = object()
+# OpenAI's reasoning_effort -> (thinking mode, V4 encoder effort). The V4 format knows only "high"
+# (adds nothing) and "max" (a fixed paragraph); lower efforts still think, at the default effort.
+REASONING_EFFORT_MAP: dict[str, tuple[bool, str | None]] = {
+    "none": (False, None),
+    "minimal": (True, None),
+    "low": (True, None),
+    "medium": (True, None),
+    "high": (True, "high"),
+    "xhigh": (True, "max"),
+    "max": (True, "max"),
+}
+MAX_STOP_STRINGS = 16
+
+
+def _typed(body: Mapping[str, Any], name: str, kind: str, default: Any = None) -> Any:
+    """body[name] checked against kind (int/number/str/bool/list/dict); None or absent -> default.
+
+    bool is not an int here: `"max_tokens": true` is a client bug, not 1.
+    """
+    v = body.get(name, _MISSING)
+    if v is _MISSING or v is None:
+        return default
+    ok = {
+        "int": isinstance(v, int) and not isinstance(v, bool),
+        "number": isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+        "str": isinstance(v, str),
+        "bool": isinstance(v, bool),
+        "list": isinstance(v, list),
+        "dict": isinstance(v, dict),
+    }[kind]
+    if not ok:
+        names = {"int": "an integer", "number": "a finite number", "list": "a list"}
+        want = names.get(kind, {"str": "a string", "bool": "a boolean", "dict": "an object"}[kind])
+        raise ApiError(400, f"'{name}' must be {want}, got {json.dumps(v)[:60]}", param=name)
+    return v
+
+
+@dataclass(frozen=True)
+class GenParams:
+    max_tokens: int | None  # None: until EOS or the end of the context
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int | None
+    stop: tuple[str, ...]
+
+
+def parse_gen_params(
+    body: Mapping[str, Any], max_context: int, default_max: int | None
+) -> GenParams:
+    """Sampling fields shared by both endpoints."""
+    max_tokens = _typed(body, "max_completion_tokens", "int")
+    name = "max_completion_tokens"
+    if max_tokens is None:
+        max_tokens, name = _typed(body, "max_tokens", "int", default_max), "max_tokens"
+    if max_tokens is not None and max_tokens < 1:
+        raise ApiError(400, f"'{name}' must be >= 1, got {max_tokens}", param=name)
+    if max_tokens is not None and max_tokens > max_context:
+        raise ApiError(
+            400,
+            f"'{name}' = {max_tokens} exceeds the server's context of {max_context} tokens",
+            param=name,
+        )
+    temperature = float(_typed(body, "temperature", "number", 1.0))
+    if not 0 <= temperature <= 2:
+        raise ApiError(400, f"'temperature' must be in [0, 2], got {temperature}", "temperature")
+    top_p = float(_typed(body, "top_p", "number", 1.0))
+    if not 0 <= top_p <= 1:
+        raise ApiError(400, f"'top_p' must be in [0, 1], got {top_p}", param="top_p")
+    if top_p == 0:  # OpenAI accepts 0 and clients use it to mean "always the top token"
+        temperature, top_p = 0.0, 1.0
+    top_k = _typed(body, "top_k", "int", 0)  # not OpenAI's; vLLM and llama.cpp accept it
+    if top_k < 0:
+        raise ApiError(400, f"'top_k' must be >= 0, got {top_k}", param="top_k")
+    seed = _typed(body, "seed", "int")
+    stop = body.get("stop")
+    if stop is None:
+        stops: tuple[str, ...] = ()
+    elif isinstance(stop, str):
+        stops = (stop,) if stop else ()
+    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
+        if len(stop) > MAX_STOP_STRINGS:
+            raise ApiError(
+                400, f"'stop' has {len(stop)} strings; at most {MAX_STOP_STRINGS}", "stop"
+            )
+        stops = tuple(s for s in stop if s)
+    else:
+        raise ApiError(400, "'stop' must be a string or a list of strings", param="stop")
+    for name in ("presence_penalty", "frequency_penalty"):
+        # Accepted for compatibility (many clients send 0); not applied by this engine.
+        _typed(body, name, "number")
+    n = _typed(body, "n", "int", 1)
+    if n != 1:
+        raise ApiError(400, f"'n' = {n}: only one choice per request is supported", param="n")
+    return GenParams(max_tokens, temperature, top_p, top_k, seed, stops)
+
+
+def _stream_flags(body: Mapping[str, Any]) -> tuple[bool, bool]:
+    stream = _typed(body, "stream", "bool", False)
+    opts = _typed(body, "stream_options", "dict", {})
+    include_usage = _typed(opts, "include_usage", "bool", False)
+    return stream, include_usage
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    messages: list[dict[str, Any]]  # tools and response_format already on the system message
+    thinking: bool
+    reasoning_effort: str | None  # the V4 encoder's value: None, "high" or "max"
+    reply_prefix: str  # text the reply is forced to start with (tool_choice), "" if none
+    params: GenParams
+    stream: bool
+    include_usage: bool
+
+
+def _parse_thinking(body: Mapping[str, Any]) -> tuple[bool, str | None]:
+    """thinking mode and encoder effort from `thinking` (bool or {"type": "enabled"}),
+    `chat_template_kwargs.thinking` (vLLM style) or `reasoning_effort`; explicit thinking wins."""
+    effort = _typed(body, "reasoning_effort", "str")
+    if effort is not None and effort not in REASONING_EFFORT_MAP:
+        raise ApiError(
+            400,
+            f"'reasoning_effort' must be one of {sorted(REASONING_EFFORT_MAP)}, got {effort!r}",
+            param="reasoning_effort",
+        )
+    thinking, v4_effort = REASONING_EFFORT_MAP[effort] if effort else (False, None)
+    raw = body.get("thinking")
+    kwargs = _typed(body, "chat_template_kwargs", "dict", {})
+    if raw is None and "thinking" in kwargs:
+        raw = kwargs["thinking"]
+    if raw is not None:
+        if isinstance(raw, bool):
+            thinking = raw
+        elif isinstance(raw, dict) and raw.get("type") in ("enabled", "disabled"):
+            thinking = raw["type"] == "enabled"
+        else:
+            raise ApiError(
+                400, '\'thinking\' must be a boolean or {"type": "enabled"|"disabled"}', "thinking"
+            )
+    return thinking, v4_effort if thinking else None
+
+
+def _tool_prefix(choice: Any, tools: list[dict[str, Any]], thinking: bool) -> tuple[str, bool]:
+    """(forced reply start, keep tools in the prompt) for a tool_choice.
+
+    V4 has no constrained decoding, so "required" and a named function are enforced by writing the
+    start of the DSML block (and the invoke head) into the prompt; the reply parser is fed the
+    same text first, so the client sees an ordinary tool call. In thinking mode this skips the
+    reasoning (the block must follow `</think>`).
+    """
+    if choice is None or choice == "auto":
+        return "", True
+    if choice == "none":
+        return "", False
+    think = THINK_END_TOKEN if thinking else ""
+    block = f"{think}{TOOL_CALLS_START}>\n"
+    if choice == "required":
+        if not tools:
+            raise ApiError(400, "tool_choice 'required' needs 'tools'", param="tool_choice")
+        return block, True
+    if isinstance(choice, dict) and isinstance(choice.get("function"), dict):
+        name = choice["function"].get("name")
+        names = [t["function"]["name"] for t in tools]
+        if name not in names:
+            raise ApiError(
+                400, f"tool_choice names {name!r}, which is not in 'tools' {names}", "tool_choice"
+            )
+        return f'{block}<{DSML_TOKEN}invoke name="{name}">\n', True
+    raise ApiError(
+        400,
+        "'tool_choice' must be 'none', 'auto', 'required' or "
+        '{"type": "function", "function": {"name": ...}}',
+        param="tool_choice",
+    )
+
+
+def _parse_tools(body: Mapping[str, Any]) -> list[dict[str, Any]]:
+    tools = _typed(body, "tools", "list", [])
+    for i, t in enumerate(tools):
+        fn = t.get("function") if isinstance(t, dict) else None
+        if not (
+            isinstance(t, dict)
+            and t.get("type", "function") == "function"
+            and isinstance(fn, dict)
+            and isinstance(fn.get("name"), str)
+            and fn["name"]
+        ):
+            raise ApiError(
+                400,
+                f"tools[{i}] must be {{'type': 'function', 'function': {{'name': ..., "
+                "'parameters': {...}}}}",
+                param=f"tools[{i}]",
+            )
+    return tools
+
+
+def parse_chat_request(
+    body: Mapping[str, Any], max_context: int, default_max_tokens: int | None = None
+) -> ChatRequest:
+    """Validate a /v1/chat/completions body (shape and types; the encoder checks the rest)."""
+    _typed(body, "model", "str")
+    raw_messages = body.get("messages")
+    if not isinstance(raw_messages, list) or not raw_messages:
+        raise ApiError(400, "'messages' must be a non-empty list", param="messages")
+    messages: list[dict[str, Any]] = []
+    for i, m in enumerate(raw_messages):
+        if not isinstance(m, dict):
+            raise ApiError(400, f"messages[{i}] must be an object", param=f"messages[{i}]")
+        role = m.get("role")
+        if role not in ROLES:
+            raise ApiError(
+                400,
+                f"messages[{i}].role: unknown role {role!r}; expected one of {list(ROLES)}",
+                param=f"messages[{i}].role",
+            )
+        messages.append(dict(m))
+    if messages[-1]["role"] not in ("user", "tool", "developer"):
+        raise ApiError(
+            400,
+            f"the last message is from {messages[-1]['role']!r}; it must be from 'user' or "
+            "'tool' (the reply continues the conversation)",
+            param="messages",
+        )
+    if _typed(body, "logprobs", "bool", False):
+        raise ApiError(400, "'logprobs' is not supported", param="logprobs")
+    thinking, effort = _parse_thinking(body)
+    tools = _parse_tools(body)
+    prefix, keep_tools = _tool_prefix(body.get("tool_choice"), tools, thinking)
+    fmt = _typed(body, "response_format", "dict")
+    extra: dict[str, Any] = {}
+    if tools and keep_tools:
+        extra["tools"] = tools
+    if fmt and fmt.get("type") not in (None, "text"):
+        extra["response_format"] = fmt
+    if extra:
+        # The official format carries tools on the system message; make one when there is none.
+        if messages[0]["role"] != "system":
+            messages.insert(0, {"role": "system", "content": ""})
+        messages[0] = {**messages[0], **extra}
+    stream, include_usage = _stream_flags(body)
+    params = parse_gen_params(body, max_context, default_max_tokens)
+    return ChatRequest(messages, thinking, effort, prefix, params, stream, include_usage)
+
+
+@dataclass(frozen=True)
+class CompletionRequest:
+    prompt: str | list[int]
+    echo: bool
+    params: GenParams
+    stream: bool
+    include_usage: bool
+
+
+def parse_completion_request(
+    body: Mapping[str, Any], max_context: int, vocab_size: int
+) -> CompletionRequest:
+    """Validate a legacy /v1/completions body: a prompt string or a list of token ids."""
+    _typed(body, "model", "str")
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, list):
+        if not prompt or not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            raise ApiError(400, "'prompt' must be a string or a list of token ids", "prompt")
+        bad = [t for t in prompt if not 0 <= t < vocab_size]
+        if bad:
+            raise ApiError(
+                400, f"'prompt': token id {bad[0]} is outside [0, {vocab_size})", "prompt"
+            )
+    elif not isinstance(prompt, str) or not prompt:
+        raise ApiError(400, "'prompt' must be a non-empty string or a list of token ids", "prompt")
+    for name in ("suffix", "logprobs"):
+        if body.get(name):
+            raise ApiError(400, f"'{name}' is not supported", param=name)
+    best_of = _typed(body, "best_of", "int", 1)
+    if best_of != 1:
+        raise ApiError(400, "'best_of' must be 1", param="best_of")
+    echo = _typed(body, "echo", "bool", False)
+    stream, include_usage = _stream_flags(body)
+    params = parse_gen_params(body, max_context, default_max=16)  # OpenAI's legacy default
+    return CompletionRequest(prompt, echo, params, stream, include_usage)
+
+
+# ------------------------------------------------------------------------------------------------
+# Prefix cache
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Entry:
+    session: Session
+    ids: list[int]  # the whole sequence: session.tokens, then ids sampled but not yet consumed
+    text: str | None  # what `ids` decode to (None when the prompt came as ids)
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A session handed to one request: `ids` is its full prompt, `tail` what is left to feed."""
+
+    session: Session
+    ids: list[int]
+    tail: list[int]
+    reused: int  # prompt tokens whose state the session already holds
+
+
+class PrefixCache:
+    """Sessions of recent sequences, matched against new prompts (worker thread only).
+
+    At most `capacity` sessions ever exist (each preallocates decode state for max_context): a
+    miss with a full cache resets the least recently used one. A leased session is out of the
+    cache until `release`, so a failed request can never leave half-updated state behind.
+    """
+
+    def __init__(
+        self,
+        new_session: Callable[[], Session],
+        encode: Callable[[str], list[int]] | None,
+        capacity: int = 1,
+    ) -> None:
+        self.new_session = new_session
+        self.encode = encode
+        self.capacity = capacity
+        self.entries: list[_Entry] = []  # least recently used first
+        self.free: list[Session] = []  # sessions with nothing worth keeping
+
+    def _match(self, e: _Entry, text: str | None, ids: list[int]) -> list[int] | None:
+        done = e.session.tokens
+        n = len(done)
+        if n == 0:
+            return None
+        if len(ids) > n and ids[:n] == done:
+            return ids
+        # Text match: the client sent back the completion as text, which may tokenize
+        # differently from the ids the model produced; keep the produced ids.
+        if (
+            self.encode is not None
+            and text is not None
+            and e.text is not None
+            and len(text) > len(e.text)
+            and text.startswith(e.text)
+        ):
+            spliced = e.ids + self.encode(text[len(e.text) :])
+            if len(spliced) > n and spliced[:n] == done:
+                return spliced
+        return None
+
+    def acquire(self, text: str | None, ids: list[int]) -> Lease:
+        best: tuple[int, _Entry, list[int]] | None = None
+        for e in self.entries:
+            full = self._match(e, text, ids)
+            if full is not None and (best is None or len(e.session.tokens) > best[0]):
+                best = (len(e.session.tokens), e, full)
+        if best is not None:
+            n, e, full = best
+            self.entries.remove(e)
+            return Lease(e.session, full, full[n:], n)
+        if self.free:
+            sess = self.free.pop()
+        elif len(self.entries) >= self.capacity:
+            sess = self.entries.pop(0).session
+            sess.reset()
+        else:
+            sess = self.new_session()
+        return Lease(sess, list(ids), list(ids), 0)
+
+    def release(self, lease: Lease, out_ids: list[int] | None, text: str | None) -> None:
+        """Put a leased session back: with the sequence it now holds, or reset (out_ids None)."""
+        sess = lease.session
+        ids = lease.ids + (out_ids or [])
+        if out_ids is None or sess.tokens != ids[: len(sess.tokens)]:
+            sess.reset()
+            self.free.append(sess)
+            return
+        self.entries.append(_Entry(sess, ids, text))
+
+    def clear(self) -> None:
+        for e in self.entries:
+            e.session.reset()
+            self.free.append(e.session)
+        self.entries.clear()
+
+
+# ------------------------------------------------------------------------------------------------
+# Core: prompts and generation, no HTTP (the chat CLI runs it in-process too)
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Prompt:
+    text: str | None  # the rendered prompt (None when given as ids)
+    ids: list[int]
+    thinking: bool  # parse the reply in thinking mode: the prompt ended with `<think>`
+    reply_prefix: str = ""  # part of the prompt that belongs to the reply (forced tool call)
+
+
+@dataclass
+class Job:
+    prompt: Prompt
+    params: GenParams
+    stream: bool = False
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    created: float = field(default_factory=time.perf_counter)
+    # worker -> HTTP thread: ("text", str) | ("done", Outcome) | ("error", ApiError)
+    events: queue.Queue[tuple[str, Any]] = field(default_factory=queue.Queue)
+    sink: Callable[[str], None] | None = None  # in-process streaming: text goes here instead
+
+    def on_text(self, delta: str) -> None:
+        if self.sink is not None:
+            self.sink(delta)
+        else:
+            self.events.put(("text", delta))
+
+
+@dataclass(frozen=True)
+class Outcome:
+    text: str  # the completion as generated (stop strings cut), without the reply prefix
+    finish_reason: str  # the engine's: stop | length | tool_calls | cancelled
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    stats: dict[str, float]
+
+
+class Core:
+    """Prompt rendering, the prefix cache and one generation at a time (no threads, no HTTP)."""
+
+    def __init__(self, engine: Engine, prefix_sessions: int = 1) -> None:
+        self.engine = engine
+        self.max_context: int = engine.rt.max_context
+        self.tokenizer = engine.tokenizer
+        encode = self.tokenizer.encode if self.tokenizer is not None else None
+        self.cache = PrefixCache(engine.session, encode, prefix_sessions)
+
+    # -- prompts (any thread) --
+
+    def _need_tokenizer(self) -> Any:
+        if self.tokenizer is None:
+            raise ApiError(
+                400,
+                f"the model at {self.engine.path} has no tokenizer.json: only /v1/completions "
+                "with a prompt of token ids works",
+            )
+        return self.tokenizer
+
+    def chat_prompt(self, req: ChatRequest) -> Prompt:
+        tok = self._need_tokenizer()
+        mode = "thinking" if req.thinking else "chat"
+        try:
+            text = encode_messages(
+                req.messages, thinking_mode=mode, reasoning_effort=req.reasoning_effort
+            )
+        except ValueError as e:
+            raise ApiError(400, str(e), param="messages") from None
+        # Thinking mode renders `<think>` only where a reply may reason (not after a task).
+        thinking = text.endswith(THINK_START_TOKEN)
+        text += req.reply_prefix
+        return self._checked(Prompt(text, tok.encode(text), thinking, req.reply_prefix))
+
+    def completion_prompt(self, prompt: str | list[int]) -> Prompt:
+        if isinstance(prompt, list):
+            return self._checked(Prompt(None, list(prompt), False))
+        tok = self._need_tokenizer()
+        # The released tokenizer adds BOS; a raw prompt that already has it keeps one.
+        text = prompt if prompt.startswith(BOS_TOKEN) else BOS_TOKEN + prompt
+        return self._checked(Prompt(text, tok.encode(text), False))
+
+    def _checked(self, p: Prompt) -> Prompt:
+        if len(p.ids) >= self.max_context:
+            raise ApiError(
+                400,
+                f"the prompt is {len(p.ids)} tokens; this server's context is {self.max_context} "
+                "(prompt plus at least one generated token): shorten the conversation or restart "
+                "the server with a larger --max-context",
+                param="messages",
+                code="context_length_exceeded",
+            )
+        return p
+
+    # -- generation (worker thread) --
+
+    def run(self, job: Job) -> Outcome:
+        from homeseek.engine import ContextError
+
+        started = time.perf_counter()
+        lease = self.cache.acquire(job.prompt.text, job.prompt.ids)
+        res: GenerationResult | None = None
+        try:
+            room = self.max_context - len(lease.ids)
+            if room < 1:
+                raise ContextError(f"prompt of {len(lease.ids)} tokens fills the context")
+            p = job.params
+            res = self.engine.generate(
+                prompt_ids=lease.tail,
+                session=lease.session,
+                max_tokens=min(p.max_tokens or room, room),
+                temperature=p.temperature,
+                top_p=p.top_p,
+                top_k=p.top_k,
+                seed=p.seed,
+                thinking=job.prompt.thinking,
+                stop=p.stop,
+                stream=job.on_text if job.stream else None,
+                cancel=job.cancelled.is_set,
+            )
+        except ContextError as e:
+            raise ApiError(400, str(e), param="messages", code="context_length_exceeded") from None
+        finally:
+            out_text = None
+            if res is not None and job.prompt.text is not None and self.tokenizer is not None:
+                out_text = job.prompt.text + self.tokenizer.decode(res.token_ids)
+            self.cache.release(lease, res.token_ids if res is not None else None, out_text)
+        return Outcome(
+            text=res.text,
+            finish_reason=res.finish_reason,
+            prompt_tokens=len(lease.ids),
+            completion_tokens=len(res.token_ids),
+            cached_tokens=lease.reused,
+            stats=_request_stats(res.stats, lease, job, started),
+        )
+
+
+def _request_stats(
+    s: Mapping[str, float], lease: Lease, job: Job, started: float
+) -> dict[str, float]:
+    queue_s = started - job.created
+    lookups = float(s.get("expert_lookups", 0.0))
+    return {
+        "queue_s": round(queue_s, 6),
+        "ttft_s": round(queue_s + float(s.get("ttft_s", 0.0)), 6),  # as the client sees it
+        "prefill_tok_s": round(float(s.get("prefill_tok_s", 0.0)), 3),
+        "decode_tok_s": round(float(s.get("decode_tok_s", 0.0)), 3),
+        "prompt_tokens": float(len(lease.ids)),
+        "cached_tokens": float(lease.reused),  # prefix reuse: state already held
+        "prefill_tokens": float(len(lease.tail)),  # what this request actually prefilled
+        "total_s": round(time.perf_counter() - job.created, 6),
+        "expert_lookups": lookups,
+        # Stores without a miss path (everything resident) hit on every lookup.
+        "expert_hit_rate": round(float(s.get("expert_hit_rate", 1.0 if lookups else 0.0)), 6),
+        "expert_bytes_moved": float(s.get("expert_bytes_h2d", 0.0))
+        + float(s.get("expert_bytes_disk", 0.0)),
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# Response building: completion text -> OpenAI objects (same machine for stream and non-stream)
+# ------------------------------------------------------------------------------------------------
+
+# Engine finish reasons -> OpenAI's. A generation cut short by shutdown is incomplete: "length".
+_FINISH = {"stop": "stop", "length": "length", "tool_calls": "tool_calls", "cancelled": "length"}
+
+
+class ChatReply:
+    """Completion text in, OpenAI chat deltas out; also the final message.
+
+    Tool calls stream as the parser settles them: a delta with id and name, then argument
+    pieces. A malformed tool-call block (the parser raises) degrades to plain text: the raw block
+    becomes content and no tool call is reported in the message; a streaming client may already
+    have seen the start of a call, which the final finish_reason "stop" then disowns.
+    """
+
+    def __init__(
+        self, thinking: bool, new_call_id: Callable[[], str] | None = None, prefix: str = ""
+    ) -> None:
+        self.thinking = thinking
+        self.parser = CompletionStream("thinking" if thinking else "chat", new_call_id)
+        self.fed = ""
+        self.raw = False  # after a malformed block: everything else is content
+        self.closed = False
+        self.content: list[str] = []
+        self.reasoning: list[str] = []
+        self.calls: list[dict[str, Any]] = []
+        self._prefix_deltas = self.feed(prefix) if prefix else []
+
+    def take_prefix_deltas(self) -> list[dict[str, Any]]:
+        out, self._prefix_deltas = self._prefix_deltas, []
+        return out
+
+    def feed(self, text: str) -> list[dict[str, Any]]:
+        if self.closed or not text:
+            return []
+        if self.raw:
+            return self._raw(text)
+        self.fed += text
+        try:
+            events = self.parser.feed(text)
+        except ValueError:
+            return self._fallback()
+        return self._deltas(events)
+
+    def finish(self) -> list[dict[str, Any]]:
+        if self.closed:
+            return []
+        self.closed = True
+        if self.raw:
+            return []
+        try:
+            events = self.parser.finish()
+        except ValueError:
+            return self._fallback()
+        return self._deltas(events)
+
+    def finish_reason(self, engine_reason: str) -> str:
+        reason = _FINISH.get(engine_reason, "stop")
+        if reason in ("stop", "tool_calls"):
+            return "tool_calls" if self.calls and not self.raw else "stop"
+        return reason
+
+    def message(self) -> dict[str, Any]:
+        calls = [] if self.raw else self.calls
+        msg: dict[str, Any] = {
+            "role": "assistant",
+            "content": "".join(self.content) if self.content or not calls else None,
+        }
+        if self.thinking:
+            msg["reasoning_content"] = "".join(self.reasoning)
+        if calls:
+            msg["tool_calls"] = calls
+        return msg
+
+    # -- machinery --
+
+    def _deltas(self, events: Sequence[StreamEvent]) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for ev in events:
+            if ev.kind in ("content", "reasoning"):
+                key = "content" if ev.kind == "content" else "reasoning_content"
+                (self.content if ev.kind == "content" else self.reasoning).append(ev.text)
+                if out and list(out[-1]) == [key]:  # merge neighbours of one kind
+                    out[-1][key] += ev.text
+                else:
+                    out.append({key: ev.text})
+            elif ev.kind == "tool_call_start":
+                fn = {"name": ev.name, "arguments": ""}
+                self.calls.append({"id": ev.id, "type": "function", "function": dict(fn)})
+                call = {"index": ev.index, "id": ev.id, "type": "function", "function": fn}
+                out.append({"tool_calls": [call]})
+            else:  # tool_call_args
+                self.calls[ev.index]["function"]["arguments"] += ev.text
+                out.append(
+                    {"tool_calls": [{"index": ev.index, "function": {"arguments": ev.text}}]}
+                )
+        return out
+
+    def _fallback(self) -> list[dict[str, Any]]:
+        self.raw = True
+        out: list[dict[str, Any]] = []
+        # Events the parser settled in the call that raised are in its result, not returned.
+        done = self.parser.result()
+        for key, got in (("reasoning_content", self.reasoning), ("content", self.content)):
+            missing = (done.get(key) or "")[len("".join(got)) :]
+            if missing:
+                got.append(missing)
+                out.append({key: missing})
+        start = self.fed.find(TOOL_CALLS_START)
+        return out + self._raw(self.fed[start:] if start >= 0 else "")
+
+    def _raw(self, text: str) -> list[dict[str, Any]]:
+        cut = text.find(EOS_TOKEN)
+        if cut >= 0:
+            text, self.closed = text[:cut], True
+        if not text:
+            return []
+        self.content.append(text)
+        return [{"content": text}]
+
+
+def usage_dict(o: Outcome) -> dict[str, Any]:
+    return {
+        "prompt_tokens": o.prompt_tokens,
+        "completion_tokens": o.completion_tokens,
+        "total_tokens": o.prompt_tokens + o.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": o.cached_tokens},
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# Metrics (Prometheus text format)
+# ------------------------------------------------------------------------------------------------
+
+
+class Metrics:
+    """Counters and gauges behind one lock; rendered as Prometheus text on /metrics."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.requests: dict[tuple[str, int], int] = {}
+        self.c: dict[str, float] = {
+            k: 0.0
+            for k in (
+                "prompt_tokens",
+                "completion_tokens",
+                "cached_prompt_tokens",
+                "prefix_cache_hits",
+                "prefix_cache_misses",
+                "rejected",
+                "cancelled",
+                "engine_errors",
+                "generation_seconds",
+                "expert_lookups",
+                "expert_cache_hits",
+                "expert_bytes_moved",
+            )
+        }
+        self.last_decode_tok_s = 0.0
+
+    def request(self, endpoint: str, status: int) -> None:
+        with self.lock:
+            key = (endpoint, status)
+            self.requests[key] = self.requests.get(key, 0) + 1
+
+    def add(self, name: str, value: float = 1.0) -> None:
+        with self.lock:
+            self.c[name] += value
+
+    def outcome(self, o: Outcome) -> None:
+        s = o.stats
+        with self.lock:
+            self.c["prompt_tokens"] += o.prompt_tokens
+            self.c["completion_tokens"] += o.completion_tokens
+            self.c["cached_prompt_tokens"] += o.cached_tokens
+            self.c["prefix_cache_hits" if o.cached_tokens else "prefix_cache_misses"] += 1
+            self.c["generation_seconds"] += s["total_s"] - s["queue_s"]
+            self.c["expert_lookups"] += s["expert_lookups"]
+            self.c["expert_cache_hits"] += s["expert_lookups"] * s["expert_hit_rate"]
+            self.c["expert_bytes_moved"] += s["expert_bytes_moved"]
+            if s["decode_tok_s"]:
+                self.last_decode_tok_s = s["decode_tok_s"]
+
+    def render(self, queue_depth: int, queue_capacity: int, running: int) -> str:
+        help_ = {
+            "prompt_tokens": "Prompt tokens of answered requests.",
+            "completion_tokens": "Generated tokens.",
+            "cached_prompt_tokens": "Prompt tokens served from a cached session (prefix reuse).",
+            "prefix_cache_hits": "Requests that continued a cached session.",
+            "prefix_cache_misses": "Requests that prefilled from scratch.",
+            "rejected": "Requests refused with 429 because the queue was full.",
+            "cancelled": "Requests cancelled (client disconnect or shutdown).",
+            "engine_errors": "Requests that failed inside the engine (500).",
+            "generation_seconds": "Engine time spent generating.",
+            "expert_lookups": "Routed-expert lookups.",
+            "expert_cache_hits": "Routed-expert lookups served by the GPU slot pool.",
+            "expert_bytes_moved": "Expert bytes copied into the slot pool (host and disk).",
+        }
+        lines = [
+            "# HELP homeseek_requests_total HTTP requests answered, by endpoint and status.",
+            "# TYPE homeseek_requests_total counter",
+        ]
+        with self.lock:
+            for (ep, status), n in sorted(self.requests.items()):
+                lines.append(f'homeseek_requests_total{{endpoint="{ep}",status="{status}"}} {n}')
+            for k, v in self.c.items():
+                name = f"homeseek_{k}_total"
+                lines += [f"# HELP {name} {help_[k]}", f"# TYPE {name} counter", f"{name} {v:g}"]
+            last = self.last_decode_tok_s
+        gauges = {
+            "queue_depth": ("Requests waiting for the engine.", queue_depth),
+            "queue_capacity": ("Most requests that may wait.", queue_capacity),
+            "requests_running": ("Requests being generated (0 or 1).", running),
+            "decode_tokens_per_second": ("Decode speed of the last request.", last),
+        }
+        for k, (h, v) in gauges.items():
+            lines += [
+                f"# HELP homeseek_{k} {h}",
+                f"# TYPE homeseek_{k} gauge",
+                f"homeseek_{k} {v:g}",
+            ]
+        return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------
+# Engine worker
+# ------------------------------------------------------------------------------------------------
+
+
+class EngineWorker:
+    """One thread that runs jobs from a bounded queue through `run` (normally `Core.run`)."""
+
+    def __init__(
+        self,
+        run: Callable[[Job], Outcome],
+        metrics: Metrics,
+        max_queue: int,
+        log: TextIO | None = None,
+    ) -> None:
+        self.run = run
+        self.metrics = metrics
+        self.queue: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
+        self.capacity = max_queue
+        self.running: Job | None = None
+        self.accepting = True
+        self.log = log or sys.stderr
+        self.avg_job_s = 1.0  # moving average, for Retry-After
+        self.thread = threading.Thread(target=self._loop, name="homeseek-engine", daemon=True)
+        self.thread.start()
+
+    def submit(self, job: Job) -> None:
+        if not self.accepting:
+            raise ApiError(503, "the server is shutting down", code="shutting_down")
+        try:
+            self.queue.put_nowait(job)
+        except queue.Full:
+            self.metrics.add("rejected")
+            wait = max(1, min(60, math.ceil(self.avg_job_s * (self.capacity + 1))))
+            raise ApiError(
+                429,
+                f"the server is busy: {self.capacity} requests are already waiting; "
+                f"retry in about {wait} s",
+                code="queue_full",
+                type="rate_limit_error",
+                headers={"Retry-After": str(wait)},
+            ) from None
+
+    @property
+    def depth(self) -> int:
+        return self.queue.qsize()
+
+    def idle(self) -> bool:
+        return self.running is None and self.queue.empty()
+
+    def _loop(self) -> None:
+        while True:
+            job = self.queue.get()
+            if job is None:
+                return
+            if job.cancelled.is_set():  # the client left while it waited
+                self.metrics.add("cancelled")
+                job.events.put(("cancelled", None))
+                continue
+            self.running = job
+            t0 = time.perf_counter()
+            try:
+                out = self.run(job)
+            except ApiError as e:
+                job.events.put(("error", e))
+            except Exception as e:  # noqa: BLE001 - any engine failure is a 500, not a dead server
+                self.metrics.add("engine_errors")
+                print(f"homeseek: engine error: {type(e).__name__}: {e}", file=self.log)
+                traceback.print_exc(file=self.log)
+                job.events.put(
+                    (
+                        "error",
+                        ApiError(500, f"engine error: {type(e).__name__}: {e}", code="engine"),
+                    )
+                )
+            else:
+                self.metrics.outcome(out)
+                if out.finish_reason == "cancelled":
+                    self.metrics.add("cancelled")
+                job.events.put(("done", out))
+            finally:
+                self.running = None
+                self.avg_job_s = 0.8 * self.avg_job_s + 0.2 * (time.perf_counter() - t0)
+
+    def drain(self, timeout_s: float) -> bool:
+        """Stop taking jobs, let queued and running ones finish for up to timeout_s, then cancel
+        the rest. True when everything finished in time."""
+        self.accepting = False
+        deadline = time.monotonic() + timeout_s
+        while not self.idle() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        finished = self.idle()
+        if not finished:
+            while True:  # queued jobs: answered "shutting down" by their HTTP threads
+                try:
+                    job = self.queue.get_nowait()
+                except queue.Empty:
+                    break
+                if job is not None:
+                    job.cancelled.set()
+                    job.events.put(("cancelled", None))
+            running = self.running
+            if running is not None:
+                running.cancelled.set()  # the engine polls this once per token
+            end = time.monotonic() + 10
+            while self.running is not None and time.monotonic() < end:
+                time.sleep(0.02)
+        self.queue.put(None)
+        self.thread.join(timeout=5)
+        return finished
+
+
+# ------------------------------------------------------------------------------------------------
+# HTTP
+# ------------------------------------------------------------------------------------------------
+
+
+class ClientGone(Exception):
+    """The client closed the connection."""
+
+
+_ENDPOINTS = (
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/models",
+    "/health",
+    "/metrics",
+)
+
+
+class App:
+    """What the HTTP handlers share: the core, the worker, metrics and settings."""
+
+    def __init__(self, engine: Engine, cfg: ServerConfig, log: TextIO | None = None) -> None:
+        self.engine = engine
+        self.cfg = cfg
+        self.log = log or sys.stderr
+        self.core = Core(engine, cfg.prefix_sessions)
+        self.metrics = Metrics()
+        self.worker = EngineWorker(self.core.run, self.metrics, cfg.max_queue, self.log)
+        self.created = int(time.time())
+        self.draining = False
+        self.in_flight = 0
+        self.lock = threading.Lock()
+
+    def model_card(self) -> dict[str, Any]:
+        return {
+            "id": self.cfg.model_name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "homeseek",
+            "max_model_len": self.core.max_context,
+        }
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive: agents send many requests per connection
+    server_version = "homeseek"
+    app: App  # set on the subclass `make_server` builds
+
+    # -- plumbing --
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+        if self.app.cfg.log_requests:
+            print(f"{self.address_string()} - {format % args}", file=self.app.log, flush=True)
+
+    def _endpoint(self) -> str:
+        path = self.path.split("?", 1)[0]
+        if path.startswith("/v1/models/"):
+            return "/v1/models"
+        return path if path in _ENDPOINTS else "other"
+
+    def _send_json(
+        self,
+        status: int,
+        obj: Any,
+        headers: Mapping[str, str] | None = None,
+        close: bool = False,
+    ) -> None:
+        data = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        if close:
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        self.end_headers()
+        self.wfile.write(data)
+        self.app.metrics.request(self._endpoint(), status)
+
+    def _send_error(self, e: ApiError, close: bool = False) -> None:
+        self._send_json(e.status, e.body(), e.headers, close=close)
+
+    def _send_text(self, status: int, text: str, ctype: str) -> None:
+        data = text.encode()
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+        self.app.metrics.request(self._endpoint(), status)
+
+    def _read_json(self) -> dict[str, Any]:
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            raise ApiError(411, "send the body with a Content-Length (chunked is not supported)")
+        length = self.headers.get("Content-Length")
+        try:
+            n = int(length) if length is not None else -1
+        except ValueError:
+            n = -1
+        if n < 0:
+            raise ApiError(411, "a JSON body with a valid Content-Length is required")
+        limit = self.app.cfg.max_body_bytes
+        if n > limit:
+            # Read (up to a bound) what the client is sending so it sees the 413, not a reset.
+            if n <= 4 * limit:
+                while n > 0:
+                    chunk = self.rfile.read(min(n, MiB))
+                    if not chunk:
+                        break
+                    n -= len(chunk)
+            raise ApiError(
+                413,
+                f"request body of {length} bytes exceeds the limit of {limit} bytes "
+                "(--max-body-mb)",
+                code="body_too_large",
+            )
+        raw = self.rfile.read(n)
+        self._body_read = True
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ApiError(400, f"malformed JSON body: {e}", code="invalid_json") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "the JSON body must be an object", code="invalid_json")
+        return body
+
+    def _authorized(self) -> bool:
+        key = self.app.cfg.api_key
+        if key is None or self._endpoint() == "/health":
+            return True
+        got = self.headers.get("Authorization", "")
+        return got.startswith("Bearer ") and hmac.compare_digest(
+            got[len("Bearer ") :].encode(), key.encode()
+        )
+
+    def _client_gone(self) -> bool:
+        """True when the peer closed its end (EOF readable) while we were waiting."""
+        try:
+            r, _, _ = select.select([self.connection], [], [], 0)
+            if not r:
+                return False
+            return self.connection.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
+
+    # -- dispatch --
+
+    def do_GET(self) -> None:  # noqa: N802 - stdlib naming
+        self._dispatch("GET")
+
+    def do_POST(self) -> None:  # noqa: N802
+        self._dispatch("POST")
+
+    def do_PUT(self) -> None:  # noqa: N802
+        self._dispatch("PUT")
+
+    def do_DELETE(self) -> None:  # noqa: N802
+        self._dispatch("DELETE")
+
+    def _dispatch(self, method: str) -> None:
+        app = self.app
+        self._body_read = False
+        with app.lock:
+            app.in_flight += 1
+        try:
+            self._route(method)
+        except ApiError as e:
+            # A body we did not read would be taken for the next request: close instead.
+            unread = not self._body_read and self.headers.get("Content-Length", "0") != "0"
+            self._send_error(e, close=unread or e.status in (411, 413))
+        except (ClientGone, BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+        except Exception as e:  # noqa: BLE001 - a handler bug must not kill the connection thread
+            traceback.print_exc(file=app.log)
+            try:
+                self._send_error(ApiError(500, f"internal error: {type(e).__name__}: {e}"))
+            except OSError:
+                self.close_connection = True
+        finally:
+            with app.lock:
+                app.in_flight -= 1
+
+    def _route(self, method: str) -> None:
+        path = self.path.split("?", 1)[0]
+        routes: dict[str, tuple[str, Callable[[], None]]] = {
+            "/health": ("GET", self._health),
+            "/metrics": ("GET", self._metrics),
+            "/v1/models": ("GET", self._models),
+            "/v1/chat/completions": ("POST", self._chat),
+            "/v1/completions": ("POST", self._completions),
+        }
+        if path.startswith("/v1/models/"):
+            routes[path] = ("GET", self._model)
+        if path not in routes:
+            raise ApiError(404, f"no route {method} {path}", code="not_found")
+        want, fn = routes[path]
+        if method != want:
+            raise ApiError(405, f"{path} takes {want}, not {method}", code="method_not_allowed")
+        if not self._authorized():
+            raise ApiError(401, "invalid or missing API key (Authorization: Bearer ...)",
+                           code="invalid_api_key")  # fmt: skip
+        if self.app.draining and path != "/health":
+            raise ApiError(503, "the server is shutting down", code="shutting_down")
+        fn()
+
+    # -- routes --
+
+    def _health(self) -> None:
+        app = self.app
+        status = 503 if app.draining else 200
+        self._send_json(
+            status,
+            {
+                "status": "draining" if app.draining else "ok",
+                "model": app.cfg.model_name,
+                "queue_depth": app.worker.depth,
+                "running": app.worker.running is not None,
+            },
+        )
+
+    def _metrics(self) -> None:
+        w = self.app.worker
+        text = self.app.metrics.render(w.depth, w.capacity, int(w.running is not None))
+        self._send_text(200, text, "text/plain; version=0.0.4; charset=utf-8")
+
+    def _models(self) -> None:
+        self._send_json(200, {"object": "list", "data": [self.app.model_card()]})
+
+    def _model(self) -> None:
+        name = self.path.split("?", 1)[0][len("/v1/models/") :]
+        if name != self.app.cfg.model_name:
+            raise ApiError(404, f"model {name!r} not found", param="model", code="model_not_found")
+        self._send_json(200, self.app.model_card())
+
+    def _chat(self) -> None:
+        app = self.app
+        body = self._read_json()
+        req = parse_chat_request(body, app.core.max_context)
+        prompt = app.core.chat_prompt(req)
+        job = Job(prompt, req.params, stream=req.stream)
+        reply = ChatReply(prompt.thinking, prefix=prompt.reply_prefix)
+        rid = "chatcmpl-" + uuid.uuid4().hex
+        app.worker.submit(job)
+        if req.stream:
+            self._stream_chat(job, reply, rid, req.include_usage)
+            return
+        out = self._wait(job)
+        reply.feed(out.text)
+        reply.finish()
+        self._send_json(
+            200,
+            {
+                "id": rid,
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": app.cfg.model_name,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": reply.message(),
+                        "logprobs": None,
+                        "finish_reason": reply.finish_reason(out.finish_reason),
+                    }
+                ],
+                "usage": usage_dict(out),
+                "stats": out.stats,
+            },
+        )
+
+    def _completions(self) -> None:
+        app = self.app
+        body = self._read_json()
+        req = parse_completion_request(body, app.core.max_context, app.engine.cfg.vocab_size)
+        prompt = app.core.completion_prompt(req.prompt)
+        job = Job(prompt, req.params, stream=req.stream)
+        rid = "cmpl-" + uuid.uuid4().hex
+        echo = req.prompt if req.echo and isinstance(req.prompt, str) else ""
+        app.worker.submit(job)
+        if req.stream:
+            self._stream_completion(job, rid, echo, req.include_usage)
+            return
+        out = self._wait(job)
+        self._send_json(
+            200,
+            {
+                "id": rid,
+                "object": "text_completion",
+                "created": int(time.time()),
+                "model": app.cfg.model_name,
+                "choices": [
+                    {
+                        "index": 0,
+                        "text": echo + out.text,
+                        "logprobs": None,
+                        "finish_reason": _FINISH.get(out.finish_reason, "stop"),
+                    }
+                ],
+                "usage": usage_dict(out),
+                "stats": out.stats,
+            },
+        )
+
+    # -- waiting and streaming --
+
+    def _next_event(self, job: Job) -> tuple[str, Any]:
+        """The worker's next event; cancels the job and raises ClientGone if the client left."""
+        while True:
+            try:
+                return job.events.get(timeout=0.05)
+            except queue.Empty:
+                if self._client_gone():
+                    job.cancelled.set()
+                    raise ClientGone from None
+
+    def _wait(self, job: Job) -> Outcome:
+        while True:
+            kind, val = self._next_event(job)
+            if kind == "done":
+                return val
+            if kind == "error":
+                raise val
+            if kind == "cancelled":
+                raise ApiError(503, "the server is shutting down", code="shutting_down")
+
+    def _start_sse(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        # No Content-Length: the stream ends when the connection closes.
+        self.send_header("Connection", "close")
+        self.close_connection = True
+        self.end_headers()
+        self.app.metrics.request(self._endpoint(), 200)
+
+    def _sse(self, obj: Any) -> None:
+        data = obj if isinstance(obj, str) else json.dumps(obj)
+        try:
+            self.wfile.write(f"data: {data}\n\n".encode())
+            self.wfile.flush()
+        except OSError as e:
+            raise ClientGone from e
+
+    def _stream_events(self, job: Job, on_text: Callable[[str], None]) -> Outcome | None:
+        """Feed streamed text to on_text until the job ends; None after an error or shutdown."""
+        try:
+            while True:
+                kind, val = self._next_event(job)
+                if kind == "text":
+                    on_text(val)
+                elif kind == "done":
+                    return val
+                elif kind == "error":
+                    self._sse(val.body())
+                    return None
+                else:  # cancelled while queued (shutdown)
+                    self._sse(ApiError(503, "the server is shutting down").body())
+                    return None
+        except ClientGone:
+            job.cancelled.set()
+            raise
+
+    def _stream_chat(self, job: Job, reply: ChatReply, rid: str, include_usage: bool) -> None:
+        created, model = int(time.time()), self.app.cfg.model_name
+
+        def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+            c: dict[str, Any] = {
+                "id": rid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model,
+                "choices": [
+                    {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+                ],
+            }
+            if include_usage:
+                c["usage"] = None  # as OpenAI: only the last chunk carries usage
+            return c
+
+        self._start_sse()
+        self._sse(chunk({"role": "assistant", "content": ""}))
+        for d in reply.take_prefix_deltas():
+            self._sse(chunk(d))
+
+        def on_text(text: str) -> None:
+            for d in reply.feed(text):
+                self._sse(chunk(d))
+
+        out = self._stream_events(job, on_text)
+        if out is not None:
+            for d in reply.finish():
+                self._sse(chunk(d))
+            last = chunk({}, reply.finish_reason(out.finish_reason))
+            last["stats"] = out.stats
+            if include_usage:
+                self._sse(last)
+                self._sse({**chunk({}), "choices": [], "usage": usage_dict(out)})
+            else:
+                last["usage"] = usage_dict(out)  # usage always, even unasked
+                self._sse(last)
+        self._sse("[DONE]")
+
+    def _stream_completion(self, job: Job, rid: str, echo: str, include_usage: bool) -> None:
+        created, model = int(time.time()), self.app.cfg.model_name
+
+        def chunk(text: str, finish: str | None = None) -> dict[str, Any]:
+            c: dict[str, Any] = {
+                "id": rid,
+                "object": "text_completion",
+                "created": created,
+                "model": model,
+                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
+            }
+            if include_usage:
+                c["usage"] = None
+            return c
+
+        self._start_sse()
+        if echo:
+            self._sse(chunk(echo))
+        out = self._stream_events(job, lambda t: self._sse(chunk(t)))
+        if out is not None:
+            last = chunk("", _FINISH.get(out.finish_reason, "stop"))
+            last["stats"] = out.stats
+            if include_usage:
+                self._sse(last)
+                self._sse({**chunk(""), "choices": [], "usage": usage_dict(out)})
+            else:
+                last["usage"] = usage_dict(out)
+                self._sse(last)
+        self._sse("[DONE]")
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True  # idle keep-alive connections must not hold up exit
+    request_queue_size = 128  # listen backlog: bursts of agent requests
+
+
+def make_server(app: App) -> ThreadingHTTPServer:
+    """Bind (port 0 = any free port) without serving yet."""
+    handler = type("BoundHandler", (Handler,), {"app": app})
+    cls = _HTTPServer
+    if ":" in app.cfg.host:  # an IPv6 literal such as ::1
+        cls = type("_HTTPServer6", (_HTTPServer,), {"address_family": socket.AF_INET6})
+    return cls((app.cfg.host, app.cfg.port), handler)
+
+
+# ------------------------------------------------------------------------------------------------
+# Startup banner and the serve loop
+# ------------------------------------------------------------------------------------------------
+
+
+def _size(n: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def banner_lines(engine: Engine, cfg: ServerConfig) -> list[str]:
+    """Where the weights and state live, as the engine actually placed them (design.md §2)."""
+    from homeseek import plan
+
+    mc, rt = engine.cfg, engine.rt
+    act = {"torch.float32": 4}.get(str(rt.dtype), 2)
+    p = plan.memory_plan(mc, 0.0, 0.0, rt.max_context, act_bytes=act)
+    store = engine.experts
+    n_total = p.n_experts
+    slots = min(int(getattr(store, "n_slots", n_total)), n_total)
+    host = int(getattr(store, "n_host", 0))
+    disk = max(n_total - slots - host, 0)
+    budget = f", GPU budget {rt.gpu_mem_gb:g} GiB" if rt.gpu_mem_gb is not None else ""
+    return [
+        f"model {cfg.model_name} ({engine.path}), device {rt.device}{budget}, "
+        f"max_context {rt.max_context}, tokenizer {'yes' if engine.tokenizer else 'NO (ids only)'}",
+        f"memory: dense weights {_size(p.dense)} on {rt.device}; decode state "
+        f"{_size(p.state)} per session x {cfg.prefix_sessions} kept for prefix reuse",
+        f"routed experts: {n_total} x {_size(p.record)} = {_size(n_total * p.record)}; "
+        f"{slots} in the slot pool on {rt.device} ({_size(slots * p.record)}), "
+        f"{host} in the host cache ({_size(host * p.record)}), {disk} read from disk on demand",
+        f"requests: one at a time, queue {cfg.max_queue}, body limit "
+        f"{_size(cfg.max_body_bytes)}, API key {'required' if cfg.api_key else 'off'}",
+    ]
+
+
+def serve(
+    engine: Engine,
+    cfg: ServerConfig,
+    out: TextIO | None = None,
+    ready: Callable[[ThreadingHTTPServer], None] | None = None,
+) -> int:
+    """Run the server until SIGINT/SIGTERM, then drain and return the exit code (0)."""
+    out = out or sys.stdout
+    app = App(engine, cfg)
+    httpd = make_server(app)
+    host, port = httpd.server_address[:2]
+    for line in banner_lines(engine, cfg):
+        print(line, file=out)
+    if cfg.host not in ("127.0.0.1", "localhost", "::1") and not cfg.api_key:
+        print(f"warning: listening on {cfg.host} without --api-key", file=out)
+    shown = f"[{host}]" if ":" in str(host) else host
+    print(
+        f"listening on http://{shown}:{port} (OpenAI base URL http://{shown}:{port}/v1)", file=out
+    )
+    out.flush()
+
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        if stop.is_set():  # a second Ctrl-C: stop waiting for the drain
+            raise KeyboardInterrupt
+        stop.set()
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.2})
+    thread.start()
+    if ready is not None:
+        ready(httpd)
+    try:
+        while not stop.wait(0.5):  # a timed wait keeps signal handlers running promptly
+            pass
+        busy = app.worker.depth + (app.worker.running is not None)
+        print(
+            f"shutting down: {busy} request(s) running or queued, up to "
+            f"{cfg.drain_timeout_s:g} s to finish",
+            file=out,
+            flush=True,
+        )
+        httpd.shutdown()
+        httpd.server_close()  # refuse new connections now; open ones finish below
+        app.draining = True
+        finished = app.worker.drain(cfg.drain_timeout_s)
+        deadline = time.monotonic() + 5  # let HTTP threads write their last bytes
+        while app.in_flight and time.monotonic() < deadline:
+            time.sleep(0.02)
+        print("stopped" + ("" if finished else " (cancelled what was left)"), file=out, flush=True)
+        return 0
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        if thread.is_alive():
+            httpd.shutdown()
