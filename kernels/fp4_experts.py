@@ -51,6 +51,8 @@ from ._formats import (
     _and_flag,
     _e8m0_times_64,
     _fp4_pair_to_f32,
+    _fp4_words_dot,
+    _load_x8,
     act_quant_ref,
     check_tensor,
     dequant_fp4,
@@ -143,12 +145,13 @@ def _fp4_experts_gate_up_kernel(
     x_ptr,  # [M, D] activations, row stride stride_xm
     slots_ptr,  # [M, K] int32 slot per pair, contiguous (-1 = skip)
     rw_ptr,  # [M, K] fp32 routing weights, contiguous
-    wq_ptr,  # [S, 2I, D/2] uint8 w13 E2M1 pairs
+    wq_ptr,  # [S, 2I, D/8] int32 view of w13_q (8 E2M1 inputs per word)
     ws_ptr,  # [S, 2I, D/32] uint8 w13 E8M0 scales
     a_ptr,  # [P, I] workspace: activation a per pair (x's dtype), row p = m*K + k
     M,
-    D,
     I,
+    ROW_W,  # D / 8: words per weight row
+    ROW_S,  # D / 32: scales per weight row
     stride_xm,
     limit,  # swiglu_limit (fp32)
     K: tl.constexpr,  # experts per token
@@ -178,61 +181,46 @@ def _fp4_experts_gate_up_kernel(
 
         rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         r_mask = rows < I
-        # Byte tile [BLOCK_N, NB, 4, 16]: NB act blocks of 128 inputs = 4 scale groups of 32
-        # inputs = 16 bytes each (one 16-byte vector load per thread per group).
-        boff3 = (
-            tl.arange(0, NB)[:, None, None] * 64
-            + tl.arange(0, 4)[None, :, None] * 16
-            + tl.arange(0, 16)[None, None, :]
+        # Word tile [BLOCK_N, NB, 4, 4] of int32: NB act blocks of 128 inputs = 4 scale groups of
+        # 32 inputs = 4 words (one 16-byte vector load per thread per group).
+        woff3 = (
+            tl.arange(0, NB)[:, None, None] * 16
+            + tl.arange(0, 4)[None, :, None] * 4
+            + tl.arange(0, 4)[None, None, :]
         )
-        boff = boff3[None, :, :, :]
+        woff = woff3[None, :, :, :]
         soff = tl.arange(0, NB)[None, :, None] * 4 + tl.arange(0, 4)[None, None, :]
-        row_b = D // 2
-        row_s = D // 32
         slot64 = slot.to(tl.int64)
-        g_rows = (slot64 * 2 * I + rows.to(tl.int64))[:, None, None, None]
+        g_rows = slot64 * 2 * I + rows.to(tl.int64)
         u_rows = g_rows + I
-        gs_rows = (slot64 * 2 * I + rows.to(tl.int64))[:, None, None]
-        us_rows = gs_rows + I
+        g_w = wq_ptr + (g_rows * ROW_W)[:, None, None, None]
+        u_w = wq_ptr + (u_rows * ROW_W)[:, None, None, None]
+        g_s = ws_ptr + (g_rows * ROW_S)[:, None, None]
+        u_s = ws_ptr + (u_rows * ROW_S)[:, None, None]
 
         acc_g = tl.zeros([BLOCK_N, M_BLOCK], dtype=tl.float32)
         acc_u = tl.zeros([BLOCK_N, M_BLOCK], dtype=tl.float32)
         cols = tl.arange(0, M_BLOCK)
-        for c0 in range(0, row_b, NB * 64):
-            bmask3 = (c0 + boff3) < row_b
-            bmask = bmask3[None, :, :, :]
-            wmask = r_mask[:, None, None, None] & bmask
-            smask = r_mask[:, None, None] & ((c0 // 16 + soff) < row_s)
-            g_lo, g_hi = _fp4_pair_to_f32(
-                tl.load(wq_ptr + g_rows * row_b + c0 + boff, mask=wmask, other=0)
-            )
-            u_lo, u_hi = _fp4_pair_to_f32(
-                tl.load(wq_ptr + u_rows * row_b + c0 + boff, mask=wmask, other=0)
-            )
-            g_sc = _e8m0_times_64(
-                tl.load(ws_ptr + gs_rows * row_s + c0 // 16 + soff, mask=smask, other=0)
-            )
-            u_sc = _e8m0_times_64(
-                tl.load(ws_ptr + us_rows * row_s + c0 // 16 + soff, mask=smask, other=0)
-            )
-            xoff = 2 * (c0 + boff3)  # [NB, 4, 16] input index of the even element
+        for c0 in range(0, ROW_W, NB * 16):
+            wmask3 = (c0 + woff3) < ROW_W
+            wmask = r_mask[:, None, None, None] & wmask3[None, :, :, :]
+            smask = r_mask[:, None, None] & ((c0 // 4 + soff) < ROW_S)
+            gw = tl.load(g_w + c0 + woff, mask=wmask, other=0)
+            uw = tl.load(u_w + c0 + woff, mask=wmask, other=0)
+            g_sc = _e8m0_times_64(tl.load(g_s + c0 // 4 + soff, mask=smask, other=0))
+            u_sc = _e8m0_times_64(tl.load(u_s + c0 // 4 + soff, mask=smask, other=0))
+            xbase = 8 * (c0 + woff3)  # [NB, 4, 4] input index of each word's first element
             for m in tl.static_range(M_BLOCK):
                 is_m = tl.sum(tl.where((mm == m) & member, 1, 0), axis=0) > 0
-                xm = _and_flag(bmask3, is_m)
-                xe = tl.load(x_ptr + m * stride_xm + xoff, mask=xm, other=0.0).to(tl.float32)
-                xo = tl.load(x_ptr + m * stride_xm + xoff + 1, mask=xm, other=0.0).to(tl.float32)
-                if ACT_QUANT:
-                    amax = tl.maximum(
-                        tl.max(tl.max(tl.abs(xe), axis=2), axis=1),
-                        tl.max(tl.max(tl.abs(xo), axis=2), axis=1),
-                    )
-                    sx, sx_inv = _act_quant_scale(amax)
-                    xe = _act_quant_apply(xe, sx[:, None, None], sx_inv[:, None, None])
-                    xo = _act_quant_apply(xo, sx[:, None, None], sx_inv[:, None, None])
-                xe = xe[None]
-                xo = xo[None]
-                pg = tl.sum(tl.sum(tl.sum(g_lo * xe + g_hi * xo, axis=3) * g_sc, axis=2), axis=1)
-                pu = tl.sum(tl.sum(tl.sum(u_lo * xe + u_hi * xo, axis=3) * u_sc, axis=2), axis=1)
+                x0, x1, x2, x3, x4, x5, x6, x7 = _load_x8(
+                    x_ptr + m * stride_xm, xbase, _and_flag(wmask3, is_m), ACT_QUANT
+                )
+                x0, x1, x2, x3 = x0[None], x1[None], x2[None], x3[None]
+                x4, x5, x6, x7 = x4[None], x5[None], x6[None], x7[None]
+                pg = _fp4_words_dot(gw, x0, x1, x2, x3, x4, x5, x6, x7)
+                pu = _fp4_words_dot(uw, x0, x1, x2, x3, x4, x5, x6, x7)
+                pg = tl.sum(tl.sum(tl.sum(pg, axis=3) * g_sc, axis=2), axis=1)
+                pu = tl.sum(tl.sum(tl.sum(pu, axis=3) * u_sc, axis=2), axis=1)
                 acc_g = tl.where(cols[None, :] == m, acc_g + pg[:, None], acc_g)
                 acc_u = tl.where(cols[None, :] == m, acc_u + pu[:, None], acc_u)
 
@@ -255,7 +243,7 @@ def _fp4_experts_down_kernel(
     a_ptr,  # [P, I] activations from the gate/up kernel
     slots_ptr,  # [M, K] int32
     shared_ptr,  # [M, D] shared-expert output, row stride stride_sm
-    wq_ptr,  # [S, D, I/2] uint8 w2 E2M1 pairs
+    wq_ptr,  # [S, D, I/8] int32 view of w2_q
     ws_ptr,  # [S, D, I/32] uint8 w2 E8M0 scales
     y_ptr,  # [P, D] fp32 workspace: y per pair
     cnt_ptr,  # [ceil(D/BLOCK_N)] int32 arrival counters, zero before and after
@@ -263,6 +251,8 @@ def _fp4_experts_down_kernel(
     M,
     D,
     I,
+    ROW_W,  # I / 8
+    ROW_S,  # I / 32
     stride_sm,
     stride_om,
     K: tl.constexpr,
@@ -300,52 +290,37 @@ def _fp4_experts_down_kernel(
         member = tl.where(is_dup, mm == m_p, first_k < K)
         pidx = tl.where(is_dup, p, mm * K + first_k)
 
-        boff3 = (
-            tl.arange(0, NB)[:, None, None] * 64
-            + tl.arange(0, 4)[None, :, None] * 16
-            + tl.arange(0, 16)[None, None, :]
+        woff3 = (
+            tl.arange(0, NB)[:, None, None] * 16
+            + tl.arange(0, 4)[None, :, None] * 4
+            + tl.arange(0, 4)[None, None, :]
         )
-        boff = boff3[None, :, :, :]
+        woff = woff3[None, :, :, :]
         soff = tl.arange(0, NB)[None, :, None] * 4 + tl.arange(0, 4)[None, None, :]
-        row_b = I // 2
-        row_s = I // 32
-        w_rows = (slot.to(tl.int64) * D + rows.to(tl.int64))[:, None, None, None]
-        s_rows = (slot.to(tl.int64) * D + rows.to(tl.int64))[:, None, None]
+        w_rows = slot.to(tl.int64) * D + rows.to(tl.int64)
+        w_w = wq_ptr + (w_rows * ROW_W)[:, None, None, None]
+        w_s = ws_ptr + (w_rows * ROW_S)[:, None, None]
         acc = tl.zeros([BLOCK_N, M_BLOCK], dtype=tl.float32)
         cols = tl.arange(0, M_BLOCK)
-        for c0 in range(0, row_b, NB * 64):
-            bmask3 = (c0 + boff3) < row_b
-            bmask = bmask3[None, :, :, :]
-            w_lo, w_hi = _fp4_pair_to_f32(
-                tl.load(
-                    wq_ptr + w_rows * row_b + c0 + boff,
-                    mask=r_mask[:, None, None, None] & bmask,
-                    other=0,
-                )
+        for c0 in range(0, ROW_W, NB * 16):
+            wmask3 = (c0 + woff3) < ROW_W
+            ww = tl.load(
+                w_w + c0 + woff, mask=r_mask[:, None, None, None] & wmask3[None, :, :, :], other=0
             )
-            smask = r_mask[:, None, None] & ((c0 // 16 + soff) < row_s)
-            sc = _e8m0_times_64(
-                tl.load(ws_ptr + s_rows * row_s + c0 // 16 + soff, mask=smask, other=0)
-            )
-            aoff = 2 * (c0 + boff3)
+            smask = r_mask[:, None, None] & ((c0 // 4 + soff) < ROW_S)
+            sc = _e8m0_times_64(tl.load(w_s + c0 // 4 + soff, mask=smask, other=0))
+            abase = 8 * (c0 + woff3)
             for m in tl.static_range(M_BLOCK):
                 sel = mm == m
                 is_m = tl.sum(tl.where(sel & member, 1, 0), axis=0) > 0
                 prow = tl.sum(tl.where(sel, pidx, 0), axis=0).to(tl.int64)
-                am = _and_flag(bmask3, is_m)
-                ae = tl.load(a_ptr + prow * I + aoff, mask=am, other=0.0).to(tl.float32)
-                ao = tl.load(a_ptr + prow * I + aoff + 1, mask=am, other=0.0).to(tl.float32)
-                if ACT_QUANT:
-                    amax = tl.maximum(
-                        tl.max(tl.max(tl.abs(ae), axis=2), axis=1),
-                        tl.max(tl.max(tl.abs(ao), axis=2), axis=1),
-                    )
-                    sx, sx_inv = _act_quant_scale(amax)
-                    ae = _act_quant_apply(ae, sx[:, None, None], sx_inv[:, None, None])
-                    ao = _act_quant_apply(ao, sx[:, None, None], sx_inv[:, None, None])
-                py = tl.sum(
-                    tl.sum(tl.sum(w_lo * ae[None] + w_hi * ao[None], axis=3) * sc, axis=2), axis=1
+                a0, a1, a2, a3, a4, a5, a6, a7 = _load_x8(
+                    a_ptr + prow * I, abase, _and_flag(wmask3, is_m), ACT_QUANT
                 )
+                a0, a1, a2, a3 = a0[None], a1[None], a2[None], a3[None]
+                a4, a5, a6, a7 = a4[None], a5[None], a6[None], a7[None]
+                py = _fp4_words_dot(ww, a0, a1, a2, a3, a4, a5, a6, a7)
+                py = tl.sum(tl.sum(tl.sum(py, axis=3) * sc, axis=2), axis=1)
                 acc = tl.where(cols[None, :] == m, acc + py[:, None], acc)
         tl.store(
             y_ptr + pidx[None, :].to(tl.int64) * D + rows[:, None],
@@ -636,13 +611,14 @@ def fp4_experts(
         raise ValueError("fp4_experts: workspace.counters too small")
     warps = cfg.get("num_warps", 4)
     _fp4_experts_gate_up_kernel[(triton.cdiv(i, bn), pairs)](
-        x, slots, route_w, w13_q, w13_s, ws.a, m, d, i, x.stride(0), float(swiglu_limit),
+        x, slots, route_w, w13_q.view(torch.int32), w13_s, ws.a, m, i, d // 8, d // 32,
+        x.stride(0), float(swiglu_limit),
         K=k, P_BLOCK=p_block, M_BLOCK=m_block, K_BLOCK=k_block, BLOCK_N=bn, NB=nb,
         ACT_QUANT=act_quant, num_warps=warps,
     )  # fmt: skip
     _fp4_experts_down_kernel[(triton.cdiv(d, bn2), pairs)](
-        ws.a, slots, shared_out, w2_q, w2_s, ws.y, ws.counters, out, m, d, i,
-        shared_out.stride(0), out.stride(0),
+        ws.a, slots, shared_out, w2_q.view(torch.int32), w2_s, ws.y, ws.counters, out, m, d, i,
+        i // 8, i // 32, shared_out.stride(0), out.stride(0),
         K=k, P_BLOCK=p_block, M_BLOCK=m_block, K_BLOCK=k_block, BLOCK_N=bn2, NB=nb2,
         ACT_QUANT=act_quant, num_warps=cfg.get("num_warps_down", warps),
     )  # fmt: skip

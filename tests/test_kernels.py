@@ -303,7 +303,7 @@ def test_fp4_experts_decode_interp(m, k, act_quant, dtype):
     shared = torch.randn(m, d, generator=_gen(6)).to(dtype)
     out = poison((m, d), dtype)
     ws = f4.fp4_experts_workspace(m * k, d, i, dtype, "cpu")
-    cfg = {"block_n": 32}
+    cfg = {"block_n": 64}
     f4.fp4_experts(x, slots, rw, shared, *pool, 10.0, out=out, act_quant=act_quant, workspace=ws,
                    config=cfg)  # fmt: skip
     ref = f4.fp4_experts_ref(x, slots, rw, shared, *pool, 10.0, act_quant=act_quant)
