@@ -409,7 +409,8 @@ def test_launchers_reject_bad_inputs():
 
 
 def test_ops_dispatch_matches_ref():
-    """ops.* honour out= on whichever path this machine takes (CPU: ref, or interpreter)."""
+    """ops.* honour out= on whichever path this machine takes (CPU: the twin; CUDA: Triton)."""
+    assert ops.use_triton(torch.empty(1, device=DEV)) == (HAS_CUDA and HAS_TRITON)
     w, s = make_fp8(64, 256)
     x = torch.randn(2, 256, generator=_gen(1)).to(DEV)
     out = poison((2, 64), torch.float32)
