@@ -153,8 +153,14 @@ def _typed(body: Mapping[str, Any], name: str, kind: str, default: Any = None) -
         "dict": isinstance(v, dict),
     }[kind]
     if not ok:
-        names = {"int": "an integer", "number": "a finite number", "list": "a list"}
-        want = names.get(kind, {"str": "a string", "bool": "a boolean", "dict": "an object"}[kind])
+        want = {
+            "int": "an integer",
+            "number": "a finite number",
+            "str": "a string",
+            "bool": "a boolean",
+            "list": "a list",
+            "dict": "an object",
+        }[kind]
         raise ApiError(400, f"'{name}' must be {want}, got {json.dumps(v)[:60]}", param=name)
     return v
 
@@ -843,11 +849,12 @@ class Metrics:
             self.c["completion_tokens"] += o.completion_tokens
             self.c["cached_prompt_tokens"] += o.cached_tokens
             self.c["prefix_cache_hits" if o.cached_tokens else "prefix_cache_misses"] += 1
-            self.c["generation_seconds"] += s["total_s"] - s["queue_s"]
-            self.c["expert_lookups"] += s["expert_lookups"]
-            self.c["expert_cache_hits"] += s["expert_lookups"] * s["expert_hit_rate"]
-            self.c["expert_bytes_moved"] += s["expert_bytes_moved"]
-            if s["decode_tok_s"]:
+            self.c["generation_seconds"] += s.get("total_s", 0.0) - s.get("queue_s", 0.0)
+            lookups = s.get("expert_lookups", 0.0)
+            self.c["expert_lookups"] += lookups
+            self.c["expert_cache_hits"] += lookups * s.get("expert_hit_rate", 0.0)
+            self.c["expert_bytes_moved"] += s.get("expert_bytes_moved", 0.0)
+            if s.get("decode_tok_s"):
                 self.last_decode_tok_s = s["decode_tok_s"]
 
     def render(self, queue_depth: int, queue_capacity: int, running: int) -> str:
@@ -946,34 +953,41 @@ class EngineWorker:
             job = self.queue.get()
             if job is None:
                 return
-            if job.cancelled.is_set():  # the client left while it waited
-                self.metrics.add("cancelled")
-                job.events.put(("cancelled", None))
-                continue
-            self.running = job
-            t0 = time.perf_counter()
             try:
-                out = self.run(job)
-            except ApiError as e:
-                job.events.put(("error", e))
-            except Exception as e:  # noqa: BLE001 - any engine failure is a 500, not a dead server
-                self.metrics.add("engine_errors")
-                print(f"homeseek: engine error: {type(e).__name__}: {e}", file=self.log)
+                self._serve(job)
+            except Exception:  # noqa: BLE001 - the one engine thread must outlive any bug
                 traceback.print_exc(file=self.log)
-                job.events.put(
-                    (
-                        "error",
-                        ApiError(500, f"engine error: {type(e).__name__}: {e}", code="engine"),
-                    )
+                job.events.put(("error", ApiError(500, "internal error (see the server log)")))
+
+    def _serve(self, job: Job) -> None:
+        if job.cancelled.is_set():  # the client left while it waited
+            self.metrics.add("cancelled")
+            job.events.put(("cancelled", None))
+            return
+        self.running = job
+        t0 = time.perf_counter()
+        try:
+            out = self.run(job)
+        except ApiError as e:
+            job.events.put(("error", e))
+        except Exception as e:  # noqa: BLE001 - any engine failure is a 500, not a dead server
+            self.metrics.add("engine_errors")
+            print(f"homeseek: engine error: {type(e).__name__}: {e}", file=self.log)
+            traceback.print_exc(file=self.log)
+            job.events.put(
+                (
+                    "error",
+                    ApiError(500, f"engine error: {type(e).__name__}: {e}", code="engine"),
                 )
-            else:
-                self.metrics.outcome(out)
-                if out.finish_reason == "cancelled":
-                    self.metrics.add("cancelled")
-                job.events.put(("done", out))
-            finally:
-                self.running = None
-                self.avg_job_s = 0.8 * self.avg_job_s + 0.2 * (time.perf_counter() - t0)
+            )
+        else:
+            self.metrics.outcome(out)
+            if out.finish_reason == "cancelled":
+                self.metrics.add("cancelled")
+            job.events.put(("done", out))
+        finally:
+            self.running = None
+            self.avg_job_s = 0.8 * self.avg_job_s + 0.2 * (time.perf_counter() - t0)
 
     def drain(self, timeout_s: float) -> bool:
         """Stop taking jobs, let queued and running ones finish for up to timeout_s, then cancel

@@ -1,0 +1,893 @@
+"""The OpenAI-compatible server: response building (unit) and the real `openai` client against
+`homeseek serve --model tiny` on 127.0.0.1 (end to end, CPU).
+
+The tiny model has random weights, so its text is noise: end-to-end tests check protocol,
+accounting and robustness, never wording. Tool-call parsing is checked on real DSML text written
+by the V4 encoder; the end-to-end tool test sends a real tool conversation and checks it is
+accepted and answered.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import random
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+from openai.types.chat import ChatCompletionChunk
+
+from homeseek.chat import EOS_TOKEN, encode_messages
+from homeseek.server import (
+    ApiError,
+    App,
+    ChatReply,
+    EngineWorker,
+    Job,
+    Metrics,
+    Outcome,
+    PrefixCache,
+    Prompt,
+    ServerConfig,
+    make_server,
+    parse_chat_request,
+)
+
+MAX_CONTEXT = 1024
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather for a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+            "required": ["city"],
+        },
+    },
+}
+CALLS = [
+    {
+        "id": "call_a",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": json.dumps({"city": "Paris", "days": 3})},
+    },
+    {
+        "id": "call_b",
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "arguments": json.dumps({"city": 'Zürich "old town"\n', "days": [1, 2]}),
+        },
+    },
+]
+
+
+# ------------------------------------------------------------------------------------------------
+# Response building on real DSML text (unit)
+# ------------------------------------------------------------------------------------------------
+
+
+def _ids() -> Iterator[str]:
+    n = 0
+    while True:
+        n += 1
+        yield f"call_{n}"
+
+
+def _completion_text(assistant: dict[str, Any], thinking: bool = False) -> str:
+    """What the model writes for `assistant`, cut out of the encoder's own rendering of it."""
+    msgs = [{"role": "system", "content": "", "tools": [WEATHER]}, {"role": "user", "content": "q"}]
+    head = encode_messages(msgs, "thinking" if thinking else "chat")
+    full = encode_messages([*msgs, assistant], "thinking" if thinking else "chat")
+    # In thinking mode the reply keeps its reasoning (tools switch dropping off).
+    assert full.startswith(head)
+    return full[len(head) :]
+
+
+def _feed_in_pieces(reply: ChatReply, text: str, seed: int) -> list[dict[str, Any]]:
+    rng = random.Random(seed)
+    deltas, i = [], 0
+    while i < len(text):
+        n = rng.randint(1, 9)
+        deltas += reply.feed(text[i : i + n])
+        i += n
+    return deltas + reply.finish()
+
+
+def _accumulate(deltas: list[dict[str, Any]]) -> dict[str, Any]:
+    """Rebuild a message from chat deltas the way OpenAI clients do."""
+    msg: dict[str, Any] = {"content": "", "reasoning_content": "", "tool_calls": {}}
+    for d in deltas:
+        msg["content"] += d.get("content") or ""
+        msg["reasoning_content"] += d.get("reasoning_content") or ""
+        for tc in d.get("tool_calls") or ():
+            call = msg["tool_calls"].setdefault(tc["index"], {"id": None, "name": "", "args": ""})
+            call["id"] = tc.get("id") or call["id"]
+            call["name"] += tc.get("function", {}).get("name") or ""
+            call["args"] += tc.get("function", {}).get("arguments") or ""
+    return msg
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_tool_calls_stream_and_round_trip(seed: int) -> None:
+    assistant = {"role": "assistant", "content": "Let me check.", "tool_calls": CALLS}
+    text = _completion_text(assistant)
+    assert "<｜DSML｜invoke" in text and text.endswith(EOS_TOKEN)
+
+    reply = ChatReply(thinking=False, new_call_id=_ids().__next__)
+    deltas = _feed_in_pieces(reply, text, seed)
+    # Every delta is a valid chunk for the real client's types.
+    for d in deltas:
+        ChatCompletionChunk.model_validate(
+            {
+                "id": "x",
+                "object": "chat.completion.chunk",
+                "created": 0,
+                "model": "m",
+                "choices": [{"index": 0, "delta": d, "finish_reason": None}],
+            }
+        )
+    streamed = _accumulate(deltas)
+    msg = reply.message()
+    assert reply.finish_reason("stop") == "tool_calls"
+    assert msg["content"] == streamed["content"] == "Let me check."
+    assert [c["function"]["name"] for c in msg["tool_calls"]] == ["get_weather"] * 2
+    for want, got, s in zip(CALLS, msg["tool_calls"], streamed["tool_calls"].values(), strict=True):
+        assert json.loads(got["function"]["arguments"]) == json.loads(want["function"]["arguments"])
+        assert s["args"] == got["function"]["arguments"] and s["id"] == got["id"]
+    # Arguments arrived in several deltas, not in one piece at the end.
+    assert sum(1 for d in deltas if "tool_calls" in d) > 4
+
+    # Round trip: the parsed calls, sent back with tool results, render the same DSML block.
+    back = {"role": "assistant", "content": msg["content"], "tool_calls": msg["tool_calls"]}
+    assert _completion_text(back) == text
+    results = [
+        {"role": "tool", "tool_call_id": c["id"], "content": "sunny"} for c in msg["tool_calls"]
+    ]
+    req = parse_chat_request(
+        {
+            "messages": [{"role": "user", "content": "q"}, back, *results],
+            "tools": [WEATHER],
+        },
+        MAX_CONTEXT,
+    )
+    prompt = encode_messages(req.messages)
+    assert text in prompt and prompt.count("<tool_result>sunny</tool_result>") == 2
+
+
+def test_thinking_reply_splits_reasoning_and_content() -> None:
+    assistant = {
+        "role": "assistant",
+        "reasoning_content": "The user wants weather.",
+        "content": "",
+        "tool_calls": CALLS[:1],
+    }
+    text = _completion_text(assistant, thinking=True)
+    one = ChatReply(thinking=True, new_call_id=_ids().__next__)
+    one.feed(text)
+    one.finish()
+    many = ChatReply(thinking=True, new_call_id=_ids().__next__)
+    streamed = _accumulate(_feed_in_pieces(many, text, 5))
+    assert one.message() == many.message()
+    msg = one.message()
+    assert msg["reasoning_content"] == streamed["reasoning_content"] == "The user wants weather."
+    assert msg["content"] is None and len(msg["tool_calls"]) == 1
+
+
+def test_malformed_block_degrades_to_content() -> None:
+    text = 'Sure.\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name="f">\nnot a parameter tag'
+    whole = ChatReply(thinking=False)
+    whole.feed(text)
+    whole.finish()
+    pieces = ChatReply(thinking=False)
+    streamed = _accumulate(_feed_in_pieces(pieces, text, 3))
+    for r in (whole, pieces):
+        assert r.message() == {"role": "assistant", "content": text}
+        assert r.finish_reason("stop") == "stop"
+    assert streamed["content"] == text
+
+
+def test_forced_tool_call_prefix() -> None:
+    body = {
+        "messages": [{"role": "user", "content": "weather?"}],
+        "tools": [WEATHER],
+        "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+    }
+    req = parse_chat_request(body, MAX_CONTEXT)
+    assert req.reply_prefix.endswith('invoke name="get_weather">\n')
+    reply = ChatReply(thinking=False, new_call_id=_ids().__next__, prefix=req.reply_prefix)
+    first = reply.take_prefix_deltas()
+    assert first[0]["tool_calls"][0]["function"]["name"] == "get_weather"
+    reply.feed('<｜DSML｜parameter name="city" string="true">Oslo</｜DSML｜parameter>\n')
+    reply.feed("</｜DSML｜invoke>\n</｜DSML｜tool_calls>" + EOS_TOKEN)
+    reply.finish()
+    calls = reply.message()["tool_calls"]
+    assert json.loads(calls[0]["function"]["arguments"]) == {"city": "Oslo"}
+    none = parse_chat_request({**body, "tool_choice": "none"}, MAX_CONTEXT)
+    assert none.reply_prefix == "" and "tools" not in none.messages[0]
+
+
+# ------------------------------------------------------------------------------------------------
+# Prefix cache and worker on the real tiny engine (in-process)
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def engine(_model_cache: Path) -> Any:
+    import homeseek
+
+    return homeseek.load("tiny", max_context=MAX_CONTEXT)
+
+
+def test_prefix_cache_reuse_diverge_and_capacity(engine: Any) -> None:
+    cache = PrefixCache(engine.session, engine.tokenizer.encode, capacity=2)
+    a = [0, 5, 6, 7]
+    lease = cache.acquire(None, a)
+    assert lease.reused == 0 and lease.tail == a
+    res = engine.generate(prompt_ids=lease.tail, session=lease.session, max_tokens=3, temperature=0)
+    cache.release(lease, res.token_ids, None)
+    held = list(lease.session.tokens)  # prompt + all but the last sampled token
+    assert held == a + res.token_ids[:-1]
+
+    # Extends the sequence: only the new ids are left to feed.
+    longer = a + res.token_ids + [9, 10]
+    lease2 = cache.acquire(None, longer)
+    assert lease2.session is lease.session and lease2.reused == len(held)
+    assert lease2.tail == longer[len(held) :]
+    cache.release(lease2, [], None)
+
+    # Diverges inside the cached sequence: a second session (capacity 2) keeps the first.
+    lease3 = cache.acquire(None, [0, 5, 99])
+    assert lease3.reused == 0 and lease3.session is not lease.session
+    engine.generate(prompt_ids=lease3.tail, session=lease3.session, max_tokens=1, temperature=0)
+    cache.release(lease3, [1], None)
+    assert cache.acquire(None, longer + [11]).reused == len(held)  # session 1 still cached
+
+    # A failed request never leaves its state behind.
+    cache.release(lease3, None, None)
+    assert lease3.session.tokens == []
+
+
+def test_worker_engine_error_is_500_and_keeps_serving() -> None:
+    calls: list[int] = []
+
+    def run(job: Job) -> Outcome:  # the worker is engine-agnostic: a plain function runs here
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        return Outcome("ok", "stop", 1, 1, 0, {})
+
+    metrics = Metrics()
+    w = EngineWorker(run, metrics, max_queue=2, log=open(os.devnull, "w"))
+    params = parse_chat_request({"messages": [{"role": "user", "content": "x"}]}, 8).params
+    bad, good = Job(Prompt(None, [0], False), params), Job(Prompt(None, [0], False), params)
+    w.submit(bad)
+    w.submit(good)
+    kind, err = bad.events.get(timeout=10)
+    assert kind == "error" and err.status == 500 and "boom" in err.message
+    assert good.events.get(timeout=10)[0] == "done"
+    assert metrics.c["engine_errors"] == 1
+    assert w.drain(5)
+
+
+def test_worker_queue_full_is_429_with_retry_after() -> None:
+    release = threading.Event()
+
+    def run(job: Job) -> Outcome:
+        release.wait(10)
+        return Outcome("", "stop", 1, 1, 0, {})
+
+    w = EngineWorker(run, Metrics(), max_queue=1)
+    params = parse_chat_request({"messages": [{"role": "user", "content": "x"}]}, 8).params
+    jobs = [Job(Prompt(None, [0], False), params) for _ in range(3)]
+    w.submit(jobs[0])
+    deadline = time.monotonic() + 5
+    while w.running is None and time.monotonic() < deadline:  # the first is taken off the queue
+        time.sleep(0.01)
+    w.submit(jobs[1])
+    with pytest.raises(ApiError) as e:
+        w.submit(jobs[2])
+    assert e.value.status == 429 and int(e.value.headers["Retry-After"]) >= 1
+    release.set()
+    assert w.drain(5)
+
+
+# ------------------------------------------------------------------------------------------------
+# End to end: `homeseek serve --model tiny` in a subprocess, the real openai client
+# ------------------------------------------------------------------------------------------------
+
+
+class ServerProcess:
+    """`python -m homeseek serve` on an ephemeral port of 127.0.0.1."""
+
+    def __init__(self, tmp: Path, *extra: str) -> None:
+        self.log = tmp / "server.log"
+        cmd = [sys.executable, "-m", "homeseek", "serve", "--model", "tiny", "--threads", "1"]
+        cmd += ["--port", "0", "--max-context", str(MAX_CONTEXT), "--quiet", *extra]
+        self.proc = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=open(self.log, "w"),
+            text=True,
+            env=os.environ.copy(),
+        )
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.stdout: list[str] = []
+        threading.Thread(target=self._pump, daemon=True).start()
+        self.url = self._wait_for_port(timeout_s=180)
+
+    def _pump(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line)
+        self.lines.put("")
+
+    def _wait_for_port(self, timeout_s: float) -> str:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            self.stdout.append(line)
+            m = re.search(r"listening on http://127\.0\.0\.1:(\d+)", line)
+            if m:
+                return f"http://127.0.0.1:{m.group(1)}"
+            if line == "":
+                break
+        self.proc.kill()
+        raise RuntimeError(f"server did not start: {''.join(self.stdout)}{self.log.read_text()}")
+
+    def rest_of_stdout(self, timeout_s: float = 5) -> str:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if line == "":
+                break
+            self.stdout.append(line)
+        return "".join(self.stdout)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return -9
+
+
+@pytest.fixture(scope="module")
+def server(_model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    s = ServerProcess(tmp_path_factory.mktemp("serve"), "--max-body-mb", "1", "--max-queue", "32")
+    yield s
+    assert s.stop() == 0, s.log.read_text()
+
+
+@pytest.fixture
+def client(server: ServerProcess) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def _http(
+    url: str, body: bytes | None = None, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], bytes]:
+    req = urllib.request.Request(url, data=body, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+def _metric(server: ServerProcess, name: str) -> float:
+    _, _, text = _http(server.url + "/metrics")
+    total = 0.0
+    for line in text.decode().splitlines():
+        if line.startswith(name) and not line.startswith("#"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+USER = [{"role": "user", "content": "Hello! What is the capital of France?"}]
+
+
+def test_models_health_metrics(server: ServerProcess, client: openai.OpenAI) -> None:
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["tiny"]
+    status, _, body = _http(server.url + "/health")
+    assert status == 200 and json.loads(body)["status"] == "ok"
+    status, headers, body = _http(server.url + "/metrics")
+    assert status == 200 and headers["Content-Type"].startswith("text/plain")
+    for name in (
+        "homeseek_requests_total",
+        "homeseek_queue_depth",
+        "homeseek_prompt_tokens_total",
+        "homeseek_completion_tokens_total",
+        "homeseek_expert_cache_hits_total",
+        "homeseek_expert_bytes_moved_total",
+        "homeseek_cached_prompt_tokens_total",
+    ):
+        assert name in body.decode()
+    banner = "".join(server.stdout)
+    assert "routed experts:" in banner and "decode state" in banner
+
+
+def test_stream_equals_non_stream_at_temperature_0(client: openai.OpenAI) -> None:
+    kw = dict(model="tiny", messages=USER, max_tokens=8, temperature=0)
+    full = client.chat.completions.create(**kw)
+    choice = full.choices[0]
+    assert choice.finish_reason in ("stop", "length") and choice.message.role == "assistant"
+    assert full.usage.completion_tokens == 8 or choice.finish_reason == "stop"
+    assert full.usage.total_tokens == full.usage.prompt_tokens + full.usage.completion_tokens
+    stats = full.model_extra["stats"]
+    for key in ("ttft_s", "prefill_tok_s", "decode_tok_s", "expert_hit_rate", "cached_tokens"):
+        assert key in stats
+
+    text, finish, chunks = "", None, 0
+    for ch in client.chat.completions.create(**kw, stream=True):
+        chunks += 1
+        if ch.choices:
+            text += ch.choices[0].delta.content or ""
+            finish = ch.choices[0].finish_reason or finish
+    assert text == choice.message.content and finish == choice.finish_reason
+    assert chunks >= 3  # role, at least one text delta, the finish
+
+    # The legacy endpoint agrees with itself too.
+    one = client.completions.create(
+        model="tiny", prompt="Once upon a time", max_tokens=6, temperature=0
+    )
+    streamed = "".join(
+        c.choices[0].text
+        for c in client.completions.create(
+            model="tiny", prompt="Once upon a time", max_tokens=6, temperature=0, stream=True
+        )
+        if c.choices
+    )
+    assert streamed == one.choices[0].text and one.usage.completion_tokens == 6
+
+
+def test_seed_and_stop(client: openai.OpenAI) -> None:
+    kw = dict(model="tiny", messages=USER, max_tokens=6, temperature=1.0, seed=7)
+    a = client.chat.completions.create(**kw).choices[0].message.content
+    b = client.chat.completions.create(**kw).choices[0].message.content
+    assert a == b
+    greedy = client.chat.completions.create(
+        model="tiny", messages=USER, max_tokens=6, temperature=0
+    )
+    text = greedy.choices[0].message.content
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    cut = client.chat.completions.create(
+        model="tiny", messages=USER, max_tokens=6, temperature=0, stop=[stop]
+    )
+    assert cut.choices[0].finish_reason == "stop"
+    assert cut.choices[0].message.content == text[: text.find(stop)]
+
+
+def test_include_usage(client: openai.OpenAI) -> None:
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny",
+            messages=USER,
+            max_tokens=5,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    last = chunks[-1]
+    assert last.choices == [] and last.usage is not None
+    assert last.usage.completion_tokens == 5
+    assert last.usage.total_tokens == last.usage.prompt_tokens + 5
+    assert all(c.usage is None for c in chunks[:-1])
+    # Without include_usage the finish chunk still carries usage (the client keeps it).
+    plain = list(
+        client.chat.completions.create(
+            model="tiny", messages=USER, max_tokens=5, temperature=0, stream=True
+        )
+    )
+    assert plain[-1].usage is not None and plain[-1].usage.completion_tokens == 5
+    assert plain[-1].model_extra["stats"]["decode_tok_s"] > 0
+
+
+def test_tool_conversation_round_trip(client: openai.OpenAI) -> None:
+    """A real agent turn: tools offered, the assistant's earlier calls (with reasoning) and the
+    tool results in history; answered in thinking mode, streamed and not."""
+    messages = [
+        {"role": "system", "content": "You are a weather bot."},
+        {"role": "user", "content": "Weather in Paris and Zürich?"},
+        {
+            "role": "assistant",
+            "content": "",
+            "reasoning_content": "I should call the tool twice.",
+            "tool_calls": CALLS,
+        },
+        {"role": "tool", "tool_call_id": "call_b", "content": "cloudy, 4°C"},
+        {"role": "tool", "tool_call_id": "call_a", "content": "sunny, 21°C"},
+    ]
+    kw: dict[str, Any] = dict(
+        model="tiny",
+        messages=messages,
+        tools=[WEATHER],
+        tool_choice="auto",
+        max_tokens=6,
+        temperature=0,
+        reasoning_effort="high",
+    )
+    full = client.chat.completions.create(**kw)
+    choice = full.choices[0]
+    assert choice.finish_reason in ("stop", "length", "tool_calls")
+    # Thinking mode: the reply starts as reasoning (the prompt ended with <think>).
+    assert "reasoning_content" in choice.message.model_extra
+    assert full.usage.prompt_tokens > 200  # the tools block and the history were encoded
+    reasoning = ""
+    for ch in client.chat.completions.create(**kw, stream=True):
+        if ch.choices:
+            reasoning += ch.choices[0].delta.model_extra.get("reasoning_content") or ""
+    assert reasoning == choice.message.model_extra["reasoning_content"]
+
+    # tool_choice "required" forces a DSML block; random weights then write noise, which
+    # comes back as text or as a (truncated) call, never as an error.
+    forced = client.chat.completions.create(
+        **{**kw, "tool_choice": "required", "reasoning_effort": None}
+    )
+    assert forced.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    assert (forced.choices[0].message.content or forced.choices[0].message.tool_calls) is not None
+
+
+BAD_REQUESTS: list[tuple[str, dict[str, Any], str]] = [
+    ("empty messages", {"messages": []}, "messages"),
+    ("messages not a list", {"messages": "hi"}, "messages"),
+    ("message not an object", {"messages": ["hi"]}, "messages[0]"),
+    ("unknown role", {"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
+    ("content wrong type", {"messages": [{"role": "user", "content": 5}]}, "messages"),
+    ("negative max_tokens", {"messages": USER, "max_tokens": -3}, "max_tokens"),
+    ("zero max_tokens", {"messages": USER, "max_completion_tokens": 0}, "max_completion_tokens"),
+    ("absurd max_tokens", {"messages": USER, "max_tokens": 10**9}, "max_tokens"),
+    ("max_tokens string", {"messages": USER, "max_tokens": "ten"}, "max_tokens"),
+    ("max_tokens bool", {"messages": USER, "max_tokens": True}, "max_tokens"),
+    ("temperature string", {"messages": USER, "temperature": "hot"}, "temperature"),
+    ("temperature range", {"messages": USER, "temperature": 7}, "temperature"),
+    ("top_p range", {"messages": USER, "top_p": 1.5}, "top_p"),
+    ("stream not bool", {"messages": USER, "stream": "yes"}, "stream"),
+    ("stop wrong type", {"messages": USER, "stop": [1, 2]}, "stop"),
+    ("n > 1", {"messages": USER, "n": 3}, "n"),
+    ("bad effort", {"messages": USER, "reasoning_effort": "extreme"}, "reasoning_effort"),
+    ("tools not a list", {"messages": USER, "tools": {"a": 1}}, "tools"),
+    ("bad tool", {"messages": USER, "tools": [{"type": "function"}]}, "tools[0]"),
+    ("unknown tool_choice", {"messages": USER, "tools": [WEATHER], "tool_choice": "x"}, ""),
+    ("ends with assistant", {"messages": [*USER, {"role": "assistant", "content": "a"}]}, ""),
+    (
+        "bad tool call args",
+        {
+            "messages": [
+                *USER,
+                {
+                    "role": "assistant",
+                    "tool_calls": [{"id": "1", "function": {"name": "f", "arguments": "{nope"}}],
+                },
+                {"role": "tool", "content": "r"},
+            ]
+        },
+        "messages",
+    ),  # fmt: skip
+]
+
+
+@pytest.mark.parametrize(
+    "body,param", [b[1:] for b in BAD_REQUESTS], ids=[b[0] for b in BAD_REQUESTS]
+)
+def test_bad_chat_requests_are_400(client: openai.OpenAI, body: dict[str, Any], param: str) -> None:
+    extra = {k: v for k, v in body.items() if k != "messages"}
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=body["messages"], extra_body=extra)
+    err = e.value.body
+    assert err["type"] == "invalid_request_error" and err["message"]
+    if param:
+        assert (err["param"] or "").startswith(param), err
+
+
+def test_malformed_json_body_and_limits(server: ServerProcess, client: openai.OpenAI) -> None:
+    url = server.url + "/v1/chat/completions"
+    for raw in (b"{not json", b"[1, 2]", b"\xff\xfe"):
+        status, _, body = _http(url, raw, {"Content-Type": "application/json"})
+        assert status == 400, raw
+        assert json.loads(body)["error"]["code"] == "invalid_json"
+    # Prompt longer than the context (the server runs with max_context 1024).
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "hello " * 3000}], max_tokens=4
+        )
+    assert e.value.body["code"] == "context_length_exceeded"
+    # Body over --max-body-mb 1.
+    with pytest.raises(openai.APIStatusError) as e2:
+        client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "x" * (3 * 2**20 // 2)}]
+        )
+    assert e2.value.status_code == 413
+    status, _, _ = _http(server.url + "/v1/nothing")
+    assert status == 404
+    status, _, _ = _http(server.url + "/v1/chat/completions")  # GET
+    assert status == 405
+    bad = client.completions
+    with pytest.raises(openai.BadRequestError):
+        bad.create(model="tiny", prompt=[0, 10**7], max_tokens=2)  # token id outside the vocab
+    # After all that, the server answers normally.
+    ok = client.chat.completions.create(model="tiny", messages=USER, max_tokens=2)
+    assert ok.usage.completion_tokens == 2
+
+
+def test_prefix_reuse_prefills_only_new_tokens(client: openai.OpenAI) -> None:
+    convo = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Tell a story."},
+    ]
+    one = client.chat.completions.create(model="tiny", messages=convo, max_tokens=12, temperature=0)
+    s1 = one.model_extra["stats"]
+    convo += [
+        {"role": "assistant", "content": one.choices[0].message.content},
+        {"role": "user", "content": "And then what happened?"},
+    ]
+    two = client.chat.completions.create(model="tiny", messages=convo, max_tokens=12, temperature=0)
+    s2, u2 = two.model_extra["stats"], two.usage
+    # Everything the first request consumed is reused: its prompt and its completion but the
+    # last sampled token, which was never fed.
+    reused = u2.prompt_tokens_details.cached_tokens
+    assert reused == one.usage.prompt_tokens + one.usage.completion_tokens - 1
+    assert s2["prefill_tokens"] == u2.prompt_tokens - reused
+    # Prefilled: the last sampled token, then EOS, the new user turn and the assistant header.
+    from homeseek.engine import preset_dir
+    from homeseek.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(preset_dir("tiny"))
+    new_turn = encode_messages(convo[-1:], context=convo[:-1])
+    assert new_turn.startswith("<｜User｜>And then")
+    assert s2["prefill_tokens"] == 2 + len(tok.encode(new_turn)) < u2.prompt_tokens / 2
+    assert s1["cached_tokens"] == 0 or s1["prefill_tokens"] < one.usage.prompt_tokens
+
+    # Streamed third turn reuses the second.
+    convo += [
+        {"role": "assistant", "content": two.choices[0].message.content},
+        {"role": "user", "content": "The end?"},
+    ]
+    usage = None
+    for ch in client.chat.completions.create(
+        model="tiny",
+        messages=convo,
+        max_tokens=4,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    ):
+        usage = ch.usage or usage
+    assert usage.prompt_tokens_details.cached_tokens == u2.prompt_tokens + 12 - 1
+
+    # A different conversation misses and prefills everything.
+    other = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "Unrelated."}], max_tokens=2
+    )
+    assert other.usage.prompt_tokens_details.cached_tokens == 0
+    assert other.model_extra["stats"]["prefill_tokens"] == other.usage.prompt_tokens
+
+
+def test_disconnect_mid_stream_then_prompt_answer(
+    server: ServerProcess, client: openai.OpenAI
+) -> None:
+    cancelled = _metric(server, "homeseek_cancelled_total")
+    # ~1000 tokens would take half a minute on one CPU thread if nobody cancelled them.
+    stream = client.chat.completions.create(
+        model="tiny", messages=USER, max_tokens=1000, temperature=0, stream=True
+    )
+    for i, _ in enumerate(stream):
+        if i == 3:
+            break
+    stream.close()
+    t0 = time.monotonic()
+    quick = client.chat.completions.create(model="tiny", messages=USER, max_tokens=3)
+    assert quick.usage.completion_tokens == 3
+    assert time.monotonic() - t0 < 15
+    deadline = time.monotonic() + 10
+    while _metric(server, "homeseek_cancelled_total") <= cancelled and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _metric(server, "homeseek_cancelled_total") == cancelled + 1
+
+
+def test_concurrent_requests_all_answered(client: openai.OpenAI) -> None:
+    results: dict[int, Any] = {}
+
+    def ask(i: int) -> None:
+        msgs = [{"role": "user", "content": f"Question number {i}"}]
+        stream = i % 2 == 0
+        if stream:
+            text = "".join(
+                c.choices[0].delta.content or ""
+                for c in client.chat.completions.create(
+                    model="tiny", messages=msgs, max_tokens=4, temperature=0, stream=True
+                )
+                if c.choices
+            )
+        else:
+            r = client.chat.completions.create(
+                model="tiny", messages=msgs, max_tokens=4, temperature=0
+            )
+            text = r.choices[0].message.content
+        results[i] = text
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert sorted(results) == list(range(6))
+    assert all(isinstance(v, str) and v for v in results.values())
+
+
+def test_bounded_load(server: ServerProcess, client: openai.OpenAI) -> None:
+    """N requests from several threads (N and time bounded): all complete, none lost."""
+    n_threads, per_thread, deadline_s = 4, 6, 240
+    before = _metric(
+        server, 'homeseek_requests_total{endpoint="/v1/chat/completions",status="200"}'
+    )
+    done: list[str] = []
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+    stop_at = time.monotonic() + deadline_s
+
+    def worker(w: int) -> None:
+        for k in range(per_thread):
+            if time.monotonic() > stop_at:
+                return
+            try:
+                r = client.chat.completions.create(
+                    model="tiny",
+                    messages=[{"role": "user", "content": f"load {w}-{k}"}],
+                    max_tokens=3,
+                )
+                with lock:
+                    done.append(r.id)
+            except BaseException as e:  # noqa: BLE001 - collected and reported below
+                with lock:
+                    errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(w,)) for w in range(n_threads)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=deadline_s + 30)
+    assert not errors, errors[:3]
+    assert len(done) == len(set(done)) == n_threads * per_thread
+    after = _metric(server, 'homeseek_requests_total{endpoint="/v1/chat/completions",status="200"}')
+    assert after - before == n_threads * per_thread
+    assert _metric(server, "homeseek_queue_depth") == 0
+
+
+# ------------------------------------------------------------------------------------------------
+# In-process server: API key, queue limit and an injected engine fault
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def inproc(engine: Any) -> Iterator[tuple[App, str]]:
+    cfg = ServerConfig(port=0, api_key="sekret", max_queue=1, log_requests=False)
+    app = App(engine, cfg, log=open(os.devnull, "w"))
+    httpd = make_server(app)
+    t = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    t.start()
+    yield app, f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+    app.worker.drain(10)
+
+
+def test_api_key_required(inproc: tuple[App, str]) -> None:
+    _, url = inproc
+    wrong = openai.OpenAI(base_url=url + "/v1", api_key="nope", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        wrong.models.list()
+    assert _http(url + "/health")[0] == 200  # health checks need no key
+    right = openai.OpenAI(base_url=url + "/v1", api_key="sekret", max_retries=0)
+    assert right.models.list().data[0].id == "homeseek"
+
+
+def test_full_queue_gets_429(inproc: tuple[App, str]) -> None:
+    app, url = inproc
+    c = openai.OpenAI(base_url=url + "/v1", api_key="sekret", max_retries=0, timeout=60)
+    results: list[Any] = []
+
+    def long(i: int) -> None:
+        try:
+            r = c.chat.completions.create(
+                model="m", messages=[{"role": "user", "content": f"long {i}"}], max_tokens=40
+            )
+            results.append(r.usage.completion_tokens)
+        except openai.RateLimitError as e:
+            results.append(e)
+
+    first = threading.Thread(target=long, args=(0,))
+    first.start()
+    deadline = time.monotonic() + 10
+    while app.worker.running is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    second = threading.Thread(target=long, args=(1,))
+    second.start()
+    while app.worker.depth < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    with pytest.raises(openai.RateLimitError) as e:
+        c.chat.completions.create(model="m", messages=USER, max_tokens=2)
+    assert int(e.value.response.headers["retry-after"]) >= 1
+    first.join(60)
+    second.join(60)
+    assert results == [40, 40]  # the admitted ones were served
+
+
+def test_engine_fault_is_500_and_server_keeps_serving(
+    inproc: tuple[App, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fault injection: the engine raises once (as a CUDA or checkpoint error would)."""
+    app, url = inproc
+    real = app.engine.generate
+    calls = []
+
+    def failing_once(*a: Any, **kw: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("injected engine fault")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(app.engine, "generate", failing_once)
+    c = openai.OpenAI(base_url=url + "/v1", api_key="sekret", max_retries=0, timeout=60)
+    with pytest.raises(openai.InternalServerError) as e:
+        c.chat.completions.create(model="m", messages=USER, max_tokens=2)
+    assert "injected engine fault" in e.value.body["message"]
+    assert c.chat.completions.create(model="m", messages=USER, max_tokens=2).choices
+    # Streaming: the error arrives as an SSE error event, which the client raises.
+    calls.clear()
+    with pytest.raises(openai.APIError):
+        for _ in c.chat.completions.create(model="m", messages=USER, max_tokens=2, stream=True):
+            pass
+    assert c.chat.completions.create(model="m", messages=USER, max_tokens=2).choices
+
+
+# ------------------------------------------------------------------------------------------------
+# Graceful shutdown (its own server process)
+# ------------------------------------------------------------------------------------------------
+
+
+def test_sigterm_drains_in_flight_request(_model_cache: Path, tmp_path: Path) -> None:
+    s = ServerProcess(tmp_path)
+    try:
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        stream = c.chat.completions.create(
+            model="tiny", messages=USER, max_tokens=40, temperature=0, stream=True
+        )
+        it = iter(stream)
+        next(it)  # the request is running
+        s.proc.send_signal(signal.SIGTERM)
+        finish = None
+        for ch in it:
+            if ch.choices and ch.choices[0].finish_reason:
+                finish = ch.choices[0].finish_reason
+        assert finish == "length"  # all 40 tokens, not cut
+        assert s.proc.wait(timeout=60) == 0
+        out = s.rest_of_stdout()
+        assert "shutting down" in out and "stopped" in out
+        with pytest.raises(openai.APIConnectionError):
+            c.models.list()
+    finally:
+        s.stop()
