@@ -688,7 +688,7 @@ def fp4_experts_grouped(
     cfg = dict(config or {})
     bm = cfg.get("block_m", 64)
     bn = cfg.get("block_n", 64)
-    warps = cfg.get("num_warps", 4)
+    warps = cfg.get("num_warps", 8)  # 4 warps spill with two 64x64 fp32 accumulators
     stages = cfg.get("num_stages", 2)
     tile_slot, tile_pair = _group_pairs(slots, s, bm)
     n_tiles = tile_slot.numel()
