@@ -560,6 +560,9 @@ class Core:
         self.tokenizer = engine.tokenizer
         encode = self.tokenizer.encode if self.tokenizer is not None else None
         self.cache = PrefixCache(engine.session, encode, prefix_sessions)
+        # Allocate every session's decode state now: running out of memory must happen at
+        # startup, not in the middle of serving (each holds state for max_context tokens).
+        self.cache.free = [engine.session() for _ in range(prefix_sessions)]
 
     # -- prompts (any thread) --
 
@@ -677,6 +680,8 @@ def _request_stats(
 
 # Engine finish reasons -> OpenAI's. A generation cut short by shutdown is incomplete: "length".
 _FINISH = {"stop": "stop", "length": "length", "tool_calls": "tool_calls", "cancelled": "length"}
+# The legacy endpoint returns raw text: a tool-call block in it is just text.
+_TEXT_FINISH = {**_FINISH, "tool_calls": "stop"}
 
 
 class ChatReply:
@@ -1312,7 +1317,7 @@ class Handler(BaseHTTPRequestHandler):
                         "index": 0,
                         "text": echo + out.text,
                         "logprobs": None,
-                        "finish_reason": _FINISH.get(out.finish_reason, "stop"),
+                        "finish_reason": _TEXT_FINISH.get(out.finish_reason, "stop"),
                     }
                 ],
                 "usage": usage_dict(out),
@@ -1439,7 +1444,7 @@ class Handler(BaseHTTPRequestHandler):
             self._sse(chunk(echo))
         out = self._stream_events(job, lambda t: self._sse(chunk(t)))
         if out is not None:
-            last = chunk("", _FINISH.get(out.finish_reason, "stop"))
+            last = chunk("", _TEXT_FINISH.get(out.finish_reason, "stop"))
             last["stats"] = out.stats
             if include_usage:
                 self._sse(last)

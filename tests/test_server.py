@@ -15,6 +15,7 @@ import queue
 import random
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -542,6 +543,22 @@ def test_tool_conversation_round_trip(client: openai.OpenAI) -> None:
             reasoning += ch.choices[0].delta.model_extra.get("reasoning_content") or ""
     assert reasoning == choice.message.model_extra["reasoning_content"]
 
+    # The agent's next step (the reply with its reasoning sent back, then a new user turn)
+    # continues the cached sequence: with tools the V4 format keeps past reasoning, so the
+    # prompt extends the previous prompt + completion.
+    nxt = client.chat.completions.create(
+        **{
+            **kw,
+            "messages": [
+                *messages,
+                {"role": "assistant", "content": "", "reasoning_content": reasoning},
+                {"role": "user", "content": "Thanks. And Rome?"},
+            ],
+        }
+    )
+    cached = nxt.usage.prompt_tokens_details.cached_tokens
+    assert cached == full.usage.prompt_tokens + full.usage.completion_tokens - 1
+
     # tool_choice "required" forces a DSML block; random weights then write noise, which
     # comes back as text or as a (truncated) call, never as an error.
     forced = client.chat.completions.create(
@@ -706,6 +723,24 @@ def test_disconnect_mid_stream_then_prompt_answer(
     while _metric(server, "homeseek_cancelled_total") <= cancelled and time.monotonic() < deadline:
         time.sleep(0.1)
     assert _metric(server, "homeseek_cancelled_total") == cancelled + 1
+
+    # A non-streaming client that hangs up is noticed too (the server watches the socket).
+    body = json.dumps({"model": "tiny", "messages": USER, "max_tokens": 1000}).encode()
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        head = (
+            f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        )
+        sock.sendall(head.encode() + body)
+        time.sleep(0.5)  # running now
+    t0 = time.monotonic()
+    assert client.chat.completions.create(model="tiny", messages=USER, max_tokens=2).choices
+    assert time.monotonic() - t0 < 15
+    deadline = time.monotonic() + 10
+    while _metric(server, "homeseek_cancelled_total") < cancelled + 2:
+        assert time.monotonic() < deadline, "the abandoned request was not cancelled"
+        time.sleep(0.1)
 
 
 def test_concurrent_requests_all_answered(client: openai.OpenAI) -> None:
