@@ -24,9 +24,10 @@ Math per pair (token m, expert k) with slot s = slots[m, k] (s < 0: the pair is 
 Decode (`fp4_experts`, M <= 16): two launches, both graph capturable.
   1. gate/up: grid (I/BLOCK_N, P). The program of the first pair that uses a slot (the slot's
      leader) decodes each weight tile once and applies it to every token that routed to that slot,
-     so a slot shared by several tokens is read once. E2M1 nibbles are decoded in registers: each
-     nibble is placed into an e4m3 byte (exact, see _formats) and converted by hardware; the E8M0
-     scale is applied once per 32-group sum. Writes a [P, I] to the workspace.
+     so a slot shared by several tokens is read once. Weights are read as 16-byte vectors of int32
+     words (8 inputs each) and decoded in registers: shift/mask passes turn a word's 8 nibbles
+     into e4m3 bytes (exact, see _formats), hardware converts them; the E8M0 scale is applied
+     once per 32-input group sum. Writes a [P, I] to the workspace.
   2. down + combine: grid (D/BLOCK_N, P), leaders again (a pair whose token already has the same
      slot at a smaller k is handled on its own). Each program writes its fp32 partial y; the last
      program of a row tile to arrive (atomic counter, reset afterwards) adds shared_out and the K
