@@ -230,7 +230,7 @@ def _served_name(model: str) -> str:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from homeseek.server import MiB, ServerConfig, serve
+    from homeseek.server import MiB, ServerConfig, make_server, serve
 
     # Validate the server settings before spending minutes loading weights.
     cfg = ServerConfig(
@@ -244,8 +244,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         drain_timeout_s=args.drain_timeout,
         log_requests=not args.quiet,
     )
-    eng = _load(args)
-    return serve(eng, cfg)
+    httpd = make_server(cfg)  # a busy port fails now, not after loading the weights
+    try:
+        eng = _load(args)
+    except BaseException:
+        httpd.server_close()
+        raise
+    return serve(eng, cfg, httpd)
 
 
 def cmd_chat(args: argparse.Namespace) -> int:

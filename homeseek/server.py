@@ -24,6 +24,7 @@ engine through `generate`, `tokenizer`, `cfg`, `rt` and `session()`.
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import json
 import math
@@ -36,7 +37,7 @@ import threading
 import time
 import traceback
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any, TextIO
@@ -1040,6 +1041,17 @@ _ENDPOINTS = (
 )
 
 
+@contextlib.contextmanager
+def _cancel_on_error(job: Job) -> Iterator[None]:
+    """Whatever ends an HTTP thread early (client gone, write error) also ends its job, so the
+    engine does not keep generating for nobody."""
+    try:
+        yield
+    except BaseException:
+        job.cancelled.set()
+        raise
+
+
 class App:
     """What the HTTP handlers share: the core, the worker, metrics and settings."""
 
@@ -1266,10 +1278,11 @@ class Handler(BaseHTTPRequestHandler):
         reply = ChatReply(prompt.thinking, prefix=prompt.reply_prefix)
         rid = "chatcmpl-" + uuid.uuid4().hex
         app.worker.submit(job)
-        if req.stream:
-            self._stream_chat(job, reply, rid, req.include_usage)
-            return
-        out = self._wait(job)
+        with _cancel_on_error(job):
+            if req.stream:
+                self._stream_chat(job, reply, rid, req.include_usage)
+                return
+            out = self._wait(job)
         reply.feed(out.text)
         reply.finish()
         self._send_json(
@@ -1301,10 +1314,11 @@ class Handler(BaseHTTPRequestHandler):
         rid = "cmpl-" + uuid.uuid4().hex
         echo = req.prompt if req.echo and isinstance(req.prompt, str) else ""
         app.worker.submit(job)
-        if req.stream:
-            self._stream_completion(job, rid, echo, req.include_usage)
-            return
-        out = self._wait(job)
+        with _cancel_on_error(job):
+            if req.stream:
+                self._stream_completion(job, rid, echo, req.include_usage)
+                return
+            out = self._wait(job)
         self._send_json(
             200,
             {
@@ -1367,22 +1381,18 @@ class Handler(BaseHTTPRequestHandler):
 
     def _stream_events(self, job: Job, on_text: Callable[[str], None]) -> Outcome | None:
         """Feed streamed text to on_text until the job ends; None after an error or shutdown."""
-        try:
-            while True:
-                kind, val = self._next_event(job)
-                if kind == "text":
-                    on_text(val)
-                elif kind == "done":
-                    return val
-                elif kind == "error":
-                    self._sse(val.body())
-                    return None
-                else:  # cancelled while queued (shutdown)
-                    self._sse(ApiError(503, "the server is shutting down").body())
-                    return None
-        except ClientGone:
-            job.cancelled.set()
-            raise
+        while True:
+            kind, val = self._next_event(job)
+            if kind == "text":
+                on_text(val)
+            elif kind == "done":
+                return val
+            elif kind == "error":
+                self._sse(val.body())
+                return None
+            else:  # cancelled while queued (shutdown)
+                self._sse(ApiError(503, "the server is shutting down").body())
+                return None
 
     def _stream_chat(self, job: Job, reply: ChatReply, rid: str, include_usage: bool) -> None:
         created, model = int(time.time()), self.app.cfg.model_name
@@ -1460,13 +1470,29 @@ class _HTTPServer(ThreadingHTTPServer):
     request_queue_size = 128  # listen backlog: bursts of agent requests
 
 
-def make_server(app: App) -> ThreadingHTTPServer:
-    """Bind (port 0 = any free port) without serving yet."""
-    handler = type("BoundHandler", (Handler,), {"app": app})
+def make_server(cfg: ServerConfig, app: App | None = None) -> ThreadingHTTPServer:
+    """Bind and listen (port 0 = any free port); requests are served once an app is attached.
+
+    `homeseek serve` binds before loading the weights, so a busy port fails in a second, not
+    after minutes of loading; clients that connect meanwhile wait in the listen backlog.
+    """
     cls = _HTTPServer
-    if ":" in app.cfg.host:  # an IPv6 literal such as ::1
+    if ":" in cfg.host:  # an IPv6 literal such as ::1
         cls = type("_HTTPServer6", (_HTTPServer,), {"address_family": socket.AF_INET6})
-    return cls((app.cfg.host, app.cfg.port), handler)
+    try:
+        httpd = cls((cfg.host, cfg.port), Handler)
+    except OSError as e:
+        raise ValueError(
+            f"cannot listen on {cfg.host}:{cfg.port}: {e.strerror or e}; is another server "
+            "running there? choose another --port"
+        ) from None
+    if app is not None:
+        attach(httpd, app)
+    return httpd
+
+
+def attach(httpd: ThreadingHTTPServer, app: App) -> None:
+    httpd.RequestHandlerClass = type("BoundHandler", (Handler,), {"app": app})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1510,13 +1536,18 @@ def banner_lines(engine: Engine, cfg: ServerConfig) -> list[str]:
 def serve(
     engine: Engine,
     cfg: ServerConfig,
+    httpd: ThreadingHTTPServer | None = None,
     out: TextIO | None = None,
-    ready: Callable[[ThreadingHTTPServer], None] | None = None,
 ) -> int:
-    """Run the server until SIGINT/SIGTERM, then drain and return the exit code (0)."""
+    """Run the server until SIGINT/SIGTERM, then drain and return the exit code (0).
+
+    Must run on the main thread (signal handlers). `httpd` is a socket bound by `make_server`.
+    """
     out = out or sys.stdout
     app = App(engine, cfg)
-    httpd = make_server(app)
+    if httpd is None:
+        httpd = make_server(cfg)
+    attach(httpd, app)
     host, port = httpd.server_address[:2]
     for line in banner_lines(engine, cfg):
         print(line, file=out)
@@ -1538,8 +1569,6 @@ def serve(
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.2})
     thread.start()
-    if ready is not None:
-        ready(httpd)
     try:
         while not stop.wait(0.5):  # a timed wait keeps signal handlers running promptly
             pass

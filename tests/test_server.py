@@ -821,7 +821,7 @@ def test_bounded_load(server: ServerProcess, client: openai.OpenAI) -> None:
 def inproc(engine: Any) -> Iterator[tuple[App, str]]:
     cfg = ServerConfig(port=0, api_key="sekret", max_queue=1, log_requests=False)
     app = App(engine, cfg, log=open(os.devnull, "w"))
-    httpd = make_server(app)
+    httpd = make_server(cfg, app)
     t = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     t.start()
     yield app, f"http://127.0.0.1:{httpd.server_address[1]}"
