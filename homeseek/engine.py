@@ -141,6 +141,13 @@ class Engine:
         self.experts = ExpertStore(
             self.ckpt, cfg, self.layers, dev, n_slots, n_host, policy=rt.eviction, progress=progress
         )
+        for layer in self.layers:
+            if cfg.is_hash_layer(layer):
+                self.experts.tid2eid[layer] = self.weights[layer]["ffn.gate.tid2eid"].cpu()
+        if rt.hot_profile:
+            from homeseek.profile import hot_set
+
+            self.experts.pin_hot(hot_set(rt.hot_profile, self.experts.n_slots // 2))
         if n_host:
             self.experts.start_host_fill()
         self.rope = M.RopeTables(cfg, rt.max_context, dev)
@@ -255,8 +262,9 @@ class Engine:
         return _Generation(self, sess, params, thinking, stream, cancel).run(ids)
 
     # One step over T tokens of one sequence; returns the final streams [T, N, D].
-    def _step(self, ids: torch.Tensor, state: SessionState) -> torch.Tensor:
+    def _step(self, ids: torch.Tensor, id_list: list[int], state: SessionState) -> torch.Tensor:
         pos = torch.arange(state.pos, state.pos + ids.shape[0], device=ids.device)
+        self.experts.prefetch_hash_layers(id_list)
         X = M.embed(ids, self.top["embed"], self.ctx)
         for layer in self.layers:
             p = M.segment_a(
@@ -330,7 +338,7 @@ class Session:
         chunk = eng.rt.prefill_chunk
         with torch.inference_mode():
             for a in range(0, T, chunk):
-                X = eng._step(ids[a : a + chunk], self.state)
+                X = eng._step(ids[a : a + chunk], id_list[a : a + chunk], self.state)
                 self.tokens.extend(id_list[a : a + chunk])
                 if last_only and a + chunk < T:
                     continue
@@ -486,6 +494,7 @@ def load(
     progress: bool = False,
     expert_slots: int | None = None,
     eviction: str = "lrfu",
+    hot_profile: str | None = None,
 ) -> Engine:
     """Load a checkpoint directory or a preset ("tiny") -> Engine (design.md §5)."""
     rt = RuntimeConfig.build(
@@ -499,6 +508,7 @@ def load(
         mtp=mtp,
         expert_slots=expert_slots,
         eviction=eviction,
+        hot_profile=hot_profile,
     )
     return Engine(resolve_model(path_or_preset), rt, progress=progress)
 

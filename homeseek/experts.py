@@ -134,12 +134,17 @@ class LRFUPolicy(Policy):
         return int(best[np.argmin(self.last[candidates][best])])
 
 
-def make_policy(name: str, n_slots: int) -> Policy:
+def make_policy(name: str, n_slots: int, lookups_per_token: int = 100) -> Policy:
+    """ "lru", "lrfu" (half-life of 20 decode tokens' worth of lookups) or "lrfu:<half-life>".
+
+    The 20-token default won on the full-size synthetic trace (tools/PERF_NOTES.md): long
+    enough to remember which experts a layer keeps using, short enough to follow topic shifts.
+    """
     if name == "lru":
         return LRUPolicy(n_slots)
     if name.startswith("lrfu"):
         _, _, h = name.partition(":")
-        return LRFUPolicy(n_slots, float(h) if h else 2000.0)
+        return LRFUPolicy(n_slots, float(h) if h else 20.0 * lookups_per_token)
     raise ConfigError(f"unknown eviction policy {name!r} (lru, lrfu, lrfu:<half-life>)")
 
 
@@ -210,9 +215,10 @@ def simulate(
     n_layers: int,
     policy: str,
     floor: int = 0,
+    lookups_per_token: int = 100,
 ) -> dict[str, float]:
     """Replay (layer, expert ids of one step) through one tier of `n_slots`; hit rate etc."""
-    res = Residency(n_slots, n_layers, make_policy(policy, n_slots), floor)
+    res = Residency(n_slots, n_layers, make_policy(policy, n_slots, lookups_per_token), floor)
     hits = lookups = 0
     for layer, experts in trace:
         res.protected[:] = False
@@ -236,7 +242,7 @@ class Counters:
     gpu_hits: int = 0  # already in the slot pool
     host_hits: int = 0  # copied host -> slot
     disk_loads: int = 0  # read from disk -> host -> slot
-    bytes_h2d: int = 0
+    bytes_h2d: int = 0  # bytes copied into slots
     bytes_disk: int = 0
     copy_s: float = 0.0  # host time spent issuing/doing copies
     evictions: int = 0
@@ -279,12 +285,17 @@ class ExpertStore:
         cuda = str(device).startswith("cuda")
         self.pool = RecordBuffer(cfg, self.n_slots, device)
         n_layers = max(self.layers) + 1 if self.layers else 1
-        self.gpu = Residency(self.n_slots, n_layers, make_policy(policy, self.n_slots), floor)
-        # Host tier: only useful when the slots are on another device.
+        per_token = len(self.layers) * cfg.num_experts_per_tok
+        self.gpu = Residency(
+            self.n_slots, n_layers, make_policy(policy, self.n_slots, per_token), floor
+        )
+        # Host tier: only useful when the slots are on another device. Its pinned buffer is
+        # allocated by the background filler (pinning tens of GB takes a while); until then
+        # misses read the disk tier directly.
         self.n_host = min(n_host, n_total) if cuda else 0
-        self.host = RecordBuffer(cfg, self.n_host, "cpu", pin=cuda) if self.n_host else None
+        self.host: RecordBuffer | None = None
         self.hostres = (
-            Residency(self.n_host, n_layers, make_policy(policy, self.n_host), 0)
+            Residency(self.n_host, n_layers, make_policy(policy, self.n_host, per_token), 0)
             if self.n_host
             else None
         )
@@ -294,6 +305,7 @@ class ExpertStore:
         self.lock = threading.Lock()  # the background host filler shares the host tier
         self._filler: threading.Thread | None = None
         self.progress = progress
+        self.tid2eid: dict[int, torch.Tensor] = {}  # hash layers: token id -> experts (CPU)
 
     # -- sources ----------------------------------------------------------------------------------
     def _disk_record(self, key: Key) -> dict[str, torch.Tensor]:
@@ -312,11 +324,11 @@ class ExpertStore:
 
     def _host_record(self, key: Key) -> dict[str, torch.Tensor]:
         """The record in host memory: from the host cache, else disk (-> host cache)."""
-        if self.host is None:
-            self.counters.disk_loads += 1
-            self.counters.bytes_disk += record_bytes(self.cfg)
-            return self._disk_record(key)
         with self.lock:
+            if self.host is None:  # no host tier (CPU), or not pinned yet
+                self.counters.disk_loads += 1
+                self.counters.bytes_disk += record_bytes(self.cfg)
+                return self._disk_record(key)
             s = self.hostres.lookup(key)
             if s is not None:
                 self.counters.host_hits += 1
@@ -346,7 +358,7 @@ class ExpertStore:
                 self.counters.evictions += evicted is not None
                 src = self._host_record(key)
                 self._copy_to_slot(s, src)
-                self.counters.bytes_h2d += record_bytes(self.cfg) if self.copy_stream else 0
+                self.counters.bytes_h2d += record_bytes(self.cfg)
             else:
                 self.counters.gpu_hits += 1
             self.gpu.protected[s] = True
@@ -376,9 +388,20 @@ class ExpertStore:
             if ev is not None:
                 cur.wait_event(ev)
 
-    def prefetch(self, layer: int, experts: Sequence[int]) -> None:
-        """Start copies for experts known ahead (hash-routed layers, from the token ids)."""
-        self.ensure_resident(layer, experts)
+    def prefetch_hash_layers(self, ids: Sequence[int]) -> None:
+        """Hash-routed layers' experts follow from the token ids alone: start their copies at
+        step start so they overlap the first layers' attention (skipped when they would crowd
+        out more than half the pool)."""
+        wanted = {
+            layer: sorted(set(table[list(ids)].flatten().tolist()))
+            for layer, table in self.tid2eid.items()
+        }
+        if sum(len(v) for v in wanted.values()) > self.n_slots // 2:
+            return
+        self.begin_layer()
+        for layer, experts in wanted.items():
+            self.ensure_resident(layer, experts)
+        self.begin_layer()
 
     def weights(self, slot: int) -> tuple[QWeight, QWeight, QWeight]:
         """(w1, w3, w2) of the record in `slot`, as views (reference path)."""
@@ -401,8 +424,8 @@ class ExpertStore:
 
     # -- background host fill ---------------------------------------------------------------------
     def start_host_fill(self, order: Sequence[Key] | None = None) -> None:
-        """Copy experts disk -> host cache in a background thread until the cache is full."""
-        if self.host is None or self._filler is not None:
+        """Pin the host cache and copy experts disk -> host in a background thread until full."""
+        if not self.n_host or self._filler is not None:
             return
         keys = (
             list(order)
@@ -412,6 +435,9 @@ class ExpertStore:
         keys = keys[: self.n_host]
 
         def fill() -> None:
+            host = RecordBuffer(self.cfg, self.n_host, "cpu", pin=True)
+            with self.lock:
+                self.host = host
             for key in tqdm(keys, desc="pinning experts", unit="exp", disable=not self.progress):
                 with self.lock:
                     if self.hostres.slot_of.get(key) is None:

@@ -34,7 +34,7 @@ def main() -> None:
     ap.add_argument("--slots", type=int, nargs="*", default=None, help="pool sizes to simulate")
     ap.add_argument("--gpu-mem-gb", type=float, default=None, help="size the pool from a budget")
     ap.add_argument(
-        "--policies", nargs="*", default=["lru", "lrfu:200", "lrfu:1000", "lrfu:5000", "lrfu:20000"]
+        "--policies", nargs="*", default=["lru", "lrfu", "lrfu:1000", "lrfu:5000", "lrfu:20000"]
     )
     ap.add_argument("--floor", type=int, default=1)
     ap.add_argument("--save-trace", default=None)
@@ -81,7 +81,8 @@ def main() -> None:
     for n in sizes:
         row = {}
         for p in args.policies:
-            row[p] = simulate(steps, n, cfg.num_hidden_layers, p, floor=args.floor)["hit_rate"]
+            per_token = cfg.num_hidden_layers * cfg.num_experts_per_tok
+            row[p] = simulate(steps, n, cfg.num_hidden_layers, p, args.floor, per_token)["hit_rate"]
         results.append({"slots": n, **row})
         print(f"{n:>7} {n / n_total:>8.1%} " + " ".join(f"{row[p]:>11.3f}" for p in args.policies))
     print(json.dumps({"bench": "routing_sim", "model": args.synthetic or args.model,
