@@ -15,17 +15,18 @@ if ls .whl/*.whl >/dev/null 2>&1 && ! "$py" -c "import pytest" 2>/dev/null; then
     "$py" -m pip install -q --no-index --no-deps --no-compile --target /tmp/hs-site .whl/*.whl
     export PYTHONPATH="/tmp/hs-site${PYTHONPATH:+:$PYTHONPATH}"
 fi
-# homeseek.kernels / homeseek.graphs exist only through the install's package-dir map: shim it.
-if ! "$py" -c "import homeseek.kernels.ops" 2>/dev/null; then
-    shim="$(mktemp -d)"
-    mkdir -p "$shim/homeseek"
-    for f in "$repo"/homeseek/*; do ln -s "$f" "$shim/homeseek/"; done
-    ln -sfn "$repo/kernels" "$shim/homeseek/kernels"
-    ln -sfn "$repo/graphs" "$shim/homeseek/graphs"
-    export PYTHONPATH="$shim${PYTHONPATH:+:$PYTHONPATH}"
-fi
+# homeseek.kernels / homeseek.graphs exist only through the install's package-dir map: shim it,
+# and run everything from the shim so the repo's own homeseek/ (without kernels/) never shadows it.
+shim="$(mktemp -d)"
+mkdir -p "$shim/homeseek"
+for f in "$repo"/homeseek/*; do ln -s "$f" "$shim/homeseek/"; done
+ln -sfn "$repo/kernels" "$shim/homeseek/kernels"
+ln -sfn "$repo/graphs" "$shim/homeseek/graphs"
+export PYTHONPATH="$shim${PYTHONPATH:+:$PYTHONPATH}"
+cd "$shim"
+pt=("$py" -m pytest -p no:cacheprovider --rootdir "$repo" -c "$repo/pyproject.toml")
 parts=("$@")
-[ ${#parts[@]} -eq 0 ] && parts=(engine copy routing kernels)
+[ ${#parts[@]} -eq 0 ] && parts=(engine kernels doctor copy routing bench)
 rc=0
 step() {  # step NAME SECONDS CMD...
     local name="$1" secs="$2"
@@ -41,11 +42,13 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$log
     | tee -a "$logs/env.log"
 for p in "${parts[@]}"; do
     case "$p" in
-    engine) step gpu_engine 240 "$py" -m pytest -q -m gpu tests/test_gpu_engine.py -p no:cacheprovider ;;
-    copy) step expert_copy 120 "$py" tools/expert_copy_bench.py ;;
-    routing) step routing_flash 300 "$py" tools/routing_sim.py --synthetic flash --alias 64 \
-        --device cuda --tokens 4096 --chunk 1024 --gpu-mem-gb 24 --save-trace "$logs/trace.npz" ;;
-    kernels) step kernels 400 bash tools/gpu_kernels_check.sh ;;
+    engine) step gpu_engine 240 "${pt[@]}" -q -m gpu "$repo/tests/test_gpu_engine.py" ;;
+    kernels) step gpu_kernels 400 "${pt[@]}" -q -m gpu -rs "$repo/tests/test_kernels.py" ;;
+    doctor) step doctor 60 "$py" -m homeseek doctor ;;
+    copy) step expert_copy 120 "$py" "$repo/tools/expert_copy_bench.py" ;;
+    routing) step routing_flash 300 "$py" "$repo/tools/routing_sim.py" --synthetic flash \
+        --alias 64 --device cuda --tokens 4096 --chunk 1024 --gpu-mem-gb 24 ;;
+    bench) step bench_kernels 400 "$py" "$repo/tools/bench_kernels.py" ;;
     esac
 done
 exit $rc
