@@ -75,21 +75,22 @@ def _request_body(
 class HttpBackend:
     """A homeseek (or any OpenAI-compatible) server, streamed over plain urllib."""
 
-    def __init__(self, url: str, api_key: str | None = None, timeout_s: float = 600.0) -> None:
+    def __init__(self, url: str, api_key: str | None = None) -> None:
         base = url.rstrip("/")
         self.base = base if base.endswith("/v1") else base + "/v1"
         self.api_key = api_key
-        self.timeout_s = timeout_s
         self.model = "homeseek"
 
-    def _request(self, path: str, body: dict[str, Any] | None = None) -> Any:
+    def _request(
+        self, path: str, body: dict[str, Any] | None = None, timeout_s: float | None = None
+    ) -> Any:
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
         data = json.dumps(body).encode() if body is not None else None
         req = urllib.request.Request(self.base + path, data=data, headers=headers)
         try:
-            return urllib.request.urlopen(req, timeout=self.timeout_s)
+            return urllib.request.urlopen(req, timeout=timeout_s)
         except urllib.error.HTTPError as e:
             try:
                 msg = json.loads(e.read())["error"]["message"]
@@ -105,7 +106,7 @@ class HttpBackend:
 
     def connect(self) -> None:
         """Ask the server for its model name (also checks that it is there)."""
-        with self._request("/models") as resp:
+        with self._request("/models", timeout_s=10) as resp:
             data = json.loads(resp.read())["data"]
         if data:
             self.model = data[0]["id"]
@@ -124,7 +125,8 @@ class HttpBackend:
         body = _request_body(messages, thinking, max_tokens, temperature)
         body |= {"model": self.model, "stream": True, "stream_options": {"include_usage": True}}
         reply = Reply()
-        # Leaving this block (also on Ctrl-C) closes the connection; the server then cancels.
+        # No timeout: a long prompt may prefill for minutes, and Ctrl-C is there. Leaving this
+        # block (also on Ctrl-C) closes the connection, and the server then cancels.
         with self._request("/chat/completions", body) as resp:
             for raw in resp:
                 line = raw.decode("utf-8").rstrip("\r\n")

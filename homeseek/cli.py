@@ -336,7 +336,13 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--quiet", action="store_true", help="do not log each request")
     sv.set_defaults(func=cmd_serve)
 
-    ch = sub.add_parser("chat", help="interactive chat against a server (or in-process: --model)")
+    ch = sub.add_parser(
+        "chat",
+        help="interactive chat against a server (or in-process: --model)",
+        description="Chat in the terminal with a running `homeseek serve` (--url), or, with "
+        "--model, with the engine loaded in this process. Commands: /think /stats /clear "
+        "/help /quit.",
+    )
     _add_model_args(ch)
     ch.set_defaults(model=None)  # no --model: talk to the server at --url
     ch.add_argument("--url", default="http://127.0.0.1:8000", help="server (default %(default)s)")
