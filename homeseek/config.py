@@ -286,6 +286,7 @@ class RuntimeConfig:
     expert_slots: int | None = None  # slot-pool size; None: derived from gpu_mem_gb
     eviction: str = "lrfu"  # expert-pool eviction policy: lru | lrfu[:half-life]
     hot_profile: str | None = None  # routing profile whose top experts stay pinned in the pool
+    kernels: bool = True  # Triton kernels on CUDA; False runs the torch twins there too
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -26,6 +26,7 @@ from homeseek import model as M
 from homeseek.checkpoint import Checkpoint, QWeight, layer_prefix, layer_table
 from homeseek.config import PRESETS, ConfigError, ModelConfig, RuntimeConfig, default_cache_dir
 from homeseek.experts import ExpertStore, record_bytes
+from homeseek.kernels import ops
 from homeseek.sampling import Sampler, SamplingParams
 from homeseek.state import SessionState
 
@@ -123,7 +124,7 @@ class Engine:
                 f"max_context={rt.max_context} exceeds the model's max_position_embeddings="
                 f"{cfg.max_position_embeddings}"
             )
-        self.ctx = M.Ctx(cfg, rt.dtype, rt.quant_sim)
+        self.ctx = M.Ctx(cfg, rt.dtype, rt.quant_sim, None if rt.kernels else False)
         dev = rt.device
         self.top = {
             "embed": self.ckpt.get("embed.weight").to(dev),
@@ -270,28 +271,47 @@ class Engine:
             p = M.segment_a(
                 X, ids, pos, self.weights[layer], state.layers[layer], layer, self.rope, self.ctx
             )
-            X = M.segment_b(p, self._routed(p, layer))
+            X = M.segment_b(p, self._moe(p, layer), self.ctx)
         state.pos += ids.shape[0]
         return X
 
-    def _routed(self, p: M.FfnPending, layer: int) -> torch.Tensor:
-        """Routed experts of one layer: make them resident (the one host sync per layer), then
-        compute. When a chunk touches more experts than the pool holds, it runs in waves, each
-        expert still loaded once per chunk."""
+    def _moe(self, p: M.FfnPending, layer: int) -> torch.Tensor:
+        """Routed experts + shared expert of one layer -> [T, D] in the activation dtype.
+
+        The selected experts are made resident first (the one host sync per layer). When a
+        chunk touches more experts than the pool holds it runs in waves, each expert still
+        loaded once per chunk. CUDA: the FP4 kernel reads the slot pool through a slot table.
+        CPU: the reference loop, experts in id order, so the sum is bitwise the same for any
+        pool size.
+        """
         store = self.experts
         if self.routing_trace is not None:
             self.routing_trace.append((layer, p.sel.cpu()))
-        experts = sorted(set(p.sel.flatten().tolist()))
-        out = torch.zeros(p.u.shape[0], p.u.shape[1], dtype=torch.float32, device=p.u.device)
+        sel = p.sel.tolist()
+        experts = sorted({e for row in sel for e in row})
         wave = max(store.n_slots - int(store.gpu.pinned.sum()), 1)
+        fused = self.rt.kernels and ops.use_triton(p.u)
+        out = p.shared if fused else None
+        acc = None if fused else torch.zeros_like(p.u, dtype=torch.float32)
         for i in range(0, len(experts), wave):
             batch = experts[i : i + wave]
             store.begin_layer()
-            slots = dict(zip(batch, store.ensure_resident(layer, batch), strict=True))
-            store.wait(slots.values())
-            weights_of = {e: store.weights(s) for e, s in slots.items()}.__getitem__
-            M.routed_experts(p.u, p.sel, p.weights, batch, weights_of, self.ctx, out)
-        return out
+            slot_of = dict(zip(batch, store.ensure_resident(layer, batch), strict=True))
+            store.wait(slot_of.values())
+            if fused:
+                table = [[slot_of.get(e, -1) for e in row] for row in sel]
+                slots = torch.tensor(table, dtype=torch.int32).to(p.u.device, non_blocking=True)
+                t = store.pool.t
+                out = ops.fp4_experts(
+                    p.u, slots, p.weights, out, t["w13_q"], t["w13_s"], t["w2_q"], t["w2_s"],
+                    self.cfg.swiglu_limit, act_quant=self.rt.quant_sim,
+                )  # fmt: skip
+            else:
+                weights_of = {e: store.weights(s) for e, s in slot_of.items()}.__getitem__
+                M.routed_experts(p.u, p.sel, p.weights, batch, weights_of, self.ctx, acc)
+        if fused:
+            return out
+        return (acc + p.shared.float()).to(p.u.dtype)
 
 
 class Session:
@@ -495,6 +515,7 @@ def load(
     expert_slots: int | None = None,
     eviction: str = "lrfu",
     hot_profile: str | None = None,
+    kernels: bool = True,
 ) -> Engine:
     """Load a checkpoint directory or a preset ("tiny") -> Engine (design.md §5)."""
     rt = RuntimeConfig.build(
@@ -509,6 +530,7 @@ def load(
         expert_slots=expert_slots,
         eviction=eviction,
         hot_profile=hot_profile,
+        kernels=kernels,
     )
     return Engine(resolve_model(path_or_preset), rt, progress=progress)
 

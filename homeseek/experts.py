@@ -440,6 +440,8 @@ class ExpertStore:
                 self.host = host
             for key in tqdm(keys, desc="pinning experts", unit="exp", disable=not self.progress):
                 with self.lock:
+                    if not self.hostres.free:  # full: never evict what a miss may be reading
+                        return
                     if self.hostres.slot_of.get(key) is None:
                         s, _ = self.hostres.admit(key)
                         self.host.copy_in(s, self._disk_record(key))

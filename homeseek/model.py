@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from homeseek.checkpoint import QWeight
 from homeseek.config import CSA, SWA, ModelConfig, yarn_inv_freq
+from homeseek.kernels import ops
 from homeseek.quant import act_quant_sim, fp4_block_sim, fp8_block_sim, hadamard
 from homeseek.state import CompressorState, LayerState
 
@@ -35,6 +36,7 @@ class Ctx:
     cfg: ModelConfig
     dtype: torch.dtype
     quant_sim: bool
+    kernels: bool | None = None  # kernel layer: None = Triton on CUDA; False = torch twins only
 
 
 class RopeTables:
@@ -63,8 +65,11 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor | None, eps: float) -> torch.Tenso
 
 
 def linear(x: torch.Tensor, w: QWeight, ctx: Ctx) -> torch.Tensor:
-    """x·Wᵀ with fp32 accumulation; FP8/FP4 weights see the reference's activation rounding."""
-    if ctx.quant_sim and w.fmt != "plain":
+    """x [T, K]·Wᵀ with fp32 accumulation; FP8/FP4 weights see the reference's activation
+    rounding. FP8 goes through the kernel layer (Triton on CUDA, its torch twin elsewhere)."""
+    if w.fmt == "fp8":
+        return ops.fp8_linear(x, w.weight, w.scale, act_quant=ctx.quant_sim, triton=ctx.kernels)
+    if ctx.quant_sim and w.fmt == "fp4":
         x = act_quant_sim(x)
     return (x.float() @ w.dequant().T).to(x.dtype)
 
@@ -83,44 +88,38 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 # --- mHC (spec §3.2) -----------------------------------------------------------------------------
+# pre:  r = 1/RMS(X flattened over N·D); m = (X·fnᵀ)·r; pre_k = σ(m_k·s0 + b_k) + eps;
+#       post_k = 2σ(m_{N+k}·s1 + b_{N+k}); comb = Sinkhorn(m_{2N..}·s2 + b) (softmax + eps, column
+#       norm, then iters-1 row/column pairs); y = Σ_k pre_k·X_k. All fp32 inside.
+# post: X'_k = post_k·F + Σ_j comb[j, k]·X_j (out-stream k sums over the FIRST index).
+# head: like pre with fn [N, N·D], no post/comb.
+# The math lives once, in kernels/mhc.py (`mhc_*_ref` twins, fused Triton kernels on CUDA).
 def hc_pre(
     X: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, ctx: Ctx
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """X [T, N, D] -> (sublayer input y [T, D], post [T, N], comb [T, N, N]); fp32 inside."""
-    cfg = ctx.cfg
-    N = cfg.hc_mult
-    xf = X.float().flatten(1)  # [T, N·D]
-    r = torch.rsqrt(xf.square().mean(-1, keepdim=True) + cfg.rms_norm_eps)
-    m = (xf @ fn.T) * r  # [T, (2+N)·N]
-    pre = torch.sigmoid(m[:, :N] * scale[0] + base[:N]) + cfg.hc_eps
-    post = 2 * torch.sigmoid(m[:, N : 2 * N] * scale[1] + base[N : 2 * N])
-    comb = (m[:, 2 * N :] * scale[2] + base[2 * N :]).view(-1, N, N)
-    # Sinkhorn, exact order: softmax over k + eps, column norm, then (iters - 1) row/column pairs.
-    comb = torch.softmax(comb, dim=-1) + cfg.hc_eps
-    comb = comb / (comb.sum(-2, keepdim=True) + cfg.hc_eps)
-    for _ in range(cfg.hc_sinkhorn_iters - 1):
-        comb = comb / (comb.sum(-1, keepdim=True) + cfg.hc_eps)
-        comb = comb / (comb.sum(-2, keepdim=True) + cfg.hc_eps)
-    y = (pre.unsqueeze(-1) * X.float()).sum(1)  # [T, D]
-    return y.to(ctx.dtype), post, comb
+    """X [T, N, D] -> (sublayer input y [T, D], post [T, N], comb [T, N, N])."""
+    c = ctx.cfg
+    return ops.mhc_pre(
+        X, fn, scale, base, hc_eps=c.hc_eps, iters=c.hc_sinkhorn_iters, norm_eps=c.rms_norm_eps,
+        triton=ctx.kernels,
+    )  # fmt: skip
 
 
 def hc_post(
-    F_out: torch.Tensor, X: torch.Tensor, post: torch.Tensor, comb: torch.Tensor
+    F_out: torch.Tensor, X: torch.Tensor, post: torch.Tensor, comb: torch.Tensor, ctx: Ctx
 ) -> torch.Tensor:
-    """X'_k = post_k·F + Σ_j comb[j, k]·X_j (out-stream k sums over the first index)."""
-    mixed = torch.einsum("tjk,tjd->tkd", comb, X.float())  # [T, N, D]
-    return (post.unsqueeze(-1) * F_out.float().unsqueeze(1) + mixed).to(X.dtype)
+    """[T, D] sublayer output, streams [T, N, D] -> next streams [T, N, D]."""
+    return ops.mhc_post(F_out, X, post, comb, triton=ctx.kernels)
 
 
 def hc_head(
     X: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, ctx: Ctx
 ) -> torch.Tensor:
     """Collapse the N streams before the final norm: [T, N, D] -> [T, D]."""
-    xf = X.float().flatten(1)
-    r = torch.rsqrt(xf.square().mean(-1, keepdim=True) + ctx.cfg.rms_norm_eps)
-    pre = torch.sigmoid((xf @ fn.T) * r * scale[0] + base) + ctx.cfg.hc_eps  # [T, N]
-    return (pre.unsqueeze(-1) * X.float()).sum(1).to(X.dtype)
+    c = ctx.cfg
+    return ops.mhc_head(
+        X, fn, scale, base, hc_eps=c.hc_eps, norm_eps=c.rms_norm_eps, triton=ctx.kernels
+    )
 
 
 # --- compressor (spec §3.3) ----------------------------------------------------------------------
@@ -178,22 +177,14 @@ def compress(
 
 # --- attention (spec §3.3) -----------------------------------------------------------------------
 def sparse_attention(
-    q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, sink: torch.Tensor, scale: float
+    q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, sink: torch.Tensor, scale: float, ctx: Ctx
 ) -> torch.Tensor:
     """q [T, H, Dh], kv [L, Dh] (K = V), idx [T, S] rows of kv (-1: none), sink [H] -> [T, H, Dh].
 
-    softmax over the selected keys with the sink in the denominator only; fp32 logits and
-    accumulation, probabilities cast to the activation dtype before P·V (as the reference).
+    l_j = scale·q·k_j over the selected keys; o = Σ e^(l_j-M) v_j / (Σ e^(l_j-M) + e^(sink-M)):
+    the sink enlarges the denominator only. fp32 math (kernels/sparse_attn.py).
     """
-    valid = idx >= 0
-    keys = kv[idx.clamp(min=0)]  # [T, S, Dh]
-    logits = torch.einsum("thd,tsd->ths", q.float(), keys.float()) * scale
-    logits = logits.masked_fill(~valid.unsqueeze(1), float("-inf"))
-    sinks = sink.view(1, -1, 1).expand(logits.shape[0], -1, 1)
-    m = torch.maximum(logits.amax(-1, keepdim=True), sinks)
-    p = torch.exp(logits - m)
-    p = p / (p.sum(-1, keepdim=True) + torch.exp(sinks - m))
-    return torch.einsum("ths,tsd->thd", p.to(q.dtype).float(), keys.float()).to(q.dtype)
+    return ops.sparse_attn(q, kv, idx, sink, scale, triton=ctx.kernels)
 
 
 def indexer_topk(
@@ -222,15 +213,13 @@ def indexer_topk(
         qi = fp4_block_sim(hadamard(qi))
     # Head weights scaled by DI^-1/2 · HI^-1/2 (spec §3.3 step 4).
     w = linear(x, lw["attn.indexer.weights_proj"], ctx).float() * (DI**-0.5 * HI**-0.5)
-    keys = cs.cache[:n_c].float()  # [C, DI]
-    scores = torch.relu(torch.einsum("thd,cd->thc", qi.float(), keys))  # [T, HI, C]
-    score = (scores * w.unsqueeze(-1)).sum(1)  # [T, C]
-    limit = (pos + 1) // cs.ratio  # entry j usable iff j < floor((p+1)/m)
-    entries = torch.arange(n_c, device=x.device)
-    score = score.masked_fill(entries.unsqueeze(0) >= limit.unsqueeze(1), float("-inf"))
-    k = min(cfg.index_topk, n_c)
-    top = score.topk(k, dim=-1).indices
-    return torch.where(top >= limit.unsqueeze(1), torch.full_like(top, -1), top)
+    # I[t, c] = Σ_h w[t, h]·ReLU(qI[t, h]·kI[c]); entry c usable iff c < floor((p+1)/m);
+    # top-k of the usable ones, -1 where fewer exist (kernels/indexer.py).
+    limit = (pos + 1) // cs.ratio
+    top = ops.indexer_topk(
+        qi, cs.cache[:n_c], w, limit, min(cfg.index_topk, n_c), triton=ctx.kernels
+    )
+    return top.long()
 
 
 def attention(
@@ -285,7 +274,7 @@ def attention(
             sel = torch.where(ent < limit, ent, torch.full_like(ent, -1))
         idx = torch.cat((idx, torch.where(sel >= 0, sel + n_local, sel)), dim=1)
 
-    o = sparse_attention(q, keys, idx, lw["attn.attn_sink"], Dh**-0.5)  # [T, H, Dh]
+    o = sparse_attention(q, keys, idx, lw["attn.attn_sink"], Dh**-0.5, ctx)  # [T, H, Dh]
     o = apply_rope(o, cos.unsqueeze(1), -sin.unsqueeze(1))  # undo RoPE at the query position
 
     # Grouped output: heads 8g..8g+7 form group g (V4-Flash), each projected to o_lora_rank.
@@ -390,7 +379,7 @@ def segment_a(
     eps = ctx.cfg.rms_norm_eps
     y, post, comb = hc_pre(X, lw["hc_attn_fn"], lw["hc_attn_base"], lw["hc_attn_scale"], ctx)
     a = attention(rms_norm(y, lw["attn_norm"], eps), pos, lw, st, layer, rope, ctx)
-    X = hc_post(a, X, post, comb)
+    X = hc_post(a, X, post, comb, ctx)
     y, post, comb = hc_pre(X, lw["hc_ffn_fn"], lw["hc_ffn_base"], lw["hc_ffn_scale"], ctx)
     u = rms_norm(y, lw["ffn_norm"], eps)
     sel, w = route(u, ids, lw, layer, ctx)
@@ -404,10 +393,9 @@ def segment_a(
     return FfnPending(X, u, post, comb, sel, w, shared)
 
 
-def segment_b(p: FfnPending, routed: torch.Tensor) -> torch.Tensor:
-    """Routed (fp32) + shared, cast to the activation dtype, then mHC post -> next streams."""
-    moe = (routed + p.shared.float()).to(p.X.dtype)
-    return hc_post(moe, p.X, p.post, p.comb)
+def segment_b(p: FfnPending, moe: torch.Tensor, ctx: Ctx) -> torch.Tensor:
+    """MoE output (routed + shared, activation dtype) through mHC post -> next streams."""
+    return hc_post(moe, p.X, p.post, p.comb, ctx)
 
 
 def embed(ids: torch.Tensor, table: torch.Tensor, ctx: Ctx) -> torch.Tensor:

@@ -2,6 +2,7 @@
 launcher; anything else (CPU engine, tests, CI) runs the plain-torch `_ref` twin. Same signatures
 and results (up to fp32 summation order), so the engine calls these and never branches itself.
 
+Every op takes `triton=`: None (default) decides by device, False forces the twin.
 `out=` buffers are honoured on both paths (the twin copies its result in), so code written for the
 GPU's static buffers runs unchanged on CPU. Workspaces are only used by the Triton path.
 """
@@ -36,6 +37,12 @@ def use_triton(t: torch.Tensor) -> bool:
     return HAS_TRITON and t.device.type == "cuda" and not interpreting()
 
 
+def _pick(triton: bool | None, t: torch.Tensor) -> bool:
+    """`triton=None` decides by device (use_triton); False forces the twin (reference runs on
+    CUDA); True insists on the kernel."""
+    return use_triton(t) if triton is None else triton
+
+
 def _into(out: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
     if out is None:
         return value
@@ -51,9 +58,10 @@ def fp8_linear(
     out: torch.Tensor | None = None,
     act_quant: bool = False,
     workspace: _fp8.Fp8LinearWorkspace | None = None,
+    triton: bool | None = None,
 ) -> torch.Tensor:
     """y [M, N] = x [M, K] . W^T, W e4m3fn [N, K] with 128x128 block scale (E8M0 or fp32)."""
-    if use_triton(x):
+    if _pick(triton, x):
         return _fp8.fp8_linear(x, w, w_scale, out=out, act_quant=act_quant, workspace=workspace)
     out_dtype = out.dtype if out is not None else None
     return _into(out, _fp8.fp8_linear_ref(x, w, w_scale, act_quant=act_quant, out_dtype=out_dtype))
@@ -73,11 +81,12 @@ def fp4_experts(
     out: torch.Tensor | None = None,
     act_quant: bool = False,
     workspace: _fp4.Fp4ExpertsWorkspace | None = None,
+    triton: bool | None = None,
 ) -> torch.Tensor:
     """Routed experts from the FP4 slot pool: out [M, D] = shared_out + sum_k expert(slots[m, k]).
     M <= 16 takes the decode kernels, larger M the grouped (prefill) kernels."""
     args = (x, slots, route_w, shared_out, w13_q, w13_s, w2_q, w2_s, swiglu_limit)
-    if use_triton(x):
+    if _pick(triton, x):
         if x.shape[0] <= _fp4.DECODE_MAX_M:
             return _fp4.fp4_experts(*args, out=out, act_quant=act_quant, workspace=workspace)
         return _fp4.fp4_experts_grouped(*args, out=out, act_quant=act_quant)
@@ -94,9 +103,10 @@ def sparse_attn(
     *,
     out: torch.Tensor | None = None,
     workspace: _attn.SparseAttnWorkspace | None = None,
+    triton: bool | None = None,
 ) -> torch.Tensor:
     """o [T, H, Dh]: attention of q over kv rows idx [T, L] (-1 masked) with a per-head sink."""
-    if use_triton(q):
+    if _pick(triton, q):
         return _attn.sparse_attn(q, kv, idx, sink, scale, out=out, workspace=workspace)
     return _into(out, _attn.sparse_attn_ref(q, kv, idx, sink, scale))
 
@@ -110,9 +120,10 @@ def indexer_topk(
     *,
     out: torch.Tensor | None = None,
     workspace: _idx.IndexerWorkspace | None = None,
+    triton: bool | None = None,
 ) -> torch.Tensor:
     """idx [T, topk] int32: best indexer entries per token (-1 = none); ties -> lower index."""
-    if use_triton(q):
+    if _pick(triton, q):
         return _idx.indexer_topk(q, k, w, n_valid, topk, out=out, workspace=workspace)
     return _into(out, _idx.indexer_topk_ref(q, k, w, n_valid, topk))
 
@@ -130,9 +141,10 @@ def mhc_pre(
     post: torch.Tensor | None = None,
     comb: torch.Tensor | None = None,
     workspace: _mhc.MhcWorkspace | None = None,
+    triton: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """mHC pre: x [T, 4, D] -> (y [T, D], post [T, 4] fp32, comb [T, 4, 4] fp32)."""
-    if use_triton(x):
+    if _pick(triton, x):
         return _mhc.mhc_pre(
             x, fn, scale, base, hc_eps=hc_eps, iters=iters, norm_eps=norm_eps,
             y=y, post=post, comb=comb, workspace=workspace,
@@ -151,9 +163,10 @@ def mhc_head(
     norm_eps: float = 1e-6,
     y: torch.Tensor | None = None,
     workspace: _mhc.MhcWorkspace | None = None,
+    triton: bool | None = None,
 ) -> torch.Tensor:
     """mHC head collapse: x [T, 4, D], fn [4, 4D] -> y [T, D]."""
-    if use_triton(x):
+    if _pick(triton, x):
         return _mhc.mhc_head(
             x, fn, scale, base, hc_eps=hc_eps, norm_eps=norm_eps, y=y, workspace=workspace
         )
@@ -167,8 +180,9 @@ def mhc_post(
     comb: torch.Tensor,
     *,
     out: torch.Tensor | None = None,
+    triton: bool | None = None,
 ) -> torch.Tensor:
     """mHC post: X'_k = post_k * F + sum_j comb[j, k] * X_j -> [T, 4, D]."""
-    if use_triton(x):
+    if _pick(triton, x):
         return _mhc.mhc_post(f, x, post, comb, out=out)
     return _into(out, _mhc.mhc_post_ref(f, x, post, comb))

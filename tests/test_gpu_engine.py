@@ -1,4 +1,5 @@
-"""The engine on CUDA equals the engine on CPU (tests marked gpu; skipped without CUDA)."""
+"""The engine on CUDA: reference path == CPU, Triton kernel path close to it, the tiered expert
+store exact under eviction (tests marked gpu; skipped without CUDA)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import pytest
 import torch
 
 import homeseek
+
 from oracle import compare
 
 pytestmark = [
@@ -19,27 +21,65 @@ def ids() -> list[int]:
     return torch.randint(0, 129280, (160,), generator=torch.Generator().manual_seed(5)).tolist()
 
 
-@pytest.mark.parametrize("quant_sim", [False, True])
-def test_cuda_fp32_matches_cpu(ids, quant_sim, parity_report):
-    cpu = homeseek.load("tiny", device="cpu", dtype=torch.float32, quant_sim=quant_sim, max_context=256)
-    gpu = homeseek.load("tiny", device="cuda", dtype=torch.float32, quant_sim=quant_sim, max_context=256)
-    ref = cpu.session().forward(ids)
-    # TF32 off: the comparison is about the engine, not the matmul mode.
+@pytest.fixture(scope="module", autouse=True)
+def _no_tf32():
+    # The comparisons are about the engine, not about TF32 matmuls in torch.
+    old = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
-    full = gpu.session().forward(ids).cpu()
-    stats = compare(full, ref)
-    parity_report("tiny", f"cuda fp32 sim={quant_sim}", stats)
-    assert stats["max_err_rel"] < 1e-3 and stats["argmax_agree_pct"] >= 99, stats
-    sess = gpu.session()
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def _load(device: str, **kw):
+    kw.setdefault("dtype", torch.float32)
+    return homeseek.load("tiny", device=device, max_context=256, **kw)
+
+
+def _prefill_and_decode(eng, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    full = eng.session().forward(ids).cpu()
+    sess = eng.session()
     dec = torch.stack([sess.decode(i) for i in ids]).cpu()
-    stats = compare(dec, ref)
-    parity_report("tiny", f"cuda fp32 decode sim={quant_sim}", stats)
-    assert stats["max_err_rel"] < 1e-3 and stats["argmax_agree_pct"] >= 99, stats
+    return full, dec
 
 
-def test_cuda_bf16_generate(ids):
-    eng = homeseek.load("tiny", device="cuda", dtype=torch.bfloat16, max_context=256)
-    r = eng.generate(messages=[{"role": "user", "content": "Hello"}], max_tokens=16, temperature=0)
+@pytest.mark.parametrize("quant_sim", [False, True])
+def test_cuda_reference_path_matches_cpu(ids, quant_sim, parity_report):
+    ref = _load("cpu", quant_sim=quant_sim).session().forward(ids)
+    full, dec = _prefill_and_decode(_load("cuda", quant_sim=quant_sim, kernels=False), ids)
+    for mode, x in (("prefill", full), ("decode", dec)):
+        stats = compare(x, ref)
+        parity_report("tiny", f"cuda ref {mode} sim={quant_sim}", stats)
+        assert stats["max_err_rel"] < 1e-3 and stats["argmax_agree_pct"] >= 99, stats
+
+
+@pytest.mark.parametrize("quant_sim", [False, True])
+def test_cuda_kernel_path_close_to_reference(ids, quant_sim, parity_report):
+    ref = _load("cuda", quant_sim=quant_sim, kernels=False).session().forward(ids).cpu()
+    full, dec = _prefill_and_decode(_load("cuda", quant_sim=quant_sim, kernels=True), ids)
+    for mode, x in (("prefill", full), ("decode", dec)):
+        stats = compare(x, ref)
+        parity_report("tiny", f"cuda kernels {mode} sim={quant_sim}", stats)
+        # Kernels sum in another order (and tl.dot may use TF32 in the prefill path); the random
+        # model amplifies that, so judge by median error and argmax (design.md §6).
+        assert stats["median_err_rel"] < 0.05 and stats["argmax_agree_pct"] >= 90, stats
+
+
+def test_cuda_store_exact_under_eviction(ids):
+    """Reference path on CUDA with a 2-slot pool and a pinned host tier == everything resident."""
+    full = _load("cuda", kernels=False)
+    small = _load("cuda", kernels=False, expert_slots=2, host_mem_gb=0.01)
+    small.experts.join_host_fill()
+    a = _prefill_and_decode(full, ids[:60])
+    b = _prefill_and_decode(small, ids[:60])
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    c = small.experts.counters
+    assert c.evictions > 60 and c.lookups == c.gpu_hits + c.host_hits + c.disk_loads
+    assert c.host_hits > 0  # misses were served from the pinned host cache
+
+
+def test_cuda_bf16_generate():
+    eng = _load("cuda", dtype=torch.bfloat16)
+    msgs = [{"role": "user", "content": "Hello"}]
+    r = eng.generate(messages=msgs, max_tokens=16, temperature=0)
     assert len(r.token_ids) == 16 and r.stats["decode_tok_s"] > 0
-    r2 = eng.generate(messages=[{"role": "user", "content": "Hello"}], max_tokens=16, temperature=0)
-    assert r.token_ids == r2.token_ids
+    assert eng.generate(messages=msgs, max_tokens=16, temperature=0).token_ids == r.token_ids
