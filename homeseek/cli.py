@@ -361,7 +361,33 @@ def build_parser() -> argparse.ArgumentParser:
     dr.add_argument("--host-mem-gb", type=float, default=None, help="pinned host budget")
     dr.add_argument("--max-context", type=int, default=32768)
     dr.set_defaults(func=cmd_doctor)
+
+    pr = sub.add_parser("profile", help="record which experts a model routes to")
+    _add_model_args(pr)
+    pr.add_argument("--routing", action="store_true", required=True, help="routing profile")
+    pr.add_argument("--tokens", type=int, default=2048, help="random tokens to run")
+    pr.add_argument("--chunk", type=int, default=512)
+    pr.add_argument("--out", required=True, help="profile JSON (for load(hot_profile=...))")
+    pr.add_argument("--trace", default=None, help="also save the decode-order trace (.npz)")
+    pr.set_defaults(func=cmd_profile)
     return p
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from homeseek.profile import record_routing, routing_profile, save_trace, write_profile
+
+    if args.max_context is None:
+        args.max_context = args.tokens + 16
+    eng = _load(args)
+    steps = record_routing(eng, args.tokens, chunk=args.chunk)
+    counts = routing_profile(steps, eng.cfg.num_hidden_layers, eng.cfg.n_routed_experts)
+    write_profile(args.out, counts)
+    if args.trace:
+        save_trace(args.trace, steps)
+    used = int((counts > 0).sum())
+    print(f"{args.out}: {len(steps)} routing steps over {args.tokens} tokens; {used} of "
+          f"{counts.size} experts used")  # fmt: skip
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -15,6 +21,7 @@ from homeseek.experts import (
     record_bytes,
     simulate,
 )
+from homeseek.profile import hot_set
 
 
 @pytest.fixture(scope="module")
@@ -145,3 +152,36 @@ def test_frequency_aware_beats_lru_on_skewed_routing():
     lrfu = simulate(trace, n_slots=96, n_layers=8, policy="lrfu:5000")
     assert lrfu["lookups"] == lru["lookups"] == 600 * 8 * 6
     assert lrfu["hit_rate"] > lru["hit_rate"] + 0.03, (lru, lrfu)
+
+
+def test_hash_layer_experts_are_prefetched_at_step_start():
+    eng = homeseek.load("tiny", dtype=torch.float32, max_context=64, expert_slots=20)
+    sess = eng.session()
+    sess.forward([0])
+    before = dataclasses.replace(eng.experts.counters)
+    tok = 4242
+    want = {(layer, int(e)) for layer in (0, 1) for e in eng.experts.tid2eid[layer][tok]}
+    sess.decode(tok)
+    assert want <= set(eng.experts.gpu.slot_of)
+    c = eng.experts.counters
+    # Each hash-layer expert was looked up by the prefetch and again by its layer: a hit.
+    assert c.gpu_hits - before.gpu_hits >= len(want)
+
+
+def test_profile_command_and_hot_set(tmp_path):
+    prof = tmp_path / "routing.json"
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    cmd = [sys.executable, "-m", "homeseek", "profile", "--routing", "--model", "tiny"]
+    cmd += ["--threads", "1", "--tokens", "64", "--out", str(prof)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    hot = hot_set(prof, 6)
+    counts = json.loads(prof.read_text())["counts"]
+    assert counts[hot[0][0]][hot[0][1]] == max(max(row) for row in counts)
+    eng = homeseek.load("tiny", dtype=torch.float32, max_context=64, expert_slots=12,
+                        hot_profile=str(prof))  # fmt: skip
+    assert int(eng.experts.gpu.pinned.sum()) == 6
+    assert {eng.experts.gpu.key_of[s] for s in np.flatnonzero(eng.experts.gpu.pinned)} == set(hot)
+    ref = homeseek.load("tiny", dtype=torch.float32, max_context=64)
+    ids = list(range(100, 140))
+    assert torch.equal(eng.session().forward(ids), ref.session().forward(ids))
