@@ -115,6 +115,7 @@ class Engine:
         """source: a checkpoint directory, an open Checkpoint, or an in-memory source with the
         same reading methods (`homeseek.synthetic.SyntheticSource`)."""
         self.rt = rt
+        self.progress = progress  # progress bars on loading and long prefills
         self.ckpt = Checkpoint(source) if isinstance(source, (str, Path)) else source
         self.path = self.ckpt.path
         self.ckpt.validate()
@@ -356,8 +357,11 @@ class Session:
             )
         outs = []
         chunk = eng.rt.prefill_chunk
+        starts = range(0, T, chunk)
+        if eng.progress and len(starts) > 1:
+            starts = tqdm(starts, desc="prefill", unit="chunk", leave=False)
         with torch.inference_mode():
-            for a in range(0, T, chunk):
+            for a in starts:
                 X = eng._step(ids[a : a + chunk], id_list[a : a + chunk], self.state)
                 self.tokens.extend(id_list[a : a + chunk])
                 if last_only and a + chunk < T:
