@@ -18,6 +18,16 @@ import functools
 
 import torch
 
+# One definition of the stored formats, shared with the kernels' torch twins.
+from homeseek.kernels._formats import (  # noqa: F401 - re-exported as this module's API
+    act_quant_ref,
+    dequant_fp4,
+    e8m0_to_float,
+    scale_to_float,
+)
+from homeseek.kernels._formats import dequant_fp8 as _dequant_fp8
+from homeseek.kernels._formats import fp4_unpack as unpack_fp4  # noqa: F401
+
 FP8_MAX = 448.0  # largest finite e4m3fn
 FP4_MAX = 6.0  # largest E2M1
 # E2M1 code -> value; bit 3 is the sign (spec §2.3).
@@ -25,18 +35,6 @@ FP4_TABLE = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.
 
 
 # --- E8M0 ---------------------------------------------------------------------------------------
-def e8m0_to_float(s: torch.Tensor) -> torch.Tensor:
-    """Raw E8M0 bytes (uint8 or float8_e8m0fnu) -> float32 powers of two, exactly."""
-    if s.dtype != torch.uint8:
-        s = s.view(torch.uint8)
-    e = s.to(torch.int32)
-    # e >= 1: the float32 with biased exponent e and zero mantissa is exactly 2^(e-127).
-    # e == 0: 2^-127 is a float32 subnormal (mantissa bit 22).
-    bits = torch.where(e > 0, e << 23, torch.full_like(e, 1 << 22))
-    out = bits.view(torch.float32)
-    return torch.where(e == 255, torch.full_like(out, float("nan")), out)
-
-
 def float_to_e8m0(scale: torch.Tensor) -> torch.Tensor:
     """Positive powers of two (float32) -> raw E8M0 bytes. The caller guarantees exactness."""
     m, e = torch.frexp(scale.float())  # scale = m * 2^e with m = 0.5 for powers of two
@@ -54,13 +52,6 @@ def pow2_ceil(x: torch.Tensor) -> torch.Tensor:
 
 
 # --- FP8 ----------------------------------------------------------------------------------------
-def scale_to_float(scale: torch.Tensor) -> torch.Tensor:
-    """A `.scale` tensor as stored (E8M0 bytes or fp32) -> float32."""
-    if scale.dtype in (torch.uint8, torch.float8_e8m0fnu):
-        return e8m0_to_float(scale)
-    return scale.float()
-
-
 def expand_block_scale(s: torch.Tensor, shape: tuple[int, int], block: int = 128) -> torch.Tensor:
     """[ceil(N/b), ceil(K/b)] block scales -> [N, K] (edges cut)."""
     n, k = shape
@@ -68,11 +59,10 @@ def expand_block_scale(s: torch.Tensor, shape: tuple[int, int], block: int = 128
 
 
 def dequant_fp8(q: torch.Tensor, scale: torch.Tensor, block: int = 128) -> torch.Tensor:
-    """FP8 e4m3 weight [N, K] + block scale -> float32 [N, K]."""
-    if q.dtype != torch.float8_e4m3fn:
-        q = q.view(torch.float8_e4m3fn)
-    s = scale_to_float(scale)
-    return q.float() * expand_block_scale(s, tuple(q.shape), block)
+    """FP8 e4m3 weight [N, K] + 128x128 block scale (E8M0 or fp32) -> float32 [N, K], exactly."""
+    if block != 128:
+        raise ValueError(f"FP8 weights use 128x128 blocks (V4's weight_block_size), got {block}")
+    return _dequant_fp8(q, scale)
 
 
 def quant_fp8_blocks(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,21 +82,6 @@ def quant_fp8_blocks(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, t
 @functools.lru_cache(maxsize=8)
 def _fp4_lut(device: torch.device) -> torch.Tensor:
     return torch.tensor(FP4_TABLE, dtype=torch.float32, device=device)
-
-
-def unpack_fp4(packed: torch.Tensor) -> torch.Tensor:
-    """Packed E2M1 bytes [..., n/2] -> float32 values [..., n] (low nibble = even element)."""
-    b = packed.view(torch.uint8).to(torch.int64)
-    lut = _fp4_lut(packed.device)
-    lo, hi = lut[b & 0xF], lut[b >> 4]
-    return torch.stack((lo, hi), dim=-1).flatten(-2)
-
-
-def dequant_fp4(packed: torch.Tensor, scale: torch.Tensor, group: int = 32) -> torch.Tensor:
-    """FP4 weight (packed [out, in/2]) + E8M0 scale [out, in/group] -> float32 [out, in]."""
-    v = unpack_fp4(packed)
-    s = scale_to_float(scale)
-    return v * s.repeat_interleave(group, dim=-1)
 
 
 def round_e2m1(x: torch.Tensor) -> torch.Tensor:
@@ -173,12 +148,6 @@ def _per_block(x: torch.Tensor, block: int, fn) -> torch.Tensor:
     return torch.cat(parts, dim=-1).to(x.dtype)
 
 
-def _fp8_qdq(xb: torch.Tensor) -> torch.Tensor:
-    amax = xb.abs().amax(-1, keepdim=True).clamp_min(1e-4)
-    s = pow2_ceil(amax / FP8_MAX)
-    return (xb / s).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float() * s
-
-
 def _fp4_qdq(xb: torch.Tensor) -> torch.Tensor:
     amax = xb.abs().amax(-1, keepdim=True).clamp_min(FP4_MAX * 2.0**-126)
     s = pow2_ceil(amax / FP4_MAX)
@@ -188,8 +157,9 @@ def _fp4_qdq(xb: torch.Tensor) -> torch.Tensor:
 def fp8_block_sim(x: torch.Tensor, block: int) -> torch.Tensor:
     """Quantise-dequantise the last dim in blocks: UE8M0 scale rounded up (amax floor 1e-4),
     e4m3 round-to-nearest-even. Returns the input dtype. Block 128 for linear inputs, 64 for KV.
+    The definition is the kernels' own (`act_quant_ref`), so engine and kernels round alike.
     """
-    return _per_block(x, block, _fp8_qdq)
+    return act_quant_ref(x, block).to(x.dtype)
 
 
 def act_quant_sim(x: torch.Tensor, block: int = 128) -> torch.Tensor:
