@@ -125,7 +125,11 @@ class Engine:
                 f"max_context={rt.max_context} exceeds the model's max_position_embeddings="
                 f"{cfg.max_position_embeddings}"
             )
-        self.ctx = M.Ctx(cfg, rt.dtype, rt.quant_sim, None if rt.kernels else False)
+        # Triton kernels only for CUDA tensors, decided once here: the engine never runs CPU
+        # tensors through triton's interpreter (which TRITON_INTERPRET=1 would otherwise allow).
+        on_cuda = str(rt.device).startswith("cuda")
+        kernels = rt.kernels and on_cuda and ops.use_triton(torch.empty(0, device=rt.device))
+        self.ctx = M.Ctx(cfg, rt.dtype, rt.quant_sim, kernels)
         dev = rt.device
         self.top = {
             "embed": self.ckpt.get("embed.weight").to(dev),
@@ -291,7 +295,7 @@ class Engine:
         sel = p.sel.tolist()
         experts = sorted({e for row in sel for e in row})
         wave = max(store.n_slots - int(store.gpu.pinned.sum()), 1)
-        fused = self.rt.kernels and ops.use_triton(p.u)
+        fused = self.ctx.kernels
         out = p.shared if fused else None
         acc = None if fused else torch.zeros_like(p.u, dtype=torch.float32)
         for i in range(0, len(experts), wave):

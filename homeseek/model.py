@@ -36,7 +36,7 @@ class Ctx:
     cfg: ModelConfig
     dtype: torch.dtype
     quant_sim: bool
-    kernels: bool | None = None  # kernel layer: None = Triton on CUDA; False = torch twins only
+    kernels: bool = False  # kernel layer: True = Triton kernels (CUDA), False = torch twins
 
 
 class RopeTables:
@@ -184,7 +184,7 @@ def sparse_attention(
     l_j = scale·q·k_j over the selected keys; o = Σ e^(l_j-M) v_j / (Σ e^(l_j-M) + e^(sink-M)):
     the sink enlarges the denominator only. fp32 math (kernels/sparse_attn.py).
     """
-    return ops.sparse_attn(q, kv, idx, sink, scale, triton=ctx.kernels)
+    return ops.sparse_attn(q, kv, idx.int(), sink, scale, triton=ctx.kernels)
 
 
 def indexer_topk(
@@ -215,7 +215,9 @@ def indexer_topk(
     w = linear(x, lw["attn.indexer.weights_proj"], ctx).float() * (DI**-0.5 * HI**-0.5)
     # I[t, c] = Σ_h w[t, h]·ReLU(qI[t, h]·kI[c]); entry c usable iff c < floor((p+1)/m);
     # top-k of the usable ones, -1 where fewer exist (kernels/indexer.py).
-    limit = (pos + 1) // cs.ratio
+    limit = ((pos + 1) // cs.ratio).int()
+    if n_c == 0:  # no complete block yet: nothing to select
+        return torch.empty(T, 0, dtype=torch.long, device=x.device)
     top = ops.indexer_topk(
         qi, cs.cache[:n_c], w, limit, min(cfg.index_topk, n_c), triton=ctx.kernels
     )

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from pathlib import Path
 
 import pytest
 import torch
+
+# Without a GPU, Triton kernels are tested in triton's CPU interpreter. The switch must be set
+# before anything imports triton (the engine imports the kernel layer), so it lives here. The
+# engine itself never sends CPU tensors to triton; only the kernel tests do.
+if importlib.util.find_spec("triton") is not None and not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # Tiny models are dominated by per-op overhead; extra threads only contend (2-core CI machines).
 torch.set_num_threads(1)
