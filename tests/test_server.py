@@ -913,12 +913,25 @@ def test_sigterm_drains_in_flight_request(_model_cache: Path, tmp_path: Path) ->
         )
         it = iter(stream)
         next(it)  # the request is running
+        queued: list[Any] = []
+        waiter = threading.Thread(
+            target=lambda: queued.append(
+                c.chat.completions.create(model="tiny", messages=USER, max_tokens=5)
+            )
+        )
+        waiter.start()
+        deadline = time.monotonic() + 10
+        while json.loads(_http(s.url + "/health")[2])["queue_depth"] < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
         s.proc.send_signal(signal.SIGTERM)
         finish = None
         for ch in it:
             if ch.choices and ch.choices[0].finish_reason:
                 finish = ch.choices[0].finish_reason
         assert finish == "length"  # all 40 tokens, not cut
+        waiter.join(60)
+        assert queued and queued[0].usage.completion_tokens == 5  # the queued one was served too
         assert s.proc.wait(timeout=60) == 0
         out = s.rest_of_stdout()
         assert "shutting down" in out and "stopped" in out
