@@ -410,6 +410,7 @@ class _Generation:
         self.decoder = self.tok.stream_decoder() if self.tok is not None else None
         self.text = ""  # decoded completion so far
         self.sent = 0  # characters of self.text already streamed
+        self.ends: list[int] = []  # len(self.text) after each generated token
         self.hold = max((len(s) for s in params.stop), default=1) - 1
 
     def _emit(self, final: bool) -> None:
@@ -419,11 +420,15 @@ class _Generation:
             self.stream(self.text[self.sent : upto])
         self.sent = max(self.sent, upto)
 
-    def _hit_stop(self) -> bool:
+    def _hit_stop(self, out: list[int]) -> bool:
+        """Cut the text at the first stop string; drop the tokens whose text lies wholly past
+        the cut, so token_ids and usage describe what the caller receives."""
         cut = min((i for s in self.params.stop if (i := self.text.find(s)) >= 0), default=-1)
         if cut < 0:
             return False
         self.text = self.text[:cut]
+        keep = sum(1 for start in [0, *self.ends[:-1]] if start < cut)
+        del out[keep:]
         return True
 
     def run(self, prompt: list[int]) -> GenerationResult:
@@ -448,7 +453,8 @@ class _Generation:
             out.append(tok)
             if self.decoder is not None:
                 self.text += self.decoder.feed(tok)
-                if p.stop and self._hit_stop():
+                self.ends.append(len(self.text))  # text length after each token
+                if p.stop and self._hit_stop(out):
                     finish = "stop"
                     break
                 self._emit(final=False)
@@ -460,7 +466,9 @@ class _Generation:
             logits = self.sess.decode(tok)
         if self.decoder is not None and finish == "length":
             self.text += self.decoder.finish()
-            if p.stop and self._hit_stop():
+            if self.ends:
+                self.ends[-1] = len(self.text)
+            if p.stop and self._hit_stop(out):
                 finish = "stop"
         self._emit(final=True)
         t_decode = time.perf_counter() - t1

@@ -110,6 +110,8 @@ def test_stop_string_truncates_and_is_never_streamed(eng):
     assert r.finish_reason == "stop"
     assert r.text == base.text[: base.text.index(piece)]
     assert piece not in "".join(deltas) and "".join(deltas) == r.text
+    # token_ids (and usage) stop with the text the caller gets: the stop string's tokens go
+    assert r.token_ids == base.token_ids[:4] and eng.tokenizer.decode(r.token_ids) == r.text
 
 
 def test_ids_only_checkpoint_generates_ids(tmp_path):
