@@ -356,51 +356,81 @@ def _e4m3_byte_f32(v, j: tl.constexpr):
 
 
 @triton.jit
-def _fp4_words_dot(w, x0, x1, x2, x3, x4, x5, x6, x7):
-    """sum over the 8 inputs of each word of E2M1 value * 2^-6 * x_e; x_e broadcast to w."""
-    lo, hi = _fp4_word_e4m3(w)
-    acc = _e4m3_byte_f32(lo, 0) * x0
-    acc += _e4m3_byte_f32(hi, 0) * x1
-    acc += _e4m3_byte_f32(lo, 1) * x2
-    acc += _e4m3_byte_f32(hi, 1) * x3
-    acc += _e4m3_byte_f32(lo, 2) * x4
-    acc += _e4m3_byte_f32(hi, 2) * x5
-    acc += _e4m3_byte_f32(lo, 3) * x6
-    acc += _e4m3_byte_f32(hi, 3) * x7
-    return acc
+def _e4m3_q(y, HW_FP8: tl.constexpr):
+    """fp32 y -> the nearest e4m3fn value (ties to even), as fp32. Act-quant inputs x / s are
+    within +-448 by construction of s; the hardware conversion saturates anyway.
+
+    HW_FP8: the hardware conversion (cvt.rn.satfinite.e4m3x2.f32 on sm_89+, 2 values per
+    instruction, then back through f16); else the exact bit-level emulation _e4m3_round, which the
+    interpreter needs (it does not emulate the hardware cast faithfully). Same result either way.
+    """
+    if HW_FP8:
+        q = y.to(tl.float8e4nv).to(tl.float32)
+    else:
+        q = _e4m3_round(tl.minimum(tl.maximum(y, -448.0), 448.0))
+    return q
+
+
+# One int32 word of packed E2M1 -> 8 fp32 values (value * 2^-6), in PTX: the SWAR e4m3 decode of
+# _fp4_word_e4m3, then cvt.rn.f16x2.e4m3x2 (two values per instruction, read straight from the
+# 16-bit halves) and f16 -> f32 (exact). Same values as the portable path; the portable path lets
+# Triton gather byte pairs from different registers (extra PRMT/shift per pair).
+_FP4_WORD_ASM_TEXT = """{
+.reg .b32 t, lo, hi, h0, h1, h2, h3;
+.reg .b16 p0, p1, p2, p3, f0, f1, f2, f3, f4, f5, f6, f7;
+shl.b32 t, $8, 4;
+and.b32 lo, t, 0x80808080;
+shl.b32 t, $8, 2;
+and.b32 t, t, 0x1C1C1C1C;
+or.b32 lo, lo, t;
+and.b32 hi, $8, 0x80808080;
+shr.b32 t, $8, 2;
+and.b32 t, t, 0x1C1C1C1C;
+or.b32 hi, hi, t;
+mov.b32 {p0, p1}, lo;
+mov.b32 {p2, p3}, hi;
+cvt.rn.f16x2.e4m3x2 h0, p0;
+cvt.rn.f16x2.e4m3x2 h1, p1;
+cvt.rn.f16x2.e4m3x2 h2, p2;
+cvt.rn.f16x2.e4m3x2 h3, p3;
+mov.b32 {f0, f2}, h0;
+mov.b32 {f4, f6}, h1;
+mov.b32 {f1, f3}, h2;
+mov.b32 {f5, f7}, h3;
+cvt.f32.f16 $0, f0;
+cvt.f32.f16 $1, f1;
+cvt.f32.f16 $2, f2;
+cvt.f32.f16 $3, f3;
+cvt.f32.f16 $4, f4;
+cvt.f32.f16 $5, f5;
+cvt.f32.f16 $6, f6;
+cvt.f32.f16 $7, f7;
+}"""
+_FP4_WORD_ASM = tl.constexpr(_FP4_WORD_ASM_TEXT) if HAS_TRITON else _FP4_WORD_ASM_TEXT
 
 
 @triton.jit
-def _load_x8(ptr, base, mask, ACT_QUANT: tl.constexpr):
-    """The 8 inputs of each word as fp32 tensors (x[8q + e], e = 0..7) for words at element
-    offsets `base` (= 8q, shape [NB, 4, 4]: NB act blocks x 4 groups x 4 words), optionally
-    act-quantised per 128-input block (axis 0)."""
-    # One contiguous load of all 8 inputs per word (vectorised), split in registers by the bits
-    # of e = 4*b2 + 2*b1 + b0.
-    e = tl.arange(0, 8)
-    xv = tl.load(ptr + base[:, :, :, None] + e, mask=mask[:, :, :, None], other=0.0)
-    xv = tl.reshape(xv.to(tl.float32), [base.shape[0], base.shape[1], base.shape[2], 2, 2, 2])
-    ev, od = tl.split(xv)  # b0
-    e0, e2 = tl.split(ev)  # b1
-    o0, o2 = tl.split(od)
-    x0, x4 = tl.split(e0)  # b2
-    x2, x6 = tl.split(e2)
-    x1, x5 = tl.split(o0)
-    x3, x7 = tl.split(o2)
-    if ACT_QUANT:
-        a = tl.maximum(
-            tl.maximum(tl.maximum(tl.abs(x0), tl.abs(x1)), tl.maximum(tl.abs(x2), tl.abs(x3))),
-            tl.maximum(tl.maximum(tl.abs(x4), tl.abs(x5)), tl.maximum(tl.abs(x6), tl.abs(x7))),
+def _fp4_word_f32(w, ASM: tl.constexpr):
+    """int32 words of 8 packed E2M1 (element 2j low nibble, 2j+1 high nibble of byte j) -> their
+    8 values as fp32 tensors f0..f7, each times 2^-6 (the E8M0 scale adds 6 back, _e8m0_times_64).
+    ASM: PTX decode (GPU only); else portable Triton (interpreter)."""
+    if ASM:
+        f0, f1, f2, f3, f4, f5, f6, f7 = tl.inline_asm_elementwise(
+            _FP4_WORD_ASM,
+            "=r,=r,=r,=r,=r,=r,=r,=r,r",
+            [w],
+            dtype=(tl.float32,) * 8,
+            is_pure=True,
+            pack=1,
         )
-        s, s_inv = _act_quant_scale(tl.max(tl.max(a, axis=2), axis=1))
-        s = s[:, None, None]
-        s_inv = s_inv[:, None, None]
-        x0 = _act_quant_apply(x0, s, s_inv)
-        x1 = _act_quant_apply(x1, s, s_inv)
-        x2 = _act_quant_apply(x2, s, s_inv)
-        x3 = _act_quant_apply(x3, s, s_inv)
-        x4 = _act_quant_apply(x4, s, s_inv)
-        x5 = _act_quant_apply(x5, s, s_inv)
-        x6 = _act_quant_apply(x6, s, s_inv)
-        x7 = _act_quant_apply(x7, s, s_inv)
-    return x0, x1, x2, x3, x4, x5, x6, x7
+    else:
+        lo, hi = _fp4_word_e4m3(w)
+        f0 = _e4m3_byte_f32(lo, 0)
+        f1 = _e4m3_byte_f32(hi, 0)
+        f2 = _e4m3_byte_f32(lo, 1)
+        f3 = _e4m3_byte_f32(hi, 1)
+        f4 = _e4m3_byte_f32(lo, 2)
+        f5 = _e4m3_byte_f32(hi, 2)
+        f6 = _e4m3_byte_f32(lo, 3)
+        f7 = _e4m3_byte_f32(hi, 3)
+    return f0, f1, f2, f3, f4, f5, f6, f7

@@ -21,17 +21,25 @@ Math per pair (token m, expert k) with slot s = slots[m, k] (s < 0: the pair is 
     y = w2[s] . a                               (a act-quantised when act_quant)
     out[m] = shared_out[m] + sum_k y            (fp32 accumulation, cast to out's dtype)
 
-Decode (`fp4_experts`, M <= 16): two launches, both graph capturable.
+Decode (`fp4_experts`, M <= 16): two launches, both graph capturable, no host sync. Both stream
+weight rows through `_fp4_rows_acc` (tile layout in the comment above it): every lane reads whole
+16-byte vectors (32 inputs, one scale group) of its rows, a warp covers 512 contiguous bytes of a
+row per load, words are decoded in registers (shift/mask passes turn a word's 8 nibbles into e4m3
+bytes, exact, see _formats; cvt.rn.f16x2.e4m3x2 converts two at a time), products go into fp32 FMA
+chains and each 32-input group sum is scaled once; lanes are reduced once per row at the end.
   1. gate/up: grid (I/BLOCK_N, P). The program of the first pair that uses a slot (the slot's
-     leader) decodes each weight tile once and applies it to every token that routed to that slot,
-     so a slot shared by several tokens is read once. Weights are read as 16-byte vectors of int32
-     words (8 inputs each) and decoded in registers: shift/mask passes turn a word's 8 nibbles
-     into e4m3 bytes (exact, see _formats), hardware converts them; the E8M0 scale is applied
-     once per 32-input group sum. Writes a [P, I] to the workspace.
-  2. down + combine: grid (D/BLOCK_N, P), leaders again (a pair whose token already has the same
-     slot at a smaller k is handled on its own). Each program writes its fp32 partial y; the last
-     program of a row tile to arrive (atomic counter, reset afterwards) adds shared_out and the K
-     partials of each token in k order and writes out: deterministic, no extra launch.
+     leader) streams BLOCK_N gate rows interleaved with the matching up rows and applies each
+     decoded word to every token that routed to that slot (one token: the one-token path; more:
+     two tokens per pass), so a slot shared by several tokens is read once. Writes a [P, I].
+  2. down + combine, two forms (config "down"):
+     "pair" (default for M = 1 and M > 4): grid (D/BLOCK_N, P), leaders again (a pair whose token
+     already has the same slot at a smaller k is handled on its own). Each program writes its fp32
+     partial y; the last program of a row tile to arrive (atomic counter, reset afterwards) adds
+     shared_out and the K partials of each token in k order and writes out: deterministic, no
+     extra launch.
+     "token" (default for M = 2..4): grid (D/BLOCK_N, M); a program streams its token's K experts
+     into one accumulator, adds shared_out and writes out (no partials or counters; a slot shared
+     by several tokens is read once per token).
 Prefill (`fp4_experts_grouped`, any M): pairs are sorted by slot on the device and padded into
 BLOCK_M tiles of one slot (the usual MoE alignment), then tl.dot kernels for gate/up and down and a
 small combine kernel. Same definition (`fp4_experts_ref`).
@@ -50,13 +58,14 @@ from ._formats import (
     _act_quant_apply,
     _act_quant_scale,
     _and_flag,
+    _e4m3_q,
     _e8m0_times_64,
     _fp4_pair_to_f32,
-    _fp4_words_dot,
-    _load_x8,
+    _fp4_word_f32,
     act_quant_ref,
     check_tensor,
     dequant_fp4,
+    interpreting,
     require_triton,
     tl,
     triton,
@@ -139,6 +148,207 @@ def fp4_experts_ref(
 # ------------------------------------------------------------------------------------------------
 # Decode kernels
 # ------------------------------------------------------------------------------------------------
+#
+# Both decode kernels stream FP4 weight rows through one helper, _fp4_rows_dot. Its loop step is a
+# tile [4, NB, NW, R, 4] of int32 words: lane (l, b) of warp w holds word j of weight row
+# wrow[w, r] at word offset b * 16 + l * 4 + j in the step (NW = num_warps, R rows per warp):
+#   - 4 words = one 16-byte vector per lane = 32 inputs = one E8M0 scale group;
+#   - 4 lanes l = one 128-input act-quant block (the block amax is a 4-lane max);
+#   - NB blocks b: NB * 4 lanes (32 = a warp on the GPU) = NB * 128 inputs per row and step.
+# So a warp reads NB * 64 contiguous bytes of a row per vector load (whole 128-byte lines) and every
+# lane issues one 16-byte load per row. The input row is the same for every weight row: each lane
+# loads its 32 inputs once per step (one 16-byte load per word into an [4, NB, NW, 1, 8] tile:
+# every warp loads its own copy) and reuses them for its R rows. A lane sums its 32 products in
+# fp32, multiplies by the group scale once, and accumulates per (lane, row); the cross-lane
+# reduction happens once, after the loop. Nothing is masked in the loop (the launcher requires D
+# and I to be multiples of NB * 128), so the loads stay 16 bytes wide.
+# Dimension order matters for the compiled layouts: Triton gives lanes to the dimensions after the
+# contiguous one in index order when their contiguity ties (triton 3.6), so the lane dimensions
+# come first, then the warp dimension, then the per-thread ones (R, then the contiguous words).
+#
+# Tokens: a slot used by one token (the usual case) takes the one-token path (TWO=False: decode a
+# word once, 8 FMAs); a slot shared by several tokens is processed two tokens per pass over its
+# weights (TWO=True: each word decoded once for both), ceil(n/2) passes.
+
+
+@triton.jit
+def _fp4_x_split(xv):
+    """[4, NB, NW, 1, 8] inputs of one word per lane -> 8 tensors [4, NB, NW, 1] (element e)."""
+    v = tl.reshape(xv, [xv.shape[0], xv.shape[1], xv.shape[2], xv.shape[3], 2, 2, 2])
+    ev, od = tl.split(v)  # e = 4*b2 + 2*b1 + b0: b0
+    e04, e26 = tl.split(ev)  # b1
+    o15, o37 = tl.split(od)
+    x0, x4 = tl.split(e04)  # b2
+    x2, x6 = tl.split(e26)
+    x1, x5 = tl.split(o15)
+    x3, x7 = tl.split(o37)
+    return x0, x1, x2, x3, x4, x5, x6, x7
+
+
+@triton.jit
+def _fp4_word_acc(p0, p1, w, xa, xb, TWO: tl.constexpr, ASM: tl.constexpr):
+    """p0 += sum_e value_e(w) * xa_e (and p1 with xb when TWO); each word is decoded once."""
+    f0, f1, f2, f3, f4, f5, f6, f7 = _fp4_word_f32(w, ASM)
+    a0, a1, a2, a3, a4, a5, a6, a7 = _fp4_x_split(xa)
+    p0 += f0 * a0
+    p0 += f1 * a1
+    p0 += f2 * a2
+    p0 += f3 * a3
+    p0 += f4 * a4
+    p0 += f5 * a5
+    p0 += f6 * a6
+    p0 += f7 * a7
+    if TWO:
+        b0, b1, b2, b3, b4, b5, b6, b7 = _fp4_x_split(xb)
+        p1 += f0 * b0
+        p1 += f1 * b1
+        p1 += f2 * b2
+        p1 += f3 * b3
+        p1 += f4 * b4
+        p1 += f5 * b5
+        p1 += f6 * b6
+        p1 += f7 * b7
+    return p0, p1
+
+
+@triton.jit
+def _fp4_x_step(xp, xoff, ACT_QUANT: tl.constexpr, HW_FP8: tl.constexpr):
+    """One step of inputs for one token: words j = 0..3 of every lane as fp32 [4, NB, NW, 1, 8]
+    (xoff: element offsets of word 0), and the act-quant block scale [1, NB, NW, 1] (1.0 without
+    act_quant). With act_quant the inputs come back as e4m3 grid values; the block scale is
+    applied to the lane sums instead."""
+    x0 = tl.load(xp + xoff).to(tl.float32)
+    x1 = tl.load(xp + xoff + 8).to(tl.float32)
+    x2 = tl.load(xp + xoff + 16).to(tl.float32)
+    x3 = tl.load(xp + xoff + 24).to(tl.float32)
+    if ACT_QUANT:
+        a = tl.maximum(
+            tl.maximum(tl.max(tl.abs(x0), axis=4), tl.max(tl.abs(x1), axis=4)),
+            tl.maximum(tl.max(tl.abs(x2), axis=4), tl.max(tl.abs(x3), axis=4)),
+        )  # [4, NB, NW, 1]
+        s, s_inv = _act_quant_scale(tl.max(a, axis=0))  # [NB, NW, 1]: one scale per 4 lanes
+        si = s_inv[None, :, :, :, None]
+        x0 = _e4m3_q(x0 * si, HW_FP8)
+        x1 = _e4m3_q(x1 * si, HW_FP8)
+        x2 = _e4m3_q(x2 * si, HW_FP8)
+        x3 = _e4m3_q(x3 * si, HW_FP8)
+        bs = s[None]
+    else:
+        bs = tl.full([1, xoff.shape[1], xoff.shape[2], 1], 1.0, tl.float32)
+    return x0, x1, x2, x3, bs
+
+
+@triton.jit
+def _fp4_rows_dot(
+    w_ptr, s_ptr, wrow, xp0, xp1, N_IN: tl.constexpr, R: tl.constexpr, NW: tl.constexpr,
+    NB: tl.constexpr, TWO: tl.constexpr, ACT_QUANT: tl.constexpr, HW_FP8: tl.constexpr,
+    ASM: tl.constexpr, PREFETCH: tl.constexpr,
+):  # fmt: skip
+    """(acc0, acc1): [NW, R] fp32 dot products of the weight rows wrow with input rows xp0 and
+    xp1 (acc1 is zeros unless TWO). See _fp4_rows_acc."""
+    acc0 = tl.zeros([4, NB, NW, R], dtype=tl.float32)
+    acc1 = tl.zeros([4, NB, NW, R], dtype=tl.float32)
+    acc0, acc1 = _fp4_rows_acc(
+        acc0, acc1, w_ptr, s_ptr, wrow, xp0, xp1, N_IN, R, NW, NB, TWO, ACT_QUANT, HW_FP8, ASM,
+        PREFETCH,
+    )  # fmt: skip
+    return tl.sum(tl.sum(acc0, axis=0), axis=0), tl.sum(tl.sum(acc1, axis=0), axis=0)
+
+
+@triton.jit
+def _fp4_rows_acc(
+    acc0,  # [4, NB, NW, R] fp32 per-(lane, row) partial sums, token 0
+    acc1,  # the same for token 1 (updated only when TWO)
+    w_ptr,  # int32 view of packed E2M1 weights, rows of N_IN // 8 words
+    s_ptr,  # int32 view of the E8M0 scales (4 per word), rows of N_IN // 128 words
+    wrow,  # [NW, R] int64 weight row indices (warp w streams rows wrow[w, :])
+    xp0,  # input row of token 0 (N_IN elements, any float dtype)
+    xp1,  # input row of token 1 (read only when TWO)
+    N_IN: tl.constexpr,
+    R: tl.constexpr,
+    NW: tl.constexpr,  # = num_warps
+    NB: tl.constexpr,
+    TWO: tl.constexpr,
+    ACT_QUANT: tl.constexpr,
+    HW_FP8: tl.constexpr,
+    ASM: tl.constexpr,
+    PREFETCH: tl.constexpr,  # load step st+1's weights before computing step st
+):
+    """acc0 (and acc1 when TWO) plus the per-(lane, row) partial dot products of the weight rows
+    with input rows xp0 (xp1), not yet reduced across lanes. See the block comment above."""
+    ROW_W: tl.constexpr = N_IN // 8
+    ROW_S: tl.constexpr = N_IN // 128
+    ll = tl.arange(0, 4)[:, None]
+    bb = tl.arange(0, NB)[None, :]
+    lane_w = (bb * 16 + ll * 4)[:, :, None, None, None]  # [4, NB, 1, 1, 1] first word of a lane
+    woff = lane_w + tl.arange(0, 4)[None, None, None, None, :]  # [4, NB, 1, 1, 4]
+    # Lane (l, b) needs scale byte l of word b: the 4 lanes of a block load the same word, and the
+    # contiguity hint of 1 keeps Triton from vectorising the load across lanes, so it gets the
+    # weights' layout (one word per lane) instead of a shared-memory layout conversion every step.
+    soff = (bb + 0 * ll)[:, :, None, None]  # [4, NB, 1, 1]
+    sshift = (tl.arange(0, 4) * 8)[:, None, None, None]  # [4, 1, 1, 1]
+    xoff = lane_w * 8 + tl.arange(0, 8)[None, None, None, None, :]  # [4, NB, 1, 1, 8]
+    xoff = xoff + tl.zeros([1, 1, NW, 1, 1], tl.int32)  # [4, NB, NW, 1, 8]: a copy per warp
+    wp = w_ptr + (wrow * ROW_W)[None, None, :, :, None] + woff  # [4, NB, NW, R, 4]
+    sp = tl.max_contiguous(s_ptr + (wrow * ROW_S)[None, None, :, :] + soff, [1, 1, 1, 1])
+    N_STEPS: tl.constexpr = N_IN // (NB * 128)
+    if PREFETCH:
+        w_nx = tl.load(wp)
+        sw_nx = tl.load(sp)
+    for st in range(0, N_STEPS):
+        if PREFETCH:  # this step's tile was loaded last step; ask for the next one now
+            w = w_nx
+            sw = sw_nx
+            nx = tl.minimum(st + 1, N_STEPS - 1)  # the last step reloads its own (cached) tile
+            w_nx = tl.load(wp + nx * (NB * 16))
+            sw_nx = tl.load(sp + nx * NB)
+        else:
+            w = tl.load(wp + st * (NB * 16))  # [4, NB, NW, R, 4]: a 16-byte vector per lane/row
+            sw = tl.load(sp + st * NB)  # [4, NB, NW, R]
+        sc = _e8m0_times_64((sw >> sshift) & 0xFF)
+        wv = tl.reshape(w, [4, NB, NW, R, 2, 2])  # word j = 2 * j1 + j0
+        w_a, w_b = tl.split(wv)  # j0
+        w0, w2 = tl.split(w_a)  # j1
+        w1, w3 = tl.split(w_b)
+        xo = xoff + st * (NB * 128)
+        xa0, xa1, xa2, xa3, bsa = _fp4_x_step(xp0, xo, ACT_QUANT, HW_FP8)
+        if TWO:
+            xb0, xb1, xb2, xb3, bsb = _fp4_x_step(xp1, xo, ACT_QUANT, HW_FP8)
+        else:
+            xb0, xb1, xb2, xb3, bsb = xa0, xa1, xa2, xa3, bsa
+        p0 = tl.zeros([4, NB, NW, R], dtype=tl.float32)
+        p1 = tl.zeros([4, NB, NW, R], dtype=tl.float32)
+        p0, p1 = _fp4_word_acc(p0, p1, w0, xa0, xb0, TWO, ASM)
+        p0, p1 = _fp4_word_acc(p0, p1, w1, xa1, xb1, TWO, ASM)
+        p0, p1 = _fp4_word_acc(p0, p1, w2, xa2, xb2, TWO, ASM)
+        p0, p1 = _fp4_word_acc(p0, p1, w3, xa3, xb3, TWO, ASM)
+        if ACT_QUANT:
+            acc0 += p0 * (sc * bsa)
+        else:
+            acc0 += p0 * sc
+        if TWO:
+            if ACT_QUANT:
+                acc1 += p1 * (sc * bsb)
+            else:
+                acc1 += p1 * sc
+    return acc0, acc1
+
+
+@triton.jit
+def _fp4_gate_up_store(acc, tok, slot, slots_ptr, rw_ptr, a_ptr, rows, limit, I, K: tl.constexpr):
+    """SwiGLU of one token's sums acc [NW, 2 * R2] (tile row 2i = gate, 2i+1 = up of output rows
+    rows [NW, R2]); writes a for every pair of the token that routed to `slot` (the same slot
+    twice: both pairs, each with its routing weight)."""
+    g, u = tl.split(tl.reshape(acc, [acc.shape[0], acc.shape[1] // 2, 2]))
+    g = tl.minimum(g, limit)
+    u = tl.minimum(tl.maximum(u, -limit), limit)
+    silu_g = g / (1.0 + tl.exp(-g))
+    for k in tl.static_range(K):
+        pair = tok * K + k
+        if tl.load(slots_ptr + pair) == slot:
+            rw = tl.load(rw_ptr + pair)
+            a = rw * silu_g * u
+            tl.store(a_ptr + pair.to(tl.int64) * I + rows, a.to(a_ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -147,96 +357,79 @@ def _fp4_experts_gate_up_kernel(
     slots_ptr,  # [M, K] int32 slot per pair, contiguous (-1 = skip)
     rw_ptr,  # [M, K] fp32 routing weights, contiguous
     wq_ptr,  # [S, 2I, D/8] int32 view of w13_q (8 E2M1 inputs per word)
-    ws_ptr,  # [S, 2I, D/32] uint8 w13 E8M0 scales
+    ws_ptr,  # [S, 2I, D/128] int32 view of the w13 E8M0 scales
     a_ptr,  # [P, I] workspace: activation a per pair (x's dtype), row p = m*K + k
     M,
-    I,
-    ROW_W,  # D / 8: words per weight row
-    ROW_S,  # D / 32: scales per weight row
     stride_xm,
     limit,  # swiglu_limit (fp32)
+    D: tl.constexpr,
+    I: tl.constexpr,
     K: tl.constexpr,  # experts per token
     P_BLOCK: tl.constexpr,  # next power of two >= M*K
     M_BLOCK: tl.constexpr,  # next power of two >= M
     K_BLOCK: tl.constexpr,  # next power of two >= K
-    BLOCK_N: tl.constexpr,  # rows of w1 (and of w3) per program
-    NB: tl.constexpr,  # 128-input blocks per loop step
+    BLOCK_N: tl.constexpr,  # outputs per program: BLOCK_N rows of w1 and the same rows of w3
+    NB: tl.constexpr,  # act blocks (4 lanes each) per loop step
+    NW: tl.constexpr,  # num_warps
     ACT_QUANT: tl.constexpr,
+    HW_FP8: tl.constexpr,  # hardware e4m3 conversion (GPU) vs exact emulation (interpreter)
+    ASM: tl.constexpr,  # PTX word decode (GPU)
+    PREFETCH: tl.constexpr,  # register double buffering of the weight tile
 ):
+    """Grid (I / BLOCK_N, M*K). The program of a slot's first pair (its leader) computes gate and
+    up for every token routed to the slot; the others exit at once."""
     pid_n = tl.program_id(0)
     p = tl.program_id(1)
     slot = tl.load(slots_ptr + p)
     q = tl.arange(0, P_BLOCK)
     sq = tl.load(slots_ptr + q, mask=q < M * K, other=-1)
     n_before = tl.sum(((sq == slot) & (q < p)).to(tl.int32), axis=0)
-    if (slot >= 0) & (n_before == 0):  # this pair leads its slot
-        mm = tl.arange(0, M_BLOCK)
-        kk = tl.arange(0, K_BLOCK)
-        s2 = tl.load(
-            slots_ptr + mm[:, None] * K + kk[None, :],
-            mask=(mm[:, None] < M) & (kk[None, :] < K),
-            other=-1,
-        )
-        uses = s2 == slot  # [M_BLOCK, K_BLOCK]
-        member = tl.max(uses.to(tl.int32), axis=1) > 0  # tokens routed to this slot
-
-        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        r_mask = rows < I
-        # Word tile [BLOCK_N, NB, 4, 4] of int32: NB act blocks of 128 inputs = 4 scale groups of
-        # 32 inputs = 4 words (one 16-byte vector load per thread per group).
-        woff3 = (
-            tl.arange(0, NB)[:, None, None] * 16
-            + tl.arange(0, 4)[None, :, None] * 4
-            + tl.arange(0, 4)[None, None, :]
-        )
-        woff = woff3[None, :, :, :]
-        soff = tl.arange(0, NB)[None, :, None] * 4 + tl.arange(0, 4)[None, None, :]
-        slot64 = slot.to(tl.int64)
-        g_rows = slot64 * 2 * I + rows.to(tl.int64)
-        u_rows = g_rows + I
-        g_w = wq_ptr + (g_rows * ROW_W)[:, None, None, None]
-        u_w = wq_ptr + (u_rows * ROW_W)[:, None, None, None]
-        g_s = ws_ptr + (g_rows * ROW_S)[:, None, None]
-        u_s = ws_ptr + (u_rows * ROW_S)[:, None, None]
-
-        acc_g = tl.zeros([BLOCK_N, M_BLOCK], dtype=tl.float32)
-        acc_u = tl.zeros([BLOCK_N, M_BLOCK], dtype=tl.float32)
-        cols = tl.arange(0, M_BLOCK)
-        for c0 in range(0, ROW_W, NB * 16):
-            wmask3 = (c0 + woff3) < ROW_W
-            wmask = r_mask[:, None, None, None] & wmask3[None, :, :, :]
-            smask = r_mask[:, None, None] & ((c0 // 4 + soff) < ROW_S)
-            gw = tl.load(g_w + c0 + woff, mask=wmask, other=0)
-            uw = tl.load(u_w + c0 + woff, mask=wmask, other=0)
-            g_sc = _e8m0_times_64(tl.load(g_s + c0 // 4 + soff, mask=smask, other=0))
-            u_sc = _e8m0_times_64(tl.load(u_s + c0 // 4 + soff, mask=smask, other=0))
-            xbase = 8 * (c0 + woff3)  # [NB, 4, 4] input index of each word's first element
-            for m in tl.static_range(M_BLOCK):
-                is_m = tl.sum(tl.where((mm == m) & member, 1, 0), axis=0) > 0
-                x0, x1, x2, x3, x4, x5, x6, x7 = _load_x8(
-                    x_ptr + m * stride_xm, xbase, _and_flag(wmask3, is_m), ACT_QUANT
-                )
-                x0, x1, x2, x3 = x0[None], x1[None], x2[None], x3[None]
-                x4, x5, x6, x7 = x4[None], x5[None], x6[None], x7[None]
-                pg = _fp4_words_dot(gw, x0, x1, x2, x3, x4, x5, x6, x7)
-                pu = _fp4_words_dot(uw, x0, x1, x2, x3, x4, x5, x6, x7)
-                pg = tl.sum(tl.sum(tl.sum(pg, axis=3) * g_sc, axis=2), axis=1)
-                pu = tl.sum(tl.sum(tl.sum(pu, axis=3) * u_sc, axis=2), axis=1)
-                acc_g = tl.where(cols[None, :] == m, acc_g + pg[:, None], acc_g)
-                acc_u = tl.where(cols[None, :] == m, acc_u + pu[:, None], acc_u)
-
-        g = tl.minimum(acc_g, limit)
-        u = tl.minimum(tl.maximum(acc_u, -limit), limit)
-        silu_g = g / (1.0 + tl.exp(-g))
-        for k in tl.static_range(K):
-            uses_k = tl.sum(tl.where(uses & (kk[None, :] == k), 1, 0), axis=1) > 0  # [M_BLOCK]
-            rw = tl.load(rw_ptr + mm * K + k, mask=uses_k, other=0.0)
-            a = rw[None, :] * silu_g * u
-            tl.store(
-                a_ptr + (mm[None, :] * K + k).to(tl.int64) * I + rows[:, None],
-                a.to(a_ptr.dtype.element_ty),
-                mask=r_mask[:, None] & uses_k[None, :],
+    if (slot >= 0) & (n_before == 0):
+        # Warp w streams output rows w, w + NW, ...: its row 2i is the gate row, 2i+1 the up row,
+        # so one load covers both matrices and SwiGLU pairs them with a reshape at the end.
+        R2: tl.constexpr = BLOCK_N // NW
+        rr = tl.arange(0, 2 * R2)[None, :]
+        ww = tl.arange(0, NW)[:, None]
+        rows = pid_n * BLOCK_N + tl.arange(0, R2)[None, :] * NW + ww  # [NW, R2] outputs
+        wrow = slot.to(tl.int64) * (2 * I) + (rr % 2) * I + pid_n * BLOCK_N
+        wrow += (rr // 2) * NW + ww  # [NW, 2 * R2]
+        if M_BLOCK == 1:
+            acc, _ = _fp4_rows_dot(
+                wq_ptr, ws_ptr, wrow, x_ptr, x_ptr, D, 2 * R2, NW, NB, False, ACT_QUANT, HW_FP8,
+                ASM, PREFETCH,
+            )  # fmt: skip
+            _fp4_gate_up_store(acc, 0, slot, slots_ptr, rw_ptr, a_ptr, rows, limit, I, K)
+        else:
+            mm = tl.arange(0, M_BLOCK)
+            kk = tl.arange(0, K_BLOCK)
+            s2 = tl.load(
+                slots_ptr + mm[:, None] * K + kk[None, :],
+                mask=(mm[:, None] < M) & (kk[None, :] < K),
+                other=-1,
             )
+            member = (tl.max((s2 == slot).to(tl.int32), axis=1) > 0).to(tl.int32)  # [M_BLOCK]
+            n_mem = tl.sum(member, axis=0)
+            if n_mem == 1:
+                tok = tl.sum(member * mm, axis=0)
+                acc, _ = _fp4_rows_dot(
+                    wq_ptr, ws_ptr, wrow, x_ptr + tok * stride_xm, x_ptr, D, 2 * R2, NW, NB,
+                    False, ACT_QUANT, HW_FP8, ASM, PREFETCH,
+                )  # fmt: skip
+                _fp4_gate_up_store(acc, tok, slot, slots_ptr, rw_ptr, a_ptr, rows, limit, I, K)
+            else:
+                rank = tl.cumsum(member, axis=0) - 1
+                for c in range(0, n_mem, 2):
+                    t0 = tl.sum(tl.where((member > 0) & (rank == c), mm, 0), axis=0)
+                    t1 = tl.sum(tl.where((member > 0) & (rank == c + 1), mm, 0), axis=0)
+                    acc0, acc1 = _fp4_rows_dot(
+                        wq_ptr, ws_ptr, wrow, x_ptr + t0 * stride_xm, x_ptr + t1 * stride_xm, D,
+                        2 * R2, NW, NB, True, ACT_QUANT, HW_FP8, ASM, PREFETCH,
+                    )  # fmt: skip
+                    _fp4_gate_up_store(acc0, t0, slot, slots_ptr, rw_ptr, a_ptr, rows, limit, I, K)
+                    if c + 1 < n_mem:
+                        _fp4_gate_up_store(
+                            acc1, t1, slot, slots_ptr, rw_ptr, a_ptr, rows, limit, I, K
+                        )
 
 
 @triton.jit
@@ -245,30 +438,33 @@ def _fp4_experts_down_kernel(
     slots_ptr,  # [M, K] int32
     shared_ptr,  # [M, D] shared-expert output, row stride stride_sm
     wq_ptr,  # [S, D, I/8] int32 view of w2_q
-    ws_ptr,  # [S, D, I/32] uint8 w2 E8M0 scales
+    ws_ptr,  # [S, D, I/128] int32 view of the w2 E8M0 scales
     y_ptr,  # [P, D] fp32 workspace: y per pair
-    cnt_ptr,  # [ceil(D/BLOCK_N)] int32 arrival counters, zero before and after
+    cnt_ptr,  # [D / BLOCK_N] int32 arrival counters, zero before and after
     out_ptr,  # [M, D] output, row stride stride_om
     M,
-    D,
-    I,
-    ROW_W,  # I / 8
-    ROW_S,  # I / 32
     stride_sm,
     stride_om,
+    D: tl.constexpr,
+    I: tl.constexpr,
     K: tl.constexpr,
     P_BLOCK: tl.constexpr,
     M_BLOCK: tl.constexpr,
     K_BLOCK: tl.constexpr,
     BLOCK_N: tl.constexpr,  # rows of w2 (outputs) per program
     NB: tl.constexpr,
+    NW: tl.constexpr,
     ACT_QUANT: tl.constexpr,
+    HW_FP8: tl.constexpr,
+    ASM: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
+    """Grid (D / BLOCK_N, M*K). Leaders as in gate/up (a pair whose token already has the same
+    slot at a smaller k is handled on its own); each writes y rows; the last program of a row tile
+    to arrive adds shared_out and the K partials of each token in k order and writes out."""
     pid_n = tl.program_id(0)
     p = tl.program_id(1)
     P = M * K
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    r_mask = rows < D
     mm = tl.arange(0, M_BLOCK)
     kk = tl.arange(0, K_BLOCK)
     s2 = tl.load(
@@ -288,70 +484,107 @@ def _fp4_experts_down_kernel(
         # Leader: every token's first pair with this slot. Duplicate (same slot again in the
         # same token): just this pair. pidx[m] is the workspace row of token m's pair.
         first_k = tl.min(tl.where(s2 == slot, kk[None, :], K_BLOCK), axis=1)
-        member = tl.where(is_dup, mm == m_p, first_k < K)
+        member = tl.where(is_dup, mm == m_p, first_k < K).to(tl.int32)
         pidx = tl.where(is_dup, p, mm * K + first_k)
+        R: tl.constexpr = BLOCK_N // NW
+        orows = pid_n * BLOCK_N + tl.arange(0, R)[None, :] * NW + tl.arange(0, NW)[:, None]
+        wrow = slot.to(tl.int64) * D + orows  # [NW, R]
+        n_mem = tl.sum(member, axis=0)
+        if M_BLOCK == 1:  # one token: the only member is token 0 (its first pair, or this dup)
+            pr = tl.sum(pidx, axis=0).to(tl.int64)
+            acc, _ = _fp4_rows_dot(
+                wq_ptr, ws_ptr, wrow, a_ptr + pr * I, a_ptr, I, R, NW, NB, False, ACT_QUANT,
+                HW_FP8, ASM, PREFETCH,
+            )  # fmt: skip
+            tl.store(y_ptr + pr * D + orows, acc)
+        elif n_mem == 1:
+            pr = tl.sum(member * pidx, axis=0).to(tl.int64)
+            acc, _ = _fp4_rows_dot(
+                wq_ptr, ws_ptr, wrow, a_ptr + pr * I, a_ptr, I, R, NW, NB, False, ACT_QUANT,
+                HW_FP8, ASM, PREFETCH,
+            )  # fmt: skip
+            tl.store(y_ptr + pr * D + orows, acc)
+        else:
+            rank = tl.cumsum(member, axis=0) - 1
+            for c in range(0, n_mem, 2):
+                p0 = tl.sum(tl.where((member > 0) & (rank == c), pidx, 0), axis=0).to(tl.int64)
+                p1 = tl.sum(tl.where((member > 0) & (rank == c + 1), pidx, 0), axis=0).to(tl.int64)
+                acc0, acc1 = _fp4_rows_dot(
+                    wq_ptr, ws_ptr, wrow, a_ptr + p0 * I, a_ptr + p1 * I, I, R, NW, NB, True,
+                    ACT_QUANT, HW_FP8, ASM, PREFETCH,
+                )  # fmt: skip
+                tl.store(y_ptr + p0 * D + orows, acc0)
+                if c + 1 < n_mem:
+                    tl.store(y_ptr + p1 * D + orows, acc1)
 
-        woff3 = (
-            tl.arange(0, NB)[:, None, None] * 16
-            + tl.arange(0, 4)[None, :, None] * 4
-            + tl.arange(0, 4)[None, None, :]
-        )
-        woff = woff3[None, :, :, :]
-        soff = tl.arange(0, NB)[None, :, None] * 4 + tl.arange(0, 4)[None, None, :]
-        w_rows = slot.to(tl.int64) * D + rows.to(tl.int64)
-        w_w = wq_ptr + (w_rows * ROW_W)[:, None, None, None]
-        w_s = ws_ptr + (w_rows * ROW_S)[:, None, None]
-        acc = tl.zeros([BLOCK_N, M_BLOCK], dtype=tl.float32)
-        cols = tl.arange(0, M_BLOCK)
-        for c0 in range(0, ROW_W, NB * 16):
-            wmask3 = (c0 + woff3) < ROW_W
-            ww = tl.load(
-                w_w + c0 + woff, mask=r_mask[:, None, None, None] & wmask3[None, :, :, :], other=0
-            )
-            smask = r_mask[:, None, None] & ((c0 // 4 + soff) < ROW_S)
-            sc = _e8m0_times_64(tl.load(w_s + c0 // 4 + soff, mask=smask, other=0))
-            abase = 8 * (c0 + woff3)
-            for m in tl.static_range(M_BLOCK):
-                sel = mm == m
-                is_m = tl.sum(tl.where(sel & member, 1, 0), axis=0) > 0
-                prow = tl.sum(tl.where(sel, pidx, 0), axis=0).to(tl.int64)
-                a0, a1, a2, a3, a4, a5, a6, a7 = _load_x8(
-                    a_ptr + prow * I, abase, _and_flag(wmask3, is_m), ACT_QUANT
-                )
-                a0, a1, a2, a3 = a0[None], a1[None], a2[None], a3[None]
-                a4, a5, a6, a7 = a4[None], a5[None], a6[None], a7[None]
-                py = _fp4_words_dot(ww, a0, a1, a2, a3, a4, a5, a6, a7)
-                py = tl.sum(tl.sum(tl.sum(py, axis=3) * sc, axis=2), axis=1)
-                acc = tl.where(cols[None, :] == m, acc + py[:, None], acc)
-        tl.store(
-            y_ptr + pidx[None, :].to(tl.int64) * D + rows[:, None],
-            acc,
-            mask=r_mask[:, None] & member[None, :],
-        )
-
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     # All P programs of this row tile arrive; the last one combines (k order: deterministic).
     tl.debug_barrier()
     arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
     if arrived == P - 1:
         tot = tl.load(
             shared_ptr + mm[None, :] * stride_sm + rows[:, None],
-            mask=r_mask[:, None] & (mm[None, :] < M),
+            mask=mm[None, :] < M,
             other=0.0,
         ).to(tl.float32)
         for k in tl.static_range(K):
             valid_k = tl.sum(tl.where(kk[None, :] == k, s2, 0), axis=1) >= 0  # [M_BLOCK]
             tot += tl.load(
                 y_ptr + (mm[None, :] * K + k).to(tl.int64) * D + rows[:, None],
-                mask=r_mask[:, None] & valid_k[None, :] & (mm[None, :] < M),
+                mask=valid_k[None, :] & (mm[None, :] < M),
                 other=0.0,
                 cache_modifier=".cg",
             )
         tl.store(
             out_ptr + mm[None, :] * stride_om + rows[:, None],
             tot.to(out_ptr.dtype.element_ty),
-            mask=r_mask[:, None] & (mm[None, :] < M),
+            mask=mm[None, :] < M,
         )
         tl.atomic_xchg(cnt_ptr + pid_n, 0)
+
+
+@triton.jit
+def _fp4_experts_down_tok_kernel(
+    a_ptr,  # [P, I] activations from the gate/up kernel
+    slots_ptr,  # [M, K] int32
+    shared_ptr,  # [M, D] shared-expert output, row stride stride_sm
+    wq_ptr,  # [S, D, I/8] int32 view of w2_q
+    ws_ptr,  # [S, D, I/128] int32 view of the w2 E8M0 scales
+    out_ptr,  # [M, D] output, row stride stride_om
+    stride_sm,
+    stride_om,
+    D: tl.constexpr,
+    I: tl.constexpr,
+    K: tl.constexpr,
+    BLOCK_N: tl.constexpr,  # rows of w2 (outputs) per program
+    NB: tl.constexpr,
+    NW: tl.constexpr,
+    ACT_QUANT: tl.constexpr,
+    HW_FP8: tl.constexpr,
+    ASM: tl.constexpr,
+    PREFETCH: tl.constexpr,
+):
+    """Down + combine, one program per (row tile, token): grid (D / BLOCK_N, M). Streams the
+    token's K experts one after the other into one fp32 accumulator (k order: deterministic), adds
+    shared_out and writes out: no partials, no counters, K times the rows per program. A slot
+    shared by several tokens is read once per token (the pair-parallel kernel reads it once)."""
+    pid_n = tl.program_id(0)
+    m = tl.program_id(1)
+    R: tl.constexpr = BLOCK_N // NW
+    orows = pid_n * BLOCK_N + tl.arange(0, R)[None, :] * NW + tl.arange(0, NW)[:, None]  # [NW, R]
+    acc = tl.zeros([4, NB, NW, R], dtype=tl.float32)
+    for k in tl.static_range(K):
+        pair = m * K + k
+        slot = tl.load(slots_ptr + pair)
+        if slot >= 0:
+            acc, _ = _fp4_rows_acc(
+                acc, acc, wq_ptr, ws_ptr, slot.to(tl.int64) * D + orows,
+                a_ptr + pair.to(tl.int64) * I, a_ptr, I, R, NW, NB, False, ACT_QUANT, HW_FP8, ASM,
+                PREFETCH,
+            )  # fmt: skip
+    y = tl.sum(tl.sum(acc, axis=0), axis=0)  # [NW, R]
+    y += tl.load(shared_ptr + m * stride_sm + orows).to(tl.float32)
+    tl.store(out_ptr + m * stride_om + orows, y.to(out_ptr.dtype.element_ty))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -493,7 +726,7 @@ def _fp4_experts_combine_kernel(
 # Workspace and launchers
 # ------------------------------------------------------------------------------------------------
 
-_DECODE_BLOCK_N_DOWN = 16
+_MIN_BLOCK_N_DOWN = 4  # counters are sized for the smallest down row tile
 
 
 @dataclass
@@ -503,7 +736,7 @@ class Fp4ExpertsWorkspace:
 
     a: torch.Tensor  # [P_max, I] activation dtype
     y: torch.Tensor  # [P_max, D] fp32
-    counters: torch.Tensor  # [ceil(D / 16)] int32 zeros
+    counters: torch.Tensor  # [ceil(D / 4)] int32 zeros (one per down row tile)
 
 
 def fp4_experts_workspace(
@@ -513,7 +746,7 @@ def fp4_experts_workspace(
     return Fp4ExpertsWorkspace(
         torch.empty(max_pairs, i, dtype=act_dtype, device=device),
         torch.empty(max_pairs, d, dtype=torch.float32, device=device),
-        torch.zeros(triton.cdiv(d, _DECODE_BLOCK_N_DOWN), dtype=torch.int32, device=device),
+        torch.zeros(triton.cdiv(d, _MIN_BLOCK_N_DOWN), dtype=torch.int32, device=device),
     )
 
 
@@ -553,6 +786,14 @@ def _check_common(
     return m, k, d, i, s
 
 
+def _steps(n_in: int, want: int) -> int:
+    """Act blocks per loop step: the largest power of two <= want dividing n_in / 128."""
+    nb = want
+    while (n_in // 128) % nb:
+        nb //= 2
+    return nb
+
+
 def fp4_experts(
     x: torch.Tensor,
     slots: torch.Tensor,
@@ -573,8 +814,14 @@ def fp4_experts(
 
     x [M, D] bf16/fp16/fp32; slots [M, K] int32 (-1 skips a pair); route_w [M, K] fp32;
     shared_out and out [M, D]; pool tensors as in pool_shapes(). Two launches, no host sync.
+    D or I not a multiple of 128 (small test models): fp4_experts_grouped does the work.
     `out` may alias `shared_out`. workspace: from fp4_experts_workspace(), or None to allocate.
-    config: tuning overrides (block_n, nb, num_warps for gate/up; block_n_down, nb_down).
+    config: tuning overrides: block_n (gate/up outputs per program; it streams 2*block_n rows),
+    nb (128-input blocks per step), num_warps; block_n_down, nb_down, num_warps_down for the
+    down launch; down ("pair": one program per (row tile, pair), partials combined by the last
+    to arrive; "token": one program per (row tile, token) over its K experts); asm (PTX word
+    decode, default on); prefetch / prefetch_down (load the next step's weights before computing
+    this one); maxnreg / maxnreg_down (register caps).
     """
     require_triton("fp4_experts")
     if out is None:
@@ -589,6 +836,11 @@ def fp4_experts(
         )
     if m == 0:
         return out
+    if d % 128 or i % 128:  # small test models: the grouped kernels take any multiple of 32
+        return fp4_experts_grouped(
+            x, slots, route_w, shared_out, w13_q, w13_s, w2_q, w2_s, swiglu_limit,
+            out=out, act_quant=act_quant,
+        )  # fmt: skip
     pairs = m * k
     if workspace is None:
         workspace = fp4_experts_workspace(pairs, d, i, x.dtype, x.device)
@@ -604,25 +856,51 @@ def fp4_experts(
     m_block = triton.next_power_of_2(m)
     p_block = triton.next_power_of_2(pairs)
     k_block = triton.next_power_of_2(k)
-    bn = cfg.get("block_n", 16)
-    nb = cfg.get("nb", 2 if m_block <= 2 else 1)
-    bn2 = _DECODE_BLOCK_N_DOWN
-    nb2 = cfg.get("nb_down", nb)
-    if ws.counters.numel() < triton.cdiv(d, bn2):
+    # Defaults from the H100 sweeps (tools/PERF_NOTES.md, run 2): the token-parallel down launch
+    # wins for 2..4 tokens, the pair-parallel one for 1 token and for larger M (many shared slots,
+    # which it reads once).
+    down_tok = cfg.get("down", "token" if 1 < m_block <= 4 else "pair") == "token"
+    bn = min(cfg.get("block_n", 8), i)
+    bn2 = min(cfg.get("block_n_down", 16), d)
+    if i % bn or d % bn2 or bn2 < _MIN_BLOCK_N_DOWN:
+        raise ValueError(f"fp4_experts: block_n {bn} / block_n_down {bn2} must divide I / D")
+    nb = _steps(d, cfg.get("nb", 8))
+    nb2 = _steps(i, cfg.get("nb_down", 8))
+    if ws.counters.numel() < d // bn2:
         raise ValueError("fp4_experts: workspace.counters too small")
-    warps = cfg.get("num_warps", 4)
-    _fp4_experts_gate_up_kernel[(triton.cdiv(i, bn), pairs)](
-        x, slots, route_w, w13_q.view(torch.int32), w13_s, ws.a, m, i, d // 8, d // 32,
-        x.stride(0), float(swiglu_limit),
-        K=k, P_BLOCK=p_block, M_BLOCK=m_block, K_BLOCK=k_block, BLOCK_N=bn, NB=nb,
-        ACT_QUANT=act_quant, num_warps=warps,
-    )  # fmt: skip
-    _fp4_experts_down_kernel[(triton.cdiv(d, bn2), pairs)](
-        ws.a, slots, shared_out, w2_q.view(torch.int32), w2_s, ws.y, ws.counters, out, m, d, i,
-        i // 8, i // 32, shared_out.stride(0), out.stride(0),
-        K=k, P_BLOCK=p_block, M_BLOCK=m_block, K_BLOCK=k_block, BLOCK_N=bn2, NB=nb2,
-        ACT_QUANT=act_quant, num_warps=cfg.get("num_warps_down", warps),
-    )  # fmt: skip
+    hw = not interpreting()
+    asm = hw and cfg.get("asm", True)
+    nw = cfg.get("num_warps", 4)
+    nw2 = cfg.get("num_warps_down", 4)
+    if bn % nw or bn2 % nw2:
+        raise ValueError("fp4_experts: block_n must be a multiple of num_warps (same for down)")
+    launch = cfg.get("_launch", "both")  # benchmarks time the two launches apart
+    if launch in ("both", "gate_up"):
+        _fp4_experts_gate_up_kernel[(i // bn, pairs)](
+            x, slots, route_w, w13_q.view(torch.int32), w13_s.view(torch.int32), ws.a, m,
+            x.stride(0), float(swiglu_limit),
+            D=d, I=i, K=k, P_BLOCK=p_block, M_BLOCK=m_block, K_BLOCK=k_block, BLOCK_N=bn, NB=nb,
+            NW=nw, ACT_QUANT=act_quant, HW_FP8=hw, ASM=asm, PREFETCH=cfg.get("prefetch", False),
+            num_warps=nw, num_stages=1,
+            **({"maxnreg": cfg["maxnreg"]} if "maxnreg" in cfg else {}),
+        )  # fmt: skip
+    if launch in ("both", "down") and down_tok:
+        _fp4_experts_down_tok_kernel[(d // bn2, m)](
+            ws.a, slots, shared_out, w2_q.view(torch.int32), w2_s.view(torch.int32), out,
+            shared_out.stride(0), out.stride(0),
+            D=d, I=i, K=k, BLOCK_N=bn2, NB=nb2, NW=nw2, ACT_QUANT=act_quant, HW_FP8=hw, ASM=asm,
+            PREFETCH=cfg.get("prefetch_down", False), num_warps=nw2, num_stages=1,
+            **({"maxnreg": cfg["maxnreg_down"]} if "maxnreg_down" in cfg else {}),
+        )  # fmt: skip
+    elif launch in ("both", "down"):
+        _fp4_experts_down_kernel[(d // bn2, pairs)](
+            ws.a, slots, shared_out, w2_q.view(torch.int32), w2_s.view(torch.int32), ws.y,
+            ws.counters, out, m, shared_out.stride(0), out.stride(0),
+            D=d, I=i, K=k, P_BLOCK=p_block, M_BLOCK=m_block, K_BLOCK=k_block, BLOCK_N=bn2, NB=nb2,
+            NW=nw2, ACT_QUANT=act_quant, HW_FP8=hw, ASM=asm,
+            PREFETCH=cfg.get("prefetch_down", False), num_warps=nw2, num_stages=1,
+            **({"maxnreg": cfg["maxnreg_down"]} if "maxnreg_down" in cfg else {}),
+        )  # fmt: skip
     return out
 
 

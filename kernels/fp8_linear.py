@@ -3,11 +3,14 @@
 Two paths, one numerical definition (`fp8_linear_ref`):
 
 - GEMV (M <= GEMV_MAX_M tokens, decode): memory bound. Each program owns BLOCK_N weight rows and
-  one K slice (split-K, so even N = 512 gives ~1000 programs); weights are loaded as 16-byte
-  vectors of e4m3 bytes, decoded in registers and multiplied on CUDA cores in fp32. The split-K
-  partials go to an fp32 workspace; the last program of each row tile to arrive (an atomic
-  counter) adds them in a fixed order and writes the output, then resets its counter, so one
-  launch does it all, deterministically, and stays CUDA-graph capturable.
+  one K slice (split-K, so even N = 512 gives hundreds of programs). Lanes run along K: a warp
+  reads 256 contiguous bytes of a row per load (8 bytes a lane), each lane converts its e4m3 bytes
+  two at a time (cvt to f16x2, then fp32) and multiplies them with its 8 inputs in an fp32 FMA
+  chain, reusing the inputs for all rows of its warp; lanes are reduced once at the end. Tokens go
+  1, 2 or 4 per pass over the weights (more passes for larger M). The split-K partials go to an
+  fp32 workspace; the last program of each row tile to arrive (an atomic counter) adds them in a
+  fixed order and writes the output, then resets its counter, so one launch does it all,
+  deterministically, and stays CUDA-graph capturable.
 - GEMM (prefill): tl.dot tiles BLOCK_M x BLOCK_N stepping K by 128 (one weight-scale block per
   step; the block scale and the activation scale are applied to each step's fp32 partial).
 
@@ -28,10 +31,13 @@ from ._formats import (
     FP8_BLOCK,
     _act_quant_apply,
     _act_quant_scale,
+    _and_flag,
+    _e4m3_q,
     _e8m0_to_f32,
     act_quant_ref,
     check_tensor,
     dequant_fp8,
+    interpreting,
     require_triton,
     tl,
     triton,
@@ -71,6 +77,62 @@ def fp8_linear_ref(
 # ------------------------------------------------------------------------------------------------
 
 
+# GEMV tile of one loop step: [16, NB, NW, U, R, 8] weight bytes. Lane (l, b) of warp w holds the
+# 8 consecutive bytes at input offset (u * NB + b) * 128 + l * 8 of weight row rows[w, r] (one
+# 8-byte load per (u, r)): NB = 2 blocks of 128 inputs x 16 lanes x 8 bytes span the 32 lanes of a
+# warp (256 contiguous bytes of a row per load instruction), U such slices make one step (U loads
+# per row and lane in flight), and warp w owns R rows. A 128-input block = 16 lanes = one weight-
+# scale block and one act-quant block. The input tile [16, NB, NW, U, 1, 8] gives each lane the 8
+# inputs matching its bytes (one 16-byte load per u; every warp loads its own copy), reused for its
+# R rows. A lane sums its 8 products (an FMA chain), scales the sum per block (weight scale x act
+# scale) and accumulates per (lane, row) in fp32; the cross-lane sum happens once, after the loop.
+# Dimension order: lanes first, then warps, then per-thread dimensions (Triton 3.6 hands lanes to
+# the dimensions after the contiguous one in index order when their contiguity ties).
+
+
+@triton.jit
+def _split8(v):
+    """[a, b, c, d, e, 8] -> its 8 elements as tensors [a, b, c, d, e] (element order 0..7)."""
+    v = tl.reshape(v, [v.shape[0], v.shape[1], v.shape[2], v.shape[3], v.shape[4], 2, 2, 2])
+    ev, od = tl.split(v)
+    e04, e26 = tl.split(ev)
+    o15, o37 = tl.split(od)
+    v0, v4 = tl.split(e04)
+    v2, v6 = tl.split(e26)
+    v1, v5 = tl.split(o15)
+    v3, v7 = tl.split(o37)
+    return v0, v1, v2, v3, v4, v5, v6, v7
+
+
+@triton.jit
+def _fp8_tok_part(w0, w1, w2, w3, w4, w5, w6, w7, xp, xoff, kmask, EVEN_K: tl.constexpr,
+                  ACT_QUANT: tl.constexpr, HW_FP8: tl.constexpr):  # fmt: skip
+    """One token's step: lane sums [16, NB, NW, U, R] of the weights w0..w7 (element e of each
+    lane's 8 bytes, fp32) times the token's inputs (act-quantised onto the e4m3 grid when
+    ACT_QUANT), and the act block scale [1, NB, NW, U, 1]."""
+    if EVEN_K:
+        xv = tl.load(xp + xoff).to(tl.float32)
+    else:
+        xv = tl.load(xp + xoff, mask=kmask, other=0.0).to(tl.float32)
+    if ACT_QUANT:
+        amax = tl.max(tl.max(tl.abs(xv), axis=5), axis=0)  # [NB, NW, U, 1]: 16 lanes a block
+        s, s_inv = _act_quant_scale(amax)
+        xv = _e4m3_q(xv * s_inv[None, :, :, :, :, None], HW_FP8)
+        bs = s[None]
+    else:
+        bs = tl.full([1, xoff.shape[1], xoff.shape[2], xoff.shape[3], 1], 1.0, tl.float32)
+    x0, x1, x2, x3, x4, x5, x6, x7 = _split8(xv)
+    p = w0 * x0
+    p += w1 * x1
+    p += w2 * x2
+    p += w3 * x3
+    p += w4 * x4
+    p += w5 * x5
+    p += w6 * x6
+    p += w7 * x7
+    return p, bs
+
+
 @triton.jit
 def _fp8_gemv_kernel(
     x_ptr,  # [M, K] activations (bf16/fp16/fp32), row stride stride_xm, unit column stride
@@ -84,76 +146,122 @@ def _fp8_gemv_kernel(
     K,
     stride_xm,
     stride_om,
-    K_PER_SPLIT,  # K range of one split, a multiple of NB * 128
+    K_PER_SPLIT,  # K range of one split, a multiple of NB * 128 (and of the step if EVEN_K)
     SCALE_E8M0: tl.constexpr,  # scale is E8M0 bytes (else fp32)
     ACT_QUANT: tl.constexpr,  # quantise-dequantise x per 128-block first
-    M_BLOCK: tl.constexpr,  # next power of two >= M (tokens are unrolled)
-    BLOCK_N: tl.constexpr,  # weight rows per program; divides 128, so one scale row
-    NB: tl.constexpr,  # 128-wide K blocks per loop step
+    HW_FP8: tl.constexpr,  # hardware e4m3 conversion (GPU) vs exact emulation (interpreter)
+    EVEN_K: tl.constexpr,  # K % (U * NB * 128) == 0: no masks in the loop
+    TOK: tl.constexpr,  # tokens per pass over the weights (1, 2 or 4); M > TOK: more passes
+    R: tl.constexpr,  # rows per warp; BLOCK_N = R * NW divides 128 (one scale row)
+    NW: tl.constexpr,  # num_warps
+    U: tl.constexpr,
+    NB: tl.constexpr,  # 128-blocks side by side across the lanes (2 on the GPU)
     SPLIT_K: tl.constexpr,
 ):
+    BLOCK_N: tl.constexpr = R * NW
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = rows < N
-    kb = tl.arange(0, NB)
-    kk = tl.arange(0, 128)
-    cols_m = tl.arange(0, M_BLOCK)
+    rows = pid_n * BLOCK_N + tl.arange(0, R)[None, :] * NW + tl.arange(0, NW)[:, None]  # [NW, R]
+    n_ok = rows < N
+    wrow = tl.minimum(rows, N - 1).to(tl.int64)  # ragged N: load a valid row, store nothing
     n_kblk = tl.cdiv(K, 128)
     s_row = (pid_n * BLOCK_N) // 128
 
-    acc = tl.zeros([BLOCK_N, M_BLOCK], dtype=tl.float32)
+    ll = tl.arange(0, 16)[:, None, None, None, None, None]
+    bb = tl.arange(0, NB)[None, :, None, None, None, None]
+    uu = tl.arange(0, U)[None, None, None, :, None, None]
+    ee = tl.arange(0, 8)[None, None, None, None, None, :]
+    koff = (uu * NB + bb) * 128 + ll * 8 + ee  # [16, NB, 1, U, 1, 8]
+    xoff = koff + tl.zeros([1, 1, NW, 1, 1, 1], tl.int32)  # the inputs of each lane, per warp
+    wp = w_ptr + (wrow * K)[None, None, :, None, :, None] + koff  # [16, NB, NW, U, R, 8]
+    # Scale block of each lane, constant along its 16 lanes; the contiguity hint of 1 keeps the
+    # load in the weights' layout (one value per lane, no layout conversion).
+    kb = tl.arange(0, NB)[None, :, None, None] + tl.arange(0, U)[None, None, None, :] * NB
+    kb = (kb + tl.zeros([16, 1, NW, 1], tl.int32))[:, :, :, :, None]  # [16, NB, NW, U, 1]
+    sp = tl.max_contiguous(s_ptr + s_row * n_kblk + kb, [1, 1, 1, 1, 1])
+
     k_lo = pid_k * K_PER_SPLIT
     k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
-    for k0 in range(k_lo, k_hi, NB * 128):
-        kidx = k0 + kb[:, None] * 128 + kk[None, :]  # [NB, 128]
-        k_mask = kidx < k_hi
-        # [BLOCK_N, NB, 128] bytes: each thread reads 16 contiguous bytes of a row.
-        w = tl.load(
-            w_ptr + rows[:, None, None].to(tl.int64) * K + kidx[None, :, :],
-            mask=n_mask[:, None, None] & k_mask[None, :, :],
-            other=0,
-        )
-        wf = w.to(tl.float8e4nv, bitcast=True).to(tl.float32)
-        sblk = k0 // 128 + kb
-        s_mask = sblk < n_kblk
-        if SCALE_E8M0:
-            s = _e8m0_to_f32(tl.load(s_ptr + s_row * n_kblk + sblk, mask=s_mask, other=0))
-        else:
-            s = tl.load(s_ptr + s_row * n_kblk + sblk, mask=s_mask, other=0.0)
-        for m in tl.static_range(M_BLOCK):
-            m_ok = tl.full([NB, 128], m, tl.int32) < M
-            xv = tl.load(x_ptr + m * stride_xm + kidx, mask=k_mask & m_ok, other=0.0)
-            xv = xv.to(tl.float32)
-            if ACT_QUANT:
-                sx, sx_inv = _act_quant_scale(tl.max(tl.abs(xv), axis=1))
-                xv = _act_quant_apply(xv, sx[:, None], sx_inv[:, None])
-            part = tl.sum(wf * xv[None, :, :], axis=2)  # [BLOCK_N, NB], one scale per block
-            part = tl.sum(part * s[None, :], axis=1)
-            acc = tl.where(cols_m[None, :] == m, acc + part[:, None], acc)
+    STEP: tl.constexpr = U * NB * 128
+    for c in range(0, M, TOK):
+        acc0 = tl.zeros([16, NB, NW, R], dtype=tl.float32)
+        acc1 = tl.zeros([16, NB, NW, R], dtype=tl.float32)
+        acc2 = tl.zeros([16, NB, NW, R], dtype=tl.float32)
+        acc3 = tl.zeros([16, NB, NW, R], dtype=tl.float32)
+        # Token rows past M repeat the last token (valid memory); their results are not stored.
+        x0 = x_ptr + tl.minimum(c, M - 1).to(tl.int64) * stride_xm
+        x1 = x_ptr + tl.minimum(c + 1, M - 1).to(tl.int64) * stride_xm
+        x2 = x_ptr + tl.minimum(c + 2, M - 1).to(tl.int64) * stride_xm
+        x3 = x_ptr + tl.minimum(c + 3, M - 1).to(tl.int64) * stride_xm
+        for k0 in range(k_lo, k_hi, STEP):
+            if EVEN_K:
+                kmask = koff >= 0  # unused
+                w = tl.load(wp + k0)
+                sv = tl.load(sp + k0 // 128)
+            else:
+                kmask = (k0 + koff) < k_hi
+                w = tl.load(wp + k0, mask=kmask, other=0)
+                sv = tl.load(sp + k0 // 128, mask=(k0 // 128 + kb) < n_kblk, other=0)
+            if SCALE_E8M0:
+                ws = _e8m0_to_f32(sv)
+            else:
+                ws = sv
+            w0, w1, w2, w3, w4, w5, w6, w7 = _split8(
+                w.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+            )
+            xo = xoff + k0
+            part, bs = _fp8_tok_part(w0, w1, w2, w3, w4, w5, w6, w7, x0, xo, kmask, EVEN_K,
+                                     ACT_QUANT, HW_FP8)  # fmt: skip
+            acc0 += tl.sum(part * (ws * bs), axis=3)  # in-lane sum over U
+            if TOK > 1:
+                part, bs = _fp8_tok_part(w0, w1, w2, w3, w4, w5, w6, w7, x1, xo, kmask, EVEN_K,
+                                         ACT_QUANT, HW_FP8)  # fmt: skip
+                acc1 += tl.sum(part * (ws * bs), axis=3)
+            if TOK > 2:
+                part, bs = _fp8_tok_part(w0, w1, w2, w3, w4, w5, w6, w7, x2, xo, kmask, EVEN_K,
+                                         ACT_QUANT, HW_FP8)  # fmt: skip
+                acc2 += tl.sum(part * (ws * bs), axis=3)
+                part, bs = _fp8_tok_part(w0, w1, w2, w3, w4, w5, w6, w7, x3, xo, kmask, EVEN_K,
+                                         ACT_QUANT, HW_FP8)  # fmt: skip
+                acc3 += tl.sum(part * (ws * bs), axis=3)
+        _fp8_gemv_out(acc0, c, rows, n_ok, pid_k, out_ptr, part_ptr, M, N, stride_om, SPLIT_K)
+        if TOK > 1:
+            _fp8_gemv_out(acc1, c + 1, rows, n_ok, pid_k, out_ptr, part_ptr, M, N, stride_om,
+                          SPLIT_K)  # fmt: skip
+        if TOK > 2:
+            _fp8_gemv_out(acc2, c + 2, rows, n_ok, pid_k, out_ptr, part_ptr, M, N, stride_om,
+                          SPLIT_K)  # fmt: skip
+            _fp8_gemv_out(acc3, c + 3, rows, n_ok, pid_k, out_ptr, part_ptr, M, N, stride_om,
+                          SPLIT_K)  # fmt: skip
 
-    out_mask = n_mask[:, None] & (cols_m[None, :] < M)
-    out_offs = cols_m[None, :] * stride_om + rows[:, None]
-    if SPLIT_K == 1:
-        tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
-    else:
-        part_offs = cols_m[None, :] * N + rows[:, None]
-        tl.store(part_ptr + pid_k * M * N + part_offs, acc, mask=out_mask)
-        # Every thread's partial must be written before the counter is bumped (release).
+    if SPLIT_K > 1:
+        # Every thread's partials must be written before the counter is bumped (release).
         tl.debug_barrier()
         arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
         if arrived == SPLIT_K - 1:
             # Last of this row tile: sum the partials in split order (deterministic).
-            tot = tl.zeros([BLOCK_N, M_BLOCK], dtype=tl.float32)
-            for sk in range(SPLIT_K):
-                tot += tl.load(
-                    part_ptr + sk * M * N + part_offs,
-                    mask=out_mask,
-                    other=0.0,
-                    cache_modifier=".cg",
-                )
-            tl.store(out_ptr + out_offs, tot.to(out_ptr.dtype.element_ty), mask=out_mask)
+            for m in range(0, M):
+                tot = tl.zeros([NW, R], dtype=tl.float32)
+                for sk in range(SPLIT_K):
+                    tot += tl.load(
+                        part_ptr + (sk * M + m) * N + rows, mask=n_ok, other=0.0,
+                        cache_modifier=".cg",
+                    )  # fmt: skip
+                tl.store(out_ptr + m * stride_om + rows, tot.to(out_ptr.dtype.element_ty),
+                         mask=n_ok)  # fmt: skip
             tl.atomic_xchg(cnt_ptr + pid_n, 0)
+
+
+@triton.jit
+def _fp8_gemv_out(acc, m, rows, n_ok, pid_k, out_ptr, part_ptr, M, N, stride_om,
+                  SPLIT_K: tl.constexpr):  # fmt: skip
+    """Token m's row sums (acc [16, NB, NW, R]): the output (one split) or this split's partial."""
+    y = tl.sum(tl.sum(acc, axis=0), axis=0)  # [NW, R]
+    ok = _and_flag(n_ok, m < M)
+    if SPLIT_K == 1:
+        tl.store(out_ptr + m * stride_om + rows, y.to(out_ptr.dtype.element_ty), mask=ok)
+    else:
+        tl.store(part_ptr + (pid_k * M + m) * N + rows, y, mask=ok)
 
 
 @triton.jit
@@ -231,12 +339,18 @@ def _fp8_gemm_kernel(
 
 @dataclass(frozen=True)
 class _GemvPlan:
-    m_block: int
-    block_n: int
-    nb: int
+    tok: int  # tokens per pass over the weights
+    rows_per_warp: int
+    num_warps: int
+    u: int  # 8-byte loads per row and lane per step
+    nb: int  # 128-blocks across the lanes
     split_k: int
     k_per_split: int
-    num_warps: int
+    even_k: bool
+
+    @property
+    def block_n(self) -> int:
+        return self.rows_per_warp * self.num_warps
 
 
 def _sm_count(device: torch.device) -> int:
@@ -247,21 +361,29 @@ def _sm_count(device: torch.device) -> int:
 
 def _gemv_plan(m: int, n: int, k: int, device: torch.device, config: dict | None) -> _GemvPlan:
     cfg = dict(config or {})
-    m_block = triton.next_power_of_2(max(m, 1))
-    block_n = cfg.get("block_n", 16)
-    nb = cfg.get("nb", 2 if m_block <= 2 else 1)
-    step = nb * 128
+    tok = cfg.get("tok", 1 if m == 1 else 2 if m == 2 else 4)
+    nw = cfg.get("num_warps", 4)
+    block_n = cfg.get("block_n", 32 if tok == 1 else 16)
+    if block_n % nw or 128 % block_n:
+        raise ValueError(f"fp8_linear: block_n {block_n} must divide 128, num_warps {nw} it")
+    nb = cfg.get("nb", 2)
+    slice_k = nb * 128  # inputs across the lanes of one load
     n_tiles = triton.cdiv(n, block_n)
     if "split_k" in cfg:
         split = cfg["split_k"]
     else:
-        # ~8 programs per SM keeps enough 16-byte loads in flight to saturate HBM.
-        want = 8 * _sm_count(device)
+        # A few programs per SM, each streaming >= 16 KB: enough loads in flight for HBM, few
+        # split-K partials (H100 sweep: 2 per SM for one token, 4 for more).
+        want = cfg.get("programs_per_sm", 2 if tok == 1 else 4) * _sm_count(device)
         split = triton.next_power_of_2(triton.cdiv(want, n_tiles)) if n_tiles < want else 1
-        split = max(1, min(split, 16, triton.cdiv(k, step)))
-    k_per_split = triton.cdiv(triton.cdiv(k, split), step) * step
+        split = max(1, min(split, 16, k * block_n // 16384))
+    k_per_split = triton.cdiv(triton.cdiv(k, split), slice_k) * slice_k
+    u = cfg.get("u", 2)  # 2 x 8-byte loads per row and lane per step (H100 sweep: beats 4)
+    while (k_per_split // slice_k) % u:
+        u //= 2
     split = triton.cdiv(k, k_per_split)  # no empty splits
-    return _GemvPlan(m_block, block_n, nb, split, k_per_split, cfg.get("num_warps", 4))
+    even_k = k % (u * slice_k) == 0
+    return _GemvPlan(tok, block_n // nw, nw, u, nb, split, k_per_split, even_k)
 
 
 @dataclass
@@ -311,7 +433,8 @@ def fp8_linear(
     x: bf16/fp16/fp32, rows may be strided (unit column stride). out: [M, N], any of those dtypes
     (default: allocated with x's dtype). workspace: needed by the GEMV path when it splits K;
     pass one from fp8_linear_workspace() to keep the launch allocation-free (graph capture).
-    config: optional tuning overrides (block_n, nb, split_k, num_warps; block_m for GEMM).
+    config: optional tuning overrides: GEMV block_n, split_k, u, tok, num_warps,
+    programs_per_sm; GEMM block_m, block_n, num_warps, num_stages.
     """
     require_triton("fp8_linear")
     if x.dim() != 2:
@@ -338,8 +461,6 @@ def fp8_linear(
 
     if m <= GEMV_MAX_M:
         p = _gemv_plan(m, n, k, x.device, cfg)
-        if 128 % p.block_n:
-            raise ValueError(f"fp8_linear: block_n must divide 128, got {p.block_n}")
         n_tiles = triton.cdiv(n, p.block_n)
         part, cnt = out, out  # placeholders, unused when split_k == 1
         if p.split_k > 1:
@@ -360,8 +481,9 @@ def fp8_linear(
             part, cnt = workspace.partial, workspace.counters
         _fp8_gemv_kernel[(n_tiles, p.split_k)](
             x, wb, sb, out, part, cnt, m, n, k, x.stride(0), out.stride(0), p.k_per_split,
-            SCALE_E8M0=e8m0, ACT_QUANT=act_quant, M_BLOCK=p.m_block, BLOCK_N=p.block_n,
-            NB=p.nb, SPLIT_K=p.split_k, num_warps=p.num_warps,
+            SCALE_E8M0=e8m0, ACT_QUANT=act_quant, HW_FP8=not interpreting(), EVEN_K=p.even_k,
+            TOK=p.tok, R=p.rows_per_warp, NW=p.num_warps, U=p.u, NB=p.nb, SPLIT_K=p.split_k,
+            num_warps=p.num_warps, num_stages=1,
         )  # fmt: skip
     else:
         bm = cfg.get("block_m", 64)

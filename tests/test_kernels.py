@@ -266,8 +266,9 @@ def make_routing(m, k, n_slots, seed=0, holes=True):
 @pytest.mark.parametrize("act_quant", [False, True])
 @pytest.mark.parametrize(
     "m,n,k,scale_fp32",
-    [(1, 130, 256, False), (3, 64, 384, True), (1, 17, 200, False), (20, 70, 300, False)],
-)
+    [(1, 130, 256, False), (3, 64, 384, True), (1, 17, 200, False), (20, 70, 300, False),
+     (5, 48, 2048, False)],
+)  # fmt: skip
 def test_fp8_linear_interp(m, n, k, scale_fp32, act_quant, dtype):
     w, s = make_fp8(n, k, seed=m + n, scale_fp32=scale_fp32)
     x = torch.randn(m, k, generator=_gen(k)).to(dtype)
@@ -280,7 +281,8 @@ def test_fp8_linear_interp(m, n, k, scale_fp32, act_quant, dtype):
 @interp
 def test_fp8_linear_split_k_workspace_reuse():
     w, s = make_fp8(32, 1024, seed=3)
-    ws = f8.fp8_linear_workspace([(32, 1024)], 2, "cpu")
+    # forced split: size the workspace for it (fp8_linear_workspace sizes the default plans)
+    ws = f8.Fp8LinearWorkspace(torch.empty(4 * 2 * 32), torch.zeros(2, dtype=torch.int32))
     for seed in range(2):  # second launch checks the counters were reset
         x = torch.randn(2, 1024, generator=_gen(seed))
         out = poison((2, 32), torch.float32)
@@ -290,11 +292,12 @@ def test_fp8_linear_split_k_workspace_reuse():
 
 
 @interp
+@pytest.mark.parametrize("down", ["pair", "token"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("act_quant", [False, True])
 @pytest.mark.parametrize("m,k", [(1, 3), (3, 3)])
-def test_fp4_experts_decode_interp(m, k, act_quant, dtype):
-    d, i, n_slots = 128, 64, 5
+def test_fp4_experts_decode_interp(m, k, act_quant, dtype, down):
+    d, i, n_slots = 256, 128, 5
     pool = make_pool(n_slots, d, i, seed=m)
     slots, rw = make_routing(m, k, n_slots, seed=m + k)
     if m == 3:
@@ -303,12 +306,49 @@ def test_fp4_experts_decode_interp(m, k, act_quant, dtype):
     shared = torch.randn(m, d, generator=_gen(6)).to(dtype)
     out = poison((m, d), dtype)
     ws = f4.fp4_experts_workspace(m * k, d, i, dtype, "cpu")
-    cfg = {"block_n": 64}
+    cfg = {"block_n": 32, "block_n_down": 64, "down": down}
     f4.fp4_experts(x, slots, rw, shared, *pool, 10.0, out=out, act_quant=act_quant, workspace=ws,
                    config=cfg)  # fmt: skip
     ref = f4.fp4_experts_ref(x, slots, rw, shared, *pool, 10.0, act_quant=act_quant)
     assert_close("fp4_experts", out, ref, dtype, loose=2.0 if dtype == torch.float16 else 1.0)
     assert int(ws.counters.abs().sum()) == 0
+
+
+@interp
+@pytest.mark.parametrize("down", ["pair", "token"])
+@pytest.mark.parametrize("act_quant", [False, True])
+def test_fp4_experts_decode_shared_slots_interp(act_quant, down):
+    """Slots shared by 2 and 3 tokens (two-token passes, an odd member), a token with the same
+    slot twice, a skipped pair, several loop steps (nb=1), and the one-token path (M > 1)."""
+    m, k, d, i, n_slots = 5, 2, 256, 128, 4
+    pool = make_pool(n_slots, d, i, seed=3)
+    slots = torch.tensor([[0, 1], [1, 2], [1, 1], [3, -1], [0, 2]], dtype=torch.int32)
+    rw = torch.rand(m, k, generator=_gen(4))
+    x = torch.randn(m, d, generator=_gen(5))
+    shared = torch.randn(m, d, generator=_gen(6))
+    out = poison((m, d), torch.float32)
+    ws = f4.fp4_experts_workspace(m * k, d, i, torch.float32, "cpu")
+    cfg = {"block_n": 32, "block_n_down": 64, "nb": 1, "nb_down": 1, "prefetch": act_quant,
+           "prefetch_down": act_quant, "down": down}  # fmt: skip
+    f4.fp4_experts(x, slots, rw, shared, *pool, 10.0, out=out, act_quant=act_quant, workspace=ws,
+                   config=cfg)  # fmt: skip
+    ref = f4.fp4_experts_ref(x, slots, rw, shared, *pool, 10.0, act_quant=act_quant)
+    assert_close("fp4_experts shared slots", out, ref, torch.float32)
+    assert int(ws.counters.abs().sum()) == 0
+
+
+@interp
+def test_fp4_experts_decode_small_dims_interp():
+    """D, I not multiples of 128 (the tiny test model: 64, 32) go to the grouped kernels."""
+    m, k, d, i, n_slots = 2, 2, 64, 32, 3
+    pool = make_pool(n_slots, d, i, seed=12)
+    slots, rw = make_routing(m, k, n_slots, seed=12)
+    x = torch.randn(m, d, generator=_gen(13))
+    shared = torch.randn(m, d, generator=_gen(14))
+    out = poison((m, d), torch.float32)
+    f4.fp4_experts(x, slots, rw, shared, *pool, 10.0, out=out, act_quant=True)
+    ref = f4.fp4_experts_ref(x, slots, rw, shared, *pool, 10.0, act_quant=True)
+    assert_close("fp4_experts small dims", out, ref, torch.float32, loose=2.0)
 
 
 @interp
@@ -437,12 +477,12 @@ GPU_DTYPES = [torch.bfloat16, torch.float32]
 @pytest.mark.parametrize(
     "m,n,k",
     [(1, 1024, 4096), (1, 32768, 1024), (1, 512, 4096), (2, 4096, 8192), (16, 2048, 4096),
-     (1, 130, 200), (300, 4096, 2048), (77, 1000, 1000)],
+     (5, 8192, 1024), (1, 130, 200), (3, 200, 1000), (300, 4096, 2048), (77, 1000, 1000)],
 )  # fmt: skip
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 def test_fp8_linear_gpu(m, n, k, act_quant, dtype):
-    w, s = make_fp8(n, k, seed=n)
+    w, s = make_fp8(n, k, seed=n, scale_fp32=n == 200)
     x = torch.randn(m, k, generator=_gen(m)).to(dtype).to(DEV)
     out = poison((m, n), dtype)
     f8.fp8_linear(x, w, s, out=out, act_quant=act_quant)
@@ -450,21 +490,96 @@ def test_fp8_linear_gpu(m, n, k, act_quant, dtype):
     assert_close("fp8_linear", out, ref, dtype, loose=2.0 if act_quant else 1.0)
 
 
+@pytest.mark.parametrize("down", ["pair", "token"])
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
 @pytest.mark.parametrize("act_quant", [False, True])
 @pytest.mark.parametrize("m", [1, 2, 3, 16])
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
-def test_fp4_experts_decode_gpu(m, act_quant, dtype):
+def test_fp4_experts_decode_gpu(m, act_quant, dtype, down):
     d, i, k, n_slots = f4.V4_FLASH_D, f4.V4_FLASH_I, 6, 16
     pool = make_pool(n_slots, d, i, seed=m)
     slots, rw = make_routing(m, k, n_slots, seed=m)
     x = torch.randn(m, d, generator=_gen(m)).to(dtype).to(DEV)
     shared = torch.randn(m, d, generator=_gen(m + 1)).to(dtype).to(DEV)
     out = poison((m, d), dtype)
-    f4.fp4_experts(x, slots, rw, shared, *pool, 10.0, out=out, act_quant=act_quant)
+    f4.fp4_experts(x, slots, rw, shared, *pool, 10.0, out=out, act_quant=act_quant,
+                   config={"down": down})  # fmt: skip
     ref = f4.fp4_experts_ref(x, slots, rw, shared, *pool, 10.0, act_quant=act_quant)
     assert_close("fp4_experts", out, ref, dtype, loose=2.0)
+
+
+# Tile configs the benchmark sweeps (tools/bench_kernels.py): any of them may become a default.
+FP4_GPU_CONFIGS = [
+    {"asm": False},
+    {"block_n": 8, "num_warps": 4, "block_n_down": 16, "num_warps_down": 4},
+    {"block_n": 4, "num_warps": 4, "block_n_down": 8, "num_warps_down": 4},
+    {"block_n": 32, "num_warps": 4, "block_n_down": 8, "num_warps_down": 8},
+    {"block_n": 8, "num_warps": 2, "block_n_down": 16, "num_warps_down": 2},
+    {"block_n": 16, "num_warps": 4, "maxnreg": 80, "block_n_down": 8, "num_warps_down": 2},
+    {"block_n": 16, "num_warps": 8, "block_n_down": 32, "num_warps_down": 8},
+    {"block_n": 32, "num_warps": 8, "block_n_down": 64, "num_warps_down": 8},
+    {"nb": 2, "nb_down": 4},
+    {"prefetch": True, "prefetch_down": True},
+    {"block_n": 8, "prefetch": True, "block_n_down": 16, "prefetch_down": True},
+    {"down": "token"},
+    {"down": "token", "block_n_down": 8},
+    {"down": "token", "block_n_down": 32, "prefetch_down": True},
+    {"down": "token", "block_n_down": 8, "num_warps_down": 2},
+    {"down": "token", "block_n_down": 16, "num_warps_down": 8, "prefetch_down": True},
+]
+
+
+@pytest.mark.parametrize("cfg", FP4_GPU_CONFIGS, ids=str)
+@pytest.mark.parametrize("m,act_quant", [(1, False), (4, True)])
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_fp4_experts_decode_configs_gpu(m, act_quant, cfg):
+    """Every swept tile config computes the same function (bf16; M=4 has a shared slot)."""
+    dtype = torch.bfloat16
+    d, i, k, n_slots = f4.V4_FLASH_D, f4.V4_FLASH_I, 6, 16
+    pool = make_pool(n_slots, d, i, seed=7)
+    slots, rw = make_routing(m, k, n_slots, seed=m + 7)
+    if m == 4:
+        slots[3, 0] = slots[0, 1]  # tokens 0 and 3 share a slot (two-token pass)
+        slots[1, 2] = slots[0, 1]  # and token 1: an odd third member
+    x = torch.randn(m, d, generator=_gen(m)).to(dtype).to(DEV)
+    shared = torch.randn(m, d, generator=_gen(m + 1)).to(dtype).to(DEV)
+    out = poison((m, d), dtype)
+    ws = f4.fp4_experts_workspace(m * k, d, i, dtype, DEV)
+    f4.fp4_experts(x, slots, rw, shared, *pool, 10.0, out=out, act_quant=act_quant,
+                   workspace=ws, config=cfg)  # fmt: skip
+    ref = f4.fp4_experts_ref(x, slots, rw, shared, *pool, 10.0, act_quant=act_quant)
+    assert_close("fp4_experts", out, ref, dtype, loose=2.0)
+    assert int(ws.counters.abs().sum()) == 0
+
+
+FP8_GPU_CONFIGS = [
+    {"block_n": 16},
+    {"block_n": 64, "num_warps": 8},
+    {"block_n": 64, "num_warps": 4},
+    {"num_warps": 8},
+    {"u": 2},
+    {"u": 2, "block_n": 16},
+    {"programs_per_sm": 8},
+    {"programs_per_sm": 2},
+    {"split_k": 3},
+]
+
+
+@pytest.mark.parametrize("cfg", FP8_GPU_CONFIGS, ids=str)
+@pytest.mark.parametrize("n,k", [(32768, 1024), (4096, 8192), (1000, 1536)])
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_fp8_linear_gemv_configs_gpu(n, k, cfg):
+    """Every swept GEMV config computes the same function (M=1, bf16, act_quant)."""
+    dtype = torch.bfloat16
+    w, s = make_fp8(n, k, seed=n + k)
+    x = torch.randn(1, k, generator=_gen(k)).to(dtype).to(DEV)
+    out = poison((1, n), dtype)
+    f8.fp8_linear(x, w, s, out=out, act_quant=True, config=cfg)
+    ref = f8.fp8_linear_ref(x, w, s, act_quant=True)
+    assert_close("fp8_linear", out, ref, dtype, loose=2.0)
 
 
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
@@ -574,6 +689,7 @@ def test_cuda_graph_capture_and_replay():
     wsa = sa.sparse_attn_workspace(1, 64, 512, 640, DEV)
     wsm = mh.mhc_workspace(1, DEV)
     o4 = torch.empty(1, d, device=DEV, dtype=dt)
+    o4t = torch.empty(1, d, device=DEV, dtype=dt)
     o8 = torch.empty(1, 1024, device=DEV, dtype=dt)
     oa = torch.empty_like(q)
     om = (
@@ -584,6 +700,8 @@ def test_cuda_graph_capture_and_replay():
 
     def step():
         f4.fp4_experts(x, slots, rw, shared, *pool, 10.0, out=o4, act_quant=True, workspace=ws4)
+        f4.fp4_experts(x, slots, rw, shared, *pool, 10.0, out=o4t, act_quant=True, workspace=ws4,
+                       config={"down": "token"})  # fmt: skip
         f8.fp8_linear(x, w, s, out=o8, act_quant=True, workspace=ws8)
         sa.sparse_attn(q, kv, idx, sink, 512**-0.5, out=oa, workspace=wsa)
         mh.mhc_pre(xs, fn, sc, base, y=om[0], post=om[1], comb=om[2], workspace=wsm)
@@ -605,6 +723,7 @@ def test_cuda_graph_capture_and_replay():
         torch.cuda.synchronize()
         ref4 = f4.fp4_experts_ref(x, slots, rw, shared, *pool, 10.0, act_quant=True)
         assert_close("graph fp4_experts", o4, ref4, dt, loose=2.0)
+        assert_close("graph fp4_experts token", o4t, ref4, dt, loose=2.0)
         assert_close("graph fp8_linear", o8, f8.fp8_linear_ref(x, w, s, act_quant=True), dt, 2.0)
         ref_a = sa.sparse_attn_ref(q, kv, idx, sink, 512**-0.5)
         assert_close("graph sparse_attn", oa, ref_a, dt, 2.0)

@@ -1,11 +1,16 @@
 """Benchmark the Triton kernels at V4-Flash shapes against HBM bandwidth measured in the same run.
 
-    python tools/bench_kernels.py [--sets N] [--sweep] [--quick]
+    python tools/bench_kernels.py [--sets N] [--sweep] [--quick] [--only fp4,fp8,...] [--jobs N]
 
 Per kernel: median time (triton.testing.do_bench) of CUDA-graph replay (the eager time is in
 the JSON as us_eager) while rotating over several input sets so L2 (50 MB on H100) cannot serve
 repeats, bytes that must move, GB/s, and % of the copy bandwidth (large device-to-device copy,
-bytes read + written). Prints a table and ends with one JSON line.
+bytes read + written). Prints a table and ends with one JSON line; with $OUT set (or --rows) each
+row is also appended to a JSON-lines file as it is measured, so a run cut short keeps its rows.
+--jobs N first compiles every kernel variant the run will time in N parallel processes (each
+runs the same schedule but only calls its share of the kernels once, filling Triton's on-disk
+cache), so the timed process does not spend the lease compiling one variant at a time.
+--sweep adds tile-config sweeps (FP4 decode launches timed apart; FP8 GEMV configs).
 Targets: FP4 experts M=1 K=6 and FP8 GEMV >= 70% of the copy bandwidth.
 """
 
@@ -22,6 +27,10 @@ TARGET = 0.70
 
 
 _LAST: dict[str, float | None] = {}  # eager time of the last _bench call, for the table
+# Warm mode (a --jobs worker): (worker index, workers). Every _bench call gets a number in call
+# order; a worker only runs fn(0) once for its numbers (compiling the variant) and times nothing.
+_WARM: tuple[int, int] | None = None
+_CALLS = [0]
 
 
 def _bench(fn, sets: int) -> float:
@@ -32,6 +41,14 @@ def _bench(fn, sets: int) -> float:
     back to eager timing when the calls cannot be captured.
     """
     from triton.testing import do_bench
+
+    n = _CALLS[0]
+    _CALLS[0] += 1
+    if _WARM is not None:
+        if n % _WARM[1] == _WARM[0]:
+            fn(0)
+            torch.cuda.synchronize()
+        return 1.0
 
     state = {"i": 0}
 
@@ -60,14 +77,23 @@ def _bench(fn, sets: int) -> float:
     return ms
 
 
-def copy_bandwidth() -> float:
-    """GB/s of a 2 GiB device-to-device copy, counting bytes read + written."""
+def hbm_ceilings() -> dict[str, float]:
+    """Measured ceilings on random data: GB/s of a 2 GiB device-to-device copy (bytes read +
+    written), of a 2 GiB read-only reduction (torch.sum), and the graph-replay time of a trivial
+    one-element kernel (the per-launch floor every small kernel pays)."""
     n = 1 << 30  # 1 Gi bf16 elements = 2 GiB
-    a = torch.empty(n, dtype=torch.bfloat16, device="cuda")
+    a = torch.randn(n, dtype=torch.bfloat16, device="cuda")
     b = torch.empty_like(a)
-    ms = _bench(lambda _i: b.copy_(a), 1)
+    copy_ms = _bench(lambda _i: b.copy_(a), 1)
+    read_ms = _bench(lambda _i: torch.sum(a, dtype=torch.float32), 1)
+    t = torch.zeros(1, device="cuda")
+    tiny_ms = _bench(lambda _i: t.add_(1.0), 8)
     _LAST.pop("eager", None)
-    return 2 * 2 * n / (ms * 1e-3) / 1e9
+    return {
+        "copy_bw_GBps": round(2 * 2 * n / (copy_ms * 1e-3) / 1e9, 1),
+        "read_bw_GBps": round(2 * n / (read_ms * 1e-3) / 1e9, 1),
+        "launch_floor_us": round(tiny_ms * 1e3, 2),
+    }
 
 
 def _fp4_pool(dev, n_slots: int):
@@ -81,6 +107,44 @@ def _fp4_pool(dev, n_slots: int):
     return q["w13_q"], s["w13_s"], q["w2_q"], s["w2_s"]
 
 
+def _sweep_point(record, name: str, fn, sets: int, nbytes: float) -> None:
+    """One sweep measurement; a config that fails (compile, launch) is reported, not fatal."""
+    try:
+        record(name, _bench(fn, sets), nbytes)
+    except Exception as exc:
+        print(f"{name}: failed: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+
+
+# Decode tile sweeps (M = 1), each launch timed on its own (config "_launch"). Run 1 (H100)
+# swept block_n 4..32 x num_warps 2..8, asm, maxnreg and prefetch for both launches; these are
+# the contenders left, plus the token-parallel down launch.
+FP4_GATE_UP_SWEEP = [
+    {"block_n": 8, "num_warps": 4},  # default
+    {"block_n": 16, "num_warps": 4},  # run-1 default
+    {"block_n": 8, "num_warps": 4, "prefetch": True},
+    {"block_n": 16, "num_warps": 8},
+    {"block_n": 8, "num_warps": 2},
+]
+FP4_DOWN_SWEEP = [
+    {"block_n_down": 16, "num_warps_down": 4},  # default (pair)
+    {"block_n_down": 32, "num_warps_down": 4},
+    {"block_n_down": 8, "num_warps_down": 2},
+    {"down": "token", "block_n_down": 16},
+    {"down": "token", "block_n_down": 8},
+    {"down": "token", "block_n_down": 32},
+    {"down": "token", "block_n_down": 16, "prefetch_down": True},
+    {"down": "token", "block_n_down": 32, "prefetch_down": True},
+    {"down": "token", "block_n_down": 8, "num_warps_down": 2},
+    {"down": "token", "block_n_down": 16, "num_warps_down": 8, "prefetch_down": True},
+]
+# Whole-call contenders (both launches), M = 1..4.
+FP4_CALL_SWEEP = [
+    {"down": "token", "block_n_down": 16},
+    {"down": "token", "block_n_down": 32, "prefetch_down": True},
+    {"down": "token", "block_n_down": 8},
+]
+
+
 def bench_fp4_decode(record, dev, dt, n_sets: int, quick: bool, sweep: bool) -> None:
     """Routed experts at decode; a 48-slot pool (642 MB) so rotated sets miss L2."""
     from homeseek.kernels import fp4_experts as f4
@@ -88,6 +152,8 @@ def bench_fp4_decode(record, dev, dt, n_sets: int, quick: bool, sweep: bool) -> 
     d, i, k, n_slots = f4.V4_FLASH_D, f4.V4_FLASH_I, 6, 48
     pool = _fp4_pool(dev, n_slots)
     slot_b = f4.slot_bytes(d, i)
+    gate_up_b = 2 * i * (d // 2 + d // 32)  # per slot: w13 codes + scales
+    down_b = d * (i // 2 + i // 32)
     for m in [1, 2, 4] if quick else [1, 2, 3, 4, 8, 16]:
         ws = f4.fp4_experts_workspace(m * k, d, i, dt, dev)
         sets = []
@@ -120,18 +186,36 @@ def bench_fp4_decode(record, dev, dt, n_sets: int, quick: bool, sweep: bool) -> 
             tgt = TARGET if (m == 1 and not aq) else None
             name = f"fp4_experts M={m} K={k} act_quant={int(aq)}"
             record(name, _bench(run, n_sets), nbytes, tgt, unique_experts=uniq)
+            if m in (1, 4) and not quick:  # the two launches apart (default tiles)
+                for part, pb in (("gate_up", gate_up_b), ("down", down_b)):
+                    ms = _bench(functools.partial(run, cfg={"_launch": part}), n_sets)
+                    record(f"  fp4 {part} M={m} act_quant={int(aq)}", ms, uniq * pb)
+            if sweep and m <= 4:
+                for cfg in FP4_CALL_SWEEP:
+                    fn = functools.partial(run, cfg=cfg)
+                    name = f"  sweep fp4 call M={m} aq={int(aq)} {cfg}"
+                    _sweep_point(record, name, fn, n_sets, nbytes)
             if sweep and m == 1 and not aq:
-                best = None
-                for bn in (8, 16, 32):
-                    for nb in (1, 2, 4):
-                        for nw in (2, 4, 8):
-                            cfg = {"block_n": bn, "nb": nb, "nb_down": nb, "num_warps": nw}
-                            ms = _bench(functools.partial(run, cfg=cfg), n_sets)
-                            print(f"   sweep {cfg}: {ms * 1e3:.2f} us", flush=True)
-                            if best is None or ms < best[0]:
-                                best = (ms, cfg)
-                _LAST.pop("eager", None)
-                record(f"fp4_experts M=1 best sweep {best[1]}", best[0], nbytes, TARGET)
+                for cfg in FP4_GATE_UP_SWEEP:
+                    fn = functools.partial(run, cfg={**cfg, "_launch": "gate_up"})
+                    _sweep_point(
+                        record, f"  sweep fp4 gate_up M=1 {cfg}", fn, n_sets, uniq * gate_up_b
+                    )
+                for cfg in FP4_DOWN_SWEEP:
+                    fn = functools.partial(run, cfg={**cfg, "_launch": "down"})
+                    _sweep_point(record, f"  sweep fp4 down M=1 {cfg}", fn, n_sets, uniq * down_b)
+            if sweep and m == 4 and not aq:
+                for cfg in ({"block_n": 8, "num_warps": 2}, {"block_n": 16}):
+                    fn = functools.partial(run, cfg={**cfg, "_launch": "gate_up"})
+                    name = f"  sweep fp4 gate_up M=4 {cfg}"
+                    _sweep_point(record, name, fn, n_sets, uniq * gate_up_b)
+                for cfg in (
+                    {"block_n_down": 16},
+                    {"down": "token", "block_n_down": 16},
+                    {"down": "token", "block_n_down": 32},
+                ):
+                    fn = functools.partial(run, cfg={**cfg, "_launch": "down"})
+                    _sweep_point(record, f"  sweep fp4 down M=4 {cfg}", fn, n_sets, uniq * down_b)
 
 
 def bench_fp4_grouped(record, dev, dt, quick: bool) -> None:
@@ -167,7 +251,19 @@ def bench_fp4_grouped(record, dev, dt, quick: bool) -> None:
         )
 
 
-def bench_fp8(record, dev, dt, n_sets: int, quick: bool) -> None:
+FP8_SWEEP = [
+    {"u": 4},  # run-1 default
+    {"u": 1},
+    {"block_n": 16},
+    {"num_warps": 8},
+    {"programs_per_sm": 8},
+    {"programs_per_sm": 2},
+    {"split_k": 1},
+]
+FP8_SWEEP_SHAPES = ("wq_a", "wq_b", "wkv", "wo_b", "shared w1")
+
+
+def bench_fp8(record, dev, dt, n_sets: int, quick: bool, sweep: bool = False) -> None:
     """FP8 linears of V4-Flash; >= 400 MB of weights rotated for the GEMV rows."""
     from homeseek.kernels import fp8_linear as f8
 
@@ -183,6 +279,9 @@ def bench_fp8(record, dev, dt, n_sets: int, quick: bool) -> None:
     if quick:
         shapes = shapes[:2]
     ws8 = f8.fp8_linear_workspace([(n, kk) for _, n, kk in shapes], 16, dev)
+    ws_sweep = f8.Fp8LinearWorkspace(
+        torch.empty(16 * 32768 * 4, device=dev), torch.zeros(32768, dtype=torch.int32, device=dev)
+    )
     for name, n, kk in shapes:
         per = n * kk + (n // 128) * (kk // 128)
         n_w = max(1, min(n_sets, (400 << 20) // per))
@@ -195,13 +294,23 @@ def bench_fp8(record, dev, dt, n_sets: int, quick: bool) -> None:
             x = torch.randn(m, kk, device=dev, dtype=dt)
             out = torch.empty(m, n, device=dev, dtype=dt)
 
-            def run(j, x=x, out=out, ws_=ws_, ss_=ss_):
-                f8.fp8_linear(x, ws_[j], ss_[j], out=out, act_quant=True, workspace=ws8)
+            def run(j, x=x, out=out, ws_=ws_, ss_=ss_, cfg=None, wsp=ws8):
+                f8.fp8_linear(x, ws_[j], ss_[j], out=out, act_quant=True, workspace=wsp,
+                              config=cfg)  # fmt: skip
 
             ms = _bench(run, n_w)
             extra = {"TFLOPS": round(2 * m * n * kk / (ms * 1e-3) / 1e12, 1)} if m > 16 else {}
+            if m <= 16:
+                p = f8._gemv_plan(m, n, kk, x.device, None)
+                extra["plan"] = f"bn{p.block_n} w{p.num_warps} u{p.u} split{p.split_k} tok{p.tok}"
             tgt = TARGET if (m == 1 and per >= (8 << 20)) else None
             record(f"fp8_linear {name} [{n}x{kk}] M={m}", ms, per + m * (kk + n) * 2, tgt, **extra)
+            if sweep and m == 1 and name in FP8_SWEEP_SHAPES:
+                for cfg in FP8_SWEEP:
+                    fn = functools.partial(run, cfg=cfg, wsp=ws_sweep)
+                    _sweep_point(
+                        record, f"  sweep fp8 {name} M=1 {cfg}", fn, n_w, per + m * (kk + n) * 2
+                    )
 
 
 def bench_attention(record, dev, dt, n_sets: int) -> None:
@@ -266,16 +375,85 @@ def bench_mhc(record, dev, dt, n_sets: int) -> None:
         )
 
 
+SECTIONS = ("fp4", "fp4_grouped", "fp8", "attn", "mhc")
+
+
+def _prewarm(jobs: int, timeout_s: float) -> None:
+    """Run `jobs` warm workers (this script with --warm i/jobs) in parallel and wait for them."""
+    import os
+    import subprocess
+    import time
+
+    argv, skip = [], False
+    for a in sys.argv[1:]:  # drop --jobs N / --jobs=N (a worker must not spawn workers)
+        if skip or a.startswith("--jobs="):
+            skip = False
+            continue
+        if a == "--jobs":
+            skip = True
+            continue
+        argv.append(a)
+    t0 = time.perf_counter()
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                os.path.abspath(__file__),
+                *argv,
+                "--jobs",
+                "0",
+                "--warm",
+                f"{w}/{jobs}",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for w in range(jobs)
+    ]
+    for p in procs:
+        try:
+            _, err = p.communicate(timeout=max(1.0, timeout_s - (time.perf_counter() - t0)))
+            if p.returncode:
+                print(
+                    f"   (warm worker failed, rc {p.returncode}: {err.strip()[-400:]})", flush=True
+                )
+        except subprocess.TimeoutExpired:
+            p.kill()
+            print("   (warm worker timed out; the timed run compiles the rest)", flush=True)
+    print(f"precompiled in {jobs} processes: {time.perf_counter() - t0:.1f} s", flush=True)
+
+
 def main() -> int:
+    global _WARM
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sets", type=int, default=8, help="input sets rotated per kernel")
     ap.add_argument("--sweep", action="store_true", help="also sweep decode tile configs")
     ap.add_argument("--quick", action="store_true", help="fewer shapes")
+    ap.add_argument(
+        "--only", default=",".join(SECTIONS), help="comma list of " + ",".join(SECTIONS)
+    )
+    ap.add_argument("--jobs", type=int, default=0, help="precompile in N processes first")
+    ap.add_argument("--warm-timeout", type=float, default=150.0, help="seconds for --jobs")
+    ap.add_argument("--rows", default=None, help="JSON-lines file for rows ($OUT/bench_rows.jsonl)")
+    ap.add_argument("--warm", default=None, help=argparse.SUPPRESS)  # worker "i/n"
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("bench_kernels: needs a CUDA device", file=sys.stderr)
         print(json.dumps({"error": "no cuda"}))
         return 2
+    only = set(args.only.split(","))
+    ceil0: dict[str, float] = {}
+    if args.warm:
+        w, n = (int(v) for v in args.warm.split("/"))
+        _WARM = (w, n)
+    else:
+        ceil0 = hbm_ceilings()  # on a quiet GPU, before any worker starts
+        torch.cuda.empty_cache()
+        if args.jobs > 1:
+            _prewarm(args.jobs, args.warm_timeout)
+
+    import os
 
     import triton
 
@@ -284,11 +462,18 @@ def main() -> int:
     dt = torch.bfloat16
     n_sets = args.sets
     props = torch.cuda.get_device_properties(dev)
-    bw = copy_bandwidth()
+    bw = ceil0.get("copy_bw_GBps", 1.0)
     rows: list[dict] = []
+    rows_path = args.rows or (
+        os.path.join(os.environ["OUT"], "bench_rows.jsonl") if os.environ.get("OUT") else None
+    )
+    if _WARM is not None:
+        rows_path = None
 
     def record(name, ms, nbytes, target=None, **extra):
         eager = _LAST.pop("eager", None)
+        if _WARM is not None:
+            return
         if eager is not None:
             extra = {"us_eager": round(eager * 1e3, 2), **extra}
         gbs = nbytes / (ms * 1e-3) / 1e9
@@ -304,6 +489,9 @@ def main() -> int:
             r["meets_target"] = gbs / bw >= target
         r.update(extra)
         rows.append(r)
+        if rows_path:
+            with open(rows_path, "a") as f:
+                f.write(json.dumps(r) + "\n")
         print(
             f"{name:44s} {r['us']:9.2f} us {r['MB']:10.3f} MB {r['GB/s']:8.1f} GB/s "
             f"{r['pct_copy_bw']:6.1f} %"
@@ -312,24 +500,40 @@ def main() -> int:
             flush=True,
         )
 
-    print(f"device: {props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}")
-    print(f"triton {triton.__version__}; HBM copy bandwidth (read+write): {bw:.1f} GB/s\n")
+    if _WARM is None:
+        print(f"device: {props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}")
+        print(f"triton {triton.__version__}; HBM copy bandwidth (read+write): {bw:.1f} GB/s")
+        print(f"ceilings: {ceil0}\n")
+        if rows_path:
+            with open(rows_path, "a") as f:
+                f.write(json.dumps({"device": props.name, **ceil0}) + "\n")
 
-    bench_fp4_decode(record, dev, dt, n_sets, args.quick, args.sweep)
-    torch.cuda.empty_cache()
-    bench_fp4_grouped(record, dev, dt, args.quick)
-    torch.cuda.empty_cache()
-    bench_fp8(record, dev, dt, n_sets, args.quick)
-    torch.cuda.empty_cache()
-    bench_attention(record, dev, dt, n_sets)
-    torch.cuda.empty_cache()
-    bench_mhc(record, dev, dt, n_sets)
+    if "fp4" in only:
+        bench_fp4_decode(record, dev, dt, n_sets, args.quick, args.sweep)
+        torch.cuda.empty_cache()
+    if "fp4_grouped" in only:
+        bench_fp4_grouped(record, dev, dt, args.quick)
+        torch.cuda.empty_cache()
+    if "fp8" in only:
+        bench_fp8(record, dev, dt, n_sets, args.quick, args.sweep)
+        torch.cuda.empty_cache()
+    if "attn" in only:
+        bench_attention(record, dev, dt, n_sets)
+        torch.cuda.empty_cache()
+    if "mhc" in only:
+        bench_mhc(record, dev, dt, n_sets)
+    if _WARM is not None:
+        return 0
 
+    ceil1 = hbm_ceilings()  # again after the run: the card's state may drift
+    print(f"ceilings after the run: {ceil1}")
     summary = {
         "device": props.name,
         "torch": torch.__version__,
         "triton": triton.__version__,
         "copy_bw_GBps": round(bw, 1),
+        "ceilings_start": ceil0,
+        "ceilings_end": ceil1,
         "targets_met": all(r.get("meets_target", True) for r in rows),
         "results": rows,
     }
