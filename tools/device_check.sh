@@ -45,6 +45,8 @@ for p in "${parts[@]}"; do
     engine) step gpu_engine 240 "${pt[@]}" -q -m gpu "$repo/tests/test_gpu_engine.py" ;;
     kernels) step gpu_kernels 400 "${pt[@]}" -q -m gpu -rs "$repo/tests/test_kernels.py" ;;
     doctor) step doctor 60 "$py" -m homeseek doctor ;;
+    generate) step generate 120 "$py" -m homeseek generate --model tiny --device cuda \
+        --max-tokens 32 --temperature 0 --json "Hello" ;;
     copy) step expert_copy 120 "$py" "$repo/tools/expert_copy_bench.py" ;;
     routing) step routing_flash 300 "$py" "$repo/tools/routing_sim.py" --synthetic flash \
         --alias 64 --device cuda --tokens 4096 --chunk 1024 --gpu-mem-gb 24 ;;
