@@ -2,7 +2,8 @@
 # One command for a CUDA machine without network: make homeseek importable (no pip needed),
 # then run the GPU tests, the expert-copy benchmark, the routing simulation on the full-size
 # synthetic model, and the kernel check. Logs go under $OUT when set (else ./device-logs).
-#   bash tools/device_check.sh [engine|copy|routing|kernels ...]   (default: all)
+#   bash tools/device_check.sh [engine|kernels|doctor|generate|copy|routing|bench ...]
+#   (default: engine kernels doctor copy routing bench; BENCH_ARGS=--sweep adds tile sweeps)
 set -uo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
@@ -50,7 +51,8 @@ for p in "${parts[@]}"; do
     copy) step expert_copy 120 "$py" "$repo/tools/expert_copy_bench.py" ;;
     routing) step routing_flash 300 "$py" "$repo/tools/routing_sim.py" --synthetic flash \
         --alias 64 --device cuda --tokens 4096 --chunk 1024 --gpu-mem-gb 24 ;;
-    bench) step bench_kernels 400 "$py" "$repo/tools/bench_kernels.py" ;;
+    # shellcheck disable=SC2086  # BENCH_ARGS is a word list, e.g. BENCH_ARGS=--sweep
+    bench) step bench_kernels 400 "$py" "$repo/tools/bench_kernels.py" ${BENCH_ARGS:-} ;;
     esac
 done
 exit $rc
