@@ -593,37 +593,6 @@ def _fp4_experts_down_tok_kernel(
 
 
 @triton.jit
-def _fp4_rows_dot(
-    wq_ptr,  # packed E2M1 weights, row stride row_b bytes
-    ws_ptr,  # E8M0 scales, row stride row_s bytes
-    w_row,  # [BLOCK_N] int64 weight rows of this tile
-    row_b,
-    row_s,
-    j,  # [64] byte columns of this step (128 inputs)
-    sidx,  # [1, 64] scale group of each byte
-    wmask,  # [BLOCK_N, 64]
-    xe,  # [BLOCK_M, 64] even inputs (compute dtype; act-quantised grid values if ACT_QUANT)
-    xo,  # [BLOCK_M, 64] odd inputs
-    cdt: tl.constexpr,  # compute dtype of the dots
-    IEEE_FP32: tl.constexpr,
-):
-    """[BLOCK_M, BLOCK_N] partial x·Wᵀ of one 128-input step: decode the rows' FP4 bytes and
-    scales to the compute dtype and multiply on the tensor cores (IEEE fp32 when asked)."""
-    wb = tl.load(wq_ptr + w_row[:, None] * row_b + j[None, :], mask=wmask, other=0)
-    sc = _e8m0_times_64(tl.load(ws_ptr + w_row[:, None] * row_s + sidx, mask=wmask, other=0))
-    lo, hi = _fp4_pair_to_f32(wb)
-    lo = (lo * sc).to(cdt)
-    hi = (hi * sc).to(cdt)
-    if IEEE_FP32:
-        d = tl.dot(xe, tl.trans(lo), input_precision="ieee")
-        d += tl.dot(xo, tl.trans(hi), input_precision="ieee")
-    else:
-        d = tl.dot(xe, tl.trans(lo))
-        d += tl.dot(xo, tl.trans(hi))
-    return d
-
-
-@triton.jit
 def _fp4_grouped_gemm_kernel(
     in_ptr,  # gate/up: x [M, D] (row = pair // K); down: a [P, I] (row = pair)
     tile_slot_ptr,  # [n_tiles] int32 slot of each BLOCK_M tile (-1 = unused tile)
@@ -682,18 +651,38 @@ def _fp4_grouped_gemm_kernel(
                 xo = _act_quant_apply(xo, 1.0, sx_inv[:, None]).to(cdt)
             wmask = r_mask[:, None] & j_ok[None, :]
             sidx = (c0 + jj[None, :]) // 16  # scale group of each byte
-            # gate (or down) rows, then the up rows N_OUT further on
-            d = _fp4_rows_dot(
-                wq_ptr, ws_ptr, w_row, row_b, row_s, j, sidx, wmask, xe, xo, cdt, IEEE_FP32
+            # gate (or down) rows
+            wb = tl.load(wq_ptr + w_row[:, None] * row_b + j[None, :], mask=wmask, other=0)
+            sc = _e8m0_times_64(
+                tl.load(ws_ptr + w_row[:, None] * row_s + sidx, mask=wmask, other=0)
             )
+            lo, hi = _fp4_pair_to_f32(wb)
+            lo = (lo * sc).to(cdt)
+            hi = (hi * sc).to(cdt)
+            if IEEE_FP32:
+                d = tl.dot(xe, tl.trans(lo), input_precision="ieee")
+                d += tl.dot(xo, tl.trans(hi), input_precision="ieee")
+            else:
+                d = tl.dot(xe, tl.trans(lo))
+                d += tl.dot(xo, tl.trans(hi))
             if ACT_QUANT:
                 d = d * sx[:, None]
             acc_g += d
             if GATE_UP:
-                d = _fp4_rows_dot(
-                    wq_ptr, ws_ptr, w_row + N_OUT, row_b, row_s, j, sidx, wmask, xe, xo, cdt,
-                    IEEE_FP32,
-                )  # fmt: skip
+                u_row = w_row + N_OUT
+                wb = tl.load(wq_ptr + u_row[:, None] * row_b + j[None, :], mask=wmask, other=0)
+                sc = _e8m0_times_64(
+                    tl.load(ws_ptr + u_row[:, None] * row_s + sidx, mask=wmask, other=0)
+                )
+                lo, hi = _fp4_pair_to_f32(wb)
+                lo = (lo * sc).to(cdt)
+                hi = (hi * sc).to(cdt)
+                if IEEE_FP32:
+                    d = tl.dot(xe, tl.trans(lo), input_precision="ieee")
+                    d += tl.dot(xo, tl.trans(hi), input_precision="ieee")
+                else:
+                    d = tl.dot(xe, tl.trans(lo))
+                    d += tl.dot(xo, tl.trans(hi))
                 if ACT_QUANT:
                     d = d * sx[:, None]
                 acc_u += d
