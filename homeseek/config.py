@@ -14,7 +14,7 @@ import dataclasses
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -287,7 +287,6 @@ class RuntimeConfig:
     eviction: str = "lrfu"  # expert-pool eviction policy: lru | lrfu[:half-life]
     hot_profile: str | None = None  # routing profile whose top experts stay pinned in the pool
     kernels: bool = True  # Triton kernels on CUDA; False runs the torch twins there too
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.max_context < 1:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -246,7 +246,6 @@ class Counters:
     bytes_disk: int = 0
     copy_s: float = 0.0  # host time spent issuing/doing copies
     evictions: int = 0
-    extra: dict[str, float] = field(default_factory=dict)
 
     @property
     def hit_rate(self) -> float:
