@@ -19,7 +19,13 @@ from homeseek import plan
 from homeseek.config import PRESETS, RuntimeConfig
 from homeseek.engine import Engine, resolve_model
 from homeseek.experts import simulate
-from homeseek.profile import record_routing, routing_profile, save_trace, write_profile
+from homeseek.profile import (
+    load_trace,
+    record_routing,
+    routing_profile,
+    save_trace,
+    write_profile,
+)
 from homeseek.synthetic import SyntheticSource
 
 
@@ -38,6 +44,7 @@ def main() -> None:
     )
     ap.add_argument("--floor", type=int, default=1)
     ap.add_argument("--save-trace", default=None)
+    ap.add_argument("--trace", default=None, help="replay a saved trace instead of recording")
     ap.add_argument("--save-profile", default=None)
     args = ap.parse_args()
 
@@ -61,7 +68,7 @@ def main() -> None:
     t_load = time.perf_counter() - t0
     cfg = eng.cfg
     t0 = time.perf_counter()
-    steps = record_routing(eng, args.tokens, chunk=args.chunk)
+    steps = load_trace(args.trace) if args.trace else record_routing(eng, args.tokens, args.chunk)
     t_rec = time.perf_counter() - t0
     if args.save_trace:
         save_trace(args.save_trace, steps)
