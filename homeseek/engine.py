@@ -103,6 +103,7 @@ def _load_block(ckpt: Checkpoint, cfg: ModelConfig, layer: int, device: str) -> 
             lw[local] = ckpt.get(name).long().to(device)
         else:
             lw[local] = ckpt.get(name).float().to(device)
+    M.fuse_linears(lw)
     return lw
 
 

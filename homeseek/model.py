@@ -26,7 +26,7 @@ from homeseek.kernels import ops
 from homeseek.quant import act_quant_sim, fp4_block_sim, fp8_block_sim, hadamard
 from homeseek.state import CompressorState, LayerState
 
-LayerWeights = dict[str, "torch.Tensor | QWeight"]
+LayerWeights = dict[str, "torch.Tensor | QWeight | FusedLinear"]
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,67 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor | None, eps: float) -> torch.Tenso
     if w is not None:
         y = w * y
     return y.to(x.dtype)
+
+
+# Linears that read the same input, run as one weight when the loader fused them (fuse_linears):
+# one launch streams all of them, which matters most for the small decode GEMVs.
+SHARED_INPUT_LINEARS = (
+    ("attn.wq_a", "attn.wkv"),  # x after attn_norm
+    ("attn.wq_b", "attn.indexer.wq_b"),  # qr (CSA layers; the others have no indexer)
+    ("ffn.shared_experts.w1", "ffn.shared_experts.w3"),  # u after ffn_norm
+)
+
+
+@dataclass(frozen=True)
+class FusedLinear:
+    """Row-stacked FP8 linears: `weight` holds each part at a row offset that is a multiple of
+    the scale block, so every part keeps its own scale rows; parts = ((offset, rows), ...)."""
+
+    weight: QWeight
+    parts: tuple[tuple[int, int], ...]
+
+
+def fuse_linears(lw: LayerWeights) -> None:
+    """Stack each group of SHARED_INPUT_LINEARS present in lw (all FP8, same input width) into
+    one FusedLinear under the joined name; the parts become views into it (no extra memory).
+    A part whose rows are not a multiple of the scale block is padded with zero rows (small test
+    models only; V4's are all multiples of 128)."""
+    for names in SHARED_INPUT_LINEARS:
+        ws = [lw.get(n) for n in names]
+        if not all(isinstance(w, QWeight) and w.fmt == "fp8" for w in ws):
+            continue
+        blk, k = ws[0].block, ws[0].shape[1]
+        if any(w.block != blk or w.shape[1] != k for w in ws):
+            continue
+        parts, off = [], 0
+        for w in ws:
+            parts.append((off, w.shape[0]))
+            off += -(-w.shape[0] // blk) * blk
+        ref = ws[0].weight
+        weight = torch.zeros(off, k, dtype=ref.dtype, device=ref.device)
+        scale = torch.empty(
+            off // blk, ws[0].scale.shape[1], dtype=torch.float32, device=ref.device
+        )
+        for (o, n), w in zip(parts, ws, strict=True):
+            weight[o : o + n] = w.weight
+            scale[o // blk : o // blk + w.scale.shape[0]] = w.scale
+        fused = FusedLinear(QWeight(weight, scale, "fp8", blk), tuple(parts))
+        lw["+".join(names)] = fused
+        for (o, n), name in zip(parts, names, strict=True):
+            nb = -(-n // blk)
+            lw[name] = QWeight(weight[o : o + n], scale[o // blk : o // blk + nb], "fp8", blk)
+
+
+def linears(
+    x: torch.Tensor, names: Sequence[str], lw: LayerWeights, ctx: Ctx
+) -> list[torch.Tensor]:
+    """The linears `names` of one input x [T, K] -> their outputs; one fused product when the
+    loader stacked them (the outputs are then column views of one [T, rows] result)."""
+    fused = lw.get("+".join(names))
+    if not isinstance(fused, FusedLinear):
+        return [linear(x, lw[n], ctx) for n in names]
+    y = linear(x, fused.weight, ctx)
+    return [y[:, o : o + n] for o, n in fused.parts]
 
 
 def linear(x: torch.Tensor, w: QWeight, ctx: Ctx) -> torch.Tensor:
@@ -189,14 +250,15 @@ def sparse_attention(
 
 def indexer_topk(
     x: torch.Tensor,
-    qr: torch.Tensor,
+    qi: torch.Tensor,
     pos: torch.Tensor,
     lw: LayerWeights,
     st: LayerState,
     rope: RopeTables,
     ctx: Ctx,
 ) -> torch.Tensor:
-    """Lightning indexer: top-k compressed entries per query -> [T, k] (-1 = not usable)."""
+    """Lightning indexer: top-k compressed entries per query -> [T, k] (-1 = not usable).
+    qi [T, HI·DI] = indexer.wq_b·qr, computed with the attention's wq_b (same input)."""
     cfg = ctx.cfg
     HI, DI = cfg.index_n_heads, cfg.index_head_dim
     cs = st.index_comp
@@ -207,8 +269,7 @@ def indexer_topk(
 
     n_c = compress(x, s0, lw, "attn.indexer.compressor", cs, rope, key_post, ctx)
     cos, sin = rope(True, pos)
-    qi = linear(qr, lw["attn.indexer.wq_b"], ctx).view(T, HI, DI)
-    qi = apply_rope(qi, cos.unsqueeze(1), sin.unsqueeze(1))
+    qi = apply_rope(qi.view(T, HI, DI), cos.unsqueeze(1), sin.unsqueeze(1))
     if ctx.quant_sim:
         qi = fp4_block_sim(hadamard(qi))
     # Head weights scaled by DI^-1/2 · HI^-1/2 (spec §3.3 step 4).
@@ -241,14 +302,21 @@ def attention(
     cos, sin = rope(kind != SWA, pos)  # [T, d_r/2]; YaRN only on compressed layers
     eps = cfg.rms_norm_eps
 
-    # Query path: low-rank q, per-head unweighted RMS, RoPE on the last d_r dims.
-    qr = rms_norm(linear(x, lw["attn.wq_a"], ctx), lw["attn.q_norm"], eps)  # [T, Q]
-    q = linear(qr, lw["attn.wq_b"], ctx).view(T, H, Dh)
+    qa, kva = linears(x, ("attn.wq_a", "attn.wkv"), lw, ctx)  # [T, Q], [T, Dh]
+
+    # Query path: low-rank q, per-head unweighted RMS, RoPE on the last d_r dims. The CSA
+    # indexer's query projection reads the same qr.
+    qr = rms_norm(qa, lw["attn.q_norm"], eps)  # [T, Q]
+    if kind == CSA:
+        qb, qi = linears(qr, ("attn.wq_b", "attn.indexer.wq_b"), lw, ctx)
+    else:
+        qb = linear(qr, lw["attn.wq_b"], ctx)
+    q = qb.view(T, H, Dh)
     q = q * torch.rsqrt(q.float().square().mean(-1, keepdim=True) + eps).to(q.dtype)
     q = apply_rope(q, cos.unsqueeze(1), sin.unsqueeze(1))
 
     # One shared K = V head.
-    kv = rms_norm(linear(x, lw["attn.wkv"], ctx), lw["attn.kv_norm"], eps)  # [T, Dh]
+    kv = rms_norm(kva, lw["attn.kv_norm"], eps)  # [T, Dh]
     kv = apply_rope(kv, cos, sin)
     if ctx.quant_sim:  # the cache stores the nope part as FP8 (block 64)
         nope = cfg.nope_dim
@@ -269,7 +337,7 @@ def attention(
         keys = torch.cat((local, st.comp.cache[:n_c]))
         n_local = local.shape[0]
         if kind == CSA:
-            sel = indexer_topk(x, qr, pos, lw, st, rope, ctx)  # [T, k]
+            sel = indexer_topk(x, qi, pos, lw, st, rope, ctx)  # [T, k]
         else:  # HCA: every complete block, causally
             ent = torch.arange(n_c, device=x.device).expand(T, n_c)
             limit = ((pos + 1) // st.comp.ratio).unsqueeze(1)
@@ -323,13 +391,24 @@ def swiglu(
     route_w: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Clamped SwiGLU expert: w2·(route_w · silu(min(w1·u, L)) · clamp(w3·u, ±L)) -> [T, D]."""
-    lim = ctx.cfg.swiglu_limit
-    g = linear(u, w1, ctx).float().clamp(max=lim)
-    v = linear(u, w3, ctx).float().clamp(-lim, lim)
+    return swiglu_down(linear(u, w1, ctx), linear(u, w3, ctx), w2, ctx, route_w)
+
+
+def swiglu_down(
+    g: torch.Tensor,
+    v: torch.Tensor,
+    w2: QWeight,
+    ctx: Ctx,
+    route_w: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The rest of swiglu from the gate and up projections g = w1·u, v = w3·u [T, I]."""
+    lim, dt = ctx.cfg.swiglu_limit, g.dtype
+    g = g.float().clamp(max=lim)
+    v = v.float().clamp(-lim, lim)
     a = F.silu(g) * v
     if route_w is not None:  # the routing weight multiplies before w2 (spec §3.4)
         a = a * route_w.unsqueeze(-1)
-    return linear(a.to(u.dtype), w2, ctx)
+    return linear(a.to(dt), w2, ctx)
 
 
 def routed_experts(
@@ -385,13 +464,8 @@ def segment_a(
     y, post, comb = hc_pre(X, lw["hc_ffn_fn"], lw["hc_ffn_base"], lw["hc_ffn_scale"], ctx)
     u = rms_norm(y, lw["ffn_norm"], eps)
     sel, w = route(u, ids, lw, layer, ctx)
-    shared = swiglu(
-        u,
-        lw["ffn.shared_experts.w1"],
-        lw["ffn.shared_experts.w3"],
-        lw["ffn.shared_experts.w2"],
-        ctx,
-    )
+    g, v = linears(u, ("ffn.shared_experts.w1", "ffn.shared_experts.w3"), lw, ctx)
+    shared = swiglu_down(g, v, lw["ffn.shared_experts.w2"], ctx)
     return FfnPending(X, u, post, comb, sel, w, shared)
 
 

@@ -50,6 +50,27 @@ except ImportError:  # CPU-only install: the _ref twins still work.
     triton = _TritonStub()  # type: ignore[assignment]
     tl = _TritonStub()  # type: ignore[assignment]
 
+try:  # grid dependency control for programmatic dependent launch (sm_90+; GPU only)
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+    HAS_GDC = True
+except ImportError:
+    HAS_GDC = False
+    # no triton, or one without GDC: kernels never call them (PDL off)
+
+    def gdc_wait() -> None:
+        raise RuntimeError("programmatic dependent launch needs triton >= 3.3")
+
+    gdc_launch_dependents = gdc_wait
+
+
+def pdl_supported(device: torch.device) -> bool:
+    """Programmatic dependent launch: compiled kernels (not the interpreter) on sm_90 or newer."""
+    if not HAS_GDC or interpreting() or device.type != "cuda":
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
 __all__ = [
     "E4M3_MAX",
     "FP4_E2M1_VALUES",
@@ -58,6 +79,7 @@ __all__ = [
     "ACT_BLOCK",
     "HAS_TRITON",
     "act_quant_ref",
+    "act_quant_split",
     "dequant_fp4",
     "dequant_fp8",
     "e8m0_to_float",
@@ -218,10 +240,10 @@ def dequant_fp8(w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return w.float() * sf
 
 
-def act_quant_ref(x: torch.Tensor, block: int = ACT_BLOCK) -> torch.Tensor:
-    """Quantise-dequantise activations per row in blocks of `block` along the last dim (fp32 out).
+def _act_quant_blocks(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """x [.., k] -> (q [.., nb, block] e4m3 grid values, s [.., nb, 1] scales, k), fp32.
 
-    amax = max(|x|, 1e-4); s = 2^ceil(log2(amax/448)); x_q = e4m3(clamp(x/s, -448, 448)) * s.
+    amax = max(|x|, 1e-4); s = 2^ceil(log2(amax/448)); q = e4m3(clamp(x/s, -448, 448)).
     ceil(log2(.)) is taken from the fp32 bits of amax/448 (exponent, +1 if any mantissa bit),
     which is exact, unlike a float log2. A ragged last block is quantised on its own.
     """
@@ -233,8 +255,22 @@ def act_quant_ref(x: torch.Tensor, block: int = ACT_BLOCK) -> torch.Tensor:
     xb = xf.unflatten(-1, (-1, block))
     amax = xb.abs().amax(dim=-1, keepdim=True).clamp_min(ACT_AMAX_FLOOR)
     s = _pow2_ceil(amax / E4M3_MAX)
-    q = (xb / s).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).float() * s
-    return q.flatten(-2)[..., :k]
+    q = (xb / s).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).float()
+    return q, s, k
+
+
+def act_quant_ref(x: torch.Tensor, block: int = ACT_BLOCK) -> torch.Tensor:
+    """Quantise-dequantise activations per row in blocks of `block` along the last dim (fp32
+    out): x_q = e4m3(clamp(x/s, -448, 448)) * s, s a power of two per block (_act_quant_blocks)."""
+    q, s, k = _act_quant_blocks(x, block)
+    return (q * s).flatten(-2)[..., :k]
+
+
+def act_quant_split(x: torch.Tensor, block: int = ACT_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """act_quant_ref in two parts: (q [.., k] the e4m3 grid values, s [.., ceil(k/block)] the
+    block scales), both fp32; act_quant_ref(x) is q times its block's scale, exactly."""
+    q, s, k = _act_quant_blocks(x, block)
+    return q.flatten(-2)[..., :k], s.squeeze(-1)
 
 
 def _pow2_ceil(v: torch.Tensor) -> torch.Tensor:

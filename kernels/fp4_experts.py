@@ -55,7 +55,6 @@ import torch.nn.functional as F
 
 from ._formats import (
     FP4_GROUP,
-    _act_quant_apply,
     _act_quant_scale,
     _and_flag,
     _e4m3_q,
@@ -63,9 +62,13 @@ from ._formats import (
     _fp4_pair_to_f32,
     _fp4_word_f32,
     act_quant_ref,
+    act_quant_split,
     check_tensor,
     dequant_fp4,
+    gdc_launch_dependents,
+    gdc_wait,
     interpreting,
+    pdl_supported,
     require_triton,
     tl,
     triton,
@@ -242,7 +245,7 @@ def _fp4_x_step(xp, xoff, ACT_QUANT: tl.constexpr, HW_FP8: tl.constexpr):
 def _fp4_rows_dot(
     w_ptr, s_ptr, wrow, xp0, xp1, N_IN: tl.constexpr, R: tl.constexpr, NW: tl.constexpr,
     NB: tl.constexpr, TWO: tl.constexpr, ACT_QUANT: tl.constexpr, HW_FP8: tl.constexpr,
-    ASM: tl.constexpr, PREFETCH: tl.constexpr,
+    ASM: tl.constexpr, PREFETCH: tl.constexpr, WAIT: tl.constexpr,
 ):  # fmt: skip
     """(acc0, acc1): [NW, R] fp32 dot products of the weight rows wrow with input rows xp0 and
     xp1 (acc1 is zeros unless TWO). See _fp4_rows_acc."""
@@ -250,7 +253,7 @@ def _fp4_rows_dot(
     acc1 = tl.zeros([4, NB, NW, R], dtype=tl.float32)
     acc0, acc1 = _fp4_rows_acc(
         acc0, acc1, w_ptr, s_ptr, wrow, xp0, xp1, N_IN, R, NW, NB, TWO, ACT_QUANT, HW_FP8, ASM,
-        PREFETCH,
+        PREFETCH, WAIT,
     )  # fmt: skip
     return tl.sum(tl.sum(acc0, axis=0), axis=0), tl.sum(tl.sum(acc1, axis=0), axis=0)
 
@@ -273,6 +276,7 @@ def _fp4_rows_acc(
     HW_FP8: tl.constexpr,
     ASM: tl.constexpr,
     PREFETCH: tl.constexpr,  # load step st+1's weights before computing step st
+    WAIT: tl.constexpr,  # programmatic dependent launch: gdc_wait before the first input load
 ):
     """acc0 (and acc1 when TWO) plus the per-(lane, row) partial dot products of the weight rows
     with input rows xp0 (xp1), not yet reduced across lanes. See the block comment above."""
@@ -292,10 +296,19 @@ def _fp4_rows_acc(
     wp = w_ptr + (wrow * ROW_W)[None, None, :, :, None] + woff  # [4, NB, NW, R, 4]
     sp = tl.max_contiguous(s_ptr + (wrow * ROW_S)[None, None, :, :] + soff, [1, 1, 1, 1])
     N_STEPS: tl.constexpr = N_IN // (NB * 128)
+    st0 = 0
+    if WAIT:  # PDL: the first weight tile streams while the producer of the inputs drains
+        w = tl.load(wp)
+        sw = tl.load(sp)
+        gdc_wait()
+        acc0, acc1 = _fp4_rows_step(
+            acc0, acc1, w, sw, sshift, xp0, xp1, xoff, NB, NW, R, TWO, ACT_QUANT, HW_FP8, ASM
+        )
+        st0 = 1
     if PREFETCH:
-        w_nx = tl.load(wp)
-        sw_nx = tl.load(sp)
-    for st in range(0, N_STEPS):
+        w_nx = tl.load(wp + st0 * (NB * 16))
+        sw_nx = tl.load(sp + st0 * NB)
+    for st in range(st0, N_STEPS):
         if PREFETCH:  # this step's tile was loaded last step; ask for the next one now
             w = w_nx
             sw = sw_nx
@@ -305,32 +318,45 @@ def _fp4_rows_acc(
         else:
             w = tl.load(wp + st * (NB * 16))  # [4, NB, NW, R, 4]: a 16-byte vector per lane/row
             sw = tl.load(sp + st * NB)  # [4, NB, NW, R]
-        sc = _e8m0_times_64((sw >> sshift) & 0xFF)
-        wv = tl.reshape(w, [4, NB, NW, R, 2, 2])  # word j = 2 * j1 + j0
-        w_a, w_b = tl.split(wv)  # j0
-        w0, w2 = tl.split(w_a)  # j1
-        w1, w3 = tl.split(w_b)
-        xo = xoff + st * (NB * 128)
-        xa0, xa1, xa2, xa3, bsa = _fp4_x_step(xp0, xo, ACT_QUANT, HW_FP8)
-        if TWO:
-            xb0, xb1, xb2, xb3, bsb = _fp4_x_step(xp1, xo, ACT_QUANT, HW_FP8)
-        else:
-            xb0, xb1, xb2, xb3, bsb = xa0, xa1, xa2, xa3, bsa
-        p0 = tl.zeros([4, NB, NW, R], dtype=tl.float32)
-        p1 = tl.zeros([4, NB, NW, R], dtype=tl.float32)
-        p0, p1 = _fp4_word_acc(p0, p1, w0, xa0, xb0, TWO, ASM)
-        p0, p1 = _fp4_word_acc(p0, p1, w1, xa1, xb1, TWO, ASM)
-        p0, p1 = _fp4_word_acc(p0, p1, w2, xa2, xb2, TWO, ASM)
-        p0, p1 = _fp4_word_acc(p0, p1, w3, xa3, xb3, TWO, ASM)
+        acc0, acc1 = _fp4_rows_step(
+            acc0, acc1, w, sw, sshift, xp0, xp1, xoff + st * (NB * 128), NB, NW, R, TWO,
+            ACT_QUANT, HW_FP8, ASM,
+        )  # fmt: skip
+    return acc0, acc1
+
+
+@triton.jit
+def _fp4_rows_step(
+    acc0, acc1, w, sw, sshift, xp0, xp1, xo, NB: tl.constexpr, NW: tl.constexpr, R: tl.constexpr,
+    TWO: tl.constexpr, ACT_QUANT: tl.constexpr, HW_FP8: tl.constexpr, ASM: tl.constexpr,
+):  # fmt: skip
+    """One loop step of _fp4_rows_acc: weight words w [4, NB, NW, R, 4] and their scale words sw
+    [4, NB, NW, R] against the inputs at element offsets xo; returns the updated accumulators."""
+    sc = _e8m0_times_64((sw >> sshift) & 0xFF)
+    wv = tl.reshape(w, [4, NB, NW, R, 2, 2])  # word j = 2 * j1 + j0
+    w_a, w_b = tl.split(wv)  # j0
+    w0, w2 = tl.split(w_a)  # j1
+    w1, w3 = tl.split(w_b)
+    xa0, xa1, xa2, xa3, bsa = _fp4_x_step(xp0, xo, ACT_QUANT, HW_FP8)
+    if TWO:
+        xb0, xb1, xb2, xb3, bsb = _fp4_x_step(xp1, xo, ACT_QUANT, HW_FP8)
+    else:
+        xb0, xb1, xb2, xb3, bsb = xa0, xa1, xa2, xa3, bsa
+    p0 = tl.zeros([4, NB, NW, R], dtype=tl.float32)
+    p1 = tl.zeros([4, NB, NW, R], dtype=tl.float32)
+    p0, p1 = _fp4_word_acc(p0, p1, w0, xa0, xb0, TWO, ASM)
+    p0, p1 = _fp4_word_acc(p0, p1, w1, xa1, xb1, TWO, ASM)
+    p0, p1 = _fp4_word_acc(p0, p1, w2, xa2, xb2, TWO, ASM)
+    p0, p1 = _fp4_word_acc(p0, p1, w3, xa3, xb3, TWO, ASM)
+    if ACT_QUANT:
+        acc0 += p0 * (sc * bsa)
+    else:
+        acc0 += p0 * sc
+    if TWO:
         if ACT_QUANT:
-            acc0 += p0 * (sc * bsa)
+            acc1 += p1 * (sc * bsb)
         else:
-            acc0 += p0 * sc
-        if TWO:
-            if ACT_QUANT:
-                acc1 += p1 * (sc * bsb)
-            else:
-                acc1 += p1 * sc
+            acc1 += p1 * sc
     return acc0, acc1
 
 
@@ -375,11 +401,14 @@ def _fp4_experts_gate_up_kernel(
     HW_FP8: tl.constexpr,  # hardware e4m3 conversion (GPU) vs exact emulation (interpreter)
     ASM: tl.constexpr,  # PTX word decode (GPU)
     PREFETCH: tl.constexpr,  # register double buffering of the weight tile
+    PDL: tl.constexpr,  # let the down launch start now (programmatic dependent launch)
 ):
     """Grid (I / BLOCK_N, M*K). The program of a slot's first pair (its leader) computes gate and
     up for every token routed to the slot; the others exit at once."""
     pid_n = tl.program_id(0)
     p = tl.program_id(1)
+    if PDL:
+        gdc_launch_dependents()
     slot = tl.load(slots_ptr + p)
     q = tl.arange(0, P_BLOCK)
     sq = tl.load(slots_ptr + q, mask=q < M * K, other=-1)
@@ -396,7 +425,7 @@ def _fp4_experts_gate_up_kernel(
         if M_BLOCK == 1:
             acc, _ = _fp4_rows_dot(
                 wq_ptr, ws_ptr, wrow, x_ptr, x_ptr, D, 2 * R2, NW, NB, False, ACT_QUANT, HW_FP8,
-                ASM, PREFETCH,
+                ASM, PREFETCH, False,
             )  # fmt: skip
             _fp4_gate_up_store(acc, 0, slot, slots_ptr, rw_ptr, a_ptr, rows, limit, I, K)
         else:
@@ -413,7 +442,7 @@ def _fp4_experts_gate_up_kernel(
                 tok = tl.sum(member * mm, axis=0)
                 acc, _ = _fp4_rows_dot(
                     wq_ptr, ws_ptr, wrow, x_ptr + tok * stride_xm, x_ptr, D, 2 * R2, NW, NB,
-                    False, ACT_QUANT, HW_FP8, ASM, PREFETCH,
+                    False, ACT_QUANT, HW_FP8, ASM, PREFETCH, False,
                 )  # fmt: skip
                 _fp4_gate_up_store(acc, tok, slot, slots_ptr, rw_ptr, a_ptr, rows, limit, I, K)
             else:
@@ -423,7 +452,7 @@ def _fp4_experts_gate_up_kernel(
                     t1 = tl.sum(tl.where((member > 0) & (rank == c + 1), mm, 0), axis=0)
                     acc0, acc1 = _fp4_rows_dot(
                         wq_ptr, ws_ptr, wrow, x_ptr + t0 * stride_xm, x_ptr + t1 * stride_xm, D,
-                        2 * R2, NW, NB, True, ACT_QUANT, HW_FP8, ASM, PREFETCH,
+                        2 * R2, NW, NB, True, ACT_QUANT, HW_FP8, ASM, PREFETCH, False,
                     )  # fmt: skip
                     _fp4_gate_up_store(acc0, t0, slot, slots_ptr, rw_ptr, a_ptr, rows, limit, I, K)
                     if c + 1 < n_mem:
@@ -458,6 +487,7 @@ def _fp4_experts_down_kernel(
     HW_FP8: tl.constexpr,
     ASM: tl.constexpr,
     PREFETCH: tl.constexpr,
+    PDL: tl.constexpr,  # launched as a programmatic dependent of gate/up: wait before reading a
 ):
     """Grid (D / BLOCK_N, M*K). Leaders as in gate/up (a pair whose token already has the same
     slot at a smaller k is handled on its own); each writes y rows; the last program of a row tile
@@ -494,14 +524,14 @@ def _fp4_experts_down_kernel(
             pr = tl.sum(pidx, axis=0).to(tl.int64)
             acc, _ = _fp4_rows_dot(
                 wq_ptr, ws_ptr, wrow, a_ptr + pr * I, a_ptr, I, R, NW, NB, False, ACT_QUANT,
-                HW_FP8, ASM, PREFETCH,
+                HW_FP8, ASM, PREFETCH, PDL,
             )  # fmt: skip
             tl.store(y_ptr + pr * D + orows, acc)
         elif n_mem == 1:
             pr = tl.sum(member * pidx, axis=0).to(tl.int64)
             acc, _ = _fp4_rows_dot(
                 wq_ptr, ws_ptr, wrow, a_ptr + pr * I, a_ptr, I, R, NW, NB, False, ACT_QUANT,
-                HW_FP8, ASM, PREFETCH,
+                HW_FP8, ASM, PREFETCH, PDL,
             )  # fmt: skip
             tl.store(y_ptr + pr * D + orows, acc)
         else:
@@ -511,7 +541,7 @@ def _fp4_experts_down_kernel(
                 p1 = tl.sum(tl.where((member > 0) & (rank == c + 1), pidx, 0), axis=0).to(tl.int64)
                 acc0, acc1 = _fp4_rows_dot(
                     wq_ptr, ws_ptr, wrow, a_ptr + p0 * I, a_ptr + p1 * I, I, R, NW, NB, True,
-                    ACT_QUANT, HW_FP8, ASM, PREFETCH,
+                    ACT_QUANT, HW_FP8, ASM, PREFETCH, PDL,
                 )  # fmt: skip
                 tl.store(y_ptr + p0 * D + orows, acc0)
                 if c + 1 < n_mem:
@@ -563,6 +593,7 @@ def _fp4_experts_down_tok_kernel(
     HW_FP8: tl.constexpr,
     ASM: tl.constexpr,
     PREFETCH: tl.constexpr,
+    PDL: tl.constexpr,  # launched as a programmatic dependent of gate/up: wait before reading a
 ):
     """Down + combine, one program per (row tile, token): grid (D / BLOCK_N, M). Streams the
     token's K experts one after the other into one fp32 accumulator (k order: deterministic), adds
@@ -573,6 +604,8 @@ def _fp4_experts_down_tok_kernel(
     R: tl.constexpr = BLOCK_N // NW
     orows = pid_n * BLOCK_N + tl.arange(0, R)[None, :] * NW + tl.arange(0, NW)[:, None]  # [NW, R]
     acc = tl.zeros([4, NB, NW, R], dtype=tl.float32)
+    if PDL:
+        gdc_wait()
     for k in tl.static_range(K):
         pair = m * K + k
         slot = tl.load(slots_ptr + pair)
@@ -580,7 +613,7 @@ def _fp4_experts_down_tok_kernel(
             acc, _ = _fp4_rows_acc(
                 acc, acc, wq_ptr, ws_ptr, slot.to(tl.int64) * D + orows,
                 a_ptr + pair.to(tl.int64) * I, a_ptr, I, R, NW, NB, False, ACT_QUANT, HW_FP8, ASM,
-                PREFETCH,
+                PREFETCH, False,
             )  # fmt: skip
     y = tl.sum(tl.sum(acc, axis=0), axis=0)  # [NW, R]
     y += tl.load(shared_ptr + m * stride_sm + orows).to(tl.float32)
@@ -593,8 +626,30 @@ def _fp4_experts_down_tok_kernel(
 
 
 @triton.jit
+def _grouped_tile_dot(
+    x, wq_ptr, ws_ptr, w_row, c0, r_mask, N_IN, BLOCK_K: tl.constexpr, IEEE_FP32: tl.constexpr
+):
+    """[BLOCK_M, BLOCK_N] fp32 x [BLOCK_M, BLOCK_K] (input columns c0..) times the weight rows
+    w_row: their E2M1 pairs are decoded here, scaled by their E8M0 groups and interleaved back
+    into input order (low nibble = even input) in x's dtype."""
+    jb = c0 // 2 + tl.arange(0, BLOCK_K // 2)  # this step's bytes in each row
+    wmask = r_mask[:, None] & (jb < N_IN // 2)[None, :]
+    wb = tl.load(wq_ptr + w_row[:, None] * (N_IN // 2) + jb[None, :], mask=wmask, other=0)
+    sc = _e8m0_times_64(
+        tl.load(ws_ptr + w_row[:, None] * (N_IN // 32) + jb[None, :] // 16, mask=wmask, other=0)
+    )
+    lo, hi = _fp4_pair_to_f32(wb)
+    w = tl.reshape(tl.join(lo * sc, hi * sc), [lo.shape[0], BLOCK_K]).to(x.dtype)
+    if IEEE_FP32:
+        return tl.dot(x, tl.trans(w), input_precision="ieee")
+    return tl.dot(x, tl.trans(w))
+
+
+@triton.jit
 def _fp4_grouped_gemm_kernel(
-    in_ptr,  # gate/up: x [M, D] (row = pair // K); down: a [P, I] (row = pair)
+    in_ptr,  # gate/up: x [M, D] (row = pair // K); down: a [P, I] (row = pair); with ACT_QUANT
+    # the e4m3 grid values of the rows (act_quant_split), else the rows themselves
+    sc_ptr,  # ACT_QUANT: fp32 block scales [rows, N_IN / 128], row stride stride_sc
     tile_slot_ptr,  # [n_tiles] int32 slot of each BLOCK_M tile (-1 = unused tile)
     tile_pair_ptr,  # [n_tiles * BLOCK_M] int32 pair id per tile row (-1 = padding)
     rw_ptr,  # [P] fp32 routing weights (gate/up only)
@@ -604,6 +659,7 @@ def _fp4_grouped_gemm_kernel(
     N_OUT,  # gate/up: I; down: D
     N_IN,  # gate/up: D; down: I
     stride_in,  # row stride of in_ptr
+    stride_sc,
     limit,
     K: tl.constexpr,
     GATE_UP: tl.constexpr,  # True: w1/w3 + SwiGLU epilogue; False: w2
@@ -611,6 +667,7 @@ def _fp4_grouped_gemm_kernel(
     IEEE_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,  # inputs per step: 32, 64 or 128 (a step never spans two act blocks)
 ):
     t = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -625,67 +682,29 @@ def _fp4_grouped_gemm_kernel(
             src = pair.to(tl.int64)
         rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         r_mask = rows < N_OUT
-        jj = tl.arange(0, 64)  # 64 bytes = 128 inputs per step
-        row_b = N_IN // 2
-        row_s = N_IN // 32
+        kk = tl.arange(0, BLOCK_K)
         n_w_rows = 2 * N_OUT if GATE_UP else N_OUT
         w_row = slot.to(tl.int64) * n_w_rows + rows.to(tl.int64)
-        cdt = in_ptr.dtype.element_ty
         acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for c0 in range(0, row_b, 64):
-            j = c0 + jj
-            j_ok = j < row_b
-            xmask = p_ok[:, None] & j_ok[None, :]
-            xe = tl.load(in_ptr + src[:, None] * stride_in + 2 * j[None, :], mask=xmask, other=0.0)
-            xo = tl.load(
-                in_ptr + src[:, None] * stride_in + 2 * j[None, :] + 1, mask=xmask, other=0.0
-            )
-            if ACT_QUANT:
-                xe = xe.to(tl.float32)
-                xo = xo.to(tl.float32)
-                amax = tl.maximum(tl.max(tl.abs(xe), axis=1), tl.max(tl.abs(xo), axis=1))
-                sx, sx_inv = _act_quant_scale(amax)
-                # e4m3 grid values are exact in every compute dtype; the scale goes on after.
-                xe = _act_quant_apply(xe, 1.0, sx_inv[:, None]).to(cdt)
-                xo = _act_quant_apply(xo, 1.0, sx_inv[:, None]).to(cdt)
-            wmask = r_mask[:, None] & j_ok[None, :]
-            sidx = (c0 + jj[None, :]) // 16  # scale group of each byte
-            # gate (or down) rows
-            wb = tl.load(wq_ptr + w_row[:, None] * row_b + j[None, :], mask=wmask, other=0)
-            sc = _e8m0_times_64(
-                tl.load(ws_ptr + w_row[:, None] * row_s + sidx, mask=wmask, other=0)
-            )
-            lo, hi = _fp4_pair_to_f32(wb)
-            lo = (lo * sc).to(cdt)
-            hi = (hi * sc).to(cdt)
-            if IEEE_FP32:
-                d = tl.dot(xe, tl.trans(lo), input_precision="ieee")
-                d += tl.dot(xo, tl.trans(hi), input_precision="ieee")
-            else:
-                d = tl.dot(xe, tl.trans(lo))
-                d += tl.dot(xo, tl.trans(hi))
-            if ACT_QUANT:
-                d = d * sx[:, None]
-            acc_g += d
+        for c0 in range(0, N_IN, BLOCK_K):
+            k = c0 + kk
+            xmask = p_ok[:, None] & (k < N_IN)[None, :]
+            x = tl.load(in_ptr + src[:, None] * stride_in + k[None, :], mask=xmask, other=0.0)
+            # gate (or down) rows, then the matching up rows
+            d_g = _grouped_tile_dot(x, wq_ptr, ws_ptr, w_row, c0, r_mask, N_IN, BLOCK_K, IEEE_FP32)
             if GATE_UP:
-                u_row = w_row + N_OUT
-                wb = tl.load(wq_ptr + u_row[:, None] * row_b + j[None, :], mask=wmask, other=0)
-                sc = _e8m0_times_64(
-                    tl.load(ws_ptr + u_row[:, None] * row_s + sidx, mask=wmask, other=0)
+                d_u = _grouped_tile_dot(
+                    x, wq_ptr, ws_ptr, w_row + N_OUT, c0, r_mask, N_IN, BLOCK_K, IEEE_FP32
                 )
-                lo, hi = _fp4_pair_to_f32(wb)
-                lo = (lo * sc).to(cdt)
-                hi = (hi * sc).to(cdt)
-                if IEEE_FP32:
-                    d = tl.dot(xe, tl.trans(lo), input_precision="ieee")
-                    d += tl.dot(xo, tl.trans(hi), input_precision="ieee")
-                else:
-                    d = tl.dot(xe, tl.trans(lo))
-                    d += tl.dot(xo, tl.trans(hi))
-                if ACT_QUANT:
-                    d = d * sx[:, None]
-                acc_u += d
+            if ACT_QUANT:  # grid values times the block's power-of-two scale: exact
+                sx = tl.load(sc_ptr + src * stride_sc + c0 // 128, mask=p_ok, other=0.0)
+                d_g = d_g * sx[:, None]
+                if GATE_UP:
+                    d_u = d_u * sx[:, None]
+            acc_g += d_g
+            if GATE_UP:
+                acc_u += d_u
         omask = p_ok[:, None] & r_mask[None, :]
         dst = dst_ptr + pair[:, None].to(tl.int64) * N_OUT + rows[None, :]
         if GATE_UP:
@@ -821,7 +840,8 @@ def fp4_experts(
     down launch; down ("pair": one program per (row tile, pair), partials combined by the last
     to arrive; "token": one program per (row tile, token) over its K experts); asm (PTX word
     decode, default on); prefetch / prefetch_down (load the next step's weights before computing
-    this one); maxnreg / maxnreg_down (register caps).
+    this one); maxnreg / maxnreg_down (register caps); pdl (programmatic dependent launch of
+    the down launch on sm_90+, default on).
     """
     require_triton("fp4_experts")
     if out is None:
@@ -875,13 +895,17 @@ def fp4_experts(
     if bn % nw or bn2 % nw2:
         raise ValueError("fp4_experts: block_n must be a multiple of num_warps (same for down)")
     launch = cfg.get("_launch", "both")  # benchmarks time the two launches apart
+    # Programmatic dependent launch: the down launch starts while gate/up drains, streams its first
+    # weight tile and waits (griddepcontrol) only before reading a. Off when timing apart.
+    pdl = launch == "both" and cfg.get("pdl", True) and pdl_supported(x.device)
+    pdl_kw = {"launch_pdl": True} if pdl else {}
     if launch in ("both", "gate_up"):
         _fp4_experts_gate_up_kernel[(i // bn, pairs)](
             x, slots, route_w, w13_q.view(torch.int32), w13_s.view(torch.int32), ws.a, m,
             x.stride(0), float(swiglu_limit),
             D=d, I=i, K=k, P_BLOCK=p_block, M_BLOCK=m_block, K_BLOCK=k_block, BLOCK_N=bn, NB=nb,
             NW=nw, ACT_QUANT=act_quant, HW_FP8=hw, ASM=asm, PREFETCH=cfg.get("prefetch", False),
-            num_warps=nw, num_stages=1,
+            PDL=pdl, num_warps=nw, num_stages=1,
             **({"maxnreg": cfg["maxnreg"]} if "maxnreg" in cfg else {}),
         )  # fmt: skip
     if launch in ("both", "down") and down_tok:
@@ -889,7 +913,8 @@ def fp4_experts(
             ws.a, slots, shared_out, w2_q.view(torch.int32), w2_s.view(torch.int32), out,
             shared_out.stride(0), out.stride(0),
             D=d, I=i, K=k, BLOCK_N=bn2, NB=nb2, NW=nw2, ACT_QUANT=act_quant, HW_FP8=hw, ASM=asm,
-            PREFETCH=cfg.get("prefetch_down", False), num_warps=nw2, num_stages=1,
+            PREFETCH=cfg.get("prefetch_down", False), PDL=pdl, num_warps=nw2, num_stages=1,
+            **pdl_kw,
             **({"maxnreg": cfg["maxnreg_down"]} if "maxnreg_down" in cfg else {}),
         )  # fmt: skip
     elif launch in ("both", "down"):
@@ -898,7 +923,8 @@ def fp4_experts(
             ws.counters, out, m, shared_out.stride(0), out.stride(0),
             D=d, I=i, K=k, P_BLOCK=p_block, M_BLOCK=m_block, K_BLOCK=k_block, BLOCK_N=bn2, NB=nb2,
             NW=nw2, ACT_QUANT=act_quant, HW_FP8=hw, ASM=asm,
-            PREFETCH=cfg.get("prefetch_down", False), num_warps=nw2, num_stages=1,
+            PREFETCH=cfg.get("prefetch_down", False), PDL=pdl, num_warps=nw2, num_stages=1,
+            **pdl_kw,
             **({"maxnreg": cfg["maxnreg_down"]} if "maxnreg_down" in cfg else {}),
         )  # fmt: skip
     return out
@@ -939,6 +965,15 @@ def _group_pairs(
     return tile_slot[:n_tiles], tile_pair[:dump]
 
 
+def _quant_rows(x: torch.Tensor, act_quant: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kernel inputs of the grouped GEMM: (e4m3 grid values in x's dtype, fp32 block scales)
+    with act_quant, else (x, a placeholder the kernel never reads)."""
+    if not act_quant:
+        return x, x.new_empty(1, 1, dtype=torch.float32)
+    q, s = act_quant_split(x)
+    return q.to(x.dtype), s
+
+
 def fp4_experts_grouped(
     x: torch.Tensor,
     slots: torch.Tensor,
@@ -955,7 +990,9 @@ def fp4_experts_grouped(
     config: dict | None = None,
 ) -> torch.Tensor:
     """Prefill routed experts for any M (same definition as fp4_experts_ref): pairs grouped by
-    slot on the device, tl.dot tiles. Allocates its scratch (a [P, I], y [P, D] fp32) per call."""
+    slot on the device, tl.dot tiles. Allocates its scratch (a [P, I], y [P, D] fp32) per call.
+    config: block_m (pairs per tile), block_n (outputs per program), block_k (inputs per step:
+    32 / 64 / 128), num_warps, num_stages."""
     require_triton("fp4_experts_grouped")
     if out is None:
         out = torch.empty_like(shared_out, dtype=x.dtype)
@@ -967,7 +1004,10 @@ def fp4_experts_grouped(
     cfg = dict(config or {})
     bm = cfg.get("block_m", 64)
     bn = cfg.get("block_n", 64)
-    warps = cfg.get("num_warps", 8)  # 4 warps spill with two 64x64 fp32 accumulators
+    bk = cfg.get("block_k", 64)
+    if bk not in (32, 64, 128):
+        raise ValueError(f"fp4_experts_grouped: block_k must be 32, 64 or 128, got {bk}")
+    warps = cfg.get("num_warps", 8)
     stages = cfg.get("num_stages", 2)
     tile_slot, tile_pair = _group_pairs(slots, s, bm)
     n_tiles = tile_slot.numel()
@@ -976,15 +1016,19 @@ def fp4_experts_grouped(
     y = torch.empty(pairs, d, dtype=torch.float32, device=x.device)
     rw = route_w.reshape(-1)
     ieee = x.dtype == torch.float32
+    kw = dict(K=k, ACT_QUANT=act_quant, IEEE_FP32=ieee, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+              num_warps=warps, num_stages=stages)  # fmt: skip
+    # Activations are act-quantised once per row here (not once per output tile in the kernel):
+    # e4m3 grid values in the activation dtype, exact, and their fp32 block scales.
+    xq, xs = _quant_rows(x, act_quant)
     _fp4_grouped_gemm_kernel[(n_tiles, triton.cdiv(i, bn))](
-        x, tile_slot, tile_pair, rw, w13_q, w13_s, a, i, d, x.stride(0), float(swiglu_limit),
-        K=k, GATE_UP=True, ACT_QUANT=act_quant, IEEE_FP32=ieee, BLOCK_M=bm, BLOCK_N=bn,
-        num_warps=warps, num_stages=stages,
+        xq, xs, tile_slot, tile_pair, rw, w13_q, w13_s, a, i, d, xq.stride(0), xs.stride(0),
+        float(swiglu_limit), GATE_UP=True, **kw,
     )  # fmt: skip
+    aq, as_ = _quant_rows(a, act_quant)
     _fp4_grouped_gemm_kernel[(n_tiles, triton.cdiv(d, bn))](
-        a, tile_slot, tile_pair, rw, w2_q, w2_s, y, d, i, a.stride(0), 0.0,
-        K=k, GATE_UP=False, ACT_QUANT=act_quant, IEEE_FP32=ieee, BLOCK_M=bm, BLOCK_N=bn,
-        num_warps=warps, num_stages=stages,
+        aq, as_, tile_slot, tile_pair, rw, w2_q, w2_s, y, d, i, aq.stride(0), as_.stride(0), 0.0,
+        GATE_UP=False, **kw,
     )  # fmt: skip
     bd = 1024
     _fp4_experts_combine_kernel[(m, triton.cdiv(d, bd))](

@@ -145,6 +145,13 @@ def test_act_quant_ref_formula():
     ref = (xb / s).clamp(-448, 448).to(torch.float8_e4m3fn).float() * s
     assert torch.equal(got, ref.view(5, 384)[:, :300])
     assert torch.equal(got[1, :128], x[1, :128])
+    # The split form (grid values, block scales) the grouped kernel takes recombines exactly.
+    q, sc = fmt.act_quant_split(x)
+    assert sc.shape == (5, 3)
+    assert torch.equal(
+        q, (xb / s).clamp(-448, 448).to(torch.float8_e4m3fn).float().view(5, 384)[:, :300]
+    )
+    assert torch.equal(q * sc.repeat_interleave(128, dim=1)[:, :300], got)
 
 
 # ------------------------------------------------------------------------------------------------
