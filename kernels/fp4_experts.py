@@ -1001,13 +1001,16 @@ def fp4_experts_grouped(
     )
     if m == 0:
         return out
-    cfg = dict(config or {})
-    bm = cfg.get("block_m", 64)
-    bn = cfg.get("block_n", 64)
-    bk = cfg.get("block_k", 64)
+    # Defaults: tiles that compile for sm_90 without register spills (fp32's FMA dots are
+    # larger, so it takes smaller tiles); the benchmark sweeps the alternatives.
+    if x.dtype == torch.float32:
+        cfg = {"block_m": 16, "block_n": 64, "block_k": 32, "num_warps": 4}
+    else:
+        cfg = {"block_m": 64, "block_n": 64, "block_k": 64, "num_warps": 8}
+    cfg.update(config or {})
+    bm, bn, bk, warps = cfg["block_m"], cfg["block_n"], cfg["block_k"], cfg["num_warps"]
     if bk not in (32, 64, 128):
         raise ValueError(f"fp4_experts_grouped: block_k must be 32, 64 or 128, got {bk}")
-    warps = cfg.get("num_warps", 8)
     stages = cfg.get("num_stages", 2)
     tile_slot, tile_pair = _group_pairs(slots, s, bm)
     n_tiles = tile_slot.numel()

@@ -518,6 +518,7 @@ def test_fp4_experts_decode_gpu(m, act_quant, dtype, down):
 
 # Tile configs the benchmark sweeps (tools/bench_kernels.py): any of them may become a default.
 FP4_GPU_CONFIGS = [
+    {"pdl": False},
     {"asm": False},
     {"block_n": 8, "num_warps": 4, "block_n_down": 16, "num_warps_down": 4},
     {"block_n": 4, "num_warps": 4, "block_n_down": 8, "num_warps_down": 4},
@@ -589,19 +590,33 @@ def test_fp8_linear_gemv_configs_gpu(n, k, cfg):
     assert_close("fp8_linear", out, ref, dtype, loose=2.0)
 
 
+# Prefill tile configs the benchmark sweeps (None: the default for the dtype).
+FP4_GROUPED_GPU_CONFIGS = [
+    None,
+    {"block_m": 16, "block_n": 64, "block_k": 32, "num_warps": 4},
+    {"block_m": 16, "block_n": 128, "block_k": 64, "num_warps": 8},
+    {"block_m": 64, "block_n": 64, "block_k": 64, "num_warps": 8, "num_stages": 3},
+]
+
+
+@pytest.mark.parametrize("cfg", FP4_GROUPED_GPU_CONFIGS, ids=str)
+@pytest.mark.parametrize("act_quant", [False, True])
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
 @pytest.mark.parametrize("m", [17, 512])
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
-def test_fp4_experts_grouped_gpu(m, dtype):
+def test_fp4_experts_grouped_gpu(m, dtype, act_quant, cfg):
+    if cfg is not None and (dtype != torch.bfloat16 or m != 512):
+        pytest.skip("tile configs: bf16 at M=512")
     d, i, k, n_slots = f4.V4_FLASH_D, f4.V4_FLASH_I, 6, 12
     pool = make_pool(n_slots, d, i, seed=m)
     slots, rw = make_routing(m, k, n_slots, seed=m)
     x = torch.randn(m, d, generator=_gen(m)).to(dtype).to(DEV)
     shared = torch.randn(m, d, generator=_gen(m + 1)).to(dtype).to(DEV)
     out = poison((m, d), dtype)
-    f4.fp4_experts_grouped(x, slots, rw, shared, *pool, 10.0, out=out, act_quant=True)
-    ref = f4.fp4_experts_ref(x, slots, rw, shared, *pool, 10.0, act_quant=True)
+    f4.fp4_experts_grouped(x, slots, rw, shared, *pool, 10.0, out=out, act_quant=act_quant,
+                           config=cfg)  # fmt: skip
+    ref = f4.fp4_experts_ref(x, slots, rw, shared, *pool, 10.0, act_quant=act_quant)
     assert_close("fp4_experts_grouped", out, ref, dtype, loose=2.0)
 
 

@@ -11,7 +11,8 @@ row is also appended to a JSON-lines file as it is measured, so a run cut short 
 runs the same schedule but only calls its share of the kernels once, filling Triton's on-disk
 cache), so the timed process does not spend the lease compiling one variant at a time.
 --sweep adds tile-config sweeps (FP4 decode launches timed apart; FP8 GEMV configs).
-Targets: FP4 experts M=1 K=6 and FP8 GEMV >= 70% of the copy bandwidth.
+Targets: FP4 experts M=1 K=6 and the engine's FP8 GEMV launches >= 70% of the copy bandwidth;
+each row also gives its % of the read-only ceiling (pct_read_bw).
 """
 
 from __future__ import annotations
@@ -77,11 +78,20 @@ def _bench(fn, sets: int) -> float:
     return ms
 
 
+def _empty_copy_ms(n: int) -> float:
+    e0 = torch.empty(n, dtype=torch.bfloat16, device="cuda")
+    e1 = torch.empty_like(e0)
+    return _bench(lambda _i: e1.copy_(e0), 1)
+
+
 def hbm_ceilings() -> dict[str, float]:
-    """Measured ceilings on random data: GB/s of a 2 GiB device-to-device copy (bytes read +
-    written), of a 2 GiB read-only reduction (torch.sum), and the graph-replay time of a trivial
-    one-element kernel (the per-launch floor every small kernel pays)."""
+    """Measured ceilings: GB/s of a 2 GiB device-to-device copy of random data (bytes read +
+    written; the copy bandwidth the targets use), the same copy between two never-written
+    `torch.empty` buffers (run 1 measured that way), a 2 GiB read-only reduction (torch.sum) of
+    random data, and the graph-replay time of a trivial one-element kernel (the per-launch floor
+    every small kernel pays)."""
     n = 1 << 30  # 1 Gi bf16 elements = 2 GiB
+    fresh_ms = _empty_copy_ms(n)
     a = torch.randn(n, dtype=torch.bfloat16, device="cuda")
     b = torch.empty_like(a)
     copy_ms = _bench(lambda _i: b.copy_(a), 1)
@@ -91,6 +101,7 @@ def hbm_ceilings() -> dict[str, float]:
     _LAST.pop("eager", None)
     return {
         "copy_bw_GBps": round(2 * 2 * n / (copy_ms * 1e-3) / 1e9, 1),
+        "copy_empty_bufs_GBps": round(2 * 2 * n / (fresh_ms * 1e-3) / 1e9, 1),
         "read_bw_GBps": round(2 * n / (read_ms * 1e-3) / 1e9, 1),
         "launch_floor_us": round(tiny_ms * 1e3, 2),
     }
@@ -186,6 +197,9 @@ def bench_fp4_decode(record, dev, dt, n_sets: int, quick: bool, sweep: bool) -> 
             tgt = TARGET if (m == 1 and not aq) else None
             name = f"fp4_experts M={m} K={k} act_quant={int(aq)}"
             record(name, _bench(run, n_sets), nbytes, tgt, unique_experts=uniq)
+            if m <= 4:  # the default launches the down kernel as a programmatic dependent
+                fn = functools.partial(run, cfg={"pdl": False})
+                _sweep_point(record, f"  {name} without PDL", fn, n_sets, nbytes)
             if m in (1, 4) and not quick:  # the two launches apart (default tiles)
                 for part, pb in (("gate_up", gate_up_b), ("down", down_b)):
                     ms = _bench(functools.partial(run, cfg={"_launch": part}), n_sets)
@@ -218,13 +232,25 @@ def bench_fp4_decode(record, dev, dt, n_sets: int, quick: bool, sweep: bool) -> 
                     _sweep_point(record, f"  sweep fp4 down M=4 {cfg}", fn, n_sets, uniq * down_b)
 
 
-def bench_fp4_grouped(record, dev, dt, quick: bool) -> None:
-    """Routed experts at prefill (grouped by slot, tl.dot tiles)."""
+# Prefill tile contenders (bf16); the offline sm_90 compile of these spills no registers.
+FP4_GROUPED_SWEEP = [
+    {"block_m": 16, "block_n": 64, "block_k": 32, "num_warps": 4},
+    {"block_m": 16, "block_n": 64, "block_k": 64, "num_warps": 4},
+    {"block_m": 32, "block_n": 64, "block_k": 64, "num_warps": 4},
+    {"block_m": 64, "block_n": 64, "block_k": 32, "num_warps": 8},
+    {"block_m": 64, "block_n": 64, "block_k": 64, "num_warps": 8, "num_stages": 3},
+    {"block_m": 16, "block_n": 128, "block_k": 64, "num_warps": 8},
+]
+
+
+def bench_fp4_grouped(record, dev, dt, quick: bool, sweep: bool = False) -> None:
+    """Routed experts at prefill (grouped by slot, tl.dot tiles). 256 slots (one layer's experts,
+    3.4 GB), so the pairs spread over experts as in a real prefill chunk."""
     from homeseek.kernels import fp4_experts as f4
 
-    d, i, k, n_slots = f4.V4_FLASH_D, f4.V4_FLASH_I, 6, 48
+    d, i, k, n_slots = f4.V4_FLASH_D, f4.V4_FLASH_I, 6, 256
     pool = _fp4_pool(dev, n_slots)
-    for m in [256] if quick else [64, 512]:
+    for m in [256] if quick else [64, 512, 2048]:
         x = torch.randn(m, d, device=dev, dtype=dt)
         slots = torch.stack([torch.randperm(n_slots, device=dev)[:k] for _ in range(m)]).int()
         rw = torch.rand(m, k, device=dev)
@@ -243,12 +269,22 @@ def bench_fp4_grouped(record, dev, dt, quick: bool) -> None:
         ms = _bench(lambda _j, fn=fn: fn(), 1)
         flops = 2 * m * k * 3 * d * i
         uniq = int(torch.unique(slots).numel())
-        record(
-            f"fp4_experts_grouped M={m} K={k}",
-            ms,
-            uniq * f4.slot_bytes(d, i) + m * d * 6,
-            TFLOPS=round(flops / (ms * 1e-3) / 1e12, 1),
-        )
+        nbytes = uniq * f4.slot_bytes(d, i) + m * d * 6
+        tf = round(flops / (ms * 1e-3) / 1e12, 1)
+        record(f"fp4_experts_grouped M={m} K={k}", ms, nbytes, TFLOPS=tf)
+        if sweep and m >= 512:
+            for cfg in FP4_GROUPED_SWEEP:
+                fn2 = functools.partial(fn, config=cfg)
+
+                def one(_j, fn2=fn2):
+                    return fn2()
+
+                name = f"  sweep fp4_grouped M={m} {cfg}"
+                try:
+                    ms2 = _bench(one, 1)
+                    record(name, ms2, nbytes, TFLOPS=round(flops / (ms2 * 1e-3) / 1e12, 1))
+                except Exception as exc:
+                    print(f"{name}: failed: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
 
 
 FP8_SWEEP = [
@@ -260,22 +296,28 @@ FP8_SWEEP = [
     {"programs_per_sm": 2},
     {"split_k": 1},
 ]
-FP8_SWEEP_SHAPES = ("wq_a", "wq_b", "wkv", "wo_b", "shared w1")
+FP8_SWEEP_SHAPES = ("wq_a+wkv", "wq_b+indexer wq_b", "shared w1+w3", "shared w2")
 
 
 def bench_fp8(record, dev, dt, n_sets: int, quick: bool, sweep: bool = False) -> None:
     """FP8 linears of V4-Flash; >= 400 MB of weights rotated for the GEMV rows."""
     from homeseek.kernels import fp8_linear as f8
 
+    # The engine's launches first (model.fuse_linears stacks the linears that share an input),
+    # then the single matrices they are made of, for reference.
     shapes = [
-        ("wq_a", 1024, 4096),
-        ("wq_b", 32768, 1024),
-        ("wkv", 512, 4096),
+        ("wq_a+wkv", 1536, 4096),
+        ("wq_b+indexer wq_b", 40960, 1024),  # CSA layers
+        ("wq_b", 32768, 1024),  # HCA / SWA layers
         ("wo_b", 4096, 8192),
-        ("shared w1", 2048, 4096),
+        ("shared w1+w3", 4096, 4096),
         ("shared w2", 4096, 2048),
+        ("wq_a", 1024, 4096),
+        ("wkv", 512, 4096),
+        ("shared w1", 2048, 4096),
         ("indexer wq_b", 8192, 1024),
     ]
+    engine_launch = {name for name, _, _ in shapes[:6]}
     if quick:
         shapes = shapes[:2]
     ws8 = f8.fp8_linear_workspace([(n, kk) for _, n, kk in shapes], 16, dev)
@@ -303,7 +345,7 @@ def bench_fp8(record, dev, dt, n_sets: int, quick: bool, sweep: bool = False) ->
             if m <= 16:
                 p = f8._gemv_plan(m, n, kk, x.device, None)
                 extra["plan"] = f"bn{p.block_n} w{p.num_warps} u{p.u} split{p.split_k} tok{p.tok}"
-            tgt = TARGET if (m == 1 and per >= (8 << 20)) else None
+            tgt = TARGET if (m == 1 and name in engine_launch) else None
             record(f"fp8_linear {name} [{n}x{kk}] M={m}", ms, per + m * (kk + n) * 2, tgt, **extra)
             if sweep and m == 1 and name in FP8_SWEEP_SHAPES:
                 for cfg in FP8_SWEEP:
@@ -483,6 +525,7 @@ def main() -> int:
             "MB": round(nbytes / 1e6, 3),
             "GB/s": round(gbs, 1),
             "pct_copy_bw": round(100 * gbs / bw, 1),
+            "pct_read_bw": round(100 * gbs / ceil0.get("read_bw_GBps", bw), 1),
         }
         if target is not None:
             r["target_pct"] = round(100 * target, 0)
@@ -512,7 +555,7 @@ def main() -> int:
         bench_fp4_decode(record, dev, dt, n_sets, args.quick, args.sweep)
         torch.cuda.empty_cache()
     if "fp4_grouped" in only:
-        bench_fp4_grouped(record, dev, dt, args.quick)
+        bench_fp4_grouped(record, dev, dt, args.quick, args.sweep)
         torch.cuda.empty_cache()
     if "fp8" in only:
         bench_fp8(record, dev, dt, n_sets, args.quick, args.sweep)

@@ -3,7 +3,8 @@
 # then run the GPU tests, the expert-copy benchmark, the routing simulation on the full-size
 # synthetic model, and the kernel check. Logs go under $OUT when set (else ./device-logs).
 #   bash tools/device_check.sh [engine|kernels|doctor|generate|copy|routing|bench ...]
-#   (default: engine kernels doctor copy routing bench; BENCH_ARGS=--sweep adds tile sweeps)
+#   (default: engine kernels doctor copy routing bench; BENCH_ARGS=--sweep adds tile sweeps;
+#   PYTEST_ARGS="-n 8" runs the GPU tests in parallel when pytest-xdist is there)
 set -uo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
@@ -12,7 +13,7 @@ mkdir -p "$logs"
 py="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1
 # Wheels carried along (pytest on images that lack it), installed into a private target.
-if ls .whl/*.whl >/dev/null 2>&1 && ! "$py" -c "import pytest" 2>/dev/null; then
+if ls .whl/*.whl >/dev/null 2>&1 && ! "$py" -c "import pytest, xdist" 2>/dev/null; then
     "$py" -m pip install -q --no-index --no-deps --no-compile --target /tmp/hs-site .whl/*.whl
     export PYTHONPATH="/tmp/hs-site${PYTHONPATH:+:$PYTHONPATH}"
 fi
@@ -25,7 +26,8 @@ ln -sfn "$repo/kernels" "$shim/homeseek/kernels"
 ln -sfn "$repo/graphs" "$shim/homeseek/graphs"
 export PYTHONPATH="$shim${PYTHONPATH:+:$PYTHONPATH}"
 cd "$shim"
-pt=("$py" -m pytest -p no:cacheprovider --rootdir "$repo" -c "$repo/pyproject.toml")
+# shellcheck disable=SC2206  # PYTEST_ARGS is a word list
+pt=("$py" -m pytest -p no:cacheprovider --rootdir "$repo" -c "$repo/pyproject.toml" ${PYTEST_ARGS:-})
 parts=("$@")
 [ ${#parts[@]} -eq 0 ] && parts=(engine kernels doctor copy routing bench)
 rc=0
