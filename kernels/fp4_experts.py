@@ -297,17 +297,21 @@ def _fp4_rows_acc(
     sp = tl.max_contiguous(s_ptr + (wrow * ROW_S)[None, None, :, :] + soff, [1, 1, 1, 1])
     N_STEPS: tl.constexpr = N_IN // (NB * 128)
     st0 = 0
-    if WAIT:  # PDL: the first weight tile streams while the producer of the inputs drains
+    if WAIT:  # PDL: the first weight tile(s) stream while the producer of the inputs drains
         w = tl.load(wp)
         sw = tl.load(sp)
+        if PREFETCH:  # the second step's tile too
+            nx1 = tl.minimum(1, N_STEPS - 1)
+            w_nx = tl.load(wp + nx1 * (NB * 16))
+            sw_nx = tl.load(sp + nx1 * NB)
         gdc_wait()
         acc0, acc1 = _fp4_rows_step(
             acc0, acc1, w, sw, sshift, xp0, xp1, xoff, NB, NW, R, TWO, ACT_QUANT, HW_FP8, ASM
         )
         st0 = 1
-    if PREFETCH:
-        w_nx = tl.load(wp + st0 * (NB * 16))
-        sw_nx = tl.load(sp + st0 * NB)
+    elif PREFETCH:
+        w_nx = tl.load(wp)
+        sw_nx = tl.load(sp)
     for st in range(st0, N_STEPS):
         if PREFETCH:  # this step's tile was loaded last step; ask for the next one now
             w = w_nx
@@ -841,7 +845,7 @@ def fp4_experts(
     to arrive; "token": one program per (row tile, token) over its K experts); asm (PTX word
     decode, default on); prefetch / prefetch_down (load the next step's weights before computing
     this one); maxnreg / maxnreg_down (register caps); pdl (programmatic dependent launch of
-    the down launch on sm_90+, default on).
+    the down launch on sm_90+, default for M = 1).
     """
     require_triton("fp4_experts")
     if out is None:
@@ -897,7 +901,8 @@ def fp4_experts(
     launch = cfg.get("_launch", "both")  # benchmarks time the two launches apart
     # Programmatic dependent launch: the down launch starts while gate/up drains, streams its first
     # weight tile and waits (griddepcontrol) only before reading a. Off when timing apart.
-    pdl = launch == "both" and cfg.get("pdl", True) and pdl_supported(x.device)
+    # H100: 2 us faster at M = 1 (pair down), slower at M = 2 (token down), even at 3..4.
+    pdl = launch == "both" and cfg.get("pdl", m_block == 1) and pdl_supported(x.device)
     pdl_kw = {"launch_pdl": True} if pdl else {}
     if launch in ("both", "gate_up"):
         _fp4_experts_gate_up_kernel[(i // bn, pairs)](
@@ -1003,10 +1008,14 @@ def fp4_experts_grouped(
         return out
     # Defaults: tiles that compile for sm_90 without register spills (fp32's FMA dots are
     # larger, so it takes smaller tiles); the benchmark sweeps the alternatives.
+    # H100 bf16 (tools/PERF_NOTES.md run 9), 256 experts: M=512 (~12 pairs per expert) is
+    # fastest with 16-row tiles, M=2048 (~48) with 64-row tiles and 3 stages.
     if x.dtype == torch.float32:
         cfg = {"block_m": 16, "block_n": 64, "block_k": 32, "num_warps": 4}
+    elif m < 1024:
+        cfg = {"block_m": 16, "block_n": 64, "block_k": 64, "num_warps": 4}
     else:
-        cfg = {"block_m": 64, "block_n": 64, "block_k": 64, "num_warps": 8}
+        cfg = {"block_m": 64, "block_n": 64, "block_k": 64, "num_warps": 8, "num_stages": 3}
     cfg.update(config or {})
     bm, bn, bk, warps = cfg["block_m"], cfg["block_n"], cfg["block_k"], cfg["num_warps"]
     if bk not in (32, 64, 128):

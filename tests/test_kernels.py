@@ -72,6 +72,21 @@ def assert_close(name: str, got: torch.Tensor, ref: torch.Tensor, dtype: torch.d
         )
 
 
+def assert_close_rows(name, got, ref, dtype, max_rows: float, bound: float) -> None:
+    """assert_close (loose 2) for all but at most a fraction max_rows of the rows, and every
+    row within bound * max|ref|: for outputs behind a rounding step that may flip."""
+    g, r = got.float().cpu(), ref.float().cpu()
+    assert torch.isfinite(g).all(), f"{name}: non-finite outputs"
+    atol, rtol = (2.0 * v for v in TOL[dtype])
+    scale = r.abs().max().clamp_min(1e-30)
+    err = (g - r).abs()
+    bad_rows = (err > atol * scale + rtol * r.abs()).any(-1)
+    n_bad = int(bad_rows.sum())
+    assert n_bad <= max_rows * bad_rows.numel(), f"{name}: {n_bad}/{bad_rows.numel()} rows off"
+    worst = float(err.max() / scale)
+    assert worst <= bound, f"{name}: worst error {worst:.2e} of max > {bound:g}"
+
+
 def poison(shape, dtype, device=DEV):
     if dtype.is_floating_point:
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
@@ -519,6 +534,8 @@ def test_fp4_experts_decode_gpu(m, act_quant, dtype, down):
 # Tile configs the benchmark sweeps (tools/bench_kernels.py): any of them may become a default.
 FP4_GPU_CONFIGS = [
     {"pdl": False},
+    {"pdl": True},
+    {"nb_down": 16},
     {"asm": False},
     {"block_n": 8, "num_warps": 4, "block_n_down": 16, "num_warps_down": 4},
     {"block_n": 4, "num_warps": 4, "block_n_down": 8, "num_warps_down": 4},
@@ -563,6 +580,7 @@ def test_fp4_experts_decode_configs_gpu(m, act_quant, cfg):
 
 
 FP8_GPU_CONFIGS = [
+    {"block_n": 8, "split_k": 1},
     {"block_n": 16},
     {"block_n": 64, "num_warps": 8},
     {"block_n": 64, "num_warps": 4},
@@ -617,7 +635,16 @@ def test_fp4_experts_grouped_gpu(m, dtype, act_quant, cfg):
     f4.fp4_experts_grouped(x, slots, rw, shared, *pool, 10.0, out=out, act_quant=act_quant,
                            config=cfg)  # fmt: skip
     ref = f4.fp4_experts_ref(x, slots, rw, shared, *pool, 10.0, act_quant=act_quant)
-    assert_close("fp4_experts_grouped", out, ref, dtype, loose=2.0)
+    if act_quant and dtype == torch.float32:
+        # fp32 with act_quant: the kernel's a = route_w·silu(g)·v differs from the twin's in the
+        # last bits (summation order, exp), and act-quantising it before w2 amplifies that where
+        # a value sits on an e4m3 rounding edge (or a block amax on a power-of-two edge): then a
+        # whole token row moves by up to a requantised block's worth. H100: 4 of 512 rows, the
+        # same 4 under every tile config, 1.7e-3 of max; without act_quant all rows agree to
+        # 2e-6. So: rows off beyond the fp32 tolerance must be rare and bounded.
+        assert_close_rows("fp4_experts_grouped", out, ref, dtype, max_rows=0.01, bound=5e-3)
+    else:
+        assert_close("fp4_experts_grouped", out, ref, dtype, loose=2.0)
 
 
 @pytest.mark.parametrize("dtype", GPU_DTYPES)

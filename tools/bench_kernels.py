@@ -148,6 +148,13 @@ FP4_DOWN_SWEEP = [
     {"down": "token", "block_n_down": 8, "num_warps_down": 2},
     {"down": "token", "block_n_down": 16, "num_warps_down": 8, "prefetch_down": True},
 ]
+# Whole-call contenders at M = 1 with the down launch a programmatic dependent (both launches).
+FP4_PDL_SWEEP = [
+    {"prefetch_down": True},  # both down steps' weights requested before the wait
+    {"nb_down": 16},  # one down step: the whole tile before the wait
+    {"nb_down": 16, "block_n_down": 8, "num_warps_down": 2},
+    {"block_n_down": 16, "num_warps_down": 8, "prefetch_down": True},
+]
 # Whole-call contenders (both launches), M = 1..4.
 FP4_CALL_SWEEP = [
     {"down": "token", "block_n_down": 16},
@@ -204,6 +211,11 @@ def bench_fp4_decode(record, dev, dt, n_sets: int, quick: bool, sweep: bool) -> 
                 for part, pb in (("gate_up", gate_up_b), ("down", down_b)):
                     ms = _bench(functools.partial(run, cfg={"_launch": part}), n_sets)
                     record(f"  fp4 {part} M={m} act_quant={int(aq)}", ms, uniq * pb)
+            if sweep and m == 1:
+                for cfg in FP4_PDL_SWEEP:
+                    fn = functools.partial(run, cfg=cfg)
+                    name = f"  sweep fp4 call M=1 aq={int(aq)} {cfg}"
+                    _sweep_point(record, name, fn, n_sets, nbytes)
             if sweep and m <= 4:
                 for cfg in FP4_CALL_SWEEP:
                     fn = functools.partial(run, cfg=cfg)
@@ -288,6 +300,9 @@ def bench_fp4_grouped(record, dev, dt, quick: bool, sweep: bool = False) -> None
 
 
 FP8_SWEEP = [
+    {"block_n": 8, "split_k": 1},  # more row tiles instead of split-K partials
+    {"block_n": 16, "split_k": 1},
+    {"block_n": 8},
     {"u": 4},  # run-1 default
     {"u": 1},
     {"block_n": 16},
