@@ -134,3 +134,29 @@ def test_bad_token_ids(eng_fp32_sim):
 def test_unknown_model_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="not a checkpoint directory nor a preset"):
         homeseek.load(tmp_path / "missing")
+
+
+def test_shared_input_linears_are_fused_without_copies(eng_fp32_sim):
+    """The loader stacks wq_a+wkv, wq_b+indexer.wq_b (CSA) and shared w1+w3 into one FP8 weight
+    each; the parts are views into it, and one fused product equals the separate ones."""
+    from homeseek import model as M
+    from homeseek.config import CSA
+
+    eng = eng_fp32_sim
+    for layer in eng.layers:
+        lw = eng.weights[layer]
+        csa = eng.cfg.attn_kind(layer) == CSA
+        for names in M.SHARED_INPUT_LINEARS:
+            fused = lw.get("+".join(names))
+            if names[1] == "attn.indexer.wq_b" and not csa:
+                assert fused is None
+                continue
+            assert isinstance(fused, M.FusedLinear), (layer, names)
+            base = fused.weight.weight.untyped_storage().data_ptr()
+            x = torch.randn(3, fused.weight.shape[1], generator=torch.Generator().manual_seed(0))
+            outs = M.linears(x, names, lw, eng.ctx)
+            for name, (off, n), y in zip(names, fused.parts, outs, strict=True):
+                part = lw[name]
+                assert part.weight.untyped_storage().data_ptr() == base  # a view, not a copy
+                assert off % part.block == 0 and part.shape == (n, fused.weight.shape[1])
+                torch.testing.assert_close(y, M.linear(x, part, eng.ctx), rtol=1e-6, atol=1e-6)
