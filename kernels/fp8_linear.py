@@ -37,7 +37,10 @@ from ._formats import (
     act_quant_ref,
     check_tensor,
     dequant_fp8,
+    gdc_launch_dependents,
+    gdc_wait,
     interpreting,
+    pdl_supported,
     require_triton,
     tl,
     triton,
@@ -134,6 +137,50 @@ def _fp8_tok_part(w0, w1, w2, w3, w4, w5, w6, w7, xp, xoff, kmask, EVEN_K: tl.co
 
 
 @triton.jit
+def _fp8_gemv_load(wp, sp, k0, k_hi, koff, kb, n_kblk, EVEN_K: tl.constexpr):
+    """One step's weight bytes [16, NB, NW, U, R, 8] and scale values [16, NB, NW, U, 1]."""
+    if EVEN_K:
+        w = tl.load(wp + k0)
+        sv = tl.load(sp + k0 // 128)
+    else:
+        w = tl.load(wp + k0, mask=(k0 + koff) < k_hi, other=0)
+        sv = tl.load(sp + k0 // 128, mask=(k0 // 128 + kb) < n_kblk, other=0)
+    return w, sv
+
+
+@triton.jit
+def _fp8_gemv_step(w, sv, k0, k_hi, koff, xoff, x0, x1, x2, x3, acc0, acc1, acc2, acc3,
+                   SCALE_E8M0: tl.constexpr, ACT_QUANT: tl.constexpr, HW_FP8: tl.constexpr,
+                   EVEN_K: tl.constexpr, TOK: tl.constexpr):  # fmt: skip
+    """Add one step (weights w, scales sv at input offset k0) to the TOK tokens' lane sums."""
+    if EVEN_K:
+        kmask = koff >= 0  # unused
+    else:
+        kmask = (k0 + koff) < k_hi
+    if SCALE_E8M0:
+        ws = _e8m0_to_f32(sv)
+    else:
+        ws = sv
+    w0, w1, w2, w3, w4, w5, w6, w7 = _split8(w.to(tl.float8e4nv, bitcast=True).to(tl.float32))
+    xo = xoff + k0
+    part, bs = _fp8_tok_part(w0, w1, w2, w3, w4, w5, w6, w7, x0, xo, kmask, EVEN_K, ACT_QUANT,
+                             HW_FP8)  # fmt: skip
+    acc0 += tl.sum(part * (ws * bs), axis=3)  # in-lane sum over U
+    if TOK > 1:
+        part, bs = _fp8_tok_part(w0, w1, w2, w3, w4, w5, w6, w7, x1, xo, kmask, EVEN_K,
+                                 ACT_QUANT, HW_FP8)  # fmt: skip
+        acc1 += tl.sum(part * (ws * bs), axis=3)
+    if TOK > 2:
+        part, bs = _fp8_tok_part(w0, w1, w2, w3, w4, w5, w6, w7, x2, xo, kmask, EVEN_K,
+                                 ACT_QUANT, HW_FP8)  # fmt: skip
+        acc2 += tl.sum(part * (ws * bs), axis=3)
+        part, bs = _fp8_tok_part(w0, w1, w2, w3, w4, w5, w6, w7, x3, xo, kmask, EVEN_K,
+                                 ACT_QUANT, HW_FP8)  # fmt: skip
+        acc3 += tl.sum(part * (ws * bs), axis=3)
+    return acc0, acc1, acc2, acc3
+
+
+@triton.jit
 def _fp8_gemv_kernel(
     x_ptr,  # [M, K] activations (bf16/fp16/fp32), row stride stride_xm, unit column stride
     w_ptr,  # [N, K] e4m3fn weight bytes (uint8), contiguous
@@ -157,6 +204,9 @@ def _fp8_gemv_kernel(
     U: tl.constexpr,
     NB: tl.constexpr,  # 128-blocks side by side across the lanes (2 on the GPU)
     SPLIT_K: tl.constexpr,
+    PDL: tl.constexpr,  # launched as a programmatic dependent launch (see below)
+    PRE: tl.constexpr,  # with PDL: weight steps (1..4) loaded before the wait
+    EARLY: tl.constexpr,  # with PDL: let the next launch start at once, not after the wait
 ):
     BLOCK_N: tl.constexpr = R * NW
     pid_n = tl.program_id(0)
@@ -183,6 +233,24 @@ def _fp8_gemv_kernel(
     k_lo = pid_k * K_PER_SPLIT
     k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
     STEP: tl.constexpr = U * NB * 128
+    if PDL:
+        # This launch may start while the kernel before it on the stream still runs. The weights
+        # never depend on that kernel, so load this program's first PRE steps of them now (for
+        # the small decode linears that can be its whole share), then wait for it before reading
+        # x or touching out and the workspace. Steps past the first are masked to the split (it
+        # may be short). EARLY lets the next launch start (and load its weights) right away;
+        # otherwise only after the wait, so at most one launch waits ahead.
+        if EARLY:
+            gdc_launch_dependents()
+        w_p0, s_p0 = _fp8_gemv_load(wp, sp, k_lo, k_hi, koff, kb, n_kblk, EVEN_K)
+        if PRE > 1:
+            w_p1, s_p1 = _fp8_gemv_load(wp, sp, k_lo + STEP, k_hi, koff, kb, n_kblk, False)
+        if PRE > 2:
+            w_p2, s_p2 = _fp8_gemv_load(wp, sp, k_lo + 2 * STEP, k_hi, koff, kb, n_kblk, False)
+            w_p3, s_p3 = _fp8_gemv_load(wp, sp, k_lo + 3 * STEP, k_hi, koff, kb, n_kblk, False)
+        gdc_wait()
+        if not EARLY:
+            gdc_launch_dependents()
     for c in range(0, M, TOK):
         acc0 = tl.zeros([16, NB, NW, R], dtype=tl.float32)
         acc1 = tl.zeros([16, NB, NW, R], dtype=tl.float32)
@@ -193,37 +261,34 @@ def _fp8_gemv_kernel(
         x1 = x_ptr + tl.minimum(c + 1, M - 1).to(tl.int64) * stride_xm
         x2 = x_ptr + tl.minimum(c + 2, M - 1).to(tl.int64) * stride_xm
         x3 = x_ptr + tl.minimum(c + 3, M - 1).to(tl.int64) * stride_xm
-        for k0 in range(k_lo, k_hi, STEP):
-            if EVEN_K:
-                kmask = koff >= 0  # unused
-                w = tl.load(wp + k0)
-                sv = tl.load(sp + k0 // 128)
-            else:
-                kmask = (k0 + koff) < k_hi
-                w = tl.load(wp + k0, mask=kmask, other=0)
-                sv = tl.load(sp + k0 // 128, mask=(k0 // 128 + kb) < n_kblk, other=0)
-            if SCALE_E8M0:
-                ws = _e8m0_to_f32(sv)
-            else:
-                ws = sv
-            w0, w1, w2, w3, w4, w5, w6, w7 = _split8(
-                w.to(tl.float8e4nv, bitcast=True).to(tl.float32)
-            )
-            xo = xoff + k0
-            part, bs = _fp8_tok_part(w0, w1, w2, w3, w4, w5, w6, w7, x0, xo, kmask, EVEN_K,
-                                     ACT_QUANT, HW_FP8)  # fmt: skip
-            acc0 += tl.sum(part * (ws * bs), axis=3)  # in-lane sum over U
-            if TOK > 1:
-                part, bs = _fp8_tok_part(w0, w1, w2, w3, w4, w5, w6, w7, x1, xo, kmask, EVEN_K,
-                                         ACT_QUANT, HW_FP8)  # fmt: skip
-                acc1 += tl.sum(part * (ws * bs), axis=3)
-            if TOK > 2:
-                part, bs = _fp8_tok_part(w0, w1, w2, w3, w4, w5, w6, w7, x2, xo, kmask, EVEN_K,
-                                         ACT_QUANT, HW_FP8)  # fmt: skip
-                acc2 += tl.sum(part * (ws * bs), axis=3)
-                part, bs = _fp8_tok_part(w0, w1, w2, w3, w4, w5, w6, w7, x3, xo, kmask, EVEN_K,
-                                         ACT_QUANT, HW_FP8)  # fmt: skip
-                acc3 += tl.sum(part * (ws * bs), axis=3)
+        k_start = k_lo
+        if PDL:
+            if c == 0:  # the preloaded steps
+                acc0, acc1, acc2, acc3 = _fp8_gemv_step(
+                    w_p0, s_p0, k_lo, k_hi, koff, xoff, x0, x1, x2, x3, acc0, acc1, acc2, acc3,
+                    SCALE_E8M0, ACT_QUANT, HW_FP8, EVEN_K, TOK,
+                )  # fmt: skip
+                if PRE > 1:
+                    acc0, acc1, acc2, acc3 = _fp8_gemv_step(
+                        w_p1, s_p1, k_lo + STEP, k_hi, koff, xoff, x0, x1, x2, x3,
+                        acc0, acc1, acc2, acc3, SCALE_E8M0, ACT_QUANT, HW_FP8, False, TOK,
+                    )  # fmt: skip
+                if PRE > 2:
+                    acc0, acc1, acc2, acc3 = _fp8_gemv_step(
+                        w_p2, s_p2, k_lo + 2 * STEP, k_hi, koff, xoff, x0, x1, x2, x3,
+                        acc0, acc1, acc2, acc3, SCALE_E8M0, ACT_QUANT, HW_FP8, False, TOK,
+                    )  # fmt: skip
+                    acc0, acc1, acc2, acc3 = _fp8_gemv_step(
+                        w_p3, s_p3, k_lo + 3 * STEP, k_hi, koff, xoff, x0, x1, x2, x3,
+                        acc0, acc1, acc2, acc3, SCALE_E8M0, ACT_QUANT, HW_FP8, False, TOK,
+                    )  # fmt: skip
+                k_start = k_lo + PRE * STEP
+        for k0 in range(k_start, k_hi, STEP):
+            w, sv = _fp8_gemv_load(wp, sp, k0, k_hi, koff, kb, n_kblk, EVEN_K)
+            acc0, acc1, acc2, acc3 = _fp8_gemv_step(
+                w, sv, k0, k_hi, koff, xoff, x0, x1, x2, x3, acc0, acc1, acc2, acc3,
+                SCALE_E8M0, ACT_QUANT, HW_FP8, EVEN_K, TOK,
+            )  # fmt: skip
         _fp8_gemv_out(acc0, c, rows, n_ok, pid_k, out_ptr, part_ptr, M, N, stride_om, SPLIT_K)
         if TOK > 1:
             _fp8_gemv_out(acc1, c + 1, rows, n_ok, pid_k, out_ptr, part_ptr, M, N, stride_om,
@@ -347,6 +412,7 @@ class _GemvPlan:
     split_k: int
     k_per_split: int
     even_k: bool
+    pre: int  # with PDL: steps loaded before waiting for the previous kernel (1, 2 or 4)
 
     @property
     def block_n(self) -> int:
@@ -359,8 +425,23 @@ def _sm_count(device: torch.device) -> int:
     return 132  # interpreter: plan as for an H100 so the same code paths run
 
 
+def _small_pdl_defaults(m: int, n: int, k: int, device: torch.device, cfg: dict) -> dict:
+    """H200 sweep (run 14), one token, PDL: for the small decode matrices (<= 8.5 MB) fewer,
+    larger programs with more of their weights loaded before the wait beat the general plan:
+    K = 2048 (shared w2) whole rows, 2 steps preloaded: 5.00 vs 5.73 us; K = 4096 (wq_a+wkv)
+    one 1 KB step a row, one program per SM: 4.90 vs 5.46 us."""
+    if m != 1 or n * k > 8_500_000 or k < 2048 or not cfg.get("pdl", True):
+        return {}
+    if not pdl_supported(device):
+        return {}
+    if k == 2048:
+        return {"block_n": 16, "split_k": 1, "u": 4, "pre": 2}
+    return {"u": 4, "programs_per_sm": 1}
+
+
 def _gemv_plan(m: int, n: int, k: int, device: torch.device, config: dict | None) -> _GemvPlan:
     cfg = dict(config or {})
+    cfg = {**_small_pdl_defaults(m, n, k, device, cfg), **cfg}
     tok = cfg.get("tok", 1 if m == 1 else 2 if m == 2 else 4)
     nw = cfg.get("num_warps", 4)
     block_n = cfg.get("block_n", 32 if tok == 1 else 16)
@@ -383,7 +464,12 @@ def _gemv_plan(m: int, n: int, k: int, device: torch.device, config: dict | None
         u //= 2
     split = triton.cdiv(k, k_per_split)  # no empty splits
     even_k = k % (u * slice_k) == 0
-    return _GemvPlan(tok, block_n // nw, nw, u, nb, split, k_per_split, even_k)
+    # Preloaded steps stay in registers across the wait: about 64 words a thread at most
+    # (a step is nb * u * rows-per-warp words a thread), never more than the split holds.
+    steps = triton.cdiv(k_per_split, u * slice_k)
+    pre = min(cfg.get("pre", 1), steps, max(1, 64 // (nb * u * (block_n // nw))))
+    pre = 4 if pre >= 4 else 2 if pre >= 2 else 1
+    return _GemvPlan(tok, block_n // nw, nw, u, nb, split, k_per_split, even_k, pre)
 
 
 @dataclass
@@ -403,10 +489,11 @@ def fp8_linear_workspace(
     part, cnt = 1, 1
     for n, k in shapes:
         for m in range(1, min(max_m, GEMV_MAX_M) + 1):
-            p = _gemv_plan(m, n, k, device, None)
-            if p.split_k > 1:
-                part = max(part, p.split_k * m * n)
-            cnt = max(cnt, triton.cdiv(n, p.block_n))
+            for cfg in (None, {"pdl": False}):  # the plan may differ without PDL
+                p = _gemv_plan(m, n, k, device, cfg)
+                if p.split_k > 1:
+                    part = max(part, p.split_k * m * n)
+                cnt = max(cnt, triton.cdiv(n, p.block_n))
     return Fp8LinearWorkspace(
         torch.empty(part, dtype=torch.float32, device=device),
         torch.zeros(cnt, dtype=torch.int32, device=device),
@@ -434,7 +521,10 @@ def fp8_linear(
     (default: allocated with x's dtype). workspace: needed by the GEMV path when it splits K;
     pass one from fp8_linear_workspace() to keep the launch allocation-free (graph capture).
     config: optional tuning overrides: GEMV block_n, split_k, u, tok, num_warps,
-    programs_per_sm; GEMM block_m, block_n, num_warps, num_stages.
+    programs_per_sm, pdl (programmatic dependent launch, default on where supported), pre
+    (with pdl: weight steps loaded before the wait, 1/2/4), pdl_early (with pdl: the next
+    launch may start before this one's wait), maxnreg; GEMM
+    block_m, block_n, num_warps, num_stages.
     """
     require_triton("fp8_linear")
     if x.dim() != 2:
@@ -479,11 +569,16 @@ def fp8_linear(
                     "fp8_linear_workspace() over every shape you launch"
                 )
             part, cnt = workspace.partial, workspace.counters
+        # Programmatic dependent launch (sm_90+): overlaps this launch's start and weight fetch
+        # with the tail of the previous kernel; the results do not change.
+        pdl = cfg.get("pdl", True) and pdl_supported(x.device)
         _fp8_gemv_kernel[(n_tiles, p.split_k)](
             x, wb, sb, out, part, cnt, m, n, k, x.stride(0), out.stride(0), p.k_per_split,
             SCALE_E8M0=e8m0, ACT_QUANT=act_quant, HW_FP8=not interpreting(), EVEN_K=p.even_k,
             TOK=p.tok, R=p.rows_per_warp, NW=p.num_warps, U=p.u, NB=p.nb, SPLIT_K=p.split_k,
-            num_warps=p.num_warps, num_stages=1,
+            PDL=pdl, PRE=p.pre if pdl else 1, EARLY=pdl and cfg.get("pdl_early", True),
+            num_warps=p.num_warps, num_stages=1, **({"launch_pdl": True} if pdl else {}),
+            **({"maxnreg": cfg["maxnreg"]} if "maxnreg" in cfg else {}),
         )  # fmt: skip
     else:
         bm = cfg.get("block_m", 64)

@@ -590,6 +590,11 @@ FP8_GPU_CONFIGS = [
     {"programs_per_sm": 8},
     {"programs_per_sm": 2},
     {"split_k": 3},
+    {"pdl": False},
+    {"pdl": True, "u": 4},
+    {"pdl": True, "pdl_early": False},
+    {"pdl": True, "block_n": 8, "split_k": 1, "u": 4},  # 4 steps preloaded before the wait
+    {"pdl": True, "block_n": 16, "split_k": 1, "u": 4, "num_warps": 8, "pre": 2},
 ]
 
 
@@ -606,6 +611,46 @@ def test_fp8_linear_gemv_configs_gpu(n, k, cfg):
     f8.fp8_linear(x, w, s, out=out, act_quant=True, config=cfg)
     ref = f8.fp8_linear_ref(x, w, s, act_quant=True)
     assert_close("fp8_linear", out, ref, dtype, loose=2.0)
+
+
+@pytest.mark.parametrize("early", [True, False], ids=["early", "late"])
+@pytest.mark.parametrize("graph", [False, True], ids=["eager", "graph"])
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_fp8_linear_pdl_chain_gpu(graph, early):
+    """Back-to-back dependent GEMVs (each reads the output the one before writes, all sharing one
+    split-K workspace): with programmatic dependent launch a launch starts early, so any read of
+    x, out or the workspace before its wait would see the NaN poison or a stale partial."""
+    dtype = torch.bfloat16
+    dims = [4096, 1536, 4096, 2048, 4096, 1000]  # K of each link, then its N
+    ws = [make_fp8(n, k, seed=j) for j, (k, n) in enumerate(zip(dims, dims[1:], strict=False))]
+    wsp = f8.fp8_linear_workspace([(w.shape[0], w.shape[1]) for w, _ in ws], 1, DEV)
+    x = torch.randn(1, dims[0], generator=_gen(5)).to(dtype).to(DEV)
+    outs = [torch.empty(1, n, dtype=dtype, device=DEV) for n in dims[1:]]
+
+    def chain():
+        for o in outs:
+            o.fill_(float("nan"))
+        h = x
+        for (w, s), o in zip(ws, outs, strict=True):
+            cfg = {"pdl": True, "pdl_early": early}
+            f8.fp8_linear(h, w, s, out=o, act_quant=True, workspace=wsp, config=cfg)
+            h = o
+
+    chain()  # compile outside any capture
+    if graph:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            chain()
+        for o in outs:
+            o.zero_()
+        g.replay()
+    torch.cuda.synchronize()
+    h = x
+    for j, ((w, s), o) in enumerate(zip(ws, outs, strict=True)):
+        ref = f8.fp8_linear_ref(h, w, s, act_quant=True)
+        assert_close(f"fp8_linear chain link {j}", o, ref, dtype, loose=2.0)
+        h = o
 
 
 # Prefill tile configs the benchmark sweeps (None: the default for the dtype).

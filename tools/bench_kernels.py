@@ -12,7 +12,10 @@ runs the same schedule but only calls its share of the kernels once, filling Tri
 cache), so the timed process does not spend the lease compiling one variant at a time.
 --sweep adds tile-config sweeps (FP4 decode launches timed apart; FP8 GEMV configs).
 Targets: FP4 experts M=1 K=6 and the engine's FP8 GEMV launches >= 70% of the copy bandwidth;
-each row also gives its % of the read-only ceiling (pct_read_bw).
+each row also gives its % of the read-only ceiling (pct_read_bw). The graph holds its calls back to
+back, each depending on the one before, as a decode step chains its launches; on sm_90+ the FP8
+GEMV is a programmatic dependent launch (it starts and prefetches its weights while the launch
+before finishes), and a "pdl off" row times the same launches without that overlap.
 """
 
 from __future__ import annotations
@@ -299,19 +302,26 @@ def bench_fp4_grouped(record, dev, dt, quick: bool, sweep: bool = False) -> None
                     print(f"{name}: failed: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
 
 
-FP8_SWEEP = [
-    {"block_n": 8, "split_k": 1},  # more row tiles instead of split-K partials
-    {"block_n": 16, "split_k": 1},
-    {"block_n": 8},
-    {"u": 4},  # run-1 default
-    {"u": 1},
-    {"block_n": 16},
-    {"num_warps": 8},
-    {"programs_per_sm": 8},
-    {"programs_per_sm": 2},
-    {"split_k": 1},
+# GEMV configs swept per engine launch (M = 1). With PDL the weights a program loads before
+# waiting (first `pre` steps) overlap the previous launch; whole rows per program (split_k 1)
+# leave no split-K partials to reduce after the wait.
+_FP8_SMALL = [
+    {"u": 4, "programs_per_sm": 1},
+    {"u": 4, "programs_per_sm": 1, "maxnreg": 168},
+    {"u": 2, "programs_per_sm": 1, "pre": 2},
+    {"block_n": 16, "split_k": 2, "u": 4, "pre": 2},
+    {"block_n": 16, "split_k": 2, "u": 2, "pre": 4},
+    {"block_n": 16, "split_k": 4, "u": 2, "pre": 2},
+    {"block_n": 16, "split_k": 1, "u": 4, "pre": 2},
+    {"block_n": 16, "split_k": 1, "u": 2, "pre": 4},
+    {"block_n": 32, "split_k": 2, "u": 2, "pre": 2},
 ]
-FP8_SWEEP_SHAPES = ("wq_a+wkv", "wq_b+indexer wq_b", "shared w1+w3", "shared w2")
+FP8_SWEEP = {
+    "wq_a+wkv": _FP8_SMALL,
+    "shared w2": _FP8_SMALL,
+    "shared w1+w3": [{"u": 4, "programs_per_sm": 1}, {"pre": 2}, {"block_n": 16, "u": 2, "pre": 4}],
+    "wq_b+indexer wq_b": [{"pre": 2}, {"programs_per_sm": 4}],
+}
 
 
 def bench_fp8(record, dev, dt, n_sets: int, quick: bool, sweep: bool = False) -> None:
@@ -362,12 +372,66 @@ def bench_fp8(record, dev, dt, n_sets: int, quick: bool, sweep: bool = False) ->
                 extra["plan"] = f"bn{p.block_n} w{p.num_warps} u{p.u} split{p.split_k} tok{p.tok}"
             tgt = TARGET if (m == 1 and name in engine_launch) else None
             record(f"fp8_linear {name} [{n}x{kk}] M={m}", ms, per + m * (kk + n) * 2, tgt, **extra)
-            if sweep and m == 1 and name in FP8_SWEEP_SHAPES:
-                for cfg in FP8_SWEEP:
+            if m == 1 and name in engine_launch and f8.pdl_supported(x.device):
+                # The same launches without programmatic dependent launch: each one starts only
+                # after the one before has finished (what sm_89 cards such as the 4090 get).
+                fn = functools.partial(run, cfg={"pdl": False})
+                ms_iso = _bench(fn, n_w)
+                record(f"  fp8_linear {name} M=1 pdl off", ms_iso, per + m * (kk + n) * 2)
+                fn = functools.partial(run, cfg={"pdl_early": False})
+                ms_late = _bench(fn, n_w)
+                record(f"  fp8_linear {name} M=1 pdl, next launch after the wait", ms_late,
+                       per + m * (kk + n) * 2)  # fmt: skip
+            if sweep and m == 1:
+                for cfg in FP8_SWEEP.get(name, []):
                     fn = functools.partial(run, cfg=cfg, wsp=ws_sweep)
                     _sweep_point(
                         record, f"  sweep fp8 {name} M=1 {cfg}", fn, n_w, per + m * (kk + n) * 2
                     )
+
+
+# A CSA layer's FP8 launches in decode-step order (attention in, q up, out, shared expert).
+FP8_LAYER = [
+    ("wq_a+wkv", 1536, 4096),
+    ("wq_b+indexer wq_b", 40960, 1024),
+    ("wo_b", 4096, 8192),
+    ("shared w1+w3", 4096, 4096),
+    ("shared w2", 4096, 2048),
+]
+
+
+def bench_fp8_layer(record, dev, dt, n_sets: int) -> None:
+    """One layer's FP8 GEMV launches back to back (M = 1), as a decode step issues them: the
+    time of the chain and the bandwidth of all its weight bytes together. The weights of
+    several layers are rotated so L2 (50-60 MB) cannot serve them."""
+    from homeseek.kernels import fp8_linear as f8
+
+    per_layer = sum(n * k + (n // 128) * (k // 128) for _, n, k in FP8_LAYER)
+    n_l = max(2, min(n_sets, (400 << 20) // per_layer))
+    layers = [
+        [
+            (
+                torch.randint(0, 0x7F, (n, k), dtype=torch.uint8, device=dev),
+                torch.randint(118, 124, (n // 128, k // 128), dtype=torch.uint8, device=dev),
+            )
+            for _, n, k in FP8_LAYER
+        ]
+        for _ in range(n_l)
+    ]
+    xs = [torch.randn(1, k, device=dev, dtype=dt) for _, _, k in FP8_LAYER]
+    outs = [torch.empty(1, n, device=dev, dtype=dt) for _, n, _ in FP8_LAYER]
+    wsp = f8.fp8_linear_workspace([(n, k) for _, n, k in FP8_LAYER], 1, dev)
+    nbytes = per_layer + sum((n + k) * 2 for _, n, k in FP8_LAYER)
+    for cfg, label in (({}, ""), ({"pdl_early": False}, " pdl late"), ({"pdl": False}, " pdl off")):
+
+        def run(j, cfg=cfg):
+            for (w, sc), x, o in zip(layers[j], xs, outs, strict=True):
+                f8.fp8_linear(x, w, sc, out=o, act_quant=True, workspace=wsp, config=cfg)
+
+        if label and not f8.pdl_supported(torch.device(dev)):
+            continue
+        ms = _bench(run, n_l)
+        record(f"fp8_linear layer chain ({len(FP8_LAYER)} launches) M=1{label}", ms, nbytes)
 
 
 def bench_attention(record, dev, dt, n_sets: int) -> None:
@@ -574,6 +638,8 @@ def main() -> int:
         torch.cuda.empty_cache()
     if "fp8" in only:
         bench_fp8(record, dev, dt, n_sets, args.quick, args.sweep)
+        if not args.quick:
+            bench_fp8_layer(record, dev, dt, n_sets)
         torch.cuda.empty_cache()
     if "attn" in only:
         bench_attention(record, dev, dt, n_sets)

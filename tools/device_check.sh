@@ -2,7 +2,7 @@
 # One command for a CUDA machine without network: make homeseek importable (no pip needed),
 # then run the GPU tests, the expert-copy benchmark, the routing simulation on the full-size
 # synthetic model, and the kernel check. Logs go under $OUT when set (else ./device-logs).
-#   bash tools/device_check.sh [engine|kernels|doctor|generate|copy|routing|bench ...]
+#   bash tools/device_check.sh [engine|kernels|doctor|generate|copy|routing|bench|floor ...]
 #   (default: engine kernels doctor copy routing bench; BENCH_ARGS=--sweep adds tile sweeps;
 #   PYTEST_ARGS="-n 8" runs the GPU tests in parallel when pytest-xdist is there)
 set -uo pipefail
@@ -55,6 +55,7 @@ for p in "${parts[@]}"; do
         --alias 64 --device cuda --tokens 4096 --chunk 1024 --gpu-mem-gb 24 ;;
     # shellcheck disable=SC2086  # BENCH_ARGS is a word list, e.g. BENCH_ARGS=--sweep
     bench) step bench_kernels 400 "$py" "$repo/tools/bench_kernels.py" ${BENCH_ARGS:-} ;;
+    floor) step chain_floor 120 "$py" "$repo/tools/chain_floor.py" ;;
     esac
 done
 exit $rc
