@@ -11,11 +11,15 @@ row is also appended to a JSON-lines file as it is measured, so a run cut short 
 runs the same schedule but only calls its share of the kernels once, filling Triton's on-disk
 cache), so the timed process does not spend the lease compiling one variant at a time.
 --sweep adds tile-config sweeps (FP4 decode launches timed apart; FP8 GEMV configs).
-Targets: FP4 experts M=1 K=6 and the engine's FP8 GEMV launches >= 70% of the copy bandwidth;
-each row also gives its % of the read-only ceiling (pct_read_bw). The graph holds its calls back to
-back, each depending on the one before, as a decode step chains its launches; on sm_90+ the FP8
-GEMV is a programmatic dependent launch (it starts and prefetches its weights while the launch
-before finishes), and a "pdl off" row times the same launches without that overlap.
+Targets (>= 70% of the copy bandwidth): FP4 experts M=1 K=6, and FP8 GEMV as a decode step runs
+it: one layer's five FP8 launches back to back (M=1), all their bytes over the chain's time. Each
+single FP8 launch is reported too, without a target: a dependent launch costs about 2.5 us before
+it moves a byte (tools/chain_floor.py measures it), so the two smallest (6.3 and 8.4 MB) cannot
+reach 70% alone. Each row also gives its % of the read-only ceiling (pct_read_bw). The graph
+holds its calls back to back, each depending on the one before, as a decode step chains its
+launches; on sm_90+ the FP8 GEMV is a programmatic dependent launch (it starts and loads its
+first weights while the launch before finishes), and "pdl off" rows time the same launches
+without that overlap (what sm_89 cards get).
 """
 
 from __future__ import annotations
@@ -370,18 +374,20 @@ def bench_fp8(record, dev, dt, n_sets: int, quick: bool, sweep: bool = False) ->
             if m <= 16:
                 p = f8._gemv_plan(m, n, kk, x.device, None)
                 extra["plan"] = f"bn{p.block_n} w{p.num_warps} u{p.u} split{p.split_k} tok{p.tok}"
-            tgt = TARGET if (m == 1 and name in engine_launch) else None
-            record(f"fp8_linear {name} [{n}x{kk}] M={m}", ms, per + m * (kk + n) * 2, tgt, **extra)
+            # The FP8 target applies to the layer chain (bench_fp8_layer); single launches are
+            # reported against the same ceiling without a target (see the module docstring).
+            record(f"fp8_linear {name} [{n}x{kk}] M={m}", ms, per + m * (kk + n) * 2, **extra)
             if m == 1 and name in engine_launch and f8.pdl_supported(x.device):
                 # The same launches without programmatic dependent launch: each one starts only
                 # after the one before has finished (what sm_89 cards such as the 4090 get).
                 fn = functools.partial(run, cfg={"pdl": False})
                 ms_iso = _bench(fn, n_w)
                 record(f"  fp8_linear {name} M=1 pdl off", ms_iso, per + m * (kk + n) * 2)
-                fn = functools.partial(run, cfg={"pdl_early": False})
-                ms_late = _bench(fn, n_w)
-                record(f"  fp8_linear {name} M=1 pdl, next launch after the wait", ms_late,
-                       per + m * (kk + n) * 2)  # fmt: skip
+                if sweep:
+                    fn = functools.partial(run, cfg={"pdl_early": False})
+                    ms_late = _bench(fn, n_w)
+                    record(f"  fp8_linear {name} M=1 pdl, next launch after the wait", ms_late,
+                           per + m * (kk + n) * 2)  # fmt: skip
             if sweep and m == 1:
                 for cfg in FP8_SWEEP.get(name, []):
                     fn = functools.partial(run, cfg=cfg, wsp=ws_sweep)
@@ -422,7 +428,7 @@ def bench_fp8_layer(record, dev, dt, n_sets: int) -> None:
     outs = [torch.empty(1, n, device=dev, dtype=dt) for _, n, _ in FP8_LAYER]
     wsp = f8.fp8_linear_workspace([(n, k) for _, n, k in FP8_LAYER], 1, dev)
     nbytes = per_layer + sum((n + k) * 2 for _, n, k in FP8_LAYER)
-    for cfg, label in (({}, ""), ({"pdl_early": False}, " pdl late"), ({"pdl": False}, " pdl off")):
+    for cfg, label in (({}, ""), ({"pdl": False}, " pdl off")):
 
         def run(j, cfg=cfg):
             for (w, sc), x, o in zip(layers[j], xs, outs, strict=True):
@@ -431,7 +437,8 @@ def bench_fp8_layer(record, dev, dt, n_sets: int) -> None:
         if label and not f8.pdl_supported(torch.device(dev)):
             continue
         ms = _bench(run, n_l)
-        record(f"fp8_linear layer chain ({len(FP8_LAYER)} launches) M=1{label}", ms, nbytes)
+        tgt = None if label else TARGET
+        record(f"fp8_linear layer chain ({len(FP8_LAYER)} launches) M=1{label}", ms, nbytes, tgt)
 
 
 def bench_attention(record, dev, dt, n_sets: int) -> None:
