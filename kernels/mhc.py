@@ -15,7 +15,7 @@ post: X'_k = post_k * F + sum_j C[j, k] * X_j.
 
 The pre kernel is one launch: the W-long projection is split over SPLIT programs per token (fn is
 1.5 MB, too much for one SM at decode); each writes fp32 partials, and the last to arrive (atomic
-counter, reset afterwards) reduces them in split order, runs the 4x4 Sinkhorn in registers and
+counter, reset afterwards) reduces them in a fixed order, runs the 4x4 Sinkhorn in registers and
 writes y.
 """
 
@@ -40,7 +40,17 @@ __all__ = [
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _PART = 32  # partial row: 8 pre/post sums, 16 comb sums, 1 sum of squares, padding
-_SPLIT = 16
+
+
+def _split(t: int) -> int:
+    """Programs per token over the W-long projection (a power of two). Decode: 64, so each
+    reads one 256-column slice of fn (H200: 17 us at 16 splits, ~half at 64); prefill
+    tokens already fill the GPU: 16."""
+    return 64 if t <= 16 else 16
+
+
+def _part_rows(max_t: int) -> int:
+    return max(min(max_t, 16) * _split(1), max_t * _split(max_t))
 
 
 def _sinkhorn_ref(c: torch.Tensor, hc_eps: float, iters: int) -> torch.Tensor:
@@ -125,6 +135,7 @@ def _mhc_pre_kernel(
     ITERS: tl.constexpr,  # Sinkhorn iterations (20)
     HEAD: tl.constexpr,
     SPLIT: tl.constexpr,
+    SPLIT_P2: tl.constexpr,  # next power of two >= SPLIT
     BLOCK: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -168,14 +179,17 @@ def _mhc_pre_kernel(
     tl.debug_barrier()
     arrived = tl.atomic_add(cnt_ptr + t, 1, sem="acq_rel")
     if arrived == SPLIT - 1:
-        pp = tl.zeros([2, 4], dtype=tl.float32)
-        cc = tl.zeros([4, 4], dtype=tl.float32)
-        sq = 0.0
-        for s in range(SPLIT):
-            srow = part_ptr + (t * SPLIT + s) * 32
-            pp += tl.load(srow + pp_rows, cache_modifier=".cg")
-            cc += tl.load(srow + cc_rows, cache_modifier=".cg")
-            sq += tl.load(srow + 24, cache_modifier=".cg")
+        # All partials in one load (a loop over the splits costs a dependent L2 round trip per
+        # split, which dominated at decode), reduced in a fixed order.
+        sx = tl.arange(0, SPLIT_P2)
+        s_ok = sx < SPLIT
+        srows = part_ptr + (t * SPLIT + sx) * 32  # [SPLIT_P2]
+        m3 = s_ok[:, None, None]
+        pp = tl.load(srows[:, None, None] + pp_rows[None], mask=m3, other=0.0, cache_modifier=".cg")
+        cc = tl.load(srows[:, None, None] + cc_rows[None], mask=m3, other=0.0, cache_modifier=".cg")
+        pp = tl.sum(pp, axis=0)
+        cc = tl.sum(cc, axis=0)
+        sq = tl.sum(tl.load(srows + 24, mask=s_ok, other=0.0, cache_modifier=".cg"), axis=0)
         r = 1.0 / tl.sqrt_rn(sq / W + norm_eps)
         s0 = tl.load(scale_ptr)
         pre_m = tl.sum(tl.where(r2[:, None] == 0, pp, 0.0), axis=0) * r  # [4]
@@ -242,13 +256,13 @@ def _mhc_post_kernel(
 class MhcWorkspace:
     """Split scratch for mhc_pre / mhc_head; allocate once for the largest T."""
 
-    part: torch.Tensor  # fp32, >= T * SPLIT * 32
+    part: torch.Tensor  # fp32, >= _part_rows(T) * 32
     counters: torch.Tensor  # int32 zeros, >= T
 
 
 def mhc_workspace(max_t: int, device: torch.device | str) -> MhcWorkspace:
     return MhcWorkspace(
-        torch.empty(max_t * _SPLIT * _PART, dtype=torch.float32, device=device),
+        torch.empty(_part_rows(max_t) * _PART, dtype=torch.float32, device=device),
         torch.zeros(max_t, dtype=torch.int32, device=device),
     )
 
@@ -272,16 +286,19 @@ def _launch_pre(name, x, fn, scale, base, y, post, comb, workspace, hc_eps, norm
         check_tensor(f"{name}: comb", comb, shape=(t, 4, 4), dtypes=(torch.float32,), device=dev)
     if workspace is None:
         workspace = mhc_workspace(t, dev)
-    if workspace.part.numel() < t * _SPLIT * _PART or workspace.counters.numel() < t:
+    split = _split(t)
+    if workspace.part.numel() < t * split * _PART or workspace.counters.numel() < t:
         raise ValueError(f"{name}: workspace too small for T={t}; use mhc_workspace(max_t)")
     if t == 0:
         return
     block = 256
-    chunk = triton.cdiv(triton.cdiv(4 * d, _SPLIT), block) * block
-    _mhc_pre_kernel[(t, _SPLIT)](
+    chunk = triton.cdiv(triton.cdiv(4 * d, split), block) * block
+    n_split = triton.cdiv(4 * d, chunk)  # small D: fewer, never empty, splits
+    _mhc_pre_kernel[(t, n_split)](
         x, fn, scale, base, y, post, comb, workspace.part, workspace.counters, d, chunk,
         float(hc_eps), float(norm_eps),
-        ITERS=iters, HEAD=head, SPLIT=_SPLIT, BLOCK=block, BLOCK_D=512, num_warps=4,
+        ITERS=iters, HEAD=head, SPLIT=n_split, SPLIT_P2=triton.next_power_of_2(n_split),
+        BLOCK=block, BLOCK_D=2048, num_warps=4,
     )  # fmt: skip
 
 

@@ -425,7 +425,7 @@ def test_indexer_topk_interp(dtype):
 
 @interp
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("t,d", [(1, 64), (3, 200)])
+@pytest.mark.parametrize("t,d", [(1, 64), (3, 200), (2, 300), (20, 96)])
 def test_mhc_interp(t, d, dtype):
     g = _gen(d)
     x = torch.randn(t, 4, d, generator=g).to(dtype)
