@@ -41,6 +41,24 @@ _WARM: tuple[int, int] | None = None
 _CALLS = [0]
 
 
+def graph_ms(fn, calls: int) -> float:
+    """Median ms per call of one CUDA graph holding fn(0) .. fn(calls - 1), back to back (each
+    call warmed up on a side stream first, as capture requires)."""
+    from triton.testing import do_bench
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for j in range(calls):
+            fn(j)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for j in range(calls):
+            fn(j)
+    return do_bench(graph.replay, warmup=10, rep=200, return_mode="median") / calls
+
+
 def _bench(fn, sets: int) -> float:
     """Median ms per call of fn(i), i cycling over the input sets.
 
@@ -67,17 +85,7 @@ def _bench(fn, sets: int) -> float:
     eager = do_bench(call, warmup=25, rep=200, return_mode="median")
     _LAST["eager"] = eager
     try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for j in range(sets):
-                fn(j)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for j in range(sets):
-                fn(j)
-        ms = do_bench(graph.replay, warmup=10, rep=200, return_mode="median") / sets
+        ms = graph_ms(fn, sets)
     except Exception as exc:  # not capturable (allocations, syncs): report eager
         print(f"   (graph capture failed: {type(exc).__name__}: {exc}; eager time)", flush=True)
         torch.cuda.synchronize()

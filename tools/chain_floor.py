@@ -20,8 +20,8 @@ import json
 import torch
 import triton
 import triton.language as tl
+from bench_kernels import graph_ms  # tools/ is the script's folder, so on sys.path
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-from triton.testing import do_bench
 
 CHAIN = 32
 
@@ -72,19 +72,9 @@ def _floor_kernel(
 
 
 def _chain_us(fn) -> float:
-    fn(0)
+    fn(0)  # compile outside the capture
     torch.cuda.synchronize()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for j in range(CHAIN):
-            fn(j)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for j in range(CHAIN):
-            fn(j)
-    return do_bench(graph.replay, warmup=10, rep=200, return_mode="median") * 1e3 / CHAIN
+    return graph_ms(fn, CHAIN) * 1e3
 
 
 def main() -> None:
