@@ -480,8 +480,20 @@ def embed(ids: torch.Tensor, table: torch.Tensor, ctx: Ctx) -> torch.Tensor:
     return h.unsqueeze(1).expand(-1, ctx.cfg.hc_mult, -1).contiguous()
 
 
+# Head rows upcast to fp32 at a time: the whole bf16 head as fp32 would be a 2.1 GB transient
+# (V4-Flash: 129280 x 4096) on top of the planned workspace; 16384 rows are 256 MB.
+HEAD_CHUNK_ROWS = 16384
+
+
 def head_logits(X: torch.Tensor, top: dict[str, torch.Tensor], ctx: Ctx) -> torch.Tensor:
-    """Streams [T, N, D] -> logits [T, V] fp32: hc_head collapse, norm, fp32 head."""
+    """Streams [T, N, D] -> logits [T, V] fp32: hc_head collapse, norm, fp32 head (spec §3.2,
+    head collapse: fp32 activations times the fp32-upcast head), a block of head rows at a
+    time."""
     z = hc_head(X, top["hc_head_fn"], top["hc_head_base"], top["hc_head_scale"], ctx)
-    z = rms_norm(z, top["norm"], ctx.cfg.rms_norm_eps)
-    return z.float() @ top["head"].float().T
+    z = rms_norm(z, top["norm"], ctx.cfg.rms_norm_eps).float()  # [T, D]
+    head = top["head"]  # [V, D]
+    out = torch.empty(z.shape[0], head.shape[0], dtype=torch.float32, device=z.device)
+    for r in range(0, head.shape[0], HEAD_CHUNK_ROWS):
+        rows = head[r : r + HEAD_CHUNK_ROWS]
+        out[:, r : r + rows.shape[0]] = z @ rows.float().T
+    return out

@@ -160,3 +160,25 @@ def test_shared_input_linears_are_fused_without_copies(eng_fp32_sim):
                 assert part.weight.untyped_storage().data_ptr() == base  # a view, not a copy
                 assert off % part.block == 0 and part.shape == (n, fused.weight.shape[1])
                 torch.testing.assert_close(y, M.linear(x, part, eng.ctx), rtol=1e-6, atol=1e-6)
+
+
+def test_head_logits_in_row_blocks_match_one_product(eng_fp32_sim, monkeypatch):
+    """The head is upcast a block of rows at a time (a bounded fp32 transient); the logits are
+    the single fp32 product's, blocks uneven at the end included."""
+    from homeseek import model as M
+
+    eng = eng_fp32_sim
+    n = eng.cfg.hc_mult
+    X = torch.randn(3, n, eng.cfg.hidden_size, generator=torch.Generator().manual_seed(2))
+    whole = M.head_logits(X, eng.top, eng.ctx)  # default blocks of 16384 rows
+    monkeypatch.setattr(M, "HEAD_CHUNK_ROWS", 1000)  # 129280 rows -> 130 blocks, last short
+    blocks = M.head_logits(X, eng.top, eng.ctx)
+    z = M.rms_norm(
+        M.hc_head(X, eng.top["hc_head_fn"], eng.top["hc_head_base"], eng.top["hc_head_scale"],
+                  eng.ctx),
+        eng.top["norm"], eng.cfg.rms_norm_eps,
+    ).float()  # fmt: skip
+    ref = z @ eng.top["head"].float().T
+    assert blocks.shape == (3, eng.top["head"].shape[0])
+    torch.testing.assert_close(blocks, ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(whole, ref, rtol=1e-6, atol=1e-6)
