@@ -348,10 +348,30 @@ def attention(
     o = apply_rope(o, cos.unsqueeze(1), -sin.unsqueeze(1))  # undo RoPE at the query position
 
     # Grouped output: heads 8g..8g+7 form group g (V4-Flash), each projected to o_lora_rank.
-    G = cfg.o_groups
-    wo_a = lw["attn.wo_a"].dequant().view(G, cfg.o_lora_rank, -1)  # [G, R, H·Dh/G]
-    z = torch.einsum("tgi,gri->tgr", o.reshape(T, G, -1).float(), wo_a).to(x.dtype)
-    return linear(z.reshape(T, -1), lw["attn.wo_b"], ctx)
+    z = grouped_linear(o.reshape(T, cfg.o_groups, -1), lw["attn.wo_a"], ctx)  # [T, G·R]
+    return linear(z, lw["attn.wo_b"], ctx)
+
+
+def grouped_linear(o: torch.Tensor, w: QWeight, ctx: Ctx) -> torch.Tensor:
+    """Block-diagonal linear (wo_a): o [T, G, I] -> z [T, G·R] with z_g = o_g · W[gR:(g+1)R]ᵀ,
+    fp32 accumulation, no activation rounding (the reference dequantises wo_a to BF16 at load).
+
+    An FP8 weight goes through the FP8 linear one group at a time (rows of a group share their
+    scale blocks when R is a multiple or a divisor of 128), so it is never dequantised whole: a
+    128 MB fp32 copy per layer and call at V4-Flash size."""
+    T, G, _ = o.shape
+    R, b = w.shape[0] // G, w.block  # b: the 128-row scale block
+    if w.fmt != "fp8" or (R % b and b % R):
+        wd = w.dequant().view(G, R, -1)  # [G, R, I]
+        return torch.einsum("tgi,gri->tgr", o.float(), wd).to(o.dtype).reshape(T, G * R)
+    z = torch.empty(T, G * R, dtype=o.dtype, device=o.device)
+    for g in range(G):
+        s_lo, s_hi = g * R // b, ((g + 1) * R - 1) // b + 1
+        ops.fp8_linear(
+            o[:, g], w.weight[g * R : (g + 1) * R], w.scale[s_lo:s_hi],
+            out=z[:, g * R : (g + 1) * R], act_quant=False, triton=ctx.kernels,
+        )  # fmt: skip
+    return z
 
 
 def _kv_post(ctx: Ctx) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -301,6 +301,26 @@ def test_fp8_linear_interp(m, n, k, scale_fp32, act_quant, dtype):
 
 
 @interp
+@pytest.mark.parametrize("m", [1, 20])  # GEMV and GEMM paths
+@pytest.mark.parametrize("r", [128, 64])  # group rows: a multiple and a divisor of 128
+def test_fp8_linear_grouped_views_interp(m, r):
+    """The block-diagonal use of model.grouped_linear (wo_a): x a group's columns of a wider
+    row, W and its scale a group's rows, out a group's columns of a wider row; nothing outside
+    the group's output columns is written."""
+    g_n, k = 3, 256
+    w, s = make_fp8(g_n * r, k, seed=r + m)
+    x = torch.randn(m, g_n, k, generator=_gen(m))
+    z = poison((m, g_n * r), torch.float32)
+    for g in range(g_n):
+        s_lo, s_hi = g * r // 128, ((g + 1) * r - 1) // 128 + 1
+        out = z[:, g * r : (g + 1) * r]
+        f8.fp8_linear(x[:, g], w[g * r : (g + 1) * r], s[s_lo:s_hi], out=out)
+        ref = fmt.dequant_fp8(w, s)[g * r : (g + 1) * r]
+        assert_close(f"group {g}", out, x[:, g] @ ref.t(), torch.float32)
+        assert torch.isnan(z[:, (g + 1) * r :]).all(), f"group {g} wrote past its columns"
+
+
+@interp
 def test_fp8_linear_split_k_workspace_reuse():
     w, s = make_fp8(32, 1024, seed=3)
     # forced split: size the workspace for it (fp8_linear_workspace sizes the default plans)
