@@ -275,8 +275,9 @@ class Engine:
         X = M.embed(ids, self.top["embed"], self.ctx)
         for layer in self.layers:
             p = M.segment_a(
-                X, ids, pos, self.weights[layer], state.layers[layer], layer, self.rope, self.ctx
-            )
+                X, ids, pos, state.pos, self.weights[layer], state.layers[layer], layer,
+                self.rope, self.ctx,
+            )  # fmt: skip
             X = M.segment_b(p, self._moe(p, layer), self.ctx)
         state.pos += ids.shape[0]
         return X

@@ -252,6 +252,7 @@ def indexer_topk(
     x: torch.Tensor,
     qi: torch.Tensor,
     pos: torch.Tensor,
+    s0: int,
     lw: LayerWeights,
     st: LayerState,
     rope: RopeTables,
@@ -262,7 +263,7 @@ def indexer_topk(
     cfg = ctx.cfg
     HI, DI = cfg.index_n_heads, cfg.index_head_dim
     cs = st.index_comp
-    s0, T = int(pos[0]), x.shape[0]
+    T = x.shape[0]
 
     def key_post(k: torch.Tensor) -> torch.Tensor:
         return fp4_block_sim(hadamard(k)) if ctx.quant_sim else k
@@ -288,17 +289,18 @@ def indexer_topk(
 def attention(
     x: torch.Tensor,
     pos: torch.Tensor,
+    s0: int,
     lw: LayerWeights,
     st: LayerState,
     layer: int,
     rope: RopeTables,
     ctx: Ctx,
 ) -> torch.Tensor:
-    """x [T, D] (after attn_norm) at positions pos -> [T, D]; updates the layer's state."""
+    """x [T, D] (after attn_norm) at positions pos = s0..s0+T-1 -> [T, D]; updates the layer's
+    state. s0 comes from the host, so the step never reads a position back from the device."""
     cfg = ctx.cfg
     T, H, Dh, W = x.shape[0], cfg.num_attention_heads, cfg.head_dim, cfg.sliding_window
     kind = cfg.attn_kind(layer)
-    s0 = int(pos[0])
     cos, sin = rope(kind != SWA, pos)  # [T, d_r/2]; YaRN only on compressed layers
     eps = cfg.rms_norm_eps
 
@@ -337,7 +339,7 @@ def attention(
         keys = torch.cat((local, st.comp.cache[:n_c]))
         n_local = local.shape[0]
         if kind == CSA:
-            sel = indexer_topk(x, qi, pos, lw, st, rope, ctx)  # [T, k]
+            sel = indexer_topk(x, qi, pos, s0, lw, st, rope, ctx)  # [T, k]
         else:  # HCA: every complete block, causally
             ent = torch.arange(n_c, device=x.device).expand(T, n_c)
             limit = ((pos + 1) // st.comp.ratio).unsqueeze(1)
@@ -471,6 +473,7 @@ def segment_a(
     X: torch.Tensor,
     ids: torch.Tensor,
     pos: torch.Tensor,
+    s0: int,
     lw: LayerWeights,
     st: LayerState,
     layer: int,
@@ -479,7 +482,7 @@ def segment_a(
 ) -> FfnPending:
     eps = ctx.cfg.rms_norm_eps
     y, post, comb = hc_pre(X, lw["hc_attn_fn"], lw["hc_attn_base"], lw["hc_attn_scale"], ctx)
-    a = attention(rms_norm(y, lw["attn_norm"], eps), pos, lw, st, layer, rope, ctx)
+    a = attention(rms_norm(y, lw["attn_norm"], eps), pos, s0, lw, st, layer, rope, ctx)
     X = hc_post(a, X, post, comb, ctx)
     y, post, comb = hc_pre(X, lw["hc_ffn_fn"], lw["hc_ffn_base"], lw["hc_ffn_scale"], ctx)
     u = rms_norm(y, lw["ffn_norm"], eps)

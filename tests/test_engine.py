@@ -182,3 +182,37 @@ def test_head_logits_in_row_blocks_match_one_product(eng_fp32_sim, monkeypatch):
     assert blocks.shape == (3, eng.top["head"].shape[0])
     torch.testing.assert_close(blocks, ref, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(whole, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_step_reads_nothing_back_from_the_device(eng_fp32_sim, ids, monkeypatch):
+    """Segment A (mHC, attention with compressors and indexer, router, shared expert) takes its
+    positions from the host: on a GPU every int()/item()/bool()/tolist() of a tensor is a host
+    sync, so none may happen there (the engine's one sync per layer is the routing readback)."""
+    from homeseek import model as M
+
+    real = M.segment_a
+    reads = ("__int__", "__index__", "__bool__", "__float__", "item", "tolist")
+
+    def guarded(*args, **kwargs):
+        saved = {n: getattr(torch.Tensor, n) for n in reads}
+
+        def refuse(name):
+            def f(self, *a, **k):
+                raise AssertionError(f"segment_a read a tensor back: Tensor.{name}")
+
+            return f
+
+        try:
+            for n in reads:
+                setattr(torch.Tensor, n, refuse(n))
+            return real(*args, **kwargs)
+        finally:
+            for n, f in saved.items():
+                setattr(torch.Tensor, n, f)
+
+    eng_fp32_sim.session().forward(ids[:3])  # one-time setup (cached tables) outside the guard
+    monkeypatch.setattr(M, "segment_a", guarded)
+    s = eng_fp32_sim.session()
+    s.forward(ids[:37])  # prefill across compressor blocks (CSA m=4, HCA m=128 in tiny)
+    for t in ids[37:45]:
+        s.decode(t)
