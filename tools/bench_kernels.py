@@ -11,7 +11,8 @@ row is also appended to a JSON-lines file as it is measured, so a run cut short 
 runs the same schedule but only calls its share of the kernels once, filling Triton's on-disk
 cache), so the timed process does not spend the lease compiling one variant at a time.
 --sweep adds tile-config sweeps (FP4 decode launches timed apart; FP8 GEMV configs).
-Targets (>= 70% of the copy bandwidth): FP4 experts M=1 K=6, and FP8 GEMV as a decode step runs
+Targets (>= 70% of the copy bandwidth): FP4 experts M=1 K=6 with and without the activation
+quantisation simulation (the engine's default runs it), and FP8 GEMV as a decode step runs
 it: one layer's five FP8 launches back to back (M=1), all their bytes over the chain's time. Each
 single FP8 launch is reported too, without a target: a dependent launch costs about 2.5 us before
 it moves a byte (tools/chain_floor.py measures it), so the two smallest (6.3 and 8.4 MB) cannot
@@ -216,7 +217,8 @@ def bench_fp4_decode(record, dev, dt, n_sets: int, quick: bool, sweep: bool) -> 
                     config=cfg,
                 )
 
-            tgt = TARGET if (m == 1 and not aq) else None
+            # Both: the engine runs act_quant (quant_sim) by default, as the reference does.
+            tgt = TARGET if m == 1 else None
             name = f"fp4_experts M={m} K={k} act_quant={int(aq)}"
             record(name, _bench(run, n_sets), nbytes, tgt, unique_experts=uniq)
             if m <= 4:  # the default launches the down kernel as a programmatic dependent
