@@ -520,11 +520,10 @@ def fp8_linear(
     x: bf16/fp16/fp32, rows may be strided (unit column stride). out: [M, N], any of those dtypes
     (default: allocated with x's dtype). workspace: needed by the GEMV path when it splits K;
     pass one from fp8_linear_workspace() to keep the launch allocation-free (graph capture).
-    config: optional tuning overrides: GEMV block_n, split_k, u, tok, num_warps,
-    programs_per_sm, pdl (programmatic dependent launch, default on where supported), pre
-    (with pdl: weight steps loaded before the wait, 1/2/4), pdl_early (with pdl: the next
-    launch may start before this one's wait), maxnreg; GEMM
-    block_m, block_n, num_warps, num_stages.
+    config: optional tuning overrides. GEMV: block_n, split_k, u, tok, num_warps,
+    programs_per_sm, maxnreg, pdl (programmatic dependent launch, default on where supported),
+    pre (with pdl: weight steps loaded before the wait, 1/2/4), pdl_early (with pdl: the next
+    launch may start before this one's wait). GEMM: block_m, block_n, num_warps, num_stages.
     """
     require_triton("fp8_linear")
     if x.dim() != 2:
