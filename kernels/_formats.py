@@ -286,6 +286,21 @@ def _pow2_ceil(v: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
+def _fma8(acc, a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, b2, b3, b4, b5, b6, b7):
+    """acc + a0*b0 + ... + a7*b7 as a chain of 8 fused multiply-adds, in that order (the inner
+    loop of the GEMV kernels: a lane's 8 weights times their 8 inputs)."""
+    acc += a0 * b0
+    acc += a1 * b1
+    acc += a2 * b2
+    acc += a3 * b3
+    acc += a4 * b4
+    acc += a5 * b5
+    acc += a6 * b6
+    acc += a7 * b7
+    return acc
+
+
+@triton.jit
 def _pow2(e):
     """2^e for an int32 tensor e in [-126, 127], built from the exponent bits (exact)."""
     return ((e + 127) << 23).to(tl.float32, bitcast=True)

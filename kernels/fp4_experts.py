@@ -59,6 +59,7 @@ from ._formats import (
     _and_flag,
     _e4m3_q,
     _e8m0_times_64,
+    _fma8,
     _fp4_pair_to_f32,
     _fp4_word_f32,
     act_quant_ref,
@@ -193,24 +194,10 @@ def _fp4_word_acc(p0, p1, w, xa, xb, TWO: tl.constexpr, ASM: tl.constexpr):
     """p0 += sum_e value_e(w) * xa_e (and p1 with xb when TWO); each word is decoded once."""
     f0, f1, f2, f3, f4, f5, f6, f7 = _fp4_word_f32(w, ASM)
     a0, a1, a2, a3, a4, a5, a6, a7 = _fp4_x_split(xa)
-    p0 += f0 * a0
-    p0 += f1 * a1
-    p0 += f2 * a2
-    p0 += f3 * a3
-    p0 += f4 * a4
-    p0 += f5 * a5
-    p0 += f6 * a6
-    p0 += f7 * a7
+    p0 = _fma8(p0, f0, f1, f2, f3, f4, f5, f6, f7, a0, a1, a2, a3, a4, a5, a6, a7)
     if TWO:
         b0, b1, b2, b3, b4, b5, b6, b7 = _fp4_x_split(xb)
-        p1 += f0 * b0
-        p1 += f1 * b1
-        p1 += f2 * b2
-        p1 += f3 * b3
-        p1 += f4 * b4
-        p1 += f5 * b5
-        p1 += f6 * b6
-        p1 += f7 * b7
+        p1 = _fma8(p1, f0, f1, f2, f3, f4, f5, f6, f7, b0, b1, b2, b3, b4, b5, b6, b7)
     return p0, p1
 
 
