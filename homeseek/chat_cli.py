@@ -45,6 +45,15 @@ class Reply:
     usage: dict[str, Any] = field(default_factory=dict)
     stats: dict[str, Any] = field(default_factory=dict)
 
+    def add(self, delta: dict[str, Any], on_delta: DeltaSink) -> None:
+        """Append a chat delta's reasoning and content text, passing each piece on."""
+        if delta.get("reasoning_content"):
+            self.reasoning += delta["reasoning_content"]
+            on_delta("reasoning", delta["reasoning_content"])
+        if delta.get("content"):
+            self.content += delta["content"]
+            on_delta("content", delta["content"])
+
 
 class Backend(Protocol):
     def describe(self) -> str: ...
@@ -139,13 +148,7 @@ class HttpBackend:
                 if "error" in chunk:
                     raise ChatError(f"server error: {chunk['error'].get('message')}")
                 for choice in chunk.get("choices") or ():
-                    delta = choice.get("delta") or {}
-                    if delta.get("reasoning_content"):
-                        reply.reasoning += delta["reasoning_content"]
-                        on_delta("reasoning", delta["reasoning_content"])
-                    if delta.get("content"):
-                        reply.content += delta["content"]
-                        on_delta("content", delta["content"])
+                    reply.add(choice.get("delta") or {}, on_delta)
                     if choice.get("finish_reason"):
                         reply.finish_reason = choice["finish_reason"]
                 if chunk.get("usage"):
@@ -188,12 +191,7 @@ class LocalBackend:
 
         def emit(deltas: list[dict[str, Any]]) -> None:
             for d in deltas:
-                if d.get("reasoning_content"):
-                    reply.reasoning += d["reasoning_content"]
-                    on_delta("reasoning", d["reasoning_content"])
-                if d.get("content"):
-                    reply.content += d["content"]
-                    on_delta("content", d["content"])
+                reply.add(d, on_delta)
 
         job = Job(prompt, req.params, stream=True, sink=lambda text: emit(parser.feed(text)))
         # Ctrl-C asks the engine to stop after the current token, which keeps the session (and

@@ -800,6 +800,13 @@ class ChatReply:
         return [{"content": text}]
 
 
+def _envelope(
+    rid: str, obj: str, created: int, model: str, choices: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """The fields every completion response and stream chunk opens with."""
+    return {"id": rid, "object": obj, "created": created, "model": model, "choices": choices}
+
+
 def usage_dict(o: Outcome) -> dict[str, Any]:
     return {
         "prompt_tokens": o.prompt_tokens,
@@ -1285,24 +1292,16 @@ class Handler(BaseHTTPRequestHandler):
             out = self._wait(job)
         reply.feed(out.text)
         reply.finish()
+        choice = {
+            "index": 0,
+            "message": reply.message(),
+            "logprobs": None,
+            "finish_reason": reply.finish_reason(out.finish_reason),
+        }
         self._send_json(
             200,
-            {
-                "id": rid,
-                "object": "chat.completion",
-                "created": int(time.time()),
-                "model": app.cfg.model_name,
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": reply.message(),
-                        "logprobs": None,
-                        "finish_reason": reply.finish_reason(out.finish_reason),
-                    }
-                ],
-                "usage": usage_dict(out),
-                "stats": out.stats,
-            },
+            _envelope(rid, "chat.completion", int(time.time()), app.cfg.model_name, [choice])
+            | {"usage": usage_dict(out), "stats": out.stats},
         )
 
     def _completions(self) -> None:
@@ -1319,24 +1318,16 @@ class Handler(BaseHTTPRequestHandler):
                 self._stream_completion(job, rid, echo, req.include_usage)
                 return
             out = self._wait(job)
+        choice = {
+            "index": 0,
+            "text": echo + out.text,
+            "logprobs": None,
+            "finish_reason": _TEXT_FINISH.get(out.finish_reason, "stop"),
+        }
         self._send_json(
             200,
-            {
-                "id": rid,
-                "object": "text_completion",
-                "created": int(time.time()),
-                "model": app.cfg.model_name,
-                "choices": [
-                    {
-                        "index": 0,
-                        "text": echo + out.text,
-                        "logprobs": None,
-                        "finish_reason": _TEXT_FINISH.get(out.finish_reason, "stop"),
-                    }
-                ],
-                "usage": usage_dict(out),
-                "stats": out.stats,
-            },
+            _envelope(rid, "text_completion", int(time.time()), app.cfg.model_name, [choice])
+            | {"usage": usage_dict(out), "stats": out.stats},
         )
 
     # -- waiting and streaming --
@@ -1398,15 +1389,8 @@ class Handler(BaseHTTPRequestHandler):
         created, model = int(time.time()), self.app.cfg.model_name
 
         def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
-            c: dict[str, Any] = {
-                "id": rid,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": model,
-                "choices": [
-                    {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-                ],
-            }
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            c = _envelope(rid, "chat.completion.chunk", created, model, [choice])
             if include_usage:
                 c["usage"] = None  # as OpenAI: only the last chunk carries usage
             return c
@@ -1438,13 +1422,8 @@ class Handler(BaseHTTPRequestHandler):
         created, model = int(time.time()), self.app.cfg.model_name
 
         def chunk(text: str, finish: str | None = None) -> dict[str, Any]:
-            c: dict[str, Any] = {
-                "id": rid,
-                "object": "text_completion",
-                "created": created,
-                "model": model,
-                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
-            }
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+            c = _envelope(rid, "text_completion", created, model, [choice])
             if include_usage:
                 c["usage"] = None
             return c

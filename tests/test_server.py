@@ -336,32 +336,30 @@ class ServerProcess:
             self.lines.put(line)
         self.lines.put("")
 
-    def _wait_for_port(self, timeout_s: float) -> str:
+    def _new_lines(self, timeout_s: float, poll_s: float) -> Iterator[str]:
+        """Each stdout line as it arrives (kept in self.stdout), until EOF or the timeout."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             try:
-                line = self.lines.get(timeout=0.5)
+                line = self.lines.get(timeout=poll_s)
             except queue.Empty:
                 continue
+            if line == "":
+                return
             self.stdout.append(line)
+            yield line
+
+    def _wait_for_port(self, timeout_s: float) -> str:
+        for line in self._new_lines(timeout_s, 0.5):
             m = re.search(r"listening on http://127\.0\.0\.1:(\d+)", line)
             if m:
                 return f"http://127.0.0.1:{m.group(1)}"
-            if line == "":
-                break
         self.proc.kill()
         raise RuntimeError(f"server did not start: {''.join(self.stdout)}{self.log.read_text()}")
 
     def rest_of_stdout(self, timeout_s: float = 5) -> str:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            try:
-                line = self.lines.get(timeout=0.2)
-            except queue.Empty:
-                continue
-            if line == "":
-                break
-            self.stdout.append(line)
+        for _ in self._new_lines(timeout_s, 0.2):
+            pass
         return "".join(self.stdout)
 
     def stop(self) -> int:
