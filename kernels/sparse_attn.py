@@ -12,7 +12,7 @@ Kernel: a program owns BLOCK_H heads of one token (all heads share the keys, so 
 loaded once per head block and used by tl.dot for q.k and p.v) and one slice of the L keys
 (flash-decoding split). Each split keeps a running max starting at the sink (so a split whose keys
 are all masked stays finite) and writes (max, denominator, accumulator) partials; the last split to
-arrive (atomic counter, reset afterwards) merges them in split order and adds the sink term.
+arrive (atomic counter, reset afterwards) merges them in a fixed order and adds the sink term.
 With one split the program writes the output directly.
 """
 
@@ -48,6 +48,19 @@ def sparse_attn_ref(
 
 
 @triton.jit
+def _split_term(pacc_ptr, base, s_i, w, ss, dd, o_mask, DH):
+    """Split s_i's accumulator [BLOCK_H, BLOCK_D] times its merge weight (column s_i of w)."""
+    a_s = tl.load(
+        pacc_ptr + (base + s_i)[:, None] * DH + dd[None, :],
+        mask=o_mask,
+        other=0.0,
+        cache_modifier=".cg",
+    )
+    w_i = tl.sum(tl.where(ss[None, :] == s_i, w, 0.0), axis=1)
+    return w_i[:, None] * a_s
+
+
+@triton.jit
 def _sparse_attn_kernel(
     q_ptr,  # [T, H, Dh], contiguous
     kv_ptr,  # [N, Dh], row stride stride_kv
@@ -64,6 +77,7 @@ def _sparse_attn_kernel(
     scale,
     KEYS_PER_SPLIT,  # multiple of BLOCK_L
     SPLIT: tl.constexpr,
+    SPLIT_P2: tl.constexpr,  # next power of two >= SPLIT
     BLOCK_H: tl.constexpr,
     BLOCK_L: tl.constexpr,
     BLOCK_D: tl.constexpr,  # next power of two >= Dh
@@ -126,31 +140,25 @@ def _sparse_attn_kernel(
         c_idx = t * tl.num_programs(1) + hb
         arrived = tl.atomic_add(cnt_ptr + c_idx, 1, sem="acq_rel")
         if arrived == SPLIT - 1:
-            base = (t * H + heads).to(tl.int64) * SPLIT
-            m_all = sink
-            for s_i in range(SPLIT):
-                m_s = tl.load(
-                    pml_ptr + (base + s_i) * 2, mask=h_ok, other=0.0, cache_modifier=".cg"
-                )
-                m_all = tl.maximum(m_all, m_s)
-            den = tl.exp(sink - m_all)
+            # Every split's (max, denominator) in one load; the accumulators one load per split,
+            # unrolled when there are few so the loads are independent (one L2 round trip, not
+            # one per split).
+            base = (t * H + heads).to(tl.int64) * SPLIT  # [BLOCK_H] first partial row
+            ss = tl.arange(0, SPLIT_P2)
+            mk = h_ok[:, None] & (ss < SPLIT)[None, :]
+            prow = (base[:, None] + ss[None, :]) * 2  # [BLOCK_H, SPLIT_P2]
+            m_s = tl.load(pml_ptr + prow, mask=mk, other=float("-inf"), cache_modifier=".cg")
+            l_s = tl.load(pml_ptr + prow + 1, mask=mk, other=0.0, cache_modifier=".cg")
+            m_all = tl.maximum(sink, tl.max(m_s, axis=1))
+            w = tl.exp(m_s - m_all[:, None])  # 0 for the padding splits
+            den = tl.exp(sink - m_all) + tl.sum(w * l_s, axis=1)
             num = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
-            for s_i in range(SPLIT):
-                m_s = tl.load(
-                    pml_ptr + (base + s_i) * 2, mask=h_ok, other=0.0, cache_modifier=".cg"
-                )
-                l_s = tl.load(
-                    pml_ptr + (base + s_i) * 2 + 1, mask=h_ok, other=0.0, cache_modifier=".cg"
-                )
-                a_s = tl.load(
-                    pacc_ptr + (base + s_i)[:, None] * DH + dd[None, :],
-                    mask=o_mask,
-                    other=0.0,
-                    cache_modifier=".cg",
-                )
-                w = tl.exp(m_s - m_all)
-                den += w * l_s
-                num += w[:, None] * a_s
+            if SPLIT <= 16:
+                for s_i in tl.static_range(SPLIT):
+                    num += _split_term(pacc_ptr, base, s_i, w, ss, dd, o_mask, DH)
+            else:
+                for s_i in range(SPLIT):
+                    num += _split_term(pacc_ptr, base, s_i, w, ss, dd, o_mask, DH)
             tl.store(
                 out_ptr + o_offs, (num / den[:, None]).to(out_ptr.dtype.element_ty), mask=o_mask
             )
@@ -167,15 +175,19 @@ class SparseAttnWorkspace:
 
 
 def _n_split(n_keys: int, config: dict) -> tuple[int, int]:
-    per = config.get("keys_per_split", _KEYS_PER_SPLIT)
-    per = triton.cdiv(per, config.get("block_l", 32)) * config.get("block_l", 32)
+    """(splits, keys per split). Default: up to 16 splits of at least one key block, at most
+    _KEYS_PER_SPLIT keys each (decode has T * H / 16 = 4 head blocks per token only, so the key
+    splits are what fill the GPU)."""
+    bl = config.get("block_l", 32)
+    per = config.get("keys_per_split", min(_KEYS_PER_SPLIT, triton.cdiv(n_keys, 16)))
+    per = max(1, triton.cdiv(per, bl)) * bl
     return max(1, triton.cdiv(n_keys, per)), per
 
 
 def sparse_attn_workspace(
     max_t: int, h: int, dh: int, max_l: int, device: torch.device | str
 ) -> SparseAttnWorkspace:
-    split, _ = _n_split(max_l, {})
+    split = max(_n_split(n, {})[0] for n in range(1, max_l + 1))
     return SparseAttnWorkspace(
         torch.empty(max_t * h * split * dh, dtype=torch.float32, device=device),
         torch.empty(max_t * h * split * 2, dtype=torch.float32, device=device),
@@ -242,7 +254,8 @@ def sparse_attn(
         pacc, pml, cnt = ws.acc, ws.ml, ws.counters
     _sparse_attn_kernel[(t, n_hb, split)](
         q, kv, idx, sink, out, pacc, pml, cnt, h, n_keys, dh, kv.stride(0), float(scale), per,
-        SPLIT=split, BLOCK_H=_BLOCK_H, BLOCK_L=bl, BLOCK_D=triton.next_power_of_2(dh),
+        SPLIT=split, SPLIT_P2=triton.next_power_of_2(split), BLOCK_H=_BLOCK_H, BLOCK_L=bl,
+        BLOCK_D=triton.next_power_of_2(dh),
         IEEE_FP32=q.dtype == torch.float32, num_warps=cfg.get("num_warps", 8),
     )  # fmt: skip
     return out

@@ -410,7 +410,9 @@ def test_fp4_experts_grouped_interp(dtype):
 
 @interp
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("t,h,dh,n,n_keys", [(1, 16, 64, 50, 40), (2, 20, 48, 90, 300)])
+@pytest.mark.parametrize(
+    "t,h,dh,n,n_keys", [(1, 16, 64, 50, 40), (2, 20, 48, 90, 300), (1, 16, 32, 600, 4700)]
+)
 def test_sparse_attn_interp(t, h, dh, n, n_keys, dtype):
     g = _gen(n_keys)
     q = torch.randn(t, h, dh, generator=g).to(dtype)
@@ -712,11 +714,12 @@ def test_fp4_experts_grouped_gpu(m, dtype, act_quant, cfg):
         assert_close("fp4_experts_grouped", out, ref, dtype, loose=2.0)
 
 
+@pytest.mark.parametrize("cfg", [None, {"keys_per_split": 256}, {"keys_per_split": 64}], ids=str)
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
 @pytest.mark.parametrize("t,n_keys", [(1, 128), (1, 640), (4, 640), (2, 8320), (1, 1)])
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
-def test_sparse_attn_gpu(t, n_keys, dtype):
+def test_sparse_attn_gpu(t, n_keys, dtype, cfg):
     h, dh, n = 64, 512, 9000
     g = _gen(n_keys)
     q = (torch.randn(t, h, dh, generator=g) * 0.3).to(dtype).to(DEV)
@@ -724,7 +727,7 @@ def test_sparse_attn_gpu(t, n_keys, dtype):
     idx = torch.randint(-1, n, (t, n_keys), generator=g, dtype=torch.int32).to(DEV)
     sink = torch.randn(h, generator=g).to(DEV)
     out = poison((t, h, dh), dtype)
-    sa.sparse_attn(q, kv, idx, sink, dh**-0.5, out=out)
+    sa.sparse_attn(q, kv, idx, sink, dh**-0.5, out=out, config=cfg)
     ref = sa.sparse_attn_ref(q, kv, idx, sink, dh**-0.5)
     assert_close("sparse_attn", out, ref, dtype, loose=2.0)
 

@@ -451,13 +451,19 @@ def bench_fp8_layer(record, dev, dt, n_sets: int) -> None:
         record(f"fp8_linear layer chain ({len(FP8_LAYER)} launches) M=1{label}", ms, nbytes, tgt)
 
 
-def bench_attention(record, dev, dt, n_sets: int) -> None:
+def bench_attention(record, dev, dt, n_sets: int, sweep: bool = False) -> None:
     """Sparse attention with sink, and the indexer (scores + top-k)."""
     from homeseek.kernels import indexer as ix
     from homeseek.kernels import sparse_attn as sa
 
     h, dh, n_kv = 64, 512, 16384
     wsa = sa.sparse_attn_workspace(4, h, dh, 8320, dev)
+    n_sp = 8320 // 64 + 1  # sweep configs split finer than the default
+    wss = sa.SparseAttnWorkspace(
+        torch.empty(4 * h * n_sp * dh, device=dev),
+        torch.empty(4 * h * n_sp * 2, device=dev),
+        torch.zeros(4 * 4, dtype=torch.int32, device=dev),
+    )
     kvs = [torch.randn(n_kv, dh, device=dev, dtype=dt) for _ in range(n_sets)]
     for t, n_keys in [(1, 128), (1, 640), (4, 640), (1, 8320)]:
         q = torch.randn(t, h, dh, device=dev, dtype=dt)
@@ -468,9 +474,16 @@ def bench_attention(record, dev, dt, n_sets: int) -> None:
         def run(j, q=q, idx=idx, sink=sink, out=out):
             sa.sparse_attn(q, kvs[j], idx, sink, dh**-0.5, out=out, workspace=wsa)
 
-        record(
-            f"sparse_attn T={t} L={n_keys}", _bench(run, n_sets), (t * n_keys + 2 * t * h) * dh * 2
-        )
+        nbytes = (t * n_keys + 2 * t * h) * dh * 2
+        record(f"sparse_attn T={t} L={n_keys}", _bench(run, n_sets), nbytes)
+        if sweep:
+            for cfg in ({"keys_per_split": 256}, {"keys_per_split": 64}, {"num_warps": 4}):
+                fn = functools.partial(
+                    sa.sparse_attn, q, idx=idx, sink=sink, scale=dh**-0.5, out=out,
+                    workspace=wss, config=cfg,
+                )  # fmt: skip
+                _sweep_point(record, f"  sweep sparse_attn T={t} L={n_keys} {cfg}",
+                             lambda j, fn=fn: fn(kv=kvs[j]), n_sets, nbytes)  # fmt: skip
     for c in [2048, 65536]:
         ks = [torch.randn(c, 128, device=dev, dtype=dt) for _ in range(n_sets)]
         q = torch.randn(1, 64, 128, device=dev, dtype=dt)
@@ -659,7 +672,7 @@ def main() -> int:
             bench_fp8_layer(record, dev, dt, n_sets)
         torch.cuda.empty_cache()
     if "attn" in only:
-        bench_attention(record, dev, dt, n_sets)
+        bench_attention(record, dev, dt, n_sets, args.sweep)
         torch.cuda.empty_cache()
     if "mhc" in only:
         bench_mhc(record, dev, dt, n_sets)
