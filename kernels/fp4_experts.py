@@ -63,7 +63,6 @@ from ._formats import (
     _fp4_pair_to_f32,
     _fp4_word_f32,
     act_quant_ref,
-    act_quant_split,
     check_tensor,
     dequant_fp4,
     gdc_launch_dependents,
@@ -202,16 +201,19 @@ def _fp4_word_acc(p0, p1, w, xa, xb, TWO: tl.constexpr, ASM: tl.constexpr):
 
 
 @triton.jit
-def _fp4_x_step(xp, xoff, ACT_QUANT: tl.constexpr, HW_FP8: tl.constexpr):
+def _fp4_x_step(xp, xs, xoff, boff, ACT_QUANT: tl.constexpr, HW_FP8: tl.constexpr):
     """One step of inputs for one token: words j = 0..3 of every lane as fp32 [4, NB, NW, 1, 8]
-    (xoff: element offsets of word 0), and the act-quant block scale [1, NB, NW, 1] (1.0 without
-    act_quant). With act_quant the inputs come back as e4m3 grid values; the block scale is
-    applied to the lane sums instead."""
+    (xoff: element offsets of word 0), and the act-quant block scale of every lane (1.0 with
+    _AQ_NONE). With act-quant the inputs are e4m3 grid values (_AQ_INLINE: quantised here from
+    the row; _AQ_PRE: read as such, the scales from xs at block offsets boff [4, NB, NW, 1]); the
+    block scale is applied to the lane sums instead."""
     x0 = tl.load(xp + xoff).to(tl.float32)
     x1 = tl.load(xp + xoff + 8).to(tl.float32)
     x2 = tl.load(xp + xoff + 16).to(tl.float32)
     x3 = tl.load(xp + xoff + 24).to(tl.float32)
-    if ACT_QUANT:
+    if ACT_QUANT == 2:
+        bs = tl.load(xs + boff)
+    elif ACT_QUANT == 1:
         a = tl.maximum(
             tl.maximum(tl.max(tl.abs(x0), axis=4), tl.max(tl.abs(x1), axis=4)),
             tl.maximum(tl.max(tl.abs(x2), axis=4), tl.max(tl.abs(x3), axis=4)),
@@ -230,7 +232,7 @@ def _fp4_x_step(xp, xoff, ACT_QUANT: tl.constexpr, HW_FP8: tl.constexpr):
 
 @triton.jit
 def _fp4_rows_dot(
-    w_ptr, s_ptr, wrow, xp0, xp1, N_IN: tl.constexpr, R: tl.constexpr, NW: tl.constexpr,
+    w_ptr, s_ptr, wrow, xp0, xp1, xs0, xs1, N_IN: tl.constexpr, R: tl.constexpr, NW: tl.constexpr,
     NB: tl.constexpr, TWO: tl.constexpr, ACT_QUANT: tl.constexpr, HW_FP8: tl.constexpr,
     ASM: tl.constexpr, PREFETCH: tl.constexpr, WAIT: tl.constexpr,
 ):  # fmt: skip
@@ -239,8 +241,8 @@ def _fp4_rows_dot(
     acc0 = tl.zeros([4, NB, NW, R], dtype=tl.float32)
     acc1 = tl.zeros([4, NB, NW, R], dtype=tl.float32)
     acc0, acc1 = _fp4_rows_acc(
-        acc0, acc1, w_ptr, s_ptr, wrow, xp0, xp1, N_IN, R, NW, NB, TWO, ACT_QUANT, HW_FP8, ASM,
-        PREFETCH, WAIT,
+        acc0, acc1, w_ptr, s_ptr, wrow, xp0, xp1, xs0, xs1, N_IN, R, NW, NB, TWO, ACT_QUANT,
+        HW_FP8, ASM, PREFETCH, WAIT,
     )  # fmt: skip
     return tl.sum(tl.sum(acc0, axis=0), axis=0), tl.sum(tl.sum(acc1, axis=0), axis=0)
 
@@ -254,12 +256,14 @@ def _fp4_rows_acc(
     wrow,  # [NW, R] int64 weight row indices (warp w streams rows wrow[w, :])
     xp0,  # input row of token 0 (N_IN elements, any float dtype)
     xp1,  # input row of token 1 (read only when TWO)
+    xs0,  # _AQ_PRE: fp32 act-quant block scales of input row 0 (N_IN // 128), else unused
+    xs1,  # the same for input row 1
     N_IN: tl.constexpr,
     R: tl.constexpr,
     NW: tl.constexpr,  # = num_warps
     NB: tl.constexpr,
     TWO: tl.constexpr,
-    ACT_QUANT: tl.constexpr,
+    ACT_QUANT: tl.constexpr,  # _AQ_NONE, _AQ_INLINE or _AQ_PRE (see _fp4_x_step)
     HW_FP8: tl.constexpr,
     ASM: tl.constexpr,
     PREFETCH: tl.constexpr,  # load step st+1's weights before computing step st
@@ -280,6 +284,7 @@ def _fp4_rows_acc(
     sshift = (tl.arange(0, 4) * 8)[:, None, None, None]  # [4, 1, 1, 1]
     xoff = lane_w * 8 + tl.arange(0, 8)[None, None, None, None, :]  # [4, NB, 1, 1, 8]
     xoff = xoff + tl.zeros([1, 1, NW, 1, 1], tl.int32)  # [4, NB, NW, 1, 8]: a copy per warp
+    boff = (bb + 0 * ll)[:, :, None, None] + tl.zeros([1, 1, NW, 1], tl.int32)  # act block
     wp = w_ptr + (wrow * ROW_W)[None, None, :, :, None] + woff  # [4, NB, NW, R, 4]
     sp = tl.max_contiguous(s_ptr + (wrow * ROW_S)[None, None, :, :] + soff, [1, 1, 1, 1])
     N_STEPS: tl.constexpr = N_IN // (NB * 128)
@@ -293,8 +298,9 @@ def _fp4_rows_acc(
             sw_nx = tl.load(sp + nx1 * NB)
         gdc_wait()
         acc0, acc1 = _fp4_rows_step(
-            acc0, acc1, w, sw, sshift, xp0, xp1, xoff, NB, NW, R, TWO, ACT_QUANT, HW_FP8, ASM
-        )
+            acc0, acc1, w, sw, sshift, xp0, xp1, xs0, xs1, xoff, boff, NB, NW, R, TWO, ACT_QUANT,
+            HW_FP8, ASM,
+        )  # fmt: skip
         st0 = 1
     elif PREFETCH:
         w_nx = tl.load(wp)
@@ -310,27 +316,29 @@ def _fp4_rows_acc(
             w = tl.load(wp + st * (NB * 16))  # [4, NB, NW, R, 4]: a 16-byte vector per lane/row
             sw = tl.load(sp + st * NB)  # [4, NB, NW, R]
         acc0, acc1 = _fp4_rows_step(
-            acc0, acc1, w, sw, sshift, xp0, xp1, xoff + st * (NB * 128), NB, NW, R, TWO,
-            ACT_QUANT, HW_FP8, ASM,
+            acc0, acc1, w, sw, sshift, xp0, xp1, xs0, xs1, xoff + st * (NB * 128), boff + st * NB,
+            NB, NW, R, TWO, ACT_QUANT, HW_FP8, ASM,
         )  # fmt: skip
     return acc0, acc1
 
 
 @triton.jit
 def _fp4_rows_step(
-    acc0, acc1, w, sw, sshift, xp0, xp1, xo, NB: tl.constexpr, NW: tl.constexpr, R: tl.constexpr,
-    TWO: tl.constexpr, ACT_QUANT: tl.constexpr, HW_FP8: tl.constexpr, ASM: tl.constexpr,
+    acc0, acc1, w, sw, sshift, xp0, xp1, xs0, xs1, xo, bo, NB: tl.constexpr, NW: tl.constexpr,
+    R: tl.constexpr, TWO: tl.constexpr, ACT_QUANT: tl.constexpr, HW_FP8: tl.constexpr,
+    ASM: tl.constexpr,
 ):  # fmt: skip
     """One loop step of _fp4_rows_acc: weight words w [4, NB, NW, R, 4] and their scale words sw
-    [4, NB, NW, R] against the inputs at element offsets xo; returns the updated accumulators."""
+    [4, NB, NW, R] against the inputs at element offsets xo (act blocks bo); returns the updated
+    accumulators."""
     sc = _e8m0_times_64((sw >> sshift) & 0xFF)
     wv = tl.reshape(w, [4, NB, NW, R, 2, 2])  # word j = 2 * j1 + j0
     w_a, w_b = tl.split(wv)  # j0
     w0, w2 = tl.split(w_a)  # j1
     w1, w3 = tl.split(w_b)
-    xa0, xa1, xa2, xa3, bsa = _fp4_x_step(xp0, xo, ACT_QUANT, HW_FP8)
+    xa0, xa1, xa2, xa3, bsa = _fp4_x_step(xp0, xs0, xo, bo, ACT_QUANT, HW_FP8)
     if TWO:
-        xb0, xb1, xb2, xb3, bsb = _fp4_x_step(xp1, xo, ACT_QUANT, HW_FP8)
+        xb0, xb1, xb2, xb3, bsb = _fp4_x_step(xp1, xs1, xo, bo, ACT_QUANT, HW_FP8)
     else:
         xb0, xb1, xb2, xb3, bsb = xa0, xa1, xa2, xa3, bsa
     p0 = tl.zeros([4, NB, NW, R], dtype=tl.float32)
@@ -352,10 +360,15 @@ def _fp4_rows_step(
 
 
 @triton.jit
-def _fp4_gate_up_store(acc, tok, slot, slots_ptr, rw_ptr, a_ptr, rows, limit, I, K: tl.constexpr):
+def _fp4_gate_up_store(
+    acc, tok, slot, slots_ptr, rw_ptr, a_ptr, as_ptr, acnt_ptr, rows, blk, limit,
+    I: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr, A_QUANT: tl.constexpr,
+    HW_FP8: tl.constexpr,
+):  # fmt: skip
     """SwiGLU of one token's sums acc [NW, 2 * R2] (tile row 2i = gate, 2i+1 = up of output rows
-    rows [NW, R2]); writes a for every pair of the token that routed to `slot` (the same slot
-    twice: both pairs, each with its routing weight)."""
+    rows [NW, R2], all in act block blk); writes a for every pair of the token that routed to
+    `slot` (the same slot twice: both pairs, each with its routing weight). A_QUANT: see
+    _fp4_a_block_arrive."""
     g, u = tl.split(tl.reshape(acc, [acc.shape[0], acc.shape[1] // 2, 2]))
     g = tl.minimum(g, limit)
     u = tl.minimum(tl.maximum(u, -limit), limit)
@@ -366,18 +379,73 @@ def _fp4_gate_up_store(acc, tok, slot, slots_ptr, rw_ptr, a_ptr, rows, limit, I,
             rw = tl.load(rw_ptr + pair)
             a = rw * silu_g * u
             tl.store(a_ptr + pair.to(tl.int64) * I + rows, a.to(a_ptr.dtype.element_ty))
+            if A_QUANT:
+                _fp4_a_block_arrive(a_ptr, as_ptr, acnt_ptr, pair, blk, I, BLOCK_N, HW_FP8)
+
+
+@triton.jit
+def _fp4_a_block_arrive(
+    a_ptr, as_ptr, acnt_ptr, pair, blk, I: tl.constexpr, BLOCK_N: tl.constexpr,
+    HW_FP8: tl.constexpr,
+):  # fmt: skip
+    """Act-quantise a once, in the gate/up launch, instead of in every down program that reads
+    it: the 128 / BLOCK_N programs that write the 128 values of act block blk of a pair's row
+    each count in on that block's counter after their store; the last to arrive reads the block
+    back (from L2), replaces it with its e4m3 grid values (exact in a's dtype), writes the block
+    scale to as_ptr [P, I / 128] and resets the counter."""
+    tl.debug_barrier()  # every thread's store of this tile comes before the release below
+    cnt = acnt_ptr + pair * (I // 128) + blk
+    arrived = tl.atomic_add(cnt, 1, sem="acq_rel")
+    if arrived == 128 // BLOCK_N - 1:
+        ap = a_ptr + pair.to(tl.int64) * I + blk * 128 + tl.arange(0, 128)
+        v = tl.load(ap, cache_modifier=".cg").to(tl.float32)
+        sc, sc_inv = _act_quant_scale(tl.max(tl.abs(v), axis=0))
+        tl.store(ap, _e4m3_q(v * sc_inv, HW_FP8).to(a_ptr.dtype.element_ty))
+        tl.store(as_ptr + pair * (I // 128) + blk, sc)
+        tl.atomic_xchg(cnt, 0)
+
+
+@triton.jit
+def _act_quant_rows_kernel(
+    x_ptr,  # [R, N] rows to quantise, row stride stride_x
+    q_ptr,  # [R, N] out: their e4m3 grid values in q's dtype (exact), row stride stride_q
+    s_ptr,  # [R, ceil(N / 128)] out: fp32 block scales, row stride stride_s
+    N,
+    stride_x,
+    stride_q,
+    stride_s,
+    BLOCKS: tl.constexpr,  # 128-input act blocks per program
+    HW_FP8: tl.constexpr,
+    PDL: tl.constexpr,  # let the consumer launch start now (it waits before reading q and s)
+):
+    """act_quant_split of one row's BLOCKS blocks per program: grid (R, cdiv(N, 128 * BLOCKS))."""
+    r = tl.program_id(0).to(tl.int64)
+    if PDL:
+        gdc_launch_dependents()
+    blk = tl.program_id(1) * BLOCKS + tl.arange(0, BLOCKS)
+    cols = blk[:, None] * 128 + tl.arange(0, 128)[None, :]  # [BLOCKS, 128]
+    ok = cols < N
+    v = tl.load(x_ptr + r * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
+    sc, sc_inv = _act_quant_scale(tl.max(tl.abs(v), axis=1))
+    q = _e4m3_q(v * sc_inv[:, None], HW_FP8)
+    tl.store(q_ptr + r * stride_q + cols, q.to(q_ptr.dtype.element_ty), mask=ok)
+    tl.store(s_ptr + r * stride_s + blk, sc, mask=blk * 128 < N)
 
 
 @triton.jit
 def _fp4_experts_gate_up_kernel(
-    x_ptr,  # [M, D] activations, row stride stride_xm
+    x_ptr,  # [M, D] activations (_AQ_PRE: their e4m3 grid values), row stride stride_xm
+    xs_ptr,  # _AQ_PRE: [M, D/128] fp32 act-quant block scales of x, row stride stride_xs
     slots_ptr,  # [M, K] int32 slot per pair, contiguous (-1 = skip)
     rw_ptr,  # [M, K] fp32 routing weights, contiguous
     wq_ptr,  # [S, 2I, D/8] int32 view of w13_q (8 E2M1 inputs per word)
     ws_ptr,  # [S, 2I, D/128] int32 view of the w13 E8M0 scales
     a_ptr,  # [P, I] workspace: activation a per pair (x's dtype), row p = m*K + k
+    as_ptr,  # A_QUANT: [P, I/128] fp32 workspace, the block scales of a
+    acnt_ptr,  # A_QUANT: [P, I/128] int32 arrival counters, zero before and after
     M,
     stride_xm,
+    stride_xs,
     limit,  # swiglu_limit (fp32)
     D: tl.constexpr,
     I: tl.constexpr,
@@ -388,11 +456,13 @@ def _fp4_experts_gate_up_kernel(
     BLOCK_N: tl.constexpr,  # outputs per program: BLOCK_N rows of w1 and the same rows of w3
     NB: tl.constexpr,  # act blocks (4 lanes each) per loop step
     NW: tl.constexpr,  # num_warps
-    ACT_QUANT: tl.constexpr,
+    ACT_QUANT: tl.constexpr,  # for x: _AQ_NONE, _AQ_INLINE or _AQ_PRE
+    A_QUANT: tl.constexpr,  # act-quantise a here (grid values in place, scales to as_ptr)
     HW_FP8: tl.constexpr,  # hardware e4m3 conversion (GPU) vs exact emulation (interpreter)
     ASM: tl.constexpr,  # PTX word decode (GPU)
     PREFETCH: tl.constexpr,  # register double buffering of the weight tile
     PDL: tl.constexpr,  # let the down launch start now (programmatic dependent launch)
+    WAIT: tl.constexpr,  # launched as a programmatic dependent of the x quantisation
 ):
     """Grid (I / BLOCK_N, M*K). The program of a slot's first pair (its leader) computes gate and
     up for every token routed to the slot; the others exit at once."""
@@ -413,12 +483,16 @@ def _fp4_experts_gate_up_kernel(
         rows = pid_n * BLOCK_N + tl.arange(0, R2)[None, :] * NW + ww  # [NW, R2] outputs
         wrow = slot.to(tl.int64) * (2 * I) + (rr % 2) * I + pid_n * BLOCK_N
         wrow += (rr // 2) * NW + ww  # [NW, 2 * R2]
+        blk = pid_n * BLOCK_N // 128
         if M_BLOCK == 1:
             acc, _ = _fp4_rows_dot(
-                wq_ptr, ws_ptr, wrow, x_ptr, x_ptr, D, 2 * R2, NW, NB, False, ACT_QUANT, HW_FP8,
-                ASM, PREFETCH, False,
+                wq_ptr, ws_ptr, wrow, x_ptr, x_ptr, xs_ptr, xs_ptr, D, 2 * R2, NW, NB, False,
+                ACT_QUANT, HW_FP8, ASM, PREFETCH, WAIT,
             )  # fmt: skip
-            _fp4_gate_up_store(acc, 0, slot, slots_ptr, rw_ptr, a_ptr, rows, limit, I, K)
+            _fp4_gate_up_store(
+                acc, 0, slot, slots_ptr, rw_ptr, a_ptr, as_ptr, acnt_ptr, rows, blk, limit, I, K,
+                BLOCK_N, A_QUANT, HW_FP8,
+            )  # fmt: skip
         else:
             mm = tl.arange(0, M_BLOCK)
             kk = tl.arange(0, K_BLOCK)
@@ -432,29 +506,39 @@ def _fp4_experts_gate_up_kernel(
             if n_mem == 1:
                 tok = tl.sum(member * mm, axis=0)
                 acc, _ = _fp4_rows_dot(
-                    wq_ptr, ws_ptr, wrow, x_ptr + tok * stride_xm, x_ptr, D, 2 * R2, NW, NB,
-                    False, ACT_QUANT, HW_FP8, ASM, PREFETCH, False,
+                    wq_ptr, ws_ptr, wrow, x_ptr + tok * stride_xm, x_ptr,
+                    xs_ptr + tok * stride_xs, xs_ptr, D, 2 * R2, NW, NB, False, ACT_QUANT,
+                    HW_FP8, ASM, PREFETCH, WAIT,
                 )  # fmt: skip
-                _fp4_gate_up_store(acc, tok, slot, slots_ptr, rw_ptr, a_ptr, rows, limit, I, K)
+                _fp4_gate_up_store(
+                    acc, tok, slot, slots_ptr, rw_ptr, a_ptr, as_ptr, acnt_ptr, rows, blk, limit,
+                    I, K, BLOCK_N, A_QUANT, HW_FP8,
+                )  # fmt: skip
             else:
                 rank = tl.cumsum(member, axis=0) - 1
                 for c in range(0, n_mem, 2):
                     t0 = tl.sum(tl.where((member > 0) & (rank == c), mm, 0), axis=0)
                     t1 = tl.sum(tl.where((member > 0) & (rank == c + 1), mm, 0), axis=0)
                     acc0, acc1 = _fp4_rows_dot(
-                        wq_ptr, ws_ptr, wrow, x_ptr + t0 * stride_xm, x_ptr + t1 * stride_xm, D,
-                        2 * R2, NW, NB, True, ACT_QUANT, HW_FP8, ASM, PREFETCH, False,
+                        wq_ptr, ws_ptr, wrow, x_ptr + t0 * stride_xm, x_ptr + t1 * stride_xm,
+                        xs_ptr + t0 * stride_xs, xs_ptr + t1 * stride_xs, D, 2 * R2, NW, NB, True,
+                        ACT_QUANT, HW_FP8, ASM, PREFETCH, WAIT,
                     )  # fmt: skip
-                    _fp4_gate_up_store(acc0, t0, slot, slots_ptr, rw_ptr, a_ptr, rows, limit, I, K)
+                    _fp4_gate_up_store(
+                        acc0, t0, slot, slots_ptr, rw_ptr, a_ptr, as_ptr, acnt_ptr, rows, blk,
+                        limit, I, K, BLOCK_N, A_QUANT, HW_FP8,
+                    )  # fmt: skip
                     if c + 1 < n_mem:
                         _fp4_gate_up_store(
-                            acc1, t1, slot, slots_ptr, rw_ptr, a_ptr, rows, limit, I, K
-                        )
+                            acc1, t1, slot, slots_ptr, rw_ptr, a_ptr, as_ptr, acnt_ptr, rows, blk,
+                            limit, I, K, BLOCK_N, A_QUANT, HW_FP8,
+                        )  # fmt: skip
 
 
 @triton.jit
 def _fp4_experts_down_kernel(
-    a_ptr,  # [P, I] activations from the gate/up kernel
+    a_ptr,  # [P, I] activations from the gate/up kernel (_AQ_PRE: their e4m3 grid values)
+    as_ptr,  # _AQ_PRE: [P, I/128] fp32 block scales of a
     slots_ptr,  # [M, K] int32
     shared_ptr,  # [M, D] shared-expert output, row stride stride_sm
     wq_ptr,  # [S, D, I/8] int32 view of w2_q
@@ -474,7 +558,7 @@ def _fp4_experts_down_kernel(
     BLOCK_N: tl.constexpr,  # rows of w2 (outputs) per program
     NB: tl.constexpr,
     NW: tl.constexpr,
-    ACT_QUANT: tl.constexpr,
+    ACT_QUANT: tl.constexpr,  # for a: _AQ_NONE, _AQ_INLINE or _AQ_PRE
     HW_FP8: tl.constexpr,
     ASM: tl.constexpr,
     PREFETCH: tl.constexpr,
@@ -514,15 +598,15 @@ def _fp4_experts_down_kernel(
         if M_BLOCK == 1:  # one token: the only member is token 0 (its first pair, or this dup)
             pr = tl.sum(pidx, axis=0).to(tl.int64)
             acc, _ = _fp4_rows_dot(
-                wq_ptr, ws_ptr, wrow, a_ptr + pr * I, a_ptr, I, R, NW, NB, False, ACT_QUANT,
-                HW_FP8, ASM, PREFETCH, PDL,
+                wq_ptr, ws_ptr, wrow, a_ptr + pr * I, a_ptr, as_ptr + pr * (I // 128), as_ptr, I,
+                R, NW, NB, False, ACT_QUANT, HW_FP8, ASM, PREFETCH, PDL,
             )  # fmt: skip
             tl.store(y_ptr + pr * D + orows, acc)
         elif n_mem == 1:
             pr = tl.sum(member * pidx, axis=0).to(tl.int64)
             acc, _ = _fp4_rows_dot(
-                wq_ptr, ws_ptr, wrow, a_ptr + pr * I, a_ptr, I, R, NW, NB, False, ACT_QUANT,
-                HW_FP8, ASM, PREFETCH, PDL,
+                wq_ptr, ws_ptr, wrow, a_ptr + pr * I, a_ptr, as_ptr + pr * (I // 128), as_ptr, I,
+                R, NW, NB, False, ACT_QUANT, HW_FP8, ASM, PREFETCH, PDL,
             )  # fmt: skip
             tl.store(y_ptr + pr * D + orows, acc)
         else:
@@ -531,7 +615,8 @@ def _fp4_experts_down_kernel(
                 p0 = tl.sum(tl.where((member > 0) & (rank == c), pidx, 0), axis=0).to(tl.int64)
                 p1 = tl.sum(tl.where((member > 0) & (rank == c + 1), pidx, 0), axis=0).to(tl.int64)
                 acc0, acc1 = _fp4_rows_dot(
-                    wq_ptr, ws_ptr, wrow, a_ptr + p0 * I, a_ptr + p1 * I, I, R, NW, NB, True,
+                    wq_ptr, ws_ptr, wrow, a_ptr + p0 * I, a_ptr + p1 * I,
+                    as_ptr + p0 * (I // 128), as_ptr + p1 * (I // 128), I, R, NW, NB, True,
                     ACT_QUANT, HW_FP8, ASM, PREFETCH, PDL,
                 )  # fmt: skip
                 tl.store(y_ptr + p0 * D + orows, acc0)
@@ -566,7 +651,8 @@ def _fp4_experts_down_kernel(
 
 @triton.jit
 def _fp4_experts_down_tok_kernel(
-    a_ptr,  # [P, I] activations from the gate/up kernel
+    a_ptr,  # [P, I] activations from the gate/up kernel (_AQ_PRE: their e4m3 grid values)
+    as_ptr,  # _AQ_PRE: [P, I/128] fp32 block scales of a
     slots_ptr,  # [M, K] int32
     shared_ptr,  # [M, D] shared-expert output, row stride stride_sm
     wq_ptr,  # [S, D, I/8] int32 view of w2_q
@@ -580,7 +666,7 @@ def _fp4_experts_down_tok_kernel(
     BLOCK_N: tl.constexpr,  # rows of w2 (outputs) per program
     NB: tl.constexpr,
     NW: tl.constexpr,
-    ACT_QUANT: tl.constexpr,
+    ACT_QUANT: tl.constexpr,  # for a: _AQ_NONE, _AQ_INLINE or _AQ_PRE
     HW_FP8: tl.constexpr,
     ASM: tl.constexpr,
     PREFETCH: tl.constexpr,
@@ -603,8 +689,8 @@ def _fp4_experts_down_tok_kernel(
         if slot >= 0:
             acc, _ = _fp4_rows_acc(
                 acc, acc, wq_ptr, ws_ptr, slot.to(tl.int64) * D + orows,
-                a_ptr + pair.to(tl.int64) * I, a_ptr, I, R, NW, NB, False, ACT_QUANT, HW_FP8, ASM,
-                PREFETCH, False,
+                a_ptr + pair.to(tl.int64) * I, a_ptr, as_ptr + pair * (I // 128), as_ptr, I, R,
+                NW, NB, False, ACT_QUANT, HW_FP8, ASM, PREFETCH, False,
             )  # fmt: skip
     y = tl.sum(tl.sum(acc, axis=0), axis=0)  # [NW, R]
     y += tl.load(shared_ptr + m * stride_sm + orows).to(tl.float32)
@@ -737,6 +823,9 @@ def _fp4_experts_combine_kernel(
 # ------------------------------------------------------------------------------------------------
 
 _MIN_BLOCK_N_DOWN = 4  # counters are sized for the smallest down row tile
+# Act-quant modes of the decode kernels' inputs (constexpr ACT_QUANT, see _fp4_x_step).
+_AQ_NONE, _AQ_INLINE, _AQ_PRE = 0, 1, 2
+_XQ_BLOCKS = 4  # act blocks per program of the x quantisation launch
 
 
 @dataclass
@@ -747,17 +836,40 @@ class Fp4ExpertsWorkspace:
     a: torch.Tensor  # [P_max, I] activation dtype
     y: torch.Tensor  # [P_max, D] fp32
     counters: torch.Tensor  # [ceil(D / 4)] int32 zeros (one per down row tile)
+    # act_quant: x's e4m3 grid values and block scales (M_max = min(P_max, DECODE_MAX_M) rows)
+    xq: torch.Tensor  # [M_max, D] activation dtype
+    xs: torch.Tensor  # [M_max, D / 128] fp32
+    a_scale: torch.Tensor  # [P_max, I / 128] fp32 block scales of a
+    a_counters: torch.Tensor  # [P_max, I / 128] int32 zeros (one per act block of a)
 
 
 def fp4_experts_workspace(
     max_pairs: int, d: int, i: int, act_dtype: torch.dtype, device: torch.device | str
 ) -> Fp4ExpertsWorkspace:
     """Workspace for up to max_pairs = M*K (token, expert) pairs."""
+    max_m = min(max_pairs, DECODE_MAX_M)
     return Fp4ExpertsWorkspace(
         torch.empty(max_pairs, i, dtype=act_dtype, device=device),
         torch.empty(max_pairs, d, dtype=torch.float32, device=device),
         torch.zeros(triton.cdiv(d, _MIN_BLOCK_N_DOWN), dtype=torch.int32, device=device),
+        torch.empty(max_m, d, dtype=act_dtype, device=device),
+        torch.empty(max_m, triton.cdiv(d, 128), dtype=torch.float32, device=device),
+        torch.empty(max_pairs, triton.cdiv(i, 128), dtype=torch.float32, device=device),
+        torch.zeros(max_pairs, triton.cdiv(i, 128), dtype=torch.int32, device=device),
     )
+
+
+def _act_quant_rows(
+    x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, *, pdl: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """act_quant_split(x) into q (x's shape, any float dtype: the grid values are exact in it)
+    and s [rows, ceil(N / 128)] fp32, in one launch. pdl: the next launch may start at once."""
+    rows, n = x.shape
+    _act_quant_rows_kernel[(rows, triton.cdiv(n, 128 * _XQ_BLOCKS))](
+        x, q, s, n, x.stride(0), q.stride(0), s.stride(0),
+        BLOCKS=_XQ_BLOCKS, HW_FP8=not interpreting(), PDL=pdl, num_warps=4,
+    )  # fmt: skip
+    return q, s
 
 
 def _check_common(
@@ -832,7 +944,10 @@ def fp4_experts(
     to arrive; "token": one program per (row tile, token) over its K experts); asm (PTX word
     decode, default on); prefetch / prefetch_down (load the next step's weights before computing
     this one); maxnreg / maxnreg_down (register caps); pdl (programmatic dependent launch of
-    the down launch on sm_90+, default for M = 1).
+    the down launch on sm_90+, default for M = 1); with act_quant, x_quant ("pre": x is
+    quantised once, by a small launch before gate/up; "inline": in every gate/up program) and
+    a_quant ("gate_up": a is quantised once, by the last gate/up program to write each act
+    block; "inline": in every down program). Same results either way.
     """
     require_triton("fp4_experts")
     if out is None:
@@ -861,8 +976,10 @@ def fp4_experts(
             f"fp4_experts: workspace a {list(ws.a.shape)} / y {list(ws.y.shape)} does not fit "
             f"M*K={pairs}, I={i}, D={d}"
         )
-    if ws.a.dtype != x.dtype:
-        raise TypeError(f"fp4_experts: workspace.a is {ws.a.dtype}, x is {x.dtype}")
+    if ws.a.dtype != x.dtype or ws.xq.dtype != x.dtype:
+        raise TypeError(f"fp4_experts: workspace.a / xq are {ws.a.dtype}, x is {x.dtype}")
+    if act_quant and (ws.xq.shape[0] < m or ws.a_scale.shape[0] < pairs):
+        raise ValueError(f"fp4_experts: workspace xq / a_scale rows do not fit M={m}, M*K={pairs}")
     cfg = dict(config or {})
     m_block = triton.next_power_of_2(m)
     p_block = triton.next_power_of_2(pairs)
@@ -875,6 +992,12 @@ def fp4_experts(
     bn2 = min(cfg.get("block_n_down", 16), d)
     if i % bn or d % bn2 or bn2 < _MIN_BLOCK_N_DOWN:
         raise ValueError(f"fp4_experts: block_n {bn} / block_n_down {bn2} must divide I / D")
+    # Act-quant once per input row where it can be (the grid values and block scales are read
+    # by every program); in-kernel quantisation of the same row by each program is the fallback.
+    x_pre = act_quant and cfg.get("x_quant", "pre") == "pre"
+    a_pre = act_quant and cfg.get("a_quant", "gate_up") == "gate_up" and 128 % bn == 0
+    x_mode = _AQ_PRE if x_pre else (_AQ_INLINE if act_quant else _AQ_NONE)
+    a_mode = _AQ_PRE if a_pre else (_AQ_INLINE if act_quant else _AQ_NONE)
     nb = _steps(d, cfg.get("nb", 8))
     nb2 = _steps(i, cfg.get("nb_down", 8))
     if ws.counters.numel() < d // bn2:
@@ -892,29 +1015,34 @@ def fp4_experts(
     pdl = launch == "both" and cfg.get("pdl", m_block == 1) and pdl_supported(x.device)
     pdl_kw = {"launch_pdl": True} if pdl else {}
     if launch in ("both", "gate_up"):
+        xin, xs = x, ws.xs
+        if x_pre:  # gate/up, launched as its dependent, streams its first weights meanwhile
+            xin, xs = _act_quant_rows(x, ws.xq[:m], ws.xs[:m], pdl=pdl)
         _fp4_experts_gate_up_kernel[(i // bn, pairs)](
-            x, slots, route_w, w13_q.view(torch.int32), w13_s.view(torch.int32), ws.a, m,
-            x.stride(0), float(swiglu_limit),
+            xin, xs, slots, route_w, w13_q.view(torch.int32), w13_s.view(torch.int32), ws.a,
+            ws.a_scale, ws.a_counters, m, xin.stride(0), xs.stride(0), float(swiglu_limit),
             D=d, I=i, K=k, P_BLOCK=p_block, M_BLOCK=m_block, K_BLOCK=k_block, BLOCK_N=bn, NB=nb,
-            NW=nw, ACT_QUANT=act_quant, HW_FP8=hw, ASM=asm, PREFETCH=cfg.get("prefetch", False),
-            PDL=pdl, num_warps=nw, num_stages=1,
+            NW=nw, ACT_QUANT=x_mode, A_QUANT=a_pre, HW_FP8=hw, ASM=asm,
+            PREFETCH=cfg.get("prefetch", False), PDL=pdl, WAIT=pdl and x_pre, num_warps=nw,
+            num_stages=1,
+            **({"launch_pdl": True} if pdl and x_pre else {}),
             **({"maxnreg": cfg["maxnreg"]} if "maxnreg" in cfg else {}),
         )  # fmt: skip
     if launch in ("both", "down") and down_tok:
         _fp4_experts_down_tok_kernel[(d // bn2, m)](
-            ws.a, slots, shared_out, w2_q.view(torch.int32), w2_s.view(torch.int32), out,
-            shared_out.stride(0), out.stride(0),
-            D=d, I=i, K=k, BLOCK_N=bn2, NB=nb2, NW=nw2, ACT_QUANT=act_quant, HW_FP8=hw, ASM=asm,
+            ws.a, ws.a_scale, slots, shared_out, w2_q.view(torch.int32), w2_s.view(torch.int32),
+            out, shared_out.stride(0), out.stride(0),
+            D=d, I=i, K=k, BLOCK_N=bn2, NB=nb2, NW=nw2, ACT_QUANT=a_mode, HW_FP8=hw, ASM=asm,
             PREFETCH=cfg.get("prefetch_down", False), PDL=pdl, num_warps=nw2, num_stages=1,
             **pdl_kw,
             **({"maxnreg": cfg["maxnreg_down"]} if "maxnreg_down" in cfg else {}),
         )  # fmt: skip
     elif launch in ("both", "down"):
         _fp4_experts_down_kernel[(d // bn2, pairs)](
-            ws.a, slots, shared_out, w2_q.view(torch.int32), w2_s.view(torch.int32), ws.y,
-            ws.counters, out, m, shared_out.stride(0), out.stride(0),
+            ws.a, ws.a_scale, slots, shared_out, w2_q.view(torch.int32), w2_s.view(torch.int32),
+            ws.y, ws.counters, out, m, shared_out.stride(0), out.stride(0),
             D=d, I=i, K=k, P_BLOCK=p_block, M_BLOCK=m_block, K_BLOCK=k_block, BLOCK_N=bn2, NB=nb2,
-            NW=nw2, ACT_QUANT=act_quant, HW_FP8=hw, ASM=asm,
+            NW=nw2, ACT_QUANT=a_mode, HW_FP8=hw, ASM=asm,
             PREFETCH=cfg.get("prefetch_down", False), PDL=pdl, num_warps=nw2, num_stages=1,
             **pdl_kw,
             **({"maxnreg": cfg["maxnreg_down"]} if "maxnreg_down" in cfg else {}),
@@ -962,8 +1090,9 @@ def _quant_rows(x: torch.Tensor, act_quant: bool) -> tuple[torch.Tensor, torch.T
     with act_quant, else (x, a placeholder the kernel never reads)."""
     if not act_quant:
         return x, x.new_empty(1, 1, dtype=torch.float32)
-    q, s = act_quant_split(x)
-    return q.to(x.dtype), s
+    q = torch.empty_like(x)
+    s = torch.empty(x.shape[0], triton.cdiv(x.shape[1], 128), dtype=torch.float32, device=x.device)
+    return _act_quant_rows(x, q, s)
 
 
 def fp4_experts_grouped(

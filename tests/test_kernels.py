@@ -358,10 +358,11 @@ def test_fp4_experts_decode_interp(m, k, act_quant, dtype, down):
 
 @interp
 @pytest.mark.parametrize("down", ["pair", "token"])
-@pytest.mark.parametrize("act_quant", [False, True])
+@pytest.mark.parametrize("act_quant", [False, True, "inline"])
 def test_fp4_experts_decode_shared_slots_interp(act_quant, down):
     """Slots shared by 2 and 3 tokens (two-token passes, an odd member), a token with the same
-    slot twice, a skipped pair, several loop steps (nb=1), and the one-token path (M > 1)."""
+    slot twice, a skipped pair, several loop steps (nb=1), and the one-token path (M > 1).
+    act_quant "inline": x and a quantised in every program that reads them instead of once."""
     m, k, d, i, n_slots = 5, 2, 256, 128, 4
     pool = make_pool(n_slots, d, i, seed=3)
     slots = torch.tensor([[0, 1], [1, 2], [1, 1], [3, -1], [0, 2]], dtype=torch.int32)
@@ -370,13 +371,33 @@ def test_fp4_experts_decode_shared_slots_interp(act_quant, down):
     shared = torch.randn(m, d, generator=_gen(6))
     out = poison((m, d), torch.float32)
     ws = f4.fp4_experts_workspace(m * k, d, i, torch.float32, "cpu")
-    cfg = {"block_n": 32, "block_n_down": 64, "nb": 1, "nb_down": 1, "prefetch": act_quant,
-           "prefetch_down": act_quant, "down": down}  # fmt: skip
-    f4.fp4_experts(x, slots, rw, shared, *pool, 10.0, out=out, act_quant=act_quant, workspace=ws,
-                   config=cfg)  # fmt: skip
-    ref = f4.fp4_experts_ref(x, slots, rw, shared, *pool, 10.0, act_quant=act_quant)
+    cfg = {"block_n": 32, "block_n_down": 64, "nb": 1, "nb_down": 1, "down": down,
+           "prefetch": bool(act_quant), "prefetch_down": bool(act_quant)}  # fmt: skip
+    if act_quant == "inline":
+        cfg.update(x_quant="inline", a_quant="inline")
+    f4.fp4_experts(x, slots, rw, shared, *pool, 10.0, out=out, act_quant=bool(act_quant),
+                   workspace=ws, config=cfg)  # fmt: skip
+    ref = f4.fp4_experts_ref(x, slots, rw, shared, *pool, 10.0, act_quant=bool(act_quant))
     assert_close("fp4_experts shared slots", out, ref, torch.float32)
     assert int(ws.counters.abs().sum()) == 0
+    assert int(ws.a_counters.abs().sum()) == 0
+
+
+@interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("rows,n", [(1, 4096), (3, 700)])
+def test_act_quant_rows_interp(rows, n, dtype):
+    """The one-launch act quantisation (x before gate/up, the grouped kernels' rows) is
+    act_quant_split bit for bit, a ragged last block included; the grid values are exact in the
+    activation dtype."""
+    x = (torch.randn(rows, n, generator=_gen(n)) * 3).to(dtype)
+    x[0, :128] *= 1e-6  # a block under the amax floor
+    q = poison((rows, n), dtype)
+    s = poison((rows, (n + 127) // 128), torch.float32)
+    f4._act_quant_rows(x, q, s)
+    q_ref, s_ref = fmt.act_quant_split(x)
+    assert torch.equal(s, s_ref)
+    assert torch.equal(q.float(), q_ref)
 
 
 @interp
@@ -556,6 +577,7 @@ def test_fp4_experts_decode_gpu(m, act_quant, dtype, down):
 # Tile configs the benchmark sweeps (tools/bench_kernels.py): any of them may become a default.
 FP4_GPU_CONFIGS = [
     {"pdl": False},
+    {"x_quant": "inline", "a_quant": "inline"},
     {"pdl": True},
     {"nb_down": 16},
     {"asm": False},
@@ -578,7 +600,7 @@ FP4_GPU_CONFIGS = [
 
 
 @pytest.mark.parametrize("cfg", FP4_GPU_CONFIGS, ids=str)
-@pytest.mark.parametrize("m,act_quant", [(1, False), (4, True)])
+@pytest.mark.parametrize("m,act_quant", [(1, False), (1, True), (4, True)])
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 def test_fp4_experts_decode_configs_gpu(m, act_quant, cfg):
@@ -599,6 +621,44 @@ def test_fp4_experts_decode_configs_gpu(m, act_quant, cfg):
     ref = f4.fp4_experts_ref(x, slots, rw, shared, *pool, 10.0, act_quant=act_quant)
     assert_close("fp4_experts", out, ref, dtype, loose=2.0)
     assert int(ws.counters.abs().sum()) == 0
+
+
+@pytest.mark.parametrize(
+    "dev",
+    [
+        pytest.param("cpu", marks=interp),
+        pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="")]),
+    ],
+)
+@pytest.mark.parametrize("m", [1, 4])
+def test_fp4_experts_act_quant_once_is_inline(m, dev):
+    """Quantising x once before gate/up and a once in gate/up (the defaults) gives the same bits
+    as quantising them in every program that reads them, in every combination. The calls share
+    one workspace, so the last one also finds a's arrival counters back at zero."""
+    d, i, k = (256, 128, 2) if dev == "cpu" else (f4.V4_FLASH_D, f4.V4_FLASH_I, 6)
+    dtype = torch.float32 if dev == "cpu" else torch.bfloat16
+    n_slots = 2 * k
+    pool = [t.to(dev) for t in make_pool(n_slots, d, i, seed=21)]
+    slots, rw = make_routing(m, k, n_slots, seed=m + 21)
+    if m == 4:
+        slots[3, 0] = slots[0, 1]  # a slot shared by two tokens
+    slots, rw = slots.to(dev), rw.to(dev)
+    ws = f4.fp4_experts_workspace(m * k, d, i, dtype, dev)
+    x = torch.randn(m, d, generator=_gen(m)).to(dtype).to(dev)
+    shared = torch.randn(m, d, generator=_gen(m + 9)).to(dtype).to(dev)
+    outs = []
+    for xq, aq in (("pre", "gate_up"), ("inline", "inline"), ("pre", "inline"),
+                   ("inline", "gate_up")):  # fmt: skip
+        out = poison((m, d), dtype, dev)
+        cfg = {"block_n": 32, "block_n_down": 64} if dev == "cpu" else {}
+        f4.fp4_experts(x, slots, rw, shared, *pool, 10.0, out=out, act_quant=True,
+                       workspace=ws, config={**cfg, "x_quant": xq, "a_quant": aq})  # fmt: skip
+        outs.append(out)
+        assert int(ws.a_counters.abs().sum()) == 0
+    for o in outs[1:]:
+        assert torch.equal(o, outs[0])
+    ref = f4.fp4_experts_ref(x, slots, rw, shared, *pool, 10.0, act_quant=True)
+    assert_close("fp4_experts", outs[0], ref, dtype, loose=2.0)
 
 
 FP8_GPU_CONFIGS = [

@@ -224,6 +224,11 @@ def bench_fp4_decode(record, dev, dt, n_sets: int, quick: bool, sweep: bool) -> 
             if m <= 4:  # the default launches the down kernel as a programmatic dependent
                 fn = functools.partial(run, cfg={"pdl": False})
                 _sweep_point(record, f"  {name} without PDL", fn, n_sets, nbytes)
+            if aq and m <= 4:  # act-quant once per row (default) against once per program
+                for xq_, aq_ in (("inline", "inline"), ("inline", "gate_up"), ("pre", "inline")):
+                    fn = functools.partial(run, cfg={"x_quant": xq_, "a_quant": aq_})
+                    name_q = f"  {name} x_quant={xq_} a_quant={aq_}"
+                    _sweep_point(record, name_q, fn, n_sets, nbytes)
             if m in (1, 4) and not quick:  # the two launches apart (default tiles)
                 for part, pb in (("gate_up", gate_up_b), ("down", down_b)):
                     ms = _bench(functools.partial(run, cfg={"_launch": part}), n_sets)
