@@ -1008,16 +1008,19 @@ def fp4_experts(
     nw2 = cfg.get("num_warps_down", 4)
     if bn % nw or bn2 % nw2:
         raise ValueError("fp4_experts: block_n must be a multiple of num_warps (same for down)")
-    launch = cfg.get("_launch", "both")  # benchmarks time the two launches apart
+    # Benchmarks time the launches apart: "gate_up" (with the x quantisation launch), "down",
+    # "x_quant" (that launch alone), "gate_up_only" (gate/up reading the last quantised x).
+    launch = cfg.get("_launch", "both")
     # Programmatic dependent launch: the down launch starts while gate/up drains, streams its first
     # weight tile and waits (griddepcontrol) only before reading a. Off when timing apart.
     # H100: 2 us faster at M = 1 (pair down), slower at M = 2 (token down), even at 3..4.
     pdl = launch == "both" and cfg.get("pdl", m_block == 1) and pdl_supported(x.device)
     pdl_kw = {"launch_pdl": True} if pdl else {}
-    if launch in ("both", "gate_up"):
-        xin, xs = x, ws.xs
-        if x_pre:  # gate/up, launched as its dependent, streams its first weights meanwhile
-            xin, xs = _act_quant_rows(x, ws.xq[:m], ws.xs[:m], pdl=pdl)
+    if launch in ("both", "gate_up", "x_quant", "gate_up_only"):
+        xin, xs = (ws.xq[:m], ws.xs[:m]) if x_pre else (x, ws.xs)
+        if x_pre and launch != "gate_up_only":  # gate/up, its dependent, streams weights meanwhile
+            _act_quant_rows(x, xin, xs, pdl=pdl)
+    if launch in ("both", "gate_up", "gate_up_only"):
         _fp4_experts_gate_up_kernel[(i // bn, pairs)](
             xin, xs, slots, route_w, w13_q.view(torch.int32), w13_s.view(torch.int32), ws.a,
             ws.a_scale, ws.a_counters, m, xin.stride(0), xs.stride(0), float(swiglu_limit),

@@ -266,6 +266,78 @@ def bench_fp4_decode(record, dev, dt, n_sets: int, quick: bool, sweep: bool) -> 
                     _sweep_point(record, f"  sweep fp4 down M=4 {cfg}", fn, n_sets, uniq * down_b)
 
 
+# Act-quant contenders (--only fp4_aq): where x and a are quantised ("pre": x once, in its own
+# launch; "gate_up": a once, by the last gate/up program of each act block; "inline": in every
+# program that reads them) and the tiles that amortise an inline quantisation over more rows.
+FP4_AQ_SWEEP = {
+    1: [
+        {},
+        {"x_quant": "inline"},
+        {"x_quant": "inline", "a_quant": "inline"},
+        {"a_quant": "inline"},
+        {"x_quant": "inline", "block_n": 16},
+        {"x_quant": "inline", "block_n": 16, "num_warps": 8},
+        {"x_quant": "inline", "block_n": 16, "num_warps": 2},
+        {"x_quant": "inline", "num_warps": 2},
+        {"x_quant": "inline", "block_n": 32},
+        {"x_quant": "inline", "block_n": 32, "num_warps": 8},
+        {"x_quant": "inline", "prefetch": True},
+        {"x_quant": "inline", "block_n": 16, "prefetch": True},
+        {"x_quant": "inline", "nb": 4},
+        {"block_n": 16},
+        {"nb": 16, "prefetch": True},  # pre: the whole gate/up row tile requested before the wait
+        {"nb": 16},
+        {"prefetch": True},
+        {"x_quant": "inline", "block_n_down": 32},
+        {"x_quant": "inline", "nb_down": 16},
+        {"x_quant": "inline", "prefetch_down": True},
+    ],
+    4: [
+        {},
+        {"a_quant": "inline"},
+        {"x_quant": "inline", "a_quant": "inline"},
+        {"a_quant": "inline", "block_n": 16},
+        {"x_quant": "inline", "a_quant": "inline", "block_n": 16},
+        {"a_quant": "inline", "down": "pair"},
+    ],
+}
+
+
+def bench_fp4_act_quant(record, dev, dt, n_sets: int) -> None:
+    """Decode experts with act-quant (the engine default): the quantisation placements and tiles
+    of FP4_AQ_SWEEP, whole calls, plus the x quantisation launch and gate/up apart at M = 1."""
+    from homeseek.kernels import fp4_experts as f4
+
+    d, i, k, n_slots = f4.V4_FLASH_D, f4.V4_FLASH_I, 6, 48
+    pool = _fp4_pool(dev, n_slots)
+    for m, cfgs in FP4_AQ_SWEEP.items():
+        ws = f4.fp4_experts_workspace(m * k, d, i, dt, dev)
+        sets = []
+        for _ in range(n_sets):
+            perm = torch.randperm(n_slots, device=dev)
+            slots = perm[: m * k].view(m, k).int().contiguous()
+            x = torch.randn(m, d, device=dev, dtype=dt)
+            sets.append((x, slots, torch.rand(m, k, device=dev), torch.randn_like(x)))
+        out = torch.empty(m, d, device=dev, dtype=dt)
+        nbytes = m * k * f4.slot_bytes(d, i) + m * d * 2 * 3
+
+        def run(j, cfg, sets=sets, out=out, ws=ws):
+            x, slots, rw, shared = sets[j]
+            f4.fp4_experts(x, slots, rw, shared, *pool, 10.0, out=out, act_quant=True,
+                           workspace=ws, config=cfg)  # fmt: skip
+
+        for cfg in cfgs:
+            fn = functools.partial(run, cfg=cfg)
+            _sweep_point(record, f"  aq fp4 call M={m} {cfg}", fn, n_sets, nbytes)
+        if m == 1:
+            gate_up_b = k * 2 * i * (d // 2 + d // 32)
+            for part, nb_ in (("x_quant", m * d * 2 * 2), ("gate_up_only", gate_up_b)):
+                fn = functools.partial(run, cfg={"_launch": part})
+                _sweep_point(record, f"  aq fp4 {part} M=1", fn, n_sets, nb_)
+            fn = functools.partial(run, cfg={"_launch": "gate_up", "x_quant": "inline"})
+            _sweep_point(record, "  aq fp4 gate_up M=1 x_quant=inline", fn, n_sets, gate_up_b)
+
+
 # Prefill tile contenders (bf16); the offline sm_90 compile of these spills no registers.
 FP4_GROUPED_SWEEP = [
     {"block_m": 16, "block_n": 64, "block_k": 32, "num_warps": 4},
@@ -532,6 +604,7 @@ def bench_mhc(record, dev, dt, n_sets: int) -> None:
 
 
 SECTIONS = ("fp4", "fp4_grouped", "fp8", "attn", "mhc")
+EXTRA_SECTIONS = ("fp4_aq",)  # only when named in --only
 
 
 def _prewarm(jobs: int, timeout_s: float) -> None:
@@ -587,7 +660,9 @@ def main() -> int:
     ap.add_argument("--sweep", action="store_true", help="also sweep decode tile configs")
     ap.add_argument("--quick", action="store_true", help="fewer shapes")
     ap.add_argument(
-        "--only", default=",".join(SECTIONS), help="comma list of " + ",".join(SECTIONS)
+        "--only",
+        default=",".join(SECTIONS),
+        help="comma list of " + ",".join(SECTIONS + EXTRA_SECTIONS),
     )
     ap.add_argument("--jobs", type=int, default=0, help="precompile in N processes first")
     ap.add_argument("--warm-timeout", type=float, default=150.0, help="seconds for --jobs")
@@ -667,6 +742,9 @@ def main() -> int:
 
     if "fp4" in only:
         bench_fp4_decode(record, dev, dt, n_sets, args.quick, args.sweep)
+        torch.cuda.empty_cache()
+    if "fp4_aq" in only:
+        bench_fp4_act_quant(record, dev, dt, n_sets)
         torch.cuda.empty_cache()
     if "fp4_grouped" in only:
         bench_fp4_grouped(record, dev, dt, args.quick, args.sweep)
