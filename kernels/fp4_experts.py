@@ -31,6 +31,9 @@ chains and each 32-input group sum is scaled once; lanes are reduced once per ro
      leader) streams BLOCK_N gate rows interleaved with the matching up rows and applies each
      decoded word to every token that routed to that slot (one token: the one-token path; more:
      two tokens per pass), so a slot shared by several tokens is read once. Writes a [P, I].
+     With act_quant, each program quantises x's blocks as it reads them, and the last program
+     to write a 128-wide block of a (arrival counter) rewrites it as e4m3 grid values and
+     stores its scale, so the down programs read a ready-quantised a.
   2. down + combine, two forms (config "down"):
      "pair" (default for M = 1 and M > 4): grid (D/BLOCK_N, P), leaders again (a pair whose token
      already has the same slot at a smaller k is handled on its own). Each program writes its fp32
@@ -944,10 +947,10 @@ def fp4_experts(
     to arrive; "token": one program per (row tile, token) over its K experts); asm (PTX word
     decode, default on); prefetch / prefetch_down (load the next step's weights before computing
     this one); maxnreg / maxnreg_down (register caps); pdl (programmatic dependent launch of
-    the down launch on sm_90+, default for M = 1); with act_quant, x_quant ("pre": x is
-    quantised once, by a small launch before gate/up; "inline": in every gate/up program) and
-    a_quant ("gate_up": a is quantised once, by the last gate/up program to write each act
-    block; "inline": in every down program). Same results either way.
+    the down launch on sm_90+, default for M = 1); with act_quant, x_quant ("inline", default:
+    in every gate/up program; "pre": once, by a small launch before gate/up) and a_quant
+    ("gate_up", default: once, by the last gate/up program to write each act block; "inline":
+    in every down program). Same results either way.
     """
     require_triton("fp4_experts")
     if out is None:
@@ -988,13 +991,17 @@ def fp4_experts(
     # wins for 2..4 tokens, the pair-parallel one for 1 token and for larger M (many shared slots,
     # which it reads once).
     down_tok = cfg.get("down", "token" if 1 < m_block <= 4 else "pair") == "token"
-    bn = min(cfg.get("block_n", 8), i)
+    # H200 act-quant sweep (PERF_NOTES, runs 18-20): with x quantised in every gate/up program,
+    # 32 outputs per program (16 rows per warp) amortise it best: M=1 38.0 us against 40.9 at 8.
+    bn = min(cfg.get("block_n", 32 if act_quant else 8), i)
     bn2 = min(cfg.get("block_n_down", 16), d)
     if i % bn or d % bn2 or bn2 < _MIN_BLOCK_N_DOWN:
         raise ValueError(f"fp4_experts: block_n {bn} / block_n_down {bn2} must divide I / D")
-    # Act-quant once per input row where it can be (the grid values and block scales are read
-    # by every program); in-kernel quantisation of the same row by each program is the fallback.
-    x_pre = act_quant and cfg.get("x_quant", "pre") == "pre"
+    # Act-quant placement (same bits either way). a: once per act block, by the gate/up program
+    # that completes it (down programs read grid values and scales), 2.5 us faster at M=1 than
+    # in every down program. x: in every gate/up program; the separate quantisation launch
+    # ("pre") costs more on the critical path than the redundant work it saves (H200, M=1..4).
+    x_pre = act_quant and cfg.get("x_quant", "inline") == "pre"
     a_pre = act_quant and cfg.get("a_quant", "gate_up") == "gate_up" and 128 % bn == 0
     x_mode = _AQ_PRE if x_pre else (_AQ_INLINE if act_quant else _AQ_NONE)
     a_mode = _AQ_PRE if a_pre else (_AQ_INLINE if act_quant else _AQ_NONE)

@@ -225,7 +225,7 @@ def bench_fp4_decode(record, dev, dt, n_sets: int, quick: bool, sweep: bool) -> 
                 fn = functools.partial(run, cfg={"pdl": False})
                 _sweep_point(record, f"  {name} without PDL", fn, n_sets, nbytes)
             if aq and m <= 4:  # act-quant once per row (default) against once per program
-                for xq_, aq_ in (("inline", "inline"), ("inline", "gate_up"), ("pre", "inline")):
+                for xq_, aq_ in (("inline", "inline"), ("pre", "gate_up"), ("pre", "inline")):
                     fn = functools.partial(run, cfg={"x_quant": xq_, "a_quant": aq_})
                     name_q = f"  {name} x_quant={xq_} a_quant={aq_}"
                     _sweep_point(record, name_q, fn, n_sets, nbytes)
@@ -274,33 +274,36 @@ FP4_AQ_SWEEP = {
         {},
         {"x_quant": "inline"},
         {"x_quant": "inline", "a_quant": "inline"},
-        {"a_quant": "inline"},
-        {"x_quant": "inline", "block_n": 16},
-        {"x_quant": "inline", "block_n": 16, "num_warps": 8},
-        {"x_quant": "inline", "block_n": 16, "num_warps": 2},
-        {"x_quant": "inline", "num_warps": 2},
         {"x_quant": "inline", "block_n": 32},
-        {"x_quant": "inline", "block_n": 32, "num_warps": 8},
-        {"x_quant": "inline", "prefetch": True},
-        {"x_quant": "inline", "block_n": 16, "prefetch": True},
-        {"x_quant": "inline", "nb": 4},
-        {"block_n": 16},
-        {"nb": 16, "prefetch": True},  # pre: the whole gate/up row tile requested before the wait
-        {"nb": 16},
+        {"x_quant": "inline", "block_n": 32, "a_quant": "inline"},
+        {"x_quant": "inline", "block_n": 32, "prefetch": True},
+        {"x_quant": "inline", "block_n": 32, "num_warps": 2},
+        {"x_quant": "inline", "block_n": 32, "nb": 4},
+        {"x_quant": "inline", "block_n": 32, "block_n_down": 32},
+        {"x_quant": "inline", "block_n": 32, "down": "token"},
+        {"x_quant": "inline", "block_n": 64},
+        {"x_quant": "inline", "block_n": 64, "num_warps": 8},
+        {"x_quant": "inline", "block_n": 16, "num_warps": 2},
+        {"x_quant": "inline", "block_n": 16, "num_warps": 2, "prefetch": True},
+        {"block_n": 32},
+        {"block_n": 32, "prefetch": True},
         {"prefetch": True},
-        {"x_quant": "inline", "block_n_down": 32},
-        {"x_quant": "inline", "nb_down": 16},
-        {"x_quant": "inline", "prefetch_down": True},
-    ],
-    4: [
-        {},
-        {"a_quant": "inline"},
-        {"x_quant": "inline", "a_quant": "inline"},
-        {"a_quant": "inline", "block_n": 16},
-        {"x_quant": "inline", "a_quant": "inline", "block_n": 16},
-        {"a_quant": "inline", "down": "pair"},
+        {"_aq": False},
+        {"_aq": False, "block_n": 32},
+        {"_aq": False, "block_n": 16, "num_warps": 2},
     ],
 }
+for _m in (2, 3, 4):
+    FP4_AQ_SWEEP[_m] = [
+        {},
+        {"x_quant": "inline", "a_quant": "inline"},
+        {"a_quant": "inline"},
+        {"x_quant": "inline", "a_quant": "inline", "block_n": 16},
+        {"x_quant": "inline", "a_quant": "inline", "block_n": 32},
+        {"x_quant": "inline", "block_n": 32},
+        {"a_quant": "inline", "block_n": 32},
+        {"x_quant": "inline", "a_quant": "inline", "block_n": 16, "num_warps": 2},
+    ]
 
 
 def bench_fp4_act_quant(record, dev, dt, n_sets: int) -> None:
@@ -323,7 +326,8 @@ def bench_fp4_act_quant(record, dev, dt, n_sets: int) -> None:
 
         def run(j, cfg, sets=sets, out=out, ws=ws):
             x, slots, rw, shared = sets[j]
-            f4.fp4_experts(x, slots, rw, shared, *pool, 10.0, out=out, act_quant=True,
+            aq = cfg.get("_aq", True)  # {"_aq": False}: the same tiles without act-quant
+            f4.fp4_experts(x, slots, rw, shared, *pool, 10.0, out=out, act_quant=aq,
                            workspace=ws, config=cfg)  # fmt: skip
 
         for cfg in cfgs:
