@@ -419,12 +419,9 @@ def _act_quant_rows_kernel(
     stride_s,
     BLOCKS: tl.constexpr,  # 128-input act blocks per program
     HW_FP8: tl.constexpr,
-    PDL: tl.constexpr,  # let the consumer launch start now (it waits before reading q and s)
 ):
     """act_quant_split of one row's BLOCKS blocks per program: grid (R, cdiv(N, 128 * BLOCKS))."""
     r = tl.program_id(0).to(tl.int64)
-    if PDL:
-        gdc_launch_dependents()
     blk = tl.program_id(1) * BLOCKS + tl.arange(0, BLOCKS)
     cols = blk[:, None] * 128 + tl.arange(0, 128)[None, :]  # [BLOCKS, 128]
     ok = cols < N
@@ -437,8 +434,7 @@ def _act_quant_rows_kernel(
 
 @triton.jit
 def _fp4_experts_gate_up_kernel(
-    x_ptr,  # [M, D] activations (_AQ_PRE: their e4m3 grid values), row stride stride_xm
-    xs_ptr,  # _AQ_PRE: [M, D/128] fp32 act-quant block scales of x, row stride stride_xs
+    x_ptr,  # [M, D] activations, row stride stride_xm
     slots_ptr,  # [M, K] int32 slot per pair, contiguous (-1 = skip)
     rw_ptr,  # [M, K] fp32 routing weights, contiguous
     wq_ptr,  # [S, 2I, D/8] int32 view of w13_q (8 E2M1 inputs per word)
@@ -448,7 +444,6 @@ def _fp4_experts_gate_up_kernel(
     acnt_ptr,  # A_QUANT: [P, I/128] int32 arrival counters, zero before and after
     M,
     stride_xm,
-    stride_xs,
     limit,  # swiglu_limit (fp32)
     D: tl.constexpr,
     I: tl.constexpr,
@@ -459,13 +454,12 @@ def _fp4_experts_gate_up_kernel(
     BLOCK_N: tl.constexpr,  # outputs per program: BLOCK_N rows of w1 and the same rows of w3
     NB: tl.constexpr,  # act blocks (4 lanes each) per loop step
     NW: tl.constexpr,  # num_warps
-    ACT_QUANT: tl.constexpr,  # for x: _AQ_NONE, _AQ_INLINE or _AQ_PRE
+    ACT_QUANT: tl.constexpr,  # for x: _AQ_NONE or _AQ_INLINE
     A_QUANT: tl.constexpr,  # act-quantise a here (grid values in place, scales to as_ptr)
     HW_FP8: tl.constexpr,  # hardware e4m3 conversion (GPU) vs exact emulation (interpreter)
     ASM: tl.constexpr,  # PTX word decode (GPU)
     PREFETCH: tl.constexpr,  # register double buffering of the weight tile
     PDL: tl.constexpr,  # let the down launch start now (programmatic dependent launch)
-    WAIT: tl.constexpr,  # launched as a programmatic dependent of the x quantisation
 ):
     """Grid (I / BLOCK_N, M*K). The program of a slot's first pair (its leader) computes gate and
     up for every token routed to the slot; the others exit at once."""
@@ -489,8 +483,8 @@ def _fp4_experts_gate_up_kernel(
         blk = pid_n * BLOCK_N // 128
         if M_BLOCK == 1:
             acc, _ = _fp4_rows_dot(
-                wq_ptr, ws_ptr, wrow, x_ptr, x_ptr, xs_ptr, xs_ptr, D, 2 * R2, NW, NB, False,
-                ACT_QUANT, HW_FP8, ASM, PREFETCH, WAIT,
+                wq_ptr, ws_ptr, wrow, x_ptr, x_ptr, x_ptr, x_ptr, D, 2 * R2, NW, NB, False,
+                ACT_QUANT, HW_FP8, ASM, PREFETCH, False,
             )  # fmt: skip
             _fp4_gate_up_store(
                 acc, 0, slot, slots_ptr, rw_ptr, a_ptr, as_ptr, acnt_ptr, rows, blk, limit, I, K,
@@ -510,8 +504,8 @@ def _fp4_experts_gate_up_kernel(
                 tok = tl.sum(member * mm, axis=0)
                 acc, _ = _fp4_rows_dot(
                     wq_ptr, ws_ptr, wrow, x_ptr + tok * stride_xm, x_ptr,
-                    xs_ptr + tok * stride_xs, xs_ptr, D, 2 * R2, NW, NB, False, ACT_QUANT,
-                    HW_FP8, ASM, PREFETCH, WAIT,
+                    x_ptr, x_ptr, D, 2 * R2, NW, NB, False, ACT_QUANT, HW_FP8, ASM, PREFETCH,
+                    False,
                 )  # fmt: skip
                 _fp4_gate_up_store(
                     acc, tok, slot, slots_ptr, rw_ptr, a_ptr, as_ptr, acnt_ptr, rows, blk, limit,
@@ -524,8 +518,8 @@ def _fp4_experts_gate_up_kernel(
                     t1 = tl.sum(tl.where((member > 0) & (rank == c + 1), mm, 0), axis=0)
                     acc0, acc1 = _fp4_rows_dot(
                         wq_ptr, ws_ptr, wrow, x_ptr + t0 * stride_xm, x_ptr + t1 * stride_xm,
-                        xs_ptr + t0 * stride_xs, xs_ptr + t1 * stride_xs, D, 2 * R2, NW, NB, True,
-                        ACT_QUANT, HW_FP8, ASM, PREFETCH, WAIT,
+                        x_ptr, x_ptr, D, 2 * R2, NW, NB, True, ACT_QUANT, HW_FP8, ASM, PREFETCH,
+                        False,
                     )  # fmt: skip
                     _fp4_gate_up_store(
                         acc0, t0, slot, slots_ptr, rw_ptr, a_ptr, as_ptr, acnt_ptr, rows, blk,
@@ -828,7 +822,7 @@ def _fp4_experts_combine_kernel(
 _MIN_BLOCK_N_DOWN = 4  # counters are sized for the smallest down row tile
 # Act-quant modes of the decode kernels' inputs (constexpr ACT_QUANT, see _fp4_x_step).
 _AQ_NONE, _AQ_INLINE, _AQ_PRE = 0, 1, 2
-_XQ_BLOCKS = 4  # act blocks per program of the x quantisation launch
+_XQ_BLOCKS = 4  # act blocks per program of _act_quant_rows
 
 
 @dataclass
@@ -839,9 +833,6 @@ class Fp4ExpertsWorkspace:
     a: torch.Tensor  # [P_max, I] activation dtype
     y: torch.Tensor  # [P_max, D] fp32
     counters: torch.Tensor  # [ceil(D / 4)] int32 zeros (one per down row tile)
-    # act_quant: x's e4m3 grid values and block scales (M_max = min(P_max, DECODE_MAX_M) rows)
-    xq: torch.Tensor  # [M_max, D] activation dtype
-    xs: torch.Tensor  # [M_max, D / 128] fp32
     a_scale: torch.Tensor  # [P_max, I / 128] fp32 block scales of a
     a_counters: torch.Tensor  # [P_max, I / 128] int32 zeros (one per act block of a)
 
@@ -850,27 +841,24 @@ def fp4_experts_workspace(
     max_pairs: int, d: int, i: int, act_dtype: torch.dtype, device: torch.device | str
 ) -> Fp4ExpertsWorkspace:
     """Workspace for up to max_pairs = M*K (token, expert) pairs."""
-    max_m = min(max_pairs, DECODE_MAX_M)
     return Fp4ExpertsWorkspace(
         torch.empty(max_pairs, i, dtype=act_dtype, device=device),
         torch.empty(max_pairs, d, dtype=torch.float32, device=device),
         torch.zeros(triton.cdiv(d, _MIN_BLOCK_N_DOWN), dtype=torch.int32, device=device),
-        torch.empty(max_m, d, dtype=act_dtype, device=device),
-        torch.empty(max_m, triton.cdiv(d, 128), dtype=torch.float32, device=device),
         torch.empty(max_pairs, triton.cdiv(i, 128), dtype=torch.float32, device=device),
         torch.zeros(max_pairs, triton.cdiv(i, 128), dtype=torch.int32, device=device),
     )
 
 
 def _act_quant_rows(
-    x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, *, pdl: bool = False
+    x: torch.Tensor, q: torch.Tensor, s: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """act_quant_split(x) into q (x's shape, any float dtype: the grid values are exact in it)
-    and s [rows, ceil(N / 128)] fp32, in one launch. pdl: the next launch may start at once."""
+    and s [rows, ceil(N / 128)] fp32, in one launch."""
     rows, n = x.shape
     _act_quant_rows_kernel[(rows, triton.cdiv(n, 128 * _XQ_BLOCKS))](
         x, q, s, n, x.stride(0), q.stride(0), s.stride(0),
-        BLOCKS=_XQ_BLOCKS, HW_FP8=not interpreting(), PDL=pdl, num_warps=4,
+        BLOCKS=_XQ_BLOCKS, HW_FP8=not interpreting(), num_warps=4,
     )  # fmt: skip
     return q, s
 
@@ -947,10 +935,9 @@ def fp4_experts(
     to arrive; "token": one program per (row tile, token) over its K experts); asm (PTX word
     decode, default on); prefetch / prefetch_down (load the next step's weights before computing
     this one); maxnreg / maxnreg_down (register caps); pdl (programmatic dependent launch of
-    the down launch on sm_90+, default for M = 1); with act_quant, x_quant ("inline", default:
-    in every gate/up program; "pre": once, by a small launch before gate/up) and a_quant
-    ("gate_up", default: once, by the last gate/up program to write each act block; "inline":
-    in every down program). Same results either way.
+    the down launch on sm_90+, default for M = 1); a_quant with act_quant ("gate_up", default:
+    a is quantised once, by the last gate/up program to write each act block; "inline": in
+    every down program; same results).
     """
     require_triton("fp4_experts")
     if out is None:
@@ -979,10 +966,10 @@ def fp4_experts(
             f"fp4_experts: workspace a {list(ws.a.shape)} / y {list(ws.y.shape)} does not fit "
             f"M*K={pairs}, I={i}, D={d}"
         )
-    if ws.a.dtype != x.dtype or ws.xq.dtype != x.dtype:
-        raise TypeError(f"fp4_experts: workspace.a / xq are {ws.a.dtype}, x is {x.dtype}")
-    if act_quant and (ws.xq.shape[0] < m or ws.a_scale.shape[0] < pairs):
-        raise ValueError(f"fp4_experts: workspace xq / a_scale rows do not fit M={m}, M*K={pairs}")
+    if ws.a.dtype != x.dtype:
+        raise TypeError(f"fp4_experts: workspace.a is {ws.a.dtype}, x is {x.dtype}")
+    if ws.a_scale.shape[0] < pairs:
+        raise ValueError(f"fp4_experts: workspace a_scale rows do not fit M*K={pairs}")
     cfg = dict(config or {})
     m_block = triton.next_power_of_2(m)
     p_block = triton.next_power_of_2(pairs)
@@ -999,12 +986,12 @@ def fp4_experts(
         raise ValueError(f"fp4_experts: block_n {bn} / block_n_down {bn2} must divide I / D")
     # Act-quant placement (same bits either way). a: once per act block, by the gate/up program
     # that completes it (down programs read grid values and scales), 2.5 us faster at M=1 than
-    # in every down program. x: in every gate/up program; the separate quantisation launch
-    # ("pre") costs more on the critical path than the redundant work it saves (H200, M=1..4).
-    x_pre = act_quant and cfg.get("x_quant", "inline") == "pre"
+    # in every down program. x: in every gate/up program, which the 32-output tiles amortise; a
+    # separate x quantisation launch before gate/up cost more on the critical path than the
+    # redundant work it saved (H200, M=1..4: PERF_NOTES runs 18-21).
     a_pre = act_quant and cfg.get("a_quant", "gate_up") == "gate_up" and 128 % bn == 0
-    x_mode = _AQ_PRE if x_pre else (_AQ_INLINE if act_quant else _AQ_NONE)
-    a_mode = _AQ_PRE if a_pre else (_AQ_INLINE if act_quant else _AQ_NONE)
+    x_mode = _AQ_INLINE if act_quant else _AQ_NONE
+    a_mode = _AQ_PRE if a_pre else x_mode
     nb = _steps(d, cfg.get("nb", 8))
     nb2 = _steps(i, cfg.get("nb_down", 8))
     if ws.counters.numel() < d // bn2:
@@ -1015,27 +1002,19 @@ def fp4_experts(
     nw2 = cfg.get("num_warps_down", 4)
     if bn % nw or bn2 % nw2:
         raise ValueError("fp4_experts: block_n must be a multiple of num_warps (same for down)")
-    # Benchmarks time the launches apart: "gate_up" (with the x quantisation launch), "down",
-    # "x_quant" (that launch alone), "gate_up_only" (gate/up reading the last quantised x).
-    launch = cfg.get("_launch", "both")
+    launch = cfg.get("_launch", "both")  # benchmarks time the two launches apart
     # Programmatic dependent launch: the down launch starts while gate/up drains, streams its first
     # weight tile and waits (griddepcontrol) only before reading a. Off when timing apart.
     # H100: 2 us faster at M = 1 (pair down), slower at M = 2 (token down), even at 3..4.
     pdl = launch == "both" and cfg.get("pdl", m_block == 1) and pdl_supported(x.device)
     pdl_kw = {"launch_pdl": True} if pdl else {}
-    if launch in ("both", "gate_up", "x_quant", "gate_up_only"):
-        xin, xs = (ws.xq[:m], ws.xs[:m]) if x_pre else (x, ws.xs)
-        if x_pre and launch != "gate_up_only":  # gate/up, its dependent, streams weights meanwhile
-            _act_quant_rows(x, xin, xs, pdl=pdl)
-    if launch in ("both", "gate_up", "gate_up_only"):
+    if launch in ("both", "gate_up"):
         _fp4_experts_gate_up_kernel[(i // bn, pairs)](
-            xin, xs, slots, route_w, w13_q.view(torch.int32), w13_s.view(torch.int32), ws.a,
-            ws.a_scale, ws.a_counters, m, xin.stride(0), xs.stride(0), float(swiglu_limit),
+            x, slots, route_w, w13_q.view(torch.int32), w13_s.view(torch.int32), ws.a,
+            ws.a_scale, ws.a_counters, m, x.stride(0), float(swiglu_limit),
             D=d, I=i, K=k, P_BLOCK=p_block, M_BLOCK=m_block, K_BLOCK=k_block, BLOCK_N=bn, NB=nb,
             NW=nw, ACT_QUANT=x_mode, A_QUANT=a_pre, HW_FP8=hw, ASM=asm,
-            PREFETCH=cfg.get("prefetch", False), PDL=pdl, WAIT=pdl and x_pre, num_warps=nw,
-            num_stages=1,
-            **({"launch_pdl": True} if pdl and x_pre else {}),
+            PREFETCH=cfg.get("prefetch", False), PDL=pdl, num_warps=nw, num_stages=1,
             **({"maxnreg": cfg["maxnreg"]} if "maxnreg" in cfg else {}),
         )  # fmt: skip
     if launch in ("both", "down") and down_tok:

@@ -362,7 +362,7 @@ def test_fp4_experts_decode_interp(m, k, act_quant, dtype, down):
 def test_fp4_experts_decode_shared_slots_interp(act_quant, down):
     """Slots shared by 2 and 3 tokens (two-token passes, an odd member), a token with the same
     slot twice, a skipped pair, several loop steps (nb=1), and the one-token path (M > 1).
-    act_quant "inline": x and a quantised in every program that reads them instead of once."""
+    act_quant "inline": a quantised in every down program that reads it instead of once."""
     m, k, d, i, n_slots = 5, 2, 256, 128, 4
     pool = make_pool(n_slots, d, i, seed=3)
     slots = torch.tensor([[0, 1], [1, 2], [1, 1], [3, -1], [0, 2]], dtype=torch.int32)
@@ -374,7 +374,7 @@ def test_fp4_experts_decode_shared_slots_interp(act_quant, down):
     cfg = {"block_n": 32, "block_n_down": 64, "nb": 1, "nb_down": 1, "down": down,
            "prefetch": bool(act_quant), "prefetch_down": bool(act_quant)}  # fmt: skip
     if act_quant == "inline":
-        cfg.update(x_quant="inline", a_quant="inline")
+        cfg["a_quant"] = "inline"
     f4.fp4_experts(x, slots, rw, shared, *pool, 10.0, out=out, act_quant=bool(act_quant),
                    workspace=ws, config=cfg)  # fmt: skip
     ref = f4.fp4_experts_ref(x, slots, rw, shared, *pool, 10.0, act_quant=bool(act_quant))
@@ -577,7 +577,7 @@ def test_fp4_experts_decode_gpu(m, act_quant, dtype, down):
 # Tile configs the benchmark sweeps (tools/bench_kernels.py): any of them may become a default.
 FP4_GPU_CONFIGS = [
     {"pdl": False},
-    {"x_quant": "inline", "a_quant": "inline"},
+    {"a_quant": "inline"},
     {"pdl": True},
     {"nb_down": 16},
     {"asm": False},
@@ -632,9 +632,9 @@ def test_fp4_experts_decode_configs_gpu(m, act_quant, cfg):
 )
 @pytest.mark.parametrize("m", [1, 4])
 def test_fp4_experts_act_quant_once_is_inline(m, dev):
-    """Quantising x once before gate/up and a once in gate/up (the defaults) gives the same bits
-    as quantising them in every program that reads them, in every combination. The calls share
-    one workspace, so the last one also finds a's arrival counters back at zero."""
+    """Quantising a once per act block in gate/up (the default) gives the same bits as
+    quantising it in every down program. The calls share one workspace, so the third also finds
+    a's arrival counters back at zero."""
     d, i, k = (256, 128, 2) if dev == "cpu" else (f4.V4_FLASH_D, f4.V4_FLASH_I, 6)
     dtype = torch.float32 if dev == "cpu" else torch.bfloat16
     n_slots = 2 * k
@@ -647,12 +647,11 @@ def test_fp4_experts_act_quant_once_is_inline(m, dev):
     x = torch.randn(m, d, generator=_gen(m)).to(dtype).to(dev)
     shared = torch.randn(m, d, generator=_gen(m + 9)).to(dtype).to(dev)
     outs = []
-    for xq, aq in (("pre", "gate_up"), ("inline", "inline"), ("pre", "inline"),
-                   ("inline", "gate_up")):  # fmt: skip
+    for aq in ("gate_up", "inline", "gate_up"):
         out = poison((m, d), dtype, dev)
         cfg = {"block_n": 32, "block_n_down": 64} if dev == "cpu" else {}
         f4.fp4_experts(x, slots, rw, shared, *pool, 10.0, out=out, act_quant=True,
-                       workspace=ws, config={**cfg, "x_quant": xq, "a_quant": aq})  # fmt: skip
+                       workspace=ws, config={**cfg, "a_quant": aq})  # fmt: skip
         outs.append(out)
         assert int(ws.a_counters.abs().sum()) == 0
     for o in outs[1:]:

@@ -224,11 +224,9 @@ def bench_fp4_decode(record, dev, dt, n_sets: int, quick: bool, sweep: bool) -> 
             if m <= 4:  # the default launches the down kernel as a programmatic dependent
                 fn = functools.partial(run, cfg={"pdl": False})
                 _sweep_point(record, f"  {name} without PDL", fn, n_sets, nbytes)
-            if aq and m <= 4:  # act-quant once per row (default) against once per program
-                for xq_, aq_ in (("inline", "inline"), ("pre", "gate_up"), ("pre", "inline")):
-                    fn = functools.partial(run, cfg={"x_quant": xq_, "a_quant": aq_})
-                    name_q = f"  {name} x_quant={xq_} a_quant={aq_}"
-                    _sweep_point(record, name_q, fn, n_sets, nbytes)
+            if aq and m <= 4:  # a quantised once in gate/up (default) against in every program
+                fn = functools.partial(run, cfg={"a_quant": "inline"})
+                _sweep_point(record, f"  {name} a_quant=inline", fn, n_sets, nbytes)
             if m in (1, 4) and not quick:  # the two launches apart (default tiles)
                 for part, pb in (("gate_up", gate_up_b), ("down", down_b)):
                     ms = _bench(functools.partial(run, cfg={"_launch": part}), n_sets)
@@ -266,49 +264,28 @@ def bench_fp4_decode(record, dev, dt, n_sets: int, quick: bool, sweep: bool) -> 
                     _sweep_point(record, f"  sweep fp4 down M=4 {cfg}", fn, n_sets, uniq * down_b)
 
 
-# Act-quant contenders (--only fp4_aq): where x and a are quantised ("pre": x once, in its own
-# launch; "gate_up": a once, by the last gate/up program of each act block; "inline": in every
-# program that reads them) and the tiles that amortise an inline quantisation over more rows.
+# Act-quant contenders (--only fp4_aq): where a is quantised ("gate_up": once, by the last
+# gate/up program of each act block; "inline": in every down program that reads it) and the
+# gate/up tiles that amortise x's in-kernel quantisation over more rows per warp.
 FP4_AQ_SWEEP = {
     1: [
         {},
-        {"x_quant": "inline"},
-        {"x_quant": "inline", "a_quant": "inline"},
-        {"x_quant": "inline", "block_n": 32},
-        {"x_quant": "inline", "block_n": 32, "a_quant": "inline"},
-        {"x_quant": "inline", "block_n": 32, "prefetch": True},
-        {"x_quant": "inline", "block_n": 32, "num_warps": 2},
-        {"x_quant": "inline", "block_n": 32, "nb": 4},
-        {"x_quant": "inline", "block_n": 32, "block_n_down": 32},
-        {"x_quant": "inline", "block_n": 32, "down": "token"},
-        {"x_quant": "inline", "block_n": 64},
-        {"x_quant": "inline", "block_n": 64, "num_warps": 8},
-        {"x_quant": "inline", "block_n": 16, "num_warps": 2},
-        {"x_quant": "inline", "block_n": 16, "num_warps": 2, "prefetch": True},
-        {"block_n": 32},
-        {"block_n": 32, "prefetch": True},
-        {"prefetch": True},
+        {"a_quant": "inline"},
+        {"block_n": 8},
+        {"block_n": 16, "num_warps": 2},
+        {"block_n": 64, "num_warps": 8},
+        {"block_n_down": 32},
         {"_aq": False},
         {"_aq": False, "block_n": 32},
-        {"_aq": False, "block_n": 16, "num_warps": 2},
     ],
 }
 for _m in (2, 3, 4):
-    FP4_AQ_SWEEP[_m] = [
-        {},
-        {"x_quant": "inline", "a_quant": "inline"},
-        {"a_quant": "inline"},
-        {"x_quant": "inline", "a_quant": "inline", "block_n": 16},
-        {"x_quant": "inline", "a_quant": "inline", "block_n": 32},
-        {"x_quant": "inline", "block_n": 32},
-        {"a_quant": "inline", "block_n": 32},
-        {"x_quant": "inline", "a_quant": "inline", "block_n": 16, "num_warps": 2},
-    ]
+    FP4_AQ_SWEEP[_m] = [{}, {"a_quant": "inline"}, {"block_n": 16, "a_quant": "inline"}]
 
 
 def bench_fp4_act_quant(record, dev, dt, n_sets: int) -> None:
-    """Decode experts with act-quant (the engine default): the quantisation placements and tiles
-    of FP4_AQ_SWEEP, whole calls, plus the x quantisation launch and gate/up apart at M = 1."""
+    """Decode experts with act-quant (the engine default): the placements and tiles of
+    FP4_AQ_SWEEP, whole calls."""
     from homeseek.kernels import fp4_experts as f4
 
     d, i, k, n_slots = f4.V4_FLASH_D, f4.V4_FLASH_I, 6, 48
@@ -333,13 +310,6 @@ def bench_fp4_act_quant(record, dev, dt, n_sets: int) -> None:
         for cfg in cfgs:
             fn = functools.partial(run, cfg=cfg)
             _sweep_point(record, f"  aq fp4 call M={m} {cfg}", fn, n_sets, nbytes)
-        if m == 1:
-            gate_up_b = k * 2 * i * (d // 2 + d // 32)
-            for part, nb_ in (("x_quant", m * d * 2 * 2), ("gate_up_only", gate_up_b)):
-                fn = functools.partial(run, cfg={"_launch": part})
-                _sweep_point(record, f"  aq fp4 {part} M=1", fn, n_sets, nb_)
-            fn = functools.partial(run, cfg={"_launch": "gate_up", "x_quant": "inline"})
-            _sweep_point(record, "  aq fp4 gate_up M=1 x_quant=inline", fn, n_sets, gate_up_b)
 
 
 # Prefill tile contenders (bf16); the offline sm_90 compile of these spills no registers.
