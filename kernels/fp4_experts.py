@@ -822,7 +822,7 @@ def _fp4_experts_combine_kernel(
 _MIN_BLOCK_N_DOWN = 4  # counters are sized for the smallest down row tile
 # Act-quant modes of the decode kernels' inputs (constexpr ACT_QUANT, see _fp4_x_step).
 _AQ_NONE, _AQ_INLINE, _AQ_PRE = 0, 1, 2
-_XQ_BLOCKS = 4  # act blocks per program of _act_quant_rows
+_ROWQ_BLOCKS = 4  # act blocks per program of _act_quant_rows
 
 
 @dataclass
@@ -856,9 +856,9 @@ def _act_quant_rows(
     """act_quant_split(x) into q (x's shape, any float dtype: the grid values are exact in it)
     and s [rows, ceil(N / 128)] fp32, in one launch."""
     rows, n = x.shape
-    _act_quant_rows_kernel[(rows, triton.cdiv(n, 128 * _XQ_BLOCKS))](
+    _act_quant_rows_kernel[(rows, triton.cdiv(n, 128 * _ROWQ_BLOCKS))](
         x, q, s, n, x.stride(0), q.stride(0), s.stride(0),
-        BLOCKS=_XQ_BLOCKS, HW_FP8=not interpreting(), num_warps=4,
+        BLOCKS=_ROWQ_BLOCKS, HW_FP8=not interpreting(), num_warps=4,
     )  # fmt: skip
     return q, s
 
