@@ -362,6 +362,53 @@ def build_parser() -> argparse.ArgumentParser:
     dr.add_argument("--max-context", type=int, default=32768)
     dr.set_defaults(func=cmd_doctor)
 
+    b = sub.add_parser(
+        "bench",
+        help="end-to-end speed (prefill, decode) against this machine's measured ceilings",
+        description="Measure the whole model: TTFT and prefill tok/s per prompt length, decode "
+        "tok/s at a short and a long position, expert traffic, GPU vs host time per token, and "
+        "the ceilings of this machine measured in the same run. Default: the full V4-Flash "
+        "dimensions with random weights built in memory on CUDA (GPU capped at 24 GiB), the "
+        "tiny model on CPU. Prints a table, then one JSON line.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    b.add_argument("--model", default=None, help="checkpoint directory or 'tiny' (on disk)")
+    b.add_argument(
+        "--synthetic", default=None, help="preset built in memory with random weights (flash)"
+    )
+    b.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    b.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="activation dtype")
+    b.add_argument(
+        "--gpu-mem-gb", type=float, default=None,
+        help="GPU budget in GiB; also caps the process (default 24 on CUDA)",
+    )  # fmt: skip
+    b.add_argument(
+        "--host-mem-gb", type=float, default=None,
+        help="pinned host RAM for experts in GiB (default: 75%% of available RAM)",
+    )  # fmt: skip
+    b.add_argument(
+        "--expert-alias", type=int, default=64,
+        help="synthetic: distinct expert records in host RAM (0 = every expert its own)",
+    )  # fmt: skip
+    b.add_argument(
+        "--routing", default="model",
+        help="comma-separated: model (the routers) and/or uniform (random experts per token)",
+    )  # fmt: skip
+    b.add_argument("--routing-trace", default=None, help="also replay a recorded trace (.npz)")
+    b.add_argument(
+        "--prompts", type=_int_list, default=(8, 512, 4096, 16384), help="prompt lengths"
+    )
+    b.add_argument("--decode-tokens", type=int, default=64, help="decode after the first prompt")
+    b.add_argument(
+        "--long-decode-tokens", type=int, default=16, help="decode after the longest prompt"
+    )
+    b.add_argument(
+        "--profile-tokens", type=int, default=2, help="decode tokens run under the profiler"
+    )
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    b.set_defaults(func=cmd_bench)
+
     pr = sub.add_parser("profile", help="record which experts a model routes to")
     _add_model_args(pr)
     pr.add_argument("--routing", action="store_true", required=True, help="routing profile")
@@ -371,6 +418,48 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--trace", default=None, help="also save the decode-order trace (.npz)")
     pr.set_defaults(func=cmd_profile)
     return p
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers") from None
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from homeseek.bench import BenchConfig, main
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = device.startswith("cuda")
+    model, synthetic = args.model, args.synthetic
+    if model is None and synthetic is None:  # the full-size yardstick on a GPU, tiny on a CPU
+        synthetic, model = ("flash", None) if cuda else (None, "tiny")
+    elif model is not None:
+        synthetic = None
+    routings = tuple(r.strip() for r in args.routing.split(",") if r.strip())
+    if args.routing_trace:
+        routings += (f"trace:{args.routing_trace}",)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    bc = BenchConfig(
+        model=model,
+        synthetic=synthetic,
+        device=device,
+        dtype=getattr(torch, DTYPES[args.dtype]),
+        gpu_mem_gb=args.gpu_mem_gb if args.gpu_mem_gb is not None else (24.0 if cuda else None),
+        host_mem_gb=args.host_mem_gb,
+        expert_alias=(args.expert_alias or None) if synthetic else None,
+        routings=routings,
+        prompts=args.prompts,
+        decode_tokens=args.decode_tokens,
+        long_decode_tokens=args.long_decode_tokens,
+        profile_tokens=args.profile_tokens,
+        seed=args.seed,
+    )
+    return main(bc)
 
 
 def cmd_profile(args: argparse.Namespace) -> int:

@@ -1,8 +1,8 @@
 """Load a checkpoint, own the weights, run sessions (chunked prefill and decode).
 
 `Engine` owns the dense weights, the expert store and the RoPE tables; `Session` owns one
-sequence's decode state. One step runs, per layer, segment A, the routed experts (made resident by
-the expert store between the segments), then segment B (design.md §4).
+sequence's decode state. The runner runs a step (per layer segment A, the routed experts made
+resident by the scheduler, segment B); docs/runtime.md has the split.
 """
 
 from __future__ import annotations
@@ -27,7 +27,9 @@ from homeseek.checkpoint import Checkpoint, QWeight, layer_prefix, layer_table
 from homeseek.config import PRESETS, ConfigError, ModelConfig, RuntimeConfig, default_cache_dir
 from homeseek.experts import ExpertStore, record_bytes
 from homeseek.kernels import ops
+from homeseek.runner import Runner
 from homeseek.sampling import Sampler, SamplingParams
+from homeseek.scheduler import Scheduler
 from homeseek.state import SessionState
 
 
@@ -158,8 +160,9 @@ class Engine:
         if n_host:
             self.experts.start_host_fill()
         self.rope = M.RopeTables(cfg, rt.max_context, dev)
+        self.scheduler = Scheduler(self.experts, cfg)
+        self.runner = Runner(cfg, rt, self.ctx, self.top, self.weights, self.rope, self.scheduler)
         self.tokenizer = _load_tokenizer(self.path) if self.path is not None else None
-        self.routing_trace: list[tuple[int, torch.Tensor]] | None = None  # (layer, sel [T, K])
 
     def _expert_budget(self) -> tuple[int, int]:
         """(GPU slots, host records) from the budgets (design: gpu_mem_gb is the engine's total).
@@ -268,58 +271,6 @@ class Engine:
             )
         return _Generation(self, sess, params, thinking, stream, cancel).run(ids)
 
-    # One step over T tokens of one sequence; returns the final streams [T, N, D].
-    def _step(self, ids: torch.Tensor, id_list: list[int], state: SessionState) -> torch.Tensor:
-        pos = torch.arange(state.pos, state.pos + ids.shape[0], device=ids.device)
-        self.experts.prefetch_hash_layers(id_list)
-        X = M.embed(ids, self.top["embed"], self.ctx)
-        for layer in self.layers:
-            p = M.segment_a(
-                X, ids, pos, state.pos, self.weights[layer], state.layers[layer], layer,
-                self.rope, self.ctx,
-            )  # fmt: skip
-            X = M.segment_b(p, self._moe(p, layer), self.ctx)
-        state.pos += ids.shape[0]
-        return X
-
-    def _moe(self, p: M.FfnPending, layer: int) -> torch.Tensor:
-        """Routed experts + shared expert of one layer -> [T, D] in the activation dtype.
-
-        The selected experts are made resident first (the one host sync per layer). When a
-        chunk touches more experts than the pool holds it runs in waves, each expert still
-        loaded once per chunk. CUDA: the FP4 kernel reads the slot pool through a slot table.
-        CPU: the reference loop, experts in id order, so the sum is bitwise the same for any
-        pool size.
-        """
-        store = self.experts
-        if self.routing_trace is not None:
-            self.routing_trace.append((layer, p.sel.cpu()))
-        sel = p.sel.tolist()
-        experts = sorted({e for row in sel for e in row})
-        wave = max(store.n_slots - int(store.gpu.pinned.sum()), 1)
-        fused = self.ctx.kernels
-        out = p.shared if fused else None
-        acc = None if fused else torch.zeros_like(p.u, dtype=torch.float32)
-        for i in range(0, len(experts), wave):
-            batch = experts[i : i + wave]
-            store.begin_layer()
-            slot_of = dict(zip(batch, store.ensure_resident(layer, batch), strict=True))
-            store.wait(slot_of.values())
-            if fused:
-                table = [[slot_of.get(e, -1) for e in row] for row in sel]
-                slots = torch.tensor(table, dtype=torch.int32).to(p.u.device, non_blocking=True)
-                t = store.pool.t
-                out = ops.fp4_experts(
-                    p.u, slots, p.weights, out, t["w13_q"], t["w13_s"], t["w2_q"], t["w2_s"],
-                    self.cfg.swiglu_limit, act_quant=self.rt.quant_sim,
-                )  # fmt: skip
-            else:
-                weights_of = {e: store.weights(s) for e, s in slot_of.items()}.__getitem__
-                M.routed_experts(p.u, p.sel, p.weights, batch, weights_of, self.ctx, acc)
-        if fused:
-            return out
-        return (acc + p.shared.float()).to(p.u.dtype)
-
 
 class Session:
     """One sequence: preallocated decode state plus the position reached."""
@@ -368,13 +319,13 @@ class Session:
             starts = tqdm(starts, desc="prefill", unit="chunk", leave=False)
         with torch.inference_mode():
             for a in starts:
-                X = eng._step(ids[a : a + chunk], id_list[a : a + chunk], self.state)
+                X = eng.runner.step(ids[a : a + chunk], id_list[a : a + chunk], self.state)
                 self.tokens.extend(id_list[a : a + chunk])
                 if last_only and a + chunk < T:
                     continue
                 if last_only:
                     X = X[-1:]
-                outs.append(M.head_logits(X, eng.top, eng.ctx))
+                outs.append(eng.runner.head(X))
         return torch.cat(outs)
 
     def decode(self, token_id: int) -> torch.Tensor:

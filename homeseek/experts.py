@@ -245,6 +245,7 @@ class Counters:
     bytes_h2d: int = 0  # bytes copied into slots
     bytes_disk: int = 0
     copy_s: float = 0.0  # host time spent issuing/doing copies
+    disk_s: float = 0.0  # host time spent reading records from the disk tier
     evictions: int = 0
 
     @property
@@ -254,6 +255,7 @@ class Counters:
     def as_dict(self) -> dict[str, float]:
         d = {k: getattr(self, k) for k in ("lookups", "gpu_hits", "host_hits", "disk_loads")}
         d.update(bytes_h2d=self.bytes_h2d, bytes_disk=self.bytes_disk, copy_s=self.copy_s)
+        d.update(disk_s=self.disk_s)
         d.update(evictions=self.evictions, hit_rate=self.hit_rate)
         return d
 
@@ -285,9 +287,8 @@ class ExpertStore:
         self.pool = RecordBuffer(cfg, self.n_slots, device)
         n_layers = max(self.layers) + 1 if self.layers else 1
         per_token = len(self.layers) * cfg.num_experts_per_tok
-        self.gpu = Residency(
-            self.n_slots, n_layers, make_policy(policy, self.n_slots, per_token), floor
-        )
+        self._gpu_args = (self.n_slots, n_layers, policy, per_token, floor)
+        self.gpu = self._new_gpu_residency()
         # Host tier: only useful when the slots are on another device. Its pinned buffer is
         # allocated by the background filler (pinning tens of GB takes a while); until then
         # misses read the disk tier directly.
@@ -305,6 +306,23 @@ class ExpertStore:
         self._filler: threading.Thread | None = None
         self.progress = progress
         self.tid2eid: dict[int, torch.Tensor] = {}  # hash layers: token id -> experts (CPU)
+        # (start, end) CUDA events around each batch of slot copies, recorded on the copy stream
+        # while `time_copies` is set (benchmarks: the copy lane's busy time, hence its GB/s).
+        self.time_copies = False
+        self.prefetched: set[Key] = set()  # hash-layer keys looked up ahead of their layer
+        self.copy_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+
+    def _new_gpu_residency(self) -> Residency:
+        n, n_layers, policy, per_token, floor = self._gpu_args
+        return Residency(n, n_layers, make_policy(policy, n, per_token), floor)
+
+    def reset_gpu(self) -> None:
+        """Forget what the slot pool holds (benchmarks: every routing mode starts cold)."""
+        if self.copy_stream is not None:
+            torch.cuda.synchronize(self.device)
+        self.gpu = self._new_gpu_residency()
+        self.ready.clear()
+        self.prefetched.clear()
 
     # -- sources ----------------------------------------------------------------------------------
     def _disk_record(self, key: Key) -> dict[str, torch.Tensor]:
@@ -324,19 +342,22 @@ class ExpertStore:
     def _host_record(self, key: Key) -> dict[str, torch.Tensor]:
         """The record in host memory: from the host cache, else disk (-> host cache)."""
         with self.lock:
-            if self.host is None:  # no host tier (CPU), or not pinned yet
-                self.counters.disk_loads += 1
-                self.counters.bytes_disk += record_bytes(self.cfg)
-                return self._disk_record(key)
-            s = self.hostres.lookup(key)
-            if s is not None:
-                self.counters.host_hits += 1
-                return self.host.view(s)
+            if self.host is not None:
+                s = self.hostres.lookup(key)
+                if s is not None:
+                    self.counters.host_hits += 1
+                    return self.host.view(s)
+            t0 = time.perf_counter()
             self.counters.disk_loads += 1
             self.counters.bytes_disk += record_bytes(self.cfg)
-            s, _ = self.hostres.admit(key)
-            self.host.copy_in(s, self._disk_record(key))
-            return self.host.view(s)
+            if self.host is None:  # no host tier (CPU), or not pinned yet: read in place
+                rec = self._disk_record(key)
+            else:
+                s, _ = self.hostres.admit(key)
+                self.host.copy_in(s, self._disk_record(key))
+                rec = self.host.view(s)
+            self.counters.disk_s += time.perf_counter() - t0
+            return rec
 
     # -- residency --------------------------------------------------------------------------------
     def begin_layer(self) -> None:
@@ -348,22 +369,48 @@ class ExpertStore:
         `begin_layer`. On CUDA the copies are queued on the copy stream: call `wait` before use."""
         t0 = time.perf_counter()
         slots = []
+        timed = self.time_copies and self.copy_stream is not None
+        start = None
         for e in experts:
             key = (layer, int(e))
-            self.counters.lookups += 1
             s = self.gpu.lookup(key)
+            if key in self.prefetched and s is not None:  # counted when its prefetch looked
+                self.prefetched.discard(key)
+                self.gpu.protected[s] = True
+                slots.append(s)
+                continue
+            self.counters.lookups += 1
             if s is None:
                 s, evicted = self.gpu.admit(key)
                 self.counters.evictions += evicted is not None
                 src = self._host_record(key)
+                if timed and start is None:  # after the compute it waits for, before the copies
+                    self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+                    start = self._copy_event()
                 self._copy_to_slot(s, src)
                 self.counters.bytes_h2d += record_bytes(self.cfg)
             else:
                 self.counters.gpu_hits += 1
             self.gpu.protected[s] = True
             slots.append(s)
+        if start is not None:
+            self.copy_events.append((start, self._copy_event()))
         self.counters.copy_s += time.perf_counter() - t0
         return slots
+
+    def _copy_event(self) -> torch.cuda.Event:
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record(self.copy_stream)
+        return ev
+
+    def copy_busy_s(self) -> float:
+        """Seconds the copy lane spent on the timed batches (synchronizes), then forgets them."""
+        if not self.copy_events:
+            return 0.0
+        torch.cuda.synchronize(self.device)
+        total = sum(a.elapsed_time(b) for a, b in self.copy_events) / 1000
+        self.copy_events.clear()
+        return total
 
     def _copy_to_slot(self, s: int, src: dict[str, torch.Tensor]) -> None:
         if self.copy_stream is None:
@@ -398,8 +445,11 @@ class ExpertStore:
         if sum(len(v) for v in wanted.values()) > self.n_slots // 2:
             return
         self.begin_layer()
+        self.prefetched.clear()
         for layer, experts in wanted.items():
             self.ensure_resident(layer, experts)
+            # The layer's own request finds them resident: count each lookup once, here.
+            self.prefetched.update((layer, e) for e in experts)
         self.begin_layer()
 
     def weights(self, slot: int) -> tuple[QWeight, QWeight, QWeight]:

@@ -23,18 +23,19 @@ def record_routing(eng, n_tokens: int, chunk: int = 256, seed: int = 0) -> list[
     ids = torch.randint(0, eng.cfg.vocab_size, (n_tokens,), generator=g).tolist()
     sess = eng.session()
     steps: list[Step] = []
-    eng.routing_trace = []
+    sched = eng.scheduler
+    sched.trace = []
     try:
         for a in range(0, n_tokens, chunk):
-            eng.routing_trace.clear()
+            sched.trace.clear()
             sess.forward(ids[a : a + chunk], last_only=True)
-            by_layer = list(eng.routing_trace)  # [(layer, sel [T, K])] in layer order
+            by_layer = list(sched.trace)  # [(layer, sel [T, K])] in layer order
             T = by_layer[0][1].shape[0]
             for t in range(T):
                 for layer, sel in by_layer:
                     steps.append((layer, sel[t].tolist()))
     finally:
-        eng.routing_trace = None
+        sched.trace = None
     return steps
 
 

@@ -164,8 +164,9 @@ def test_hash_layer_experts_are_prefetched_at_step_start():
     sess.decode(tok)
     assert want <= set(eng.experts.gpu.slot_of)
     c = eng.experts.counters
-    # Each hash-layer expert was looked up by the prefetch and again by its layer: a hit.
-    assert c.gpu_hits - before.gpu_hits >= len(want)
+    # Each hash-layer expert is looked up once (by the prefetch), not again by its layer: a
+    # decode token counts exactly K lookups per layer, so hit rates are not flattered.
+    assert c.lookups - before.lookups == eng.cfg.num_hidden_layers * eng.cfg.num_experts_per_tok
 
 
 def test_profile_command_and_hot_set(tmp_path):

@@ -1,0 +1,582 @@
+"""`homeseek bench`: the whole model's speed, against ceilings measured in the same run.
+
+Builds the model (a checkpoint, or the full V4-Flash dimensions with random weights in memory),
+caps the process at the GPU budget the way a 24 GB card would, measures the ceilings of this
+machine (pinned host->device copies of expert records, HBM read, bf16 matmul), then per routing
+mode runs prompts (TTFT, prefill tok/s) and decode (tok/s, median ms/token, at a short and a long
+position) with the expert traffic and the split of a token's time between GPU work and host
+time. Prints a table and ends with one JSON line.
+
+Ceiling of a decode token = its H2D bytes / H2D bandwidth + the bytes it reads from HBM (dense
+weights, head, the experts it uses) / HBM read bandwidth: what the hardware needs if nothing else
+costs time and copies do not overlap compute. Prefill adds the matmul floor: H2D time +
+max(HBM time, FLOPs / bf16 matmul rate).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from homeseek import plan
+from homeseek.config import PRESETS, ConfigError, ModelConfig, RuntimeConfig
+from homeseek.experts import record_bytes
+
+GiB = plan.GiB
+WARMUP_PROMPT = 64  # tokens of the warm-up prefill (compiles the prefill kernels), then 3 decodes
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What one `homeseek bench` run measures."""
+
+    model: str | None = None  # checkpoint dir or preset on disk; None: `synthetic`
+    synthetic: str | None = "flash"  # preset built in memory with random weights
+    device: str = "cuda"
+    dtype: torch.dtype = torch.bfloat16
+    gpu_mem_gb: float | None = 24.0  # engine budget and process cap (CUDA)
+    host_mem_gb: float | None = None  # pinned host budget (None: the default rule)
+    expert_alias: int | None = 64  # synthetic: distinct host expert records
+    routings: tuple[str, ...] = ("model",)  # model | uniform | trace:PATH
+    prompts: tuple[int, ...] = (8, 512, 4096, 16384)
+    decode_tokens: int = 64
+    long_decode_tokens: int = 16  # decode after the longest prompt
+    profile_tokens: int = 2  # decode tokens run under the profiler (kernels, GPU busy)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if (self.model is None) == (self.synthetic is None):
+            raise ConfigError("bench: give exactly one of a model or a synthetic preset")
+        if self.synthetic is not None and self.synthetic not in PRESETS:
+            raise ConfigError(f"--synthetic {self.synthetic!r}: choose one of {sorted(PRESETS)}")
+        if not self.prompts or min(self.prompts) < 1:
+            raise ConfigError(f"--prompts must be positive token counts, got {self.prompts}")
+        if self.decode_tokens < 2 or self.long_decode_tokens < 0 or self.profile_tokens < 0:
+            raise ConfigError("--decode-tokens must be >= 2; the other counts >= 0")
+        if self.expert_alias is not None and self.expert_alias < 1:
+            raise ConfigError(f"--expert-alias must be >= 1, got {self.expert_alias}")
+        for r in self.routings:
+            if r not in ("model", "uniform") and not r.startswith("trace:"):
+                raise ConfigError(f"--routing {r!r}: model, uniform (or --routing-trace FILE)")
+            if r.startswith("trace:") and not Path(r.removeprefix("trace:")).is_file():
+                raise ConfigError(f"--routing-trace {r.removeprefix('trace:')}: no such file")
+
+    @property
+    def max_context(self) -> int:
+        longest = max(*self.prompts, WARMUP_PROMPT)
+        return longest + max(self.decode_tokens, self.long_decode_tokens) + 16
+
+
+# --- ceilings ------------------------------------------------------------------------------------
+def _cuda_ms(fn: Callable[[], Any], reps: int = 5) -> float:
+    """Median ms of fn() on the current stream, after one warm-up."""
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def _wall_ms(fn: Callable[[], Any], reps: int = 5) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times)
+
+
+def measure_ceilings(cfg: ModelConfig, device: str) -> dict[str, float]:
+    """This machine's ceilings, measured now: GB/s of pinned host->device copies of expert-sized
+    records (the copy lane's path), GB/s of an HBM (CPU: RAM) read, bf16 matmul TFLOP/s."""
+    rec = record_bytes(cfg)
+    if str(device).startswith("cuda"):
+        n = max(1, min(64, (1 << 30) // rec))  # ~1 GiB of records
+        src = torch.empty((n, rec), dtype=torch.uint8, pin_memory=True)
+        src.random_(0, 256)
+        dst = torch.empty((n, rec), dtype=torch.uint8, device=device)
+
+        def copy() -> None:
+            for i in range(n):
+                dst[i].copy_(src[i], non_blocking=True)
+
+        h2d_ms = _cuda_ms(copy)
+        del src, dst
+        big = torch.randn(1 << 29, dtype=torch.bfloat16, device=device)  # 1 GiB
+        read_ms = _cuda_ms(lambda: torch.sum(big, dtype=torch.float32))
+        del big
+        m = torch.randn(8192, 8192, dtype=torch.bfloat16, device=device)
+        mm_ms = _cuda_ms(lambda: m @ m)
+        del m
+        torch.cuda.empty_cache()
+        return {
+            "h2d_GBps": round(n * rec / (h2d_ms * 1e-3) / 1e9, 2),
+            "hbm_read_GBps": round((1 << 30) / (read_ms * 1e-3) / 1e9, 1),
+            "matmul_TFLOPs": round(2 * 8192**3 / (mm_ms * 1e-3) / 1e12, 1),
+        }
+    big = torch.randn(1 << 26, dtype=torch.float32)  # 256 MiB of RAM
+    read_ms = _wall_ms(lambda: torch.sum(big))
+    m = torch.randn(1024, 1024, dtype=torch.float32)
+    mm_ms = _wall_ms(lambda: m @ m)
+    return {
+        "h2d_GBps": 0.0,  # the CPU engine copies nothing: its experts are where it computes
+        "hbm_read_GBps": round(big.nbytes / (read_ms * 1e-3) / 1e9, 1),
+        "matmul_TFLOPs": round(2 * 1024**3 / (mm_ms * 1e-3) / 1e12, 3),
+    }
+
+
+def dense_read_bytes(cfg: ModelConfig) -> int:
+    """Bytes of non-expert weights one token reads from GPU memory: every dense weight and the
+    head, but one row of the embedding."""
+    embed = cfg.vocab_size * cfg.hidden_size * 2
+    return plan.dense_bytes(cfg) - embed + cfg.hidden_size * 2
+
+
+def active_params(cfg: ModelConfig) -> int:
+    """Multiply-accumulates per token in the linears: dense linears, head, K routed experts and
+    the shared expert per layer (attention scores are left out: the floor stays a floor)."""
+    from homeseek.checkpoint import tensor_table
+
+    total = 0
+    for name, spec in tensor_table(cfg).items():
+        if ".experts." in name or name.startswith("mtp.") or name == "embed.weight":
+            continue
+        if name.endswith(".weight") and len(spec.shape) == 2:
+            total += spec.shape[0] * spec.shape[1]
+    per_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size
+    return total + cfg.num_hidden_layers * cfg.num_experts_per_tok * per_expert
+
+
+# --- one measurement ----------------------------------------------------------------------------
+@dataclass
+class Row:
+    """One measured piece of work (a prefill, or a decode run) under one routing mode."""
+
+    routing: str
+    work: str  # "prefill" | "decode"
+    tokens: int  # prompt tokens, or decode tokens timed
+    position: int  # sequence position the work starts at
+    seconds: float = 0.0
+    tok_s: float = 0.0
+    ttft_s: float | None = None
+    ms_per_token_median: float | None = None
+    expert_lookups_per_token: float = 0.0
+    gpu_hit_rate: float = 0.0
+    host_hits_per_token: float = 0.0
+    disk_reads_per_token: float = 0.0
+    h2d_bytes_per_token: float = 0.0
+    h2d_GBps: float | None = None  # achieved: bytes / copy-lane busy time
+    disk_GBps: float | None = None
+    hbm_bytes_per_token: float = 0.0
+    ceiling_ms_per_token: float = 0.0
+    pct_of_ceiling: float = 0.0
+    peak_gpu_gib: float | None = None
+    kernels_per_token: float | None = None
+    gpu_busy_ms_per_token: float | None = None
+    host_ms_per_token: float | None = None
+    error: str | None = None
+
+
+def _gpu_profile(fn: Callable[[], Any], cuda: bool) -> tuple[int, float]:
+    """(kernels launched, ms the device was busy) while fn runs, from torch.profiler.
+
+    CUDA: kernels are device events other than memcpy/memset; busy time is the union of their
+    intervals over all streams. CPU: the top-level aten ops and their summed time (the CPU engine's
+    "kernels"), so the host share is what Python spends between them."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+    spans = []
+    for ev in prof.events():
+        if cuda:
+            if ev.device_type != DeviceType.CUDA:
+                continue
+            if ev.name.startswith(("Memcpy", "Memset", "memcpy", "memset")):
+                continue
+        else:
+            if not ev.name.startswith("aten::") or ev.cpu_parent is not None:
+                continue
+        spans.append((ev.time_range.start, ev.time_range.end))
+    spans.sort()
+    busy, end = 0.0, float("-inf")
+    for a, b in spans:  # union of intervals (us)
+        if a > end:
+            busy += b - a
+            end = b
+        elif b > end:
+            busy += b - end
+            end = b
+    return len(spans), busy / 1000
+
+
+class Bench:
+    """One process: the ceilings, the engine, then every routing mode's work."""
+
+    def __init__(self, bc: BenchConfig, out: Callable[[str], None] = print) -> None:
+        self.bc, self.out = bc, out
+        self.cuda = str(bc.device).startswith("cuda")
+        self.rows: list[Row] = []
+
+    # -- setup -----------------------------------------------------------------------------------
+    def _cap_process(self) -> float | None:
+        """Cap this process at the GPU budget: an overrun then fails as on a card of that size."""
+        bc = self.bc
+        if not self.cuda or bc.gpu_mem_gb is None:
+            return None
+        total = torch.cuda.get_device_properties(torch.device(bc.device)).total_memory
+        frac = min(1.0, bc.gpu_mem_gb * GiB / total)
+        torch.cuda.set_per_process_memory_fraction(frac, torch.device(bc.device))
+        return frac
+
+    def _engine(self):  # noqa: ANN202 - homeseek.engine.Engine (imported late)
+        from homeseek.engine import Engine, resolve_model
+        from homeseek.synthetic import SyntheticSource
+
+        bc = self.bc
+        rt = RuntimeConfig.build(
+            device=bc.device,
+            dtype=bc.dtype,
+            gpu_mem_gb=bc.gpu_mem_gb,
+            host_mem_gb=bc.host_mem_gb,
+            max_context=bc.max_context,
+        )
+        if bc.synthetic is not None:
+            src = SyntheticSource(
+                PRESETS[bc.synthetic](), seed=bc.seed, device=bc.device,
+                expert_alias=bc.expert_alias,
+            )  # fmt: skip
+        else:
+            src = resolve_model(bc.model)
+        eng = Engine(src, rt, progress=True)
+        eng.experts.join_host_fill()  # measure with the host tier as full as it will get
+        return eng
+
+    # -- the run ---------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        bc = self.bc
+        frac = self._cap_process()
+        t0 = time.perf_counter()
+        if bc.synthetic is not None:
+            cfg0 = PRESETS[bc.synthetic]()
+        else:
+            from homeseek.engine import resolve_model
+
+            cfg0 = ModelConfig.from_file(resolve_model(bc.model) / "config.json")
+        self.ceil = measure_ceilings(cfg0, bc.device)
+        eng = self._engine()
+        t_build = time.perf_counter() - t0
+        self.eng, self.cfg = eng, eng.cfg
+        store = eng.experts
+        n_total = len(eng.layers) * eng.cfg.n_routed_experts
+        filled = store.n_host - (len(store.hostres.free) if store.hostres else 0)
+        self.setup = {
+            "build_s": round(t_build, 1),
+            "process_mem_fraction": frac,
+            "experts_total": n_total,
+            "gpu_slots": store.n_slots,
+            "gpu_share": store.n_slots / n_total,
+            "host_records": filled,
+            "host_share": filled / n_total,
+            "below_host_share": max(0.0, 1 - (store.n_slots + filled) / n_total),
+            "record_bytes": record_bytes(eng.cfg),
+            "dense_read_bytes": dense_read_bytes(eng.cfg),
+            "active_params": active_params(eng.cfg),
+        }
+        self._print_header()
+        self._warmup()
+        for routing in bc.routings:
+            self._run_routing(routing)
+        return self._report()
+
+    def _warmup(self) -> None:
+        """Compile the kernels for prefill and decode; excluded from every figure."""
+        g = torch.Generator().manual_seed(self.bc.seed + 1)
+        ids = torch.randint(0, self.cfg.vocab_size, (WARMUP_PROMPT + 3,), generator=g).tolist()
+        sess = self.eng.session()
+        sess.forward(ids[:WARMUP_PROMPT], last_only=True)
+        for t in ids[WARMUP_PROMPT:]:
+            sess.decode(t)
+        self._sync()
+
+    def _sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def _snap(self) -> tuple[Any, float]:
+        import dataclasses
+
+        self._sync()
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        self.eng.experts.copy_busy_s()  # drop what an earlier phase recorded
+        return dataclasses.replace(self.eng.experts.counters), time.perf_counter()
+
+    def _fill(self, row: Row, c0: Any, n_tok: int, h2d_busy: float) -> None:
+        """Expert traffic of the phase since c0, per token, and its ceiling."""
+        c = self.eng.experts.counters
+        rec = self.setup["record_bytes"]
+        lookups = c.lookups - c0.lookups
+        row.expert_lookups_per_token = lookups / n_tok
+        row.gpu_hit_rate = (c.gpu_hits - c0.gpu_hits) / max(lookups, 1)
+        row.host_hits_per_token = (c.host_hits - c0.host_hits) / n_tok
+        row.disk_reads_per_token = (c.disk_loads - c0.disk_loads) / n_tok
+        h2d = c.bytes_h2d - c0.bytes_h2d
+        row.h2d_bytes_per_token = h2d / n_tok
+        row.h2d_GBps = round(h2d / h2d_busy / 1e9, 2) if h2d_busy > 0 and h2d else None
+        disk_s = c.disk_s - c0.disk_s
+        disk = c.bytes_disk - c0.bytes_disk
+        row.disk_GBps = round(disk / disk_s / 1e9, 2) if disk_s > 0 and disk else None
+        if self.cuda:
+            row.peak_gpu_gib = round(torch.cuda.max_memory_allocated() / GiB, 2)
+        chunks = -(-row.tokens // self.eng.rt.prefill_chunk) if row.work == "prefill" else n_tok
+        hbm = chunks * self.setup["dense_read_bytes"] + lookups * rec
+        row.hbm_bytes_per_token = hbm / n_tok
+        ce = self.ceil
+        h2d_s = h2d / (ce["h2d_GBps"] * 1e9) if ce["h2d_GBps"] else 0.0
+        hbm_s = hbm / (ce["hbm_read_GBps"] * 1e9)
+        if row.work == "prefill":
+            flop_s = 2 * self.setup["active_params"] * row.tokens / (ce["matmul_TFLOPs"] * 1e12)
+            hbm_s = max(hbm_s, flop_s)
+        row.ceiling_ms_per_token = (h2d_s + hbm_s) / n_tok * 1000
+
+    def _ids(self, n: int, salt: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.bc.seed * 7919 + salt)
+        return torch.randint(0, self.cfg.vocab_size, (n,), generator=g).tolist()
+
+    def _run_routing(self, routing: str) -> None:
+        from homeseek.scheduler import make_routing
+
+        bc, eng = self.bc, self.eng
+        eng.experts.reset_gpu()  # every mode starts with a cold slot pool
+        eng.scheduler.routing = make_routing(routing, eng.cfg, seed=bc.seed)
+        eng.experts.time_copies = True
+        sess = eng.session()
+        prompts = sorted(set(bc.prompts))
+        try:
+            for i, n in enumerate(tqdm(prompts, desc=f"bench {routing}", unit="prompt")):
+                sess.reset()
+                if self._prefill(routing, sess, n).error is not None:
+                    continue
+                if i == 0:  # decode at a short position, profiled
+                    self._decode(routing, sess, bc.decode_tokens, profile=True)
+                elif i == len(prompts) - 1 and bc.long_decode_tokens:  # after the longest
+                    self._decode(routing, sess, bc.long_decode_tokens, profile=False)
+        finally:
+            eng.experts.time_copies = False
+            eng.scheduler.routing = None
+
+    def _prefill(self, routing: str, sess: Any, n: int) -> Row:
+        row = Row(routing, "prefill", n, sess.pos)
+        ids = self._ids(n, n)
+        c0, t0 = self._snap()
+        try:
+            logits = sess.forward(ids, last_only=True)
+            int(logits[0].argmax())  # the first token reaches the host: TTFT
+        except torch.OutOfMemoryError as e:
+            row.error = f"out of GPU memory: {str(e).splitlines()[0]}"
+            self._sync()
+            torch.cuda.empty_cache()
+            self._add(row)
+            return row
+        dt = time.perf_counter() - t0
+        row.seconds = dt
+        row.ttft_s = dt
+        row.tok_s = n / dt
+        self._fill(row, c0, n, self.eng.experts.copy_busy_s())
+        row.pct_of_ceiling = 100 * row.ceiling_ms_per_token * n / (dt * 1000)
+        self._add(row)
+        return row
+
+    def _decode(self, routing: str, sess: Any, n: int, profile: bool) -> Row:
+        row = Row(routing, "decode", n, sess.pos)
+        tok = self._ids(1, sess.pos)[0]
+        times = []
+        c0, t_all = self._snap()
+        try:
+            for _ in range(n):
+                t0 = time.perf_counter()
+                tok = int(sess.decode(tok).argmax())  # sampling's one read per token
+                times.append(time.perf_counter() - t0)
+        except torch.OutOfMemoryError as e:
+            row.error = f"out of GPU memory: {str(e).splitlines()[0]}"
+            self._add(row)
+            return row
+        row.seconds = time.perf_counter() - t_all
+        row.tok_s = n / row.seconds
+        med = statistics.median(times)
+        row.ms_per_token_median = med * 1000
+        self._fill(row, c0, n, self.eng.experts.copy_busy_s())
+        row.pct_of_ceiling = 100 * row.ceiling_ms_per_token / row.ms_per_token_median
+        if profile and self.bc.profile_tokens:
+            k = self.bc.profile_tokens
+
+            def steps() -> None:
+                nonlocal tok
+                for _ in range(k):
+                    tok = int(sess.decode(tok).argmax())
+
+            kernels, busy = _gpu_profile(steps, self.cuda)
+            row.kernels_per_token = kernels / k
+            row.gpu_busy_ms_per_token = busy / k
+            row.host_ms_per_token = max(0.0, row.ms_per_token_median - busy / k)
+        self._add(row)
+        return row
+
+    # -- output ----------------------------------------------------------------------------------
+    def _print_header(self) -> None:
+        bc, s, ce = self.bc, self.setup, self.ceil
+        dev = torch.cuda.get_device_name(torch.device(bc.device)) if self.cuda else _cpu_name()
+        what = f"synthetic {bc.synthetic} (random weights, built in memory)"
+        if bc.model is not None:
+            what = str(bc.model)
+        self.out(f"homeseek bench - {dev}; torch {torch.__version__}; commit {_commit()}")
+        self.out(
+            f"model: {what}; {self.cfg.num_hidden_layers} layers, {s['experts_total']} routed "
+            f"experts of {s['record_bytes'] / 2**20:.2f} MiB; built in {s['build_s']:.0f} s"
+        )
+        if bc.synthetic is not None and bc.expert_alias:
+            self.out(
+                f"experts aliased onto {bc.expert_alias} host records (routing stays real; "
+                "every copy still moves a full record)"
+            )
+        if not self.cuda:
+            gpu = "none (CPU engine)"
+        else:
+            gpu = f"{bc.gpu_mem_gb:.1f} GiB (process capped)" if bc.gpu_mem_gb else "all free"
+        self.out(
+            f"budget: GPU {gpu}; slot pool {s['gpu_slots']} experts ({s['gpu_share']:.1%}); "
+            f"pinned host tier {s['host_records']} ({s['host_share']:.1%}); "
+            f"{s['below_host_share']:.1%} only in the tier below"
+        )
+        self.out(
+            f"ceilings (measured now): H2D {ce['h2d_GBps']:.1f} GB/s (pinned expert records), "
+            f"{'HBM' if self.cuda else 'RAM'} read {ce['hbm_read_GBps']:.0f} GB/s, "
+            f"matmul {ce['matmul_TFLOPs']:.3g} TFLOP/s"
+        )
+        self.out("mode: eager (CUDA graphs and MTP are not built yet; nothing to compare)")
+        self.out(
+            f"{'routing':<8} {'work':<16} {'tok/s':>8} {'ms/tok':>8} {'TTFT s':>7} "
+            f"{'hit%':>5} {'H2D MB/t':>9} {'H2D GB/s':>8} {'ceil ms/t':>9} {'%ceil':>6} "
+            f"{'peak GiB':>8}"
+        )
+
+    def _add(self, row: Row) -> None:
+        self.rows.append(row)
+        work = f"{row.work} {row.tokens}" + (f" @{row.position}" if row.work == "decode" else "")
+        if row.error:
+            self.out(f"{row.routing:<8} {work:<16} {row.error}")
+            return
+
+        def f(v: float | None, fmt: str) -> str:
+            return "-" if v is None else format(v, fmt)
+
+        ms = row.ms_per_token_median
+        self.out(
+            f"{row.routing:<8} {work:<16} {row.tok_s:>8.2f} {f(ms, '8.1f'):>8} "
+            f"{f(row.ttft_s, '7.2f'):>7} {100 * row.gpu_hit_rate:>5.1f} "
+            f"{row.h2d_bytes_per_token / 1e6:>9.1f} {f(row.h2d_GBps, '8.1f'):>8} "
+            f"{row.ceiling_ms_per_token:>9.2f} {row.pct_of_ceiling:>6.1f} "
+            f"{f(row.peak_gpu_gib, '8.2f'):>8}"
+        )
+        if row.kernels_per_token is not None:
+            self.out(
+                f"{'':<8} {'':<16} per token: {row.kernels_per_token:.0f} kernels, "
+                f"{'GPU' if self.cuda else 'op'} busy {row.gpu_busy_ms_per_token:.1f} ms, "
+                f"host {row.host_ms_per_token:.1f} ms; {row.expert_lookups_per_token:.0f} "
+                f"expert lookups ({row.host_hits_per_token:.1f} from pinned host, "
+                f"{row.disk_reads_per_token:.1f} from below)"
+            )
+
+    def _report(self) -> dict[str, Any]:
+        bc = self.bc
+        res = {
+            "bench": "homeseek",
+            "device": torch.cuda.get_device_name(torch.device(bc.device))
+            if self.cuda
+            else _cpu_name(),
+            "torch": torch.__version__,
+            "triton": _triton_version(),
+            "commit": _commit(),
+            "python": platform.python_version(),
+            "model": bc.model or f"synthetic:{bc.synthetic}",
+            "expert_alias": bc.expert_alias if bc.synthetic else None,
+            "gpu_mem_gb": bc.gpu_mem_gb,
+            "host_mem_gb": bc.host_mem_gb,
+            "max_context": bc.max_context,
+            "modes": ["eager"],
+            "ceilings": self.ceil,
+            **self.setup,
+            "rows": [asdict(r) for r in self.rows],
+        }
+        self.out(json.dumps(_rounded(res)))
+        return res
+
+
+def _rounded(o: Any) -> Any:
+    """Floats to 4 significant decimals for the JSON line (the table has the readable ones)."""
+    if isinstance(o, float):
+        return float(f"{o:.4g}") if abs(o) < 1e4 else round(o, 1)
+    if isinstance(o, dict):
+        return {k: _rounded(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_rounded(v) for v in o]
+    return o
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def _triton_version() -> str | None:
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton.__version__
+
+
+def _commit() -> str:
+    here = Path(__file__).resolve().parent
+    try:
+        r = subprocess.run(
+            ["git", "-C", str(here), "rev-parse", "--short", "HEAD"],
+            capture_output=True, text=True, timeout=5, check=False,
+        )  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return r.stdout.strip() or "unknown"
+
+
+def main(bc: BenchConfig) -> int:
+    Bench(bc, out=lambda s: print(s, flush=True)).run()
+    sys.stdout.flush()
+    return 0

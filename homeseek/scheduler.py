@@ -1,0 +1,144 @@
+"""Between segments: which experts a layer uses, and making them resident (docs/runtime.md).
+
+The scheduler is the only code that runs between segment A and the routed experts of a layer.
+It reads the layer's expert ids (the one host sync per layer), asks the expert store to make them
+resident (hits: slot ids; misses: copies on the store's copy stream) and builds the slot table
+the FP4 experts kernel reads. It knows nothing of the model's math.
+
+A routing override replaces the ids the model chose, for benchmarks: `UniformRouting` draws each
+token's experts uniformly at random per layer (the pessimistic case for the cache, close to what
+the real model's cache sees), `TraceRouting` replays a recorded trace. The model's routing
+weights are kept, so the same kernels run on other experts.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from homeseek.config import ConfigError, ModelConfig
+from homeseek.experts import ExpertStore
+
+
+class RoutingOverride:
+    """Replaces a layer's expert ids sel [T, K] (CPU int64) for the tokens of one step."""
+
+    name = "base"
+
+    def begin_step(self, token_ids: Sequence[int]) -> None:
+        """A new step of len(token_ids) tokens starts."""
+
+    def select(self, layer: int, sel: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class UniformRouting(RoutingOverride):
+    """Each token's K experts drawn uniformly (without replacement) per layer, seeded."""
+
+    name = "uniform"
+
+    def __init__(self, n_experts: int, k: int, seed: int = 0) -> None:
+        self.n, self.k = n_experts, k
+        self.rng = np.random.default_rng(seed)
+
+    def select(self, layer: int, sel: torch.Tensor) -> torch.Tensor:
+        T = sel.shape[0]
+        draw = np.argsort(self.rng.random((T, self.n)), axis=1)[:, : self.k]  # [T, K]
+        return torch.from_numpy(draw.astype(np.int64))
+
+
+class TraceRouting(RoutingOverride):
+    """Replays a recorded trace (`homeseek.profile.save_trace`): token t of the run gets the
+    trace's token t mod len(trace) at every layer."""
+
+    name = "trace"
+
+    def __init__(self, path: str | Path, cfg: ModelConfig) -> None:
+        from homeseek.profile import load_trace
+
+        steps = load_trace(path)
+        L, K = cfg.num_hidden_layers, cfg.num_experts_per_tok
+        if not steps or len(steps) % L or any(len(e) != K for _, e in steps[:L]):
+            raise ConfigError(
+                f"{path}: a routing trace for this model needs {L} steps of {K} experts per "
+                f"token; got {len(steps)} steps"
+            )
+        self.table = np.array([e for _, e in steps], dtype=np.int64).reshape(-1, L, K)
+        if self.table.max() >= cfg.n_routed_experts:
+            raise ConfigError(f"{path}: expert id {self.table.max()} >= {cfg.n_routed_experts}")
+        self.cursor = 0  # trace token of the current step's first token
+        self.T = 0
+
+    def begin_step(self, token_ids: Sequence[int]) -> None:
+        self.cursor += self.T
+        self.T = len(token_ids)
+
+    def select(self, layer: int, sel: torch.Tensor) -> torch.Tensor:
+        rows = (self.cursor + np.arange(sel.shape[0])) % self.table.shape[0]
+        return torch.from_numpy(self.table[rows, layer])
+
+
+def make_routing(spec: str, cfg: ModelConfig, seed: int = 0) -> RoutingOverride | None:
+    """'model' (no override), 'uniform', or 'trace:PATH'."""
+    if spec == "model":
+        return None
+    if spec == "uniform":
+        return UniformRouting(cfg.n_routed_experts, cfg.num_experts_per_tok, seed)
+    if spec.startswith("trace:"):
+        return TraceRouting(spec.removeprefix("trace:"), cfg)
+    raise ConfigError(f"unknown routing {spec!r}: model, uniform or trace:PATH")
+
+
+class Scheduler:
+    """Owns the routing override, the trace recorder and the host time spent between
+    segments; the expert store owns residency."""
+
+    def __init__(self, store: ExpertStore, cfg: ModelConfig) -> None:
+        self.store, self.cfg = store, cfg
+        self.routing: RoutingOverride | None = None
+        self.trace: list[tuple[int, torch.Tensor]] | None = None  # (layer, sel [T, K]) when set
+        self.host_s = 0.0  # host seconds spent in `layer` (reading ids + residency bookkeeping)
+
+    def begin_step(self, token_ids: Sequence[int]) -> None:
+        """Hash-routed layers' experts follow from the token ids: start their copies now."""
+        if self.routing is not None:
+            self.routing.begin_step(token_ids)
+        else:  # an override routes hash layers too: their table would prefetch the wrong ones
+            self.store.prefetch_hash_layers(token_ids)
+
+    def layer(self, layer: int, sel: torch.Tensor) -> Iterator[tuple[torch.Tensor, dict[int, int]]]:
+        """Make the experts of sel [T, K] resident, a wave at a time (one wave unless a chunk
+        touches more experts than the pool holds; each expert still loads once per chunk).
+        Yields (the ids used [T, K] on the CPU, expert -> slot of this wave) once the compute
+        stream waits for the wave's copies. The wave's experts must be queued before the next
+        wave is asked for: its copies may evict this wave's slots."""
+        t0 = time.perf_counter()
+        store = self.store
+        sel = sel.cpu()  # the one host sync of the layer
+        if self.routing is not None:
+            sel = self.routing.select(layer, sel)
+        if self.trace is not None:
+            self.trace.append((layer, sel))
+        experts = sorted(set(sel.flatten().tolist()))
+        wave = max(store.n_slots - int(store.gpu.pinned.sum()), 1)
+        for i in range(0, len(experts), wave):
+            batch = experts[i : i + wave]
+            store.begin_layer()
+            slot_of = dict(zip(batch, store.ensure_resident(layer, batch), strict=True))
+            store.wait(slot_of.values())
+            self.host_s += time.perf_counter() - t0
+            yield sel, slot_of
+            t0 = time.perf_counter()
+        self.host_s += time.perf_counter() - t0
+
+    @staticmethod
+    def slot_table(
+        sel: torch.Tensor, slot_of: dict[int, int], device: torch.device
+    ) -> torch.Tensor:
+        """[T, K] int32 slots of sel's experts (-1: not in this wave)."""
+        table = [[slot_of.get(e, -1) for e in row] for row in sel.tolist()]
+        return torch.tensor(table, dtype=torch.int32).to(device, non_blocking=True)

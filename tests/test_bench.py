@@ -1,0 +1,93 @@
+"""`homeseek bench` end to end on the tiny model (CPU): the table, the JSON line, its fields.
+
+Speed is not asserted (benchmarks are tools); structure and the counters' consistency are."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from homeseek import cli
+from homeseek.config import ConfigError, tiny_config
+from homeseek.profile import save_trace
+from homeseek.scheduler import TraceRouting, UniformRouting
+
+
+def _bench(capsys, *args: str) -> tuple[str, dict]:
+    rc = cli.main(["bench", "--model", "tiny", "--device", "cpu", *args])
+    assert rc == 0
+    out = capsys.readouterr().out
+    last = out.strip().splitlines()[-1]
+    return out, json.loads(last)
+
+
+def test_bench_cli_on_tiny(capsys, tmp_path):
+    cfg = tiny_config()
+    L, K = cfg.num_hidden_layers, cfg.num_experts_per_tok
+    trace = tmp_path / "t.npz"
+    save_trace(trace, [(layer, [layer % 4, 4 + layer % 4]) for _ in range(3) for layer in range(L)])
+    out, res = _bench(
+        capsys, "--prompts", "8,24", "--decode-tokens", "3", "--long-decode-tokens", "2",
+        "--profile-tokens", "1", "--routing", "model,uniform", "--routing-trace", str(trace),
+    )  # fmt: skip
+    assert "ceilings (measured now)" in out and "per token:" in out
+    for key in ("device", "torch", "commit", "ceilings", "rows", "gpu_slots", "host_share"):
+        assert key in res, key
+    assert res["ceilings"]["hbm_read_GBps"] > 0 and res["ceilings"]["matmul_TFLOPs"] > 0
+    assert res["modes"] == ["eager"]
+    rows = res["rows"]
+    routings = [r["routing"] for r in rows]
+    assert routings.count("model") == routings.count("uniform") == 4
+    assert routings.count(f"trace:{trace}") == 4
+    for r in rows:
+        assert r["error"] is None
+        assert r["tok_s"] > 0 and r["ceiling_ms_per_token"] > 0 and r["pct_of_ceiling"] > 0
+        assert 0 <= r["gpu_hit_rate"] <= 1
+        assert r["expert_lookups_per_token"] > 0
+    dec = [r for r in rows if r["work"] == "decode"]
+    assert [(r["tokens"], r["position"]) for r in dec[:2]] == [(3, 8), (2, 24)]
+    # decode: every token looks up K experts in each layer
+    assert all(r["expert_lookups_per_token"] == L * K for r in dec)
+    prof = [r for r in dec if r["kernels_per_token"] is not None]
+    assert len(prof) == 3  # the short-position decode of each routing mode
+    for r in prof:
+        assert r["kernels_per_token"] > 0 and r["gpu_busy_ms_per_token"] > 0
+        assert r["host_ms_per_token"] >= 0
+
+
+def test_bench_rejects_bad_arguments():
+    from homeseek.bench import BenchConfig
+
+    with pytest.raises(ConfigError, match="routing"):
+        BenchConfig(model="tiny", synthetic=None, device="cpu", routings=("sideways",))
+    with pytest.raises(ConfigError, match="prompts"):
+        BenchConfig(model="tiny", synthetic=None, device="cpu", prompts=(0,))
+    with pytest.raises(ConfigError, match="no such file"):
+        BenchConfig(model="tiny", synthetic=None, device="cpu", routings=("trace:/nonexistent",))
+
+
+def test_uniform_routing_draws_distinct_experts_evenly():
+    r = UniformRouting(16, 4, seed=1)
+    sel = torch.cat([r.select(0, torch.zeros(64, 4, dtype=torch.long)) for _ in range(50)])
+    assert sel.shape == (3200, 4)
+    assert all(len(set(row)) == 4 for row in sel.tolist())
+    counts = np.bincount(sel.flatten().numpy(), minlength=16)
+    assert counts.min() > 0.8 * counts.mean() and counts.max() < 1.2 * counts.mean()
+
+
+def test_trace_routing_replays_tokens_in_order(tmp_path):
+    cfg = tiny_config()
+    L = cfg.num_hidden_layers
+    steps = [(layer, [t, t + 1]) for t in range(3) for layer in range(L)]
+    save_trace(tmp_path / "t.npz", steps)
+    r = TraceRouting(tmp_path / "t.npz", cfg)
+    r.begin_step([0, 0])  # tokens 0, 1
+    assert r.select(2, torch.zeros(2, 2)).tolist() == [[0, 1], [1, 2]]
+    r.begin_step([0, 0])  # tokens 2, 0 (wraps)
+    assert r.select(4, torch.zeros(2, 2)).tolist() == [[2, 3], [0, 1]]
+    save_trace(tmp_path / "bad.npz", steps[:-1])
+    with pytest.raises(ConfigError, match="routing trace"):
+        TraceRouting(tmp_path / "bad.npz", cfg)
