@@ -2,7 +2,7 @@
 # One command for a CUDA machine without network: make homeseek importable (no pip needed),
 # then run the GPU tests, the expert-copy benchmark, the routing simulation on the full-size
 # synthetic model, and the kernel check. Logs go under $OUT when set (else ./device-logs).
-#   bash tools/device_check.sh [engine|kernels|doctor|generate|copy|routing|bench|floor ...]
+#   bash tools/device_check.sh [engine|kernels|doctor|generate|copy|routing|bench|floor|e2e ...]
 #   (default: engine kernels doctor copy routing bench; BENCH_ARGS=--sweep adds tile sweeps;
 #   PYTEST_ARGS="-n 8" runs the GPU tests in parallel when pytest-xdist is there)
 set -uo pipefail
@@ -56,6 +56,9 @@ for p in "${parts[@]}"; do
     # shellcheck disable=SC2086  # BENCH_ARGS is a word list, e.g. BENCH_ARGS=--sweep
     bench) step bench_kernels 400 "$py" "$repo/tools/bench_kernels.py" ${BENCH_ARGS:-} ;;
     floor) step chain_floor 120 "$py" "$repo/tools/chain_floor.py" ;;
+    # The end-to-end yardstick (homeseek bench); E2E_ARGS adds flags, E2E_SECS its time limit.
+    # shellcheck disable=SC2086  # E2E_ARGS is a word list
+    e2e) step "e2e${E2E_TAG:-}" "${E2E_SECS:-540}" "$py" -m homeseek bench ${E2E_ARGS:-} ;;
     esac
 done
 exit $rc
