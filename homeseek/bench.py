@@ -246,9 +246,11 @@ class Bench:
         bc = self.bc
         if not self.cuda or bc.gpu_mem_gb is None:
             return None
-        total = torch.cuda.get_device_properties(torch.device(bc.device)).total_memory
+        dev = torch.device(bc.device)
+        index = dev.index if dev.index is not None else torch.cuda.current_device()
+        total = torch.cuda.get_device_properties(index).total_memory
         frac = min(1.0, bc.gpu_mem_gb * GiB / total)
-        torch.cuda.set_per_process_memory_fraction(frac, torch.device(bc.device))
+        torch.cuda.set_per_process_memory_fraction(frac, index)
         return frac
 
     def _engine(self):  # noqa: ANN202 - homeseek.engine.Engine (imported late)
