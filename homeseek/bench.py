@@ -15,8 +15,10 @@ max(HBM time, FLOPs / bf16 matmul rate).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -34,7 +36,9 @@ from homeseek.config import PRESETS, ConfigError, ModelConfig, RuntimeConfig
 from homeseek.experts import record_bytes
 
 GiB = plan.GiB
-WARMUP_PROMPT = 64  # tokens of the warm-up prefill (compiles the prefill kernels), then 3 decodes
+# Warm-up prefills (the grouped prefill kernels; short prompts take the decode kernels at M <= 16,
+# compiled per token count), then 3 decode steps. Excluded from every figure.
+WARMUP_PROMPT = 64
 
 
 @dataclass(frozen=True)
@@ -315,12 +319,14 @@ class Bench:
 
     def _warmup(self) -> None:
         """Compile the kernels for prefill and decode; excluded from every figure."""
-        g = torch.Generator().manual_seed(self.bc.seed + 1)
-        ids = torch.randint(0, self.cfg.vocab_size, (WARMUP_PROMPT + 3,), generator=g).tolist()
         sess = self.eng.session()
+        ids = self._ids(WARMUP_PROMPT + 3, -1)
         sess.forward(ids[:WARMUP_PROMPT], last_only=True)
         for t in ids[WARMUP_PROMPT:]:
             sess.decode(t)
+        for n in sorted({n for n in self.bc.prompts if n <= 16}):
+            sess.reset()
+            sess.forward(ids[:n], last_only=True)
         self._sync()
 
     def _sync(self) -> None:
@@ -398,7 +404,7 @@ class Bench:
             logits = sess.forward(ids, last_only=True)
             int(logits[0].argmax())  # the first token reaches the host: TTFT
         except torch.OutOfMemoryError as e:
-            row.error = f"out of GPU memory: {str(e).splitlines()[0]}"
+            row.error = _oom(e)
             self._sync()
             torch.cuda.empty_cache()
             self._add(row)
@@ -423,7 +429,7 @@ class Bench:
                 tok = int(sess.decode(tok).argmax())  # sampling's one read per token
                 times.append(time.perf_counter() - t0)
         except torch.OutOfMemoryError as e:
-            row.error = f"out of GPU memory: {str(e).splitlines()[0]}"
+            row.error = _oom(e)
             self._add(row)
             return row
         row.seconds = time.perf_counter() - t_all
@@ -537,6 +543,14 @@ class Bench:
         return res
 
 
+def _oom(e: BaseException) -> str:
+    """The allocator's message without its advice: what it tried, and against what limit."""
+    msg = str(e).splitlines()[0]
+    tried = msg.split(". GPU")[0].removeprefix("CUDA out of memory. ")
+    allowed = re.search(r"([\d.]+ \w+) allowed", msg)
+    return f"out of GPU memory ({tried}" + (f"; {allowed[1]} allowed)" if allowed else ")")
+
+
 def _rounded(o: Any) -> Any:
     """Floats to 4 significant decimals for the JSON line (the table has the readable ones)."""
     if isinstance(o, float):
@@ -567,15 +581,21 @@ def _triton_version() -> str | None:
 
 
 def _commit() -> str:
+    """The checkout's commit ("-dirty" when the tree differs from it), and a digest of the
+    engine's own source files, which names the code that ran even in a copied tree."""
     here = Path(__file__).resolve().parent
+    src = sorted(here.glob("*.py")) + sorted(here.glob("kernels/*.py"))
+    src += sorted(here.glob("graphs/*.py"))
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in src)).hexdigest()[:10]
     try:
         r = subprocess.run(
-            ["git", "-C", str(here), "rev-parse", "--short", "HEAD"],
+            ["git", "-C", str(here), "describe", "--always", "--dirty", "--abbrev=7"],
             capture_output=True, text=True, timeout=5, check=False,
         )  # fmt: skip
+        rev = r.stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    return r.stdout.strip() or "unknown"
+        rev = ""
+    return f"{rev or 'unknown'} src:{digest}"
 
 
 def main(bc: BenchConfig) -> int:
