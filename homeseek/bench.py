@@ -23,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -209,10 +210,12 @@ def _gpu_profile(fn: Callable[[], Any], cuda: bool) -> tuple[int, float]:
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=acts) as prof:
-        fn()
-        if cuda:
-            torch.cuda.synchronize()
+    with warnings.catch_warnings():  # one profiling cycle: its "clears events" warning is moot
+        warnings.simplefilter("ignore", UserWarning)
+        with profile(activities=acts) as prof:
+            fn()
+            if cuda:
+                torch.cuda.synchronize()
     spans = []
     for ev in prof.events():
         if cuda:
@@ -599,6 +602,6 @@ def _commit() -> str:
 
 
 def main(bc: BenchConfig) -> int:
-    Bench(bc, out=lambda s: print(s, flush=True)).run()
+    Bench(bc, out=tqdm.write).run()  # lines above the progress bars, never through them
     sys.stdout.flush()
     return 0
