@@ -367,6 +367,19 @@ class GraphPool:
         if _pool_incref(idx, self.handle):
             self._finalizer = weakref.finalize(self, _pool_release, idx, self.handle)
 
+    def _abandon_capture(self) -> None:
+        """After a failed capture: end its allocator registration if torch left it open, and
+        drop the reference it took on the pool. The reference is only dropped while this object
+        holds its own (else a failed first capture would leave a dead pool that the next capture
+        trips over); without one it leaks and the pool's memory stays until the process ends."""
+        idx = self.device.index
+        if (
+            _pool_end_allocate(idx, self.handle)
+            and self._finalizer is not None
+            and self._finalizer.alive
+        ):
+            _pool_release(idx, self.handle)
+
     # Construction of graphs.
     def graph(
         self,
@@ -533,7 +546,7 @@ class StaticGraph(Generic[T]):
         self, side: torch.cuda.Stream
     ) -> tuple[torch.cuda.CUDAGraph | None, Any, BaseException | None]:
         """Run fn under capture. Never leaves the stream capturing or the pool registered."""
-        pool, idx = self.pool, self.pool.device.index
+        pool = self.pool
         graph = torch.cuda.CUDAGraph()
         out: Any = None
         err: BaseException | None = None
@@ -541,8 +554,7 @@ class StaticGraph(Generic[T]):
             try:
                 graph.capture_begin(pool=pool.handle, capture_error_mode=pool.capture_error_mode)
             except Exception as e:  # noqa: BLE001 - reported as CaptureError
-                if _pool_end_allocate(idx, pool.handle):
-                    _pool_release(idx, pool.handle)
+                pool._abandon_capture()
                 return None, None, e
             try:
                 out = self.fn()
@@ -555,9 +567,8 @@ class StaticGraph(Generic[T]):
             except Exception as e:  # noqa: BLE001
                 err = err if err is not None else e
                 # torch raised before ending the allocator registration of this capture (it
-                # does when CUDA reports the capture invalidated); end it and drop its reference.
-                if _pool_end_allocate(idx, pool.handle):
-                    _pool_release(idx, pool.handle)
+                # does when CUDA reports the capture invalidated).
+                pool._abandon_capture()
             still = torch.cuda.is_current_stream_capturing()
         if still:  # not expected: CUDA ends a capture even when it reports it invalid
             err = RuntimeError(f"{err}; the capture stream is STILL capturing, CUDA is unusable")
