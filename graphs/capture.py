@@ -176,13 +176,17 @@ class StaticInputs:
         self.graph_name = graph_name
         self.inputs: Mapping[str, torch.Tensor] = inputs if inputs is not None else {}
         self.captured: dict[str, tuple] = {}
+        self.tensors: dict[str, torch.Tensor] = {}
 
     def record(self) -> None:
-        """Remember every input's data pointer, shape, dtype, stride and device."""
+        """Remember every input's data pointer, shape, dtype, stride and device, and keep the
+        tensors alive: the graph reads their addresses, and a buffer the caller dropped would
+        otherwise go back to the allocator and be handed to another tensor."""
         for name, t in self.inputs.items():
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"graph {self.graph_name!r}: input {name!r} is not a tensor")
-        self.captured = {name: _signature(t) for name, t in self.inputs.items()}
+        self.tensors = dict(self.inputs)
+        self.captured = {name: _signature(t) for name, t in self.tensors.items()}
 
     def verify(self) -> None:
         """Raise StaleInputError naming the first input that differs from capture time."""
@@ -267,7 +271,7 @@ def _cuda_device(device: torch.device | str | int | None) -> torch.device:
 # before undoing the registration, and while any registration is open the allocator stops
 # recycling memory that was used on other streams (record_stream: the expert store's copies). So a
 # failed capture ends the registration here. These private bindings have these names since torch
-# 2.7; where one is missing the cleanup is skipped (the pool then leaks, the process still works).
+# 2.8; where one is missing the cleanup is skipped (the pool then leaks, the process still works).
 
 
 def _torch_c(*names: str) -> Callable[..., Any] | None:

@@ -23,6 +23,7 @@ from homeseek.graphs import (
     format_capture_error,
     graphs_available,
     measure_graph_pool_bytes,
+    measure_memory,
 )
 from homeseek.graphs import capture as capture_mod
 
@@ -357,13 +358,27 @@ def test_record_events_times_each_replay(pool):
     assert list(pool.drain_times_ms()) == ["H"]
 
 
+def _private_pool_segments() -> int:
+    """Segments the caching allocator holds for graph pools (the default pool's id is (0, 0))."""
+    return sum(1 for s in torch.cuda.memory_snapshot() if tuple(s["segment_pool_id"]) != (0, 0))
+
+
 @gpu
 def test_measure_graph_pool_bytes_frees_its_pool():
     x = torch.randn(256, 256, device="cuda")
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
-    before = torch.cuda.memory_reserved()
+    before = _private_pool_segments()
     n = measure_graph_pool_bytes({"a": lambda: x @ x, "b": lambda: (x @ x).relu() + 1})
     assert n >= 256 * 256 * 4
     if capture_mod._torch_c("_cuda_releasePool") is not None:
-        assert torch.cuda.memory_reserved() <= before
+        assert _private_pool_segments() <= before  # the throwaway pool went back to the driver
+
+
+@gpu
+def test_measure_memory_reports_growth():
+    with measure_memory("cuda") as m:
+        t = torch.empty(1 << 20, dtype=torch.float32, device="cuda")  # 4 MiB
+    assert m.allocated_bytes == 4 << 20 and m.peak_allocated_bytes >= 4 << 20
+    assert m.reserved_bytes >= 0 and m.device.type == "cuda"
+    del t
