@@ -379,6 +379,7 @@ def test_measure_graph_pool_bytes_frees_its_pool():
 def test_measure_memory_reports_growth():
     with measure_memory("cuda") as m:
         t = torch.empty(1 << 20, dtype=torch.float32, device="cuda")  # 4 MiB
-    assert m.allocated_bytes == 4 << 20 and m.peak_allocated_bytes >= 4 << 20
+    # A cached block may be handed out unsplit, so "at least".
+    assert m.allocated_bytes >= 4 << 20 and m.peak_allocated_bytes >= 4 << 20
     assert m.reserved_bytes >= 0 and m.device.type == "cuda"
     del t
