@@ -237,8 +237,9 @@ class MemoryDelta:
 def measure_memory(device: torch.device | str | int | None = None) -> Iterator[MemoryDelta]:
     """`with measure_memory(dev) as m: ...` then m.reserved_bytes etc.
 
-    Synchronizes the device at both ends so pending frees are settled. Other threads that
-    allocate on the device meanwhile (a copy thread) are counted too: measure when they idle."""
+    Synchronizes the device at both ends so pending frees are settled, and resets the device's
+    peak-memory statistic. Other threads that allocate on the device meanwhile (a copy thread)
+    are counted too: measure when they idle."""
     dev = _cuda_device(device)
     torch.cuda.synchronize(dev)
     r0, a0 = torch.cuda.memory_reserved(dev), torch.cuda.memory_allocated(dev)
@@ -450,7 +451,8 @@ class GraphPool:
 
     def close(self) -> None:
         """Drop every graph of the pool and this object's reference on it; after the last graph
-        object is gone, torch.cuda.empty_cache() returns the pool's memory to the driver."""
+        object is gone, torch.cuda.empty_cache() returns the pool's memory to the driver. The
+        pool's graphs (also those a GraphedStep holds) cannot replay afterwards."""
         for g in self.graphs:
             g.reset()
         self.graphs.clear()
