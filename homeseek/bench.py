@@ -84,7 +84,7 @@ class BenchConfig:
 
 
 # --- ceilings ------------------------------------------------------------------------------------
-def _cuda_ms(fn: Callable[[], Any], reps: int = 5) -> float:
+def cuda_ms(fn: Callable[[], Any], reps: int = 5) -> float:
     """Median ms of fn() on the current stream, after one warm-up."""
     fn()
     torch.cuda.synchronize()
@@ -123,13 +123,13 @@ def measure_ceilings(cfg: ModelConfig, device: str) -> dict[str, float]:
             for i in range(n):
                 dst[i].copy_(src[i], non_blocking=True)
 
-        h2d_ms = _cuda_ms(copy)
+        h2d_ms = cuda_ms(copy)
         del src, dst
         big = torch.randn(1 << 29, dtype=torch.bfloat16, device=device)  # 1 GiB
-        read_ms = _cuda_ms(lambda: torch.sum(big, dtype=torch.float32))
+        read_ms = cuda_ms(lambda: torch.sum(big, dtype=torch.float32))
         del big
         m = torch.randn(8192, 8192, dtype=torch.bfloat16, device=device)
-        mm_ms = _cuda_ms(lambda: m @ m)
+        mm_ms = cuda_ms(lambda: m @ m)
         del m
         torch.cuda.empty_cache()
         return {

@@ -13,23 +13,14 @@ import json
 
 import torch
 
+from homeseek.bench import cuda_ms
 from homeseek.config import flash_config
 from homeseek.experts import RecordBuffer, record_bytes
 
 
 def _time(fn, reps: int = 5) -> float:
     """Median seconds of fn() on the current stream, after one warm-up."""
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b) / 1000)
-    return sorted(times)[len(times) // 2]
+    return cuda_ms(fn, reps) / 1000
 
 
 def main() -> None:
