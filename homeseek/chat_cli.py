@@ -178,7 +178,8 @@ class LocalBackend:
         temperature: float,
         on_delta: DeltaSink,
     ) -> Reply:
-        from homeseek.server import ApiError, ChatReply, Job, parse_chat_request, usage_dict
+        from homeseek.protocol import ApiError, ChatReply, parse_chat_request, usage_dict
+        from homeseek.server import Job
 
         body = _request_body(messages, thinking, max_tokens, temperature)
         try:

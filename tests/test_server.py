@@ -31,19 +31,16 @@ import pytest
 from openai.types.chat import ChatCompletionChunk
 
 from homeseek.chat import EOS_TOKEN, encode_messages
+from homeseek.protocol import ApiError, ChatReply, Outcome, parse_chat_request
 from homeseek.server import (
-    ApiError,
     App,
-    ChatReply,
     EngineWorker,
     Job,
     Metrics,
-    Outcome,
     PrefixCache,
     Prompt,
     ServerConfig,
     make_server,
-    parse_chat_request,
 )
 
 MAX_CONTEXT = 1024
