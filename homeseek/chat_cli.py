@@ -178,12 +178,12 @@ class LocalBackend:
         temperature: float,
         on_delta: DeltaSink,
     ) -> Reply:
-        from homeseek.protocol import ApiError, ChatReply, parse_chat_request, usage_dict
+        from homeseek.protocol import ApiError, ChatReply, Limits, parse_chat_request, usage_dict
         from homeseek.server import Job
 
         body = _request_body(messages, thinking, max_tokens, temperature)
         try:
-            req = parse_chat_request(body, self.core.max_context)
+            req = parse_chat_request(body, Limits(self.core.max_context))
             prompt = self.core.chat_prompt(req)
         except ApiError as e:
             raise ChatError(e.message) from None

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from homeseek.chat import (
@@ -77,6 +77,37 @@ REASONING_EFFORT_MAP: dict[str, tuple[bool, str | None]] = {
     "max": (True, "max"),
 }
 MAX_STOP_STRINGS = 16
+MAX_TOP_LOGPROBS = 20  # as homeseek.sampling (not imported: this module stays free of torch)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a request is checked against: the server's context, vocabulary, name and budgets."""
+
+    max_context: int
+    vocab_size: int | None = None  # token ids (prompts, logit_bias) must be below it
+    model_name: str | None = None  # a request naming another model is a 404; None: any name
+    max_tokens_default: int | None = None  # when a request sets none (None: endpoint default)
+    # Larger requests are refused (400), not clamped: a client asking for 32K tokens learns now
+    # that it will not get them, instead of reading a reply cut short with finish_reason length.
+    max_tokens_cap: int | None = None
+
+
+def check_model(body: Mapping[str, Any], limits: Limits) -> None:
+    """Every endpoint answers an unknown `model` the same way: 404 model_not_found, as OpenAI.
+    A request without `model` is served (many local clients leave it out)."""
+    name = _typed(body, "model", "str")
+    if name is not None and limits.model_name is not None and name != limits.model_name:
+        raise model_not_found(name, limits.model_name)
+
+
+def model_not_found(name: str, served: str) -> ApiError:
+    return ApiError(
+        404,
+        f"the model {name!r} does not exist; this server serves {served!r} (GET /v1/models)",
+        param="model",
+        code="model_not_found",
+    )
 
 
 def _typed(body: Mapping[str, Any], name: str, kind: str, default: Any = None) -> Any:
@@ -116,24 +147,76 @@ class GenParams:
     top_k: int
     seed: int | None
     stop: tuple[str, ...]
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    logprobs: int | None = None  # None: none; n: the chosen token's and the n most likely
+    prompt_logprobs: bool = False  # /v1/completions echo with logprobs
 
 
-def parse_gen_params(
-    body: Mapping[str, Any], max_context: int, default_max: int | None
-) -> GenParams:
-    """Sampling fields shared by both endpoints."""
+def _max_tokens(
+    body: Mapping[str, Any], limits: Limits, endpoint_default: int | None
+) -> int | None:
     max_tokens = _typed(body, "max_completion_tokens", "int")
     name = "max_completion_tokens"
     if max_tokens is None:
-        max_tokens, name = _typed(body, "max_tokens", "int", default_max), "max_tokens"
-    if max_tokens is not None and max_tokens < 1:
+        max_tokens, name = _typed(body, "max_tokens", "int"), "max_tokens"
+    cap = limits.max_tokens_cap
+    if max_tokens is None:  # the server's default, else the endpoint's, never above the cap
+        default = limits.max_tokens_default
+        default = default if default is not None else endpoint_default
+        return default if cap is None else min(default or cap, cap)
+    if max_tokens < 1:
         raise ApiError(400, f"'{name}' must be >= 1, got {max_tokens}", param=name)
-    if max_tokens is not None and max_tokens > max_context:
+    if cap is not None and max_tokens > cap:
+        raise ApiError(
+            400,
+            f"'{name}' = {max_tokens} exceeds this server's cap of {cap} tokens per request "
+            "(--max-tokens-cap); ask for fewer",
+            param=name,
+        )
+    max_context = limits.max_context
+    if max_tokens > max_context:
         raise ApiError(
             400,
             f"'{name}' = {max_tokens} exceeds the server's context of {max_context} tokens",
             param=name,
         )
+    return max_tokens
+
+
+def _logit_bias(body: Mapping[str, Any], vocab_size: int | None) -> dict[int, float]:
+    """OpenAI's {"token id": bias in [-100, 100]}; ids as JSON object keys, i.e. strings."""
+    raw = _typed(body, "logit_bias", "dict", {})
+    out: dict[int, float] = {}
+    for k, v in raw.items():
+        try:
+            tid = int(k)
+        except ValueError:
+            raise ApiError(400, f"'logit_bias' key {k!r} is not a token id", "logit_bias") from None
+        if tid < 0 or (vocab_size is not None and tid >= vocab_size):
+            raise ApiError(
+                400, f"'logit_bias': token id {tid} is outside [0, {vocab_size})", "logit_bias"
+            )
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and -100 <= v <= 100
+        if not ok:
+            raise ApiError(
+                400, f"'logit_bias'[{k!r}] must be a number in [-100, 100], got {v!r}", "logit_bias"
+            )
+        out[tid] = float(v)
+    return out
+
+
+def parse_gen_params(
+    body: Mapping[str, Any],
+    limits: Limits,
+    endpoint_default: int | None,
+    logprobs: int | None = None,
+    prompt_logprobs: bool = False,
+) -> GenParams:
+    """Sampling fields shared by both endpoints (logprobs are parsed per endpoint: their shapes
+    differ)."""
+    max_tokens = _max_tokens(body, limits, endpoint_default)
     temperature = float(_typed(body, "temperature", "number", 1.0))
     if not 0 <= temperature <= 2:
         raise ApiError(400, f"'temperature' must be in [0, 2], got {temperature}", "temperature")
@@ -159,13 +242,28 @@ def parse_gen_params(
         stops = tuple(s for s in stop if s)
     else:
         raise ApiError(400, "'stop' must be a string or a list of strings", param="stop")
+    penalties = []
     for name in ("presence_penalty", "frequency_penalty"):
-        # Accepted for compatibility (many clients send 0); not applied by this engine.
-        _typed(body, name, "number")
+        v = float(_typed(body, name, "number", 0.0))
+        if not -2 <= v <= 2:
+            raise ApiError(400, f"'{name}' must be in [-2, 2], got {v}", param=name)
+        penalties.append(v)
     n = _typed(body, "n", "int", 1)
     if n != 1:
         raise ApiError(400, f"'n' = {n}: only one choice per request is supported", param="n")
-    return GenParams(max_tokens, temperature, top_p, top_k, seed, stops)
+    return GenParams(
+        max_tokens,
+        temperature,
+        top_p,
+        top_k,
+        seed,
+        stops,
+        presence_penalty=penalties[0],
+        frequency_penalty=penalties[1],
+        logit_bias=_logit_bias(body, limits.vocab_size),
+        logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
+    )
 
 
 def _stream_flags(body: Mapping[str, Any]) -> tuple[bool, bool]:
@@ -267,11 +365,46 @@ def _parse_tools(body: Mapping[str, Any]) -> list[dict[str, Any]]:
     return tools
 
 
-def parse_chat_request(
-    body: Mapping[str, Any], max_context: int, default_max_tokens: int | None = None
-) -> ChatRequest:
+def _chat_logprobs(body: Mapping[str, Any], stream: bool) -> int | None:
+    """`logprobs: true` and `top_logprobs: n` -> n top tokens per position (None: off)."""
+    want = _typed(body, "logprobs", "bool", False)
+    top = _typed(body, "top_logprobs", "int")
+    if top is not None and not want:
+        raise ApiError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+    if top is not None and not 0 <= top <= MAX_TOP_LOGPROBS:
+        raise ApiError(
+            400, f"'top_logprobs' must be in [0, {MAX_TOP_LOGPROBS}], got {top}", "top_logprobs"
+        )
+    if want and stream:
+        raise ApiError(400, "'logprobs' with 'stream' is not supported yet", param="logprobs")
+    return (top or 0) if want else None
+
+
+def _response_format(body: Mapping[str, Any]) -> None:
+    """Only plain text: JSON modes would need constrained decoding, which this server does not
+    do yet, and a JSON mode that is merely hoped for must not look like one that is enforced."""
+    fmt = _typed(body, "response_format", "dict")
+    kind = fmt.get("type", "text") if fmt else "text"
+    if kind == "text":
+        return
+    if kind in ("json_object", "json_schema"):
+        raise ApiError(
+            400,
+            f"'response_format' {kind!r} is not supported yet: this server cannot constrain "
+            "the output to JSON; ask for JSON in the prompt and validate the reply",
+            param="response_format",
+            code="unsupported_parameter",
+        )
+    raise ApiError(
+        400,
+        f"'response_format'.type must be 'text', 'json_object' or 'json_schema', got {kind!r}",
+        param="response_format",
+    )
+
+
+def parse_chat_request(body: Mapping[str, Any], limits: Limits) -> ChatRequest:
     """Validate a /v1/chat/completions body (shape and types; the encoder checks the rest)."""
-    _typed(body, "model", "str")
+    check_model(body, limits)
     raw_messages = body.get("messages")
     if not isinstance(raw_messages, list) or not raw_messages:
         raise ApiError(400, "'messages' must be a non-empty list", param="messages")
@@ -294,24 +427,20 @@ def parse_chat_request(
             "'tool' (the reply continues the conversation)",
             param="messages",
         )
-    if _typed(body, "logprobs", "bool", False):
-        raise ApiError(400, "'logprobs' is not supported", param="logprobs")
     thinking, effort = _parse_thinking(body)
     tools = _parse_tools(body)
     prefix, keep_tools = _tool_prefix(body.get("tool_choice"), tools, thinking)
-    fmt = _typed(body, "response_format", "dict")
+    _response_format(body)
     extra: dict[str, Any] = {}
     if tools and keep_tools:
         extra["tools"] = tools
-    if fmt and fmt.get("type") not in (None, "text"):
-        extra["response_format"] = fmt
     if extra:
         # The official format carries tools on the system message; make one when there is none.
         if messages[0]["role"] != "system":
             messages.insert(0, {"role": "system", "content": ""})
         messages[0] = {**messages[0], **extra}
     stream, include_usage = _stream_flags(body)
-    params = parse_gen_params(body, max_context, default_max_tokens)
+    params = parse_gen_params(body, limits, None, logprobs=_chat_logprobs(body, stream))
     return ChatRequest(messages, thinking, effort, prefix, params, stream, include_usage)
 
 
@@ -324,11 +453,10 @@ class CompletionRequest:
     include_usage: bool
 
 
-def parse_completion_request(
-    body: Mapping[str, Any], max_context: int, vocab_size: int
-) -> CompletionRequest:
+def parse_completion_request(body: Mapping[str, Any], limits: Limits) -> CompletionRequest:
     """Validate a legacy /v1/completions body: a prompt string or a list of token ids."""
-    _typed(body, "model", "str")
+    check_model(body, limits)
+    vocab_size = limits.vocab_size if limits.vocab_size is not None else 2**31
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]  # a batch of one
@@ -342,15 +470,27 @@ def parse_completion_request(
             )
     elif not isinstance(prompt, str) or not prompt:
         raise ApiError(400, "'prompt' must be a non-empty string or a list of token ids", "prompt")
-    for name in ("suffix", "logprobs"):
-        if body.get(name):
-            raise ApiError(400, f"'{name}' is not supported", param=name)
+    if body.get("suffix"):
+        raise ApiError(400, "'suffix' is not supported", param="suffix")
     best_of = _typed(body, "best_of", "int", 1)
     if best_of != 1:
         raise ApiError(400, "'best_of' must be 1", param="best_of")
     echo = _typed(body, "echo", "bool", False)
     stream, include_usage = _stream_flags(body)
-    params = parse_gen_params(body, max_context, default_max=16)  # OpenAI's legacy default
+    logprobs = _typed(body, "logprobs", "int")  # the legacy form: how many top tokens
+    if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
+        raise ApiError(
+            400, f"'logprobs' must be in [0, {MAX_TOP_LOGPROBS}], got {logprobs}", "logprobs"
+        )
+    if logprobs is not None and stream:
+        raise ApiError(400, "'logprobs' with 'stream' is not supported yet", param="logprobs")
+    params = parse_gen_params(
+        body,
+        limits,
+        16,  # OpenAI's legacy default
+        logprobs=logprobs,
+        prompt_logprobs=echo and logprobs is not None,
+    )
     return CompletionRequest(prompt, echo, params, stream, include_usage)
 
 
@@ -362,6 +502,8 @@ class Outcome:
     completion_tokens: int
     cached_tokens: int
     stats: dict[str, float]
+    logprobs: list[Any] | None = None  # sampling.TokenLogprob per completion token, when asked
+    prompt_logprobs: list[Any] | None = None  # per prompt token (None where unknown), when asked
 
 
 # ------------------------------------------------------------------------------------------------
@@ -381,6 +523,11 @@ class ChatReply:
     pieces. A malformed tool-call block (the parser raises) degrades to plain text: the raw block
     becomes content and no tool call is reported in the message; a streaming client may already
     have seen the start of a call, which the final finish_reason "stop" then disowns.
+
+    A forced tool call (`prefix`: tool_choice "required" or a named function) is different: the
+    block's opening was written by the server, not the model, so a malformed or cut-off block is
+    dropped instead of becoming content; the client gets no call, no DSML markup, and the
+    finish_reason ("length" when cut off) says why.
     """
 
     def __init__(
@@ -390,6 +537,7 @@ class ChatReply:
         self.parser = CompletionStream("thinking" if thinking else "chat", new_call_id)
         self.fed = ""
         self.raw = False  # after a malformed block: everything else is content
+        self.forced = bool(prefix)  # the block was opened by the server: never shown as text
         self.closed = False
         self.content: list[str] = []
         self.reasoning: list[str] = []
@@ -483,7 +631,7 @@ class ChatReply:
         cut = text.find(EOS_TOKEN)
         if cut >= 0:
             text, self.closed = text[:cut], True
-        if not text:
+        if not text or self.forced:
             return []
         self.content.append(text)
         return [{"content": text}]
@@ -503,3 +651,41 @@ def usage_dict(o: Outcome) -> dict[str, Any]:
         "total_tokens": o.prompt_tokens + o.completion_tokens,
         "prompt_tokens_details": {"cached_tokens": o.cached_tokens},
     }
+
+
+# ------------------------------------------------------------------------------------------------
+# Log-probabilities (homeseek.sampling.TokenLogprob: token_id, logprob, top) -> OpenAI shapes
+# ------------------------------------------------------------------------------------------------
+
+
+def chat_logprobs(lps: Sequence[Any], text_of: Callable[[int], str]) -> dict[str, Any]:
+    """choices[].logprobs of a chat completion. Every generated token is listed, reasoning and
+    tool-call markup included (the reply's text is built from all of them). A token that is
+    part of a multi-byte character shows as U+FFFD; its `bytes` are those of that text."""
+
+    def entry(tid: int, lp: float) -> dict[str, Any]:
+        t = text_of(tid)
+        return {"token": t, "logprob": lp, "bytes": list(t.encode())}
+
+    content = [
+        {**entry(x.token_id, x.logprob), "top_logprobs": [entry(i, v) for i, v in x.top]}
+        for x in lps
+    ]
+    return {"content": content, "refusal": None}
+
+
+def completion_logprobs(
+    ids: Sequence[int], lps: Sequence[Any], text_of: Callable[[int], str], offset: int = 0
+) -> dict[str, Any]:
+    """choices[].logprobs of a legacy completion; `lps[i]` None where no logprob is known (the
+    first token of an echoed prompt). `offset`: where the first token's text starts."""
+    out: dict[str, list[Any]] = {"tokens": [], "token_logprobs": [], "top_logprobs": []}
+    out["text_offset"] = []
+    for tid, x in zip(ids, lps, strict=True):
+        t = text_of(tid)
+        out["tokens"].append(t)
+        out["token_logprobs"].append(None if x is None else x.logprob)
+        out["top_logprobs"].append(None if x is None else {text_of(i): v for i, v in x.top})
+        out["text_offset"].append(offset)
+        offset += len(t)
+    return out

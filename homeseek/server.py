@@ -36,6 +36,7 @@ import sys
 import threading
 import time
 import traceback
+import urllib.parse
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -49,8 +50,12 @@ from homeseek.protocol import (
     ChatReply,
     ChatRequest,
     GenParams,
+    Limits,
     Outcome,
+    chat_logprobs,
+    completion_logprobs,
     envelope,
+    model_not_found,
     parse_chat_request,
     parse_completion_request,
     usage_dict,
@@ -78,6 +83,10 @@ class ServerConfig:
     prefix_sessions: int = 1  # sequences whose decode state is kept for prefix reuse
     drain_timeout_s: float = 30.0  # on SIGTERM: time given to running and queued requests
     log_requests: bool = True
+    # Browser origins that may call the API (CORS); empty: no CORS headers at all; "*": any.
+    allowed_origins: tuple[str, ...] = ()
+    max_tokens_default: int | None = None  # for requests that set none (None: until EOS)
+    max_tokens_cap: int | None = None  # requests asking for more are refused with 400
 
     def __post_init__(self) -> None:
         if self.max_queue < 1:
@@ -86,6 +95,16 @@ class ServerConfig:
             raise ValueError(f"prefix_sessions must be >= 1, got {self.prefix_sessions}")
         if self.max_body_bytes < 1024:
             raise ValueError(f"max_body_bytes must be >= 1024, got {self.max_body_bytes}")
+        for name in ("max_tokens_default", "max_tokens_cap"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise ValueError(f"{name} must be >= 1, got {v}")
+        cap, default = self.max_tokens_cap, self.max_tokens_default
+        if cap is not None and default is not None and default > cap:
+            raise ValueError(f"max_tokens_default {default} exceeds max_tokens_cap {cap}")
+        for o in self.allowed_origins:
+            if o != "*" and not o.startswith(("http://", "https://")):
+                raise ValueError(f"allowed origin {o!r} must be '*' or start with http(s)://")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -151,9 +170,11 @@ class PrefixCache:
                 return spliced
         return None
 
-    def acquire(self, text: str | None, ids: list[int]) -> Lease:
+    def acquire(self, text: str | None, ids: list[int], reuse: bool = True) -> Lease:
+        """A session for `ids`: the cached one it extends, else a fresh one (also when `reuse`
+        is False: a request that needs the logits of its whole prompt)."""
         best: tuple[int, _Entry, list[int]] | None = None
-        for e in self.entries:
+        for e in self.entries if reuse else ():
             full = self._match(e, text, ids)
             if full is not None and (best is None or len(e.session.tokens) > best[0]):
                 best = (len(e.session.tokens), e, full)
@@ -198,6 +219,7 @@ class Prompt:
     ids: list[int]
     thinking: bool  # parse the reply in thinking mode: the prompt ended with `<think>`
     reply_prefix: str = ""  # part of the prompt that belongs to the reply (forced tool call)
+    param: str = "messages"  # the request field a context error names
 
 
 @dataclass
@@ -258,11 +280,11 @@ class Core:
 
     def completion_prompt(self, prompt: str | list[int]) -> Prompt:
         if isinstance(prompt, list):
-            return self._checked(Prompt(None, list(prompt), False))
+            return self._checked(Prompt(None, list(prompt), False, param="prompt"))
         tok = self._need_tokenizer()
         # The released tokenizer adds BOS; a raw prompt that already has it keeps one.
         text = prompt if prompt.startswith(BOS_TOKEN) else BOS_TOKEN + prompt
-        return self._checked(Prompt(text, tok.encode(text), False))
+        return self._checked(Prompt(text, tok.encode(text), False, param="prompt"))
 
     def _checked(self, p: Prompt) -> Prompt:
         if len(p.ids) >= self.max_context:
@@ -271,7 +293,7 @@ class Core:
                 f"the prompt is {len(p.ids)} tokens; this server's context is {self.max_context} "
                 "(prompt plus at least one generated token): shorten the conversation or restart "
                 "the server with a larger --max-context",
-                param="messages",
+                param=p.param,
                 code="context_length_exceeded",
             )
         return p
@@ -282,13 +304,14 @@ class Core:
         from homeseek.engine import ContextError
 
         started = time.perf_counter()
-        lease = self.cache.acquire(job.prompt.text, job.prompt.ids)
+        p = job.params
+        # Prompt logprobs need the logits of every prompt position: no cached prefix.
+        lease = self.cache.acquire(job.prompt.text, job.prompt.ids, reuse=not p.prompt_logprobs)
         res: GenerationResult | None = None
         try:
             room = self.max_context - len(lease.ids)
             if room < 1:
                 raise ContextError(f"prompt of {len(lease.ids)} tokens fills the context")
-            p = job.params
             res = self.engine.generate(
                 prompt_ids=lease.tail,
                 session=lease.session,
@@ -301,9 +324,16 @@ class Core:
                 stop=p.stop,
                 stream=job.on_text if job.stream else None,
                 cancel=job.cancelled.is_set,
+                presence_penalty=p.presence_penalty,
+                frequency_penalty=p.frequency_penalty,
+                logit_bias=p.logit_bias,
+                logprobs=p.logprobs,
+                prompt_logprobs=p.prompt_logprobs,
             )
         except ContextError as e:
-            raise ApiError(400, str(e), param="messages", code="context_length_exceeded") from None
+            raise ApiError(
+                400, str(e), param=job.prompt.param, code="context_length_exceeded"
+            ) from None
         finally:
             out_text = None
             if res is not None and job.prompt.text is not None and self.tokenizer is not None:
@@ -316,6 +346,8 @@ class Core:
             completion_tokens=len(res.token_ids),
             cached_tokens=lease.reused,
             stats=_request_stats(res.stats, lease, job, started),
+            logprobs=res.logprobs,
+            prompt_logprobs=res.prompt_logprobs,
         )
 
 
@@ -560,6 +592,12 @@ class EngineWorker:
 # ------------------------------------------------------------------------------------------------
 
 
+def _now() -> str:
+    """UTC wall-clock time with milliseconds, as access logs carry it."""
+    t = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
+
+
 class ClientGone(Exception):
     """The client closed the connection."""
 
@@ -598,6 +636,24 @@ class App:
         self.draining = False
         self.in_flight = 0
         self.lock = threading.Lock()
+        self.log_lock = threading.Lock()  # one access-log line at a time: lines never interleave
+        self.limits = Limits(
+            max_context=self.core.max_context,
+            vocab_size=engine.cfg.vocab_size,
+            model_name=cfg.model_name,
+            max_tokens_default=cfg.max_tokens_default,
+            max_tokens_cap=cfg.max_tokens_cap,
+        )
+
+    def write_log(self, line: str) -> None:
+        """One line in one write under the lock, so concurrent requests never interleave."""
+        with self.log_lock:
+            self.log.write(line + "\n")
+            self.log.flush()
+
+    def token_text(self, tid: int) -> str:
+        tok = self.core.tokenizer
+        return tok.decode([tid]) if tok is not None else f"<{tid}>"
 
     def model_card(self) -> dict[str, Any]:
         return {
@@ -617,8 +673,58 @@ class Handler(BaseHTTPRequestHandler):
     # -- plumbing --
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+        # The stdlib's own messages (malformed request lines, timeouts); requests are logged by
+        # `_access_log` instead (the stdlib's line has no latency and no token counts).
         if self.app.cfg.log_requests:
-            print(f"{self.address_string()} - {format % args}", file=self.app.log, flush=True)
+            self.app.write_log(f"{_now()} {self.address_string()} - {format % args}")
+
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        self._status = int(code) if str(code).isdigit() else 0
+
+    def _access_log(self, started: float) -> None:
+        """`<UTC time> <client> "<METHOD> <path>" <status> <seconds>s prompt=<n> completion=<n>
+        cached=<n> cancelled=<0|1>`; token fields are `-` for requests that generate nothing."""
+        if not self.app.cfg.log_requests:
+            return
+        out, job = self._outcome, self._job
+        toks = "prompt=- completion=- cached=-"
+        if out is not None:
+            toks = (
+                f"prompt={out.prompt_tokens} completion={out.completion_tokens} "
+                f"cached={out.cached_tokens}"
+            )
+        cancelled = int(
+            (job is not None and job.cancelled.is_set())
+            or (out is not None and out.finish_reason == "cancelled")
+        )
+        path = self.path.split("?", 1)[0]
+        self.app.write_log(
+            f'{_now()} {self.client_address[0]} "{self.command} {path}" {self._status} '
+            f"{time.perf_counter() - started:.3f}s {toks} cancelled={cancelled}"
+        )
+
+    def end_headers(self) -> None:
+        self._cors_headers()
+        super().end_headers()
+
+    def _allowed_origin(self) -> str | None:
+        """The Access-Control-Allow-Origin value for this request, None when it gets none."""
+        origins = self.app.cfg.allowed_origins
+        origin = self.headers.get("Origin")
+        if not origins or origin is None:
+            return None
+        if "*" in origins:
+            return "*"
+        return origin if origin in origins else None
+
+    def _cors_headers(self) -> None:
+        allow = self._allowed_origin()
+        if allow is None:
+            return
+        self.send_header("Access-Control-Allow-Origin", allow)
+        if allow != "*":
+            self.send_header("Vary", "Origin")  # caches must not hand one origin's answer on
+        self.send_header("Access-Control-Expose-Headers", "Retry-After")
 
     def _endpoint(self) -> str:
         path = self.path.split("?", 1)[0]
@@ -643,7 +749,8 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("Connection", "close")
             self.close_connection = True
         self.end_headers()
-        self.wfile.write(data)
+        if self.command != "HEAD":
+            self.wfile.write(data)
         self.app.metrics.request(self._endpoint(), status)
 
     def _send_error(self, e: ApiError, close: bool = False) -> None:
@@ -655,7 +762,8 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
-        self.wfile.write(data)
+        if self.command != "HEAD":
+            self.wfile.write(data)
         self.app.metrics.request(self._endpoint(), status)
 
     def _read_json(self) -> dict[str, Any]:
@@ -726,9 +834,19 @@ class Handler(BaseHTTPRequestHandler):
     def do_DELETE(self) -> None:  # noqa: N802
         self._dispatch("DELETE")
 
+    def do_HEAD(self) -> None:  # noqa: N802 - answered as GET, headers only
+        self._dispatch("HEAD")
+
+    def do_OPTIONS(self) -> None:  # noqa: N802 - CORS preflight
+        self._dispatch("OPTIONS")
+
     def _dispatch(self, method: str) -> None:
         app = self.app
         self._body_read = False
+        self._status = 0
+        self._job: Job | None = None
+        self._outcome: Outcome | None = None
+        started = time.perf_counter()
         with app.lock:
             app.in_flight += 1
         try:
@@ -748,6 +866,7 @@ class Handler(BaseHTTPRequestHandler):
         finally:
             with app.lock:
                 app.in_flight -= 1
+            self._access_log(started)
 
     def _route(self, method: str) -> None:
         path = self.path.split("?", 1)[0]
@@ -763,6 +882,11 @@ class Handler(BaseHTTPRequestHandler):
         if path not in routes:
             raise ApiError(404, f"no route {method} {path}", code="not_found")
         want, fn = routes[path]
+        if method == "OPTIONS":  # before the key check: browsers send preflights without it
+            self._preflight(want)
+            return
+        if method == "HEAD" and want == "GET":
+            method = "GET"  # the same answer; the senders skip the body
         if method != want:
             raise ApiError(405, f"{path} takes {want}, not {method}", code="method_not_allowed")
         if not self._authorized():
@@ -773,6 +897,22 @@ class Handler(BaseHTTPRequestHandler):
         fn()
 
     # -- routes --
+
+    def _preflight(self, method: str) -> None:
+        """OPTIONS: 204 with Allow; with CORS headers when the Origin is allowed (otherwise the
+        browser, finding none, refuses the real request, as it should)."""
+        self.send_response(204)
+        allowed = f"{method}, HEAD, OPTIONS" if method == "GET" else f"{method}, OPTIONS"
+        self.send_header("Allow", allowed)
+        if self._allowed_origin() is not None:
+            self.send_header("Access-Control-Allow-Methods", allowed)
+            asked = self.headers.get("Access-Control-Request-Headers")
+            # Echo what the client asks for (the JS SDKs send their own x-stainless-* headers).
+            self.send_header("Access-Control-Allow-Headers", asked or "Authorization, Content-Type")
+            self.send_header("Access-Control-Max-Age", "600")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+        self.app.metrics.request(self._endpoint(), 204)
 
     def _health(self) -> None:
         app = self.app
@@ -796,17 +936,17 @@ class Handler(BaseHTTPRequestHandler):
         self._send_json(200, {"object": "list", "data": [self.app.model_card()]})
 
     def _model(self) -> None:
-        name = self.path.split("?", 1)[0][len("/v1/models/") :]
+        name = urllib.parse.unquote(self.path.split("?", 1)[0][len("/v1/models/") :])
         if name != self.app.cfg.model_name:
-            raise ApiError(404, f"model {name!r} not found", param="model", code="model_not_found")
+            raise model_not_found(name, self.app.cfg.model_name)
         self._send_json(200, self.app.model_card())
 
     def _chat(self) -> None:
         app = self.app
         body = self._read_json()
-        req = parse_chat_request(body, app.core.max_context)
+        req = parse_chat_request(body, app.limits)
         prompt = app.core.chat_prompt(req)
-        job = Job(prompt, req.params, stream=req.stream)
+        job = self._job = Job(prompt, req.params, stream=req.stream)
         reply = ChatReply(prompt.thinking, prefix=prompt.reply_prefix)
         rid = "chatcmpl-" + uuid.uuid4().hex
         app.worker.submit(job)
@@ -817,10 +957,11 @@ class Handler(BaseHTTPRequestHandler):
             out = self._wait(job)
         reply.feed(out.text)
         reply.finish()
+        lps = None if out.logprobs is None else chat_logprobs(out.logprobs, app.token_text)
         choice = {
             "index": 0,
             "message": reply.message(),
-            "logprobs": None,
+            "logprobs": lps,
             "finish_reason": reply.finish_reason(out.finish_reason),
         }
         self._send_json(
@@ -832,21 +973,35 @@ class Handler(BaseHTTPRequestHandler):
     def _completions(self) -> None:
         app = self.app
         body = self._read_json()
-        req = parse_completion_request(body, app.core.max_context, app.engine.cfg.vocab_size)
+        req = parse_completion_request(body, app.limits)
         prompt = app.core.completion_prompt(req.prompt)
-        job = Job(prompt, req.params, stream=req.stream)
+        job = self._job = Job(prompt, req.params, stream=req.stream)
         rid = "cmpl-" + uuid.uuid4().hex
-        echo = req.prompt if req.echo and isinstance(req.prompt, str) else ""
+        echo = ""
+        if req.echo:  # a prompt of ids echoes as its text (nothing without a tokenizer)
+            tok = app.core.tokenizer
+            echo = (
+                req.prompt if isinstance(req.prompt, str) else tok.decode(req.prompt) if tok else ""
+            )
         app.worker.submit(job)
         with _cancel_on_error(job):
             if req.stream:
                 self._stream_completion(job, rid, echo, req.include_usage)
                 return
             out = self._wait(job)
+        lps = None
+        if out.logprobs is not None:
+            ids, per = [x.token_id for x in out.logprobs], list(out.logprobs)
+            if out.prompt_logprobs is not None:  # echo: the prompt's tokens first
+                # Without the BOS this server put in front, which the echoed text lacks too.
+                skip = int(isinstance(req.prompt, str) and not req.prompt.startswith(BOS_TOKEN))
+                ids = prompt.ids[skip:] + ids
+                per = list(out.prompt_logprobs)[skip:] + per
+            lps = completion_logprobs(ids, per, app.token_text)
         choice = {
             "index": 0,
             "text": echo + out.text,
-            "logprobs": None,
+            "logprobs": lps,
             "finish_reason": TEXT_FINISH.get(out.finish_reason, "stop"),
         }
         self._send_json(
@@ -871,6 +1026,7 @@ class Handler(BaseHTTPRequestHandler):
         while True:
             kind, val = self._next_event(job)
             if kind == "done":
+                self._outcome = val
                 return val
             if kind == "error":
                 raise val
@@ -902,6 +1058,7 @@ class Handler(BaseHTTPRequestHandler):
             if kind == "text":
                 on_text(val)
             elif kind == "done":
+                self._outcome = val
                 return val
             elif kind == "error":
                 self._sse(val.body())

@@ -31,7 +31,7 @@ import pytest
 from openai.types.chat import ChatCompletionChunk
 
 from homeseek.chat import EOS_TOKEN, encode_messages
-from homeseek.protocol import ApiError, ChatReply, Outcome, parse_chat_request
+from homeseek.protocol import ApiError, ChatReply, Limits, Outcome, parse_chat_request
 from homeseek.server import (
     App,
     EngineWorker,
@@ -160,7 +160,7 @@ def test_tool_calls_stream_and_round_trip(seed: int) -> None:
             "messages": [{"role": "user", "content": "q"}, back, *results],
             "tools": [WEATHER],
         },
-        MAX_CONTEXT,
+        Limits(MAX_CONTEXT),
     )
     prompt = encode_messages(req.messages)
     assert text in prompt and prompt.count("<tool_result>sunny</tool_result>") == 2
@@ -204,7 +204,7 @@ def test_forced_tool_call_prefix() -> None:
         "tools": [WEATHER],
         "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
     }
-    req = parse_chat_request(body, MAX_CONTEXT)
+    req = parse_chat_request(body, Limits(MAX_CONTEXT))
     assert req.reply_prefix.endswith('invoke name="get_weather">\n')
     reply = ChatReply(thinking=False, new_call_id=_ids().__next__, prefix=req.reply_prefix)
     first = reply.take_prefix_deltas()
@@ -214,7 +214,7 @@ def test_forced_tool_call_prefix() -> None:
     reply.finish()
     calls = reply.message()["tool_calls"]
     assert json.loads(calls[0]["function"]["arguments"]) == {"city": "Oslo"}
-    none = parse_chat_request({**body, "tool_choice": "none"}, MAX_CONTEXT)
+    none = parse_chat_request({**body, "tool_choice": "none"}, Limits(MAX_CONTEXT))
     assert none.reply_prefix == "" and "tools" not in none.messages[0]
 
 
@@ -270,7 +270,7 @@ def test_worker_engine_error_is_500_and_keeps_serving() -> None:
 
     metrics = Metrics()
     w = EngineWorker(run, metrics, max_queue=2, log=open(os.devnull, "w"))
-    params = parse_chat_request({"messages": [{"role": "user", "content": "x"}]}, 8).params
+    params = parse_chat_request({"messages": [{"role": "user", "content": "x"}]}, Limits(8)).params
     bad, good = Job(Prompt(None, [0], False), params), Job(Prompt(None, [0], False), params)
     w.submit(bad)
     w.submit(good)
@@ -289,7 +289,7 @@ def test_worker_queue_full_is_429_with_retry_after() -> None:
         return Outcome("", "stop", 1, 1, 0, {})
 
     w = EngineWorker(run, Metrics(), max_queue=1)
-    params = parse_chat_request({"messages": [{"role": "user", "content": "x"}]}, 8).params
+    params = parse_chat_request({"messages": [{"role": "user", "content": "x"}]}, Limits(8)).params
     jobs = [Job(Prompt(None, [0], False), params) for _ in range(3)]
     w.submit(jobs[0])
     deadline = time.monotonic() + 5
@@ -555,12 +555,12 @@ def test_tool_conversation_round_trip(client: openai.OpenAI) -> None:
     assert cached == full.usage.prompt_tokens + full.usage.completion_tokens - 1
 
     # tool_choice "required" forces a DSML block; random weights then write noise, which
-    # comes back as text or as a (truncated) call, never as an error.
+    # comes back as a (truncated) call or as nothing, never as an error nor as DSML markup.
     forced = client.chat.completions.create(
         **{**kw, "tool_choice": "required", "reasoning_effort": None}
     )
     assert forced.choices[0].finish_reason in ("stop", "length", "tool_calls")
-    assert (forced.choices[0].message.content or forced.choices[0].message.tool_calls) is not None
+    assert "DSML" not in (forced.choices[0].message.content or "")
 
 
 BAD_REQUESTS: list[tuple[str, dict[str, Any], str]] = [
@@ -843,7 +843,7 @@ def test_full_queue_gets_429(inproc: tuple[App, str]) -> None:
     def long(i: int) -> None:
         try:
             r = c.chat.completions.create(
-                model="m", messages=[{"role": "user", "content": f"long {i}"}], max_tokens=40
+                model="homeseek", messages=[{"role": "user", "content": f"long {i}"}], max_tokens=40
             )
             results.append(r.usage.completion_tokens)
         except openai.RateLimitError as e:
@@ -859,7 +859,7 @@ def test_full_queue_gets_429(inproc: tuple[App, str]) -> None:
     while app.worker.depth < 1 and time.monotonic() < deadline:
         time.sleep(0.01)
     with pytest.raises(openai.RateLimitError) as e:
-        c.chat.completions.create(model="m", messages=USER, max_tokens=2)
+        c.chat.completions.create(model="homeseek", messages=USER, max_tokens=2)
     assert int(e.value.response.headers["retry-after"]) >= 1
     first.join(60)
     second.join(60)
@@ -883,15 +883,17 @@ def test_engine_fault_is_500_and_server_keeps_serving(
     monkeypatch.setattr(app.engine, "generate", failing_once)
     c = openai.OpenAI(base_url=url + "/v1", api_key="sekret", max_retries=0, timeout=60)
     with pytest.raises(openai.InternalServerError) as e:
-        c.chat.completions.create(model="m", messages=USER, max_tokens=2)
+        c.chat.completions.create(model="homeseek", messages=USER, max_tokens=2)
     assert "injected engine fault" in e.value.body["message"]
-    assert c.chat.completions.create(model="m", messages=USER, max_tokens=2).choices
+    assert c.chat.completions.create(model="homeseek", messages=USER, max_tokens=2).choices
     # Streaming: the error arrives as an SSE error event, which the client raises.
     calls.clear()
     with pytest.raises(openai.APIError):
-        for _ in c.chat.completions.create(model="m", messages=USER, max_tokens=2, stream=True):
+        for _ in c.chat.completions.create(
+            model="homeseek", messages=USER, max_tokens=2, stream=True
+        ):
             pass
-    assert c.chat.completions.create(model="m", messages=USER, max_tokens=2).choices
+    assert c.chat.completions.create(model="homeseek", messages=USER, max_tokens=2).choices
 
 
 # ------------------------------------------------------------------------------------------------
