@@ -9,6 +9,7 @@ server's prefix cache turns that into prefilling only the new turn.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import threading
@@ -87,7 +88,8 @@ class HttpBackend:
     def __init__(self, url: str, api_key: str | None = None) -> None:
         base = url.rstrip("/")
         self.base = base if base.endswith("/v1") else base + "/v1"
-        self.api_key = api_key
+        # As OpenAI clients do: the key from the environment when none is given.
+        self.api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
         self.model = "homeseek"
 
     def _request(

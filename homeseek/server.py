@@ -252,6 +252,13 @@ class Core:
         # Allocate every session's decode state now: running out of memory must happen at
         # startup, not in the middle of serving (each holds state for max_context tokens).
         self.cache.free = [engine.session() for _ in range(prefix_sessions)]
+        # No token decodes to more characters than the longest vocabulary entry (byte-level
+        # entries are one character per byte), so a text longer than max_context times that
+        # cannot fit: refused before spending seconds tokenizing it (x2: normalizer slack).
+        self.max_prompt_chars: int | None = None
+        if self.tokenizer is not None:
+            vocab = self.tokenizer.backend.get_vocab(with_added_tokens=True)
+            self.max_prompt_chars = 2 * self.max_context * max(map(len, vocab), default=1)
 
     # -- prompts (any thread) --
 
@@ -276,6 +283,7 @@ class Core:
         # Thinking mode renders `<think>` only where a reply may reason (not after a task).
         thinking = text.endswith(THINK_START_TOKEN)
         text += req.reply_prefix
+        self._check_chars(text, "messages")
         return self._checked(Prompt(text, tok.encode(text), thinking, req.reply_prefix))
 
     def completion_prompt(self, prompt: str | list[int]) -> Prompt:
@@ -284,7 +292,19 @@ class Core:
         tok = self._need_tokenizer()
         # The released tokenizer adds BOS; a raw prompt that already has it keeps one.
         text = prompt if prompt.startswith(BOS_TOKEN) else BOS_TOKEN + prompt
+        self._check_chars(text, "prompt")
         return self._checked(Prompt(text, tok.encode(text), False, param="prompt"))
+
+    def _check_chars(self, text: str, param: str) -> None:
+        if self.max_prompt_chars is not None and len(text) > self.max_prompt_chars:
+            raise ApiError(
+                400,
+                f"the prompt is {len(text)} characters, more than the {self.max_prompt_chars} "
+                f"that could fit in this server's context of {self.max_context} tokens: "
+                "shorten it or restart the server with a larger --max-context",
+                param=param,
+                code="context_length_exceeded",
+            )
 
     def _checked(self, p: Prompt) -> Prompt:
         if len(p.ids) >= self.max_context:
