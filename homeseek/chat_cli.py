@@ -9,6 +9,7 @@ server's prefix cache turns that into prefilling only the new turn.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import threading
@@ -87,7 +88,8 @@ class HttpBackend:
     def __init__(self, url: str, api_key: str | None = None) -> None:
         base = url.rstrip("/")
         self.base = base if base.endswith("/v1") else base + "/v1"
-        self.api_key = api_key
+        # As OpenAI clients do: the key from the environment when none is given.
+        self.api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
         self.model = "homeseek"
 
     def _request(
@@ -178,11 +180,12 @@ class LocalBackend:
         temperature: float,
         on_delta: DeltaSink,
     ) -> Reply:
-        from homeseek.server import ApiError, ChatReply, Job, parse_chat_request, usage_dict
+        from homeseek.protocol import ApiError, ChatReply, Limits, parse_chat_request, usage_dict
+        from homeseek.server import Job
 
         body = _request_body(messages, thinking, max_tokens, temperature)
         try:
-            req = parse_chat_request(body, self.core.max_context)
+            req = parse_chat_request(body, Limits(self.core.max_context))
             prompt = self.core.chat_prompt(req)
         except ApiError as e:
             raise ChatError(e.message) from None

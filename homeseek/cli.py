@@ -230,19 +230,23 @@ def _served_name(model: str) -> str:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from homeseek.config import server_api_key
     from homeseek.server import MiB, ServerConfig, make_server, serve
 
     # Validate the server settings before spending minutes loading weights.
     cfg = ServerConfig(
         host=args.host,
         port=args.port,
-        api_key=args.api_key,
+        api_key=args.api_key if args.api_key is not None else server_api_key(),
         model_name=args.served_model_name or _served_name(args.model),
         max_queue=args.max_queue,
         max_body_bytes=int(args.max_body_mb * MiB),
         prefix_sessions=args.prefix_sessions,
         drain_timeout_s=args.drain_timeout,
         log_requests=not args.quiet,
+        allowed_origins=tuple(o.strip() for o in args.allowed_origins.split(",") if o.strip()),
+        max_tokens_default=args.max_tokens_default,
+        max_tokens_cap=args.max_tokens_cap,
     )
     httpd = make_server(cfg)  # a busy port fails now, not after loading the weights
     try:
@@ -320,7 +324,28 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(sv)
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
     sv.add_argument("--port", type=int, default=8000, help="port (0 = any free port)")
-    sv.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY`")
+    sv.add_argument(
+        "--api-key",
+        default=None,
+        help="require `Authorization: Bearer KEY` (default: $HOMESEEK_API_KEY, which `ps` hides)",
+    )
+    sv.add_argument(
+        "--allowed-origins",
+        default="",
+        help="browser origins allowed by CORS, comma-separated, or '*' (default: none)",
+    )
+    sv.add_argument(
+        "--max-tokens-default",
+        type=int,
+        default=None,
+        help="max_tokens of requests that set none (default: until EOS, or the cap)",
+    )
+    sv.add_argument(
+        "--max-tokens-cap",
+        type=int,
+        default=None,
+        help="refuse (400) requests asking for more tokens than this (default: no cap)",
+    )
     sv.add_argument("--served-model-name", default=None, help="model id shown to clients")
     sv.add_argument("--max-queue", type=int, default=16, help="waiting requests before 429")
     sv.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body")
@@ -346,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(ch)
     ch.set_defaults(model=None)  # no --model: talk to the server at --url
     ch.add_argument("--url", default="http://127.0.0.1:8000", help="server (default %(default)s)")
-    ch.add_argument("--api-key", default=None, help="the server's --api-key")
+    ch.add_argument("--api-key", default=None, help="the server's key (default: $OPENAI_API_KEY)")
     ch.add_argument("--system", default=None, help="a system message for the conversation")
     ch.add_argument("--think", action="store_true", help="start in thinking mode (/think toggles)")
     ch.add_argument("--max-tokens", type=int, default=None, help="per reply (default: no limit)")

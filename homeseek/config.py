@@ -261,6 +261,12 @@ def _env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(f"HOMESEEK_{name}", default)
 
 
+def server_api_key() -> str | None:
+    """HOMESEEK_API_KEY: the server's key when `--api-key` is not given (a flag shows in `ps`,
+    the environment does not). Empty counts as unset."""
+    return _env("API_KEY") or None
+
+
 def default_cache_dir() -> Path:
     """Where built-in models (`tiny`) are created on first use."""
     env = _env("CACHE_DIR")

@@ -14,7 +14,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,7 @@ from homeseek.config import PRESETS, ConfigError, ModelConfig, RuntimeConfig, de
 from homeseek.experts import ExpertStore, record_bytes
 from homeseek.kernels import ops
 from homeseek.runner import Runner
-from homeseek.sampling import Sampler, SamplingParams
+from homeseek.sampling import Sampler, SamplingParams, TokenLogprob, logprobs_of
 from homeseek.scheduler import Scheduler
 from homeseek.state import SessionState
 
@@ -235,6 +235,11 @@ class Engine:
         reasoning_effort: str | None = None,
         session: Session | None = None,
         cancel: Callable[[], bool] | None = None,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        logit_bias: Mapping[int, float] | None = None,
+        logprobs: int | None = None,
+        prompt_logprobs: bool = False,
     ) -> GenerationResult:
         """Generate a completion for chat `messages` or raw `prompt_ids` (design.md §5).
 
@@ -243,6 +248,10 @@ class Engine:
         `prompt_ids` still works (token ids out, empty text). `session` continues an existing
         sequence (prefix reuse: the prompt must be only the new tokens). `cancel()` is polled
         once per token; when it returns True generation ends with finish_reason "cancelled".
+        Penalties and `logit_bias` (token id -> bias) follow OpenAI (`homeseek.sampling`).
+        `logprobs=n` records each generated token's log-probability and the n most likely
+        (`GenerationResult.logprobs`); `prompt_logprobs` also those of the prompt ids fed here
+        (the first has no predecessor in this call: None), at the cost of full-prompt logits.
         """
         if (messages is None) == (prompt_ids is None):
             raise ValueError("pass exactly one of messages or prompt_ids")
@@ -254,7 +263,13 @@ class Engine:
             seed=seed,
             stop=tuple(stop or ()),
             ignore_eos=ignore_eos,
+            presence_penalty=presence_penalty,
+            frequency_penalty=frequency_penalty,
+            logit_bias=dict(logit_bias or {}),
+            logprobs=logprobs,
         )
+        if prompt_logprobs and logprobs is None:
+            raise ValueError("prompt_logprobs needs logprobs (the number of top tokens, 0-20)")
         ids = (
             self.encode_chat(messages, thinking, reasoning_effort)
             if messages is not None
@@ -269,7 +284,8 @@ class Engine:
                 f"prompt of {len(ids)} tokens leaves no room in max_context={self.rt.max_context}"
                 f" (session at {sess.pos}); raise max_context or shorten the prompt"
             )
-        return _Generation(self, sess, params, thinking, stream, cancel).run(ids)
+        gen = _Generation(self, sess, params, thinking, stream, cancel, prompt_logprobs)
+        return gen.run(ids)
 
 
 class Session:
@@ -343,6 +359,8 @@ class GenerationResult:
     token_ids: list[int]
     prompt_ids: list[int]
     stats: dict[str, float] = field(default_factory=dict)
+    logprobs: list[TokenLogprob] | None = None  # one per token_ids entry, when asked
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # one per prompt id, when asked
 
 
 class _Generation:
@@ -356,9 +374,11 @@ class _Generation:
         thinking: bool,
         stream: Callable[[str], None] | None,
         cancel: Callable[[], bool] | None = None,
+        prompt_logprobs: bool = False,
     ) -> None:
         self.eng, self.sess, self.params, self.thinking = eng, sess, params, thinking
         self.stream, self.cancel = stream, cancel
+        self.prompt_logprobs = prompt_logprobs
         self.tok = eng.tokenizer
         self.decoder = self.tok.stream_decoder() if self.tok is not None else None
         self.text = ""  # decoded completion so far
@@ -390,20 +410,29 @@ class _Generation:
         eos = eng.cfg.eos_token_id
         c0 = dataclasses.replace(eng.experts.counters)
         t0 = time.perf_counter()
-        logits = self.sess.forward(prompt, last_only=True)[0]
+        all_logits = self.sess.forward(prompt, last_only=not self.prompt_logprobs)
+        logits = all_logits[-1]
+        prompt_lps: list[TokenLogprob | None] | None = None
+        if self.prompt_logprobs:  # row i predicts prompt[i + 1]
+            ids = torch.tensor(prompt[1:], dtype=torch.long)
+            prompt_lps = [None, *logprobs_of(all_logits[:-1], ids, p.logprobs or 0)]
+        del all_logits
         t_prefill = time.perf_counter() - t0
         out: list[int] = []
+        lps: list[TokenLogprob] | None = [] if p.logprobs is not None else None
         finish = "length"
         ttft = None
         t1 = time.perf_counter()
         while True:
-            tok = int(sampler(logits))  # the one device->host read per token
+            tok = int(sampler(logits))  # the one device->host read per token (two with logprobs)
             if ttft is None:
                 ttft = time.perf_counter() - t0
             if tok == eos and not p.ignore_eos:
                 finish = "stop"
                 break
             out.append(tok)
+            if lps is not None:
+                lps.append(sampler.logprobs(logits, tok))
             if self.decoder is not None:
                 self.text += self.decoder.feed(tok)
                 self.ends.append(len(self.text))  # text length after each token
@@ -424,6 +453,8 @@ class _Generation:
             if p.stop and self._hit_stop(out):
                 finish = "stop"
         self._emit(final=True)
+        if lps is not None:
+            del lps[len(out) :]  # a stop string dropped tokens from `out`
         t_decode = time.perf_counter() - t1
         parsed = {"content": self.text, "reasoning_content": None, "tool_calls": []}
         if self.tok is not None:
@@ -459,6 +490,8 @@ class _Generation:
             token_ids=out,
             prompt_ids=prompt,
             stats=stats,
+            logprobs=lps,
+            prompt_logprobs=prompt_lps,
         )
 
 

@@ -17,9 +17,9 @@ tail. Decode state cannot be rewound, so a prompt that diverges inside a cached 
 fresh session. The match is tried on token ids and on text (the completion may re-tokenize
 differently from the ids the model produced; the produced ids are then spliced in).
 
-The response side is one machine for streaming and non-streaming answers (`ChatReply` over the
-chat parser's `CompletionStream`), so both agree. This module knows no torch: it talks to the
-engine through `generate`, `tokenizer`, `cfg`, `rt` and `session()`.
+Request parsing and response bodies live in `homeseek.protocol`; this module serves them. It
+knows no torch: it talks to the engine through `generate`, `tokenizer`, `cfg`, `rt` and
+`session()`.
 """
 
 from __future__ import annotations
@@ -36,23 +36,29 @@ import sys
 import threading
 import time
 import traceback
+import urllib.parse
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any, TextIO
 
-from homeseek.chat import (
-    BOS_TOKEN,
-    DSML_TOKEN,
-    EOS_TOKEN,
-    ROLES,
-    THINK_END_TOKEN,
-    THINK_START_TOKEN,
-    TOOL_CALLS_START,
-    CompletionStream,
-    StreamEvent,
-    encode_messages,
+from homeseek.chat import BOS_TOKEN, THINK_START_TOKEN, encode_messages
+from homeseek.protocol import (
+    TEXT_FINISH,
+    ApiError,
+    ChatReply,
+    ChatRequest,
+    GenParams,
+    Limits,
+    Outcome,
+    chat_logprobs,
+    completion_logprobs,
+    envelope,
+    model_not_found,
+    parse_chat_request,
+    parse_completion_request,
+    usage_dict,
 )
 
 if TYPE_CHECKING:  # typing only: importing the engine pulls in torch
@@ -62,7 +68,7 @@ MiB = 2**20
 
 
 # ------------------------------------------------------------------------------------------------
-# Configuration and errors
+# Configuration
 # ------------------------------------------------------------------------------------------------
 
 
@@ -77,6 +83,10 @@ class ServerConfig:
     prefix_sessions: int = 1  # sequences whose decode state is kept for prefix reuse
     drain_timeout_s: float = 30.0  # on SIGTERM: time given to running and queued requests
     log_requests: bool = True
+    # Browser origins that may call the API (CORS); empty: no CORS headers at all; "*": any.
+    allowed_origins: tuple[str, ...] = ()
+    max_tokens_default: int | None = None  # for requests that set none (None: until EOS)
+    max_tokens_cap: int | None = None  # requests asking for more are refused with 400
 
     def __post_init__(self) -> None:
         if self.max_queue < 1:
@@ -85,331 +95,16 @@ class ServerConfig:
             raise ValueError(f"prefix_sessions must be >= 1, got {self.prefix_sessions}")
         if self.max_body_bytes < 1024:
             raise ValueError(f"max_body_bytes must be >= 1024, got {self.max_body_bytes}")
-
-
-class ApiError(Exception):
-    """An error answered as an OpenAI error object: {"error": {message, type, param, code}}."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        param: str | None = None,
-        code: str | None = None,
-        type: str | None = None,
-        headers: Mapping[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.param = param
-        self.code = code
-        self.type = type or ("invalid_request_error" if status < 500 else "server_error")
-        self.headers = dict(headers or {})
-
-    def body(self) -> dict[str, Any]:
-        return {
-            "error": {
-                "message": self.message,
-                "type": self.type,
-                "param": self.param,
-                "code": self.code,
-            }
-        }
-
-
-# ------------------------------------------------------------------------------------------------
-# Request parsing (pure functions of the JSON body; every failure is a 400 naming the field)
-# ------------------------------------------------------------------------------------------------
-
-_MISSING = object()
-# OpenAI's reasoning_effort -> (thinking mode, V4 encoder effort). The V4 format knows only "high"
-# (adds nothing) and "max" (a fixed paragraph); lower efforts still think, at the default effort.
-REASONING_EFFORT_MAP: dict[str, tuple[bool, str | None]] = {
-    "none": (False, None),
-    "minimal": (True, None),
-    "low": (True, None),
-    "medium": (True, None),
-    "high": (True, "high"),
-    "xhigh": (True, "max"),
-    "max": (True, "max"),
-}
-MAX_STOP_STRINGS = 16
-
-
-def _typed(body: Mapping[str, Any], name: str, kind: str, default: Any = None) -> Any:
-    """body[name] checked against kind (int/number/str/bool/list/dict); None or absent -> default.
-
-    bool is not an int here: `"max_tokens": true` is a client bug, not 1.
-    """
-    v = body.get(name, _MISSING)
-    if v is _MISSING or v is None:
-        return default
-    ok = {
-        "int": isinstance(v, int) and not isinstance(v, bool),
-        "number": isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
-        "str": isinstance(v, str),
-        "bool": isinstance(v, bool),
-        "list": isinstance(v, list),
-        "dict": isinstance(v, dict),
-    }[kind]
-    if not ok:
-        want = {
-            "int": "an integer",
-            "number": "a finite number",
-            "str": "a string",
-            "bool": "a boolean",
-            "list": "a list",
-            "dict": "an object",
-        }[kind]
-        raise ApiError(400, f"'{name}' must be {want}, got {json.dumps(v)[:60]}", param=name)
-    return v
-
-
-@dataclass(frozen=True)
-class GenParams:
-    max_tokens: int | None  # None: until EOS or the end of the context
-    temperature: float
-    top_p: float
-    top_k: int
-    seed: int | None
-    stop: tuple[str, ...]
-
-
-def parse_gen_params(
-    body: Mapping[str, Any], max_context: int, default_max: int | None
-) -> GenParams:
-    """Sampling fields shared by both endpoints."""
-    max_tokens = _typed(body, "max_completion_tokens", "int")
-    name = "max_completion_tokens"
-    if max_tokens is None:
-        max_tokens, name = _typed(body, "max_tokens", "int", default_max), "max_tokens"
-    if max_tokens is not None and max_tokens < 1:
-        raise ApiError(400, f"'{name}' must be >= 1, got {max_tokens}", param=name)
-    if max_tokens is not None and max_tokens > max_context:
-        raise ApiError(
-            400,
-            f"'{name}' = {max_tokens} exceeds the server's context of {max_context} tokens",
-            param=name,
-        )
-    temperature = float(_typed(body, "temperature", "number", 1.0))
-    if not 0 <= temperature <= 2:
-        raise ApiError(400, f"'temperature' must be in [0, 2], got {temperature}", "temperature")
-    top_p = float(_typed(body, "top_p", "number", 1.0))
-    if not 0 <= top_p <= 1:
-        raise ApiError(400, f"'top_p' must be in [0, 1], got {top_p}", param="top_p")
-    if top_p == 0:  # OpenAI accepts 0 and clients use it to mean "always the top token"
-        temperature, top_p = 0.0, 1.0
-    top_k = _typed(body, "top_k", "int", 0)  # not OpenAI's; vLLM and llama.cpp accept it
-    if top_k < 0:
-        raise ApiError(400, f"'top_k' must be >= 0, got {top_k}", param="top_k")
-    seed = _typed(body, "seed", "int")
-    stop = body.get("stop")
-    if stop is None:
-        stops: tuple[str, ...] = ()
-    elif isinstance(stop, str):
-        stops = (stop,) if stop else ()
-    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
-        if len(stop) > MAX_STOP_STRINGS:
-            raise ApiError(
-                400, f"'stop' has {len(stop)} strings; at most {MAX_STOP_STRINGS}", "stop"
-            )
-        stops = tuple(s for s in stop if s)
-    else:
-        raise ApiError(400, "'stop' must be a string or a list of strings", param="stop")
-    for name in ("presence_penalty", "frequency_penalty"):
-        # Accepted for compatibility (many clients send 0); not applied by this engine.
-        _typed(body, name, "number")
-    n = _typed(body, "n", "int", 1)
-    if n != 1:
-        raise ApiError(400, f"'n' = {n}: only one choice per request is supported", param="n")
-    return GenParams(max_tokens, temperature, top_p, top_k, seed, stops)
-
-
-def _stream_flags(body: Mapping[str, Any]) -> tuple[bool, bool]:
-    stream = _typed(body, "stream", "bool", False)
-    opts = _typed(body, "stream_options", "dict", {})
-    include_usage = _typed(opts, "include_usage", "bool", False)
-    return stream, include_usage
-
-
-@dataclass(frozen=True)
-class ChatRequest:
-    messages: list[dict[str, Any]]  # tools and response_format already on the system message
-    thinking: bool
-    reasoning_effort: str | None  # the V4 encoder's value: None, "high" or "max"
-    reply_prefix: str  # text the reply is forced to start with (tool_choice), "" if none
-    params: GenParams
-    stream: bool
-    include_usage: bool
-
-
-def _parse_thinking(body: Mapping[str, Any]) -> tuple[bool, str | None]:
-    """thinking mode and encoder effort from `thinking` (bool or {"type": "enabled"}),
-    `chat_template_kwargs.thinking` (vLLM style) or `reasoning_effort`; explicit thinking wins."""
-    effort = _typed(body, "reasoning_effort", "str")
-    if effort is not None and effort not in REASONING_EFFORT_MAP:
-        raise ApiError(
-            400,
-            f"'reasoning_effort' must be one of {sorted(REASONING_EFFORT_MAP)}, got {effort!r}",
-            param="reasoning_effort",
-        )
-    thinking, v4_effort = REASONING_EFFORT_MAP[effort] if effort else (False, None)
-    raw = body.get("thinking")
-    kwargs = _typed(body, "chat_template_kwargs", "dict", {})
-    if raw is None and "thinking" in kwargs:
-        raw = kwargs["thinking"]
-    if raw is not None:
-        if isinstance(raw, bool):
-            thinking = raw
-        elif isinstance(raw, dict) and raw.get("type") in ("enabled", "disabled"):
-            thinking = raw["type"] == "enabled"
-        else:
-            raise ApiError(
-                400, '\'thinking\' must be a boolean or {"type": "enabled"|"disabled"}', "thinking"
-            )
-    return thinking, v4_effort if thinking else None
-
-
-def _tool_prefix(choice: Any, tools: list[dict[str, Any]], thinking: bool) -> tuple[str, bool]:
-    """(forced reply start, keep tools in the prompt) for a tool_choice.
-
-    V4 has no constrained decoding, so "required" and a named function are enforced by writing the
-    start of the DSML block (and the invoke head) into the prompt; the reply parser is fed the
-    same text first, so the client sees an ordinary tool call. In thinking mode this skips the
-    reasoning (the block must follow `</think>`).
-    """
-    if choice is None or choice == "auto":
-        return "", True
-    if choice == "none":
-        return "", False
-    think = THINK_END_TOKEN if thinking else ""
-    block = f"{think}{TOOL_CALLS_START}>\n"
-    if choice == "required":
-        if not tools:
-            raise ApiError(400, "tool_choice 'required' needs 'tools'", param="tool_choice")
-        return block, True
-    if isinstance(choice, dict) and isinstance(choice.get("function"), dict):
-        name = choice["function"].get("name")
-        names = [t["function"]["name"] for t in tools]
-        if name not in names:
-            raise ApiError(
-                400, f"tool_choice names {name!r}, which is not in 'tools' {names}", "tool_choice"
-            )
-        return f'{block}<{DSML_TOKEN}invoke name="{name}">\n', True
-    raise ApiError(
-        400,
-        "'tool_choice' must be 'none', 'auto', 'required' or "
-        '{"type": "function", "function": {"name": ...}}',
-        param="tool_choice",
-    )
-
-
-def _parse_tools(body: Mapping[str, Any]) -> list[dict[str, Any]]:
-    tools = _typed(body, "tools", "list", [])
-    for i, t in enumerate(tools):
-        fn = t.get("function") if isinstance(t, dict) else None
-        if not (
-            isinstance(t, dict)
-            and t.get("type", "function") == "function"
-            and isinstance(fn, dict)
-            and isinstance(fn.get("name"), str)
-            and fn["name"]
-        ):
-            raise ApiError(
-                400,
-                f"tools[{i}] must be {{'type': 'function', 'function': {{'name': ..., "
-                "'parameters': {...}}}}",
-                param=f"tools[{i}]",
-            )
-    return tools
-
-
-def parse_chat_request(
-    body: Mapping[str, Any], max_context: int, default_max_tokens: int | None = None
-) -> ChatRequest:
-    """Validate a /v1/chat/completions body (shape and types; the encoder checks the rest)."""
-    _typed(body, "model", "str")
-    raw_messages = body.get("messages")
-    if not isinstance(raw_messages, list) or not raw_messages:
-        raise ApiError(400, "'messages' must be a non-empty list", param="messages")
-    messages: list[dict[str, Any]] = []
-    for i, m in enumerate(raw_messages):
-        if not isinstance(m, dict):
-            raise ApiError(400, f"messages[{i}] must be an object", param=f"messages[{i}]")
-        role = m.get("role")
-        if role not in ROLES:
-            raise ApiError(
-                400,
-                f"messages[{i}].role: unknown role {role!r}; expected one of {list(ROLES)}",
-                param=f"messages[{i}].role",
-            )
-        messages.append(dict(m))
-    if messages[-1]["role"] not in ("user", "tool", "developer"):
-        raise ApiError(
-            400,
-            f"the last message is from {messages[-1]['role']!r}; it must be from 'user' or "
-            "'tool' (the reply continues the conversation)",
-            param="messages",
-        )
-    if _typed(body, "logprobs", "bool", False):
-        raise ApiError(400, "'logprobs' is not supported", param="logprobs")
-    thinking, effort = _parse_thinking(body)
-    tools = _parse_tools(body)
-    prefix, keep_tools = _tool_prefix(body.get("tool_choice"), tools, thinking)
-    fmt = _typed(body, "response_format", "dict")
-    extra: dict[str, Any] = {}
-    if tools and keep_tools:
-        extra["tools"] = tools
-    if fmt and fmt.get("type") not in (None, "text"):
-        extra["response_format"] = fmt
-    if extra:
-        # The official format carries tools on the system message; make one when there is none.
-        if messages[0]["role"] != "system":
-            messages.insert(0, {"role": "system", "content": ""})
-        messages[0] = {**messages[0], **extra}
-    stream, include_usage = _stream_flags(body)
-    params = parse_gen_params(body, max_context, default_max_tokens)
-    return ChatRequest(messages, thinking, effort, prefix, params, stream, include_usage)
-
-
-@dataclass(frozen=True)
-class CompletionRequest:
-    prompt: str | list[int]
-    echo: bool
-    params: GenParams
-    stream: bool
-    include_usage: bool
-
-
-def parse_completion_request(
-    body: Mapping[str, Any], max_context: int, vocab_size: int
-) -> CompletionRequest:
-    """Validate a legacy /v1/completions body: a prompt string or a list of token ids."""
-    _typed(body, "model", "str")
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]  # a batch of one
-    if isinstance(prompt, list):
-        if not prompt or not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            raise ApiError(400, "'prompt' must be a string or a list of token ids", "prompt")
-        bad = [t for t in prompt if not 0 <= t < vocab_size]
-        if bad:
-            raise ApiError(
-                400, f"'prompt': token id {bad[0]} is outside [0, {vocab_size})", "prompt"
-            )
-    elif not isinstance(prompt, str) or not prompt:
-        raise ApiError(400, "'prompt' must be a non-empty string or a list of token ids", "prompt")
-    for name in ("suffix", "logprobs"):
-        if body.get(name):
-            raise ApiError(400, f"'{name}' is not supported", param=name)
-    best_of = _typed(body, "best_of", "int", 1)
-    if best_of != 1:
-        raise ApiError(400, "'best_of' must be 1", param="best_of")
-    echo = _typed(body, "echo", "bool", False)
-    stream, include_usage = _stream_flags(body)
-    params = parse_gen_params(body, max_context, default_max=16)  # OpenAI's legacy default
-    return CompletionRequest(prompt, echo, params, stream, include_usage)
+        for name in ("max_tokens_default", "max_tokens_cap"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise ValueError(f"{name} must be >= 1, got {v}")
+        cap, default = self.max_tokens_cap, self.max_tokens_default
+        if cap is not None and default is not None and default > cap:
+            raise ValueError(f"max_tokens_default {default} exceeds max_tokens_cap {cap}")
+        for o in self.allowed_origins:
+            if o != "*" and not o.startswith(("http://", "https://")):
+                raise ValueError(f"allowed origin {o!r} must be '*' or start with http(s)://")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -475,9 +170,11 @@ class PrefixCache:
                 return spliced
         return None
 
-    def acquire(self, text: str | None, ids: list[int]) -> Lease:
+    def acquire(self, text: str | None, ids: list[int], reuse: bool = True) -> Lease:
+        """A session for `ids`: the cached one it extends, else a fresh one (also when `reuse`
+        is False: a request that needs the logits of its whole prompt)."""
         best: tuple[int, _Entry, list[int]] | None = None
-        for e in self.entries:
+        for e in self.entries if reuse else ():
             full = self._match(e, text, ids)
             if full is not None and (best is None or len(e.session.tokens) > best[0]):
                 best = (len(e.session.tokens), e, full)
@@ -522,6 +219,7 @@ class Prompt:
     ids: list[int]
     thinking: bool  # parse the reply in thinking mode: the prompt ended with `<think>`
     reply_prefix: str = ""  # part of the prompt that belongs to the reply (forced tool call)
+    param: str = "messages"  # the request field a context error names
 
 
 @dataclass
@@ -542,16 +240,6 @@ class Job:
             self.events.put(("text", delta))
 
 
-@dataclass(frozen=True)
-class Outcome:
-    text: str  # the completion as generated (stop strings cut), without the reply prefix
-    finish_reason: str  # the engine's: stop | length | tool_calls | cancelled
-    prompt_tokens: int
-    completion_tokens: int
-    cached_tokens: int
-    stats: dict[str, float]
-
-
 class Core:
     """Prompt rendering, the prefix cache and one generation at a time (no threads, no HTTP)."""
 
@@ -564,6 +252,13 @@ class Core:
         # Allocate every session's decode state now: running out of memory must happen at
         # startup, not in the middle of serving (each holds state for max_context tokens).
         self.cache.free = [engine.session() for _ in range(prefix_sessions)]
+        # No token decodes to more characters than the longest vocabulary entry (byte-level
+        # entries are one character per byte), so a text longer than max_context times that
+        # cannot fit: refused before spending seconds tokenizing it (x2: normalizer slack).
+        self.max_prompt_chars: int | None = None
+        if self.tokenizer is not None:
+            vocab = self.tokenizer.backend.get_vocab(with_added_tokens=True)
+            self.max_prompt_chars = 2 * self.max_context * max(map(len, vocab), default=1)
 
     # -- prompts (any thread) --
 
@@ -588,15 +283,28 @@ class Core:
         # Thinking mode renders `<think>` only where a reply may reason (not after a task).
         thinking = text.endswith(THINK_START_TOKEN)
         text += req.reply_prefix
+        self._check_chars(text, "messages")
         return self._checked(Prompt(text, tok.encode(text), thinking, req.reply_prefix))
 
     def completion_prompt(self, prompt: str | list[int]) -> Prompt:
         if isinstance(prompt, list):
-            return self._checked(Prompt(None, list(prompt), False))
+            return self._checked(Prompt(None, list(prompt), False, param="prompt"))
         tok = self._need_tokenizer()
         # The released tokenizer adds BOS; a raw prompt that already has it keeps one.
         text = prompt if prompt.startswith(BOS_TOKEN) else BOS_TOKEN + prompt
-        return self._checked(Prompt(text, tok.encode(text), False))
+        self._check_chars(text, "prompt")
+        return self._checked(Prompt(text, tok.encode(text), False, param="prompt"))
+
+    def _check_chars(self, text: str, param: str) -> None:
+        if self.max_prompt_chars is not None and len(text) > self.max_prompt_chars:
+            raise ApiError(
+                400,
+                f"the prompt is {len(text)} characters, more than the {self.max_prompt_chars} "
+                f"that could fit in this server's context of {self.max_context} tokens: "
+                "shorten it or restart the server with a larger --max-context",
+                param=param,
+                code="context_length_exceeded",
+            )
 
     def _checked(self, p: Prompt) -> Prompt:
         if len(p.ids) >= self.max_context:
@@ -605,7 +313,7 @@ class Core:
                 f"the prompt is {len(p.ids)} tokens; this server's context is {self.max_context} "
                 "(prompt plus at least one generated token): shorten the conversation or restart "
                 "the server with a larger --max-context",
-                param="messages",
+                param=p.param,
                 code="context_length_exceeded",
             )
         return p
@@ -616,13 +324,14 @@ class Core:
         from homeseek.engine import ContextError
 
         started = time.perf_counter()
-        lease = self.cache.acquire(job.prompt.text, job.prompt.ids)
+        p = job.params
+        # Prompt logprobs need the logits of every prompt position: no cached prefix.
+        lease = self.cache.acquire(job.prompt.text, job.prompt.ids, reuse=not p.prompt_logprobs)
         res: GenerationResult | None = None
         try:
             room = self.max_context - len(lease.ids)
             if room < 1:
                 raise ContextError(f"prompt of {len(lease.ids)} tokens fills the context")
-            p = job.params
             res = self.engine.generate(
                 prompt_ids=lease.tail,
                 session=lease.session,
@@ -635,9 +344,16 @@ class Core:
                 stop=p.stop,
                 stream=job.on_text if job.stream else None,
                 cancel=job.cancelled.is_set,
+                presence_penalty=p.presence_penalty,
+                frequency_penalty=p.frequency_penalty,
+                logit_bias=p.logit_bias,
+                logprobs=p.logprobs,
+                prompt_logprobs=p.prompt_logprobs,
             )
         except ContextError as e:
-            raise ApiError(400, str(e), param="messages", code="context_length_exceeded") from None
+            raise ApiError(
+                400, str(e), param=job.prompt.param, code="context_length_exceeded"
+            ) from None
         finally:
             out_text = None
             if res is not None and job.prompt.text is not None and self.tokenizer is not None:
@@ -650,6 +366,8 @@ class Core:
             completion_tokens=len(res.token_ids),
             cached_tokens=lease.reused,
             stats=_request_stats(res.stats, lease, job, started),
+            logprobs=res.logprobs,
+            prompt_logprobs=res.prompt_logprobs,
         )
 
 
@@ -672,147 +390,6 @@ def _request_stats(
         "expert_hit_rate": round(float(s.get("expert_hit_rate", 1.0 if lookups else 0.0)), 6),
         "expert_bytes_moved": float(s.get("expert_bytes_h2d", 0.0))
         + float(s.get("expert_bytes_disk", 0.0)),
-    }
-
-
-# ------------------------------------------------------------------------------------------------
-# Response building: completion text -> OpenAI objects (same machine for stream and non-stream)
-# ------------------------------------------------------------------------------------------------
-
-# Engine finish reasons -> OpenAI's. A generation cut short by shutdown is incomplete: "length".
-_FINISH = {"stop": "stop", "length": "length", "tool_calls": "tool_calls", "cancelled": "length"}
-# The legacy endpoint returns raw text: a tool-call block in it is just text.
-_TEXT_FINISH = {**_FINISH, "tool_calls": "stop"}
-
-
-class ChatReply:
-    """Completion text in, OpenAI chat deltas out; also the final message.
-
-    Tool calls stream as the parser settles them: a delta with id and name, then argument
-    pieces. A malformed tool-call block (the parser raises) degrades to plain text: the raw block
-    becomes content and no tool call is reported in the message; a streaming client may already
-    have seen the start of a call, which the final finish_reason "stop" then disowns.
-    """
-
-    def __init__(
-        self, thinking: bool, new_call_id: Callable[[], str] | None = None, prefix: str = ""
-    ) -> None:
-        self.thinking = thinking
-        self.parser = CompletionStream("thinking" if thinking else "chat", new_call_id)
-        self.fed = ""
-        self.raw = False  # after a malformed block: everything else is content
-        self.closed = False
-        self.content: list[str] = []
-        self.reasoning: list[str] = []
-        self.calls: list[dict[str, Any]] = []
-        self._prefix_deltas = self.feed(prefix) if prefix else []
-
-    def take_prefix_deltas(self) -> list[dict[str, Any]]:
-        out, self._prefix_deltas = self._prefix_deltas, []
-        return out
-
-    def feed(self, text: str) -> list[dict[str, Any]]:
-        if self.closed or not text:
-            return []
-        if self.raw:
-            return self._raw(text)
-        self.fed += text
-        try:
-            events = self.parser.feed(text)
-        except ValueError:
-            return self._fallback()
-        return self._deltas(events)
-
-    def finish(self) -> list[dict[str, Any]]:
-        if self.closed:
-            return []
-        self.closed = True
-        if self.raw:
-            return []
-        try:
-            events = self.parser.finish()
-        except ValueError:
-            return self._fallback()
-        return self._deltas(events)
-
-    def finish_reason(self, engine_reason: str) -> str:
-        reason = _FINISH.get(engine_reason, "stop")
-        if reason in ("stop", "tool_calls"):
-            return "tool_calls" if self.calls and not self.raw else "stop"
-        return reason
-
-    def message(self) -> dict[str, Any]:
-        calls = [] if self.raw else self.calls
-        msg: dict[str, Any] = {
-            "role": "assistant",
-            "content": "".join(self.content) if self.content or not calls else None,
-        }
-        if self.thinking:
-            msg["reasoning_content"] = "".join(self.reasoning)
-        if calls:
-            msg["tool_calls"] = calls
-        return msg
-
-    # -- machinery --
-
-    def _deltas(self, events: Sequence[StreamEvent]) -> list[dict[str, Any]]:
-        out: list[dict[str, Any]] = []
-        for ev in events:
-            if ev.kind in ("content", "reasoning"):
-                key = "content" if ev.kind == "content" else "reasoning_content"
-                (self.content if ev.kind == "content" else self.reasoning).append(ev.text)
-                if out and list(out[-1]) == [key]:  # merge neighbours of one kind
-                    out[-1][key] += ev.text
-                else:
-                    out.append({key: ev.text})
-            elif ev.kind == "tool_call_start":
-                fn = {"name": ev.name, "arguments": ""}
-                self.calls.append({"id": ev.id, "type": "function", "function": dict(fn)})
-                call = {"index": ev.index, "id": ev.id, "type": "function", "function": fn}
-                out.append({"tool_calls": [call]})
-            else:  # tool_call_args
-                self.calls[ev.index]["function"]["arguments"] += ev.text
-                out.append(
-                    {"tool_calls": [{"index": ev.index, "function": {"arguments": ev.text}}]}
-                )
-        return out
-
-    def _fallback(self) -> list[dict[str, Any]]:
-        self.raw = True
-        out: list[dict[str, Any]] = []
-        # Events the parser settled in the call that raised are in its result, not returned.
-        done = self.parser.result()
-        for key, got in (("reasoning_content", self.reasoning), ("content", self.content)):
-            missing = (done.get(key) or "")[len("".join(got)) :]
-            if missing:
-                got.append(missing)
-                out.append({key: missing})
-        start = self.fed.find(TOOL_CALLS_START)
-        return out + self._raw(self.fed[start:] if start >= 0 else "")
-
-    def _raw(self, text: str) -> list[dict[str, Any]]:
-        cut = text.find(EOS_TOKEN)
-        if cut >= 0:
-            text, self.closed = text[:cut], True
-        if not text:
-            return []
-        self.content.append(text)
-        return [{"content": text}]
-
-
-def _envelope(
-    rid: str, obj: str, created: int, model: str, choices: list[dict[str, Any]]
-) -> dict[str, Any]:
-    """The fields every completion response and stream chunk opens with."""
-    return {"id": rid, "object": obj, "created": created, "model": model, "choices": choices}
-
-
-def usage_dict(o: Outcome) -> dict[str, Any]:
-    return {
-        "prompt_tokens": o.prompt_tokens,
-        "completion_tokens": o.completion_tokens,
-        "total_tokens": o.prompt_tokens + o.completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": o.cached_tokens},
     }
 
 
@@ -1035,6 +612,12 @@ class EngineWorker:
 # ------------------------------------------------------------------------------------------------
 
 
+def _now() -> str:
+    """UTC wall-clock time with milliseconds, as access logs carry it."""
+    t = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
+
+
 class ClientGone(Exception):
     """The client closed the connection."""
 
@@ -1073,6 +656,24 @@ class App:
         self.draining = False
         self.in_flight = 0
         self.lock = threading.Lock()
+        self.log_lock = threading.Lock()  # one access-log line at a time: lines never interleave
+        self.limits = Limits(
+            max_context=self.core.max_context,
+            vocab_size=engine.cfg.vocab_size,
+            model_name=cfg.model_name,
+            max_tokens_default=cfg.max_tokens_default,
+            max_tokens_cap=cfg.max_tokens_cap,
+        )
+
+    def write_log(self, line: str) -> None:
+        """One line in one write under the lock, so concurrent requests never interleave."""
+        with self.log_lock:
+            self.log.write(line + "\n")
+            self.log.flush()
+
+    def token_text(self, tid: int) -> str:
+        tok = self.core.tokenizer
+        return tok.decode([tid]) if tok is not None else f"<{tid}>"
 
     def model_card(self) -> dict[str, Any]:
         return {
@@ -1092,8 +693,58 @@ class Handler(BaseHTTPRequestHandler):
     # -- plumbing --
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+        # The stdlib's own messages (malformed request lines, timeouts); requests are logged by
+        # `_access_log` instead (the stdlib's line has no latency and no token counts).
         if self.app.cfg.log_requests:
-            print(f"{self.address_string()} - {format % args}", file=self.app.log, flush=True)
+            self.app.write_log(f"{_now()} {self.address_string()} - {format % args}")
+
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        self._status = int(code) if str(code).isdigit() else 0
+
+    def _access_log(self, started: float) -> None:
+        """`<UTC time> <client> "<METHOD> <path>" <status> <seconds>s prompt=<n> completion=<n>
+        cached=<n> cancelled=<0|1>`; token fields are `-` for requests that generate nothing."""
+        if not self.app.cfg.log_requests:
+            return
+        out, job = self._outcome, self._job
+        toks = "prompt=- completion=- cached=-"
+        if out is not None:
+            toks = (
+                f"prompt={out.prompt_tokens} completion={out.completion_tokens} "
+                f"cached={out.cached_tokens}"
+            )
+        cancelled = int(
+            (job is not None and job.cancelled.is_set())
+            or (out is not None and out.finish_reason == "cancelled")
+        )
+        path = self.path.split("?", 1)[0]
+        self.app.write_log(
+            f'{_now()} {self.client_address[0]} "{self.command} {path}" {self._status} '
+            f"{time.perf_counter() - started:.3f}s {toks} cancelled={cancelled}"
+        )
+
+    def end_headers(self) -> None:
+        self._cors_headers()
+        super().end_headers()
+
+    def _allowed_origin(self) -> str | None:
+        """The Access-Control-Allow-Origin value for this request, None when it gets none."""
+        origins = self.app.cfg.allowed_origins
+        origin = self.headers.get("Origin")
+        if not origins or origin is None:
+            return None
+        if "*" in origins:
+            return "*"
+        return origin if origin in origins else None
+
+    def _cors_headers(self) -> None:
+        allow = self._allowed_origin()
+        if allow is None:
+            return
+        self.send_header("Access-Control-Allow-Origin", allow)
+        if allow != "*":
+            self.send_header("Vary", "Origin")  # caches must not hand one origin's answer on
+        self.send_header("Access-Control-Expose-Headers", "Retry-After")
 
     def _endpoint(self) -> str:
         path = self.path.split("?", 1)[0]
@@ -1118,7 +769,8 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("Connection", "close")
             self.close_connection = True
         self.end_headers()
-        self.wfile.write(data)
+        if self.command != "HEAD":
+            self.wfile.write(data)
         self.app.metrics.request(self._endpoint(), status)
 
     def _send_error(self, e: ApiError, close: bool = False) -> None:
@@ -1130,7 +782,8 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
-        self.wfile.write(data)
+        if self.command != "HEAD":
+            self.wfile.write(data)
         self.app.metrics.request(self._endpoint(), status)
 
     def _read_json(self) -> dict[str, Any]:
@@ -1201,9 +854,19 @@ class Handler(BaseHTTPRequestHandler):
     def do_DELETE(self) -> None:  # noqa: N802
         self._dispatch("DELETE")
 
+    def do_HEAD(self) -> None:  # noqa: N802 - answered as GET, headers only
+        self._dispatch("HEAD")
+
+    def do_OPTIONS(self) -> None:  # noqa: N802 - CORS preflight
+        self._dispatch("OPTIONS")
+
     def _dispatch(self, method: str) -> None:
         app = self.app
         self._body_read = False
+        self._status = 0
+        self._job: Job | None = None
+        self._outcome: Outcome | None = None
+        started = time.perf_counter()
         with app.lock:
             app.in_flight += 1
         try:
@@ -1223,6 +886,7 @@ class Handler(BaseHTTPRequestHandler):
         finally:
             with app.lock:
                 app.in_flight -= 1
+            self._access_log(started)
 
     def _route(self, method: str) -> None:
         path = self.path.split("?", 1)[0]
@@ -1238,6 +902,11 @@ class Handler(BaseHTTPRequestHandler):
         if path not in routes:
             raise ApiError(404, f"no route {method} {path}", code="not_found")
         want, fn = routes[path]
+        if method == "OPTIONS":  # before the key check: browsers send preflights without it
+            self._preflight(want)
+            return
+        if method == "HEAD" and want == "GET":
+            method = "GET"  # the same answer; the senders skip the body
         if method != want:
             raise ApiError(405, f"{path} takes {want}, not {method}", code="method_not_allowed")
         if not self._authorized():
@@ -1248,6 +917,22 @@ class Handler(BaseHTTPRequestHandler):
         fn()
 
     # -- routes --
+
+    def _preflight(self, method: str) -> None:
+        """OPTIONS: 204 with Allow; with CORS headers when the Origin is allowed (otherwise the
+        browser, finding none, refuses the real request, as it should)."""
+        self.send_response(204)
+        allowed = f"{method}, HEAD, OPTIONS" if method == "GET" else f"{method}, OPTIONS"
+        self.send_header("Allow", allowed)
+        if self._allowed_origin() is not None:
+            self.send_header("Access-Control-Allow-Methods", allowed)
+            asked = self.headers.get("Access-Control-Request-Headers")
+            # Echo what the client asks for (the JS SDKs send their own x-stainless-* headers).
+            self.send_header("Access-Control-Allow-Headers", asked or "Authorization, Content-Type")
+            self.send_header("Access-Control-Max-Age", "600")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+        self.app.metrics.request(self._endpoint(), 204)
 
     def _health(self) -> None:
         app = self.app
@@ -1271,17 +956,17 @@ class Handler(BaseHTTPRequestHandler):
         self._send_json(200, {"object": "list", "data": [self.app.model_card()]})
 
     def _model(self) -> None:
-        name = self.path.split("?", 1)[0][len("/v1/models/") :]
+        name = urllib.parse.unquote(self.path.split("?", 1)[0][len("/v1/models/") :])
         if name != self.app.cfg.model_name:
-            raise ApiError(404, f"model {name!r} not found", param="model", code="model_not_found")
+            raise model_not_found(name, self.app.cfg.model_name)
         self._send_json(200, self.app.model_card())
 
     def _chat(self) -> None:
         app = self.app
         body = self._read_json()
-        req = parse_chat_request(body, app.core.max_context)
+        req = parse_chat_request(body, app.limits)
         prompt = app.core.chat_prompt(req)
-        job = Job(prompt, req.params, stream=req.stream)
+        job = self._job = Job(prompt, req.params, stream=req.stream)
         reply = ChatReply(prompt.thinking, prefix=prompt.reply_prefix)
         rid = "chatcmpl-" + uuid.uuid4().hex
         app.worker.submit(job)
@@ -1292,41 +977,56 @@ class Handler(BaseHTTPRequestHandler):
             out = self._wait(job)
         reply.feed(out.text)
         reply.finish()
+        lps = None if out.logprobs is None else chat_logprobs(out.logprobs, app.token_text)
         choice = {
             "index": 0,
             "message": reply.message(),
-            "logprobs": None,
+            "logprobs": lps,
             "finish_reason": reply.finish_reason(out.finish_reason),
         }
         self._send_json(
             200,
-            _envelope(rid, "chat.completion", int(time.time()), app.cfg.model_name, [choice])
+            envelope(rid, "chat.completion", int(time.time()), app.cfg.model_name, [choice])
             | {"usage": usage_dict(out), "stats": out.stats},
         )
 
     def _completions(self) -> None:
         app = self.app
         body = self._read_json()
-        req = parse_completion_request(body, app.core.max_context, app.engine.cfg.vocab_size)
+        req = parse_completion_request(body, app.limits)
         prompt = app.core.completion_prompt(req.prompt)
-        job = Job(prompt, req.params, stream=req.stream)
+        job = self._job = Job(prompt, req.params, stream=req.stream)
         rid = "cmpl-" + uuid.uuid4().hex
-        echo = req.prompt if req.echo and isinstance(req.prompt, str) else ""
+        echo = ""
+        if req.echo:  # a prompt of ids echoes as its text (nothing without a tokenizer)
+            tok = app.core.tokenizer
+            echo = (
+                req.prompt if isinstance(req.prompt, str) else tok.decode(req.prompt) if tok else ""
+            )
         app.worker.submit(job)
         with _cancel_on_error(job):
             if req.stream:
                 self._stream_completion(job, rid, echo, req.include_usage)
                 return
             out = self._wait(job)
+        lps = None
+        if out.logprobs is not None:
+            ids, per = [x.token_id for x in out.logprobs], list(out.logprobs)
+            if out.prompt_logprobs is not None:  # echo: the prompt's tokens first
+                # Without the BOS this server put in front, which the echoed text lacks too.
+                skip = int(isinstance(req.prompt, str) and not req.prompt.startswith(BOS_TOKEN))
+                ids = prompt.ids[skip:] + ids
+                per = list(out.prompt_logprobs)[skip:] + per
+            lps = completion_logprobs(ids, per, app.token_text)
         choice = {
             "index": 0,
             "text": echo + out.text,
-            "logprobs": None,
-            "finish_reason": _TEXT_FINISH.get(out.finish_reason, "stop"),
+            "logprobs": lps,
+            "finish_reason": TEXT_FINISH.get(out.finish_reason, "stop"),
         }
         self._send_json(
             200,
-            _envelope(rid, "text_completion", int(time.time()), app.cfg.model_name, [choice])
+            envelope(rid, "text_completion", int(time.time()), app.cfg.model_name, [choice])
             | {"usage": usage_dict(out), "stats": out.stats},
         )
 
@@ -1346,6 +1046,7 @@ class Handler(BaseHTTPRequestHandler):
         while True:
             kind, val = self._next_event(job)
             if kind == "done":
+                self._outcome = val
                 return val
             if kind == "error":
                 raise val
@@ -1377,6 +1078,7 @@ class Handler(BaseHTTPRequestHandler):
             if kind == "text":
                 on_text(val)
             elif kind == "done":
+                self._outcome = val
                 return val
             elif kind == "error":
                 self._sse(val.body())
@@ -1390,7 +1092,7 @@ class Handler(BaseHTTPRequestHandler):
 
         def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
             choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-            c = _envelope(rid, "chat.completion.chunk", created, model, [choice])
+            c = envelope(rid, "chat.completion.chunk", created, model, [choice])
             if include_usage:
                 c["usage"] = None  # as OpenAI: only the last chunk carries usage
             return c
@@ -1423,7 +1125,7 @@ class Handler(BaseHTTPRequestHandler):
 
         def chunk(text: str, finish: str | None = None) -> dict[str, Any]:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-            c = _envelope(rid, "text_completion", created, model, [choice])
+            c = envelope(rid, "text_completion", created, model, [choice])
             if include_usage:
                 c["usage"] = None
             return c
@@ -1433,7 +1135,7 @@ class Handler(BaseHTTPRequestHandler):
             self._sse(chunk(echo))
         out = self._stream_events(job, lambda t: self._sse(chunk(t)))
         if out is not None:
-            last = chunk("", _TEXT_FINISH.get(out.finish_reason, "stop"))
+            last = chunk("", TEXT_FINISH.get(out.finish_reason, "stop"))
             last["stats"] = out.stats
             if include_usage:
                 self._sse(last)

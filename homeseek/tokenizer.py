@@ -87,7 +87,9 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Ids of `text`; special-token text (`<｜User｜>`...) maps to its id. Adds no BOS/EOS."""
-        return self._tok.encode(text, add_special_tokens=False).ids
+        # encode_batch releases the GIL while it works (encode does not): a server thread
+        # tokenizing a long prompt must not stall the others (/health, streaming replies).
+        return self._tok.encode_batch([text], add_special_tokens=False)[0].ids
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of `ids`, special tokens included (the chat parser needs `</think>` and DSML)."""

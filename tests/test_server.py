@@ -31,19 +31,16 @@ import pytest
 from openai.types.chat import ChatCompletionChunk
 
 from homeseek.chat import EOS_TOKEN, encode_messages
+from homeseek.protocol import ApiError, ChatReply, Limits, Outcome, parse_chat_request
 from homeseek.server import (
-    ApiError,
     App,
-    ChatReply,
     EngineWorker,
     Job,
     Metrics,
-    Outcome,
     PrefixCache,
     Prompt,
     ServerConfig,
     make_server,
-    parse_chat_request,
 )
 
 MAX_CONTEXT = 1024
@@ -163,7 +160,7 @@ def test_tool_calls_stream_and_round_trip(seed: int) -> None:
             "messages": [{"role": "user", "content": "q"}, back, *results],
             "tools": [WEATHER],
         },
-        MAX_CONTEXT,
+        Limits(MAX_CONTEXT),
     )
     prompt = encode_messages(req.messages)
     assert text in prompt and prompt.count("<tool_result>sunny</tool_result>") == 2
@@ -207,7 +204,7 @@ def test_forced_tool_call_prefix() -> None:
         "tools": [WEATHER],
         "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
     }
-    req = parse_chat_request(body, MAX_CONTEXT)
+    req = parse_chat_request(body, Limits(MAX_CONTEXT))
     assert req.reply_prefix.endswith('invoke name="get_weather">\n')
     reply = ChatReply(thinking=False, new_call_id=_ids().__next__, prefix=req.reply_prefix)
     first = reply.take_prefix_deltas()
@@ -217,7 +214,7 @@ def test_forced_tool_call_prefix() -> None:
     reply.finish()
     calls = reply.message()["tool_calls"]
     assert json.loads(calls[0]["function"]["arguments"]) == {"city": "Oslo"}
-    none = parse_chat_request({**body, "tool_choice": "none"}, MAX_CONTEXT)
+    none = parse_chat_request({**body, "tool_choice": "none"}, Limits(MAX_CONTEXT))
     assert none.reply_prefix == "" and "tools" not in none.messages[0]
 
 
@@ -273,7 +270,7 @@ def test_worker_engine_error_is_500_and_keeps_serving() -> None:
 
     metrics = Metrics()
     w = EngineWorker(run, metrics, max_queue=2, log=open(os.devnull, "w"))
-    params = parse_chat_request({"messages": [{"role": "user", "content": "x"}]}, 8).params
+    params = parse_chat_request({"messages": [{"role": "user", "content": "x"}]}, Limits(8)).params
     bad, good = Job(Prompt(None, [0], False), params), Job(Prompt(None, [0], False), params)
     w.submit(bad)
     w.submit(good)
@@ -292,7 +289,7 @@ def test_worker_queue_full_is_429_with_retry_after() -> None:
         return Outcome("", "stop", 1, 1, 0, {})
 
     w = EngineWorker(run, Metrics(), max_queue=1)
-    params = parse_chat_request({"messages": [{"role": "user", "content": "x"}]}, 8).params
+    params = parse_chat_request({"messages": [{"role": "user", "content": "x"}]}, Limits(8)).params
     jobs = [Job(Prompt(None, [0], False), params) for _ in range(3)]
     w.submit(jobs[0])
     deadline = time.monotonic() + 5
@@ -314,16 +311,19 @@ def test_worker_queue_full_is_429_with_retry_after() -> None:
 class ServerProcess:
     """`python -m homeseek serve` on an ephemeral port of 127.0.0.1."""
 
-    def __init__(self, tmp: Path, *extra: str) -> None:
+    def __init__(
+        self, tmp: Path, *extra: str, quiet: bool = True, env: dict[str, str] | None = None
+    ) -> None:
         self.log = tmp / "server.log"
         cmd = [sys.executable, "-m", "homeseek", "serve", "--model", "tiny", "--threads", "1"]
-        cmd += ["--port", "0", "--max-context", str(MAX_CONTEXT), "--quiet", *extra]
+        cmd += ["--port", "0", "--max-context", str(MAX_CONTEXT), *extra]
+        cmd += ["--quiet"] if quiet else []
         self.proc = subprocess.Popen(
             cmd,
             stdout=subprocess.PIPE,
             stderr=open(self.log, "w"),
             text=True,
-            env=os.environ.copy(),
+            env={**os.environ, **(env or {})},
         )
         self.lines: queue.Queue[str] = queue.Queue()
         self.stdout: list[str] = []
@@ -385,9 +385,12 @@ def client(server: ServerProcess) -> openai.OpenAI:
 
 
 def _http(
-    url: str, body: bytes | None = None, headers: dict[str, str] | None = None
+    url: str,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+    method: str | None = None,
 ) -> tuple[int, dict[str, str], bytes]:
-    req = urllib.request.Request(url, data=body, headers=headers or {})
+    req = urllib.request.Request(url, data=body, headers=headers or {}, method=method)
     try:
         with urllib.request.urlopen(req, timeout=60) as r:
             return r.status, dict(r.headers), r.read()
@@ -558,12 +561,12 @@ def test_tool_conversation_round_trip(client: openai.OpenAI) -> None:
     assert cached == full.usage.prompt_tokens + full.usage.completion_tokens - 1
 
     # tool_choice "required" forces a DSML block; random weights then write noise, which
-    # comes back as text or as a (truncated) call, never as an error.
+    # comes back as a (truncated) call or as nothing, never as an error nor as DSML markup.
     forced = client.chat.completions.create(
         **{**kw, "tool_choice": "required", "reasoning_effort": None}
     )
     assert forced.choices[0].finish_reason in ("stop", "length", "tool_calls")
-    assert (forced.choices[0].message.content or forced.choices[0].message.tool_calls) is not None
+    assert "DSML" not in (forced.choices[0].message.content or "")
 
 
 BAD_REQUESTS: list[tuple[str, dict[str, Any], str]] = [
@@ -846,7 +849,7 @@ def test_full_queue_gets_429(inproc: tuple[App, str]) -> None:
     def long(i: int) -> None:
         try:
             r = c.chat.completions.create(
-                model="m", messages=[{"role": "user", "content": f"long {i}"}], max_tokens=40
+                model="homeseek", messages=[{"role": "user", "content": f"long {i}"}], max_tokens=40
             )
             results.append(r.usage.completion_tokens)
         except openai.RateLimitError as e:
@@ -862,7 +865,7 @@ def test_full_queue_gets_429(inproc: tuple[App, str]) -> None:
     while app.worker.depth < 1 and time.monotonic() < deadline:
         time.sleep(0.01)
     with pytest.raises(openai.RateLimitError) as e:
-        c.chat.completions.create(model="m", messages=USER, max_tokens=2)
+        c.chat.completions.create(model="homeseek", messages=USER, max_tokens=2)
     assert int(e.value.response.headers["retry-after"]) >= 1
     first.join(60)
     second.join(60)
@@ -886,15 +889,17 @@ def test_engine_fault_is_500_and_server_keeps_serving(
     monkeypatch.setattr(app.engine, "generate", failing_once)
     c = openai.OpenAI(base_url=url + "/v1", api_key="sekret", max_retries=0, timeout=60)
     with pytest.raises(openai.InternalServerError) as e:
-        c.chat.completions.create(model="m", messages=USER, max_tokens=2)
+        c.chat.completions.create(model="homeseek", messages=USER, max_tokens=2)
     assert "injected engine fault" in e.value.body["message"]
-    assert c.chat.completions.create(model="m", messages=USER, max_tokens=2).choices
+    assert c.chat.completions.create(model="homeseek", messages=USER, max_tokens=2).choices
     # Streaming: the error arrives as an SSE error event, which the client raises.
     calls.clear()
     with pytest.raises(openai.APIError):
-        for _ in c.chat.completions.create(model="m", messages=USER, max_tokens=2, stream=True):
+        for _ in c.chat.completions.create(
+            model="homeseek", messages=USER, max_tokens=2, stream=True
+        ):
             pass
-    assert c.chat.completions.create(model="m", messages=USER, max_tokens=2).choices
+    assert c.chat.completions.create(model="homeseek", messages=USER, max_tokens=2).choices
 
 
 # ------------------------------------------------------------------------------------------------
@@ -937,3 +942,298 @@ def test_sigterm_drains_in_flight_request(_model_cache: Path, tmp_path: Path) ->
             c.models.list()
     finally:
         s.stop()
+
+
+# ------------------------------------------------------------------------------------------------
+# Issue 15: server conventions and OpenAI parameters
+# ------------------------------------------------------------------------------------------------
+
+ORIGIN = "http://app.example"
+ENV_KEY = "env-sekret"
+LOG_LINE = re.compile(
+    r'^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z 127\.0\.0\.1 "(GET|HEAD|POST|OPTIONS) \S+" '
+    r"\d{3} \d+\.\d{3}s prompt=(\d+|-) completion=(\d+|-) cached=(\d+|-) cancelled=[01]$"
+)
+
+
+@pytest.fixture(scope="module")
+def configured(
+    _model_cache: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
+    """CORS for one origin, the key from HOMESEEK_API_KEY, a max_tokens default and cap, the
+    access log on, the default 32 MB body limit."""
+    s = ServerProcess(
+        tmp_path_factory.mktemp("configured"),
+        "--allowed-origins",
+        ORIGIN,
+        "--max-tokens-default",
+        "3",
+        "--max-tokens-cap",
+        "8",
+        quiet=False,
+        env={"HOMESEEK_API_KEY": ENV_KEY},
+    )
+    yield s
+    assert s.stop() == 0, s.log.read_text()
+
+
+def _auth() -> dict[str, str]:
+    return {"Authorization": f"Bearer {ENV_KEY}"}
+
+
+def test_cors_preflight_and_head(configured: ServerProcess, server: ServerProcess) -> None:
+    url = configured.url + "/v1/chat/completions"
+    asked = {
+        "Origin": ORIGIN,
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type, x-stainless-os",
+    }
+    status, h, body = _http(url, headers=asked, method="OPTIONS")  # no key: preflights have none
+    assert status == 204 and body == b""
+    assert h["Access-Control-Allow-Origin"] == ORIGIN and "Origin" in h["Vary"]
+    assert "POST" in h["Access-Control-Allow-Methods"]
+    assert h["Access-Control-Allow-Headers"] == asked["Access-Control-Request-Headers"]
+    # Another origin, or a server without --allowed-origins: no CORS headers at all.
+    status, h, _ = _http(url, headers={**asked, "Origin": "http://evil.example"}, method="OPTIONS")
+    assert status == 204 and "Access-Control-Allow-Origin" not in h
+    status, h, _ = _http(server.url + "/v1/models", headers={"Origin": ORIGIN}, method="OPTIONS")
+    assert status == 204 and "Access-Control-Allow-Origin" not in h and "GET" in h["Allow"]
+    # The real request from the allowed origin carries the header too.
+    status, h, _ = _http(configured.url + "/v1/models", headers={"Origin": ORIGIN, **_auth()})
+    assert status == 200 and h["Access-Control-Allow-Origin"] == ORIGIN
+    # HEAD: GET's status and headers, no body.
+    for path, headers in (("/health", {}), ("/v1/models", _auth()), ("/v1/models/tiny", _auth())):
+        g_status, g_h, g_body = _http(configured.url + path, headers=headers)
+        status, h, body = _http(configured.url + path, headers=headers, method="HEAD")
+        assert (status, body) == (g_status, b"") and status == 200, path
+        assert h["Content-Length"] == g_h["Content-Length"] == str(len(g_body))
+    assert _http(url, method="HEAD", headers=_auth())[0] == 405
+
+
+def test_api_key_from_environment(configured: ServerProcess, monkeypatch: pytest.MonkeyPatch):
+    from homeseek.chat_cli import ChatError, HttpBackend
+
+    wrong = openai.OpenAI(base_url=configured.url + "/v1", api_key="nope", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        wrong.models.list()
+    right = openai.OpenAI(base_url=configured.url + "/v1", api_key=ENV_KEY, max_retries=0)
+    assert right.models.list().data[0].id == "tiny"
+    assert f"--api-key {ENV_KEY}" not in " ".join(configured.proc.args)  # not in `ps`
+    # `homeseek chat` takes OPENAI_API_KEY when --api-key is not given, as OpenAI clients do.
+    monkeypatch.setenv("OPENAI_API_KEY", ENV_KEY)
+    HttpBackend(configured.url).connect()
+    monkeypatch.delenv("OPENAI_API_KEY")
+    with pytest.raises(ChatError, match="401"):
+        HttpBackend(configured.url).connect()
+
+
+def test_max_tokens_default_and_cap(configured: ServerProcess) -> None:
+    c = openai.OpenAI(base_url=configured.url + "/v1", api_key=ENV_KEY, max_retries=0, timeout=60)
+    r = c.chat.completions.create(model="tiny", messages=USER, temperature=0)
+    assert r.usage.completion_tokens <= 3  # the server's default
+    assert r.usage.completion_tokens == 3 or r.choices[0].finish_reason == "stop"
+    t = c.completions.create(model="tiny", prompt="Once upon", temperature=0)
+    assert t.usage.completion_tokens <= 3  # the default replaces the legacy 16 too
+    assert c.chat.completions.create(model="tiny", messages=USER, max_tokens=8).choices
+    with pytest.raises(openai.BadRequestError) as e:  # above the cap: refused, not clamped
+        c.chat.completions.create(model="tiny", messages=USER, max_tokens=9)
+    assert e.value.body["param"] == "max_tokens" and "cap of 8" in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError):
+        c.completions.create(model="tiny", prompt="x", max_tokens=100)
+
+
+def test_access_log_one_line_per_request(configured: ServerProcess) -> None:
+    c = openai.OpenAI(base_url=configured.url + "/v1", api_key=ENV_KEY, max_retries=0, timeout=60)
+    threads = [
+        threading.Thread(
+            target=lambda i=i: c.chat.completions.create(
+                model="tiny", messages=[{"role": "user", "content": f"hi {i}"}], max_tokens=2
+            )
+        )
+        for i in range(4)
+    ]
+    for t in threads:
+        t.start()
+    for _ in range(20):
+        _http(configured.url + "/health")
+    for t in threads:
+        t.join(60)
+    time.sleep(0.2)
+    lines = [ln for ln in configured.log.read_text().splitlines() if '"' in ln]
+    bad = [ln for ln in lines if not LOG_LINE.match(ln)]
+    assert not bad, bad
+    chats = [ln for ln in lines if "POST /v1/chat/completions" in ln and " 200 " in ln]
+    assert all(re.search(r"prompt=\d+ completion=\d+ cached=\d+ cancelled=0$", ln) for ln in chats)
+    assert sum(" completion=2 " in ln for ln in chats) >= 4
+    assert any('"GET /health" 200' in ln and "prompt=-" in ln for ln in lines)
+
+
+def test_health_answers_fast_during_a_10mb_request(configured: ServerProcess) -> None:
+    text = "hello world " * (10 * 2**20 // 12)
+    body = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": text}]}).encode()
+    big: dict[str, Any] = {}
+
+    def send() -> None:
+        t0 = time.perf_counter()
+        big["status"], _, big["body"] = _http(
+            configured.url + "/v1/chat/completions",
+            body,
+            {"Content-Type": "application/json", **_auth()},
+        )
+        big["s"] = time.perf_counter() - t0
+
+    t = threading.Thread(target=send)
+    t.start()
+    lat = []
+    while t.is_alive() or not lat:
+        t0 = time.perf_counter()
+        assert _http(configured.url + "/health")[0] == 200
+        lat.append(time.perf_counter() - t0)
+    t.join()
+    assert max(lat) < 0.1, lat
+    assert big["status"] == 400 and big["s"] < 5, big["s"]
+    assert json.loads(big["body"])["error"]["code"] == "context_length_exceeded"
+
+
+def test_tokenizer_releases_the_gil(engine: Any) -> None:
+    """A long prompt tokenizes without stalling other threads (the server's /health)."""
+    text = "hello world " * 100_000
+    done, gaps = threading.Event(), []
+
+    def tick() -> None:
+        while not done.is_set():
+            t0 = time.perf_counter()
+            time.sleep(0.001)
+            gaps.append(time.perf_counter() - t0)
+
+    th = threading.Thread(target=tick)
+    th.start()
+    t0 = time.perf_counter()
+    engine.tokenizer.encode(text)
+    took = time.perf_counter() - t0
+    done.set()
+    th.join()
+    assert took > 0.2 and max(gaps) < 0.1, (took, max(gaps))
+
+
+def test_unknown_model_is_404_everywhere(server: ServerProcess, client: openai.OpenAI) -> None:
+    calls = [
+        lambda: client.chat.completions.create(model="gpt-4o", messages=USER, max_tokens=1),
+        lambda: client.completions.create(model="gpt-4o", prompt="x", max_tokens=1),
+        lambda: client.models.retrieve("gpt-4o"),
+    ]
+    for call in calls:
+        with pytest.raises(openai.NotFoundError) as e:
+            call()
+        assert e.value.body["code"] == "model_not_found" and e.value.body["param"] == "model"
+        assert "'tiny'" in e.value.body["message"]
+    assert client.models.retrieve("tiny").id == "tiny"
+    body = json.dumps({"messages": USER, "max_tokens": 1}).encode()  # no model: served
+    assert _http(server.url + "/v1/chat/completions", body)[0] == 200
+
+
+def test_completions_context_error_names_prompt(client: openai.OpenAI) -> None:
+    for prompt in ("hello " * 3000, [5] * 2000):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(model="tiny", prompt=prompt, max_tokens=2)
+        assert e.value.body["code"] == "context_length_exceeded"
+        assert e.value.body["param"] == "prompt"
+
+
+def test_response_format_json_is_refused_not_ignored(client: openai.OpenAI) -> None:
+    schema = {"name": "x", "schema": {"type": "object"}}
+    for fmt in ({"type": "json_object"}, {"type": "json_schema", "json_schema": schema}):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(
+                model="tiny", messages=USER, max_tokens=2, response_format=fmt
+            )
+        assert e.value.body["param"] == "response_format"
+        assert e.value.body["code"] == "unsupported_parameter"
+        assert "not supported yet" in e.value.body["message"]
+    ok = client.chat.completions.create(
+        model="tiny", messages=USER, max_tokens=2, response_format={"type": "text"}
+    )
+    assert ok.usage.completion_tokens == 2
+
+
+def test_logprobs_and_echo_match_torch_reference(client: openai.OpenAI, engine: Any) -> None:
+    """Completions with a prompt of ids, echo and logprobs: every number is log_softmax of
+    `Session.forward` logits of the same model (the server runs the same tiny checkpoint)."""
+    import torch
+
+    ids = [0, 11, 400, 23, 57, 9]
+    r = client.completions.create(
+        model="tiny", prompt=ids, max_tokens=3, temperature=0, logprobs=2, echo=True
+    )
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(ids) + 3 and lp.token_logprobs[0] is None
+    gen = engine.generate(prompt_ids=ids, max_tokens=3, temperature=0)
+    sess = engine.session()
+    with torch.inference_mode():
+        rows = torch.log_softmax(sess.forward(ids + gen.token_ids[:-1]), dim=-1)
+    seq = ids + gen.token_ids
+    for i in range(1, len(seq)):
+        want = float(rows[i - 1, seq[i]])
+        assert lp.token_logprobs[i] == pytest.approx(want, abs=2e-2), i
+        assert lp.tokens[i] == engine.tokenizer.decode([seq[i]])
+        top = rows[i - 1].topk(2).indices.tolist()
+        assert set(lp.top_logprobs[i]) == {engine.tokenizer.decode([t]) for t in top}
+    assert r.choices[0].text.startswith(engine.tokenizer.decode(ids))  # echo of an ids prompt
+    # Chat: one entry per generated token with top_logprobs alternatives.
+    chat = client.chat.completions.create(
+        model="tiny", messages=USER, max_tokens=3, temperature=0, logprobs=True, top_logprobs=2
+    )
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens
+    assert all(len(c.top_logprobs) == 2 and c.logprob <= 0 for c in content)
+    assert content[0].logprob == pytest.approx(content[0].top_logprobs[0].logprob)  # greedy
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(
+            model="tiny", messages=USER, max_tokens=2, logprobs=True, stream=True
+        )
+
+
+def test_penalties_and_logit_bias_reach_the_sampler(client: openai.OpenAI, engine: Any) -> None:
+    ids = [0, 11, 400, 23, 57, 9]
+    kw = {"frequency_penalty": 1.5, "presence_penalty": 0.5, "logit_bias": {"300": 4.0}}
+    r = client.completions.create(
+        model="tiny", prompt=ids, max_tokens=6, temperature=0, logprobs=0, **kw
+    )
+    want = engine.generate(
+        prompt_ids=ids,
+        max_tokens=6,
+        temperature=0,
+        frequency_penalty=1.5,
+        presence_penalty=0.5,
+        logit_bias={300: 4.0},
+    )
+    assert r.choices[0].logprobs.tokens == [engine.tokenizer.decode([t]) for t in want.token_ids]
+    forced = client.completions.create(
+        model="tiny", prompt=ids, max_tokens=4, logit_bias={"300": 100}, logprobs=0
+    )
+    assert forced.choices[0].logprobs.tokens == [engine.tokenizer.decode([300])] * 4
+    for bad in ({"presence_penalty": 3}, {"logit_bias": {"x": 1}}, {"logit_bias": {"5": 200}}):
+        with pytest.raises(openai.BadRequestError):
+            client.completions.create(model="tiny", prompt=ids, max_tokens=1, **bad)
+
+
+def test_cut_off_forced_tool_call_never_leaks_dsml() -> None:
+    body = {"messages": USER, "tools": [WEATHER], "tool_choice": "required"}
+    prefix = parse_chat_request(body, Limits(MAX_CONTEXT)).reply_prefix
+    named = {**body, "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}
+    invoke = parse_chat_request(named, Limits(MAX_CONTEXT)).reply_prefix
+    # Noise after the forced opening (what a cut-off random model writes): no call, no markup.
+    for p in (prefix, invoke):
+        reply = ChatReply(thinking=False, new_call_id=_ids().__next__, prefix=p)
+        deltas = reply.take_prefix_deltas() + _feed_in_pieces(reply, "<filler_1>garbage <x>", 0)
+        msg = reply.message()
+        assert "DSML" not in json.dumps(deltas) + (msg["content"] or "")
+        assert "tool_calls" not in msg and reply.finish_reason("length") == "length"
+    # A well-formed call cut inside its argument: the partial call, finish_reason length.
+    reply = ChatReply(thinking=False, new_call_id=_ids().__next__, prefix=invoke)
+    cut = '<｜DSML｜parameter name="city" string="true">Par'
+    deltas = reply.take_prefix_deltas() + _feed_in_pieces(reply, cut, 1)
+    msg = reply.message()
+    assert "DSML" not in (msg["content"] or "")
+    assert msg["tool_calls"][0]["function"]["name"] == "get_weather"
+    assert reply.finish_reason("length") == "length"
