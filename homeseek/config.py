@@ -261,6 +261,26 @@ def _env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(f"HOMESEEK_{name}", default)
 
 
+def env_int(name: str, default: int, minimum: int = 1) -> int:
+    """HOMESEEK_<name> as a whole number >= minimum; unset or empty gives `default`.
+
+    A bad value is a ConfigError that names the variable, not int()'s "invalid literal".
+    """
+    raw = _env(name)
+    if raw is None or not raw.strip():
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(
+            f"HOMESEEK_{name}={raw!r} is not a whole number; set it to one (e.g. {default}) "
+            "or unset it"
+        ) from None
+    if value < minimum:
+        raise ConfigError(f"HOMESEEK_{name}={value} must be >= {minimum}; raise it or unset it")
+    return value
+
+
 def default_cache_dir() -> Path:
     """Where built-in models (`tiny`) are created on first use."""
     env = _env("CACHE_DIR")
@@ -300,9 +320,9 @@ class RuntimeConfig:
     def build(cls, **kw: Any) -> RuntimeConfig:
         """Fill unset fields from HOMESEEK_* environment variables, then validate."""
         if kw.get("max_context") is None:
-            kw["max_context"] = int(_env("MAX_CONTEXT", "32768"))
+            kw["max_context"] = env_int("MAX_CONTEXT", 32768)
         if kw.get("prefill_chunk") is None:
-            kw["prefill_chunk"] = int(_env("PREFILL_CHUNK", "2048"))
+            kw["prefill_chunk"] = env_int("PREFILL_CHUNK", 2048)
         if kw.get("graphs") is None:
             kw["graphs"] = str(kw.get("device", "cpu")).startswith("cuda")
         return cls(**kw)
