@@ -30,6 +30,8 @@ if TYPE_CHECKING:  # what static tools and readers follow; at run time __getattr
     from homeseek.engine import ContextError, Engine, Session, load
 
 _NAMES = {"load": "engine", "Engine": "engine", "Session": "engine", "ContextError": "engine"}
+
+
 def __getattr__(name: str) -> Any:
     if name in _NAMES:
         value = getattr(importlib.import_module(f"homeseek.{_NAMES[name]}"), name)
