@@ -2,7 +2,7 @@
 
 `Engine` owns the dense weights, the expert store and the RoPE tables; `Session` owns one
 sequence's decode state. One step runs, per layer, segment A, the routed experts (made resident by
-the expert store between the segments), then segment B (design.md §4).
+the expert store between the segments), then segment B (docs/engine.md §2).
 """
 
 from __future__ import annotations
@@ -233,7 +233,7 @@ class Engine:
         session: Session | None = None,
         cancel: Callable[[], bool] | None = None,
     ) -> GenerationResult:
-        """Generate a completion for chat `messages` or raw `prompt_ids` (design.md §5).
+        """Generate a completion for chat `messages` or raw `prompt_ids` (docs/engine.md §3).
 
         `stream(delta)` receives text as it is decoded, never splitting a UTF-8 character and
         never showing text that a stop string later cuts. Without a tokenizer, generation from
@@ -535,7 +535,7 @@ def load(
     hot_profile: str | None = None,
     kernels: bool = True,
 ) -> Engine:
-    """Load a checkpoint directory or a preset ("tiny") -> Engine (design.md §5)."""
+    """Load a checkpoint directory or a preset ("tiny") -> Engine (docs/engine.md §3)."""
     rt = RuntimeConfig.build(
         device=device,
         dtype=dtype,

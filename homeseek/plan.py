@@ -48,7 +48,8 @@ def dense_bytes(cfg: ModelConfig, include_mtp: bool = False) -> int:
 
 
 def state_bytes(cfg: ModelConfig, max_context: int, act_bytes: int = 2) -> int:
-    """Decode state of one session at max_context (spec §4), activation dtype act_bytes."""
+    """Decode state of one session at max_context, activation dtype act_bytes
+    (docs/architecture.md §4)."""
     total = 0
     for i in range(cfg.num_hidden_layers):
         total += cfg.sliding_window * cfg.head_dim * act_bytes

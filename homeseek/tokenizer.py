@@ -412,7 +412,8 @@ def build_synthetic_tokenizer() -> tokenizers.Tokenizer:
 
 
 def tokenizer_config() -> dict[str, Any]:
-    """`tokenizer_config.json` as the V4 release has it (spec §5): no automatic BOS/EOS, pad=EOS."""
+    """`tokenizer_config.json` as the V4 release has it: no automatic BOS/EOS, pad=EOS
+    (docs/architecture.md §5)."""
     return {
         "add_bos_token": False,
         "add_eos_token": False,

@@ -281,3 +281,24 @@ def test_checkout_imports_like_the_install(tmp_path: Path) -> None:
     assert (ROOT / "homeseek" / "kernels").is_symlink() and (
         ROOT / "homeseek" / "graphs"
     ).is_symlink()
+
+
+def test_doc_citations_point_into_the_repository() -> None:
+    """Comments cite `docs/<name>.md §N[.M]`: the file and the section (or numbered item) exist."""
+    cite = re.compile(r"docs/([a-z_]+)\.md §(\d+)(?:\.(\d+))?")
+    found = 0
+    for folder in ("homeseek", "kernels", "graphs", "tools", "tests"):
+        for f in (ROOT / folder).rglob("*.py"):
+            for name, major, minor in cite.findall(f.read_text(encoding="utf-8")):
+                found += 1
+                doc = ROOT / "docs" / f"{name}.md"
+                assert doc.is_file(), f"{f}: cites missing {doc.name}"
+                text = doc.read_text(encoding="utf-8")
+                section = re.search(rf"^## {major}\. .*?(?=^## |\Z)", text, re.M | re.S)
+                assert section, f"{f}: {doc.name} has no section {major}"
+                if minor:
+                    body = section.group(0)
+                    heading = re.search(rf"^### {major}\.{minor} ", body, re.M)
+                    item = re.search(rf"^{minor}\. ", body, re.M)
+                    assert heading or item, f"{f}: {doc.name} has no §{major}.{minor}"
+    assert found > 30

@@ -25,7 +25,8 @@ from homeseek.tokenizer import (
 )
 
 SPEC_TEXT = "<｜User｜>你好<｜Assistant｜><think>推理</think>答案<｜end▁of▁sentence｜>"
-SPEC_IDS = [128803, 30594, 128804, 128821, 36101, 128822, 7624, 1]  # real tokenizer, spec §5
+# The real tokenizer's ids for SPEC_TEXT (docs/architecture.md §5).
+SPEC_IDS = [128803, 30594, 128804, 128821, 36101, 128822, 7624, 1]
 
 
 @pytest.fixture(scope="module")
