@@ -302,3 +302,11 @@ def test_doc_citations_point_into_the_repository() -> None:
                     item = re.search(rf"^{minor}\. ", body, re.M)
                     assert heading or item, f"{f}: {doc.name} has no §{major}.{minor}"
     assert found > 30
+
+
+def test_help_words_the_plan_defaults() -> None:
+    """--help describes the defaults homeseek.plan applies; keep the two in step."""
+    gpu_pct = round(plan.GPU_FREE_FRACTION * 100)
+    host_pct = round((1 - plan.HOST_RESERVE_FRACTION) * 100)
+    assert cli.GPU_DEFAULT_TEXT.startswith(f"{gpu_pct}%%")
+    assert cli.HOST_DEFAULT_TEXT.startswith(f"{host_pct}%%")
