@@ -8,6 +8,7 @@ import json
 import socket
 import sys
 import tempfile
+import textwrap
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,10 +34,11 @@ ENV_VARS = {
 
 
 def _env_epilog() -> str:
-    width = max(map(len, ENV_VARS))
-    return "environment variables:\n" + "\n".join(
-        f"  {k:<{width}}  {v}" for k, v in ENV_VARS.items()
-    )
+    lines = ["environment variables:"]
+    for name, text in ENV_VARS.items():
+        lines.append(f"  {name}")
+        lines += textwrap.wrap(text, 78, initial_indent=" " * 6, subsequent_indent=" " * 6)
+    return "\n".join(lines)
 
 
 # --- argument checking ---------------------------------------------------------------------------
@@ -67,7 +69,9 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
         text = action.help or ""
         if (
             "%(default)" in text
-            or action.default in (None, False, argparse.SUPPRESS)
+            or action.default is None
+            or action.default is False  # an off switch (0 is a real default and shown)
+            or action.default == argparse.SUPPRESS
             or not action.option_strings
         ):
             return text

@@ -189,7 +189,13 @@ def test_version_and_help(capsys) -> None:
     with pytest.raises(SystemExit):
         cli.main(["generate", "--help"])
     text = capsys.readouterr().out
-    for shown in ("(default: 64)", "(default: tiny)", "(default: 1.0)", "--gpu-mem-gb"):
+    for shown in (
+        "(default: 64)",
+        "(default: tiny)",
+        "(default: 1.0)",
+        "(default: 0)",
+        "--gpu-mem-gb",
+    ):
         assert shown in text, shown
     assert "(default: None)" not in text and "(default: False)" not in text
     for name in cli.ENV_VARS:
