@@ -1,37 +1,52 @@
-# homeseek developer commands. `make install` once, then `make run` / `make test`.
+# homeseek developer commands. From a fresh clone `make run` and `make test` set everything up
+# themselves (once): a virtualenv in $(VENV) with torch and homeseek[test] installed editable.
 VENV ?= .venv
-PY := $(if $(wildcard $(VENV)/bin/python),$(VENV)/bin/python,python3)
+TORCH ?= torch==2.13.0
+PY ?= $(VENV)/bin/python
 PROMPT ?= Hello
 MODEL ?= tiny
 PORT ?= 8000
 URL ?= http://127.0.0.1:$(PORT)
 
-.PHONY: install run serve chat test test-gpu lint format
+# The set-up is a file target: done once, redone when pyproject.toml changes (new dependencies),
+# retried when it failed halfway (the stamp is written last). `make test PY=python3` uses an
+# interpreter that already has everything and skips the set-up.
+STAMP := $(VENV)/.installed
+SETUP := $(if $(filter command line environment,$(origin PY)),,$(STAMP))
 
-install:  ## virtualenv + CPU torch wheel + homeseek with test extras
+.PHONY: install run serve chat test test-gpu lint format bench
+
+$(STAMP): pyproject.toml
+	@echo "setting up $(VENV): $(TORCH), then homeseek[test] (editable); once, ~2 minutes"
 	python3 -m venv $(VENV)
-	$(VENV)/bin/pip install torch==2.13.0
-	$(VENV)/bin/pip install -e '.[test]'
+	$(VENV)/bin/pip install --quiet $(TORCH)
+	$(VENV)/bin/pip install --quiet -e '.[test]'
+	touch $@
 
-run:  ## generate from the built-in tiny model (or MODEL=/path/to/checkpoint)
+install: $(SETUP)  ## only the set-up that run / test do on their own
+
+run: $(SETUP)  ## generate from the built-in tiny model (or MODEL=/path/to/checkpoint)
 	$(PY) -m homeseek generate --model $(MODEL) --threads 1 "$(PROMPT)"
 
-serve:  ## OpenAI-compatible server on 127.0.0.1:$(PORT) (MODEL=tiny or a checkpoint dir)
+serve: $(SETUP)  ## OpenAI-compatible server on 127.0.0.1:$(PORT) (MODEL=tiny or a checkpoint dir)
 	$(PY) -m homeseek serve --model $(MODEL) --port $(PORT) $(SERVE_ARGS)
 
-chat:  ## interactive chat against `make serve` (URL=...), or in-process: make chat CHAT_ARGS="--model tiny"
+chat: $(SETUP)  ## chat against `make serve` (URL=...), or in-process: make chat CHAT_ARGS="--model tiny"
 	$(PY) -m homeseek chat --url $(URL) $(CHAT_ARGS)
 
-test:  ## CPU test suite (GPU tests are skipped without CUDA)
+test: $(SETUP)  ## CPU test suite (GPU tests are skipped without CUDA)
 	$(PY) -m pytest -q -m "not gpu"
 
-test-gpu:  ## GPU tests only (needs CUDA)
+bench: $(SETUP)  ## end-to-end speed vs measured ceilings (full size on CUDA, tiny on CPU)
+	$(PY) -m homeseek bench $(BENCH_ARGS)
+
+test-gpu: $(SETUP)  ## GPU tests only (needs CUDA)
 	$(PY) -m pytest -q -m gpu
 
-lint:
+lint: $(SETUP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
-format:
+format: $(SETUP)
 	$(PY) -m ruff format .
 	$(PY) -m ruff check --fix .

@@ -27,8 +27,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 # ------------------------------------------------------------------------------------------------
-# Special tokens. Text is what the encoder writes; ids are the checkpoint's (spec §5). They differ
-# from V3/R1 (where `<think>` was 128798), so never borrow ids from an older DeepSeek tokenizer.
+# Special tokens. Text is what the encoder writes; ids are the checkpoint's
+# (docs/architecture.md §5). They differ from V3/R1 (where `<think>` was 128798), so never borrow
+# ids from an older DeepSeek tokenizer.
 # ------------------------------------------------------------------------------------------------
 
 BOS_TOKEN = "<｜begin▁of▁sentence｜>"

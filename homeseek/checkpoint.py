@@ -116,7 +116,7 @@ def layer_table(cfg: ModelConfig, layer: int, prefix: str) -> dict[str, TensorSp
         add(f"ffn.experts.{e}.w1.weight", "fp4", (I, D), "moe_intermediate_size, hidden_size")
         add(f"ffn.experts.{e}.w3.weight", "fp4", (I, D), "moe_intermediate_size, hidden_size")
         add(f"ffn.experts.{e}.w2.weight", "fp4", (D, I), "hidden_size, moe_intermediate_size")
-    if layer >= cfg.num_hidden_layers:  # MTP-only tensors (spec §2.2)
+    if layer >= cfg.num_hidden_layers:  # MTP-only tensors (docs/architecture.md §2.2)
         add("e_proj.weight", "fp8", (D, D), "hidden_size")
         add("h_proj.weight", "fp8", (D, D), "hidden_size")
         for n in ("enorm", "hnorm", "norm"):
@@ -398,7 +398,7 @@ class Checkpoint:
         return raw.view(ST_DTYPES[e.dtype]).view(e.shape)
 
     def get_weight(self, name: str) -> QWeight:
-        """A linear weight in its stored format, decided by dtype (spec §2.3)."""
+        """A linear weight in its stored format, decided by dtype (docs/architecture.md §2.3)."""
         scale_name = name.removesuffix(".weight") + ".scale"
         w = self.get(name)
         scale = self.get(scale_name) if self.has(scale_name) else None

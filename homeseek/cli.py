@@ -3,12 +3,148 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
+import socket
 import sys
-from collections.abc import Sequence
+import tempfile
+import textwrap
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
+
+from homeseek import __version__
+
+if TYPE_CHECKING:
+    from homeseek.engine import Engine
 
 DTYPES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
+
+# Every environment variable homeseek reads (config.py is the only reader of HOMESEEK_*; a test
+# keeps this table, config.py and the README in step). Shown in `homeseek --help`.
+ENV_VARS = {
+    "HOMESEEK_CACHE_DIR": "where --model tiny is written on first use "
+    "(default: $XDG_CACHE_HOME/homeseek, else ~/.cache/homeseek)",
+    "HOMESEEK_MAX_CONTEXT": "default of --max-context: tokens of decode state per session (32768)",
+    "HOMESEEK_PREFILL_CHUNK": "tokens per forward pass while prefilling a prompt (2048); "
+    "smaller lowers peak memory",
+    "HF_TOKEN, HF_ENDPOINT, HF_HUB_OFFLINE": "huggingface_hub's own settings, for `download`",
+}
+
+
+def _env_epilog() -> str:
+    lines = ["environment variables:"]
+    for name, text in ENV_VARS.items():
+        lines.append(f"  {name}")
+        lines += textwrap.wrap(text, 78, initial_indent=" " * 6, subsequent_indent=" " * 6)
+    return "\n".join(lines)
+
+
+# --- argument checking ---------------------------------------------------------------------------
+# Everything a user can get wrong is checked before any weight is read: argument types by argparse
+# (the types below), the rest by `check_load` from the checkpoint directory's files alone.
+class CliError(Exception):
+    """A problem the user can fix, reported as one line `homeseek: error: ...` (no traceback)."""
+
+    code = 1
+
+
+class UsageError(CliError):
+    """A wrong argument or environment variable: reported by the subcommand's parser, exit 2."""
+
+    code = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line that names the mistake and where to look, instead of argparse's usage block.
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Shows each option's default, except where there is none (None / off switches)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (
+            "%(default)" in text
+            or action.default is None
+            or action.default is False  # an off switch (0 is a real default and shown)
+            or action.default == argparse.SUPPRESS
+            or not action.option_strings
+        ):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _int_at_least(lo: int, hi: int | None = None) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < lo or (hi is not None and value > hi):
+            want = f"between {lo} and {hi}" if hi is not None else f">= {lo}"
+            raise argparse.ArgumentTypeError(f"must be {want}, got {value}")
+        return value
+
+    return parse
+
+
+def _float_in(lo: float, hi: float | None = None, lo_open: bool = False) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        bad_lo = value <= lo if lo_open else value < lo
+        if bad_lo or (hi is not None and value > hi) or value != value:
+            low = f"> {lo:g}" if lo_open else f">= {lo:g}"
+            want = f"{low} and <= {hi:g}" if hi is not None else low
+            raise argparse.ArgumentTypeError(f"must be {want}, got {text}")
+        return value
+
+    return parse
+
+
+def _device(text: str) -> str:
+    """cpu, cuda or cuda:N; whether CUDA is really there is checked in `check_load`."""
+    kind, _, index = text.partition(":")
+    if text == "cpu" or (kind == "cuda" and (not index or index.isdigit())):
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r} is not a device homeseek runs on; use cpu or cuda")
+
+
+def _token_ids(text: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a comma-separated list of token ids (e.g. 0,5,6)"
+        ) from None
+    if not ids or min(ids) < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give token ids >= 0, e.g. 0,5,6")
+    return ids
+
+
+def _host(text: str) -> str:
+    """An IP address or a name this machine resolves (999.1.1.1 is neither)."""
+    try:
+        ipaddress.ip_address(text)
+        return text
+    except ValueError:
+        pass
+    hint = "use e.g. 127.0.0.1 (this machine only) or 0.0.0.0 (every interface)"
+    if all(c.isdigit() or c in ".:" for c in text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a valid IP address; {hint}")
+    try:
+        socket.getaddrinfo(text, None)
+    except (OSError, UnicodeError):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither an IP address nor a host name this machine resolves; {hint}"
+        ) from None
+    return text
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -17,11 +153,34 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         default="tiny",
         help="checkpoint directory, or 'tiny' (a built-in synthetic model created on first use)",
     )
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="activation dtype")
-    p.add_argument("--max-context", type=int, default=None, help="tokens of state per session")
     p.add_argument(
-        "--threads", type=int, default=None, help="CPU threads for torch (default: torch's own)"
+        "--device", type=_device, default=None, help="cpu or cuda[:N] (default: cuda if available)"
+    )
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="activation dtype")
+    p.add_argument(
+        "--max-context",
+        type=_int_at_least(1),
+        default=None,
+        help="tokens of state per session (default: $HOMESEEK_MAX_CONTEXT, else 32768)",
+    )
+    p.add_argument(
+        "--threads",
+        type=_int_at_least(1),
+        default=None,
+        help="CPU threads for torch (default: torch's own)",
+    )
+    p.add_argument(
+        "--gpu-mem-gb",
+        type=_float_in(0, lo_open=True),
+        default=None,
+        help="GPU memory the engine may use in GiB, expert pool included "
+        f"(default: {GPU_DEFAULT_TEXT})",
+    )
+    p.add_argument(
+        "--host-mem-gb",
+        type=_float_in(0),
+        default=None,
+        help=f"pinned host RAM for experts in GiB (default: {HOST_DEFAULT_TEXT})",
     )
     p.add_argument(
         "--no-quant-sim",
@@ -30,42 +189,168 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _load(args: argparse.Namespace):
+# The default rule itself lives in homeseek.plan (default_gpu_budget_gb / default_host_budget_gb),
+# shared by every command that loads a model and by `doctor`; this is how --help words it.
+GPU_DEFAULT_TEXT = "90%% of the GPU memory free at start"
+HOST_DEFAULT_TEXT = "75%% of the RAM available at start"
+
+
+@dataclass(frozen=True)
+class LoadArgs:
+    """What `check_load` settled, handed to `homeseek.load` unchanged."""
+
+    device: str
+    max_context: int
+    gpu_mem_gb: float | None
+    host_mem_gb: float
+    vocab_size: int
+
+
+def _check_device(device: str | None) -> str:
+    import torch
+
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if not device.startswith("cuda"):
+        return device
+    if torch.version.cuda is None:
+        raise UsageError(
+            f"--device {device}: this torch ({torch.__version__}) is built without CUDA; "
+            "use --device cpu, or install a CUDA build of torch"
+        )
+    if not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: no CUDA GPU is visible to torch; use --device cpu")
+    index = int(device.partition(":")[2] or 0)
+    if index >= torch.cuda.device_count():
+        n = torch.cuda.device_count()
+        raise UsageError(f"--device {device}: this machine has {n} GPU(s), cuda:0 to cuda:{n - 1}")
+    return device
+
+
+def _check_cache_dir(where: Path) -> None:
+    """The built-in model is written under the cache: fail now if that cannot happen."""
+    from homeseek.config import default_cache_dir
+
+    root = default_cache_dir()
+    try:
+        where.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=where.parent):
+            pass
+    except OSError as e:
+        why = e.strerror or type(e).__name__
+        raise UsageError(
+            f"cannot write the built-in model under {root} ({why}); set HOMESEEK_CACHE_DIR "
+            "to a writable directory"
+        ) from None
+
+
+def check_load(args: argparse.Namespace, needs_tokenizer: bool = False) -> LoadArgs:
+    """Validate everything `_load` needs from the arguments, the environment and the checkpoint
+    directory's small files (config.json, tokenizer.json), before any weight is read."""
+    from homeseek import plan
+    from homeseek.config import PRESETS, ConfigError, ModelConfig, env_int
+
+    device = _check_device(args.device)
+    try:
+        max_context = args.max_context or env_int("MAX_CONTEXT", 32768)
+        env_int("PREFILL_CHUNK", 2048)
+    except ConfigError as e:
+        raise UsageError(str(e)) from None
+    model = Path(args.model)
+    if model.is_dir():  # a directory wins over a preset name, as in homeseek.load
+        if not (model / "config.json").is_file():
+            raise UsageError(
+                f"--model {args.model}: no config.json there, so not a checkpoint directory; "
+                "give the directory `homeseek download` wrote, or 'tiny'"
+            )
+        cfg = ModelConfig.from_file(model / "config.json")
+        if needs_tokenizer and not (model / "tokenizer.json").is_file():
+            raise UsageError(
+                f"{args.model} has no tokenizer.json, so text cannot be encoded; add the release's "
+                f"(homeseek download {args.model} --include 'tokenizer*') or give --prompt-ids"
+            )
+    elif args.model in PRESETS:
+        if args.model != "tiny":
+            raise UsageError(
+                f"--model {args.model} is full size and never built on the fly: write it with "
+                f"`homeseek synth {args.model} DIR` and pass --model DIR"
+            )
+        from homeseek.engine import preset_dir
+
+        where = preset_dir(args.model)
+        if not (where / "config.json").is_file():
+            _check_cache_dir(where)
+        cfg = PRESETS[args.model]()
+    else:
+        raise UsageError(
+            f"--model {args.model}: no such directory; give a checkpoint directory "
+            f"or one of the built-in models: tiny"
+        )
+    if max_context > cfg.max_position_embeddings:
+        raise UsageError(
+            f"--max-context {max_context} exceeds the model's max_position_embeddings "
+            f"({cfg.max_position_embeddings}); lower it"
+        )
+    gpu = args.gpu_mem_gb if args.gpu_mem_gb is not None else plan.default_gpu_budget_gb(device)
+    host = args.host_mem_gb if args.host_mem_gb is not None else plan.default_host_budget_gb()
+    if gpu is not None:  # same test as the engine's, but before minutes of loading
+        act = 4 if args.dtype == "fp32" else 2
+        p = plan.memory_plan(cfg, gpu, host, max_context, act_bytes=act)
+        if not p.fits or p.gpu_slots < cfg.num_experts_per_tok:
+            raise CliError(
+                f"a GPU budget of {gpu:.2f} GiB is too small for this model at --max-context "
+                f"{max_context}: it needs {p.min_gpu_gb:.1f} GiB; raise --gpu-mem-gb to at "
+                f"least {p.min_gpu_gb:.1f} or lower --max-context"
+            )
+    return LoadArgs(device, max_context, gpu, host, cfg.vocab_size)
+
+
+def _load(
+    args: argparse.Namespace, checked: LoadArgs | None = None, needs_tokenizer: bool = False
+) -> Engine:
+    """Check the arguments (unless `checked` is the result of `check_load`), then load."""
+    la = checked or check_load(args, needs_tokenizer=needs_tokenizer)
     import torch
 
     import homeseek
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.threads:
         torch.set_num_threads(args.threads)
     return homeseek.load(
         args.model,
-        device=device,
+        device=la.device,
         dtype=getattr(torch, DTYPES[args.dtype]),
-        max_context=args.max_context,
+        gpu_mem_gb=la.gpu_mem_gb,
+        host_mem_gb=la.host_mem_gb,
+        max_context=la.max_context,
         quant_sim=not args.no_quant_sim,
         progress=True,
     )
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    eng = _load(args)
+    if args.prompt_ids is not None and args.prompt is not None:
+        raise UsageError("give a prompt or --prompt-ids, not both")
+    if args.prompt_ids is None and args.prompt is None:
+        raise UsageError('give a prompt, e.g. homeseek generate "Hello" (or --prompt-ids 0,1,2)')
+    if args.prompt_ids is not None and args.system is not None:
+        raise UsageError("--system needs a text prompt; with --prompt-ids put it in the ids")
+    checked = check_load(args, needs_tokenizer=args.prompt_ids is None)
+    if args.prompt_ids is not None and max(args.prompt_ids) >= checked.vocab_size:
+        raise UsageError(
+            f"--prompt-ids: id {max(args.prompt_ids)} is outside the vocabulary "
+            f"(0 to {checked.vocab_size - 1})"
+        )
+    eng = _load(args, checked)
     out = sys.stdout
-    if args.prompt_ids:
-        ids = [int(t) for t in args.prompt_ids.split(",") if t.strip()]
-        kw = {"prompt_ids": ids}
+    if args.prompt_ids is not None:
+        kw: dict[str, Any] = {"prompt_ids": args.prompt_ids}
     else:
-        if args.prompt is None:
-            print("error: give a prompt (or --prompt-ids 0,1,2)", file=sys.stderr)
-            return 2
         messages = []
         if args.system:
             messages.append({"role": "system", "content": args.system})
         messages.append({"role": "user", "content": args.prompt})
         kw = {"messages": messages}
-    if eng.tokenizer is None and "messages" in kw:
-        print(f"error: {eng.path} has no tokenizer.json; use --prompt-ids", file=sys.stderr)
-        return 2
 
     def on_text(delta: str) -> None:
         out.write(delta)
@@ -94,7 +379,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     if args.json:
-        print(json.dumps({"finish_reason": res.finish_reason, "token_ids": res.token_ids, **s}))
+        row = {"text": res.text, "finish_reason": res.finish_reason, "token_ids": res.token_ids}
+        print(json.dumps({**row, **s}, ensure_ascii=False))
     return 0
 
 
@@ -104,11 +390,22 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
     if args.config in PRESETS:
         cfg = PRESETS[args.config]()
-    else:
+    elif Path(args.config).is_file():
         cfg = ModelConfig.from_file(args.config)
-    out = write_checkpoint(
-        Path(args.out), cfg, seed=args.seed, shard_bytes=int(args.shard_gb * 2**30), progress=True
-    )
+    else:
+        raise UsageError(
+            f"{args.config!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a config.json"
+        )
+    try:
+        out = write_checkpoint(
+            Path(args.out),
+            cfg,
+            seed=args.seed,
+            shard_bytes=int(args.shard_gb * 2**30),
+            progress=True,
+        )
+    except OSError as e:
+        raise CliError(f"cannot write {args.out}: {e.strerror or e}") from None
     files = list(out.glob("*.safetensors"))
     size = sum(f.stat().st_size for f in files)
     print(f"wrote {out}: {len(files)} shards, {size / 2**30:.2f} GiB")
@@ -162,6 +459,9 @@ def cmd_download(args: argparse.Namespace) -> int:
     return 0
 
 
+HYPOTHETICAL_GPU_GB = 24.0  # the card homeseek is built for, when doctor runs without a GPU
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     import platform
 
@@ -174,13 +474,11 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
     GiB = plan.GiB
     print(f"homeseek doctor - python {platform.python_version()}, torch {torch.__version__}")
-    vram = 0
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             free, total = torch.cuda.mem_get_info(i)
             name = torch.cuda.get_device_name(i)
             print(f"GPU {i}: {name}, {total / GiB:.1f} GiB VRAM ({free / GiB:.1f} GiB free)")
-            vram = vram or free
     else:
         print("GPU: none visible to torch (CUDA not available): CPU only")
     total, avail = plan.host_memory()
@@ -215,11 +513,20 @@ def cmd_doctor(args: argparse.Namespace) -> int:
             size = sum(f.stat().st_size for f in files)
             print(f"checkpoint {path}: complete, {len(files)} shards, {size / GiB:.1f} GiB")
     print(f"disk free at {disk_path}: {plan.disk_free(disk_path) / GiB:.1f} GiB")
-    gpu_gb = args.gpu_mem_gb if args.gpu_mem_gb is not None else (vram / GiB if vram else 24.0)
+    # The same default rule as every command that loads a model (homeseek.plan).
+    gpu_gb = args.gpu_mem_gb if args.gpu_mem_gb is not None else plan.default_gpu_budget_gb()
     host_gb = args.host_mem_gb if args.host_mem_gb is not None else plan.default_host_budget_gb()
+    hypothetical = gpu_gb is None
+    if hypothetical:
+        # No GPU and no budget given: a plan for an example card, never a plain "fits: yes".
+        gpu_gb = HYPOTHETICAL_GPU_GB
+        print(
+            f"no GPU here, so no real plan: showing one for a hypothetical {gpu_gb:g} GiB card "
+            "(give --gpu-mem-gb N to plan for yours)"
+        )
     p = plan.memory_plan(cfg, gpu_gb, host_gb, args.max_context)
     print(f"memory plan (max_context {args.max_context}):")
-    for line in p.lines():
+    for line in p.lines(hypothetical=hypothetical):
         print(f"  {line}")
     return 0 if p.fits else 1
 
@@ -233,7 +540,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from homeseek.config import server_api_key
     from homeseek.server import MiB, ServerConfig, make_server, serve
 
-    # Validate the server settings before spending minutes loading weights.
+    # Validate the model arguments and the server settings before spending minutes loading.
+    checked = check_load(args)
     cfg = ServerConfig(
         host=args.host,
         port=args.port,
@@ -250,7 +558,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     httpd = make_server(cfg)  # a busy port fails now, not after loading the weights
     try:
-        eng = _load(args)
+        eng = _load(args, checked)
     except BaseException:
         httpd.server_close()
         raise
@@ -260,8 +568,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_chat(args: argparse.Namespace) -> int:
     from homeseek.chat_cli import ChatError, HttpBackend, LocalBackend, Repl
 
+    if args.model is None:
+        given = [
+            flag
+            for flag, value in (
+                ("--gpu-mem-gb", args.gpu_mem_gb),
+                ("--host-mem-gb", args.host_mem_gb),
+            )
+            if value is not None
+        ]
+        if given:
+            raise UsageError(f"{given[0]} sizes an in-process model: add --model (e.g. tiny)")
     if args.model is not None:
-        backend = LocalBackend(_load(args), _served_name(args.model))
+        backend = LocalBackend(_load(args, needs_tokenizer=True), _served_name(args.model))
     else:
         http = HttpBackend(args.url, api_key=args.api_key)
         try:
@@ -281,49 +600,67 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="homeseek",
         description="DeepSeek-V4-Flash on one consumer GPU plus host RAM.",
+        epilog=_env_epilog(),
+        formatter_class=_Formatter,
     )
+    p.add_argument("--version", action="version", version=f"homeseek {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
-    g = sub.add_parser("generate", help="generate a reply to a prompt, streaming to the terminal")
+    def command(name: str, **kw: Any) -> argparse.ArgumentParser:
+        c = sub.add_parser(name, formatter_class=_Formatter, epilog=_env_epilog(), **kw)
+        c.set_defaults(parser=c)  # checks after parsing report through the subcommand's parser
+        return c
+
+    pos_int, count = _int_at_least(1), _int_at_least(0)
+
+    g = command("generate", help="generate a reply to a prompt, streaming to the terminal")
     _add_model_args(g)
     g.add_argument("prompt", nargs="?", help="the user message")
     g.add_argument("--system", help="a system message")
-    g.add_argument("--prompt-ids", help="raw prompt token ids, comma-separated (no chat format)")
-    g.add_argument("--max-tokens", type=int, default=64)
-    g.add_argument("--temperature", type=float, default=1.0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--seed", type=int, default=None)
+    g.add_argument(
+        "--prompt-ids",
+        type=_token_ids,
+        help="raw prompt token ids, comma-separated (no chat format)",
+    )
+    g.add_argument("--max-tokens", type=pos_int, default=64, help="tokens to generate at most")
+    g.add_argument("--temperature", type=_float_in(0), default=1.0, help="0 = greedy")
+    g.add_argument("--top-p", type=_float_in(0, 1, lo_open=True), default=1.0, help="nucleus mass")
+    g.add_argument("--top-k", type=count, default=0, help="sample among the k likeliest (0 = all)")
+    g.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
     g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     g.add_argument("--think", action="store_true", help="thinking mode (reasoning first)")
     g.add_argument("--ignore-eos", action="store_true", help="always run to --max-tokens")
     g.add_argument("--show-ids", action="store_true", help="also print the generated token ids")
-    g.add_argument("--json", action="store_true", help="end with a JSON line of stats")
+    g.add_argument("--json", action="store_true", help="end with a JSON line: text, ids, stats")
     g.set_defaults(func=cmd_generate)
 
-    s = sub.add_parser("synth", help="write a random checkpoint in the official layout")
+    s = command("synth", help="write a random checkpoint in the official layout")
     s.add_argument("config", help="'tiny', 'flash' (full V4-Flash size, ~150 GB) or a config.json")
     s.add_argument("out", help="output directory")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--shard-gb", type=float, default=4.0, help="target shard size in GiB")
+    s.add_argument("--seed", type=int, default=0, help="random seed of the weights")
+    s.add_argument(
+        "--shard-gb", type=_float_in(0, lo_open=True), default=4.0, help="target shard size, GiB"
+    )
     s.set_defaults(func=cmd_synth)
 
-    d = sub.add_parser("download", help="fetch the official weights and verify them")
+    d = command("download", help="fetch the official weights and verify them")
     d.add_argument("dir", help="target directory (resumes what is already there)")
-    d.add_argument("--repo", default=HUB_REPO, help=f"hub repository (default {HUB_REPO})")
+    d.add_argument("--repo", default=HUB_REPO, help="hub repository")
     d.add_argument("--revision", default=None, help="branch, tag or commit")
     d.add_argument("--include", action="append", default=None, help="allow-pattern (repeatable)")
-    d.add_argument("--workers", type=int, default=8, help="parallel downloads")
+    d.add_argument("--workers", type=pos_int, default=8, help="parallel downloads")
     d.add_argument("--verify-only", action="store_true", help="only check the directory")
     d.set_defaults(func=cmd_download)
 
-    sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions ...)")
+    sv = command("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions ...)")
     _add_model_args(sv)
-    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
-    sv.add_argument("--port", type=int, default=8000, help="port (0 = any free port)")
+    sv.add_argument("--host", type=_host, default="127.0.0.1", help="address to bind (loopback)")
+    sv.add_argument(
+        "--port", type=_int_at_least(0, 65535), default=8000, help="port (0 = any free port)"
+    )
     sv.add_argument(
         "--api-key",
         default=None,
@@ -336,32 +673,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sv.add_argument(
         "--max-tokens-default",
-        type=int,
+        type=pos_int,
         default=None,
         help="max_tokens of requests that set none (default: until EOS, or the cap)",
     )
     sv.add_argument(
         "--max-tokens-cap",
-        type=int,
+        type=pos_int,
         default=None,
         help="refuse (400) requests asking for more tokens than this (default: no cap)",
     )
     sv.add_argument("--served-model-name", default=None, help="model id shown to clients")
-    sv.add_argument("--max-queue", type=int, default=16, help="waiting requests before 429")
-    sv.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body")
+    sv.add_argument("--max-queue", type=pos_int, default=16, help="waiting requests before 429")
+    sv.add_argument(
+        "--max-body-mb", type=_float_in(0.001), default=32.0, help="largest request body, MiB"
+    )
     sv.add_argument(
         "--prefix-sessions",
-        type=int,
+        type=pos_int,
         default=1,
         help="conversations whose state is kept for prefix reuse (each holds max-context state)",
     )
     sv.add_argument(
-        "--drain-timeout", type=float, default=30.0, help="seconds to finish work on SIGTERM"
+        "--drain-timeout", type=_float_in(0), default=30.0, help="seconds to finish work on SIGTERM"
     )
     sv.add_argument("--quiet", action="store_true", help="do not log each request")
     sv.set_defaults(func=cmd_serve)
 
-    ch = sub.add_parser(
+    ch = command(
         "chat",
         help="interactive chat against a server (or in-process: --model)",
         description="Chat in the terminal with a running `homeseek serve` (--url), or, with "
@@ -370,24 +709,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_model_args(ch)
     ch.set_defaults(model=None)  # no --model: talk to the server at --url
-    ch.add_argument("--url", default="http://127.0.0.1:8000", help="server (default %(default)s)")
+    ch.add_argument("--url", default="http://127.0.0.1:8000", help="server")
     ch.add_argument("--api-key", default=None, help="the server's key (default: $OPENAI_API_KEY)")
     ch.add_argument("--system", default=None, help="a system message for the conversation")
     ch.add_argument("--think", action="store_true", help="start in thinking mode (/think toggles)")
-    ch.add_argument("--max-tokens", type=int, default=None, help="per reply (default: no limit)")
-    ch.add_argument("--temperature", type=float, default=1.0)
+    ch.add_argument(
+        "--max-tokens", type=pos_int, default=None, help="per reply (default: no limit)"
+    )
+    ch.add_argument("--temperature", type=_float_in(0), default=1.0, help="0 = greedy")
     ch.set_defaults(func=cmd_chat)
 
-    dr = sub.add_parser("doctor", help="check this machine and a checkpoint; show a memory plan")
+    dr = command("doctor", help="check this machine and a checkpoint; show a memory plan")
     dr.add_argument("--model", default="flash", help="checkpoint directory or preset name")
     dr.add_argument(
-        "--gpu-mem-gb", type=float, default=None, help="GPU budget (default: free VRAM, or 24)"
+        "--gpu-mem-gb",
+        type=_float_in(0, lo_open=True),
+        default=None,
+        help=f"GPU budget in GiB (default: {GPU_DEFAULT_TEXT}; without a GPU, give one)",
     )
-    dr.add_argument("--host-mem-gb", type=float, default=None, help="pinned host budget")
-    dr.add_argument("--max-context", type=int, default=32768)
+    dr.add_argument(
+        "--host-mem-gb",
+        type=_float_in(0),
+        default=None,
+        help=f"pinned host budget in GiB (default: {HOST_DEFAULT_TEXT})",
+    )
+    dr.add_argument("--max-context", type=pos_int, default=32768, help="tokens per session")
     dr.set_defaults(func=cmd_doctor)
 
-    b = sub.add_parser(
+    b = command(
         "bench",
         help="end-to-end speed (prefill, decode) against this machine's measured ceilings",
         description="Measure the whole model: TTFT and prefill tok/s per prompt length, decode "
@@ -395,25 +744,27 @@ def build_parser() -> argparse.ArgumentParser:
         "the ceilings of this machine measured in the same run. Default: the full V4-Flash "
         "dimensions with random weights built in memory on CUDA (GPU capped at 24 GiB), the "
         "tiny model on CPU. Prints a table, then one JSON line.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     b.add_argument("--model", default=None, help="checkpoint directory or 'tiny' (on disk)")
     b.add_argument(
-        "--synthetic", default=None, help="preset built in memory with random weights (flash)"
+        "--synthetic", choices=["flash", "tiny"], default=None,
+        help="built in memory with random weights (default on CUDA: flash)",
+    )  # fmt: skip
+    b.add_argument(
+        "--device", type=_device, default=None, help="cpu or cuda (default: cuda if any)"
     )
-    b.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     b.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="activation dtype")
     b.add_argument(
-        "--gpu-mem-gb", type=float, default=None,
-        help="GPU budget in GiB; also caps the process (default 24 on CUDA)",
+        "--gpu-mem-gb", type=_float_in(0, lo_open=True), default=None,
+        help="GPU budget in GiB; also caps the process (default on CUDA: 24)",
     )  # fmt: skip
     b.add_argument(
-        "--host-mem-gb", type=float, default=None,
-        help="pinned host RAM for experts in GiB (default: 75%% of available RAM)",
+        "--host-mem-gb", type=_float_in(0), default=None,
+        help=f"pinned host RAM for experts in GiB (default: {HOST_DEFAULT_TEXT})",
     )  # fmt: skip
     b.add_argument(
-        "--expert-alias", type=int, default=64,
-        help="synthetic: distinct expert records in host RAM (0 = every expert its own)",
+        "--expert-alias", type=count, default=64,
+        help="synthetic: distinct expert records in host RAM (0: every expert its own)",
     )  # fmt: skip
     b.add_argument(
         "--routing", default="model",
@@ -421,24 +772,20 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     b.add_argument("--routing-trace", default=None, help="also replay a recorded trace (.npz)")
     b.add_argument(
-        "--prompts", type=_int_list, default=(8, 512, 4096, 16384), help="prompt lengths"
+        "--prompts", type=_int_list, default="8,512,4096,16384", help="prompt lengths, comma-sep."
     )
-    b.add_argument("--decode-tokens", type=int, default=64, help="decode after the first prompt")
-    b.add_argument(
-        "--long-decode-tokens", type=int, default=16, help="decode after the longest prompt"
-    )
-    b.add_argument(
-        "--profile-tokens", type=int, default=2, help="decode tokens run under the profiler"
-    )
-    b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    b.add_argument("--decode-tokens", type=_int_at_least(2), default=64, help="after the first")
+    b.add_argument("--long-decode-tokens", type=count, default=16, help="after the longest prompt")
+    b.add_argument("--profile-tokens", type=count, default=2, help="decode tokens profiled")
+    b.add_argument("--seed", type=count, default=0, help="weights, prompts and uniform routing")
+    b.add_argument("--threads", type=pos_int, default=None, help="CPU threads for torch")
     b.set_defaults(func=cmd_bench)
 
-    pr = sub.add_parser("profile", help="record which experts a model routes to")
+    pr = command("profile", help="record which experts a model routes to")
     _add_model_args(pr)
     pr.add_argument("--routing", action="store_true", required=True, help="routing profile")
-    pr.add_argument("--tokens", type=int, default=2048, help="random tokens to run")
-    pr.add_argument("--chunk", type=int, default=512)
+    pr.add_argument("--tokens", type=pos_int, default=2048, help="random tokens to run")
+    pr.add_argument("--chunk", type=pos_int, default=512, help="tokens per forward pass")
     pr.add_argument("--out", required=True, help="profile JSON (for load(hot_profile=...))")
     pr.add_argument("--trace", default=None, help="also save the decode-order trace (.npz)")
     pr.set_defaults(func=cmd_profile)
@@ -447,9 +794,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _int_list(text: str) -> tuple[int, ...]:
     try:
-        return tuple(int(t) for t in text.split(",") if t.strip())
+        values = tuple(int(t) for t in text.split(",") if t.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers") from None
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a comma-separated list of numbers"
+        ) from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give token counts >= 1, e.g. 8,512")
+    return values
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -457,14 +809,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     from homeseek.bench import BenchConfig, main
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = _check_device(args.device)
     cuda = device.startswith("cuda")
     model, synthetic = args.model, args.synthetic
+    if model is not None and synthetic is not None:
+        raise UsageError("give --model or --synthetic, not both")
     if model is None and synthetic is None:  # the full-size yardstick on a GPU, tiny on a CPU
         synthetic, model = ("flash", None) if cuda else (None, "tiny")
-    elif model is not None:
-        synthetic = None
+    if model is not None and model != "tiny" and not (Path(model) / "config.json").is_file():
+        raise UsageError(f"--model {model}: not a checkpoint directory (no config.json) nor 'tiny'")
     routings = tuple(r.strip() for r in args.routing.split(",") if r.strip())
+    bad = [r for r in routings if r not in ("model", "uniform")]
+    if bad or not routings:
+        raise UsageError(f"--routing {args.routing!r}: use model, uniform or model,uniform")
+    if args.routing_trace and not Path(args.routing_trace).is_file():
+        raise UsageError(f"--routing-trace {args.routing_trace}: no such file")
     if args.routing_trace:
         routings += (f"trace:{args.routing_trace}",)
     if args.threads:
@@ -505,18 +864,27 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from homeseek.checkpoint import CheckpointError
-    from homeseek.config import ConfigError
-    from homeseek.engine import ContextError
-
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (CheckpointError, ConfigError, ContextError, ValueError) as e:
+    except UsageError as e:
+        # The subcommand's parser words it like argparse's own errors: one line, exit 2.
+        args.parser.error(str(e))
+    except CliError as e:
         print(f"homeseek: error: {e}", file=sys.stderr)
-        return 1
+        return e.code
     except KeyboardInterrupt:
         return 130
+    except (ValueError, RuntimeError) as e:
+        # ConfigError, ContextError (ValueError) and CheckpointError (RuntimeError) carry
+        # messages written for users; any other RuntimeError is a bug and keeps its traceback.
+        from homeseek.checkpoint import CheckpointError
+
+        if isinstance(e, RuntimeError) and not isinstance(e, CheckpointError):
+            raise
+        print(f"homeseek: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -20,9 +20,9 @@ from typing import Any
 
 import torch
 
-# Attention kinds by compress ratio (spec §1.2). As in the reference, ratio 4 means CSA (overlapping
-# compressor + indexer) and any other non-zero ratio means HCA (128 on V4-Flash; tiny configs use
-# smaller HCA ratios so short tests cross block boundaries).
+# Attention kinds by compress ratio (docs/architecture.md §1.2). As in the reference, ratio 4 means
+# CSA (overlapping compressor + indexer) and any other non-zero ratio means HCA (128 on V4-Flash;
+# tiny configs use smaller HCA ratios so short tests cross block boundaries).
 SWA, CSA, HCA = "swa", "csa", "hca"
 CSA_RATIO = 4
 
@@ -37,7 +37,7 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """DeepSeek-V4 architecture. Defaults are the real V4-Flash values (spec §1.1)."""
+    """DeepSeek-V4 architecture, defaulting to V4-Flash (docs/architecture.md §1.1)."""
 
     vocab_size: int = 129280
     hidden_size: int = 4096  # D
@@ -241,7 +241,7 @@ def tiny_config(**overrides: Any) -> ModelConfig:
         original_max_position_embeddings=16384,
         rope_factor=4.0,
         max_position_embeddings=65536,
-        index_n_heads=16,  # 64 (>= 16 avoids ReLU ties in top-k; design.md §6)
+        index_n_heads=16,  # 64 (>= 16 avoids ReLU ties in top-k; docs/engine.md §4)
         index_head_dim=32,  # 128
         index_topk=8,  # 512
         n_routed_experts=8,  # 256
@@ -267,6 +267,26 @@ def server_api_key() -> str | None:
     return _env("API_KEY") or None
 
 
+def env_int(name: str, default: int, minimum: int = 1) -> int:
+    """HOMESEEK_<name> as a whole number >= minimum; unset or empty gives `default`.
+
+    A bad value is a ConfigError that names the variable, not int()'s "invalid literal".
+    """
+    raw = _env(name)
+    if raw is None or not raw.strip():
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(
+            f"HOMESEEK_{name}={raw!r} is not a whole number; set it to one (e.g. {default}) "
+            "or unset it"
+        ) from None
+    if value < minimum:
+        raise ConfigError(f"HOMESEEK_{name}={value} must be >= {minimum}; raise it or unset it")
+    return value
+
+
 def default_cache_dir() -> Path:
     """Where built-in models (`tiny`) are created on first use."""
     env = _env("CACHE_DIR")
@@ -282,7 +302,8 @@ class RuntimeConfig:
 
     device: str = "cpu"
     dtype: torch.dtype = torch.bfloat16  # activation dtype
-    quant_sim: bool = True  # emulate the reference's FP8/FP4 activation rounding (spec §2.5)
+    # emulate the reference's FP8/FP4 activation rounding (docs/architecture.md §2.5)
+    quant_sim: bool = True
     max_context: int = 32768  # tokens of decode state preallocated per session
     prefill_chunk: int = 2048  # tokens per forward chunk during prefill
     gpu_mem_gb: float | None = None
@@ -314,9 +335,9 @@ class RuntimeConfig:
     def build(cls, **kw: Any) -> RuntimeConfig:
         """Fill unset fields from HOMESEEK_* environment variables, then validate."""
         if kw.get("max_context") is None:
-            kw["max_context"] = int(_env("MAX_CONTEXT", "32768"))
+            kw["max_context"] = env_int("MAX_CONTEXT", 32768)
         if kw.get("prefill_chunk") is None:
-            kw["prefill_chunk"] = int(_env("PREFILL_CHUNK", "2048"))
+            kw["prefill_chunk"] = env_int("PREFILL_CHUNK", 2048)
         if kw.get("graphs") is None:
             kw["graphs"] = False  # eager until the captured decode path exists
         return cls(**kw)
@@ -327,7 +348,8 @@ def ceil_div(a: int, b: int) -> int:
 
 
 def yarn_inv_freq(cfg: ModelConfig, compressed: bool) -> torch.Tensor:
-    """Per-pair RoPE frequencies [d_r/2] (spec §3.3): plain for SWA, YaRN-blended otherwise."""
+    """Per-pair RoPE frequencies [d_r/2]: plain for SWA, YaRN-blended otherwise
+    (docs/architecture.md §3.3)."""
     dr = cfg.qk_rope_head_dim
     base = cfg.compress_rope_theta if compressed else cfg.rope_theta
     # float32 throughout, as the reference computes its tables.

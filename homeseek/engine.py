@@ -179,9 +179,8 @@ class Engine:
         if rt.expert_slots is not None:
             return rt.expert_slots, n_host
         gpu_gb = rt.gpu_mem_gb
-        if gpu_gb is None and str(rt.device).startswith("cuda"):
-            free, _ = torch.cuda.mem_get_info(torch.device(rt.device))
-            gpu_gb = (free + torch.cuda.memory_allocated(torch.device(rt.device))) / plan.GiB * 0.9
+        if gpu_gb is None:  # the CLI's default rule too
+            gpu_gb = plan.default_gpu_budget_gb(rt.device)
         if gpu_gb is None:
             return n_total, 0
         act = torch.finfo(rt.dtype).bits // 8
@@ -241,7 +240,7 @@ class Engine:
         logprobs: int | None = None,
         prompt_logprobs: bool = False,
     ) -> GenerationResult:
-        """Generate a completion for chat `messages` or raw `prompt_ids` (design.md §5).
+        """Generate a completion for chat `messages` or raw `prompt_ids` (docs/engine.md §3).
 
         `stream(delta)` receives text as it is decoded, never splitting a UTF-8 character and
         never showing text that a stop string later cuts. Without a tokenizer, generation from
@@ -519,7 +518,7 @@ def load(
     hot_profile: str | None = None,
     kernels: bool = True,
 ) -> Engine:
-    """Load a checkpoint directory or a preset ("tiny") -> Engine (design.md §5)."""
+    """Load a checkpoint directory or a preset ("tiny") -> Engine (docs/engine.md §3)."""
     rt = RuntimeConfig.build(
         device=device,
         dtype=dtype,

@@ -1,4 +1,4 @@
-"""The DeepSeek-V4 forward math, readable top to bottom (spec §3). Stateless.
+"""The DeepSeek-V4 forward math, readable top to bottom (docs/architecture.md §3). Stateless.
 
 One sequence, T new tokens at absolute positions `pos` (contiguous, starting at the state's
 position). Shapes use the legend: T tokens, D model dim, N = hc_mult streams, H heads, Dh head
@@ -7,7 +7,7 @@ dim (nope | rope), W window, C compressed entries, E experts, K experts per toke
 Weights arrive as `LayerWeights` dicts keyed by the checkpoint's names without the layer prefix
 (`attn.wq_a` for the linear `layers.{i}.attn.wq_a.weight`, `attn_norm` for a norm weight).
 Decode state arrives as the layer's `LayerState` and is updated in place. Each layer is split
-into the two segments of design.md §4: `segment_a` (attention, mHC, router, shared expert) and
+into the two segments of docs/engine.md §2: `segment_a` (attention, mHC, router, shared expert) and
 `segment_b` (combine routed + shared, mHC post); the routed experts run between them, where the
 expert scheduler makes the selected experts resident.
 """
@@ -40,7 +40,8 @@ class Ctx:
 
 
 class RopeTables:
-    """cos/sin [positions, d_r/2] for both RoPE regimes (spec §3.3), fp32, built once."""
+    """cos/sin [positions, d_r/2] for both RoPE regimes, fp32, built once (docs/architecture.md
+    §3.3)."""
 
     def __init__(self, cfg: ModelConfig, max_pos: int, device: str | torch.device) -> None:
         t = torch.arange(max_pos, dtype=torch.float32)
@@ -136,7 +137,8 @@ def linear(x: torch.Tensor, w: QWeight, ctx: Ctx) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of the last 2·cos.shape[-1] channels (spec §3.3); fp32 math.
+    """Rotate interleaved pairs of the last 2·cos.shape[-1] channels; fp32 math
+    (docs/architecture.md §3.3).
 
     cos/sin must broadcast against x[..., :pairs]: [T, d_r/2] for [T, Dh], [T, 1, d_r/2] for
     [T, H, Dh]. Pass -sin for the inverse rotation.
@@ -148,7 +150,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat((nope, rot.to(x.dtype)), dim=-1)
 
 
-# --- mHC (spec §3.2) -----------------------------------------------------------------------------
+# --- mHC (docs/architecture.md §3.2) --------------------------------------------------------------
 # pre:  r = 1/RMS(X flattened over N·D); m = (X·fnᵀ)·r; pre_k = σ(m_k·s0 + b_k) + eps;
 #       post_k = 2σ(m_{N+k}·s1 + b_{N+k}); comb = Sinkhorn(m_{2N..}·s2 + b) (softmax + eps, column
 #       norm, then iters-1 row/column pairs); y = Σ_k pre_k·X_k. All fp32 inside.
@@ -183,7 +185,7 @@ def hc_head(
     )
 
 
-# --- compressor (spec §3.3) ----------------------------------------------------------------------
+# --- compressor (docs/architecture.md §3.3) -------------------------------------------------------
 def compress(
     x: torch.Tensor,
     s0: int,
@@ -236,7 +238,7 @@ def compress(
     return j0 + n_blk
 
 
-# --- attention (spec §3.3) -----------------------------------------------------------------------
+# --- attention (docs/architecture.md §3.3) --------------------------------------------------------
 def sparse_attention(
     q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, sink: torch.Tensor, scale: float, ctx: Ctx
 ) -> torch.Tensor:
@@ -273,7 +275,7 @@ def indexer_topk(
     qi = apply_rope(qi.view(T, HI, DI), cos.unsqueeze(1), sin.unsqueeze(1))
     if ctx.quant_sim:
         qi = fp4_block_sim(hadamard(qi))
-    # Head weights scaled by DI^-1/2 · HI^-1/2 (spec §3.3 step 4).
+    # Head weights scaled by DI^-1/2 · HI^-1/2 (docs/architecture.md §3.3 step 4).
     w = linear(x, lw["attn.indexer.weights_proj"], ctx).float() * (DI**-0.5 * HI**-0.5)
     # I[t, c] = Σ_h w[t, h]·ReLU(qI[t, h]·kI[c]); entry c usable iff c < floor((p+1)/m);
     # top-k of the usable ones, -1 where fewer exist (kernels/indexer.py).
@@ -388,7 +390,7 @@ def _kv_post(ctx: Ctx) -> Callable[[torch.Tensor], torch.Tensor]:
     return post
 
 
-# --- MoE (spec §3.4) -----------------------------------------------------------------------------
+# --- MoE (docs/architecture.md §3.4) --------------------------------------------------------------
 def route(
     u: torch.Tensor, ids: torch.Tensor, lw: LayerWeights, layer: int, ctx: Ctx
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -428,7 +430,7 @@ def swiglu_down(
     g = g.float().clamp(max=lim)
     v = v.float().clamp(-lim, lim)
     a = F.silu(g) * v
-    if route_w is not None:  # the routing weight multiplies before w2 (spec §3.4)
+    if route_w is not None:  # the routing weight multiplies before w2 (docs/architecture.md §3.4)
         a = a * route_w.unsqueeze(-1)
     return linear(a.to(dt), w2, ctx)
 
@@ -455,7 +457,7 @@ def routed_experts(
     return out
 
 
-# --- one block in two segments (design.md §4) ----------------------------------------------------
+# --- one block in two segments (docs/engine.md §2) ------------------------------------------------
 @dataclass
 class FfnPending:
     """What segment A hands to the expert scheduler and segment B."""
@@ -509,9 +511,9 @@ HEAD_CHUNK_ROWS = 16384
 
 
 def head_logits(X: torch.Tensor, top: dict[str, torch.Tensor], ctx: Ctx) -> torch.Tensor:
-    """Streams [T, N, D] -> logits [T, V] fp32: hc_head collapse, norm, fp32 head (spec §3.2,
-    head collapse: fp32 activations times the fp32-upcast head), a block of head rows at a
-    time."""
+    """Streams [T, N, D] -> logits [T, V] fp32: hc_head collapse, norm, fp32 head
+    (docs/architecture.md §3.2, head collapse: fp32 activations times the fp32-upcast head), a
+    block of head rows at a time."""
     z = hc_head(X, top["hc_head_fn"], top["hc_head_base"], top["hc_head_scale"], ctx)
     z = rms_norm(z, top["norm"], ctx.cfg.rms_norm_eps).float()  # [T, D]
     head = top["head"]  # [V, D]

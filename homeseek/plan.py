@@ -22,6 +22,9 @@ GiB = 2**30
 WORKSPACE_BYTES = int(1.5 * GiB)
 # Host RAM left to the OS and the rest of the process when pinning by default.
 HOST_RESERVE_FRACTION = 0.25
+# Share of the GPU memory free at start that the engine takes by default: the rest is left to the
+# CUDA context's own growth (cuBLAS/Triton workspaces) and to a desktop sharing the card.
+GPU_FREE_FRACTION = 0.9
 
 
 def _bytes(shapes: dict[str, tuple]) -> int:
@@ -45,7 +48,8 @@ def dense_bytes(cfg: ModelConfig, include_mtp: bool = False) -> int:
 
 
 def state_bytes(cfg: ModelConfig, max_context: int, act_bytes: int = 2) -> int:
-    """Decode state of one session at max_context (spec §4), activation dtype act_bytes."""
+    """Decode state of one session at max_context, activation dtype act_bytes
+    (docs/architecture.md §4)."""
     total = 0
     for i in range(cfg.num_hidden_layers):
         total += cfg.sliding_window * cfg.head_dim * act_bytes
@@ -82,7 +86,8 @@ class MemoryPlan:
         need = self.dense + self.state + self.workspace + 8 * self.record
         return need / GiB
 
-    def lines(self) -> list[str]:
+    def lines(self, hypothetical: bool = False) -> list[str]:
+        """The plan as text; `hypothetical`: the GPU budget is an example, not this machine's."""
         g = GiB
         out = [
             f"GPU budget {self.gpu_budget / g:.1f} GiB: dense weights {self.dense / g:.2f} GiB, "
@@ -95,12 +100,14 @@ class MemoryPlan:
             f"{100 * self.gpu_slots / max(self.n_experts, 1):.1f}% on GPU, "
             f"{100 * self.host_slots / max(self.n_experts, 1):.1f}% pinned",
         ]
+        card = f"a hypothetical {self.gpu_budget / g:g} GiB card" if hypothetical else None
         if self.fits:
-            out.append("fits: yes")
+            out.append(f"fits {card}: yes" if card else "fits: yes")
         else:
             out.append(
-                f"fits: NO - the dense part needs {self.min_gpu_gb:.1f} GiB of GPU memory; "
-                f"raise gpu_mem_gb to at least {self.min_gpu_gb:.1f} or lower max_context"
+                f"fits{' ' + card if card else ''}: NO - the dense part needs "
+                f"{self.min_gpu_gb:.1f} GiB of GPU memory; raise --gpu-mem-gb (Python: gpu_mem_gb) "
+                f"to at least {self.min_gpu_gb:.1f} or lower --max-context"
             )
         return out
 
@@ -145,9 +152,25 @@ def host_memory() -> tuple[int, int]:
 
 
 def default_host_budget_gb() -> float:
-    """A safe fraction of available RAM for pinned experts."""
+    """A safe fraction of available RAM for pinned experts (the default of --host-mem-gb)."""
     _, avail = host_memory()
     return avail * (1 - HOST_RESERVE_FRACTION) / GiB
+
+
+def default_gpu_budget_gb(device: str = "cuda") -> float | None:
+    """The default of --gpu-mem-gb: GPU memory free at start (plus what torch already holds in
+    this process) x GPU_FREE_FRACTION, on `device`; None where there is no CUDA device.
+
+    The one rule the CLI (generate, serve, chat, profile) and `homeseek doctor` share, and the
+    same one `Engine` applies when `load()` gets no gpu_mem_gb.
+    """
+    import torch
+
+    if not str(device).startswith("cuda") or not torch.cuda.is_available():
+        return None
+    dev = torch.device(device)
+    free, _ = torch.cuda.mem_get_info(dev)
+    return (free + torch.cuda.memory_allocated(dev)) / GiB * GPU_FREE_FRACTION
 
 
 def pinned_limit() -> int | None:

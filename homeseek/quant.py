@@ -1,4 +1,5 @@
-"""Number formats of the V4 checkpoint and the quantisation simulation (spec §2.3, §2.5).
+"""Number formats of the V4 checkpoint and the quantisation simulation (docs/architecture.md
+§2.3, §2.5).
 
 Formats:
 * E8M0 scale byte e -> 2^(e-127); 0xFF is NaN. Always handled as raw uint8 bytes.
@@ -30,7 +31,7 @@ from homeseek.kernels._formats import fp4_unpack as unpack_fp4  # noqa: F401
 
 FP8_MAX = 448.0  # largest finite e4m3fn
 FP4_MAX = 6.0  # largest E2M1
-# E2M1 code -> value; bit 3 is the sign (spec §2.3).
+# E2M1 code -> value; bit 3 is the sign (docs/architecture.md §2.3).
 FP4_TABLE = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 
 
@@ -131,7 +132,7 @@ def quant_fp4_groups(w: torch.Tensor, group: int = 32) -> tuple[torch.Tensor, to
     return pack_fp4(q), float_to_e8m0(s)
 
 
-# --- simulation of the reference's in-kernel rounding (spec §2.5) --------------------------------
+# --- simulation of the reference's in-kernel rounding (docs/architecture.md §2.5) -----------------
 def _per_block(x: torch.Tensor, block: int, fn) -> torch.Tensor:
     """Apply `fn` to [..., nblocks, block] views of the last dim; a ragged tail is its own block.
 

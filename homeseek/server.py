@@ -1189,7 +1189,7 @@ def _size(n: float) -> str:
 
 
 def banner_lines(engine: Engine, cfg: ServerConfig) -> list[str]:
-    """Where the weights and state live, as the engine actually placed them (design.md §2)."""
+    """Where the weights and state live, as the engine actually placed them (docs/engine.md §1)."""
     from homeseek import plan
 
     mc, rt = engine.cfg, engine.rt

@@ -1,4 +1,4 @@
-"""Per-sequence decode state, preallocated at max size (spec §4).
+"""Per-sequence decode state, preallocated at max size (docs/architecture.md §4).
 
 Per layer: the window ring of the last W keys (K = V, one shared head), and for compressed layers
 the compressor's partial block, the CSA overlap half of the previous block, and the compressed
@@ -30,7 +30,7 @@ class CompressorState:
     cache: torch.Tensor  # [C, d] activation dtype: compressed entries, entry j at row j
 
     def reset(self) -> None:
-        # kappa = 0, zeta = -inf: an empty slot gets softmax weight 0 (spec §4).
+        # kappa = 0, zeta = -inf: an empty slot gets softmax weight 0 (docs/architecture.md §4).
         self.buf_kv.zero_()
         self.buf_gate.fill_(float("-inf"))
         self.prev_kv.zero_()

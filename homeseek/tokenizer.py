@@ -6,7 +6,10 @@ special tokens of its own: one BOS id at the front, not two.
 
 `build_synthetic_tokenizer` makes a small but real byte-level BPE with the official vocabulary
 size (129,280) and every chat special token at its official id, so tiny synthetic checkpoints
-run the full text path (chat encoding -> ids -> model -> ids -> streamed text) offline.
+run the full text path (chat encoding -> ids -> model -> ids -> streamed text) offline. Its
+merges are learned from an English text shipped in the package (`data/corpus_en.txt`) plus a
+little Chinese, code and JSON, and the ids the merges do not reach hold phrases of learned words,
+so the random weights of the tiny model still print words.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import heapq
 import itertools
 import json
 import os
+import random
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
@@ -147,7 +151,10 @@ class StreamDecoder:
 _PAD_TOKEN = "<｜▁pad▁｜>"
 _FIRST_BYTE_ID = 3
 _FIRST_ADDED_ID = 128_000
-_MAX_MERGES = 4096
+# More than the corpus can use: merging stops when every word is one token (~7,000 merges).
+_MAX_MERGES = 32_768
+_ENGLISH = Path(__file__).with_name("data") / "corpus_en.txt"
+_PHRASE_SEED = 0
 
 # DeepSeek's pre-tokenizer: digits in groups of <= 3, CJK runs isolated, a GPT-style split, then
 # the byte-to-printable-character mapping. The decoder undoes that mapping.
@@ -186,9 +193,10 @@ _DECODER: dict[str, Any] = {
     "use_regex": True,
 }
 
-# Training text for the merges: a few KB of English prose, Chinese, code and chat-like JSON, so
-# common words and characters get real multi-byte tokens. Changing it changes every synthetic
-# tokenizer file; that is fine (nothing stores synthetic ids) but keep it deterministic.
+# Training text for the merges, besides data/corpus_en.txt: a few KB of English, Chinese, code and
+# chat-like JSON, so common words and characters get real multi-byte tokens. Changing either
+# changes every synthetic tokenizer file (bump synthetic.WRITER_VERSION so cached tiny models are
+# rebuilt); nothing stores synthetic ids, but keep the build deterministic.
 _CORPUS = """\
 The quick brown fox jumps over the lazy dog. A language model reads text as a sequence of tokens,
 and a tokenizer decides where one token ends and the next begins. Byte-level BPE starts from the
@@ -298,6 +306,27 @@ def _learn_merges(words: Counter[str], max_merges: int) -> list[tuple[str, str]]
     return merges
 
 
+def _phrases(vocab: dict[str, int], corpus_words: Counter[str], n: int) -> list[str]:
+    """`n` distinct two-word tokens (" river bread" as ByteLevel writes it: "ĠriverĠbread") made
+    of the corpus's English words that are single tokens, none already in `vocab`; a pure
+    function of its inputs."""
+    space = _bytes_to_chars()[ord(" ")]
+    words = sorted(
+        w
+        for w in corpus_words
+        if w in vocab and w[:1] == space and w[1:].isascii() and w[1:].isalpha()
+    )
+    rng = random.Random(_PHRASE_SEED)  # Mersenne Twister: the same draws in every process
+    out: list[str] = []
+    seen = set(vocab)
+    while len(out) < n:
+        phrase = rng.choice(words) + rng.choice(words)
+        if phrase not in seen:
+            seen.add(phrase)
+            out.append(phrase)
+    return out
+
+
 def _added_token(token_id: int, content: str) -> dict[str, Any]:
     return {
         "id": token_id,
@@ -323,7 +352,8 @@ def synthetic_tokenizer_json() -> str:
         )
     )
     assert probe.pre_tokenizer is not None
-    words = Counter(piece for piece, _ in probe.pre_tokenizer.pre_tokenize_str(_CORPUS))
+    corpus = _ENGLISH.read_text(encoding="utf-8") + "\n" + _CORPUS
+    words = Counter(piece for piece, _ in probe.pre_tokenizer.pre_tokenize_str(corpus))
     merges = _learn_merges(words, _MAX_MERGES)
 
     vocab: dict[str, int] = {BOS_TOKEN: BOS_ID, EOS_TOKEN: EOS_ID, _PAD_TOKEN: 2}
@@ -333,12 +363,14 @@ def synthetic_tokenizer_json() -> str:
         vocab[a + b] = len(vocab)
     if len(vocab) != _FIRST_BYTE_ID + 256 + len(merges):
         raise AssertionError("a merge produced a token that already exists")
-    # Ids no merge produces: decodable (printable ASCII maps to itself in ByteLevel) but
-    # unreachable from text, like rare tokens of a real vocabulary.
-    for i in range(len(vocab), _FIRST_ADDED_ID):
-        vocab[f"<filler_{i}>"] = i
+    # The ids no merge reaches (~120,000 of them) hold two-word phrases of learned words: text
+    # never encodes to them, like rare tokens of a real vocabulary, but a model that samples them
+    # (the tiny model's random weights do, nearly uniformly) prints words, not placeholders.
+    phrases = _phrases(vocab, words, _FIRST_ADDED_ID - len(vocab))
+    for i, phrase in enumerate(phrases, start=len(vocab)):
+        vocab[phrase] = i
     if len(vocab) != _FIRST_ADDED_ID:
-        raise AssertionError("filler tokens collide with learned tokens")
+        raise AssertionError("phrase tokens collide with learned tokens")
 
     by_id = {i: t for t, i in SPECIAL_TOKEN_IDS.items()}
     added = [_added_token(i, by_id[i]) for i in (BOS_ID, EOS_ID)] + [_added_token(2, _PAD_TOKEN)]
@@ -382,7 +414,8 @@ def build_synthetic_tokenizer() -> tokenizers.Tokenizer:
 
 
 def tokenizer_config() -> dict[str, Any]:
-    """`tokenizer_config.json` as the V4 release has it (spec §5): no automatic BOS/EOS, pad=EOS."""
+    """`tokenizer_config.json` as the V4 release has it: no automatic BOS/EOS, pad=EOS
+    (docs/architecture.md §5)."""
     return {
         "add_bos_token": False,
         "add_eos_token": False,

@@ -1,4 +1,4 @@
-"""transformers' DeepseekV4ForCausalLM as the numerical oracle (design.md §6).
+"""transformers' DeepseekV4ForCausalLM as the numerical oracle (docs/engine.md §4).
 
 `build_oracle(ckpt_dir)` builds the HF model from the checkpoint's config and loads the same
 weights homeseek reads, dequantised from the official FP8/FP4 formats, so both hold identical

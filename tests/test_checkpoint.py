@@ -19,7 +19,8 @@ from homeseek.synthetic import write_checkpoint
 
 
 def test_flash_table_matches_the_real_inventory():
-    """69,187 stored tensors in the real checkpoint (spec §2.2), re-derived from config alone."""
+    """69,187 stored tensors in the real checkpoint, re-derived from config alone
+    (docs/architecture.md §2.2)."""
     cfg = flash_config()
     table = tensor_table(cfg)
     stored = {}

@@ -1,5 +1,5 @@
-"""The public API (design.md §5) and homeseek's self-consistency with quantisation simulation on:
-one prefill == chunked prefill == token-by-token decode."""
+"""The public API (docs/engine.md §3) and homeseek's self-consistency with quantisation simulation
+on: one prefill == chunked prefill == token-by-token decode."""
 
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def test_quant_sim_self_consistency_fp32(eng_fp32_sim, ids, parity_report):
 
 
 def test_quant_sim_changes_the_numbers(eng_fp32_sim, ids):
-    """The simulation is live: rounding activations/KV/indexer moves logits (design.md §6)."""
+    """The simulation is live: rounding activations/KV/indexer moves logits (docs/engine.md §4)."""
     plain = homeseek.load("tiny", dtype=torch.float32, quant_sim=False, max_context=256)
     a = eng_fp32_sim.session().forward(ids[:50])
     b = plain.session().forward(ids[:50])
@@ -57,7 +57,7 @@ def test_quant_sim_changes_the_numbers(eng_fp32_sim, ids):
 
 def _loose(stats: dict[str, float], a: torch.Tensor, b: torch.Tensor) -> None:
     # A random model is chaotic: bf16 rounding moves logits by ~0.1-0.2 std (median), as in the
-    # official code (design.md §6), and with 129,280 near-Gaussian logits the top-1 is fragile.
+    # official code (docs/engine.md §4), and with 129,280 near-Gaussian logits the top-1 is fragile.
     # So: median error, correlation, and argmax far above chance (1 / 129,280).
     cos = torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1)
     assert stats["median_err_rel"] < 0.3 and cos.median() > 0.95, (stats, cos.median())
@@ -65,7 +65,7 @@ def _loose(stats: dict[str, float], a: torch.Tensor, b: torch.Tensor) -> None:
 
 
 def test_bf16_close_to_fp32(ids, parity_report):
-    """bf16 activations: judged by loose tolerances (design.md §6)."""
+    """bf16 activations: judged by loose tolerances (docs/engine.md §4)."""
     bf = homeseek.load("tiny", dtype=torch.bfloat16, quant_sim=True, max_context=256)
     ref = homeseek.load("tiny", dtype=torch.float32, quant_sim=True, max_context=256)
     a = bf.session().forward(ids[:100])

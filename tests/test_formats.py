@@ -1,5 +1,5 @@
 """FP4 / FP8 / E8M0 decoding bit-exact against the formulas and torch's own dtypes, and the
-quantisation simulation against independent float64 restatements of spec §2.5."""
+quantisation simulation against independent float64 restatements of docs/architecture.md §2.5."""
 
 from __future__ import annotations
 

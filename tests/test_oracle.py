@@ -4,8 +4,9 @@ Each config is written in the official format by the synthetic writer; the oracl
 weights dequantised. Compared: one full prefill, chunked prefills of several sizes, and >= 300
 token-by-token decode steps that cross every compressor block boundary, HCA block and window wrap.
 
-Where the oracle departs from the official reference (spec §6.14) it does so in ways that vanish
-in fp32 without quantisation simulation, so no tolerance is widened for them: HF adds 1e-20 to the
+Where the oracle departs from the official reference (docs/architecture.md §6.14) it does so in
+ways that vanish in fp32 without quantisation simulation, so no tolerance is widened for them: HF
+adds 1e-20 to the
 router normaliser (the reference adds none; we follow the reference), HF applies the routing
 weight after w2 rather than before (equal in exact arithmetic), HF computes the per-head q norm in
 fp32 (the reference in bf16), and HF has no FP8/FP4 simulation at all (tested per function in

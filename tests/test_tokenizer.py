@@ -25,7 +25,8 @@ from homeseek.tokenizer import (
 )
 
 SPEC_TEXT = "<｜User｜>你好<｜Assistant｜><think>推理</think>答案<｜end▁of▁sentence｜>"
-SPEC_IDS = [128803, 30594, 128804, 128821, 36101, 128822, 7624, 1]  # real tokenizer, spec §5
+# The real tokenizer's ids for SPEC_TEXT (docs/architecture.md §5).
+SPEC_IDS = [128803, 30594, 128804, 128821, 36101, 128822, 7624, 1]
 
 
 @pytest.fixture(scope="module")
@@ -228,3 +229,30 @@ def test_stream_decoder_random_text(tok: Tokenizer) -> None:
         out.append(dec.finish())
         assert "".join(out) == text
         assert all("\ufffd" not in d for d in out)
+
+
+def test_english_text_encodes_to_learned_subwords(tok: Tokenizer) -> None:
+    """Merges learned from data/corpus_en.txt: English (not in the corpus) is a few ids per word,
+    all of them learned tokens, none of the unreachable phrase ids above the merges."""
+    doc = json.loads(synthetic_tokenizer_json())
+    first_phrase = 3 + 256 + len(doc["model"]["merges"])
+    assert len(doc["model"]["merges"]) > 2000
+    text = (
+        "When the children came home from school, their mother had baked fresh bread, and the "
+        "smell of it filled the whole house while the rain fell on the garden outside."
+    )
+    ids = tok.encode(text)
+    assert all(3 <= i < first_phrase for i in ids)
+    assert len(ids) <= 1.3 * len(text.split())  # mostly one id per word
+    assert tok.decode(ids) == text
+
+
+def test_random_ids_decode_to_words(tok: Tokenizer) -> None:
+    """What the tiny model's random weights sample: nearly uniform ids, which must read as words
+    (no `<filler_N>` placeholders)."""
+    rng = random.Random(3)
+    ids = [rng.randrange(VOCAB_SIZE) for _ in range(500)]
+    text = tok.decode(ids)
+    assert "filler" not in text
+    words = text.split()
+    assert sum(w.isascii() and w.isalpha() for w in words) >= 0.9 * len(words)

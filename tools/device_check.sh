@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One command for a CUDA machine without network: make homeseek importable (no pip needed),
+# One command for a CUDA machine without network: homeseek runs from the checkout (no pip needed),
 # then run the GPU tests, the expert-copy benchmark, the routing simulation on the full-size
 # synthetic model, and the kernel check. Logs go under $OUT when set (else ./device-logs).
 #   bash tools/device_check.sh [engine|kernels|doctor|generate|copy|routing|bench|floor|e2e ...]
@@ -17,15 +17,9 @@ if ls .whl/*.whl >/dev/null 2>&1 && ! "$py" -c "import pytest, xdist" 2>/dev/nul
     "$py" -m pip install -q --no-index --no-deps --no-compile --target /tmp/hs-site .whl/*.whl
     export PYTHONPATH="/tmp/hs-site${PYTHONPATH:+:$PYTHONPATH}"
 fi
-# homeseek.kernels / homeseek.graphs exist only through the install's package-dir map: shim it,
-# and run everything from the shim so the repo's own homeseek/ (without kernels/) never shadows it.
-shim="$(mktemp -d)"
-mkdir -p "$shim/homeseek"
-for f in "$repo"/homeseek/*; do ln -s "$f" "$shim/homeseek/"; done
-ln -sfn "$repo/kernels" "$shim/homeseek/kernels"
-ln -sfn "$repo/graphs" "$shim/homeseek/graphs"
-export PYTHONPATH="$shim${PYTHONPATH:+:$PYTHONPATH}"
-cd "$shim"
+# The checkout imports as the installed package does (homeseek/kernels and homeseek/graphs are
+# symlinks to the top-level folders), so the repo root on PYTHONPATH is all homeseek needs.
+export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
 # shellcheck disable=SC2206  # PYTEST_ARGS is a word list
 pt=("$py" -m pytest -p no:cacheprovider --rootdir "$repo" -c "$repo/pyproject.toml" ${PYTEST_ARGS:-})
 parts=("$@")
