@@ -29,6 +29,8 @@ ENV_VARS = {
     "HOMESEEK_MAX_CONTEXT": "default of --max-context: tokens of decode state per session (32768)",
     "HOMESEEK_PREFILL_CHUNK": "tokens per forward pass while prefilling a prompt (2048); "
     "smaller lowers peak memory",
+    "HOMESEEK_API_KEY": "serve: the key clients must send when --api-key is not given "
+    "(unlike a flag, not visible in `ps`)",
     "HF_TOKEN, HF_ENDPOINT, HF_HUB_OFFLINE": "huggingface_hub's own settings, for `download`",
 }
 
