@@ -359,18 +359,26 @@ class GraphPool:
         self.record_events = record_events
         self.counters = GraphCounters()
         self.graphs: list[StaticGraph] = []  # in capture order
-        self.handle: tuple[int, int] = torch.cuda.graph_pool_handle()
         # Graphs must be captured on a non-default stream; replays may go to any stream.
         self.stream = torch.cuda.Stream(device=self.device)
         self._lock = threading.Lock()  # one capture at a time: the pool registration is per capture
         self._bytes = 0
         self._free_events: list[torch.cuda.Event] = []
-        # Hold a reference on the allocator's pool for this object's life, so that a failed first
-        # capture (which drops its reference) cannot leave the pool dead for the next capture.
+        self.handles: list[tuple[int, int]] = []  # every pool this object captured into
+        self._finalizers: list[weakref.finalize] = []
+        self._new_pool()
+
+    def _new_pool(self) -> None:
+        """Start capturing into a fresh allocator pool. Hold a reference on it for this object's
+        life, so that a failed first capture (which drops its reference) cannot leave the pool
+        dead for the next capture."""
+        self.handle: tuple[int, int] = torch.cuda.graph_pool_handle()
+        self.handles.append(self.handle)
         idx = self.device.index
         self._finalizer = None
         if _pool_incref(idx, self.handle):
             self._finalizer = weakref.finalize(self, _pool_release, idx, self.handle)
+            self._finalizers.append(self._finalizer)
 
     def _abandon_capture(self) -> None:
         """After a failed capture: end its allocator registration if torch left it open, and
@@ -384,6 +392,10 @@ class GraphPool:
             and self._finalizer.alive
         ):
             _pool_release(idx, self.handle)
+        # Measured on torch 2.11 (H200): after an invalidated capture the allocator still calls
+        # the pool "already recording" even once its registration is ended, so a later capture
+        # into it fails. Later graphs go to a fresh pool; earlier ones keep theirs.
+        self._new_pool()
 
     # Construction of graphs.
     def graph(
@@ -429,7 +441,7 @@ class GraphPool:
         for seg in torch.cuda.memory_snapshot():
             if seg.get("device") not in (None, self.device.index):
                 continue
-            if tuple(seg.get("segment_pool_id", ())) == tuple(self.handle):
+            if tuple(seg.get("segment_pool_id", ())) in {tuple(h) for h in self.handles}:
                 total += int(seg["total_size"])
         return total
 
@@ -457,8 +469,8 @@ class GraphPool:
             g.reset()
         self.graphs.clear()
         self._free_events.clear()
-        if self._finalizer is not None:
-            self._finalizer()
+        for fin in self._finalizers:
+            fin()
 
 
 # --- one graph -----------------------------------------------------------------------------------
