@@ -189,6 +189,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="skip the reference's FP8/FP4 activation rounding (faster on CPU, less exact)",
     )
+    p.add_argument(
+        "--no-graphs",
+        action="store_true",
+        help="run the decode step eagerly instead of as CUDA graphs (CUDA; CPU is always eager)",
+    )
 
 
 # The default rule itself lives in homeseek.plan (default_gpu_budget_gb / default_host_budget_gb),
@@ -308,7 +313,10 @@ def check_load(args: argparse.Namespace, needs_tokenizer: bool = False) -> LoadA
 
 
 def _load(
-    args: argparse.Namespace, checked: LoadArgs | None = None, needs_tokenizer: bool = False
+    args: argparse.Namespace,
+    checked: LoadArgs | None = None,
+    needs_tokenizer: bool = False,
+    max_sessions: int = 1,
 ) -> Engine:
     """Check the arguments (unless `checked` is the result of `check_load`), then load."""
     la = checked or check_load(args, needs_tokenizer=needs_tokenizer)
@@ -326,6 +334,8 @@ def _load(
         host_mem_gb=la.host_mem_gb,
         max_context=la.max_context,
         quant_sim=not args.no_quant_sim,
+        graphs=False if args.no_graphs else None,
+        max_sessions=max_sessions,
         progress=True,
     )
 
@@ -560,7 +570,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     httpd = make_server(cfg)  # a busy port fails now, not after loading the weights
     try:
-        eng = _load(args, checked)
+        eng = _load(args, checked, max_sessions=cfg.prefix_sessions)
     except BaseException:
         httpd.server_close()
         raise

@@ -308,7 +308,8 @@ class RuntimeConfig:
     prefill_chunk: int = 2048  # tokens per forward chunk during prefill
     gpu_mem_gb: float | None = None
     host_mem_gb: float | None = None
-    graphs: bool = False
+    graphs: bool = False  # CUDA graphs for the decode step (CUDA only; build() turns it on there)
+    max_sessions: int = 1  # sessions whose decode state is preallocated (live at once)
     mtp: int = 0
     expert_slots: int | None = None  # slot-pool size; None: derived from gpu_mem_gb
     eviction: str = "lrfu"  # expert-pool eviction policy: lru | lrfu[:half-life]
@@ -320,10 +321,10 @@ class RuntimeConfig:
             raise ConfigError(f"max_context must be >= 1, got {self.max_context}")
         if self.prefill_chunk < 1:
             raise ConfigError(f"prefill_chunk must be >= 1, got {self.prefill_chunk}")
-        if self.graphs:
-            raise ConfigError(
-                "graphs=True: the CUDA-graph decode path is not built yet; run with graphs off"
-            )
+        if self.graphs and not str(self.device).startswith("cuda"):
+            raise ConfigError(f"graphs=True needs a CUDA device, got device={self.device!r}")
+        if self.max_sessions < 1:
+            raise ConfigError(f"max_sessions must be >= 1, got {self.max_sessions}")
         if self.mtp:
             raise ConfigError(
                 f"mtp={self.mtp}: MTP speculative decoding is not built yet; run with mtp=0"
@@ -338,8 +339,8 @@ class RuntimeConfig:
             kw["max_context"] = env_int("MAX_CONTEXT", 32768)
         if kw.get("prefill_chunk") is None:
             kw["prefill_chunk"] = env_int("PREFILL_CHUNK", 2048)
-        if kw.get("graphs") is None:
-            kw["graphs"] = False  # eager until the captured decode path exists
+        if kw.get("graphs") is None:  # on by default where they exist
+            kw["graphs"] = str(kw.get("device", "cpu")).startswith("cuda")
         return cls(**kw)
 
 

@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 import time
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +31,7 @@ from homeseek.kernels import ops
 from homeseek.runner import Runner
 from homeseek.sampling import Sampler, SamplingParams, TokenLogprob, logprobs_of
 from homeseek.scheduler import Scheduler
-from homeseek.state import SessionState
+from homeseek.state import SessionState, StateArena
 
 
 class ContextError(ValueError):
@@ -161,7 +162,12 @@ class Engine:
             self.experts.start_host_fill()
         self.rope = M.RopeTables(cfg, rt.max_context, dev)
         self.scheduler = Scheduler(self.experts, cfg)
-        self.runner = Runner(cfg, rt, self.ctx, self.top, self.weights, self.rope, self.scheduler)
+        # With CUDA graphs every session's state lives in one arena the graphs index by slot;
+        # eager, each session allocates its own.
+        self.arena = StateArena(cfg, rt, self.layers, rt.max_sessions) if rt.graphs else None
+        self.runner = Runner(
+            cfg, rt, self.ctx, self.top, self.weights, self.rope, self.scheduler, self.arena
+        )
         self.tokenizer = _load_tokenizer(self.path) if self.path is not None else None
 
     def _expert_budget(self) -> tuple[int, int]:
@@ -184,7 +190,9 @@ class Engine:
         if gpu_gb is None:
             return n_total, 0
         act = torch.finfo(rt.dtype).bits // 8
-        p = plan.memory_plan(cfg, gpu_gb, host_gb, rt.max_context, act_bytes=act)
+        p = plan.memory_plan(
+            cfg, gpu_gb, host_gb, rt.max_context, act_bytes=act, sessions=rt.max_sessions
+        )
         if not p.fits or p.gpu_slots < cfg.num_experts_per_tok:
             raise ConfigError(
                 f"gpu_mem_gb={gpu_gb:.1f} is too small: dense weights {p.dense / plan.GiB:.2f} GiB "
@@ -276,24 +284,38 @@ class Engine:
         )
         if not ids:
             raise ValueError("the prompt is empty")
-        sess = session or self.session()
-        room = self.rt.max_context - sess.pos
+        room = self.rt.max_context - (session.pos if session is not None else 0)
         if len(ids) >= room:
             raise ContextError(
                 f"prompt of {len(ids)} tokens leaves no room in max_context={self.rt.max_context}"
-                f" (session at {sess.pos}); raise max_context or shorten the prompt"
+                f" (session at {self.rt.max_context - room}); raise max_context or shorten the "
+                "prompt"
             )
-        gen = _Generation(self, sess, params, thinking, stream, cancel, prompt_logprobs)
-        return gen.run(ids)
+        sess = session or self.session()
+        try:
+            gen = _Generation(self, sess, params, thinking, stream, cancel, prompt_logprobs)
+            return gen.run(ids)
+        finally:
+            if session is None:  # ours: give its state slot back now
+                sess.close()
 
 
 class Session:
-    """One sequence: preallocated decode state plus the position reached."""
+    """One sequence: preallocated decode state plus the position reached.
+
+    With CUDA graphs the state is a slot of the engine's arena (rt.max_sessions of them): a
+    session holds its slot until `close()` or until it is garbage-collected."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self.state = SessionState(engine.cfg, engine.rt, engine.layers)
+        self.state = SessionState(engine.cfg, engine.rt, engine.layers, arena=engine.arena)
+        self._finalizer = weakref.finalize(self, self.state.arena.release, self.state.slot)
         self.tokens: list[int] = []  # every id this sequence has consumed, in order
+
+    def close(self) -> None:
+        """Give the state slot back; the session cannot be used afterwards."""
+        self._finalizer()
+        self.state = None  # type: ignore[assignment]
 
     @property
     def pos(self) -> int:
@@ -313,9 +335,10 @@ class Session:
         eng = self.engine
         if isinstance(token_ids, torch.Tensor):
             token_ids = token_ids.reshape(-1).tolist()
+        if self.state is None:
+            raise ValueError("this session is closed")
         id_list = [int(t) for t in token_ids]
-        ids = torch.tensor(id_list, dtype=torch.long, device=eng.rt.device)
-        T = ids.shape[0]
+        T = len(id_list)
         if T == 0:
             raise ValueError("forward() needs at least one token id")
         V = eng.cfg.vocab_size
@@ -327,6 +350,12 @@ class Session:
                 f"sequence would reach {self.state.pos + T} tokens (at {self.state.pos}, +{T}); "
                 f"max_context is {eng.rt.max_context}: raise max_context or shorten the prompt"
             )
+        if T == 1:  # decode: the capture-safe step (CUDA graphs when on)
+            with torch.inference_mode():
+                logits = eng.runner.decode(id_list[0], self.state)
+            self.tokens.append(id_list[0])
+            return logits[None]
+        ids = torch.tensor(id_list, dtype=torch.long, device=eng.rt.device)
         outs = []
         chunk = eng.rt.prefill_chunk
         starts = range(0, T, chunk)
@@ -511,6 +540,7 @@ def load(
     max_context: int | None = 32768,
     quant_sim: bool = True,
     graphs: bool | None = None,
+    max_sessions: int = 1,
     mtp: int = 0,
     progress: bool = False,
     expert_slots: int | None = None,
@@ -527,6 +557,7 @@ def load(
         max_context=max_context,
         quant_sim=quant_sim,
         graphs=graphs,
+        max_sessions=max_sessions,
         mtp=mtp,
         expert_slots=expert_slots,
         eviction=eviction,

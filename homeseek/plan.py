@@ -113,10 +113,16 @@ class MemoryPlan:
 
 
 def memory_plan(
-    cfg: ModelConfig, gpu_mem_gb: float, host_mem_gb: float, max_context: int, act_bytes: int = 2
+    cfg: ModelConfig,
+    gpu_mem_gb: float,
+    host_mem_gb: float,
+    max_context: int,
+    act_bytes: int = 2,
+    sessions: int = 1,
 ) -> MemoryPlan:
+    """The GPU split for `sessions` sessions of decode state at max_context each."""
     dense = dense_bytes(cfg)
-    state = state_bytes(cfg, max_context, act_bytes)
+    state = sessions * state_bytes(cfg, max_context, act_bytes)
     record = record_bytes(cfg)
     n = cfg.num_hidden_layers * cfg.n_routed_experts
     gpu = int(gpu_mem_gb * GiB)

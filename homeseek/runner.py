@@ -1,23 +1,89 @@
 """The step: per layer segment A, the scheduler, the routed experts, segment B (docs/runtime.md).
 
 The runner owns how a step is launched; the model owns the math, the scheduler owns which
-experts are resident. Today every segment runs eagerly (the same functions CUDA graphs will
-capture); `graphs=True` is refused at load until the captured path exists.
+experts are resident. Two paths:
+
+- `step(ids, state)`: any number of tokens (prefill), eager, the functions of model.py.
+- `decode(token, state)`: one token, the capture-safe functions of decode.py over static
+  buffers. On CUDA with graphs on, each piece is a CUDA graph: `embed`, per layer and position
+  bucket `A` (attention + mHC + router + shared expert), then `B` (routed experts from the slot
+  pool + mHC post; one graph for every layer, it reads the runner's static buffers) or `E` (an
+  extra wave of experts when a layer's experts do not fit the free slots at once), and `H` (the
+  head). Between A and B the scheduler reads the layer's expert ids from a pinned buffer A wrote,
+  makes them resident and writes the slot table B reads. With graphs off the same functions run
+  eagerly (`graphs=False`, and always on CPU).
 """
 
 from __future__ import annotations
 
+import logging
+import time
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+
 import torch
 
+from homeseek import decode as D
 from homeseek import model as M
 from homeseek.config import ModelConfig, RuntimeConfig
+from homeseek.graphs import GraphedStep, GraphPool
 from homeseek.kernels import ops
 from homeseek.scheduler import Scheduler
-from homeseek.state import SessionState
+from homeseek.state import SessionState, StateArena
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DecodeBuffers:
+    """Static tensors of the decode step: every graph reads and writes these, so graphs can be
+    captured in any order and any graph's scratch may be reused by another."""
+
+    host_index: torch.Tensor  # [3] int64 (token, position, slot), pinned on CUDA
+    index: torch.Tensor  # [3] int64 on the device
+    X: torch.Tensor  # [1, N, D] residual streams between layers
+    Xa: torch.Tensor  # [1, N, D] streams after the attention sublayer (A -> B)
+    u: torch.Tensor  # [1, D] normalised FFN input
+    post: torch.Tensor  # [1, N] fp32
+    comb: torch.Tensor  # [1, N, N] fp32
+    sel: torch.Tensor  # [1, K] int64 expert ids (device)
+    sel_host: torch.Tensor  # [1, K] int64, pinned on CUDA: what the scheduler reads
+    weights: torch.Tensor  # [1, K] fp32 routing weights
+    shared: torch.Tensor  # [1, D] shared-expert output
+    acc: torch.Tensor  # [1, D] shared + routed experts of the waves so far (kernel path)
+    acc_f32: torch.Tensor  # [1, D] fp32 routed experts so far (reference path)
+    moe: torch.Tensor  # [1, D] routed + shared (kernel path)
+    slots: torch.Tensor  # [1, K] int32 slot table (device)
+    logits: torch.Tensor  # [1, V] fp32
+
+    @classmethod
+    def build(cls, cfg: ModelConfig, rt: RuntimeConfig) -> DecodeBuffers:
+        dev, dt = rt.device, rt.dtype
+        N, Dm, K = cfg.hc_mult, cfg.hidden_size, cfg.num_experts_per_tok
+        pin = torch.cuda.is_available() and str(dev).startswith("cuda")
+        f32 = dict(dtype=torch.float32, device=dev)
+        return cls(
+            host_index=torch.zeros(3, dtype=torch.long, pin_memory=pin),
+            index=torch.zeros(3, dtype=torch.long, device=dev),
+            X=torch.zeros(1, N, Dm, dtype=dt, device=dev),
+            Xa=torch.zeros(1, N, Dm, dtype=dt, device=dev),
+            u=torch.zeros(1, Dm, dtype=dt, device=dev),
+            post=torch.zeros(1, N, **f32),
+            comb=torch.zeros(1, N, N, **f32),
+            sel=torch.zeros(1, K, dtype=torch.long, device=dev),
+            sel_host=torch.zeros(1, K, dtype=torch.long, pin_memory=pin),
+            weights=torch.zeros(1, K, **f32),
+            shared=torch.zeros(1, Dm, dtype=dt, device=dev),
+            acc=torch.zeros(1, Dm, dtype=dt, device=dev),
+            acc_f32=torch.zeros(1, Dm, **f32),
+            moe=torch.zeros(1, Dm, dtype=dt, device=dev),
+            slots=torch.full((1, K), -1, dtype=torch.int32, device=dev),
+            logits=torch.zeros(1, cfg.vocab_size, **f32),
+        )
 
 
 class Runner:
-    """Runs steps of T tokens of one sequence over the loaded weights."""
+    """Runs steps of one sequence over the loaded weights."""
 
     def __init__(
         self,
@@ -28,12 +94,31 @@ class Runner:
         weights: list[M.LayerWeights],
         rope: M.RopeTables,
         scheduler: Scheduler,
+        arena: StateArena | None = None,
     ) -> None:
+        """arena: the shared session state the graphs index by slot (graphs on); None runs the
+        decode step eagerly over each session's own state."""
         self.cfg, self.rt, self.ctx = cfg, rt, ctx
         self.top, self.weights, self.rope = top, weights, rope
         self.scheduler = scheduler
         self.layers = list(range(len(weights)))
+        self.arena = arena
+        self.buf = DecodeBuffers.build(cfg, rt)
+        b = self.buf
+        self.ix = D.DecodeIndex(ids=b.index[0:1], pos=b.index[1:2], slot=b.index[2:3])
+        on_cuda = str(rt.device).startswith("cuda")
+        self.pool = GraphPool(rt.device) if (rt.graphs and on_cuda) else None
+        self.graphs = GraphedStep(self.pool, enabled=self.pool is not None)
+        self._sel_ready = torch.cuda.Event() if on_cuda else None
+        self._slot_stage = (
+            [torch.zeros(1, cfg.num_experts_per_tok, dtype=torch.int32, pin_memory=True)
+             for _ in range(2)] if on_cuda else []
+        )  # fmt: skip
+        self._stage_events: list[torch.cuda.Event | None] = [None, None]
+        self._stage_i = 0
+        self.capture_s = 0.0  # wall seconds spent capturing graphs (warm-up included)
 
+    # --- prefill (and any T) -------------------------------------------------------------------
     def step(self, ids: torch.Tensor, id_list: list[int], state: SessionState) -> torch.Tensor:
         """ids [T] at the state's position -> the final streams [T, N, D]; advances the state."""
         pos = torch.arange(state.pos, state.pos + ids.shape[0], device=ids.device)
@@ -61,7 +146,7 @@ class Runner:
         fused = self.ctx.kernels
         out = p.shared if fused else None
         acc = None if fused else torch.zeros_like(p.u, dtype=torch.float32)
-        for sel, slot_of in self.scheduler.layer(layer, p.sel):
+        for sel, slot_of, _last in self.scheduler.layer(layer, p.sel):
             if fused:
                 slots = self.scheduler.slot_table(sel, slot_of, p.u.device)
                 t = store.pool.t
@@ -76,3 +161,142 @@ class Runner:
         if fused:
             return out
         return (acc + p.shared.float()).to(p.u.dtype)
+
+    # --- decode (T = 1) ------------------------------------------------------------------------
+    def decode(self, token: int, state: SessionState) -> torch.Tensor:
+        """One token at the state's position -> fp32 logits [V] (a fresh tensor); advances."""
+        if self.pool is not None and state.arena is not self.arena:
+            raise ValueError("decode: the session's state is not in this engine's arena")
+        b = self.buf
+        bucket = D.bucket_of(state.pos, state.max_context)
+        b.host_index[0], b.host_index[1], b.host_index[2] = token, state.pos, state.slot
+        # The previous step's copy of host_index has run: its layers' ids were read back after it.
+        b.index.copy_(b.host_index, non_blocking=True)
+        self.scheduler.begin_step([token])
+        self._run(("embed",), self._embed)
+        for layer in self.layers:
+            lw, st = self.weights[layer], state.arena.layers[layer]
+
+            def seg_a(lw=lw, st=st, layer=layer) -> None:
+                self._a(lw, st, layer, bucket)
+
+            self._run(("A", layer, bucket), seg_a, restore=_non_idempotent(st))
+            if self._sel_ready is not None:
+                self._sel_ready.record()
+                self._sel_ready.synchronize()  # the one host wait of the layer
+            for sel, slot_of, last in self.scheduler.layer(layer, b.sel_host.clone()):
+                if self.ctx.kernels:
+                    self._write_slots(sel, slot_of)
+                    if last:
+                        self._run(("B",), self._b)
+                    else:
+                        self._run(("E",), self._e, restore=[b.acc])
+                else:
+                    self._moe_ref(sel, slot_of, last)
+        self._run(("H",), self._h)
+        state.pos += 1
+        return b.logits[0].clone()
+
+    def _run(
+        self, key: Hashable, fn: Callable[[], None], restore: list[torch.Tensor] | None = None
+    ) -> None:
+        """Replay key's graph; capture it first if it is new (graphs on), else run fn eagerly."""
+        g = self.graphs
+        if g.pool is not None and key not in g.graphs and key not in g.failures:
+            g.register(key, fn)
+            saved = [t.clone() for t in restore or ()]
+            t0 = time.perf_counter()
+            g.capture(key)  # the warm-up runs fn for real: put back what it must not change
+            for t, s in zip(restore or (), saved, strict=True):
+                t.copy_(s)
+            self.capture_s += time.perf_counter() - t0
+        if g.can_run(key):
+            g.step(key)
+        else:
+            fn()
+
+    def _embed(self) -> None:
+        self.buf.X.copy_(M.embed(self.ix.ids, self.top["embed"], self.ctx))
+
+    def _a(self, lw: M.LayerWeights, st, layer: int, bucket: int) -> None:
+        b = self.buf
+        p = D.segment_a_step(b.X, self.ix, bucket, lw, st, layer, self.rope, self.ctx)
+        b.Xa.copy_(p.X)
+        b.u.copy_(p.u)
+        b.post.copy_(p.post)
+        b.comb.copy_(p.comb)
+        b.weights.copy_(p.weights)
+        b.shared.copy_(p.shared)
+        b.acc.copy_(p.shared)
+        b.acc_f32.zero_()
+        b.sel.copy_(p.sel)
+        b.sel_host.copy_(b.sel, non_blocking=True)
+
+    def _experts(self, shared: torch.Tensor, out: torch.Tensor) -> None:
+        t, b = self.scheduler.store.pool.t, self.buf
+        ops.fp4_experts(
+            b.u, b.slots, b.weights, shared, t["w13_q"], t["w13_s"], t["w2_q"], t["w2_s"],
+            self.cfg.swiglu_limit, out=out, act_quant=self.rt.quant_sim,
+        )  # fmt: skip
+
+    def _e(self) -> None:  # one more wave of experts into acc
+        self._experts(self.buf.acc, self.buf.moe)
+        self.buf.acc.copy_(self.buf.moe)
+
+    def _b(self) -> None:  # the last wave, then mHC post into the streams
+        b = self.buf
+        self._experts(b.acc, b.moe)
+        b.X.copy_(M.hc_post(b.moe, b.Xa, b.post, b.comb, self.ctx))
+
+    def _moe_ref(self, sel: torch.Tensor, slot_of: dict[int, int], last: bool) -> None:
+        """Reference experts (kernels off, CPU): experts in id order, as Runner.moe."""
+        b, store = self.buf, self.scheduler.store
+        weights_of = {e: store.weights(s) for e, s in slot_of.items()}.__getitem__
+        M.routed_experts(
+            b.u, sel.to(b.u.device), b.weights, sorted(slot_of), weights_of, self.ctx, b.acc_f32
+        )
+        if last:
+            moe = (b.acc_f32 + b.shared.float()).to(b.u.dtype)
+            b.X.copy_(M.hc_post(moe, b.Xa, b.post, b.comb, self.ctx))
+
+    def _h(self) -> None:
+        self.buf.logits.copy_(D.head_step(self.buf.X, self.top, self.ctx))
+
+    def _write_slots(self, sel: torch.Tensor, slot_of: dict[int, int]) -> None:
+        """The wave's slot table into the static device table, through a pinned staging buffer
+        (two, alternating: a wave's table may still be in flight when the next is written)."""
+        table = [[slot_of.get(int(e), -1) for e in row] for row in sel.tolist()]
+        if not self._slot_stage:  # CPU
+            self.buf.slots.copy_(torch.tensor(table, dtype=torch.int32))
+            return
+        i = self._stage_i = 1 - self._stage_i
+        ev = self._stage_events[i]
+        if ev is not None:
+            ev.synchronize()
+        stage = self._slot_stage[i]
+        stage.copy_(torch.tensor(table, dtype=torch.int32))
+        self.buf.slots.copy_(stage, non_blocking=True)
+        ev = self._stage_events[i] or torch.cuda.Event()
+        ev.record()
+        self._stage_events[i] = ev
+
+    def graph_stats(self) -> dict[str, float]:
+        c = self.graphs.counters
+        return {
+            "graphs_captured": float(c.captured),
+            "graph_capture_failures": float(c.capture_failures),
+            "graph_replays": float(c.replays),
+            "graph_eager_fallbacks": float(c.eager_fallbacks),
+            "graph_capture_s": self.capture_s,
+            "graph_pool_bytes": float(self.pool.pool_bytes() if self.pool is not None else 0),
+        }
+
+
+def _non_idempotent(st) -> list[torch.Tensor]:
+    """State segment A updates from its own previous value (the CSA overlap halves): a capture's
+    warm-up runs A more than once, so these are put back afterwards."""
+    out = []
+    for c in (st.comp, st.index_comp):
+        if c is not None and c.overlap:
+            out += [c.prev_kv, c.prev_gate]
+    return out

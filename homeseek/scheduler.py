@@ -110,12 +110,14 @@ class Scheduler:
         else:  # an override routes hash layers too: their table would prefetch the wrong ones
             self.store.prefetch_hash_layers(token_ids)
 
-    def layer(self, layer: int, sel: torch.Tensor) -> Iterator[tuple[torch.Tensor, dict[int, int]]]:
+    def layer(
+        self, layer: int, sel: torch.Tensor
+    ) -> Iterator[tuple[torch.Tensor, dict[int, int], bool]]:
         """Make the experts of sel [T, K] resident, a wave at a time (one wave unless a chunk
         touches more experts than the pool holds; each expert still loads once per chunk).
-        Yields (the ids used [T, K] on the CPU, expert -> slot of this wave) once the compute
-        stream waits for the wave's copies. The wave's experts must be queued before the next
-        wave is asked for: its copies may evict this wave's slots."""
+        Yields (the ids used [T, K] on the CPU, expert -> slot of this wave, whether it is the
+        last wave) once the compute stream waits for the wave's copies. The wave's experts must
+        be queued before the next wave is asked for: its copies may evict this wave's slots."""
         t0 = time.perf_counter()
         store = self.store
         sel = sel.cpu()  # the one host sync of the layer
@@ -131,7 +133,7 @@ class Scheduler:
             slot_of = dict(zip(batch, store.ensure_resident(layer, batch), strict=True))
             store.wait(slot_of.values())
             self.host_s += time.perf_counter() - t0
-            yield sel, slot_of
+            yield sel, slot_of, i + wave >= len(experts)
             t0 = time.perf_counter()
         self.host_s += time.perf_counter() - t0
 

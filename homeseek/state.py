@@ -5,11 +5,20 @@ the compressor's partial block, the CSA overlap half of the previous block, and 
 cache; CSA layers also hold the indexer's compressor and its key cache. Everything is allocated
 once for `max_context` tokens; `reset()` makes it a fresh sequence without allocating.
 
-Legend: W window, Dh head dim, DI indexer head dim, m compress ratio, C = max_context // m.
+The tensors of S sequences live in one `StateArena`, stacked on a leading slot dimension, and a
+`SessionState` is a set of views of one slot. The eager step reads the views; the captured decode
+step reads the stacked tensors and picks the slot with a device-side slot id, so one set of CUDA
+graphs serves every session (docs/runtime.md). Per layer the window ring and the main compressed
+cache are one buffer, `keys` [S, W + C, Dh]: the sparse attention gathers window rows and
+compressed rows from the same tensor without a per-token concatenation.
+
+Legend: S slots, W window, Dh head dim, DI indexer head dim, m compress ratio,
+C = ceil(max_context / m).
 """
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +28,7 @@ from homeseek.config import CSA, HCA, ModelConfig, RuntimeConfig
 
 @dataclass
 class CompressorState:
-    """One compressor (main or indexer) of one layer."""
+    """One compressor (main or indexer) of one layer and one sequence (views of the arena)."""
 
     ratio: int  # m
     overlap: bool  # CSA: entries pool the A half of the previous block with the B half of this one
@@ -50,41 +59,140 @@ class LayerState:
                 c.reset()
 
 
+@dataclass
+class ArenaCompressor:
+    """One compressor of one layer, all slots: [S, ...] versions of CompressorState's buffers."""
+
+    ratio: int
+    overlap: bool
+    d: int  # entry width
+    buf_kv: torch.Tensor  # [S, m, c*d] fp32
+    buf_gate: torch.Tensor  # [S, m, c*d] fp32
+    prev_kv: torch.Tensor  # [S, m, d] fp32
+    prev_gate: torch.Tensor  # [S, m, d] fp32
+    cache: torch.Tensor  # [S, C, d]: a view of the layer's `keys` (main) or its own (indexer)
+
+    @property
+    def capacity(self) -> int:
+        return self.cache.shape[1]
+
+    def view(self, s: int) -> CompressorState:
+        return CompressorState(
+            self.ratio, self.overlap, self.buf_kv[s], self.buf_gate[s], self.prev_kv[s],
+            self.prev_gate[s], self.cache[s],
+        )  # fmt: skip
+
+
+@dataclass
+class ArenaLayer:
+    """One layer's state for all slots."""
+
+    keys: torch.Tensor  # [S, W + C, Dh]: window ring rows 0..W-1, then the compressed entries
+    window: int  # W
+    comp: ArenaCompressor | None
+    index_comp: ArenaCompressor | None
+
+    def view(self, s: int) -> LayerState:
+        return LayerState(
+            self.keys[s, : self.window],
+            self.comp.view(s) if self.comp is not None else None,
+            self.index_comp.view(s) if self.index_comp is not None else None,
+        )
+
+
 def _compressor(
-    ratio: int, overlap: bool, d: int, capacity: int, dtype: torch.dtype, device: str
-) -> CompressorState:
+    ratio: int, overlap: bool, d: int, cache: torch.Tensor, slots: int, device: str
+) -> ArenaCompressor:
     c = 2 if overlap else 1
     f32 = dict(dtype=torch.float32, device=device)
-    return CompressorState(
+    return ArenaCompressor(
         ratio=ratio,
         overlap=overlap,
-        buf_kv=torch.zeros(ratio, c * d, **f32),
-        buf_gate=torch.zeros(ratio, c * d, **f32),
-        prev_kv=torch.zeros(ratio, d, **f32),
-        prev_gate=torch.zeros(ratio, d, **f32),
-        cache=torch.zeros(max(capacity // ratio, 1), d, dtype=dtype, device=device),
+        d=d,
+        buf_kv=torch.zeros(slots, ratio, c * d, **f32),
+        buf_gate=torch.zeros(slots, ratio, c * d, **f32),
+        prev_kv=torch.zeros(slots, ratio, d, **f32),
+        prev_gate=torch.zeros(slots, ratio, d, **f32),
+        cache=cache,
     )
 
 
-class SessionState:
-    """All decode state of one sequence; the session owns it, the model reads and writes it."""
+class NoFreeSlotError(RuntimeError):
+    """Every slot of the arena holds a live session."""
 
-    def __init__(self, cfg: ModelConfig, rt: RuntimeConfig, layers: list[int]) -> None:
+
+class StateArena:
+    """Decode state for `slots` sequences, allocated once; hands out slots to sessions."""
+
+    def __init__(self, cfg: ModelConfig, rt: RuntimeConfig, layers: list[int], slots: int) -> None:
+        self.slots = slots
         self.max_context = rt.max_context
-        self.layers: dict[int, LayerState] = {}
+        W, Dh, dev = cfg.sliding_window, cfg.head_dim, rt.device
+        self.layers: dict[int, ArenaLayer] = {}
         for i in layers:
             kind, m = cfg.attn_kind(i), cfg.compress_ratios[i]
+            # ceil: the decode step also writes the entry of the block in progress
+            n_c = -(-rt.max_context // m) if kind in (CSA, HCA) else 0
+            keys = torch.zeros(slots, W + n_c, Dh, dtype=rt.dtype, device=dev)
             comp = index_comp = None
             if kind in (CSA, HCA):
-                comp = _compressor(
-                    m, kind == CSA, cfg.head_dim, rt.max_context, rt.dtype, rt.device
-                )
+                comp = _compressor(m, kind == CSA, Dh, keys[:, W:], slots, dev)
             if kind == CSA:
-                index_comp = _compressor(
-                    m, True, cfg.index_head_dim, rt.max_context, rt.dtype, rt.device
+                DI = cfg.index_head_dim
+                icache = torch.zeros(slots, n_c, DI, dtype=rt.dtype, device=dev)
+                index_comp = _compressor(m, True, DI, icache, slots, dev)
+            self.layers[i] = ArenaLayer(keys, W, comp, index_comp)
+        self._free = list(range(slots))
+        self._lock = threading.Lock()
+
+    def acquire(self) -> int:
+        with self._lock:
+            if not self._free:
+                raise NoFreeSlotError(
+                    f"all {self.slots} session slots hold live sessions: close one "
+                    f"(Session.close()) or load with max_sessions={self.slots + 1}"
                 )
-            window = torch.zeros(cfg.sliding_window, cfg.head_dim, dtype=rt.dtype, device=rt.device)
-            self.layers[i] = LayerState(window, comp, index_comp)
+            return self._free.pop(0)
+
+    def release(self, slot: int) -> None:
+        with self._lock:
+            if slot not in self._free:
+                self._free.append(slot)
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free)
+
+    def nbytes(self) -> int:
+        total = 0
+        for a in self.layers.values():
+            total += a.keys.nbytes
+            for c in (a.comp, a.index_comp):
+                if c is not None:
+                    for t in (c.buf_kv, c.buf_gate, c.prev_kv, c.prev_gate):
+                        total += t.nbytes
+            if a.index_comp is not None:
+                total += a.index_comp.cache.nbytes
+        return total
+
+
+class SessionState:
+    """All decode state of one sequence: slot `slot` of an arena (its own one-slot arena when
+    none is given). The session owns it, the model reads and writes it."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        rt: RuntimeConfig,
+        layers: list[int],
+        arena: StateArena | None = None,
+    ) -> None:
+        self.arena = arena if arena is not None else StateArena(cfg, rt, layers, 1)
+        self.slot = self.arena.acquire()
+        self.max_context = rt.max_context
+        self.layers: dict[int, LayerState] = {
+            i: a.view(self.slot) for i, a in self.arena.layers.items()
+        }
         self.pos = 0  # tokens already in the state
         self.reset()
 
@@ -93,12 +201,9 @@ class SessionState:
         for s in self.layers.values():
             s.reset()
 
+    def release(self) -> None:
+        """Give the slot back to the arena (the views must not be used afterwards)."""
+        self.arena.release(self.slot)
+
     def nbytes(self) -> int:
-        total = 0
-        for s in self.layers.values():
-            total += s.window.nbytes
-            for c in (s.comp, s.index_comp):
-                if c is not None:
-                    for t in (c.buf_kv, c.buf_gate, c.prev_kv, c.prev_gate, c.cache):
-                        total += t.nbytes
-        return total
+        return self.arena.nbytes() // self.arena.slots

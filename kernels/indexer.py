@@ -35,6 +35,14 @@ _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _NEG_INF_KEY = -2139095041  # ordered int32 image of -inf: 0xFF800000 ^ 0x7FFFFFFF, as signed
 
 
+def _rows(k: torch.Tensor, c: int | None, row0: torch.Tensor | None) -> torch.Tensor:
+    """The C key rows the selection ranks: k itself, or rows row0..row0+C-1 of k when the first
+    row comes from a device tensor (one arena slot of a stacked cache, graph-capturable)."""
+    if row0 is None:
+        return k
+    return k.index_select(0, row0.reshape(1).long() + torch.arange(c, device=k.device))
+
+
 def indexer_scores_ref(
     q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, n_valid: torch.Tensor
 ) -> torch.Tensor:
@@ -68,10 +76,18 @@ def _select(keys: torch.Tensor, topk: int, out: torch.Tensor, vals=None, inds=No
 
 
 def indexer_topk_ref(
-    q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, n_valid: torch.Tensor, topk: int = 512
+    q: torch.Tensor,
+    k: torch.Tensor,
+    w: torch.Tensor,
+    n_valid: torch.Tensor,
+    topk: int = 512,
+    *,
+    n_keys: int | None = None,
+    k_row0: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Numerical definition: idx [T, topk] int32 of the best entries (-1 = none)."""
-    keys = indexer_keys_ref(indexer_scores_ref(q, k, w, n_valid))
+    """Numerical definition: idx [T, topk] int32 of the best entries (-1 = none). With k_row0
+    (device int [1]) the keys are rows k_row0..k_row0+n_keys-1 of k and idx counts from k_row0."""
+    keys = indexer_keys_ref(indexer_scores_ref(q, _rows(k, n_keys, k_row0), w, n_valid))
     out = torch.empty(q.shape[0], topk, dtype=torch.int32, device=q.device)
     _select(keys, topk, out)
     return out
@@ -83,6 +99,7 @@ def _indexer_keys_kernel(
     k_ptr,  # [C, DI], row stride stride_k
     w_ptr,  # [T, HI] fp32/bf16 head weights, contiguous
     nv_ptr,  # [T] int32 number of usable entries per token
+    row0_ptr,  # [1] int first key row (HAS_ROW0), else unused
     keys_ptr,  # [T, C] int64 ranking keys (output)
     HI,
     C,
@@ -92,9 +109,12 @@ def _indexer_keys_kernel(
     BLOCK_D: tl.constexpr,  # next power of two >= DI
     BLOCK_C: tl.constexpr,  # entries per program
     IEEE_FP32: tl.constexpr,
+    HAS_ROW0: tl.constexpr,
 ):
     t = tl.program_id(0)
     cc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    if HAS_ROW0:
+        k_ptr += tl.load(row0_ptr).to(tl.int64) * stride_k
     hh = tl.arange(0, BLOCK_H)
     dd = tl.arange(0, BLOCK_D)
     n_valid = tl.load(nv_ptr + t)
@@ -151,11 +171,15 @@ def indexer_topk(
     out: torch.Tensor | None = None,
     workspace: IndexerWorkspace | None = None,
     config: dict | None = None,
+    n_keys: int | None = None,
+    k_row0: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """idx [T, topk] int32: the indexer's best compressed entries per token (-1 = none).
 
     q [T, HI, DI] and k [C, DI] (rows may be strided) bf16/fp16/fp32 of one dtype; w [T, HI]
     fp32 (or bf16) head weights (already scaled); n_valid [T] int32 usable entries per token.
+    With k_row0 (device int [1]) the keys are the n_keys rows of k from row k_row0 on: one slot
+    of a stacked cache chosen on the device, so the launch stays graph-capturable.
     """
     require_triton("indexer_topk")
     check_tensor("indexer_topk: q", q, dtypes=_DTYPES)
@@ -167,6 +191,11 @@ def indexer_topk(
     if k.stride(1) != 1:
         raise ValueError("indexer_topk: k must have unit column stride")
     c = k.shape[0]
+    if k_row0 is not None:
+        if n_keys is None or n_keys > c:
+            raise ValueError(f"indexer_topk: k_row0 needs n_keys <= {c}, got {n_keys}")
+        check_tensor("indexer_topk: k_row0", k_row0, shape=(1,), device=dev)
+        c = n_keys
     check_tensor(
         "indexer_topk: w", w, shape=(t, hi), dtypes=(torch.float32, torch.bfloat16), device=dev
     )
@@ -189,9 +218,11 @@ def indexer_topk(
     bc = cfg.get("block_c", 64)
     if c > 0:
         _indexer_keys_kernel[(t, triton.cdiv(c, bc))](
-            q, k, w, n_valid, ws.keys, hi, c, di, k.stride(0),
+            q, k, w, n_valid, k_row0 if k_row0 is not None else n_valid, ws.keys, hi, c, di,
+            k.stride(0),
             BLOCK_H=max(16, triton.next_power_of_2(hi)), BLOCK_D=triton.next_power_of_2(di),
-            BLOCK_C=bc, IEEE_FP32=q.dtype == torch.float32, num_warps=cfg.get("num_warps", 4),
+            BLOCK_C=bc, IEEE_FP32=q.dtype == torch.float32, HAS_ROW0=k_row0 is not None,
+            num_warps=cfg.get("num_warps", 4),
         )  # fmt: skip
     _select(ws.keys, topk, out, ws.vals, ws.inds)
     return out

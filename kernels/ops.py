@@ -120,12 +120,16 @@ def indexer_topk(
     *,
     out: torch.Tensor | None = None,
     workspace: _idx.IndexerWorkspace | None = None,
+    n_keys: int | None = None,
+    k_row0: torch.Tensor | None = None,
     triton: bool | None = None,
 ) -> torch.Tensor:
-    """idx [T, topk] int32: best indexer entries per token (-1 = none); ties -> lower index."""
+    """idx [T, topk] int32: best indexer entries per token (-1 = none); ties -> lower index.
+    k_row0 (device int [1]): rank the n_keys rows of k from k_row0 on instead of all of k."""
+    rows = dict(n_keys=n_keys, k_row0=k_row0)
     if _pick(triton, q):
-        return _idx.indexer_topk(q, k, w, n_valid, topk, out=out, workspace=workspace)
-    return _into(out, _idx.indexer_topk_ref(q, k, w, n_valid, topk))
+        return _idx.indexer_topk(q, k, w, n_valid, topk, out=out, workspace=workspace, **rows)
+    return _into(out, _idx.indexer_topk_ref(q, k, w, n_valid, topk, **rows))
 
 
 def mhc_pre(
