@@ -59,6 +59,8 @@ class BenchConfig:
     long_decode_tokens: int = 16  # decode after the longest prompt
     profile_tokens: int = 2  # decode tokens run under the profiler (kernels, GPU busy)
     seed: int = 0
+    graphs: bool | None = None  # CUDA graphs for decode (None: on for CUDA)
+    context: int | None = None  # max_context of the engine (None: what the work needs)
 
     def __post_init__(self) -> None:
         if (self.model is None) == (self.synthetic is None):
@@ -80,7 +82,12 @@ class BenchConfig:
     @property
     def max_context(self) -> int:
         longest = max(*self.prompts, WARMUP_PROMPT)
-        return longest + max(self.decode_tokens, self.long_decode_tokens) + 16
+        need = longest + max(self.decode_tokens, self.long_decode_tokens) + 16
+        if self.context is not None:
+            if self.context < need:
+                raise ConfigError(f"--max-context {self.context}: the work needs {need} tokens")
+            return self.context
+        return need
 
 
 # --- ceilings ------------------------------------------------------------------------------------
@@ -197,6 +204,7 @@ class Row:
     kernels_per_token: float | None = None
     gpu_busy_ms_per_token: float | None = None
     host_ms_per_token: float | None = None
+    gpu_busy_pct: float | None = None  # GPU busy time / wall time of a token
     error: str | None = None
 
 
@@ -271,6 +279,7 @@ class Bench:
             gpu_mem_gb=bc.gpu_mem_gb,
             host_mem_gb=bc.host_mem_gb,
             max_context=bc.max_context,
+            graphs=bc.graphs,
         )
         if bc.synthetic is not None:
             src = SyntheticSource(
@@ -453,6 +462,7 @@ class Bench:
             row.kernels_per_token = kernels / k
             row.gpu_busy_ms_per_token = busy / k
             row.host_ms_per_token = max(0.0, row.ms_per_token_median - busy / k)
+            row.gpu_busy_pct = 100 * busy / k / row.ms_per_token_median
         self._add(row)
         return row
 
@@ -487,7 +497,11 @@ class Bench:
             f"{'HBM' if self.cuda else 'RAM'} read {ce['hbm_read_GBps']:.0f} GB/s, "
             f"matmul {ce['matmul_TFLOPs']:.3g} TFLOP/s"
         )
-        self.out("mode: eager (CUDA graphs and MTP are not built yet; nothing to compare)")
+        g = self.eng.rt.graphs
+        self.out(
+            f"mode: decode {'as CUDA graphs' if g else 'eager'}, prefill eager; "
+            f"max_context {self.eng.rt.max_context}"
+        )
         self.out(
             f"{'routing':<8} {'work':<16} {'tok/s':>8} {'ms/tok':>8} {'TTFT s':>7} "
             f"{'hit%':>5} {'H2D MB/t':>9} {'H2D GB/s':>8} {'ceil ms/t':>9} {'%ceil':>6} "
@@ -516,7 +530,8 @@ class Bench:
             self.out(
                 f"{'':<8} {'':<16} per token: {row.kernels_per_token:.0f} kernels, "
                 f"{'GPU' if self.cuda else 'op'} busy {row.gpu_busy_ms_per_token:.1f} ms, "
-                f"host {row.host_ms_per_token:.1f} ms; {row.expert_lookups_per_token:.0f} "
+                f"host {row.host_ms_per_token:.1f} ms (GPU busy {row.gpu_busy_pct:.0f}% of the "
+                f"token); {row.expert_lookups_per_token:.0f} "
                 f"expert lookups ({row.host_hits_per_token:.1f} from pinned host, "
                 f"{row.disk_reads_per_token:.1f} from below)"
             )
@@ -537,7 +552,8 @@ class Bench:
             "gpu_mem_gb": bc.gpu_mem_gb,
             "host_mem_gb": bc.host_mem_gb,
             "max_context": bc.max_context,
-            "modes": ["eager"],
+            "modes": ["graphs" if self.eng.rt.graphs else "eager"],
+            "graphs": self.eng.runner.graph_stats(),
             "ceilings": self.ceil,
             **self.setup,
             "rows": [asdict(r) for r in self.rows],

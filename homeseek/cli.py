@@ -791,6 +791,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--profile-tokens", type=count, default=2, help="decode tokens profiled")
     b.add_argument("--seed", type=count, default=0, help="weights, prompts and uniform routing")
     b.add_argument("--threads", type=pos_int, default=None, help="CPU threads for torch")
+    b.add_argument(
+        "--no-graphs", action="store_true", help="decode eagerly instead of as CUDA graphs"
+    )
+    b.add_argument(
+        "--max-context", type=pos_int, default=None,
+        help="the engine's max_context (default: what the prompts and decode need)",
+    )  # fmt: skip
     b.set_defaults(func=cmd_bench)
 
     pr = command("profile", help="record which experts a model routes to")
@@ -854,6 +861,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         long_decode_tokens=args.long_decode_tokens,
         profile_tokens=args.profile_tokens,
         seed=args.seed,
+        graphs=False if args.no_graphs or not cuda else None,
+        context=args.max_context,
     )
     return main(bc)
 

@@ -202,7 +202,10 @@ class Runner:
     ) -> None:
         """Replay key's graph; capture it first if it is new (graphs on), else run fn eagerly."""
         g = self.graphs
-        if g.pool is not None and key not in g.graphs and key not in g.failures:
+        if g.pool is None:
+            fn()
+            return
+        if key not in g.graphs and key not in g.failures:
             g.register(key, fn)
             saved = [t.clone() for t in restore or ()]
             t0 = time.perf_counter()
@@ -210,10 +213,7 @@ class Runner:
             for t, s in zip(restore or (), saved, strict=True):
                 t.copy_(s)
             self.capture_s += time.perf_counter() - t0
-        if g.can_run(key):
-            g.step(key)
-        else:
-            fn()
+        g.step(key, eager=fn)  # a replay, or fn eagerly (counted) when the capture failed
 
     def _embed(self) -> None:
         self.buf.X.copy_(M.embed(self.ix.ids, self.top["embed"], self.ctx))

@@ -2,7 +2,7 @@
 # One command for a CUDA machine without network: homeseek runs from the checkout (no pip needed),
 # then run the GPU tests, the expert-copy benchmark, the routing simulation on the full-size
 # synthetic model, and the kernel check. Logs go under $OUT when set (else ./device-logs).
-#   bash tools/device_check.sh [engine|graphs|kernels|doctor|generate|copy|routing|bench|floor|e2e ...]
+#   bash tools/device_check.sh [engine|decode|graphs|kernels|doctor|generate|copy|routing|bench|floor|e2e ...]
 #   (default: engine kernels doctor copy routing bench; BENCH_ARGS=--sweep adds tile sweeps;
 #   PYTEST_ARGS="-n 8" runs the GPU tests in parallel when pytest-xdist is there)
 set -uo pipefail
@@ -40,6 +40,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$log
 for p in "${parts[@]}"; do
     case "$p" in
     engine) step gpu_engine 240 "${pt[@]}" -q -m gpu "$repo/tests/test_gpu_engine.py" ;;
+    decode) step gpu_decode 300 "${pt[@]}" -q -m gpu -rs "$repo/tests/test_gpu_decode.py" ;;
     graphs) step gpu_graphs 180 "${pt[@]}" -q -m gpu -rs "$repo/tests/test_graphs.py" ;;
     kernels) step gpu_kernels 400 "${pt[@]}" -q -m gpu -rs "$repo/tests/test_kernels.py" ;;
     doctor) step doctor 60 "$py" -m homeseek doctor ;;

@@ -1,0 +1,110 @@
+"""The captured decode step on CUDA: graph replay == the same step run eagerly, over long greedy
+runs with an evicting pool and with several sessions sharing one set of graphs; the captured
+step == the prefill (reference) step; capture counts (tests marked gpu; skipped without CUDA)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import homeseek
+from homeseek.decode import MIN_BUCKET
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+]
+
+STEPS = 520  # > 500 greedy steps, and across the first position bucket (512)
+
+
+def _load(graphs: bool, **kw):
+    kw.setdefault("dtype", torch.bfloat16)
+    kw.setdefault("max_context", 2048)
+    return homeseek.load("tiny", device="cuda", graphs=graphs, **kw)
+
+
+def _greedy(sess, first: int, steps: int) -> tuple[list[int], list[torch.Tensor]]:
+    toks, logits, tok = [], [], first
+    for _ in range(steps):
+        lo = sess.decode(tok)
+        logits.append(lo.cpu())
+        tok = int(lo.argmax())
+        toks.append(tok)
+    return toks, logits
+
+
+def _close(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    """max |a - b| / std(b) over the steps."""
+    return max(float((x - y).abs().max() / y.std()) for x, y in zip(a, b, strict=True))
+
+
+@pytest.mark.parametrize("slots", [2, 1])
+def test_graph_decode_equals_eager_with_an_evicting_pool(slots):
+    prompt = list(range(100, 140))
+    # 2 slots: every layer evicts (tiny: 8 experts, 2 per token); 1 slot: two waves per layer
+    kw = dict(expert_slots=slots)
+    runs = {}
+    for graphs in (True, False):
+        eng = _load(graphs, **kw)
+        sess = eng.session()
+        sess.forward(prompt)
+        runs[graphs] = (*_greedy(sess, 7, STEPS), eng)
+    (tg, lg, eg), (te, le, ee) = runs[True], runs[False]
+    assert tg == te
+    assert _close(lg, le) <= 1e-5
+    st = eg.runner.graph_stats()
+    assert st["graph_capture_failures"] == 0
+    assert st["graph_eager_fallbacks"] == 0
+    n_layers = eg.cfg.num_hidden_layers
+    k = eg.cfg.num_experts_per_tok
+    buckets = 2  # positions 40..559 cross MIN_BUCKET once
+    assert 40 + STEPS > MIN_BUCKET
+    # embed, B, H, E (k > slots: extra waves), A per layer and bucket
+    assert st["graphs_captured"] == 3 + (k > slots) + n_layers * buckets
+    assert ee.runner.graph_stats()["graphs_captured"] == 0
+
+
+def test_sessions_share_one_set_of_graphs():
+    prompts = [[5, 6, 7], list(range(300, 340)), [9] * 17]
+    eng = _load(True, max_sessions=3)
+    ref = _load(False)
+    sess = [eng.session() for _ in prompts]
+    refs = [ref.session() for _ in prompts]
+    toks = [[p[-1]] for p in prompts]
+    rtoks = [[p[-1]] for p in prompts]
+    for s, r, p in zip(sess, refs, prompts, strict=True):
+        s.forward(p[:-1])
+        r.forward(p[:-1])
+    captured = None
+    for step in range(60):
+        for i in range(3):  # interleaved: every step switches session
+            lo = sess[i].decode(toks[i][-1])
+            lr = refs[i].decode(rtoks[i][-1])
+            assert float((lo - lr).abs().max() / lr.std()) <= 1e-5
+            toks[i].append(int(lo.argmax()))
+            rtoks[i].append(int(lr.argmax()))
+        if step == 0:
+            captured = eng.runner.graph_stats()["graphs_captured"]
+    assert toks == rtoks
+    assert eng.runner.graph_stats()["graphs_captured"] == captured  # no recapture per session
+    with pytest.raises(homeseek.state.NoFreeSlotError):
+        eng.session()
+    sess[0].close()
+    eng.session()  # the slot is free again
+
+
+def test_graph_decode_matches_the_prefill_step():
+    """The capture-safe step against the eager model.py step (the one the oracle tests), in
+    fp32 (in bf16 the two orders of rounding drift apart on a random model, as on CPU)."""
+    ids = torch.randint(0, 129280, (200,), generator=torch.Generator().manual_seed(3)).tolist()
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    eng = _load(True, dtype=torch.float32)
+    full = eng.session().forward(ids).cpu()
+    sess = eng.session()
+    dec = torch.stack([sess.decode(i) for i in ids]).cpu()
+    err = float(((dec - full).abs().amax(-1) / full.std(-1)).max())
+    agree = float((dec.argmax(-1) == full.argmax(-1)).float().mean())
+    torch.backends.cuda.matmul.allow_tf32 = old
+    assert err < 1e-4 and agree >= 0.99, (err, agree)
