@@ -19,13 +19,16 @@ How each data-dependent piece of the eager step becomes static (docs/architectur
 - The compressed entries a token can see are bounded by the bucket's capacity `n_c` (the first
   `n_c` rows of the cache): the per-token cost follows the position reached, not max_context.
 
+The elementwise glue between kernels sits in small pure functions marked `@fused`, which
+homeseek/compile.py turns into Inductor kernels on CUDA (one compilation per shape serves every
+layer); everything that writes session state stays outside them, as single index_copy_ launches.
+
 The eager step's keys are ordered (window, then compressed entries) differently from here (ring
 rows), so the attention sums in another order: equal to fp32 rounding, not bitwise.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -33,9 +36,10 @@ import torch.nn.functional as F
 
 from homeseek import model as M
 from homeseek.checkpoint import QWeight
+from homeseek.compile import fused
 from homeseek.config import CSA, SWA
 from homeseek.kernels import ops
-from homeseek.quant import fp4_block_sim, fp8_block_sim, hadamard
+from homeseek.quant import fp4_block_sim, fp8_block_sim, hadamard_matrix
 from homeseek.state import ArenaCompressor, ArenaLayer
 
 # Smallest position bucket: every sequence shorter than this shares one set of graphs.
@@ -78,6 +82,167 @@ def plain_f32(x: torch.Tensor, w: QWeight) -> torch.Tensor:
     return mm_f32(x, w.weight)
 
 
+# --- fused glue (pure tensor math; constants as plain arguments) --------------------------------
+@fused
+def rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    return M.rms_norm(x, w, eps)
+
+
+def _kv_round(kv: torch.Tensor, nope: int, quant_sim: bool) -> torch.Tensor:
+    """Window keys and main compressed entries are cached with the nope part FP8 (block 64)."""
+    if not quant_sim:
+        return kv
+    return torch.cat((fp8_block_sim(kv[:, :nope], 64), kv[:, nope:]), dim=-1)
+
+
+def _fp4_hadamard(x: torch.Tensor, hmat: torch.Tensor, quant_sim: bool) -> torch.Tensor:
+    """Indexer q and keys: Hadamard rotation, then E2M1 in blocks of 32 (quant.hadamard and
+    fp4_block_sim, with the matrix passed in)."""
+    if not quant_sim:
+        return x
+    return fp4_block_sim((x.float() @ hmat).to(x.dtype))
+
+
+@fused
+def q_and_kv(
+    qb: torch.Tensor,
+    kva: torch.Tensor,
+    kv_w: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    eps: float,
+    heads: int,
+    nope: int,
+    quant_sim: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """qb [1, H·Dh], kva [1, Dh] -> q [1, H, Dh] (per-head RMS, RoPE) and the new key kv [1, Dh]
+    (norm, RoPE, cache rounding)."""
+    q = qb.view(1, heads, -1)
+    q = q * torch.rsqrt(q.float().square().mean(-1, keepdim=True) + eps).to(q.dtype)
+    q = M.apply_rope(q, cos.unsqueeze(1), sin.unsqueeze(1))
+    kv = M.apply_rope(M.rms_norm(kva, kv_w, eps), cos, sin)
+    return q, _kv_round(kv, nope, quant_sim)
+
+
+@fused
+def unrope(o: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Undo RoPE at the query position: o [1, H, Dh]."""
+    return M.apply_rope(o, cos.unsqueeze(1), -sin.unsqueeze(1))
+
+
+@fused
+def pool_entry(
+    buf_kv: torch.Tensor,
+    buf_gate: torch.Tensor,
+    prev_kv: torch.Tensor,
+    prev_gate: torch.Tensor,
+    slot: torch.Tensor,
+    off: torch.Tensor,
+    norm_w: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    hmat: torch.Tensor,
+    dtype: torch.dtype,
+    m: int,
+    overlap: bool,
+    eps: float,
+    post: str,
+    nope: int,
+    quant_sim: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The entry of the block in progress, from the slot's buffers after this token's row was
+    written -> (entry [1, d], next prev_kv [m, d], next prev_gate [m, d]).
+
+    CSA pools the previous block's A half with this block's B half over 2m rows, and the A half
+    moves on when this token completes the block. post: "kv" (cache rounding) or "index"
+    (Hadamard + E2M1)."""
+    bk = buf_kv.index_select(0, slot)[0]  # [m, c·d]; rows past `off` are the last block's
+    bg = buf_gate.index_select(0, slot)[0]
+    pk = prev_kv.index_select(0, slot)[0]  # [m, d] A half of the previous block (CSA)
+    pg = prev_gate.index_select(0, slot)[0]
+    if overlap:
+        d = pk.shape[-1]
+        slot_kv = torch.cat((pk, bk[:, d:]))  # [2m, d]
+        slot_gate = torch.cat((pg, bg[:, d:]))
+        complete = (off == m - 1).view(1, 1)
+        pk = torch.where(complete, bk[:, :d], pk)
+        pg = torch.where(complete, bg[:, :d], pg)
+    else:
+        slot_kv, slot_gate = bk, bg
+    pooled = (slot_kv * torch.softmax(slot_gate, dim=0)).sum(0, keepdim=True)  # [1, d] fp32
+    e = M.apply_rope(M.rms_norm(pooled.to(dtype), norm_w, eps), cos, sin)
+    e = _kv_round(e, nope, quant_sim) if post == "kv" else _fp4_hadamard(e, hmat, quant_sim)
+    return e, pk, pg
+
+
+@fused
+def indexer_q(
+    qi: torch.Tensor,
+    wlog: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    hmat: torch.Tensor,
+    heads: int,
+    quant_sim: bool,
+    w_scale: float,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indexer query [1, HI, DI] (RoPE, Hadamard + E2M1) and head weights [1, HI] fp32 from the
+    weights_proj product wlog (rounded to the activation dtype, as model.linear returns it)."""
+    q = M.apply_rope(qi.view(1, heads, -1), cos.unsqueeze(1), sin.unsqueeze(1))
+    return _fp4_hadamard(q, hmat, quant_sim), wlog.to(dtype).float() * w_scale
+
+
+@fused
+def key_rows(
+    pos: torch.Tensor, base: torch.Tensor, sel: torch.Tensor | None, window: int
+) -> torch.Tensor:
+    """Rows of the layer's key buffer one token attends to -> [1, W (+ k)] int32 (-1: none).
+
+    Window: ring row r holds the latest position ≡ r (mod W) up to pos; unwritten while r > pos.
+    Compressed: entry c (-1: none) at row W + c. base: the slot's first row."""
+    r = torch.arange(window, device=pos.device)
+    idx = torch.where(r <= pos, base + r, -1)[None]
+    if sel is not None:
+        idx = torch.cat((idx, torch.where(sel >= 0, sel + base + window, -1)), dim=1)
+    return idx.int()
+
+
+@fused
+def hca_select(pos: torch.Tensor, n_c: int, m: int) -> torch.Tensor:
+    """HCA attends every complete entry: [1, n_c] entry ids, -1 for those not complete."""
+    ent = torch.arange(n_c, device=pos.device)[None]
+    return torch.where(ent < (pos + 1) // m, ent, -1)
+
+
+@fused
+def route_math(
+    logits: torch.Tensor,
+    bias: torch.Tensor | None,
+    hashed: torch.Tensor | None,
+    k: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router scores sqrt(softplus(logits)) -> (expert ids [1, K], weights [1, K]); hash layers
+    take the ids from the token's table row, the others the top-k of score + bias."""
+    sc = torch.sqrt(F.softplus(logits))
+    sel = hashed if hashed is not None else torch.topk(sc + bias, k, dim=-1).indices
+    w = sc.gather(1, sel)
+    return sel, w / w.sum(-1, keepdim=True) * scale
+
+
+@fused
+def swiglu_act(g: torch.Tensor, v: torch.Tensor, limit: float) -> torch.Tensor:
+    """model.swiglu_down before its w2 product: silu(min(g, L)) · clamp(v, ±L), input dtype."""
+    a = F.silu(g.float().clamp(max=limit)) * v.float().clamp(-limit, limit)
+    return a.to(g.dtype)
+
+
+# --- the step ------------------------------------------------------------------------------------
+def _hmat(ctx: M.Ctx, device: torch.device) -> torch.Tensor:
+    return hadamard_matrix(ctx.cfg.index_head_dim, device)
+
+
 def compress_step(
     x: torch.Tensor,
     ix: DecodeIndex,
@@ -87,47 +252,28 @@ def compress_step(
     cache_flat: torch.Tensor,
     cache_row0: torch.Tensor,
     rope: M.RopeTables,
-    post: Callable[[torch.Tensor], torch.Tensor],
+    post: str,
     ctx: M.Ctx,
 ) -> None:
     """Feed one token x [1, D] to a compressor of the session in slot ix.slot; write the entry of
     the block in progress at cache row cache_row0 + pos // m (final once the block completes)."""
-    m = ca.ratio
+    m, cfg = ca.ratio, ctx.cfg
     kv = plain_f32(x, lw[f"{prefix}.wkv"])  # [1, c·d] fp32
     off = ix.pos % m  # [1] row in the partial block
     gate = plain_f32(x, lw[f"{prefix}.wgate"]) + lw[f"{prefix}.ape"][off]  # [1, c·d]
     row = ix.slot * m + off
     ca.buf_kv.view(-1, ca.buf_kv.shape[-1]).index_copy_(0, row, kv)
     ca.buf_gate.view(-1, ca.buf_gate.shape[-1]).index_copy_(0, row, gate)
-    bk = ca.buf_kv.index_select(0, ix.slot)[0]  # [m, c·d]; rows past `off` are the last block's
-    bg = ca.buf_gate.index_select(0, ix.slot)[0]
-    if ca.overlap:
-        d = ca.d
-        pk = ca.prev_kv.index_select(0, ix.slot)[0]  # [m, d] A half of the previous block
-        pg = ca.prev_gate.index_select(0, ix.slot)[0]
-        slot_kv = torch.cat((pk, bk[:, d:]))  # [2m, d]
-        slot_gate = torch.cat((pg, bg[:, d:]))
-        complete = (off == m - 1).view(1, 1)  # this token ends the block: its A half moves on
-        ca.prev_kv.index_copy_(0, ix.slot, torch.where(complete, bk[:, :d], pk)[None])
-        ca.prev_gate.index_copy_(0, ix.slot, torch.where(complete, bg[:, :d], pg)[None])
-    else:
-        slot_kv, slot_gate = bk, bg
-    pooled = (slot_kv * torch.softmax(slot_gate, dim=0)).sum(0, keepdim=True)  # [1, d] fp32
-    e = M.rms_norm(pooled.to(ctx.dtype), lw[f"{prefix}.norm"], ctx.cfg.rms_norm_eps)
     cos, sin = rope(True, (ix.pos // m) * m)  # RoPE at the block's first position
-    e = post(M.apply_rope(e, cos, sin))
+    e, pk, pg = pool_entry(
+        ca.buf_kv, ca.buf_gate, ca.prev_kv, ca.prev_gate, ix.slot, off, lw[f"{prefix}.norm"],
+        cos, sin, _hmat(ctx, x.device), ctx.dtype, m, ca.overlap, cfg.rms_norm_eps, post,
+        cfg.nope_dim, ctx.quant_sim,
+    )  # fmt: skip
+    if ca.overlap:
+        ca.prev_kv.index_copy_(0, ix.slot, pk[None])
+        ca.prev_gate.index_copy_(0, ix.slot, pg[None])
     cache_flat.index_copy_(0, cache_row0 + ix.pos // m, e.to(cache_flat.dtype))
-
-
-def _kv_post(ctx: M.Ctx) -> Callable[[torch.Tensor], torch.Tensor]:
-    nope = ctx.cfg.nope_dim
-
-    def post(e: torch.Tensor) -> torch.Tensor:
-        if not ctx.quant_sim:
-            return e
-        return torch.cat((fp8_block_sim(e[:, :nope], 64), e[:, nope:]), dim=-1)
-
-    return post
 
 
 def attention_step(
@@ -142,50 +288,38 @@ def attention_step(
 ) -> torch.Tensor:
     """x [1, D] (after attn_norm) at position ix.pos -> [1, D]; updates the slot's state."""
     cfg = ctx.cfg
-    H, Dh, W = cfg.num_attention_heads, cfg.head_dim, cfg.sliding_window
+    Dh, W = cfg.head_dim, cfg.sliding_window
     kind = cfg.attn_kind(layer)
-    eps = cfg.rms_norm_eps
     cos, sin = rope(kind != SWA, ix.pos)  # [1, d_r/2]
     R = st.keys.shape[1]  # rows per slot: W window + compressed entries
     keys = st.keys.view(-1, Dh)  # [S·R, Dh]
     base = ix.slot * R  # [1] first row of this slot
 
     qa, kva = M.linears(x, ("attn.wq_a", "attn.wkv"), lw, ctx)  # [1, Q], [1, Dh]
-    qr = M.rms_norm(qa, lw["attn.q_norm"], eps)
+    qr = rms(qa, lw["attn.q_norm"], cfg.rms_norm_eps)
     if kind == CSA:
         qb, qi = M.linears(qr, ("attn.wq_b", "attn.indexer.wq_b"), lw, ctx)
     else:
         qb = M.linear(qr, lw["attn.wq_b"], ctx)
-    q = qb.view(1, H, Dh)
-    q = q * torch.rsqrt(q.float().square().mean(-1, keepdim=True) + eps).to(q.dtype)
-    q = M.apply_rope(q, cos.unsqueeze(1), sin.unsqueeze(1))
-
-    kv = M.rms_norm(kva, lw["attn.kv_norm"], eps)
-    kv = M.apply_rope(kv, cos, sin)
-    if ctx.quant_sim:
-        nope = cfg.nope_dim
-        kv = torch.cat((fp8_block_sim(kv[:, :nope], 64), kv[:, nope:]), dim=-1)
+    q, kv = q_and_kv(
+        qb, kva, lw["attn.kv_norm"], cos, sin, cfg.rms_norm_eps, cfg.num_attention_heads,
+        cfg.nope_dim, ctx.quant_sim,
+    )  # fmt: skip
     keys.index_copy_(0, base + ix.pos % W, kv)  # the ring now holds positions pos-W+1..pos
 
-    # Window: ring row r holds the latest position ≡ r (mod W) up to pos; unwritten while r > pos.
-    r = torch.arange(W, device=x.device)
-    idx = torch.where(r <= ix.pos, base + r, -1)[None]  # [1, W]
-
+    sel = None
     if kind != SWA:
         comp = st.comp
         n_c = min(-(-bucket // comp.ratio), comp.capacity)  # entries this bucket can reach
-        compress_step(x, ix, lw, "attn.compressor", comp, keys, base + W, rope, _kv_post(ctx), ctx)
-        limit = (ix.pos + 1) // comp.ratio  # complete entries
+        compress_step(x, ix, lw, "attn.compressor", comp, keys, base + W, rope, "kv", ctx)
         if kind == CSA:
             sel = indexer_step(x, qi, ix, n_c, lw, st, rope, ctx)  # [1, k] entry ids, -1 none
-        else:  # HCA: every complete entry
-            ent = torch.arange(n_c, device=x.device)[None]
-            sel = torch.where(ent < limit, ent, -1)
-        idx = torch.cat((idx, torch.where(sel >= 0, sel + base + W, -1)), dim=1)
+        else:
+            sel = hca_select(ix.pos, n_c, comp.ratio)
+    idx = key_rows(ix.pos, base, sel, W)
 
-    o = ops.sparse_attn(q, keys, idx.int(), lw["attn.attn_sink"], Dh**-0.5, triton=ctx.kernels)
-    o = M.apply_rope(o, cos.unsqueeze(1), -sin.unsqueeze(1))
-    z = M.grouped_linear(o.reshape(1, cfg.o_groups, -1), lw["attn.wo_a"], ctx)
+    o = ops.sparse_attn(q, keys, idx, lw["attn.attn_sink"], Dh**-0.5, triton=ctx.kernels)
+    z = M.grouped_linear(unrope(o, cos, sin).reshape(1, cfg.o_groups, -1), lw["attn.wo_a"], ctx)
     return M.linear(z, lw["attn.wo_b"], ctx)
 
 
@@ -204,24 +338,20 @@ def indexer_step(
     cfg = ctx.cfg
     HI, DI = cfg.index_n_heads, cfg.index_head_dim
     ca = st.index_comp
-
-    def key_post(k: torch.Tensor) -> torch.Tensor:
-        return fp4_block_sim(hadamard(k)) if ctx.quant_sim else k
-
     cache = ca.cache.reshape(-1, DI)  # [S·C, DI]
     row0 = ix.slot * ca.capacity
-    compress_step(x, ix, lw, "attn.indexer.compressor", ca, cache, row0, rope, key_post, ctx)
+    compress_step(x, ix, lw, "attn.indexer.compressor", ca, cache, row0, rope, "index", ctx)
     cos, sin = rope(True, ix.pos)
-    qi = M.apply_rope(qi.view(1, HI, DI), cos.unsqueeze(1), sin.unsqueeze(1))
-    if ctx.quant_sim:
-        qi = fp4_block_sim(hadamard(qi))
-    w = plain_f32(x, lw["attn.indexer.weights_proj"]).to(x.dtype).float()
-    w = w * (DI**-0.5 * HI**-0.5)
+    wlog = plain_f32(x, lw["attn.indexer.weights_proj"])
+    # Head weights scaled by DI^-1/2 · HI^-1/2 (docs/architecture.md §3.3 step 4).
+    q, w = indexer_q(
+        qi, wlog, cos, sin, _hmat(ctx, x.device), HI, ctx.quant_sim, DI**-0.5 * HI**-0.5,
+        x.dtype,
+    )  # fmt: skip
     limit = ((ix.pos + 1) // ca.ratio).int()
     top = ops.indexer_topk(
-        qi, cache, w, limit, min(cfg.index_topk, n_c), n_keys=n_c, k_row0=row0,
-        triton=ctx.kernels,
-    )  # fmt: skip
+        q, cache, w, limit, min(cfg.index_topk, n_c), n_keys=n_c, k_row0=row0, triton=ctx.kernels
+    )
     return top.long()
 
 
@@ -231,13 +361,11 @@ def route_step(
     """model.route for one token, the gate product without upcasting the gate weight."""
     cfg = ctx.cfg
     logits = plain_f32(u, lw["ffn.gate"])  # [1, E] fp32
-    sc = torch.sqrt(F.softplus(logits))
     if cfg.is_hash_layer(layer):
-        sel = lw["ffn.gate.tid2eid"][ids]
-    else:
-        sel = torch.topk(sc + lw["ffn.gate.bias"], cfg.num_experts_per_tok, dim=-1).indices
-    w = sc.gather(1, sel)
-    return sel, w / w.sum(-1, keepdim=True) * cfg.routed_scaling_factor
+        hashed, bias = lw["ffn.gate.tid2eid"][ids], None  # fixed by the input token id
+    else:  # the bias steers selection only
+        hashed, bias = None, lw["ffn.gate.bias"]
+    return route_math(logits, bias, hashed, cfg.num_experts_per_tok, cfg.routed_scaling_factor)
 
 
 def segment_a_step(
@@ -253,21 +381,20 @@ def segment_a_step(
     """model.segment_a for one token: streams X [1, N, D] -> what the experts and segment B read."""
     eps = ctx.cfg.rms_norm_eps
     y, post, comb = M.hc_pre(X, lw["hc_attn_fn"], lw["hc_attn_base"], lw["hc_attn_scale"], ctx)
-    a = attention_step(M.rms_norm(y, lw["attn_norm"], eps), ix, bucket, lw, st, layer, rope, ctx)
+    a = attention_step(rms(y, lw["attn_norm"], eps), ix, bucket, lw, st, layer, rope, ctx)
     X = M.hc_post(a, X, post, comb, ctx)
     y, post, comb = M.hc_pre(X, lw["hc_ffn_fn"], lw["hc_ffn_base"], lw["hc_ffn_scale"], ctx)
-    u = M.rms_norm(y, lw["ffn_norm"], eps)
+    u = rms(y, lw["ffn_norm"], eps)
     sel, w = route_step(u, ix.ids, lw, layer, ctx)
     g, v = M.linears(u, ("ffn.shared_experts.w1", "ffn.shared_experts.w3"), lw, ctx)
-    shared = M.swiglu_down(g, v, lw["ffn.shared_experts.w2"], ctx)
+    shared = M.linear(swiglu_act(g, v, ctx.cfg.swiglu_limit), lw["ffn.shared_experts.w2"], ctx)
     return M.FfnPending(X, u, post, comb, sel, w, shared)
 
 
 def head_step(X: torch.Tensor, top: dict[str, torch.Tensor], ctx: M.Ctx) -> torch.Tensor:
     """model.head_logits for one token: [1, N, D] -> [1, V] fp32, without upcasting the head."""
-    z = M.hc_head(X, top["hc_head_fn"], top["hc_head_base"], top["hc_head_scale"], ctx)
-    z = M.rms_norm(z, top["norm"], ctx.cfg.rms_norm_eps)  # [1, D] activation dtype
     head = top["head"]
-    if z.is_cuda and z.dtype == head.dtype == torch.bfloat16:
-        return mm_f32(z, head)
-    return M.head_logits(X, top, ctx)
+    if not (X.is_cuda and X.dtype == head.dtype == torch.bfloat16):
+        return M.head_logits(X, top, ctx)
+    z = M.hc_head(X, top["hc_head_fn"], top["hc_head_base"], top["hc_head_scale"], ctx)
+    return mm_f32(rms(z, top["norm"], ctx.cfg.rms_norm_eps), head)

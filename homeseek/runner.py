@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from homeseek import compile as C
 from homeseek import decode as D
 from homeseek import model as M
 from homeseek.config import ModelConfig, RuntimeConfig
@@ -117,6 +118,8 @@ class Runner:
         self._stage_events: list[torch.cuda.Event | None] = [None, None]
         self._stage_i = 0
         self.capture_s = 0.0  # wall seconds spent capturing graphs (warm-up included)
+        if ctx.kernels:
+            C.configure()
 
     # --- prefill (and any T) -------------------------------------------------------------------
     def step(self, ids: torch.Tensor, id_list: list[int], state: SessionState) -> torch.Tensor:
@@ -165,6 +168,12 @@ class Runner:
     # --- decode (T = 1) ------------------------------------------------------------------------
     def decode(self, token: int, state: SessionState) -> torch.Tensor:
         """One token at the state's position -> fp32 logits [V] (a fresh tensor); advances."""
+        # The fused glue compiles with the kernel path (CUDA), eager or captured alike, so the
+        # graph path and the eager path run the same kernels.
+        with C.use(self.ctx.kernels):
+            return self._decode(token, state)
+
+    def _decode(self, token: int, state: SessionState) -> torch.Tensor:
         if self.pool is not None and state.arena is not self.arena:
             raise ValueError("decode: the session's state is not in this engine's arena")
         b = self.buf
@@ -288,6 +297,7 @@ class Runner:
             "graph_replays": float(c.replays),
             "graph_eager_fallbacks": float(c.eager_fallbacks),
             "graph_capture_s": self.capture_s,
+            "compile_s": C.compile_seconds(),
             "graph_pool_bytes": float(self.pool.pool_bytes() if self.pool is not None else 0),
         }
 
