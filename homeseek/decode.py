@@ -44,6 +44,10 @@ from homeseek.state import ArenaCompressor, ArenaLayer
 
 # Smallest position bucket: every sequence shorter than this shares one set of graphs.
 MIN_BUCKET = 512
+# HCA layers attend at least this many entry slots (masked until complete), so their shapes, and
+# with them the compiled glue, stay the same across buckets up to 128 x 128 = 16K positions; a
+# bucket change then costs captures only, no compilation.
+MIN_HCA_ENTRIES = 128
 
 
 def bucket_of(pos: int, max_context: int) -> int:
@@ -131,16 +135,27 @@ def unrope(o: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 
 @fused
+def compress_rows(
+    gate: torch.Tensor, ape: torch.Tensor, pos: torch.Tensor, slot: torch.Tensor, m: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gate logits plus the position's ape row, and the buffer row the token goes to
+    (slot·m + pos mod m) -> ([1, c·d], [1])."""
+    off = pos % m
+    return gate + ape[off], slot * m + off
+
+
+@fused
 def pool_entry(
     buf_kv: torch.Tensor,
     buf_gate: torch.Tensor,
     prev_kv: torch.Tensor,
     prev_gate: torch.Tensor,
     slot: torch.Tensor,
-    off: torch.Tensor,
+    pos: torch.Tensor,
+    cache_row0: torch.Tensor,
     norm_w: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
+    cos_t: torch.Tensor,
+    sin_t: torch.Tensor,
     hmat: torch.Tensor,
     dtype: torch.dtype,
     m: int,
@@ -149,14 +164,15 @@ def pool_entry(
     post: str,
     nope: int,
     quant_sim: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The entry of the block in progress, from the slot's buffers after this token's row was
-    written -> (entry [1, d], next prev_kv [m, d], next prev_gate [m, d]).
+    written -> (entry [1, d], next prev_kv [m, d], next prev_gate [m, d], its cache row [1]).
 
     CSA pools the previous block's A half with this block's B half over 2m rows, and the A half
-    moves on when this token completes the block. post: "kv" (cache rounding) or "index"
-    (Hadamard + E2M1)."""
-    bk = buf_kv.index_select(0, slot)[0]  # [m, c·d]; rows past `off` are the last block's
+    moves on when this token completes the block. The entry gets RoPE at the block's first
+    position (cos_t/sin_t: the compressed-regime tables). post: "kv" (cache rounding) or
+    "index" (Hadamard + E2M1)."""
+    bk = buf_kv.index_select(0, slot)[0]  # [m, c·d]; rows past pos mod m are the last block's
     bg = buf_gate.index_select(0, slot)[0]
     pk = prev_kv.index_select(0, slot)[0]  # [m, d] A half of the previous block (CSA)
     pg = prev_gate.index_select(0, slot)[0]
@@ -164,15 +180,33 @@ def pool_entry(
         d = pk.shape[-1]
         slot_kv = torch.cat((pk, bk[:, d:]))  # [2m, d]
         slot_gate = torch.cat((pg, bg[:, d:]))
-        complete = (off == m - 1).view(1, 1)
+        complete = (pos % m == m - 1).view(1, 1)
         pk = torch.where(complete, bk[:, :d], pk)
         pg = torch.where(complete, bg[:, :d], pg)
     else:
         slot_kv, slot_gate = bk, bg
     pooled = (slot_kv * torch.softmax(slot_gate, dim=0)).sum(0, keepdim=True)  # [1, d] fp32
-    e = M.apply_rope(M.rms_norm(pooled.to(dtype), norm_w, eps), cos, sin)
+    first = (pos // m) * m
+    e = M.apply_rope(M.rms_norm(pooled.to(dtype), norm_w, eps), cos_t[first], sin_t[first])
     e = _kv_round(e, nope, quant_sim) if post == "kv" else _fp4_hadamard(e, hmat, quant_sim)
-    return e, pk, pg
+    return e, pk, pg, cache_row0 + pos // m
+
+
+@fused
+def rope_rows(
+    cos_t: torch.Tensor, sin_t: torch.Tensor, pos: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin rows [1, d_r/2] of the position."""
+    return cos_t[pos], sin_t[pos]
+
+
+@fused
+def slot_rows(
+    pos: torch.Tensor, slot: torch.Tensor, rows: int, window: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(first row of the slot in the layer's key buffer, the ring row of this position)."""
+    base = slot * rows
+    return base, base + pos % window
 
 
 @fused
@@ -259,21 +293,21 @@ def compress_step(
     the block in progress at cache row cache_row0 + pos // m (final once the block completes)."""
     m, cfg = ca.ratio, ctx.cfg
     kv = plain_f32(x, lw[f"{prefix}.wkv"])  # [1, c·d] fp32
-    off = ix.pos % m  # [1] row in the partial block
-    gate = plain_f32(x, lw[f"{prefix}.wgate"]) + lw[f"{prefix}.ape"][off]  # [1, c·d]
-    row = ix.slot * m + off
+    gate, row = compress_rows(
+        plain_f32(x, lw[f"{prefix}.wgate"]), lw[f"{prefix}.ape"], ix.pos, ix.slot, m
+    )
     ca.buf_kv.view(-1, ca.buf_kv.shape[-1]).index_copy_(0, row, kv)
     ca.buf_gate.view(-1, ca.buf_gate.shape[-1]).index_copy_(0, row, gate)
-    cos, sin = rope(True, (ix.pos // m) * m)  # RoPE at the block's first position
-    e, pk, pg = pool_entry(
-        ca.buf_kv, ca.buf_gate, ca.prev_kv, ca.prev_gate, ix.slot, off, lw[f"{prefix}.norm"],
-        cos, sin, _hmat(ctx, x.device), ctx.dtype, m, ca.overlap, cfg.rms_norm_eps, post,
-        cfg.nope_dim, ctx.quant_sim,
+    cos_t, sin_t = rope.tables[True]
+    e, pk, pg, cache_row = pool_entry(
+        ca.buf_kv, ca.buf_gate, ca.prev_kv, ca.prev_gate, ix.slot, ix.pos, cache_row0,
+        lw[f"{prefix}.norm"], cos_t, sin_t, _hmat(ctx, x.device), ctx.dtype, m, ca.overlap,
+        cfg.rms_norm_eps, post, cfg.nope_dim, ctx.quant_sim,
     )  # fmt: skip
     if ca.overlap:
         ca.prev_kv.index_copy_(0, ix.slot, pk[None])
         ca.prev_gate.index_copy_(0, ix.slot, pg[None])
-    cache_flat.index_copy_(0, cache_row0 + ix.pos // m, e.to(cache_flat.dtype))
+    cache_flat.index_copy_(0, cache_row, e.to(cache_flat.dtype))
 
 
 def attention_step(
@@ -290,10 +324,10 @@ def attention_step(
     cfg = ctx.cfg
     Dh, W = cfg.head_dim, cfg.sliding_window
     kind = cfg.attn_kind(layer)
-    cos, sin = rope(kind != SWA, ix.pos)  # [1, d_r/2]
-    R = st.keys.shape[1]  # rows per slot: W window + compressed entries
+    cos, sin = rope_rows(*rope.tables[kind != SWA], ix.pos)  # [1, d_r/2]; YaRN if compressed
     keys = st.keys.view(-1, Dh)  # [S·R, Dh]
-    base = ix.slot * R  # [1] first row of this slot
+    # base: the slot's first row (R = W window rows + the compressed entries per slot)
+    base, ring_row = slot_rows(ix.pos, ix.slot, st.keys.shape[1], W)
 
     qa, kva = M.linears(x, ("attn.wq_a", "attn.wkv"), lw, ctx)  # [1, Q], [1, Dh]
     qr = rms(qa, lw["attn.q_norm"], cfg.rms_norm_eps)
@@ -305,7 +339,7 @@ def attention_step(
         qb, kva, lw["attn.kv_norm"], cos, sin, cfg.rms_norm_eps, cfg.num_attention_heads,
         cfg.nope_dim, ctx.quant_sim,
     )  # fmt: skip
-    keys.index_copy_(0, base + ix.pos % W, kv)  # the ring now holds positions pos-W+1..pos
+    keys.index_copy_(0, ring_row, kv)  # the ring now holds positions pos-W+1..pos
 
     sel = None
     if kind != SWA:
@@ -315,7 +349,7 @@ def attention_step(
         if kind == CSA:
             sel = indexer_step(x, qi, ix, n_c, lw, st, rope, ctx)  # [1, k] entry ids, -1 none
         else:
-            sel = hca_select(ix.pos, n_c, comp.ratio)
+            sel = hca_select(ix.pos, max(n_c, MIN_HCA_ENTRIES), comp.ratio)
     idx = key_rows(ix.pos, base, sel, W)
 
     o = ops.sparse_attn(q, keys, idx, lw["attn.attn_sink"], Dh**-0.5, triton=ctx.kernels)
@@ -334,14 +368,15 @@ def indexer_step(
     ctx: M.Ctx,
 ) -> torch.Tensor:
     """Lightning indexer for one token: top-k of the slot's first n_c indexer entries -> [1, k]
-    (-1 where fewer are complete)."""
+    (-1 where fewer are complete; k = index_topk whatever n_c, so the shapes after the selection
+    do not change with the bucket)."""
     cfg = ctx.cfg
     HI, DI = cfg.index_n_heads, cfg.index_head_dim
     ca = st.index_comp
     cache = ca.cache.reshape(-1, DI)  # [S·C, DI]
     row0 = ix.slot * ca.capacity
     compress_step(x, ix, lw, "attn.indexer.compressor", ca, cache, row0, rope, "index", ctx)
-    cos, sin = rope(True, ix.pos)
+    cos, sin = rope_rows(*rope.tables[True], ix.pos)
     wlog = plain_f32(x, lw["attn.indexer.weights_proj"])
     # Head weights scaled by DI^-1/2 · HI^-1/2 (docs/architecture.md §3.3 step 4).
     q, w = indexer_q(
@@ -350,7 +385,7 @@ def indexer_step(
     )  # fmt: skip
     limit = ((ix.pos + 1) // ca.ratio).int()
     top = ops.indexer_topk(
-        q, cache, w, limit, min(cfg.index_topk, n_c), n_keys=n_c, k_row0=row0, triton=ctx.kernels
+        q, cache, w, limit, cfg.index_topk, n_keys=n_c, k_row0=row0, triton=ctx.kernels
     )
     return top.long()
 

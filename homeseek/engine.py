@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 import weakref
@@ -166,8 +167,9 @@ class Engine:
         # eager, each session allocates its own.
         self.arena = StateArena(cfg, rt, self.layers, rt.max_sessions) if rt.graphs else None
         self.runner = Runner(
-            cfg, rt, self.ctx, self.top, self.weights, self.rope, self.scheduler, self.arena
-        )
+            cfg, rt, self.ctx, self.top, self.weights, self.rope, self.scheduler, self.arena,
+            report=(lambda msg: tqdm.write(msg, file=sys.stderr)) if progress else None,
+        )  # fmt: skip
         self.tokenizer = _load_tokenizer(self.path) if self.path is not None else None
 
     def _expert_budget(self) -> tuple[int, int]:

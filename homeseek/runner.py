@@ -7,11 +7,11 @@ experts are resident. Two paths:
 - `decode(token, state)`: one token, the capture-safe functions of decode.py over static
   buffers. On CUDA with graphs on, each piece is a CUDA graph: `embed`, per layer and position
   bucket `A` (attention + mHC + router + shared expert), then `B` (routed experts from the slot
-  pool + mHC post; one graph for every layer, it reads the runner's static buffers) or `E` (an
-  extra wave of experts when a layer's experts do not fit the free slots at once), and `H` (the
-  head). Between A and B the scheduler reads the layer's expert ids from a pinned buffer A wrote,
-  makes them resident and writes the slot table B reads. With graphs off the same functions run
-  eagerly (`graphs=False`, and always on CPU).
+  pool + mHC post; one graph for every layer, it reads the runner's static buffers) after `E`
+  (the waves before the last, when a layer's experts do not fit the free slots at once), and
+  `H` (the head). Between A and B the scheduler reads the layer's expert ids from a pinned
+  buffer A wrote, makes them resident and writes the slot table B reads. With graphs off the
+  same functions run eagerly (`graphs=False`, and always on CPU).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ class DecodeBuffers:
     sel_host: torch.Tensor  # [1, K] int64, pinned on CUDA: what the scheduler reads
     weights: torch.Tensor  # [1, K] fp32 routing weights
     shared: torch.Tensor  # [1, D] shared-expert output
-    acc: torch.Tensor  # [1, D] shared + routed experts of the waves so far (kernel path)
+    acc: torch.Tensor  # [1, D] shared + routed experts of the waves before the last (kernels)
     acc_f32: torch.Tensor  # [1, D] fp32 routed experts so far (reference path)
     moe: torch.Tensor  # [1, D] routed + shared (kernel path)
     slots: torch.Tensor  # [1, K] int32 slot table (device)
@@ -96,14 +96,17 @@ class Runner:
         rope: M.RopeTables,
         scheduler: Scheduler,
         arena: StateArena | None = None,
+        report: Callable[[str], None] | None = None,
     ) -> None:
         """arena: the shared session state the graphs index by slot (graphs on); None runs the
-        decode step eagerly over each session's own state."""
+        decode step eagerly over each session's own state. report: where a step that captured
+        graphs says how many and how long (the CLI prints it)."""
         self.cfg, self.rt, self.ctx = cfg, rt, ctx
         self.top, self.weights, self.rope = top, weights, rope
         self.scheduler = scheduler
         self.layers = list(range(len(weights)))
         self.arena = arena
+        self.report = report
         self.buf = DecodeBuffers.build(cfg, rt)
         b = self.buf
         self.ix = D.DecodeIndex(ids=b.index[0:1], pos=b.index[1:2], slot=b.index[2:3])
@@ -115,6 +118,7 @@ class Runner:
             [torch.zeros(1, cfg.num_experts_per_tok, dtype=torch.int32, pin_memory=True)
              for _ in range(2)] if on_cuda else []
         )  # fmt: skip
+        self._stage_np = [t.numpy() for t in self._slot_stage]
         self._stage_events: list[torch.cuda.Event | None] = [None, None]
         self._stage_i = 0
         self.capture_s = 0.0  # wall seconds spent capturing graphs (warm-up included)
@@ -170,8 +174,17 @@ class Runner:
         """One token at the state's position -> fp32 logits [V] (a fresh tensor); advances."""
         # The fused glue compiles with the kernel path (CUDA), eager or captured alike, so the
         # graph path and the eager path run the same kernels.
+        n0, t0, c0 = self.graphs.counters.captured, self.capture_s, C.compile_seconds()
         with C.use(self.ctx.kernels):
-            return self._decode(token, state)
+            out = self._decode(token, state)
+        n = self.graphs.counters.captured - n0
+        if n and self.report is not None:
+            self.report(
+                f"captured {n} CUDA graphs for position bucket "
+                f"{D.bucket_of(state.pos - 1, state.max_context)} in {self.capture_s - t0:.1f} s "
+                f"(torch.compile {C.compile_seconds() - c0:.1f} s of it)"
+            )
+        return out
 
     def _decode(self, token: int, state: SessionState) -> torch.Tensor:
         if self.pool is not None and state.arena is not self.arena:
@@ -193,15 +206,18 @@ class Runner:
             if self._sel_ready is not None:
                 self._sel_ready.record()
                 self._sel_ready.synchronize()  # the one host wait of the layer
+            first = True  # of the layer's waves: the experts add to `shared`, later to `acc`
             for sel, slot_of, last in self.scheduler.layer(layer, b.sel_host.clone()):
                 if self.ctx.kernels:
                     self._write_slots(sel, slot_of)
+                    src = b.shared if first else b.acc
                     if last:
-                        self._run(("B",), self._b)
+                        self._run(("B", first), lambda src=src: self._b(src))
                     else:
-                        self._run(("E",), self._e, restore=[b.acc])
+                        self._run(("E", first), lambda src=src: self._e(src), restore=[b.acc])
                 else:
                     self._moe_ref(sel, slot_of, last)
+                first = False
         self._run(("H",), self._h)
         state.pos += 1
         return b.logits[0].clone()
@@ -236,8 +252,8 @@ class Runner:
         b.comb.copy_(p.comb)
         b.weights.copy_(p.weights)
         b.shared.copy_(p.shared)
-        b.acc.copy_(p.shared)
-        b.acc_f32.zero_()
+        if not self.ctx.kernels:
+            b.acc_f32.zero_()
         b.sel.copy_(p.sel)
         b.sel_host.copy_(b.sel, non_blocking=True)
 
@@ -248,14 +264,14 @@ class Runner:
             self.cfg.swiglu_limit, out=out, act_quant=self.rt.quant_sim,
         )  # fmt: skip
 
-    def _e(self) -> None:  # one more wave of experts into acc
-        self._experts(self.buf.acc, self.buf.moe)
+    def _e(self, src: torch.Tensor) -> None:  # a wave of experts, not the last: into acc
+        self._experts(src, self.buf.moe)
         self.buf.acc.copy_(self.buf.moe)
 
-    def _b(self) -> None:  # the last wave, then mHC post into the streams
+    def _b(self, src: torch.Tensor) -> None:  # the last wave, then mHC post into the streams
         b = self.buf
-        self._experts(b.acc, b.moe)
-        b.X.copy_(M.hc_post(b.moe, b.Xa, b.post, b.comb, self.ctx))
+        self._experts(src, b.moe)
+        ops.mhc_post(b.moe, b.Xa, b.post, b.comb, out=b.X, triton=self.ctx.kernels)
 
     def _moe_ref(self, sel: torch.Tensor, slot_of: dict[int, int], last: bool) -> None:
         """Reference experts (kernels off, CPU): experts in id order, as Runner.moe."""
@@ -274,7 +290,7 @@ class Runner:
     def _write_slots(self, sel: torch.Tensor, slot_of: dict[int, int]) -> None:
         """The wave's slot table into the static device table, through a pinned staging buffer
         (two, alternating: a wave's table may still be in flight when the next is written)."""
-        table = [[slot_of.get(int(e), -1) for e in row] for row in sel.tolist()]
+        table = [[slot_of.get(e, -1) for e in row] for row in sel.tolist()]
         if not self._slot_stage:  # CPU
             self.buf.slots.copy_(torch.tensor(table, dtype=torch.int32))
             return
@@ -282,9 +298,8 @@ class Runner:
         ev = self._stage_events[i]
         if ev is not None:
             ev.synchronize()
-        stage = self._slot_stage[i]
-        stage.copy_(torch.tensor(table, dtype=torch.int32))
-        self.buf.slots.copy_(stage, non_blocking=True)
+        self._stage_np[i][:] = table
+        self.buf.slots.copy_(self._slot_stage[i], non_blocking=True)
         ev = self._stage_events[i] or torch.cuda.Event()
         ev.record()
         self._stage_events[i] = ev

@@ -1,0 +1,116 @@
+"""The capture-safe decode step (homeseek/decode.py) on CPU: equal to the eager model.py step it
+replaces, its fused regions trace as whole graphs for torch.compile, position buckets, and the
+session-state arena."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+import homeseek
+import homeseek.compile as HC
+import homeseek.decode as D
+from homeseek.config import ConfigError, RuntimeConfig
+from homeseek.state import NoFreeSlotError, StateArena
+
+FUSED = [
+    "rms", "q_and_kv", "unrope", "pool_entry", "indexer_q", "key_rows", "hca_select",
+    "route_math", "swiglu_act", "compress_rows", "rope_rows", "slot_rows",
+]  # fmt: skip
+
+
+def _step_logits(eng, sess, tok: int) -> torch.Tensor:
+    """The eager prefill path (model.segment_a, the oracle-tested one) for one token."""
+    X = eng.runner.step(torch.tensor([tok]), [tok], sess.state)
+    sess.tokens.append(tok)
+    return eng.runner.head(X)[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_step_equals_the_prefill_step(dtype):
+    """Across window wrap-around, compressed blocks (ratios 4 and 16) and a position bucket."""
+    eng = homeseek.load("tiny", dtype=dtype, max_context=1024)
+    prompt = torch.randint(0, 129280, (500,), generator=torch.Generator().manual_seed(1)).tolist()
+    a, b = eng.session(), eng.session()
+    a.forward(prompt)
+    b.forward(prompt)
+    for i in range(30):  # positions 500..529: bucket 512 -> 1024 at 512
+        tok = 1000 + 37 * i
+        x, y = a.decode(tok), _step_logits(eng, b, tok)
+        assert torch.equal(x, y) or float((x - y).abs().max() / y.std()) < 1e-5, i
+
+
+def test_fused_regions_trace_as_whole_graphs(monkeypatch):
+    """What CUDA compiles: every fused region traces without a graph break (fullgraph) and gives
+    the eager result (aot_eager backend: the traced graph run by torch, no codegen on CPU)."""
+    torch._dynamo.reset()
+    compiled: dict = {}
+
+    def traced(fn):
+        @functools.wraps(fn)
+        def run(*args, **kw):
+            if fn not in compiled:
+                compiled[fn] = torch.compile(
+                    fn, backend="aot_eager", dynamic=False, fullgraph=True
+                )
+            return compiled[fn](*args, **kw)
+
+        return run
+
+    for name in FUSED:
+        monkeypatch.setattr(D, name, traced(getattr(D, name).__wrapped__))
+    HC.configure()
+    eng = homeseek.load("tiny", dtype=torch.float32, max_context=256)
+    a, b = eng.session(), eng.session()
+    a.forward([5, 6, 7])
+    b.forward([5, 6, 7])
+    for tok in range(40, 60):
+        x, y = a.decode(tok), _step_logits(eng, b, tok)
+        assert float((x - y).abs().max() / y.std()) < 1e-5
+    assert len(compiled) == len(FUSED)  # tiny has SWA, CSA and HCA layers: every region ran
+    torch._dynamo.reset()
+
+
+def test_bucket_of():
+    assert D.bucket_of(0, 131072) == D.MIN_BUCKET
+    assert D.bucket_of(511, 131072) == 512
+    assert D.bucket_of(512, 131072) == 1024
+    assert D.bucket_of(16383, 131072) == 16384
+    assert D.bucket_of(5000, 4096) == 4096
+
+
+def test_arena_slots():
+    eng = homeseek.load("tiny", max_context=64)
+    rt = RuntimeConfig(max_context=64)
+    arena = StateArena(eng.cfg, rt, eng.layers, 2)
+    s0, s1 = arena.acquire(), arena.acquire()
+    assert (s0, s1) == (0, 1)
+    with pytest.raises(NoFreeSlotError, match="max_sessions=3"):
+        arena.acquire()
+    arena.release(s0)
+    assert arena.acquire() == 0
+    # one buffer per layer holds the window ring and the compressed entries side by side
+    for i, lay in arena.layers.items():
+        view = lay.view(1)
+        assert view.window.data_ptr() == lay.keys[1].data_ptr()
+        if view.comp is not None:
+            assert view.comp.cache.data_ptr() == lay.keys[1, eng.cfg.sliding_window].data_ptr()
+
+
+def test_runtime_config_checks():
+    with pytest.raises(ConfigError, match="needs a CUDA device"):
+        RuntimeConfig(device="cpu", graphs=True)
+    with pytest.raises(ConfigError, match="max_sessions"):
+        RuntimeConfig(max_sessions=0)
+    assert RuntimeConfig.build(device="cpu").graphs is False
+
+
+def test_closed_session_refuses_work():
+    eng = homeseek.load("tiny", max_context=64)
+    s = eng.session()
+    s.forward([1, 2])
+    s.close()
+    with pytest.raises(ValueError, match="closed"):
+        s.decode(3)
