@@ -31,6 +31,8 @@ ENV_VARS = {
     "smaller lowers peak memory",
     "HOMESEEK_API_KEY": "serve: the key clients must send when --api-key is not given "
     "(unlike a flag, not visible in `ps`)",
+    "TORCHINDUCTOR_CACHE_DIR": "where torch.compile keeps the CUDA decode step's compiled kernels "
+    "(default: <cache dir>/inductor), so a second start skips compiling",
     "HF_TOKEN, HF_ENDPOINT, HF_HUB_OFFLINE": "huggingface_hub's own settings, for `download`",
 }
 
@@ -571,6 +573,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     httpd = make_server(cfg)  # a busy port fails now, not after loading the weights
     try:
         eng = _load(args, checked, max_sessions=cfg.prefix_sessions)
+        eng.warm_up()  # the first request does not wait for graph capture
     except BaseException:
         httpd.server_close()
         raise

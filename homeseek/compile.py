@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
@@ -43,10 +44,14 @@ def configure() -> None:
     import torch._dynamo
     import torch._inductor.config
 
+    from homeseek.config import default_cache_dir
+
     torch._dynamo.config.recompile_limit = RECOMPILE_LIMIT
     torch._dynamo.config.cache_size_limit = RECOMPILE_LIMIT
-    # Inductor's FX-graph cache persists compiled regions across starts (its default; kept on).
+    # Inductor's FX-graph cache keeps the compiled regions across starts; it lives with homeseek's
+    # other caches (unless the user points TORCHINDUCTOR_CACHE_DIR elsewhere), not in /tmp.
     torch._inductor.config.fx_graph_cache = True
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(default_cache_dir() / "inductor"))
     _state["configured"] = True
 
 

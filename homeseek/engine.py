@@ -208,6 +208,18 @@ class Engine:
     def session(self) -> Session:
         return Session(self)
 
+    def warm_up(self) -> None:
+        """Capture the decode step's CUDA graphs (compiling their glue) now, on a scratch
+        session, instead of during the first request's first token. Later position buckets are
+        captured when a sequence first reaches them. Nothing to do without graphs."""
+        if not self.rt.graphs:
+            return
+        sess = self.session()
+        try:
+            sess.decode(0)
+        finally:
+            sess.close()
+
     def encode_chat(
         self,
         messages: Sequence[dict[str, Any]],
