@@ -52,9 +52,7 @@ def test_fused_regions_trace_as_whole_graphs(monkeypatch):
         @functools.wraps(fn)
         def run(*args, **kw):
             if fn not in compiled:
-                compiled[fn] = torch.compile(
-                    fn, backend="aot_eager", dynamic=False, fullgraph=True
-                )
+                compiled[fn] = torch.compile(fn, backend="aot_eager", dynamic=False, fullgraph=True)
             return compiled[fn](*args, **kw)
 
         return run
@@ -92,7 +90,7 @@ def test_arena_slots():
     arena.release(s0)
     assert arena.acquire() == 0
     # one buffer per layer holds the window ring and the compressed entries side by side
-    for i, lay in arena.layers.items():
+    for lay in arena.layers.values():
         view = lay.view(1)
         assert view.window.data_ptr() == lay.keys[1].data_ptr()
         if view.comp is not None:
