@@ -2,22 +2,20 @@
 
 `Engine` owns the dense weights, the expert store and the RoPE tables; `Session` owns one
 sequence's decode state. The runner runs a step (per layer segment A, the routed experts made
-resident by the scheduler, segment B); docs/runtime.md has the split.
+resident by the scheduler, segment B); docs/runtime.md has the split. A request's decode loop
+(`Engine.generate`) lives in homeseek/generation.py.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
 import shutil
 import sys
 import tempfile
-import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +26,10 @@ from homeseek import model as M
 from homeseek.checkpoint import Checkpoint, QWeight, layer_prefix, layer_table
 from homeseek.config import PRESETS, ConfigError, ModelConfig, RuntimeConfig, default_cache_dir
 from homeseek.experts import ExpertStore, record_bytes
+from homeseek.generation import Generation, GenerationResult
 from homeseek.kernels import ops
 from homeseek.runner import Runner
-from homeseek.sampling import Sampler, SamplingParams, TokenLogprob, logprobs_of
+from homeseek.sampling import SamplingParams
 from homeseek.scheduler import Scheduler
 from homeseek.state import SessionState, StateArena
 
@@ -307,7 +306,7 @@ class Engine:
             )
         sess = session or self.session()
         try:
-            gen = _Generation(self, sess, params, thinking, stream, cancel, prompt_logprobs)
+            gen = Generation(self, sess, params, thinking, stream, cancel, prompt_logprobs)
             return gen.run(ids)
         finally:
             if session is None:  # ours: give its state slot back now
@@ -391,152 +390,6 @@ class Session:
         return self.forward([int(token_id)])[0]
 
 
-@dataclass
-class GenerationResult:
-    text: str  # the raw completion text (reasoning, content and any tool-call block)
-    content: str
-    reasoning: str | None
-    tool_calls: list[dict[str, Any]]
-    finish_reason: str  # "stop" | "length" | "tool_calls" | "cancelled"
-    token_ids: list[int]
-    prompt_ids: list[int]
-    stats: dict[str, float] = field(default_factory=dict)
-    logprobs: list[TokenLogprob] | None = None  # one per token_ids entry, when asked
-    prompt_logprobs: list[TokenLogprob | None] | None = None  # one per prompt id, when asked
-
-
-class _Generation:
-    """One request's decode loop: sample, stream text, stop on EOS / stop string / length."""
-
-    def __init__(
-        self,
-        eng: Engine,
-        sess: Session,
-        params: SamplingParams,
-        thinking: bool,
-        stream: Callable[[str], None] | None,
-        cancel: Callable[[], bool] | None = None,
-        prompt_logprobs: bool = False,
-    ) -> None:
-        self.eng, self.sess, self.params, self.thinking = eng, sess, params, thinking
-        self.stream, self.cancel = stream, cancel
-        self.prompt_logprobs = prompt_logprobs
-        self.tok = eng.tokenizer
-        self.decoder = self.tok.stream_decoder() if self.tok is not None else None
-        self.text = ""  # decoded completion so far
-        self.sent = 0  # characters of self.text already streamed
-        self.ends: list[int] = []  # len(self.text) after each generated token
-        self.hold = max((len(s) for s in params.stop), default=1) - 1
-
-    def _emit(self, final: bool) -> None:
-        # Hold back the last len(longest stop)-1 characters: they may start a stop string.
-        upto = len(self.text) if final else max(self.sent, len(self.text) - self.hold)
-        if self.stream is not None and upto > self.sent:
-            self.stream(self.text[self.sent : upto])
-        self.sent = max(self.sent, upto)
-
-    def _hit_stop(self, out: list[int]) -> bool:
-        """Cut the text at the first stop string; drop the tokens whose text lies wholly past
-        the cut, so token_ids and usage describe what the caller receives."""
-        cut = min((i for s in self.params.stop if (i := self.text.find(s)) >= 0), default=-1)
-        if cut < 0:
-            return False
-        self.text = self.text[:cut]
-        keep = sum(1 for start in [0, *self.ends[:-1]] if start < cut)
-        del out[keep:]
-        return True
-
-    def run(self, prompt: list[int]) -> GenerationResult:
-        eng, p = self.eng, self.params
-        sampler = Sampler(p, eng.rt.device)
-        eos = eng.cfg.eos_token_id
-        c0 = dataclasses.replace(eng.experts.counters)
-        t0 = time.perf_counter()
-        all_logits = self.sess.forward(prompt, last_only=not self.prompt_logprobs)
-        logits = all_logits[-1]
-        prompt_lps: list[TokenLogprob | None] | None = None
-        if self.prompt_logprobs:  # row i predicts prompt[i + 1]
-            ids = torch.tensor(prompt[1:], dtype=torch.long)
-            prompt_lps = [None, *logprobs_of(all_logits[:-1], ids, p.logprobs or 0)]
-        del all_logits
-        t_prefill = time.perf_counter() - t0
-        out: list[int] = []
-        lps: list[TokenLogprob] | None = [] if p.logprobs is not None else None
-        finish = "length"
-        ttft = None
-        t1 = time.perf_counter()
-        while True:
-            tok = int(sampler(logits))  # the one device->host read per token (two with logprobs)
-            if ttft is None:
-                ttft = time.perf_counter() - t0
-            if tok == eos and not p.ignore_eos:
-                finish = "stop"
-                break
-            out.append(tok)
-            if lps is not None:
-                lps.append(sampler.logprobs(logits, tok))
-            if self.decoder is not None:
-                self.text += self.decoder.feed(tok)
-                self.ends.append(len(self.text))  # text length after each token
-                if p.stop and self._hit_stop(out):
-                    finish = "stop"
-                    break
-                self._emit(final=False)
-            if len(out) >= p.max_tokens or self.sess.pos + 1 >= eng.rt.max_context:
-                break
-            if self.cancel is not None and self.cancel():
-                finish = "cancelled"
-                break
-            logits = self.sess.decode(tok)
-        if self.decoder is not None and finish == "length":
-            self.text += self.decoder.finish()
-            if self.ends:
-                self.ends[-1] = len(self.text)
-            if p.stop and self._hit_stop(out):
-                finish = "stop"
-        self._emit(final=True)
-        if lps is not None:
-            del lps[len(out) :]  # a stop string dropped tokens from `out`
-        t_decode = time.perf_counter() - t1
-        parsed = {"content": self.text, "reasoning_content": None, "tool_calls": []}
-        if self.tok is not None:
-            from homeseek.chat import parse_completion
-
-            try:
-                parsed = parse_completion(self.text, "thinking" if self.thinking else "chat")
-            except ValueError:  # malformed tool-call block: hand back the raw text as content
-                parsed = {"content": self.text, "reasoning_content": None, "tool_calls": []}
-        if parsed["tool_calls"] and finish == "stop":
-            finish = "tool_calls"
-        n_dec = max(len(out) - 1, 0)
-        stats = {
-            "prompt_tokens": len(prompt),
-            "completion_tokens": len(out),
-            "ttft_s": ttft or 0.0,
-            "prefill_tok_s": len(prompt) / t_prefill if t_prefill > 0 else 0.0,
-            "decode_tok_s": n_dec / t_decode if t_decode > 0 and n_dec else 0.0,
-        }
-        c = eng.experts.counters
-        stats.update(
-            expert_lookups=float(c.lookups - c0.lookups),
-            expert_hit_rate=(c.gpu_hits - c0.gpu_hits) / max(c.lookups - c0.lookups, 1),
-            expert_bytes_h2d=float(c.bytes_h2d - c0.bytes_h2d),
-            expert_bytes_disk=float(c.bytes_disk - c0.bytes_disk),
-        )
-        return GenerationResult(
-            text=self.text,
-            content=parsed["content"],
-            reasoning=parsed["reasoning_content"],
-            tool_calls=parsed["tool_calls"],
-            finish_reason=finish,
-            token_ids=out,
-            prompt_ids=prompt,
-            stats=stats,
-            logprobs=lps,
-            prompt_logprobs=prompt_lps,
-        )
-
-
 def _load_tokenizer(path: Path) -> object | None:
     try:
         from homeseek.tokenizer import Tokenizer
@@ -581,4 +434,4 @@ def load(
     return Engine(resolve_model(path_or_preset), rt, progress=progress)
 
 
-__all__ = ["Engine", "Session", "load", "ContextError", "QWeight"]
+__all__ = ["Engine", "Session", "load", "ContextError", "GenerationResult", "QWeight"]

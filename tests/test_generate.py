@@ -12,7 +12,7 @@ import torch
 
 import homeseek
 from homeseek.config import tiny_config
-from homeseek.engine import _Generation
+from homeseek.generation import Generation
 from homeseek.sampling import Sampler, SamplingParams
 from homeseek.synthetic import write_checkpoint
 
@@ -157,10 +157,10 @@ class _ScriptedSession:
 
 def test_eos_and_ignore_eos(eng):
     picks = [300, 301, 1, 302]  # the third token is EOS (id 1)
-    r = _Generation(eng, _ScriptedSession(picks), SamplingParams(10, 0), False, None).run([0])
+    r = Generation(eng, _ScriptedSession(picks), SamplingParams(10, 0), False, None).run([0])
     assert r.finish_reason == "stop" and r.token_ids == [300, 301]
     p = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
-    r = _Generation(eng, _ScriptedSession(picks), p, False, None).run([0])
+    r = Generation(eng, _ScriptedSession(picks), p, False, None).run([0])
     assert r.finish_reason == "length" and r.token_ids == [300, 301, 1, 302, 302]
 
 
