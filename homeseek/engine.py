@@ -29,7 +29,7 @@ from homeseek.experts import ExpertStore, record_bytes
 from homeseek.generation import Generation, GenerationResult
 from homeseek.kernels import ops
 from homeseek.runner import Runner
-from homeseek.sampling import SamplingParams
+from homeseek.sampling import SamplingParams, TokenLogprob
 from homeseek.scheduler import Scheduler
 from homeseek.state import SessionState, StateArena
 
@@ -260,6 +260,7 @@ class Engine:
         logit_bias: Mapping[int, float] | None = None,
         logprobs: int | None = None,
         prompt_logprobs: bool = False,
+        stream_logprobs: Callable[[list[TokenLogprob]], None] | None = None,
     ) -> GenerationResult:
         """Generate a completion for chat `messages` or raw `prompt_ids` (docs/engine.md §3).
 
@@ -272,6 +273,8 @@ class Engine:
         `logprobs=n` records each generated token's log-probability and the n most likely
         (`GenerationResult.logprobs`); `prompt_logprobs` also those of the prompt ids fed here
         (the first has no predecessor in this call: None), at the cost of full-prompt logits.
+        `stream_logprobs(entries)` receives the generated tokens' logprobs as their text is
+        streamed (needs `logprobs`).
         """
         if (messages is None) == (prompt_ids is None):
             raise ValueError("pass exactly one of messages or prompt_ids")
@@ -288,6 +291,8 @@ class Engine:
             logit_bias=dict(logit_bias or {}),
             logprobs=logprobs,
         )
+        if stream_logprobs is not None and logprobs is None:
+            raise ValueError("stream_logprobs needs logprobs (the number of top tokens, 0-20)")
         if prompt_logprobs and logprobs is None:
             raise ValueError("prompt_logprobs needs logprobs (the number of top tokens, 0-20)")
         ids = (
@@ -306,7 +311,9 @@ class Engine:
             )
         sess = session or self.session()
         try:
-            gen = Generation(self, sess, params, thinking, stream, cancel, prompt_logprobs)
+            gen = Generation(
+                self, sess, params, thinking, stream, cancel, prompt_logprobs, stream_logprobs
+            )
             return gen.run(ids)
         finally:
             if session is None:  # ours: give its state slot back now

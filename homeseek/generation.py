@@ -8,6 +8,7 @@ the store's counters for the stats.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import time
 from collections.abc import Callable
@@ -48,6 +49,7 @@ class Generation:
         stream: Callable[[str], None] | None,
         cancel: Callable[[], bool] | None = None,
         prompt_logprobs: bool = False,
+        stream_logprobs: Callable[[list[TokenLogprob]], None] | None = None,
     ) -> None:
         self.eng, self.sess, self.params, self.thinking = eng, sess, params, thinking
         self.stream, self.cancel = stream, cancel
@@ -58,6 +60,9 @@ class Generation:
         self.sent = 0  # characters of self.text already streamed
         self.ends: list[int] = []  # len(self.text) after each generated token
         self.hold = max((len(s) for s in params.stop), default=1) - 1
+        self.stream_logprobs = stream_logprobs
+        self.lps: list[TokenLogprob] | None = None  # generated tokens' logprobs, when asked
+        self.lp_sent = 0  # of them, how many went to stream_logprobs
 
     def _emit(self, final: bool) -> None:
         # Hold back the last len(longest stop)-1 characters: they may start a stop string.
@@ -65,6 +70,17 @@ class Generation:
         if self.stream is not None and upto > self.sent:
             self.stream(self.text[self.sent : upto])
         self.sent = max(self.sent, upto)
+        if self.stream_logprobs is not None and self.lps is not None:
+            # The tokens whose text is wholly out (a stop string can no longer drop them); at the
+            # end every token kept.
+            n = (
+                len(self.lps)
+                if final
+                else min(bisect.bisect_right(self.ends, self.sent), len(self.lps))
+            )
+            if n > self.lp_sent:
+                self.stream_logprobs(self.lps[self.lp_sent : n])
+                self.lp_sent = n
 
     def _hit_stop(self, out: list[int]) -> bool:
         """Cut the text at the first stop string; drop the tokens whose text lies wholly past
@@ -92,7 +108,7 @@ class Generation:
         del all_logits
         t_prefill = time.perf_counter() - t0
         out: list[int] = []
-        lps: list[TokenLogprob] | None = [] if p.logprobs is not None else None
+        lps = self.lps = [] if p.logprobs is not None else None
         finish = "length"
         ttft = None
         t1 = time.perf_counter()
@@ -125,9 +141,9 @@ class Generation:
                 self.ends[-1] = len(self.text)
             if p.stop and self._hit_stop(out):
                 finish = "stop"
-        self._emit(final=True)
         if lps is not None:
             del lps[len(out) :]  # a stop string dropped tokens from `out`
+        self._emit(final=True)
         t_decode = time.perf_counter() - t1
         parsed = {"content": self.text, "reasoning_content": None, "tool_calls": []}
         if self.tok is not None:

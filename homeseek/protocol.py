@@ -365,7 +365,7 @@ def _parse_tools(body: Mapping[str, Any]) -> list[dict[str, Any]]:
     return tools
 
 
-def _chat_logprobs(body: Mapping[str, Any], stream: bool) -> int | None:
+def _chat_logprobs(body: Mapping[str, Any]) -> int | None:
     """`logprobs: true` and `top_logprobs: n` -> n top tokens per position (None: off)."""
     want = _typed(body, "logprobs", "bool", False)
     top = _typed(body, "top_logprobs", "int")
@@ -375,8 +375,6 @@ def _chat_logprobs(body: Mapping[str, Any], stream: bool) -> int | None:
         raise ApiError(
             400, f"'top_logprobs' must be in [0, {MAX_TOP_LOGPROBS}], got {top}", "top_logprobs"
         )
-    if want and stream:
-        raise ApiError(400, "'logprobs' with 'stream' is not supported yet", param="logprobs")
     return (top or 0) if want else None
 
 
@@ -440,7 +438,7 @@ def parse_chat_request(body: Mapping[str, Any], limits: Limits) -> ChatRequest:
             messages.insert(0, {"role": "system", "content": ""})
         messages[0] = {**messages[0], **extra}
     stream, include_usage = _stream_flags(body)
-    params = parse_gen_params(body, limits, None, logprobs=_chat_logprobs(body, stream))
+    params = parse_gen_params(body, limits, None, logprobs=_chat_logprobs(body))
     return ChatRequest(messages, thinking, effort, prefix, params, stream, include_usage)
 
 
@@ -482,8 +480,11 @@ def parse_completion_request(body: Mapping[str, Any], limits: Limits) -> Complet
         raise ApiError(
             400, f"'logprobs' must be in [0, {MAX_TOP_LOGPROBS}], got {logprobs}", "logprobs"
         )
-    if logprobs is not None and stream:
-        raise ApiError(400, "'logprobs' with 'stream' is not supported yet", param="logprobs")
+    if logprobs is not None and stream and echo:
+        # The prompt's logprobs are known only when the whole generation ends.
+        raise ApiError(
+            400, "'logprobs' with 'echo' is not supported when streaming", param="logprobs"
+        )
     params = parse_gen_params(
         body,
         limits,

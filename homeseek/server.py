@@ -239,6 +239,11 @@ class Job:
         else:
             self.events.put(("text", delta))
 
+    def on_logprobs(self, entries: list[Any]) -> None:
+        """Streamed generated tokens' logprobs (HTTP streaming only; a sink takes text only)."""
+        if self.sink is None:
+            self.events.put(("logprobs", entries))
+
 
 class Core:
     """Prompt rendering, the prefix cache and one generation at a time (no threads, no HTTP)."""
@@ -343,6 +348,9 @@ class Core:
                 thinking=job.prompt.thinking,
                 stop=p.stop,
                 stream=job.on_text if job.stream else None,
+                stream_logprobs=(
+                    job.on_logprobs if job.stream and p.logprobs is not None else None
+                ),
                 cancel=job.cancelled.is_set,
                 presence_penalty=p.presence_penalty,
                 frequency_penalty=p.frequency_penalty,
@@ -1071,12 +1079,20 @@ class Handler(BaseHTTPRequestHandler):
         except OSError as e:
             raise ClientGone from e
 
-    def _stream_events(self, job: Job, on_text: Callable[[str], None]) -> Outcome | None:
-        """Feed streamed text to on_text until the job ends; None after an error or shutdown."""
+    def _stream_events(
+        self,
+        job: Job,
+        on_text: Callable[[str], None],
+        on_logprobs: Callable[[list[Any]], None],
+    ) -> Outcome | None:
+        """Feed streamed text to on_text and token logprobs to on_logprobs until the job ends;
+        None after an error or shutdown."""
         while True:
             kind, val = self._next_event(job)
             if kind == "text":
                 on_text(val)
+            elif kind == "logprobs":
+                on_logprobs(val)
             elif kind == "done":
                 self._outcome = val
                 return val
@@ -1090,8 +1106,10 @@ class Handler(BaseHTTPRequestHandler):
     def _stream_chat(self, job: Job, reply: ChatReply, rid: str, include_usage: bool) -> None:
         created, model = int(time.time()), self.app.cfg.model_name
 
-        def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        def chunk(
+            delta: dict[str, Any], finish: str | None = None, lps: Any = None
+        ) -> dict[str, Any]:
+            choice = {"index": 0, "delta": delta, "logprobs": lps, "finish_reason": finish}
             c = envelope(rid, "chat.completion.chunk", created, model, [choice])
             if include_usage:
                 c["usage"] = None  # as OpenAI: only the last chunk carries usage
@@ -1106,7 +1124,10 @@ class Handler(BaseHTTPRequestHandler):
             for d in reply.feed(text):
                 self._sse(chunk(d))
 
-        out = self._stream_events(job, on_text)
+        def on_logprobs(entries: list[Any]) -> None:  # after the text they belong to
+            self._sse(chunk({}, lps=chat_logprobs(entries, self.app.token_text)))
+
+        out = self._stream_events(job, on_text, on_logprobs)
         if out is not None:
             for d in reply.finish():
                 self._sse(chunk(d))
@@ -1123,8 +1144,8 @@ class Handler(BaseHTTPRequestHandler):
     def _stream_completion(self, job: Job, rid: str, echo: str, include_usage: bool) -> None:
         created, model = int(time.time()), self.app.cfg.model_name
 
-        def chunk(text: str, finish: str | None = None) -> dict[str, Any]:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+        def chunk(text: str, finish: str | None = None, lps: Any = None) -> dict[str, Any]:
+            choice = {"index": 0, "text": text, "logprobs": lps, "finish_reason": finish}
             c = envelope(rid, "text_completion", created, model, [choice])
             if include_usage:
                 c["usage"] = None
@@ -1133,7 +1154,16 @@ class Handler(BaseHTTPRequestHandler):
         self._start_sse()
         if echo:
             self._sse(chunk(echo))
-        out = self._stream_events(job, lambda t: self._sse(chunk(t)))
+        offset = 0  # text_offset of the next token, in the completion's text
+
+        def on_logprobs(entries: list[Any]) -> None:
+            nonlocal offset
+            ids = [x.token_id for x in entries]
+            lps = completion_logprobs(ids, entries, self.app.token_text, offset)
+            offset += sum(len(t) for t in lps["tokens"])
+            self._sse(chunk("", lps=lps))
+
+        out = self._stream_events(job, lambda t: self._sse(chunk(t)), on_logprobs)
         if out is not None:
             last = chunk("", TEXT_FINISH.get(out.finish_reason, "stop"))
             last["stats"] = out.stats

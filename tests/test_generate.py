@@ -114,6 +114,30 @@ def test_stop_string_truncates_and_is_never_streamed(eng):
     assert r.token_ids == base.token_ids[:4] and eng.tokenizer.decode(r.token_ids) == r.text
 
 
+def test_streamed_logprobs_follow_the_text_and_the_stop(eng):
+    """stream_logprobs gets every kept token once, never before its text went out."""
+    base = eng.generate(prompt_ids=[0, 7, 8, 9], max_tokens=10, temperature=0)
+    piece = eng.tokenizer.decode(base.token_ids[4:6])
+    events: list[tuple[str, object]] = []
+    r = eng.generate(
+        prompt_ids=[0, 7, 8, 9], max_tokens=10, temperature=0, stop=[piece], logprobs=1,
+        stream=lambda t: events.append(("text", t)),
+        stream_logprobs=lambda e: events.append(("lp", e)),
+    )  # fmt: skip
+    got = [x for kind, e in events if kind == "lp" for x in e]
+    assert [x.token_id for x in got] == r.token_ids == base.token_ids[:4]
+    assert got == r.logprobs
+    sent, n = "", 0
+    for kind, e in events:  # each entry's token text is already out when it arrives
+        if kind == "text":
+            sent += e
+        else:
+            n += len(e)
+            assert sent.startswith(eng.tokenizer.decode(r.token_ids[:n]))
+    with pytest.raises(ValueError, match="needs logprobs"):
+        eng.generate(prompt_ids=[0, 7], max_tokens=2, stream_logprobs=print)
+
+
 def test_ids_only_checkpoint_generates_ids(tmp_path):
     path = write_checkpoint(tmp_path / "ids", tiny_config(), tokenizer=False)
     e = homeseek.load(path, dtype=torch.float32, max_context=64)

@@ -1187,9 +1187,32 @@ def test_logprobs_and_echo_match_torch_reference(client: openai.OpenAI, engine: 
     assert len(content) == chat.usage.completion_tokens
     assert all(len(c.top_logprobs) == 2 and c.logprob <= 0 for c in content)
     assert content[0].logprob == pytest.approx(content[0].top_logprobs[0].logprob)  # greedy
-    with pytest.raises(openai.BadRequestError):
-        client.chat.completions.create(
-            model="tiny", messages=USER, max_tokens=2, logprobs=True, stream=True
+    # Streamed: the same entries, each after the text of its token.
+    streamed = []
+    text = ""
+    for ch in client.chat.completions.create(
+        model="tiny", messages=USER, max_tokens=3, temperature=0, logprobs=True, top_logprobs=2,
+        stream=True,
+    ):  # fmt: skip
+        if ch.choices and ch.choices[0].logprobs is not None:
+            streamed += ch.choices[0].logprobs.content
+            assert text.endswith(streamed[-1].token) or not streamed[-1].token.strip()
+        if ch.choices and ch.choices[0].delta.content:
+            text += ch.choices[0].delta.content
+    assert [(c.token, c.logprob) for c in streamed] == [(c.token, c.logprob) for c in content]
+    got = client.completions.create(
+        model="tiny", prompt=ids, max_tokens=3, temperature=0, logprobs=2, stream=True
+    )
+    toks, offs = [], []
+    for ch in got:
+        if ch.choices and ch.choices[0].logprobs is not None:
+            toks += ch.choices[0].logprobs.tokens
+            offs += ch.choices[0].logprobs.text_offset
+    assert toks == lp.tokens[len(ids) :]
+    assert offs == [sum(len(t) for t in toks[:i]) for i in range(len(toks))]
+    with pytest.raises(openai.BadRequestError, match="echo"):
+        client.completions.create(
+            model="tiny", prompt=ids, max_tokens=2, logprobs=1, echo=True, stream=True
         )
 
 
