@@ -120,16 +120,25 @@ def _device(text: str) -> str:
     raise argparse.ArgumentTypeError(f"{text!r} is not a device homeseek runs on; use cpu or cuda")
 
 
-def _token_ids(text: str) -> list[int]:
-    try:
-        ids = [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a comma-separated list of token ids (e.g. 0,5,6)"
-        ) from None
-    if not ids or min(ids) < 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: give token ids >= 0, e.g. 0,5,6")
-    return ids
+def _int_csv(what: str, lowest: int, example: str) -> Callable[[str], tuple[int, ...]]:
+    """An argparse type: a comma-separated list of whole numbers >= lowest."""
+
+    def parse(text: str) -> tuple[int, ...]:
+        try:
+            values = tuple(int(t) for t in text.split(",") if t.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a comma-separated list of {what} (e.g. {example})"
+            ) from None
+        if not values or min(values) < lowest:
+            raise argparse.ArgumentTypeError(f"{text!r}: give {what} >= {lowest}, e.g. {example}")
+        return values
+
+    return parse
+
+
+_token_ids = _int_csv("token ids", 0, "0,5,6")
+_int_list = _int_csv("token counts", 1, "8,512")
 
 
 def _host(text: str) -> str:
@@ -812,18 +821,6 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--trace", default=None, help="also save the decode-order trace (.npz)")
     pr.set_defaults(func=cmd_profile)
     return p
-
-
-def _int_list(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(t) for t in text.split(",") if t.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a comma-separated list of numbers"
-        ) from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: give token counts >= 1, e.g. 8,512")
-    return values
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
