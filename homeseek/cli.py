@@ -812,13 +812,39 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     b.set_defaults(func=cmd_bench)
 
-    pr = command("profile", help="record which experts a model routes to")
+    pr = command(
+        "profile",
+        help="--routing: which experts a model routes to; --decode: where a token's time goes",
+    )
     _add_model_args(pr)
-    pr.add_argument("--routing", action="store_true", required=True, help="routing profile")
-    pr.add_argument("--tokens", type=pos_int, default=2048, help="random tokens to run")
-    pr.add_argument("--chunk", type=pos_int, default=512, help="tokens per forward pass")
-    pr.add_argument("--out", required=True, help="profile JSON (for load(hot_profile=...))")
-    pr.add_argument("--trace", default=None, help="also save the decode-order trace (.npz)")
+    mode = pr.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--routing", action="store_true",
+        help="record the experts random tokens route to: a profile JSON (--out) for "
+        "load(hot_profile=...), and with --trace the decode-order trace (.npz)",
+    )  # fmt: skip
+    mode.add_argument(
+        "--decode", action="store_true",
+        help="time decode tokens per layer and per graph (GPU time, idle gaps, scheduler, "
+        "copies); a table and a JSON line, with --trace a Chrome/Perfetto trace (.json)",
+    )  # fmt: skip
+    pr.add_argument(
+        "--tokens", type=pos_int, default=None,
+        help="tokens to run (routing: random tokens, 2048; decode: tokens timed, 16)",
+    )  # fmt: skip
+    pr.add_argument("--chunk", type=pos_int, default=512, help="routing: tokens per forward pass")
+    pr.add_argument("--out", default=None, help="routing: the profile JSON to write")
+    pr.add_argument(
+        "--trace", default=None,
+        help="routing: also save the decode-order trace (.npz); decode: a Chrome trace (.json)",
+    )  # fmt: skip
+    pr.add_argument("--prompt-tokens", type=pos_int, default=32, help="decode: prompt length")
+    pr.add_argument(
+        "--plot", default=None, help="decode: stacked bars per layer (.png; needs matplotlib)"
+    )
+    pr.add_argument(
+        "--compare-eager", action="store_true", help="decode: also the eager step, side by side"
+    )
     pr.set_defaults(func=cmd_profile)
     return p
 
@@ -868,19 +894,69 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
+    if not (args.routing or args.decode):
+        print(
+            "homeseek profile needs a mode:\n"
+            "  --routing  which experts random tokens route to -> a profile JSON (--out)\n"
+            "             whose top entries load(hot_profile=...) pins; --trace saves the\n"
+            "             decode-order trace\n"
+            "  --decode   where a decode token's time goes, per layer and graph: GPU time,\n"
+            "             idle gaps, scheduler, copies; --trace/--plot/--compare-eager add views"
+        )
+        return 2
+    routing_only = {"--out": args.out, "--chunk": args.chunk != 512}
+    decode_only = {
+        "--plot": args.plot, "--compare-eager": args.compare_eager,
+        "--prompt-tokens": args.prompt_tokens != 32,
+    }  # fmt: skip
+    wrong = [k for k, v in (decode_only if args.routing else routing_only).items() if v]
+    if wrong:
+        raise UsageError(f"{wrong[0]} is for {'--decode' if args.routing else '--routing'} only")
+    if args.routing:
+        return _profile_routing(args)
+    return _profile_decode(args)
+
+
+def _profile_routing(args: argparse.Namespace) -> int:
     from homeseek.profile import record_routing, routing_profile, save_trace, write_profile
 
+    if args.out is None:
+        raise UsageError("--routing needs --out FILE (the profile JSON to write)")
+    tokens = args.tokens or 2048
     if args.max_context is None:
-        args.max_context = args.tokens + 16
+        args.max_context = tokens + 16
     eng = _load(args)
-    steps = record_routing(eng, args.tokens, chunk=args.chunk)
+    steps = record_routing(eng, tokens, chunk=args.chunk)
     counts = routing_profile(steps, eng.cfg.num_hidden_layers, eng.cfg.n_routed_experts)
     write_profile(args.out, counts)
     if args.trace:
         save_trace(args.trace, steps)
     used = int((counts > 0).sum())
-    print(f"{args.out}: {len(steps)} routing steps over {args.tokens} tokens; {used} of "
+    print(f"{args.out}: {len(steps)} routing steps over {tokens} tokens; {used} of "
           f"{counts.size} experts used")  # fmt: skip
+    return 0
+
+
+def _profile_decode(args: argparse.Namespace) -> int:
+    from homeseek import profiler
+
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise CliError("--plot needs matplotlib: pip install matplotlib") from None
+    pc = profiler.DecodeProfileConfig(tokens=args.tokens or 16, prompt=args.prompt_tokens,
+                                      compare_eager=args.compare_eager)  # fmt: skip
+    if args.max_context is None:
+        args.max_context = pc.prompt + pc.warmup + pc.tokens + 16
+    eng = _load(args)
+    res = profiler.profile_decode(eng, pc)
+    if args.trace:
+        Path(args.trace).write_text(json.dumps(profiler.chrome_trace(res["_tokens"])))
+        print(f"trace: {args.trace} (open in ui.perfetto.dev or chrome://tracing)")
+    if args.plot:
+        profiler.plot(res, args.plot)
+        print(f"plot: {args.plot}")
     return 0
 
 

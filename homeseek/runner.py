@@ -16,10 +16,12 @@ experts are resident. Two paths:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -31,6 +33,9 @@ from homeseek.graphs import GraphedStep, GraphPool
 from homeseek.kernels import ops
 from homeseek.scheduler import Scheduler
 from homeseek.state import SessionState, StateArena
+
+if TYPE_CHECKING:
+    from homeseek.profiler import DecodeRecorder
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +127,7 @@ class Runner:
         self._stage_events: list[torch.cuda.Event | None] = [None, None]
         self._stage_i = 0
         self.capture_s = 0.0  # wall seconds spent capturing graphs (warm-up included)
+        self.recorder: DecodeRecorder | None = None  # `homeseek profile --decode` sets it
         if ctx.kernels:
             C.configure()
 
@@ -189,7 +195,9 @@ class Runner:
     def _decode(self, token: int, state: SessionState) -> torch.Tensor:
         if self.pool is not None and state.arena is not self.arena:
             raise ValueError("decode: the session's state is not in this engine's arena")
-        b = self.buf
+        b, rec = self.buf, self.recorder
+        if rec is not None:
+            rec.begin_token()
         bucket = D.bucket_of(state.pos, state.max_context)
         b.host_index[0], b.host_index[1], b.host_index[2] = token, state.pos, state.slot
         # The previous step's copy of host_index has run: its layers' ids were read back after it.
@@ -202,43 +210,68 @@ class Runner:
             def seg_a(lw=lw, st=st, layer=layer) -> None:
                 self._a(lw, st, layer, bucket)
 
-            self._run(("A", layer, bucket), seg_a, restore=_non_idempotent(st))
-            if self._sel_ready is not None:
-                self._sel_ready.record()
-                self._sel_ready.synchronize()  # the one host wait of the layer
-            first = True  # of the layer's waves: the experts add to `shared`, later to `acc`
-            for sel, slot_of, last in self.scheduler.layer(layer, b.sel_host.clone()):
-                if self.ctx.kernels:
-                    self._write_slots(sel, slot_of)
-                    src = b.shared if first else b.acc
-                    if last:
-                        self._run(("B", first), lambda src=src: self._b(src))
-                    else:
-                        self._run(("E", first), lambda src=src: self._e(src), restore=[b.acc])
-                else:
-                    self._moe_ref(sel, slot_of, last)
-                first = False
+            self._run(("A", layer, bucket), seg_a, restore=_non_idempotent(st), layer=layer)
+            with rec.layer(layer) if rec is not None else contextlib.nullcontext():
+                self._moe_layer(layer)
         self._run(("H",), self._h)
+        if rec is not None:
+            rec.end_token()
         state.pos += 1
         return b.logits[0].clone()
 
+    def _moe_layer(self, layer: int) -> None:
+        """Between A and B: read the ids, make the experts resident, run them (wave by wave)."""
+        b = self.buf
+        if self._sel_ready is not None:
+            self._sel_ready.record()
+            self._sel_ready.synchronize()  # the one host wait of the layer
+        first = True  # of the layer's waves: the experts add to `shared`, later to `acc`
+        for sel, slot_of, last in self.scheduler.layer(layer, b.sel_host.clone()):
+            if self.ctx.kernels:
+                self._write_slots(sel, slot_of)
+                src = b.shared if first else b.acc
+                if last:
+                    self._run(("B", first), lambda src=src: self._b(src), layer=layer)
+                else:
+                    self._run(("E", first), lambda src=src: self._e(src), [b.acc], layer=layer)
+            else:
+                with self._timed(("B", first), layer):
+                    self._moe_ref(sel, slot_of, last)
+            first = False
+
+    def _timed(self, key: Hashable, layer: int) -> contextlib.AbstractContextManager[None]:
+        rec = self.recorder
+        return rec.segment(key, layer) if rec is not None else contextlib.nullcontext()
+
     def _run(
-        self, key: Hashable, fn: Callable[[], None], restore: list[torch.Tensor] | None = None
+        self,
+        key: Hashable,
+        fn: Callable[[], None],
+        restore: list[torch.Tensor] | None = None,
+        layer: int = -1,
     ) -> None:
         """Replay key's graph; capture it first if it is new (graphs on), else run fn eagerly."""
         g = self.graphs
-        if g.pool is None:
-            fn()
-            return
-        if key not in g.graphs and key not in g.failures:
-            g.register(key, fn)
-            saved = [t.clone() for t in restore or ()]
-            t0 = time.perf_counter()
-            g.capture(key)  # the warm-up runs fn for real: put back what it must not change
-            for t, s in zip(restore or (), saved, strict=True):
-                t.copy_(s)
-            self.capture_s += time.perf_counter() - t0
-        g.step(key, eager=fn)  # a replay, or fn eagerly (counted) when the capture failed
+        if g.pool is not None and g.enabled and key not in g.graphs and key not in g.failures:
+            self._capture(key, fn, restore)
+        with self._timed(key, layer):
+            if g.pool is None or not g.enabled:
+                fn()
+            else:
+                g.step(key, eager=fn)  # a replay, or fn eagerly (counted) if the capture failed
+
+    def _capture(
+        self, key: Hashable, fn: Callable[[], None], restore: list[torch.Tensor] | None
+    ) -> None:
+        """Capture key's graph. Its warm-up runs fn for real: put back what must not change."""
+        g = self.graphs
+        g.register(key, fn)
+        saved = [t.clone() for t in restore or ()]
+        t0 = time.perf_counter()
+        g.capture(key)
+        for t, s in zip(restore or (), saved, strict=True):
+            t.copy_(s)
+        self.capture_s += time.perf_counter() - t0
 
     def _embed(self) -> None:
         self.buf.X.copy_(M.embed(self.ix.ids, self.top["embed"], self.ctx))
