@@ -29,6 +29,7 @@ __all__ = ["SparseAttnWorkspace", "sparse_attn", "sparse_attn_ref", "sparse_attn
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _BLOCK_H = 16
 _KEYS_PER_SPLIT = 256
+_NO_SPLIT_PROGRAMS = 256  # (token, head block) programs that fill an H100/H200 without splits
 
 
 def sparse_attn_ref(
@@ -174,11 +175,17 @@ class SparseAttnWorkspace:
     counters: torch.Tensor  # int32 zeros, >= T * ceil(H / 16)
 
 
-def _n_split(n_keys: int, config: dict) -> tuple[int, int]:
-    """(splits, keys per split). Default: up to 16 splits of at least one key block, at most
-    _KEYS_PER_SPLIT keys each (decode has T * H / 16 = 4 head blocks per token only, so the key
-    splits are what fill the GPU)."""
+def _n_split(n_keys: int, config: dict, programs: int = 1) -> tuple[int, int]:
+    """(splits, keys per split) for `programs` (token, head block) pairs. Default: up to 16
+    splits of at least one key block, at most _KEYS_PER_SPLIT keys each (decode has T * H / 16 =
+    4 head blocks per token only, so the key splits are what fill the GPU); none once the pairs
+    alone fill it (prefill), where the partials would cost T * H * splits * Dh * 4 bytes (2.7 GB
+    for a 2,048-token chunk of V4-Flash) for no gain."""
     bl = config.get("block_l", 32)
+    if "keys_per_split" not in config and programs >= config.get(
+        "no_split_programs", _NO_SPLIT_PROGRAMS
+    ):
+        return 1, max(1, triton.cdiv(n_keys, bl)) * bl
     per = config.get("keys_per_split", min(_KEYS_PER_SPLIT, triton.cdiv(n_keys, 16)))
     per = max(1, triton.cdiv(per, bl)) * bl
     return max(1, triton.cdiv(n_keys, per)), per
@@ -187,10 +194,13 @@ def _n_split(n_keys: int, config: dict) -> tuple[int, int]:
 def sparse_attn_workspace(
     max_t: int, h: int, dh: int, max_l: int, device: torch.device | str
 ) -> SparseAttnWorkspace:
-    split = max(_n_split(n, {})[0] for n in range(1, max_l + 1))
+    n_hb = triton.cdiv(h, _BLOCK_H)
+    # Split partials: t * split(t) rows per head; split is 1 from _NO_SPLIT_PROGRAMS programs on.
+    ts = {max_t, min(max_t, max(1, triton.cdiv(_NO_SPLIT_PROGRAMS, n_hb) - 1))}
+    rows = max(t * _n_split(n, {}, t * n_hb)[0] for t in ts for n in range(1, max_l + 1))
     return SparseAttnWorkspace(
-        torch.empty(max_t * h * split * dh, dtype=torch.float32, device=device),
-        torch.empty(max_t * h * split * 2, dtype=torch.float32, device=device),
+        torch.empty(rows * h * dh, dtype=torch.float32, device=device),
+        torch.empty(rows * h * 2, dtype=torch.float32, device=device),
         torch.zeros(max_t * triton.cdiv(h, _BLOCK_H), dtype=torch.int32, device=device),
     )
 
@@ -231,8 +241,8 @@ def sparse_attn(
         return out
     cfg = dict(config or {})
     bl = cfg.get("block_l", 32)
-    split, per = _n_split(n_keys, cfg)
     n_hb = triton.cdiv(h, _BLOCK_H)
+    split, per = _n_split(n_keys, cfg, t * n_hb)
     pacc = pml = cnt = out  # placeholders when split == 1
     if split > 1:
         if workspace is None:

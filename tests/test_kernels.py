@@ -448,6 +448,25 @@ def test_sparse_attn_interp(t, h, dh, n, n_keys, dtype):
 
 
 @interp
+def test_sparse_attn_unsplit_when_tokens_fill_the_gpu():
+    """Prefill: enough (token, head block) programs -> one split, no partials (their workspace
+    would be T * H * splits * Dh fp32); same numbers as the twin."""
+    assert sa._n_split(640, {}, programs=4)[0] > 1  # decode: splits fill the GPU
+    assert sa._n_split(640, {}, programs=8192) == (1, 640)  # a 2,048-token chunk
+    ws = sa.sparse_attn_workspace(2048, 64, 512, 640, "cpu")
+    assert ws.acc.numel() * 4 < 2**30  # was 2.7 GB
+    t, h, dh, n, n_keys = 6, 16, 32, 600, 700
+    g = _gen(3)
+    q = torch.randn(t, h, dh, generator=g)
+    kv = torch.randn(n, dh, generator=g)
+    idx = torch.randint(-1, n, (t, n_keys), generator=g, dtype=torch.int32)
+    sink = torch.randn(h, generator=g)
+    out = poison((t, h, dh), torch.float32)
+    sa.sparse_attn(q, kv, idx, sink, dh**-0.5, out=out, config={"no_split_programs": 6})
+    assert_close("sparse_attn", out, sa.sparse_attn_ref(q, kv, idx, sink, dh**-0.5), torch.float32)
+
+
+@interp
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_indexer_topk_interp(dtype):
     t, hi, di, c, topk = 3, 16, 32, 200, 64
