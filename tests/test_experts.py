@@ -186,3 +186,18 @@ def test_profile_command_and_hot_set(tmp_path):
     ref = homeseek.load("tiny", dtype=torch.float32, max_context=64)
     ids = list(range(100, 140))
     assert torch.equal(eng.session().forward(ids), ref.session().forward(ids))
+
+
+@pytest.mark.parametrize("policy", ["lru", "lrfu:50"])
+def test_masked_victim_equals_candidate_victim(policy):
+    """The whole-array victim the residency map uses picks what the candidate-list rule does."""
+    rng = np.random.default_rng(1)
+    p = make_policy(policy, 300)
+    for now in range(1, 3000):
+        s = int(rng.integers(0, 300))
+        (p.on_fill if rng.random() < 0.3 else p.on_access)(s, now)
+        if now % 7 == 0:
+            ok = rng.random(300) < 0.5
+            ok[int(rng.integers(0, 300))] = True
+            cand = np.flatnonzero(ok)
+            assert p.victim_of(ok, now) == int(cand[p.victim(cand, now)])
