@@ -18,6 +18,7 @@ from homeseek.experts import (
     LRFUPolicy,
     LRUPolicy,
     Residency,
+    make_policy,
     record_bytes,
     simulate,
 )
