@@ -14,6 +14,7 @@ import os
 import shutil
 import sys
 import tempfile
+import warnings
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -32,6 +33,9 @@ from homeseek.runner import Runner
 from homeseek.sampling import SamplingParams, TokenLogprob
 from homeseek.scheduler import Scheduler
 from homeseek.state import SessionState, StateArena
+
+# Prefill chunks are halved down to this size when one runs out of GPU memory.
+MIN_PREFILL_CHUNK = 64
 
 
 class ContextError(ValueError):
@@ -331,6 +335,7 @@ class Session:
         self.state = SessionState(engine.cfg, engine.rt, engine.layers, arena=engine.arena)
         self._finalizer = weakref.finalize(self, self.state.arena.release, self.state.slot)
         self.tokens: list[int] = []  # every id this sequence has consumed, in order
+        self._chunk_cap = engine.rt.prefill_chunk  # halved when a chunk runs out of memory
 
     def close(self) -> None:
         """Give the state slot back; the session cannot be used afterwards."""
@@ -377,15 +382,38 @@ class Session:
             return logits[None]
         ids = torch.tensor(id_list, dtype=torch.long, device=eng.rt.device)
         outs = []
-        chunk = eng.rt.prefill_chunk
-        starts = range(0, T, chunk)
-        if eng.progress and len(starts) > 1:
-            starts = tqdm(starts, desc="prefill", unit="chunk", leave=False)
-        with torch.inference_mode():
-            for a in starts:
-                X = eng.runner.step(ids[a : a + chunk], id_list[a : a + chunk], self.state)
-                self.tokens.extend(id_list[a : a + chunk])
-                if last_only and a + chunk < T:
+        chunk = min(eng.rt.prefill_chunk, self._chunk_cap)
+        bar = tqdm(
+            total=T, desc="prefill", unit="tok", leave=False, disable=not eng.progress or T <= chunk
+        )
+        a = 0
+        with torch.inference_mode(), bar:
+            while a < T:
+                n = min(chunk, T - a)
+                saved = self.state.save() if n > 1 else None
+                try:
+                    X = eng.runner.step(ids[a : a + n], id_list[a : a + n], self.state)
+                except torch.OutOfMemoryError:
+                    if n <= MIN_PREFILL_CHUNK or saved is None:
+                        raise
+                    # The chunk's activations did not fit: put back the state the failed chunk
+                    # had started to change and go on in halves (for this session from now on).
+                    self.state.restore(saved)
+                    del saved
+                    if torch.cuda.is_available():
+                        torch.cuda.empty_cache()
+                    chunk = self._chunk_cap = max(n // 2, MIN_PREFILL_CHUNK)
+                    warnings.warn(
+                        f"prefill chunk of {n} tokens ran out of GPU memory; continuing with "
+                        f"{chunk}-token chunks (set HOMESEEK_PREFILL_CHUNK to start there)",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
+                    continue
+                self.tokens.extend(id_list[a : a + n])
+                a += n
+                bar.update(n)
+                if last_only and a < T:
                     continue
                 if last_only:
                     X = X[-1:]

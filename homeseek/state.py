@@ -201,6 +201,25 @@ class SessionState:
         for s in self.layers.values():
             s.reset()
 
+    def save(self) -> list[torch.Tensor]:
+        """Copies of what a prefill chunk changes and a retry of it would read: the window rings
+        and the compressors' partial blocks and overlap halves (small; the compressed caches are
+        only ever written at rows a retry rewrites, and read up to the position reached)."""
+        return [t.clone() for t in self._chunk_state()]
+
+    def restore(self, saved: list[torch.Tensor]) -> None:
+        for t, s in zip(self._chunk_state(), saved, strict=True):
+            t.copy_(s)
+
+    def _chunk_state(self) -> list[torch.Tensor]:
+        out = []
+        for s in self.layers.values():
+            out.append(s.window)
+            for c in (s.comp, s.index_comp):
+                if c is not None:
+                    out += [c.buf_kv, c.buf_gate, c.prev_kv, c.prev_gate]
+        return out
+
     def release(self) -> None:
         """Give the slot back to the arena (the views must not be used afterwards)."""
         self.arena.release(self.slot)

@@ -4,6 +4,7 @@ session-state arena."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import pytest
@@ -112,3 +113,33 @@ def test_closed_session_refuses_work():
     s.close()
     with pytest.raises(ValueError, match="closed"):
         s.decode(3)
+
+
+def test_prefill_chunk_that_runs_out_of_memory_is_retried_in_halves(monkeypatch):
+    """An out-of-memory chunk (raised here mid-way through its layers, after it changed the
+    state of the first ones) is undone and redone in halves: the result equals a run that used
+    the halved chunk from the start."""
+    import homeseek.model as M
+
+    prompt = torch.randint(0, 129280, (200,), generator=torch.Generator().manual_seed(2)).tolist()
+    ref_eng = homeseek.load("tiny", dtype=torch.float32, max_context=512)
+    ref_eng.rt = dataclasses.replace(ref_eng.rt, prefill_chunk=64)
+    want = ref_eng.session().forward(prompt, last_only=True)
+
+    eng = homeseek.load("tiny", dtype=torch.float32, max_context=512)
+    eng.rt = dataclasses.replace(eng.rt, prefill_chunk=128)
+    real = M.segment_b
+    calls = {"n": 0}
+
+    def oom_once(p, moe, ctx):
+        calls["n"] += 1
+        if p.X.shape[0] == 128 and calls["n"] == 3:  # layer 2 of the first 128-token chunk
+            raise torch.OutOfMemoryError("simulated")
+        return real(p, moe, ctx)
+
+    monkeypatch.setattr(M, "segment_b", oom_once)
+    sess = eng.session()
+    with pytest.warns(RuntimeWarning, match="continuing with 64-token chunks"):
+        got = sess.forward(prompt, last_only=True)
+    assert torch.equal(got, want)
+    assert sess.pos == len(prompt) and sess.tokens == prompt
