@@ -17,7 +17,6 @@ experts are resident. Two paths:
 from __future__ import annotations
 
 import contextlib
-import logging
 import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
@@ -36,8 +35,6 @@ from homeseek.state import SessionState, StateArena
 
 if TYPE_CHECKING:
     from homeseek.profiler import DecodeRecorder
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
