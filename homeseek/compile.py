@@ -64,10 +64,6 @@ def use(enabled: bool) -> Iterator[None]:
         _state["on"] = old
 
 
-def active() -> bool:
-    return bool(_state["on"])
-
-
 def compile_seconds() -> float:
     """Wall seconds spent in calls that compiled (first call per shape), since start."""
     return float(_state["compile_s"])
