@@ -32,14 +32,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from homeseek import model as M
 from homeseek.checkpoint import QWeight
 from homeseek.compile import fused
 from homeseek.config import CSA, SWA
 from homeseek.kernels import ops
-from homeseek.quant import fp4_block_sim, fp8_block_sim, hadamard_matrix
+from homeseek.quant import hadamard_matrix
 from homeseek.state import ArenaCompressor, ArenaLayer
 
 # Smallest position bucket: every sequence shorter than this shares one set of graphs.
@@ -92,21 +91,6 @@ def rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return M.rms_norm(x, w, eps)
 
 
-def _kv_round(kv: torch.Tensor, nope: int, quant_sim: bool) -> torch.Tensor:
-    """Window keys and main compressed entries are cached with the nope part FP8 (block 64)."""
-    if not quant_sim:
-        return kv
-    return torch.cat((fp8_block_sim(kv[:, :nope], 64), kv[:, nope:]), dim=-1)
-
-
-def _fp4_hadamard(x: torch.Tensor, hmat: torch.Tensor, quant_sim: bool) -> torch.Tensor:
-    """Indexer q and keys: Hadamard rotation, then E2M1 in blocks of 32 (quant.hadamard and
-    fp4_block_sim, with the matrix passed in)."""
-    if not quant_sim:
-        return x
-    return fp4_block_sim((x.float() @ hmat).to(x.dtype))
-
-
 @fused
 def q_and_kv(
     qb: torch.Tensor,
@@ -125,7 +109,7 @@ def q_and_kv(
     q = q * torch.rsqrt(q.float().square().mean(-1, keepdim=True) + eps).to(q.dtype)
     q = M.apply_rope(q, cos.unsqueeze(1), sin.unsqueeze(1))
     kv = M.apply_rope(M.rms_norm(kva, kv_w, eps), cos, sin)
-    return q, _kv_round(kv, nope, quant_sim)
+    return q, M.kv_round(kv, nope, quant_sim)
 
 
 @fused
@@ -188,7 +172,7 @@ def pool_entry(
     pooled = (slot_kv * torch.softmax(slot_gate, dim=0)).sum(0, keepdim=True)  # [1, d] fp32
     first = (pos // m) * m
     e = M.apply_rope(M.rms_norm(pooled.to(dtype), norm_w, eps), cos_t[first], sin_t[first])
-    e = _kv_round(e, nope, quant_sim) if post == "kv" else _fp4_hadamard(e, hmat, quant_sim)
+    e = M.kv_round(e, nope, quant_sim) if post == "kv" else M.index_round(e, quant_sim, hmat)
     return e, pk, pg, cache_row0 + pos // m
 
 
@@ -224,7 +208,7 @@ def indexer_q(
     """Indexer query [1, HI, DI] (RoPE, Hadamard + E2M1) and head weights [1, HI] fp32 from the
     weights_proj product wlog (rounded to the activation dtype, as model.linear returns it)."""
     q = M.apply_rope(qi.view(1, heads, -1), cos.unsqueeze(1), sin.unsqueeze(1))
-    return _fp4_hadamard(q, hmat, quant_sim), wlog.to(dtype).float() * w_scale
+    return M.index_round(q, quant_sim, hmat), wlog.to(dtype).float() * w_scale
 
 
 @fused
@@ -249,27 +233,9 @@ def hca_select(pos: torch.Tensor, n_c: int, m: int) -> torch.Tensor:
     return torch.where(ent < (pos + 1) // m, ent, -1)
 
 
-@fused
-def route_math(
-    logits: torch.Tensor,
-    bias: torch.Tensor | None,
-    hashed: torch.Tensor | None,
-    k: int,
-    scale: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Router scores sqrt(softplus(logits)) -> (expert ids [1, K], weights [1, K]); hash layers
-    take the ids from the token's table row, the others the top-k of score + bias."""
-    sc = torch.sqrt(F.softplus(logits))
-    sel = hashed if hashed is not None else torch.topk(sc + bias, k, dim=-1).indices
-    w = sc.gather(1, sel)
-    return sel, w / w.sum(-1, keepdim=True) * scale
-
-
-@fused
-def swiglu_act(g: torch.Tensor, v: torch.Tensor, limit: float) -> torch.Tensor:
-    """model.swiglu_down before its w2 product: silu(min(g, L)) · clamp(v, ±L), input dtype."""
-    a = F.silu(g.float().clamp(max=limit)) * v.float().clamp(-limit, limit)
-    return a.to(g.dtype)
+# model.py's own definitions, compiled on the kernel path.
+route_math = fused(M.route_from_logits)
+swiglu_act = fused(M.swiglu_act)
 
 
 # --- the step ------------------------------------------------------------------------------------

@@ -268,13 +268,12 @@ def indexer_topk(
     T = x.shape[0]
 
     def key_post(k: torch.Tensor) -> torch.Tensor:
-        return fp4_block_sim(hadamard(k)) if ctx.quant_sim else k
+        return index_round(k, ctx.quant_sim)
 
     n_c = compress(x, s0, lw, "attn.indexer.compressor", cs, rope, key_post, ctx)
     cos, sin = rope(True, pos)
     qi = apply_rope(qi.view(T, HI, DI), cos.unsqueeze(1), sin.unsqueeze(1))
-    if ctx.quant_sim:
-        qi = fp4_block_sim(hadamard(qi))
+    qi = index_round(qi, ctx.quant_sim)
     # Head weights scaled by DI^-1/2 · HI^-1/2 (docs/architecture.md §3.3 step 4).
     w = linear(x, lw["attn.indexer.weights_proj"], ctx).float() * (DI**-0.5 * HI**-0.5)
     # I[t, c] = Σ_h w[t, h]·ReLU(qI[t, h]·kI[c]); entry c usable iff c < floor((p+1)/m);
@@ -322,9 +321,7 @@ def attention(
     # One shared K = V head.
     kv = rms_norm(kva, lw["attn.kv_norm"], eps)  # [T, Dh]
     kv = apply_rope(kv, cos, sin)
-    if ctx.quant_sim:  # the cache stores the nope part as FP8 (block 64)
-        nope = cfg.nope_dim
-        kv = torch.cat((fp8_block_sim(kv[:, :nope], 64), kv[:, nope:]), dim=-1)
+    kv = kv_round(kv, cfg.nope_dim, ctx.quant_sim)
 
     # Local keys: the W-1 positions before this call (from the ring), then the new ones.
     n_prev = min(s0, W - 1)
@@ -379,15 +376,28 @@ def grouped_linear(o: torch.Tensor, w: QWeight, ctx: Ctx) -> torch.Tensor:
 
 
 def _kv_post(ctx: Ctx) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Main compressor entries are cached like window keys: nope part FP8-rounded (block 64)."""
-    nope = ctx.cfg.nope_dim
+    """Main compressor entries are cached like window keys (kv_round)."""
 
     def post(e: torch.Tensor) -> torch.Tensor:
-        if not ctx.quant_sim:
-            return e
-        return torch.cat((fp8_block_sim(e[:, :nope], 64), e[:, nope:]), dim=-1)
+        return kv_round(e, ctx.cfg.nope_dim, ctx.quant_sim)
 
     return post
+
+
+def kv_round(kv: torch.Tensor, nope: int, quant_sim: bool) -> torch.Tensor:
+    """A key [T, Dh] as the cache stores it: the nope part FP8-rounded (block 64), the rope part
+    as is (no rounding without quant_sim)."""
+    if not quant_sim:
+        return kv
+    return torch.cat((fp8_block_sim(kv[:, :nope], 64), kv[:, nope:]), dim=-1)
+
+
+def index_round(x: torch.Tensor, quant_sim: bool, h: torch.Tensor | None = None) -> torch.Tensor:
+    """Indexer queries and keys as the reference rounds them: Hadamard rotation over the last
+    dim (matrix h, else built), then E2M1 in blocks of 32 (nothing without quant_sim)."""
+    if not quant_sim:
+        return x
+    return fp4_block_sim(hadamard(x, h))
 
 
 # --- MoE (docs/architecture.md §3.4) --------------------------------------------------------------
@@ -397,13 +407,29 @@ def route(
     """u [T, D] -> (expert ids [T, K] int64, routing weights [T, K] fp32)."""
     cfg = ctx.cfg
     logits = u.float() @ lw["ffn.gate"].dequant().T  # [T, E] fp32
-    sc = torch.sqrt(F.softplus(logits))
     if cfg.is_hash_layer(layer):
-        sel = lw["ffn.gate.tid2eid"][ids]  # fixed by the input token id
+        hashed, bias = lw["ffn.gate.tid2eid"][ids], None  # fixed by the input token id
     else:  # the bias steers selection only
-        sel = torch.topk(sc + lw["ffn.gate.bias"], cfg.num_experts_per_tok, dim=-1).indices
+        hashed, bias = None, lw["ffn.gate.bias"]
+    return route_from_logits(
+        logits, bias, hashed, cfg.num_experts_per_tok, cfg.routed_scaling_factor
+    )
+
+
+def route_from_logits(
+    logits: torch.Tensor,
+    bias: torch.Tensor | None,
+    hashed: torch.Tensor | None,
+    k: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router logits [T, E] fp32 -> (expert ids [T, K], weights [T, K]): scores
+    sqrt(softplus(logits)); ids from the hash table rows `hashed`, else the top-k of score +
+    bias; weights are the chosen scores normalised to sum `scale`."""
+    sc = torch.sqrt(F.softplus(logits))
+    sel = hashed if hashed is not None else torch.topk(sc + bias, k, dim=-1).indices
     w = sc.gather(1, sel)
-    return sel, w / w.sum(-1, keepdim=True) * cfg.routed_scaling_factor
+    return sel, w / w.sum(-1, keepdim=True) * scale
 
 
 def swiglu(
@@ -426,13 +452,17 @@ def swiglu_down(
     route_w: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The rest of swiglu from the gate and up projections g = w1·u, v = w3·u [T, I]."""
-    lim, dt = ctx.cfg.swiglu_limit, g.dtype
-    g = g.float().clamp(max=lim)
-    v = v.float().clamp(-lim, lim)
-    a = F.silu(g) * v
+    return linear(swiglu_act(g, v, ctx.cfg.swiglu_limit, route_w), w2, ctx)
+
+
+def swiglu_act(
+    g: torch.Tensor, v: torch.Tensor, limit: float, route_w: torch.Tensor | None = None
+) -> torch.Tensor:
+    """route_w · silu(min(g, L)) · clamp(v, ±L) in fp32, returned in g's dtype (w2's input)."""
+    a = F.silu(g.float().clamp(max=limit)) * v.float().clamp(-limit, limit)
     if route_w is not None:  # the routing weight multiplies before w2 (docs/architecture.md §3.4)
         a = a * route_w.unsqueeze(-1)
-    return linear(a.to(dt), w2, ctx)
+    return a.to(g.dtype)
 
 
 def routed_experts(

@@ -188,7 +188,9 @@ def hadamard_matrix(n: int, device: torch.device) -> torch.Tensor:
     return (h * n**-0.5).to(device)
 
 
-def hadamard(x: torch.Tensor) -> torch.Tensor:
-    """x -> x·H over the last dim (fp32 math, input dtype out)."""
-    h = hadamard_matrix(x.shape[-1], x.device)
+def hadamard(x: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
+    """x -> x·H over the last dim (fp32 math, input dtype out). h: the matrix, when the caller
+    holds it (code compiled with torch.compile cannot build it)."""
+    if h is None:
+        h = hadamard_matrix(x.shape[-1], x.device)
     return (x.float() @ h).to(x.dtype)

@@ -165,9 +165,7 @@ class Runner:
                     self.cfg.swiglu_limit, act_quant=self.rt.quant_sim,
                 )  # fmt: skip
             else:
-                weights_of = {e: store.weights(s) for e, s in slot_of.items()}.__getitem__
-                sel_d = sel.to(p.u.device)
-                M.routed_experts(p.u, sel_d, p.weights, sorted(slot_of), weights_of, self.ctx, acc)
+                self._ref_experts(p.u, sel, p.weights, slot_of, acc)
         if fused:
             return out
         return (acc + p.shared.float()).to(p.u.dtype)
@@ -303,13 +301,24 @@ class Runner:
         self._experts(src, b.moe)
         ops.mhc_post(b.moe, b.Xa, b.post, b.comb, out=b.X, triton=self.ctx.kernels)
 
-    def _moe_ref(self, sel: torch.Tensor, slot_of: dict[int, int], last: bool) -> None:
-        """Reference experts (kernels off, CPU): experts in id order, as Runner.moe."""
-        b, store = self.buf, self.scheduler.store
+    def _ref_experts(
+        self,
+        u: torch.Tensor,
+        sel: torch.Tensor,
+        weights: torch.Tensor,
+        slot_of: dict[int, int],
+        acc: torch.Tensor,
+    ) -> None:
+        """One wave of the reference experts (kernels off, CPU) into acc fp32, in id order."""
+        store = self.scheduler.store
         weights_of = {e: store.weights(s) for e, s in slot_of.items()}.__getitem__
-        M.routed_experts(
-            b.u, sel.to(b.u.device), b.weights, sorted(slot_of), weights_of, self.ctx, b.acc_f32
-        )
+        M.routed_experts(u, sel.to(u.device), weights, sorted(slot_of), weights_of, self.ctx, acc)
+
+    def _moe_ref(self, sel: torch.Tensor, slot_of: dict[int, int], last: bool) -> None:
+        """Reference experts (kernels off, CPU), as Runner.moe; the last wave adds the shared
+        expert and runs mHC post into the streams."""
+        b = self.buf
+        self._ref_experts(b.u, sel, b.weights, slot_of, b.acc_f32)
         if last:
             moe = (b.acc_f32 + b.shared.float()).to(b.u.dtype)
             b.X.copy_(M.hc_post(moe, b.Xa, b.post, b.comb, self.ctx))
@@ -320,15 +329,14 @@ class Runner:
     def _write_slots(self, sel: torch.Tensor, slot_of: dict[int, int]) -> None:
         """The wave's slot table into the static device table, through a pinned staging buffer
         (two, alternating: a wave's table may still be in flight when the next is written)."""
-        table = [[slot_of.get(e, -1) for e in row] for row in sel.tolist()]
         if not self._slot_stage:  # CPU
-            self.buf.slots.copy_(torch.tensor(table, dtype=torch.int32))
+            self.buf.slots.copy_(self.scheduler.slot_table(sel, slot_of, self.buf.slots.device))
             return
         i = self._stage_i = 1 - self._stage_i
         ev = self._stage_events[i]
         if ev is not None:
             ev.synchronize()
-        self._stage_np[i][:] = table
+        self._stage_np[i][:] = self.scheduler.slot_rows(sel, slot_of)
         self.buf.slots.copy_(self._slot_stage[i], non_blocking=True)
         ev = self._stage_events[i] or torch.cuda.Event()
         ev.record()

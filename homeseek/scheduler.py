@@ -138,9 +138,14 @@ class Scheduler:
         self.host_s += time.perf_counter() - t0
 
     @staticmethod
+    def slot_rows(sel: torch.Tensor, slot_of: dict[int, int]) -> list[list[int]]:
+        """[T][K] slots of sel's experts (-1: not in this wave)."""
+        return [[slot_of.get(e, -1) for e in row] for row in sel.tolist()]
+
+    @staticmethod
     def slot_table(
         sel: torch.Tensor, slot_of: dict[int, int], device: torch.device
     ) -> torch.Tensor:
         """[T, K] int32 slots of sel's experts (-1: not in this wave)."""
-        table = [[slot_of.get(e, -1) for e in row] for row in sel.tolist()]
+        table = Scheduler.slot_rows(sel, slot_of)
         return torch.tensor(table, dtype=torch.int32).to(device, non_blocking=True)

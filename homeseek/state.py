@@ -65,7 +65,6 @@ class ArenaCompressor:
 
     ratio: int
     overlap: bool
-    d: int  # entry width
     buf_kv: torch.Tensor  # [S, m, c*d] fp32
     buf_gate: torch.Tensor  # [S, m, c*d] fp32
     prev_kv: torch.Tensor  # [S, m, d] fp32
@@ -108,7 +107,6 @@ def _compressor(
     return ArenaCompressor(
         ratio=ratio,
         overlap=overlap,
-        d=d,
         buf_kv=torch.zeros(slots, ratio, c * d, **f32),
         buf_gate=torch.zeros(slots, ratio, c * d, **f32),
         prev_kv=torch.zeros(slots, ratio, d, **f32),
