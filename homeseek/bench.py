@@ -259,6 +259,43 @@ def _gpu_profile(
     return len(spans), busy / 1000, [(n, int(c), round(t, 3)) for n, (c, t) in ranked]
 
 
+def cap_process(device: str, gpu_mem_gb: float | None) -> float | None:
+    """Cap this process at the GPU budget: an overrun then fails as on a card of that size.
+    Returns the memory fraction set (None: CPU, or no budget)."""
+    if not str(device).startswith("cuda") or gpu_mem_gb is None:
+        return None
+    dev = torch.device(device)
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(index).total_memory
+    frac = min(1.0, gpu_mem_gb * GiB / total)
+    torch.cuda.set_per_process_memory_fraction(frac, index)
+    return frac
+
+
+def build_engine(
+    rt: RuntimeConfig,
+    model: str | None,
+    synthetic: str | None,
+    seed: int = 0,
+    expert_alias: int | None = None,
+):  # noqa: ANN201 - homeseek.engine.Engine (imported late)
+    """The engine of a measurement: a checkpoint (`model`), or a preset built in memory with
+    random weights (`synthetic`, experts aliased onto `expert_alias` host records); the host tier
+    filled as far as it will get before anything is timed."""
+    from homeseek.engine import Engine, resolve_model
+    from homeseek.synthetic import SyntheticSource
+
+    if synthetic is not None:
+        src = SyntheticSource(
+            PRESETS[synthetic](), seed=seed, device=rt.device, expert_alias=expert_alias
+        )
+    else:
+        src = resolve_model(model)
+    eng = Engine(src, rt, progress=True)
+    eng.experts.join_host_fill()
+    return eng
+
+
 class Bench:
     """One process: the ceilings, the engine, then every routing mode's work."""
 
@@ -268,22 +305,7 @@ class Bench:
         self.rows: list[Row] = []
 
     # -- setup -----------------------------------------------------------------------------------
-    def _cap_process(self) -> float | None:
-        """Cap this process at the GPU budget: an overrun then fails as on a card of that size."""
-        bc = self.bc
-        if not self.cuda or bc.gpu_mem_gb is None:
-            return None
-        dev = torch.device(bc.device)
-        index = dev.index if dev.index is not None else torch.cuda.current_device()
-        total = torch.cuda.get_device_properties(index).total_memory
-        frac = min(1.0, bc.gpu_mem_gb * GiB / total)
-        torch.cuda.set_per_process_memory_fraction(frac, index)
-        return frac
-
     def _engine(self):  # noqa: ANN202 - homeseek.engine.Engine (imported late)
-        from homeseek.engine import Engine, resolve_model
-        from homeseek.synthetic import SyntheticSource
-
         bc = self.bc
         rt = RuntimeConfig.build(
             device=bc.device,
@@ -293,21 +315,12 @@ class Bench:
             max_context=bc.max_context,
             graphs=bc.graphs,
         )
-        if bc.synthetic is not None:
-            src = SyntheticSource(
-                PRESETS[bc.synthetic](), seed=bc.seed, device=bc.device,
-                expert_alias=bc.expert_alias,
-            )  # fmt: skip
-        else:
-            src = resolve_model(bc.model)
-        eng = Engine(src, rt, progress=True)
-        eng.experts.join_host_fill()  # measure with the host tier as full as it will get
-        return eng
+        return build_engine(rt, bc.model, bc.synthetic, bc.seed, bc.expert_alias)
 
     # -- the run ---------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         bc = self.bc
-        frac = self._cap_process()
+        frac = cap_process(bc.device, bc.gpu_mem_gb)
         t0 = time.perf_counter()
         if bc.synthetic is not None:
             cfg0 = PRESETS[bc.synthetic]()

@@ -845,6 +845,15 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument(
         "--compare-eager", action="store_true", help="decode: also the eager step, side by side"
     )
+    pr.add_argument(
+        "--synthetic", choices=["flash", "tiny"], default=None,
+        help="decode: a preset built in memory with random weights instead of --model (as "
+        "`homeseek bench`; on CUDA the process is capped at --gpu-mem-gb, default 24)",
+    )  # fmt: skip
+    pr.add_argument(
+        "--expert-alias", type=count, default=64,
+        help="decode --synthetic: distinct expert records in host RAM (0: every expert its own)",
+    )  # fmt: skip
     pr.set_defaults(func=cmd_profile)
     return p
 
@@ -907,7 +916,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
     routing_only = {"--out": args.out, "--chunk": args.chunk != 512}
     decode_only = {
         "--plot": args.plot, "--compare-eager": args.compare_eager,
-        "--prompt-tokens": args.prompt_tokens != 32,
+        "--prompt-tokens": args.prompt_tokens != 32, "--synthetic": args.synthetic,
+        "--expert-alias": args.expert_alias != 64,
     }  # fmt: skip
     wrong = [k for k, v in (decode_only if args.routing else routing_only).items() if v]
     if wrong:
@@ -949,7 +959,7 @@ def _profile_decode(args: argparse.Namespace) -> int:
                                       compare_eager=args.compare_eager)  # fmt: skip
     if args.max_context is None:
         args.max_context = pc.prompt + pc.warmup + pc.tokens + 16
-    eng = _load(args)
+    eng = _synthetic_engine(args) if args.synthetic else _load(args)
     res = profiler.profile_decode(eng, pc)
     if args.trace:
         Path(args.trace).write_text(json.dumps(profiler.chrome_trace(res["_tokens"])))
@@ -958,6 +968,35 @@ def _profile_decode(args: argparse.Namespace) -> int:
         profiler.plot(res, args.plot)
         print(f"plot: {args.plot}")
     return 0
+
+
+def _synthetic_engine(args: argparse.Namespace) -> Engine:
+    """`profile --decode --synthetic`: the preset built in memory, the process capped at the
+    GPU budget (default 24 GiB on CUDA), as `homeseek bench` measures."""
+    import torch
+
+    from homeseek.bench import build_engine, cap_process
+    from homeseek.config import RuntimeConfig
+
+    if args.model != "tiny":
+        raise UsageError("give --model or --synthetic, not both")
+    device = _check_device(args.device)
+    gpu = args.gpu_mem_gb
+    if gpu is None and device.startswith("cuda"):
+        gpu = 24.0
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cap_process(device, gpu)
+    rt = RuntimeConfig.build(
+        device=device,
+        dtype=getattr(torch, DTYPES[args.dtype]),
+        gpu_mem_gb=gpu,
+        host_mem_gb=args.host_mem_gb,
+        max_context=args.max_context,
+        quant_sim=not args.no_quant_sim,
+        graphs=False if args.no_graphs else None,
+    )
+    return build_engine(rt, None, args.synthetic, expert_alias=args.expert_alias or None)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -114,3 +114,28 @@ def test_graph_decode_matches_the_prefill_step():
     agree = float((dec.argmax(-1) == full.argmax(-1)).float().mean())
     torch.backends.cuda.matmul.allow_tf32 = old
     assert err < 1e-4 and agree >= 0.99, (err, agree)
+
+
+def test_decode_profile_on_cuda_times_graphs_and_copies():
+    """The profiler's CUDA branch: every segment timed by events, the copies of an evicting
+    pool timed on the copy stream and inside the token, the trace ordered."""
+    from homeseek import profiler
+
+    eng = _load(True, expert_slots=3)
+    pc = profiler.DecodeProfileConfig(tokens=4, warmup=2, prompt=16, compare_eager=True)
+    res = profiler.profile_decode(eng, pc, out=lambda s: None)
+    assert res["graphs"] is True and res["eager"] is not None
+    t = res["per_token"]
+    n_layers = eng.cfg.num_hidden_layers
+    assert len(res["layers"]) == n_layers
+    assert all(r["a_ms"] > 0 and r["b_ms"] > 0 for r in res["layers"])
+    assert t["misses"] > 0 and t["copy_ms"] > 0 and t["h2d_MB"] > 0
+    assert 0 <= t["overlap_ms"] <= t["copy_ms"] + 1e-6
+    assert 0 < t["gpu_ms"] <= t["wall_ms"]
+    for tok in res["_tokens"]:
+        segs = sorted(tok.segments, key=lambda s: s.start)
+        assert [s.name for s in segs][0] == "embed" and segs[-1].name == "H"
+        assert all(0 <= s.start <= s.end <= tok.wall_ms + 1e-3 for s in segs)
+        for st in tok.layers.values():
+            assert all(0 <= a <= b <= tok.wall_ms + 1e-3 for a, b in st.copies)
+    assert res["graph_stats"]["graphs_captured"] >= 3 + n_layers

@@ -58,3 +58,17 @@ def test_profile_modes(capsys):
     assert "--routing needs --out" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["profile", "--routing", "--decode"])
+
+
+def test_decode_profile_of_a_synthetic_preset(capsys):
+    rc = main(["profile", "--decode", "--synthetic", "tiny", "--tokens", "1",
+               "--prompt-tokens", "4", "--expert-alias", "2"])  # fmt: skip
+    assert rc == 0
+    res = json.loads(next(x for x in capsys.readouterr().out.splitlines() if x.startswith("{")))
+    assert len(res["layers"]) == 5
+    with pytest.raises(SystemExit):
+        main(["profile", "--decode", "--synthetic", "tiny", "--model", "elsewhere"])
+    assert "not both" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["profile", "--routing", "--out", "x.json", "--synthetic", "tiny"])
+    assert "--synthetic is for --decode only" in capsys.readouterr().err

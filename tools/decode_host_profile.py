@@ -1,0 +1,69 @@
+"""Where the host's time goes in a decode token: cProfile over graph decode steps.
+
+Builds the engine as `homeseek bench` does (full-size synthetic V4-Flash on CUDA, the process
+capped at --gpu-mem-gb), runs `homeseek profile --decode`'s per-layer report, then decodes
+--tokens more tokens under cProfile and prints the functions with the most own time.
+
+    python tools/decode_host_profile.py --gpu-mem-gb 130 --tokens 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import time
+
+import torch
+
+from homeseek import profiler
+from homeseek.bench import build_engine, cap_process
+from homeseek.config import RuntimeConfig
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--synthetic", default="flash")
+    ap.add_argument("--gpu-mem-gb", type=float, default=24.0)
+    ap.add_argument("--host-mem-gb", type=float, default=None)
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--prompt", type=int, default=512, help="prefill first (fills the pool)")
+    ap.add_argument("--top", type=int, default=40)
+    ap.add_argument("--trace", default=None, help="Chrome trace of the per-layer report")
+    args = ap.parse_args()
+    device = "cuda"
+    cap_process(device, args.gpu_mem_gb)
+    rt = RuntimeConfig.build(
+        device=device, dtype=torch.bfloat16, gpu_mem_gb=args.gpu_mem_gb,
+        host_mem_gb=args.host_mem_gb, max_context=args.prompt + 128,
+    )  # fmt: skip
+    eng = build_engine(rt, None, args.synthetic, expert_alias=64)
+    res = profiler.profile_decode(eng, profiler.DecodeProfileConfig(tokens=16, prompt=args.prompt))
+    if args.trace:
+        import json
+
+        with open(args.trace, "w") as f:
+            json.dump(profiler.chrome_trace(res["_tokens"]), f)
+    sess = eng.session()
+    sess.forward(list(range(1, args.prompt + 1)), last_only=True)
+    tok = 7
+    for _ in range(4):
+        tok = int(sess.decode(tok).argmax())
+    torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    t0 = time.perf_counter()
+    prof.enable()
+    for _ in range(args.tokens):
+        tok = int(sess.decode(tok).argmax())
+    prof.disable()
+    wall = (time.perf_counter() - t0) / args.tokens * 1000
+    print(f"host profile: {args.tokens} tokens, {wall:.2f} ms/token wall (under cProfile)")
+    for key in ("tottime", "cumtime"):
+        s = io.StringIO()
+        pstats.Stats(prof, stream=s).sort_stats(key).print_stats(args.top)
+        print(s.getvalue())
+
+
+if __name__ == "__main__":
+    main()
