@@ -20,9 +20,11 @@ against recency (Lee et al., 2001) - with a per-layer floor so no layer loses al
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,6 +35,9 @@ from homeseek.checkpoint import Checkpoint, QWeight, layer_prefix
 from homeseek.config import ConfigError, ModelConfig
 
 Key = tuple[int, int]  # (layer, expert)
+# Threads reading missed records from the tier below the host cache: a decode layer misses up
+# to num_experts_per_tok (6) of them, and one thread copies a 13 MB record at ~5-15 GB/s.
+READER_THREADS = 8
 
 
 def record_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -129,7 +134,10 @@ class LRFUPolicy(Policy):
         return self.crf[idx] * np.exp2(-(now - self.last[idx]) / self.h)
 
     def on_access(self, slot: int, now: int) -> None:
-        self.crf[slot] = self._decayed(slot, now) + 1.0
+        # Scalar math on Python floats: this runs for every expert lookup of a decode token
+        # (258 of them), where numpy's scalar operations cost microseconds each.
+        last = int(self.last[slot])
+        self.crf[slot] = float(self.crf[slot]) * 2.0 ** ((last - now) / self.h) + 1.0
         self.last[slot] = now
 
     def on_fill(self, slot: int, now: int) -> None:
@@ -179,13 +187,20 @@ class Residency:
         self.key_of: list[Key | None] = [None] * n_slots
         self.layer_of = np.full(n_slots, -1, dtype=np.int64)
         self.per_layer = np.zeros(n_layers, dtype=np.int64)
-        self.pinned = np.zeros(n_slots, dtype=bool)  # hot set: never evicted
+        self.pinned = np.zeros(n_slots, dtype=bool)  # hot set: never evicted (see `pin`)
+        self.n_pinned = 0
         self.protected = np.zeros(n_slots, dtype=bool)
         self.policy = policy
         self.floor = floor
         self.free = list(range(n_slots - 1, -1, -1))
         self.clock = 0
         self.evictions = 0
+
+    def pin(self, slot: int) -> None:
+        """Never evict this slot's entry."""
+        if not self.pinned[slot]:
+            self.pinned[slot] = True
+            self.n_pinned += 1
 
     def lookup(self, key: Key) -> int | None:
         s = self.slot_of.get(key)
@@ -328,6 +343,10 @@ class ExpertStore:
         self.time_copies = False
         self.prefetched: set[Key] = set()  # hash-layer keys looked up ahead of their layer
         self.copy_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        # The stream the experts are used on, looked up once per step (`begin_step`): asking
+        # torch for the current stream costs ~10 us of host time, several times per layer.
+        self.compute: torch.cuda.Stream | None = None
+        self._reader_pool: ThreadPoolExecutor | None = None  # reads of the tier below
 
     def _new_gpu_residency(self) -> Residency:
         n, n_layers, policy, per_token, floor = self._gpu_args
@@ -342,52 +361,78 @@ class ExpertStore:
         self.prefetched.clear()
 
     # -- sources ----------------------------------------------------------------------------------
-    def _disk_record(self, key: Key) -> dict[str, torch.Tensor]:
-        """Zero-copy views of one expert's stored tensors (read on touch)."""
+    def _disk_parts(self, key: Key) -> dict[str, list[torch.Tensor]]:
+        """Zero-copy views of one expert's stored tensors (read on touch), per record tensor
+        the parts that fill its rows in order (w13: w1's rows, then w3's)."""
         pre = f"{layer_prefix(self.cfg, key[0])}ffn.experts.{key[1]}."
-        g = self.ckpt.get_mapped
-        w1, w3 = g(pre + "w1.weight"), g(pre + "w3.weight")
-        s1, s3 = g(pre + "w1.scale"), g(pre + "w3.scale")
-        u8 = torch.uint8
+        g, u8 = self.ckpt.get_mapped, torch.uint8
         return {
-            "w13_q": torch.cat((w1.view(u8), w3.view(u8))),
-            "w13_s": torch.cat((s1.view(u8), s3.view(u8))),
-            "w2_q": g(pre + "w2.weight").view(u8),
-            "w2_s": g(pre + "w2.scale").view(u8),
+            "w13_q": [g(pre + "w1.weight").view(u8), g(pre + "w3.weight").view(u8)],
+            "w13_s": [g(pre + "w1.scale").view(u8), g(pre + "w3.scale").view(u8)],
+            "w2_q": [g(pre + "w2.weight").view(u8)],
+            "w2_s": [g(pre + "w2.scale").view(u8)],
         }
 
-    def _host_record(self, key: Key) -> dict[str, torch.Tensor]:
-        """The record in host memory: from the host cache, else disk (-> host cache)."""
+    def _disk_record(self, key: Key) -> dict[str, torch.Tensor]:
+        """One expert's record from the disk tier (w13 concatenated: a copy)."""
+        return {k: v[0] if len(v) == 1 else torch.cat(v) for k, v in self._disk_parts(key).items()}
+
+    def _host_source(self, key: Key) -> tuple[dict[str, torch.Tensor], bool]:
+        """Where a missed record is copied from -> (its tensors, whether they still need to be
+        read from the disk tier with `_fill` first).
+
+        A host-cache hit is ready. Otherwise the record gets a host-cache slot to be read into
+        (protected until the layer's next request, since its copy to the GPU is still to come),
+        or, with no host tier (CPU, or not pinned yet), is read in place from the disk tier."""
         with self.lock:
-            if self.host is not None:
-                s = self.hostres.lookup(key)
-                if s is not None:
-                    self.counters.host_hits += 1
-                    return self.host.view(s)
-            t0 = time.perf_counter()
+            if self.host is None:
+                self.counters.disk_loads += 1
+                self.counters.bytes_disk += record_bytes(self.cfg)
+                t0 = time.perf_counter()
+                rec = self._disk_record(key)
+                self.counters.disk_s += time.perf_counter() - t0
+                return rec, False
+            s = self.hostres.lookup(key)
+            if s is not None:
+                self.counters.host_hits += 1
+                self.hostres.protected[s] = True
+                return self.host.view(s), False
             self.counters.disk_loads += 1
             self.counters.bytes_disk += record_bytes(self.cfg)
-            if self.host is None:  # no host tier (CPU), or not pinned yet: read in place
-                rec = self._disk_record(key)
-            else:
-                s, _ = self.hostres.admit(key)
-                self.host.copy_in(s, self._disk_record(key))
-                rec = self.host.view(s)
-            self.counters.disk_s += time.perf_counter() - t0
-            return rec
+            s, _ = self.hostres.admit(key)
+            self.hostres.protected[s] = True
+            return self.host.view(s), True
+
+    def _fill(self, dst: dict[str, torch.Tensor], key: Key) -> None:
+        """Read key's record from the disk tier into dst (a host-cache slot). Runs on the
+        reader threads: torch copies release the GIL, so several records read at once."""
+        for k, parts in self._disk_parts(key).items():
+            row = 0
+            for part in parts:
+                dst[k][row : row + part.shape[0]].copy_(part)
+                row += part.shape[0]
 
     # -- residency --------------------------------------------------------------------------------
+    def begin_step(self) -> None:
+        """A step starts: note the stream its experts will be used on."""
+        if self.copy_stream is not None:
+            self.compute = torch.cuda.current_stream(self.device)
+
+    def _compute(self) -> torch.cuda.Stream:
+        return self.compute if self.compute is not None else torch.cuda.current_stream(self.device)
+
     def begin_layer(self) -> None:
         """Start a new residency request: nothing is protected from eviction any more."""
         self.gpu.protected[:] = False
+        if self.hostres is not None:
+            with self.lock:
+                self.hostres.protected[:] = False
 
     def ensure_resident(self, layer: int, experts: Sequence[int]) -> list[int]:
         """Slots holding `experts` of `layer`, copying misses in; protects them until the next
         `begin_layer`. On CUDA the copies are queued on the copy stream: call `wait` before use."""
         t0 = time.perf_counter()
-        slots = []
-        timed = self.time_copies and self.copy_stream is not None
-        start = None
+        slots, misses = [], []
         for e in experts:
             key = (layer, int(e))
             s = self.gpu.lookup(key)
@@ -400,20 +445,51 @@ class ExpertStore:
             if s is None:
                 s, evicted = self.gpu.admit(key)
                 self.counters.evictions += evicted is not None
-                src = self._host_record(key)
-                if timed and start is None:  # after the compute it waits for, before the copies
-                    self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
-                    start = self._copy_event()
-                self._copy_to_slot(s, src)
-                self.counters.bytes_h2d += record_bytes(self.cfg)
+                misses.append((s, key))
             else:
                 self.counters.gpu_hits += 1
             self.gpu.protected[s] = True
             slots.append(s)
-        if start is not None:
-            self.copy_events.append((start, self._copy_event()))
+        if misses:
+            self._load(misses)
         self.counters.copy_s += time.perf_counter() - t0
         return slots
+
+    def _load(self, misses: list[tuple[int, Key]]) -> None:
+        """Copy missed records into their slots: host-cache hits at once, records of the tier
+        below read by the reader threads in parallel, each copied as soon as it is read."""
+        timed = self.time_copies and self.copy_stream is not None
+        if timed:  # after the compute it waits for, before the copies
+            self.copy_stream.wait_stream(self._compute())
+            start = self._copy_event()
+        reads = []
+        for s, key in misses:
+            src, unread = self._host_source(key)
+            if unread:
+                reads.append((s, key, src))
+            else:
+                self._copy_to_slot(s, src)
+        if reads:
+            t0 = time.perf_counter()
+            if len(reads) == 1:
+                self._fill(reads[0][2], reads[0][1])
+                done = [None]
+            else:
+                done = [self._readers().submit(self._fill, src, key) for _, key, src in reads]
+            for (s, _, src), f in zip(reads, done, strict=True):
+                if f is not None:
+                    f.result()
+                self._copy_to_slot(s, src)
+            self.counters.disk_s += time.perf_counter() - t0
+        self.counters.bytes_h2d += len(misses) * record_bytes(self.cfg)
+        if timed:
+            self.copy_events.append((start, self._copy_event()))
+
+    def _readers(self) -> ThreadPoolExecutor:
+        if self._reader_pool is None:
+            n = max(1, min(READER_THREADS, os.cpu_count() or 1))
+            self._reader_pool = ThreadPoolExecutor(n, thread_name_prefix="homeseek-read")
+        return self._reader_pool
 
     def _copy_event(self) -> torch.cuda.Event:
         ev = torch.cuda.Event(enable_timing=True)
@@ -434,7 +510,7 @@ class ExpertStore:
             self.pool.copy_in(s, src)
             return
         # The slot may still be read by work queued before this eviction: order the copy after it.
-        self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+        self.copy_stream.wait_stream(self._compute())
         with torch.cuda.stream(self.copy_stream):
             self.pool.copy_in(s, src, non_blocking=src["w13_q"].is_pinned())
             ev = torch.cuda.Event()
@@ -445,7 +521,9 @@ class ExpertStore:
         """Make the compute stream wait for the copies into these slots (and nothing else)."""
         if self.copy_stream is None:
             return
-        cur = torch.cuda.current_stream(self.device)
+        if not self.ready:  # nothing in flight: every slot asked for was a hit
+            return
+        cur = self._compute()
         for s in slots:
             ev = self.ready.pop(s, None)
             if ev is not None:
@@ -484,7 +562,7 @@ class ExpertStore:
         keys = list(keys)[: self.n_slots // 2]
         for key in keys:
             (s,) = self.ensure_resident(key[0], [key[1]])
-            self.gpu.pinned[s] = True
+            self.gpu.pin(s)
         self.begin_layer()
         return len(keys)
 
@@ -510,7 +588,7 @@ class ExpertStore:
                         return
                     if self.hostres.slot_of.get(key) is None:
                         s, _ = self.hostres.admit(key)
-                        self.host.copy_in(s, self._disk_record(key))
+                        self._fill(self.host.view(s), key)
 
         self._filler = threading.Thread(target=fill, name="homeseek-host-fill", daemon=True)
         self._filler.start()

@@ -75,8 +75,9 @@ class DecodeRecorder:
         self._host: list[tuple[str, int, float, float]] = []
         if self.cuda:
             self.store.copy_events.clear()
+            self._stream = torch.cuda.current_stream()  # once: each lookup costs host time
             self._ref = torch.cuda.Event(enable_timing=True)
-            self._ref.record()
+            self._ref.record(self._stream)
 
     def _ms(self) -> float:
         return (time.perf_counter() - self._t0) * 1000
@@ -87,9 +88,9 @@ class DecodeRecorder:
         seg = Segment(str(name), layer)
         if self.cuda:
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
+            a.record(self._stream)
             yield
-            b.record()
+            b.record(self._stream)
             self._events.append((seg, a, b))
         else:
             seg.start = self._ms()

@@ -123,6 +123,7 @@ class Runner:
         self._stage_np = [t.numpy() for t in self._slot_stage]
         self._stage_events: list[torch.cuda.Event | None] = [None, None]
         self._stage_i = 0
+        self._stream: torch.cuda.Stream | None = None  # the step's compute stream (CUDA)
         self.capture_s = 0.0  # wall seconds spent capturing graphs (warm-up included)
         self.recorder: DecodeRecorder | None = None  # `homeseek profile --decode` sets it
         if ctx.kernels:
@@ -198,6 +199,7 @@ class Runner:
         # The previous step's copy of host_index has run: its layers' ids were read back after it.
         b.index.copy_(b.host_index, non_blocking=True)
         self.scheduler.begin_step([token])
+        self._stream = self.scheduler.store.compute  # events record on it without a lookup
         self._run(("embed",), self._embed)
         for layer in self.layers:
             lw, st = self.weights[layer], state.arena.layers[layer]
@@ -218,7 +220,7 @@ class Runner:
         """Between A and B: read the ids, make the experts resident, run them (wave by wave)."""
         b = self.buf
         if self._sel_ready is not None:
-            self._sel_ready.record()
+            self._sel_ready.record(self._stream)
             self._sel_ready.synchronize()  # the one host wait of the layer
         first = True  # of the layer's waves: the experts add to `shared`, later to `acc`
         for sel, slot_of, last in self.scheduler.layer(layer, b.sel_host.clone()):
@@ -339,7 +341,7 @@ class Runner:
         self._stage_np[i][:] = self.scheduler.slot_rows(sel, slot_of)
         self.buf.slots.copy_(self._slot_stage[i], non_blocking=True)
         ev = self._stage_events[i] or torch.cuda.Event()
-        ev.record()
+        ev.record(self._stream)
         self._stage_events[i] = ev
 
     def graph_stats(self) -> dict[str, float]:

@@ -105,6 +105,7 @@ class Scheduler:
 
     def begin_step(self, token_ids: Sequence[int]) -> None:
         """Hash-routed layers' experts follow from the token ids: start their copies now."""
+        self.store.begin_step()
         if self.routing is not None:
             self.routing.begin_step(token_ids)
         else:  # an override routes hash layers too: their table would prefetch the wrong ones
@@ -126,7 +127,7 @@ class Scheduler:
         if self.trace is not None:
             self.trace.append((layer, sel))
         experts = sorted(set(sel.flatten().tolist()))
-        wave = max(store.n_slots - int(store.gpu.pinned.sum()), 1)
+        wave = max(store.n_slots - store.gpu.n_pinned, 1)
         for i in range(0, len(experts), wave):
             batch = experts[i : i + wave]
             store.begin_layer()

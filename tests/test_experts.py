@@ -17,6 +17,7 @@ from homeseek.config import ConfigError
 from homeseek.experts import (
     LRFUPolicy,
     LRUPolicy,
+    RecordBuffer,
     Residency,
     make_policy,
     record_bytes,
@@ -84,6 +85,19 @@ def test_disk_tier_is_zero_copy(ids):
     assert not mapped.untyped_storage().resizable()  # a view over the map, not an owned copy
 
 
+def test_disk_reads_fill_a_host_record_in_place():
+    """The reader threads' copy (parts straight into a host record's rows, no concatenation)
+    gives the record the disk tier stores, from the main thread and from the reader pool."""
+    eng = homeseek.load("tiny", dtype=torch.float32, max_context=64)
+    store = eng.experts
+    buf = RecordBuffer(eng.cfg, 2, "cpu")
+    store._fill(buf.view(0), (1, 5))
+    store._readers().submit(store._fill, buf.view(1), (2, 7)).result()
+    for slot, key in ((0, (1, 5)), (1, (2, 7))):
+        want = store._disk_record(key)
+        assert all(torch.equal(buf.view(slot)[k], want[k]) for k in want)
+
+
 # --- policies ------------------------------------------------------------------------------------
 def _fill(res: Residency, keys) -> None:
     for k in keys:
@@ -116,7 +130,7 @@ def test_lrfu_keeps_frequent_over_recent_one_offs():
 def test_protected_and_pinned_are_never_evicted():
     res = Residency(3, 1, LRUPolicy(3))
     _fill(res, [(0, 1), (0, 2), (0, 3)])
-    res.pinned[res.slot_of[(0, 1)]] = True
+    res.pin(res.slot_of[(0, 1)])
     res.protected[res.slot_of[(0, 2)]] = True
     _, ev = res.admit((0, 9))
     assert ev == (0, 3)

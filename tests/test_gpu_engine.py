@@ -75,6 +75,7 @@ def test_cuda_store_exact_under_eviction(ids):
     c = small.experts.counters
     assert c.evictions > 60 and c.lookups == c.gpu_hits + c.host_hits + c.disk_loads
     assert c.host_hits > 0  # misses were served from the pinned host cache
+    assert c.disk_loads > 0  # and read from the tier below it (the reader threads)
 
 
 def test_cuda_bf16_generate():
