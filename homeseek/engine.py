@@ -222,6 +222,7 @@ class Engine:
             sess.decode(0)
         finally:
             sess.close()
+        self.runner.capture_experts()
 
     def encode_chat(
         self,

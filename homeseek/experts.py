@@ -347,6 +347,17 @@ class ExpertStore:
         # torch for the current stream costs ~10 us of host time, several times per layer.
         self.compute: torch.cuda.Stream | None = None
         self._reader_pool: ThreadPoolExecutor | None = None  # reads of the tier below
+        # The slot map: (layer, expert) -> slot on the device, -1 where not resident, for the
+        # decode step's graphs to look experts up without the host. An entry is published
+        # (written on the compute stream) only once the compute stream waits for its slot's
+        # copy, and unpublished before its slot is refilled; `_mapped` mirrors what is
+        # published, `_unmap` / `_newmap` hold what is still to publish.
+        self.slot_map = torch.full(
+            (n_layers, cfg.n_routed_experts), -1, dtype=torch.int32, device=device
+        )
+        self._mapped = np.full((n_layers, cfg.n_routed_experts), -1, dtype=np.int32)
+        self._unmap: set[Key] = set()
+        self._newmap: dict[int, Key] = {}  # slot -> key filled into it, not yet published
 
     def _new_gpu_residency(self) -> Residency:
         n, n_layers, policy, per_token, floor = self._gpu_args
@@ -359,6 +370,10 @@ class ExpertStore:
         self.gpu = self._new_gpu_residency()
         self.ready.clear()
         self.prefetched.clear()
+        self.slot_map.fill_(-1)
+        self._mapped.fill(-1)
+        self._unmap.clear()
+        self._newmap.clear()
 
     # -- sources ----------------------------------------------------------------------------------
     def _disk_parts(self, key: Key) -> dict[str, list[torch.Tensor]]:
@@ -445,12 +460,16 @@ class ExpertStore:
             if s is None:
                 s, evicted = self.gpu.admit(key)
                 self.counters.evictions += evicted is not None
+                if evicted is not None and self._mapped[evicted] >= 0:
+                    self._unmap.add(evicted)
+                self._newmap[s] = key  # replaces an unpublished fill of the same slot
                 misses.append((s, key))
             else:
                 self.counters.gpu_hits += 1
             self.gpu.protected[s] = True
             slots.append(s)
         if misses:
+            self._publish({})  # evicted entries leave the map before anything reads it again
             self._load(misses)
         self.counters.copy_s += time.perf_counter() - t0
         return slots
@@ -518,16 +537,41 @@ class ExpertStore:
         self.ready[s] = ev
 
     def wait(self, slots: Iterable[int]) -> None:
-        """Make the compute stream wait for the copies into these slots (and nothing else)."""
-        if self.copy_stream is None:
+        """Make the compute stream wait for the copies into these slots (and nothing else);
+        their map entries are published after that wait."""
+        slots = list(slots)
+        if self.copy_stream is not None and self.ready:  # else every slot asked for was a hit
+            cur = self._compute()
+            for s in slots:
+                ev = self.ready.pop(s, None)
+                if ev is not None:
+                    cur.wait_event(ev)
+        if self._newmap:
+            self._publish({self._newmap.pop(s): s for s in slots if s in self._newmap})
+
+    def published(self, layer: int) -> np.ndarray:
+        """[n_experts] bool: which of the layer's experts the device slot map holds now."""
+        return self._mapped[layer] >= 0
+
+    def _publish(self, new: dict[Key, int]) -> None:
+        """Write the pending removals and `new` entries into the device slot map, in order on
+        the compute stream (one small copy and one scatter)."""
+        upd = {key: -1 for key in self._unmap}
+        upd.update(new)
+        self._unmap.clear()
+        if not upd:
             return
-        if not self.ready:  # nothing in flight: every slot asked for was a hit
-            return
-        cur = self._compute()
-        for s in slots:
-            ev = self.ready.pop(s, None)
-            if ev is not None:
-                cur.wait_event(ev)
+        E = self._mapped.shape[1]
+        flat = [layer * E + e for layer, e in upd]
+        vals = list(upd.values())
+        for key, v in upd.items():
+            self._mapped[key] = v
+        idx = torch.tensor(flat, dtype=torch.long)
+        val = torch.tensor(vals, dtype=torch.int32)
+        if self.copy_stream is not None:  # pinned: the copies stay asynchronous
+            idx = idx.pin_memory().to(self.device, non_blocking=True)
+            val = val.pin_memory().to(self.device, non_blocking=True)
+        self.slot_map.view(-1).index_copy_(0, idx, val)
 
     def prefetch_hash_layers(self, ids: Sequence[int]) -> None:
         """Hash-routed layers' experts follow from the token ids alone: start their copies at

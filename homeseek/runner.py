@@ -5,13 +5,16 @@ experts are resident. Two paths:
 
 - `step(ids, state)`: any number of tokens (prefill), eager, the functions of model.py.
 - `decode(token, state)`: one token, the capture-safe functions of decode.py over static
-  buffers. On CUDA with graphs on, each piece is a CUDA graph: `embed`, per layer and position
-  bucket `A` (attention + mHC + router + shared expert), then `B` (routed experts from the slot
-  pool + mHC post; one graph for every layer, it reads the runner's static buffers) after `E`
-  (the waves before the last, when a layer's experts do not fit the free slots at once), and
-  `H` (the head). Between A and B the scheduler reads the layer's expert ids from a pinned
-  buffer A wrote, makes them resident and writes the slot table B reads. With graphs off the
-  same functions run eagerly (`graphs=False`, and always on CPU).
+  buffers. On CUDA with graphs on, each piece is a CUDA graph: `embed`; per layer and position
+  bucket `A` (the previous layer's mHC post, then attention + mHC + router + shared expert; it
+  also looks the chosen experts up in the store's device slot map); `B` (the routed experts the
+  slot map holds, launched before the host has seen the ids); `E` (a wave of experts from a
+  slot table the host wrote: the misses, or every expert under a routing override); `H` (the
+  last mHC post and the head). B, E and H serve every layer: they read the runner's static
+  buffers. Between B and the next A the scheduler reads the layer's expert ids from a pinned
+  buffer A wrote and makes the misses resident; a layer whose experts were all resident costs
+  the host only that check, while the GPU runs B. With graphs off the same functions run
+  eagerly (`graphs=False`, and always on CPU).
 """
 
 from __future__ import annotations
@@ -53,10 +56,10 @@ class DecodeBuffers:
     sel_host: torch.Tensor  # [1, K] int64, pinned on CUDA: what the scheduler reads
     weights: torch.Tensor  # [1, K] fp32 routing weights
     shared: torch.Tensor  # [1, D] shared-expert output
-    acc: torch.Tensor  # [1, D] shared + routed experts of the waves before the last (kernels)
+    acc: torch.Tensor  # [1, D] scratch of a wave that adds to `moe` (kernels)
     acc_f32: torch.Tensor  # [1, D] fp32 routed experts so far (reference path)
-    moe: torch.Tensor  # [1, D] routed + shared (kernel path)
-    slots: torch.Tensor  # [1, K] int32 slot table (device)
+    moe: torch.Tensor  # [1, D] routed + shared experts: the FFN output mHC post reads
+    slots: torch.Tensor  # [1, K] int32 slot table (device): from the slot map, or the host
     logits: torch.Tensor  # [1, V] fp32
 
     @classmethod
@@ -207,7 +210,10 @@ class Runner:
             def seg_a(lw=lw, st=st, layer=layer) -> None:
                 self._a(lw, st, layer, bucket)
 
-            self._run(("A", layer, bucket), seg_a, restore=_non_idempotent(st), layer=layer)
+            # A's warm-up runs before its capture rewrite X, Xa, post and comb (the previous
+            # layer's mHC post reads what A then overwrites): put them back as well.
+            keep = [b.X, b.Xa, b.post, b.comb] if layer != self.layers[0] else []
+            self._run(("A", layer, bucket), seg_a, restore=_non_idempotent(st) + keep, layer=layer)
             with rec.layer(layer) if rec is not None else contextlib.nullcontext():
                 self._moe_layer(layer)
         self._run(("H",), self._h)
@@ -217,23 +223,33 @@ class Runner:
         return b.logits[0].clone()
 
     def _moe_layer(self, layer: int) -> None:
-        """Between A and B: read the ids, make the experts resident, run them (wave by wave)."""
+        """After A: the resident experts at once (B), then the ids, the misses made resident
+        and run (E, wave by wave)."""
         b = self.buf
+        kernels = self.ctx.kernels
+        # B runs the experts the device slot map held when A looked them up; it is launched
+        # before the host reads the ids, so the GPU works while the scheduler checks them.
+        # A routing override replaces the ids after A: then E runs them all from the host.
+        ahead = kernels and self.scheduler.routing is None
         if self._sel_ready is not None:
             self._sel_ready.record(self._stream)
+        if ahead:
+            self._run(("B",), self._b, layer=layer)
+            # What B ran: the map as published when A read it (nothing changed it since).
+            held = self.scheduler.store.published(layer)
+        if self._sel_ready is not None:
             self._sel_ready.synchronize()  # the one host wait of the layer
-        first = True  # of the layer's waves: the experts add to `shared`, later to `acc`
+        first = True  # of the layer's waves without B: the experts add to `shared`
         for sel, slot_of, last in self.scheduler.layer(layer, b.sel_host.clone()):
-            if self.ctx.kernels:
-                self._write_slots(sel, slot_of)
-                src = b.shared if first else b.acc
-                if last:
-                    self._run(("B", first), lambda src=src: self._b(src), layer=layer)
-                else:
-                    self._run(("E", first), lambda src=src: self._e(src), [b.acc], layer=layer)
-            else:
+            if not kernels:
                 with self._timed(("B", first), layer):
                     self._moe_ref(sel, slot_of, last)
+            else:
+                todo = {e: s for e, s in slot_of.items() if not held[e]} if ahead else slot_of
+                if todo:
+                    self._write_slots(sel, todo)
+                    add = ahead or not first  # add to `moe`, else start from `shared`
+                    self._run(("E", add), lambda add=add: self._e(add), [b.moe], layer=layer)
             first = False
 
     def _timed(self, key: Hashable, layer: int) -> contextlib.AbstractContextManager[None]:
@@ -273,8 +289,15 @@ class Runner:
     def _embed(self) -> None:
         self.buf.X.copy_(M.embed(self.ix.ids, self.top["embed"], self.ctx))
 
+    def _post(self) -> None:
+        """mHC post of the layer before: its FFN output back into the streams."""
+        b = self.buf
+        ops.mhc_post(b.moe, b.Xa, b.post, b.comb, out=b.X, triton=self.ctx.kernels)
+
     def _a(self, lw: M.LayerWeights, st, layer: int, bucket: int) -> None:
         b = self.buf
+        if layer != self.layers[0]:
+            self._post()
         p = D.segment_a_step(b.X, self.ix, bucket, lw, st, layer, self.rope, self.ctx)
         b.Xa.copy_(p.X)
         b.u.copy_(p.u)
@@ -286,6 +309,8 @@ class Runner:
             b.acc_f32.zero_()
         b.sel.copy_(p.sel)
         b.sel_host.copy_(b.sel, non_blocking=True)
+        if self.ctx.kernels:  # the slots B reads: -1 where the expert is not resident
+            b.slots[0].copy_(self.scheduler.store.slot_map[layer].index_select(0, b.sel[0]))
 
     def _experts(self, shared: torch.Tensor, out: torch.Tensor) -> None:
         t, b = self.scheduler.store.pool.t, self.buf
@@ -294,14 +319,23 @@ class Runner:
             self.cfg.swiglu_limit, out=out, act_quant=self.rt.quant_sim,
         )  # fmt: skip
 
-    def _e(self, src: torch.Tensor) -> None:  # a wave of experts, not the last: into acc
-        self._experts(src, self.buf.moe)
-        self.buf.acc.copy_(self.buf.moe)
+    def _b(self) -> None:  # the experts the slot map holds, with the shared expert
+        self._experts(self.buf.shared, self.buf.moe)
 
-    def _b(self, src: torch.Tensor) -> None:  # the last wave, then mHC post into the streams
+    def _e(self, add: bool) -> None:  # a wave from the host's slot table, into moe
         b = self.buf
-        self._experts(src, b.moe)
-        ops.mhc_post(b.moe, b.Xa, b.post, b.comb, out=b.X, triton=self.ctx.kernels)
+        self._experts(b.moe if add else b.shared, b.acc)
+        b.moe.copy_(b.acc)
+
+    def capture_experts(self) -> None:
+        """Capture the expert graphs a token may need later (E, with and without B before
+        it), so that no capture stalls a request (`Engine.warm_up`)."""
+        if self.pool is None or not self.graphs.enabled:
+            return
+        for add in (True, False):
+            key = ("E", add)
+            if key not in self.graphs.graphs and key not in self.graphs.failures:
+                self._capture(key, lambda add=add: self._e(add), [self.buf.moe, self.buf.acc])
 
     def _ref_experts(
         self,
@@ -318,14 +352,14 @@ class Runner:
 
     def _moe_ref(self, sel: torch.Tensor, slot_of: dict[int, int], last: bool) -> None:
         """Reference experts (kernels off, CPU), as Runner.moe; the last wave adds the shared
-        expert and runs mHC post into the streams."""
+        expert."""
         b = self.buf
         self._ref_experts(b.u, sel, b.weights, slot_of, b.acc_f32)
         if last:
-            moe = (b.acc_f32 + b.shared.float()).to(b.u.dtype)
-            b.X.copy_(M.hc_post(moe, b.Xa, b.post, b.comb, self.ctx))
+            b.moe.copy_((b.acc_f32 + b.shared.float()).to(b.u.dtype))
 
     def _h(self) -> None:
+        self._post()
         self.buf.logits.copy_(D.head_step(self.buf.X, self.top, self.ctx))
 
     def _write_slots(self, sel: torch.Tensor, slot_of: dict[int, int]) -> None:

@@ -61,10 +61,9 @@ def test_graph_decode_equals_eager_with_an_evicting_pool(pinned):
     n_layers = eg.cfg.num_hidden_layers
     k = eg.cfg.num_experts_per_tok
     buckets = 2  # positions 40..559 cross MIN_BUCKET once
-    assert 40 + STEPS > MIN_BUCKET
-    # embed, H, A per layer and bucket, and B; with more experts than free slots every layer
-    # runs E (the first wave) then B (after E) instead
-    assert st["graphs_captured"] == 3 + (k > 2 - pinned) + n_layers * buckets
+    assert 40 + STEPS > MIN_BUCKET and k > 2 - pinned
+    # embed, H, A per layer and bucket, B (the resident experts) and E (the misses' waves)
+    assert st["graphs_captured"] == 4 + n_layers * buckets
     assert ee.runner.graph_stats()["graphs_captured"] == 0
 
 
@@ -74,7 +73,7 @@ def test_sessions_share_one_set_of_graphs():
     ref = _load(False)
     eng.warm_up()  # captures the first bucket on a scratch session, then frees its slot
     warm = eng.runner.graph_stats()["graphs_captured"]
-    assert warm == 3 + eng.cfg.num_hidden_layers
+    assert warm == 5 + eng.cfg.num_hidden_layers  # embed, H, B, E twice, A per layer
     sess = [eng.session() for _ in prompts]
     refs = [ref.session() for _ in prompts]
     toks = [[p[-1]] for p in prompts]
@@ -98,6 +97,40 @@ def test_sessions_share_one_set_of_graphs():
         eng.session()
     sess[0].close()
     eng.session()  # the slot is free again
+
+
+def test_evicting_pool_decodes_as_the_resident_one():
+    """The device slot map B reads stays true to the pool under eviction: decoding with a
+    3-slot pool (misses every layer, B and E split each layer's experts) == with every expert
+    resident, in fp32 up to summation order."""
+    runs = []
+    for kw in (dict(expert_slots=3), {}):
+        eng = _load(True, dtype=torch.float32, **kw)
+        sess = eng.session()
+        sess.forward(list(range(50, 90)))
+        runs.append((*_greedy(sess, 11, 150), eng))
+    (ts, ls, es), (tf, lf, _) = runs
+    assert es.experts.counters.evictions > 100
+    assert ts == tf
+    assert _close(ls, lf) <= 1e-4
+
+
+def test_graph_decode_equals_eager_under_a_routing_override():
+    """With the ids replaced after A (benchmarks' uniform routing) E runs every expert from
+    the host's table, graphs and eager alike."""
+    from homeseek.scheduler import UniformRouting
+
+    runs = {}
+    for graphs in (True, False):
+        eng = _load(graphs, expert_slots=4)
+        c = eng.cfg
+        eng.scheduler.routing = UniformRouting(c.n_routed_experts, c.num_experts_per_tok, seed=5)
+        sess = eng.session()
+        sess.forward(list(range(20, 40)))
+        runs[graphs] = (*_greedy(sess, 3, 80), eng)
+    (tg, lg, eg), (te, le, _) = runs[True], runs[False]
+    assert tg == te and _close(lg, le) <= 1e-5
+    assert ("E", False) in eg.runner.graphs.graphs and ("B",) not in eg.runner.graphs.graphs
 
 
 def test_graph_decode_matches_the_prefill_step():
