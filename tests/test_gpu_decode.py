@@ -61,7 +61,7 @@ def test_graph_decode_equals_eager_with_an_evicting_pool(pinned):
     n_layers = eg.cfg.num_hidden_layers
     k = eg.cfg.num_experts_per_tok
     buckets = 2  # positions 40..559 cross MIN_BUCKET once
-    assert 40 + STEPS > MIN_BUCKET and k > 2 - pinned
+    assert 40 + STEPS > MIN_BUCKET and k >= 2
     # embed, H, A per layer and bucket, B (the resident experts) and E (the misses' waves)
     assert st["graphs_captured"] == 4 + n_layers * buckets
     assert ee.runner.graph_stats()["graphs_captured"] == 0

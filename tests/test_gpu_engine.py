@@ -7,6 +7,8 @@ import pytest
 import torch
 
 import homeseek
+from homeseek.config import PRESETS
+from homeseek.experts import record_bytes
 
 from oracle import compare
 
@@ -67,7 +69,9 @@ def test_cuda_kernel_path_close_to_reference(ids, quant_sim, parity_report):
 def test_cuda_store_exact_under_eviction(ids):
     """Reference path on CUDA with a 2-slot pool and a pinned host tier == everything resident."""
     full = _load("cuda", kernels=False)
-    small = _load("cuda", kernels=False, expert_slots=2, host_mem_gb=0.01)
+    # a host tier of 12 records: misses also read the tier below it (the reader threads)
+    rec_gb = record_bytes(PRESETS["tiny"]()) / 2**30
+    small = _load("cuda", kernels=False, expert_slots=2, host_mem_gb=12 * rec_gb)
     small.experts.join_host_fill()
     a = _prefill_and_decode(full, ids[:60])
     b = _prefill_and_decode(small, ids[:60])
