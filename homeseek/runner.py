@@ -7,14 +7,14 @@ experts are resident. Two paths:
 - `decode(token, state)`: one token, the capture-safe functions of decode.py over static
   buffers. On CUDA with graphs on, each piece is a CUDA graph: `embed`; per layer and position
   bucket `A` (the previous layer's mHC post, then attention + mHC + router + shared expert; it
-  also looks the chosen experts up in the store's device slot map); `B` (the routed experts the
-  slot map holds, launched before the host has seen the ids); `E` (a wave of experts from a
-  slot table the host wrote: the misses, or every expert under a routing override); `H` (the
-  last mHC post and the head). B, E and H serve every layer: they read the runner's static
-  buffers. Between B and the next A the scheduler reads the layer's expert ids from a pinned
-  buffer A wrote and makes the misses resident; a layer whose experts were all resident costs
-  the host only that check, while the GPU runs B. With graphs off the same functions run
-  eagerly (`graphs=False`, and always on CPU).
+  also looks the chosen experts up in the store's device slot map); `B` (the routed experts as
+  the slot map has them, launched before the host has seen the ids); `E` (a wave of experts
+  from a slot table the host wrote); `H` (the last mHC post and the head). B, E and H serve
+  every layer: they read the runner's static buffers. Between B and the next A the scheduler
+  reads the layer's expert ids from a pinned buffer A wrote; when B had them all, that is all
+  the host does while the GPU runs B. Otherwise it makes the misses resident and E runs the
+  layer's experts again from its table, so the sum never depends on what was resident. With
+  graphs off the same functions run eagerly (`graphs=False`, and always on CPU).
 """
 
 from __future__ import annotations
@@ -223,33 +223,35 @@ class Runner:
         return b.logits[0].clone()
 
     def _moe_layer(self, layer: int) -> None:
-        """After A: the resident experts at once (B), then the ids, the misses made resident
-        and run (E, wave by wave)."""
+        """After A: the experts if all are resident (B), else, once the host has the ids and
+        has made the misses resident, all of them again (E, wave by wave)."""
         b = self.buf
         kernels = self.ctx.kernels
-        # B runs the experts the device slot map held when A looked them up; it is launched
-        # before the host reads the ids, so the GPU works while the scheduler checks them.
-        # A routing override replaces the ids after A: then E runs them all from the host.
+        # B runs the experts from the slot map as A found it; it is launched before the host
+        # reads the ids, so the GPU works while the scheduler checks them. When B found them
+        # all, that is the layer's result. When it missed any, E recomputes all of them from
+        # the host's slot table: the sum then never depends on what happened to be resident
+        # (the same tokens whatever the cache held). A routing override replaces the ids
+        # after A, so then B is skipped.
         ahead = kernels and self.scheduler.routing is None
         if self._sel_ready is not None:
             self._sel_ready.record(self._stream)
         if ahead:
             self._run(("B",), self._b, layer=layer)
-            # What B ran: the map as published when A read it (nothing changed it since).
+            # What B found: the map as published when A read it (nothing changed it since).
             held = self.scheduler.store.published(layer)
         if self._sel_ready is not None:
             self._sel_ready.synchronize()  # the one host wait of the layer
-        first = True  # of the layer's waves without B: the experts add to `shared`
+        done = ahead and bool(held[b.sel_host[0].numpy()].all())
+        first = True  # of the layer's waves: the first starts from `shared`, the rest add
         for sel, slot_of, last in self.scheduler.layer(layer, b.sel_host.clone()):
             if not kernels:
                 with self._timed(("B", first), layer):
                     self._moe_ref(sel, slot_of, last)
-            else:
-                todo = {e: s for e, s in slot_of.items() if not held[e]} if ahead else slot_of
-                if todo:
-                    self._write_slots(sel, todo)
-                    add = ahead or not first  # add to `moe`, else start from `shared`
-                    self._run(("E", add), lambda add=add: self._e(add), [b.moe], layer=layer)
+            elif not done:
+                self._write_slots(sel, slot_of)
+                add = not first
+                self._run(("E", add), lambda add=add: self._e(add), [b.moe], layer=layer)
             first = False
 
     def _timed(self, key: Hashable, layer: int) -> contextlib.AbstractContextManager[None]:
@@ -322,14 +324,14 @@ class Runner:
     def _b(self) -> None:  # the experts the slot map holds, with the shared expert
         self._experts(self.buf.shared, self.buf.moe)
 
-    def _e(self, add: bool) -> None:  # a wave from the host's slot table, into moe
+    def _e(self, add: bool) -> None:  # a wave from the host's slot table: from shared, or add
         b = self.buf
         self._experts(b.moe if add else b.shared, b.acc)
         b.moe.copy_(b.acc)
 
     def capture_experts(self) -> None:
-        """Capture the expert graphs a token may need later (E, with and without B before
-        it), so that no capture stalls a request (`Engine.warm_up`)."""
+        """Capture the expert graphs a token may need later (E, first wave or not), so that no
+        capture stalls a request (`Engine.warm_up`)."""
         if self.pool is None or not self.graphs.enabled:
             return
         for add in (True, False):

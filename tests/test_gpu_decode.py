@@ -62,8 +62,9 @@ def test_graph_decode_equals_eager_with_an_evicting_pool(pinned):
     k = eg.cfg.num_experts_per_tok
     buckets = 2  # positions 40..559 cross MIN_BUCKET once
     assert 40 + STEPS > MIN_BUCKET and k >= 2
-    # embed, H, A per layer and bucket, B (the resident experts) and E (the misses' waves)
-    assert st["graphs_captured"] == 4 + n_layers * buckets
+    # embed, H, A per layer and bucket, B (the resident experts) and E (a layer with misses:
+    # its first wave, and with one free slot the later waves too)
+    assert st["graphs_captured"] == 4 + pinned + n_layers * buckets
     assert ee.runner.graph_stats()["graphs_captured"] == 0
 
 
@@ -100,9 +101,9 @@ def test_sessions_share_one_set_of_graphs():
 
 
 def test_evicting_pool_decodes_as_the_resident_one():
-    """The device slot map B reads stays true to the pool under eviction: decoding with a
-    3-slot pool (misses every layer, B and E split each layer's experts) == with every expert
-    resident, in fp32 up to summation order."""
+    """The device slot map B reads stays true to the pool under eviction, and what was resident
+    does not change the result: decoding with a 3-slot pool (misses every layer, E reruns
+    them) == with every expert resident (B alone), bit for bit."""
     runs = []
     for kw in (dict(expert_slots=3), {}):
         eng = _load(True, dtype=torch.float32, **kw)
@@ -112,7 +113,7 @@ def test_evicting_pool_decodes_as_the_resident_one():
     (ts, ls, es), (tf, lf, _) = runs
     assert es.experts.counters.evictions > 100
     assert ts == tf
-    assert _close(ls, lf) <= 1e-4
+    assert all(torch.equal(a, b) for a, b in zip(ls, lf, strict=True))
 
 
 def test_graph_decode_equals_eager_under_a_routing_override():
