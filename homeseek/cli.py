@@ -27,8 +27,8 @@ ENV_VARS = {
     "HOMESEEK_CACHE_DIR": "where --model tiny is written on first use "
     "(default: $XDG_CACHE_HOME/homeseek, else ~/.cache/homeseek)",
     "HOMESEEK_MAX_CONTEXT": "default of --max-context: tokens of decode state per session (32768)",
-    "HOMESEEK_PREFILL_CHUNK": "tokens per forward pass while prefilling a prompt (2048); "
-    "smaller lowers peak memory",
+    "HOMESEEK_PREFILL_CHUNK": "default of --prefill-chunk: tokens per forward pass while "
+    "prefilling a prompt (unset: the largest the GPU budget allows, up to 4096; 2048 on CPU)",
     "HOMESEEK_API_KEY": "serve: the key clients must send when --api-key is not given "
     "(unlike a flag, not visible in `ps`)",
     "TORCHINDUCTOR_CACHE_DIR": "where torch.compile keeps the CUDA decode step's compiled kernels "
@@ -183,6 +183,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         help="CPU threads for torch (default: torch's own)",
     )
     p.add_argument(
+        "--prefill-chunk",
+        type=_int_at_least(1),
+        default=None,
+        help=f"tokens per forward pass while prefilling a prompt (default: {CHUNK_DEFAULT_TEXT})",
+    )
+    p.add_argument(
         "--gpu-mem-gb",
         type=_float_in(0, lo_open=True),
         default=None,
@@ -211,6 +217,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 # shared by every command that loads a model and by `doctor`; this is how --help words it.
 GPU_DEFAULT_TEXT = "90%% of the GPU memory free at start"
 HOST_DEFAULT_TEXT = "75%% of the RAM available at start"
+CHUNK_DEFAULT_TEXT = (
+    "$HOMESEEK_PREFILL_CHUNK, else the largest power of two up to 4096 whose workspace takes at "
+    "most a quarter of the GPU memory left after the dense weights and decode state; 2048 on CPU"
+)
 
 
 @dataclass(frozen=True)
@@ -219,6 +229,7 @@ class LoadArgs:
 
     device: str
     max_context: int
+    prefill_chunk: int | None  # None: derived from the GPU budget at load
     gpu_mem_gb: float | None
     host_mem_gb: float
     vocab_size: int
@@ -266,12 +277,12 @@ def check_load(args: argparse.Namespace, needs_tokenizer: bool = False) -> LoadA
     """Validate everything `_load` needs from the arguments, the environment and the checkpoint
     directory's small files (config.json, tokenizer.json), before any weight is read."""
     from homeseek import plan
-    from homeseek.config import PRESETS, ConfigError, ModelConfig, env_int
+    from homeseek.config import PRESETS, ConfigError, ModelConfig, env_int, prefill_chunk_env
 
     device = _check_device(args.device)
     try:
         max_context = args.max_context or env_int("MAX_CONTEXT", 32768)
-        env_int("PREFILL_CHUNK", 2048)
+        prefill_chunk = args.prefill_chunk or prefill_chunk_env()
     except ConfigError as e:
         raise UsageError(str(e)) from None
     model = Path(args.model)
@@ -313,14 +324,14 @@ def check_load(args: argparse.Namespace, needs_tokenizer: bool = False) -> LoadA
     host = args.host_mem_gb if args.host_mem_gb is not None else plan.default_host_budget_gb()
     if gpu is not None:  # same test as the engine's, but before minutes of loading
         act = 4 if args.dtype == "fp32" else 2
-        p = plan.memory_plan(cfg, gpu, host, max_context, act_bytes=act)
-        if not p.fits or p.gpu_slots < cfg.num_experts_per_tok:
-            raise CliError(
-                f"a GPU budget of {gpu:.2f} GiB is too small for this model at --max-context "
-                f"{max_context}: it needs {p.min_gpu_gb:.1f} GiB; raise --gpu-mem-gb to at "
-                f"least {p.min_gpu_gb:.1f} or lower --max-context"
-            )
-    return LoadArgs(device, max_context, gpu, host, cfg.vocab_size)
+        p = plan.memory_plan(
+            cfg, gpu, host, max_context, act_bytes=act, prefill_chunk=prefill_chunk,
+            quant_sim=not args.no_quant_sim,
+        )  # fmt: skip
+        problem = p.problem(plan.CLI_NAMES)
+        if problem is not None:
+            raise CliError(problem)
+    return LoadArgs(device, max_context, prefill_chunk, gpu, host, cfg.vocab_size)
 
 
 def _load(
@@ -344,6 +355,7 @@ def _load(
         gpu_mem_gb=la.gpu_mem_gb,
         host_mem_gb=la.host_mem_gb,
         max_context=la.max_context,
+        prefill_chunk=la.prefill_chunk,
         quant_sim=not args.no_quant_sim,
         graphs=False if args.no_graphs else None,
         max_sessions=max_sessions,
@@ -492,7 +504,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
     from homeseek import plan
     from homeseek.checkpoint import verify
-    from homeseek.config import PRESETS, ModelConfig
+    from homeseek.config import PRESETS, ConfigError, ModelConfig, prefill_chunk_env
     from homeseek.engine import preset_dir
 
     GiB = plan.GiB
@@ -547,7 +559,11 @@ def cmd_doctor(args: argparse.Namespace) -> int:
             f"no GPU here, so no real plan: showing one for a hypothetical {gpu_gb:g} GiB card "
             "(give --gpu-mem-gb N to plan for yours)"
         )
-    p = plan.memory_plan(cfg, gpu_gb, host_gb, args.max_context)
+    try:
+        chunk = args.prefill_chunk or prefill_chunk_env()
+    except ConfigError as e:
+        raise UsageError(str(e)) from None
+    p = plan.memory_plan(cfg, gpu_gb, host_gb, args.max_context, prefill_chunk=chunk)
     print(f"memory plan (max_context {args.max_context}):")
     for line in p.lines(hypothetical=hypothetical):
         print(f"  {line}")
@@ -758,6 +774,10 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"pinned host budget in GiB (default: {HOST_DEFAULT_TEXT})",
     )
     dr.add_argument("--max-context", type=pos_int, default=32768, help="tokens per session")
+    dr.add_argument(
+        "--prefill-chunk", type=pos_int, default=None,
+        help=f"plan for this prefill chunk (default: {CHUNK_DEFAULT_TEXT})",
+    )  # fmt: skip
     dr.set_defaults(func=cmd_doctor)
 
     b = command(

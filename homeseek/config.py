@@ -287,6 +287,19 @@ def env_int(name: str, default: int, minimum: int = 1) -> int:
     return value
 
 
+# Prefill chunk without a GPU budget to derive one from (CPU engines: host memory is not planned).
+DEFAULT_PREFILL_CHUNK = 2048
+
+
+def prefill_chunk_env() -> int | None:
+    """HOMESEEK_PREFILL_CHUNK as a whole number >= 1; None when unset or empty (the chunk is
+    then derived from the GPU budget, homeseek.plan)."""
+    raw = _env("PREFILL_CHUNK")
+    if raw is None or not raw.strip():
+        return None
+    return env_int("PREFILL_CHUNK", DEFAULT_PREFILL_CHUNK)
+
+
 def default_cache_dir() -> Path:
     """Where built-in models (`tiny`) are created on first use."""
     env = _env("CACHE_DIR")
@@ -305,7 +318,10 @@ class RuntimeConfig:
     # emulate the reference's FP8/FP4 activation rounding (docs/architecture.md §2.5)
     quant_sim: bool = True
     max_context: int = 32768  # tokens of decode state preallocated per session
-    prefill_chunk: int = 2048  # tokens per forward chunk during prefill
+    # Tokens per forward chunk during prefill. None: derived from the GPU budget by the memory
+    # plan (homeseek.plan.derive_chunk; DEFAULT_PREFILL_CHUNK without a budget); the engine
+    # keeps the resolved value in its own RuntimeConfig.
+    prefill_chunk: int | None = None
     gpu_mem_gb: float | None = None
     host_mem_gb: float | None = None
     graphs: bool = False  # CUDA graphs for the decode step (CUDA only; build() turns it on there)
@@ -319,7 +335,7 @@ class RuntimeConfig:
     def __post_init__(self) -> None:
         if self.max_context < 1:
             raise ConfigError(f"max_context must be >= 1, got {self.max_context}")
-        if self.prefill_chunk < 1:
+        if self.prefill_chunk is not None and self.prefill_chunk < 1:
             raise ConfigError(f"prefill_chunk must be >= 1, got {self.prefill_chunk}")
         if self.graphs and not str(self.device).startswith("cuda"):
             raise ConfigError(f"graphs=True needs a CUDA device, got device={self.device!r}")
@@ -337,8 +353,8 @@ class RuntimeConfig:
         """Fill unset fields from HOMESEEK_* environment variables, then validate."""
         if kw.get("max_context") is None:
             kw["max_context"] = env_int("MAX_CONTEXT", 32768)
-        if kw.get("prefill_chunk") is None:
-            kw["prefill_chunk"] = env_int("PREFILL_CHUNK", 2048)
+        if kw.get("prefill_chunk") is None:  # still None when unset: derived at load
+            kw["prefill_chunk"] = prefill_chunk_env()
         if kw.get("graphs") is None:  # on by default where they exist
             kw["graphs"] = str(kw.get("device", "cpu")).startswith("cuda")
         return cls(**kw)

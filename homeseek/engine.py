@@ -8,6 +8,7 @@ resident by the scheduler, segment B); docs/runtime.md has the split. A request'
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -24,8 +25,16 @@ import torch
 from tqdm import tqdm
 
 from homeseek import model as M
+from homeseek import plan
 from homeseek.checkpoint import Checkpoint, QWeight, layer_prefix, layer_table
-from homeseek.config import PRESETS, ConfigError, ModelConfig, RuntimeConfig, default_cache_dir
+from homeseek.config import (
+    DEFAULT_PREFILL_CHUNK,
+    PRESETS,
+    ConfigError,
+    ModelConfig,
+    RuntimeConfig,
+    default_cache_dir,
+)
 from homeseek.experts import ExpertStore, record_bytes
 from homeseek.generation import Generation, GenerationResult
 from homeseek.kernels import ops
@@ -34,8 +43,9 @@ from homeseek.sampling import SamplingParams, TokenLogprob
 from homeseek.scheduler import Scheduler
 from homeseek.state import SessionState, StateArena
 
-# Prefill chunks are halved down to this size when one runs out of GPU memory.
-MIN_PREFILL_CHUNK = 64
+# Prefill chunks are halved down to this size when one runs out of GPU memory (a safety net: the
+# memory plan sizes the chunk so that it fits).
+MIN_PREFILL_CHUNK = plan.MIN_PREFILL_CHUNK
 
 
 class ContextError(ValueError):
@@ -133,6 +143,13 @@ class Engine:
                 f"max_context={rt.max_context} exceeds the model's max_position_embeddings="
                 f"{cfg.max_position_embeddings}"
             )
+        # The memory plan (docs/engine.md §1) settles the prefill chunk and the expert pool before
+        # any weight is read, so a budget or chunk that cannot work fails now, with the numbers.
+        self.plan = self._memory_plan()
+        chunk = rt.prefill_chunk
+        if chunk is None:
+            chunk = self.plan.chunk if self.plan is not None else DEFAULT_PREFILL_CHUNK
+        self.rt = rt = dataclasses.replace(rt, prefill_chunk=chunk)
         # Triton kernels only for CUDA tensors, decided once here: the engine never runs CPU
         # tensors through triton's interpreter (which TRITON_INTERPRET=1 would otherwise allow).
         on_cuda = str(rt.device).startswith("cuda")
@@ -175,38 +192,44 @@ class Engine:
         )  # fmt: skip
         self.tokenizer = _load_tokenizer(self.path) if self.path is not None else None
 
-    def _expert_budget(self) -> tuple[int, int]:
-        """(GPU slots, host records) from the budgets (design: gpu_mem_gb is the engine's total).
+    def _gpu_budget_gb(self) -> float | None:
+        """gpu_mem_gb, else the CLI's default rule on CUDA; None: no budget (CPU)."""
+        if self.rt.gpu_mem_gb is not None:
+            return self.rt.gpu_mem_gb
+        return plan.default_gpu_budget_gb(self.rt.device)
 
-        On CPU the slots are host memory: without a budget every expert gets a slot.
-        """
-        from homeseek import plan
+    def _host_budget_gb(self) -> float:
+        rt = self.rt
+        return rt.host_mem_gb if rt.host_mem_gb is not None else plan.default_host_budget_gb()
 
+    def _memory_plan(self) -> plan.MemoryPlan | None:
+        """The GPU split for this runtime config (design: gpu_mem_gb is the engine's total), or
+        None without a budget (CPU). Raises ConfigError when it cannot work, unless expert_slots
+        sets the pool by hand (tests and tools; the plan then only picks the prefill chunk)."""
         cfg, rt = self.cfg, self.rt
-        n_total = len(self.layers) * cfg.n_routed_experts
-        rec = record_bytes(cfg)
-        host_gb = rt.host_mem_gb if rt.host_mem_gb is not None else plan.default_host_budget_gb()
-        n_host = int(host_gb * plan.GiB) // rec
-        if rt.expert_slots is not None:
-            return rt.expert_slots, n_host
-        gpu_gb = rt.gpu_mem_gb
-        if gpu_gb is None:  # the CLI's default rule too
-            gpu_gb = plan.default_gpu_budget_gb(rt.device)
+        gpu_gb = self._gpu_budget_gb()
         if gpu_gb is None:
-            return n_total, 0
-        act = torch.finfo(rt.dtype).bits // 8
+            return None
         p = plan.memory_plan(
-            cfg, gpu_gb, host_gb, rt.max_context, act_bytes=act, sessions=rt.max_sessions
-        )
-        if not p.fits or p.gpu_slots < cfg.num_experts_per_tok:
-            raise ConfigError(
-                f"gpu_mem_gb={gpu_gb:.1f} is too small: dense weights {p.dense / plan.GiB:.2f} GiB "
-                f"+ decode state {p.state / plan.GiB:.2f} GiB + workspace "
-                f"{p.workspace / plan.GiB:.2f} GiB + {cfg.num_experts_per_tok} expert slots of "
-                f"{rec / 2**20:.2f} MiB need {p.min_gpu_gb:.2f} GiB; raise gpu_mem_gb to at least "
-                f"{p.min_gpu_gb:.1f} or lower max_context"
-            )
-        return p.gpu_slots, n_host
+            cfg, gpu_gb, self._host_budget_gb(), rt.max_context,
+            act_bytes=torch.finfo(rt.dtype).bits // 8, sessions=rt.max_sessions,
+            prefill_chunk=rt.prefill_chunk, quant_sim=rt.quant_sim,
+        )  # fmt: skip
+        problem = p.problem(plan.PY_NAMES)
+        if problem is not None and rt.expert_slots is None:
+            raise ConfigError(problem)
+        return p
+
+    def _expert_budget(self) -> tuple[int, int]:
+        """(GPU slots, host records): the plan's pool, expert_slots when given, every expert
+        without a budget (CPU: the slots are host memory)."""
+        rec = record_bytes(self.cfg)
+        n_host = int(self._host_budget_gb() * plan.GiB) // rec
+        if self.rt.expert_slots is not None:
+            return self.rt.expert_slots, n_host
+        if self.plan is None:
+            return len(self.layers) * self.cfg.n_routed_experts, 0
+        return self.plan.gpu_slots, n_host
 
     def session(self) -> Session:
         return Session(self)
@@ -406,7 +429,8 @@ class Session:
                     chunk = self._chunk_cap = max(n // 2, MIN_PREFILL_CHUNK)
                     warnings.warn(
                         f"prefill chunk of {n} tokens ran out of GPU memory; continuing with "
-                        f"{chunk}-token chunks (set HOMESEEK_PREFILL_CHUNK to start there)",
+                        f"{chunk}-token chunks (the memory plan should have prevented this: "
+                        "please report it; --prefill-chunk / HOMESEEK_PREFILL_CHUNK starts there)",
                         RuntimeWarning,
                         stacklevel=2,
                     )
@@ -414,11 +438,11 @@ class Session:
                 self.tokens.extend(id_list[a : a + n])
                 a += n
                 bar.update(n)
-                if last_only and a < T:
-                    continue
-                if last_only:
-                    X = X[-1:]
-                outs.append(eng.runner.head(X))
+                if not last_only or a == T:
+                    outs.append(eng.runner.head(X[-1:] if last_only else X))
+                # Drop this chunk's streams [n, N, D] and undo record now: held until the next
+                # chunk's step returned, they would add to its peak (the plan counts one set).
+                del X, saved
         return torch.cat(outs)
 
     def decode(self, token_id: int) -> torch.Tensor:
@@ -450,14 +474,19 @@ def load(
     eviction: str = "lrfu",
     hot_profile: str | None = None,
     kernels: bool = True,
+    prefill_chunk: int | None = None,
 ) -> Engine:
-    """Load a checkpoint directory or a preset ("tiny") -> Engine (docs/engine.md §3)."""
+    """Load a checkpoint directory or a preset ("tiny") -> Engine (docs/engine.md §3).
+
+    prefill_chunk: tokens per prefill chunk; None takes HOMESEEK_PREFILL_CHUNK, else derives it
+    from the GPU budget (homeseek.plan); one that does not fit the budget is a ConfigError."""
     rt = RuntimeConfig.build(
         device=device,
         dtype=dtype,
         gpu_mem_gb=gpu_mem_gb,
         host_mem_gb=host_mem_gb,
         max_context=max_context,
+        prefill_chunk=prefill_chunk,
         quant_sim=quant_sim,
         graphs=graphs,
         max_sessions=max_sessions,

@@ -160,6 +160,7 @@ class Generation:
             "prompt_tokens": len(prompt),
             "completion_tokens": len(out),
             "ttft_s": ttft or 0.0,
+            "prefill_s": t_prefill,
             "prefill_tok_s": len(prompt) / t_prefill if t_prefill > 0 else 0.0,
             "decode_tok_s": n_dec / t_decode if t_decode > 0 and n_dec else 0.0,
         }

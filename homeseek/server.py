@@ -387,6 +387,7 @@ def _request_stats(
     return {
         "queue_s": round(queue_s, 6),
         "ttft_s": round(queue_s + float(s.get("ttft_s", 0.0)), 6),  # as the client sees it
+        "prefill_s": round(float(s.get("prefill_s", 0.0)), 6),  # this request's prefill
         "prefill_tok_s": round(float(s.get("prefill_tok_s", 0.0)), 3),
         "decode_tok_s": round(float(s.get("decode_tok_s", 0.0)), 3),
         "prompt_tokens": float(len(lease.ids)),
@@ -1239,6 +1240,8 @@ def banner_lines(engine: Engine, cfg: ServerConfig) -> list[str]:
         f"routed experts: {n_total} x {_size(p.record)} = {_size(n_total * p.record)}; "
         f"{slots} in the slot pool on {rt.device} ({_size(slots * p.record)}), "
         f"{host} in the host cache ({_size(host * p.record)}), {disk} read from disk on demand",
+        f"prefill: chunks of {rt.prefill_chunk} tokens"
+        + (f", workspace {_size(engine.plan.workspace)}" if getattr(engine, "plan", None) else ""),
         f"requests: one at a time, queue {cfg.max_queue}, body limit "
         f"{_size(cfg.max_body_bytes)}, API key {'required' if cfg.api_key else 'off'}",
     ]

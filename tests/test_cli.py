@@ -136,6 +136,37 @@ def test_too_small_gpu_budget_names_the_flag(capsys, no_load) -> None:
     assert err.startswith("homeseek: error: ") and "raise --gpu-mem-gb to at least" in err
 
 
+def test_prefill_chunk_flag_reaches_load(no_load, monkeypatch) -> None:
+    monkeypatch.delenv("HOMESEEK_PREFILL_CHUNK", raising=False)
+    with pytest.raises(Loaded):
+        cli.main(["generate", "--device", "cpu", "x"])
+    assert no_load["prefill_chunk"] is None  # derived from the budget at load
+    for argv in (["generate", "--prefill-chunk", "256", "x"], ["serve", "--prefill-chunk", "256"]):
+        no_load.clear()
+        with pytest.raises(Loaded):
+            cli.main([*argv[:1], "--device", "cpu", *argv[1:]])
+        assert no_load["prefill_chunk"] == 256
+    monkeypatch.setenv("HOMESEEK_PREFILL_CHUNK", "128")
+    with pytest.raises(Loaded):
+        cli.main(["generate", "--device", "cpu", "x"])
+    assert no_load["prefill_chunk"] == 128
+
+
+def test_prefill_chunk_that_does_not_fit_names_the_flags(capsys, no_load) -> None:
+    argv = ["generate", "--max-context", "65536", "--gpu-mem-gb", "2", "--prefill-chunk", "65536"]
+    err = _fails(capsys, [*argv, "x"], code=1)
+    assert err.startswith("homeseek: error: --prefill-chunk 65536 does not fit --gpu-mem-gb 2.0")
+    assert "lower --prefill-chunk to at most" in err and "raise --gpu-mem-gb to at least" in err
+
+
+def test_doctor_shows_the_prefill_chunk(capsys) -> None:
+    assert cli.main(["doctor", "--gpu-mem-gb", "24", "--prefill-chunk", "1024"]) == 0
+    out = capsys.readouterr().out
+    assert "prefill chunk 1024 tokens (as set): workspace" in out
+    assert cli.main(["doctor", "--gpu-mem-gb", "24"]) == 0
+    assert "tokens (derived from the budget)" in capsys.readouterr().out
+
+
 def test_memory_flags_reach_load(no_load) -> None:
     with pytest.raises(Loaded):
         cli.main(["generate", "--device", "cpu", "--gpu-mem-gb", "3", "--host-mem-gb", "2", "x"])

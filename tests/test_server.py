@@ -1090,7 +1090,9 @@ def test_health_answers_fast_during_a_10mb_request(configured: ServerProcess) ->
         assert _http(configured.url + "/health")[0] == 200
         lat.append(time.perf_counter() - t0)
     t.join()
-    assert max(lat) < 0.1, lat
+    # Blocked behind the request (tokenizing 10 MB under the GIL) it would wait seconds; the
+    # bound leaves room for a loaded two-core CI machine.
+    assert max(lat) < 0.5, lat
     assert big["status"] == 400 and big["s"] < 5, big["s"]
     assert json.loads(big["body"])["error"]["code"] == "context_length_exceeded"
 
