@@ -326,6 +326,8 @@ class RuntimeConfig:
     host_mem_gb: float | None = None
     graphs: bool = False  # CUDA graphs for the decode step (CUDA only; build() turns it on there)
     max_sessions: int = 1  # sessions whose decode state is preallocated (live at once)
+    # > 0 loads the MTP block (Session.mtp_logits); speculative decoding with that many drafts
+    # is not built yet, so generation refuses it (Engine.generate)
     mtp: int = 0
     expert_slots: int | None = None  # slot-pool size; None: derived from gpu_mem_gb
     eviction: str = "lrfu"  # expert-pool eviction policy: lru | lrfu[:half-life]
@@ -341,10 +343,8 @@ class RuntimeConfig:
             raise ConfigError(f"graphs=True needs a CUDA device, got device={self.device!r}")
         if self.max_sessions < 1:
             raise ConfigError(f"max_sessions must be >= 1, got {self.max_sessions}")
-        if self.mtp:
-            raise ConfigError(
-                f"mtp={self.mtp}: MTP speculative decoding is not built yet; run with mtp=0"
-            )
+        if not 0 <= self.mtp <= 3:
+            raise ConfigError(f"mtp must be 0 (off) to 3 drafts, got {self.mtp}")
         if self.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ConfigError(f"dtype must be float32, bfloat16 or float16, got {self.dtype}")
 

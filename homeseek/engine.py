@@ -38,6 +38,7 @@ from homeseek.config import (
 from homeseek.experts import ExpertStore, record_bytes
 from homeseek.generation import Generation, GenerationResult
 from homeseek.kernels import ops
+from homeseek.mtp import MtpTrack
 from homeseek.runner import Runner
 from homeseek.sampling import SamplingParams, TokenLogprob
 from homeseek.scheduler import Scheduler
@@ -168,10 +169,22 @@ class Engine:
             _load_block(self.ckpt, cfg, i, dev)
             for i in tqdm(self.layers, desc="loading layers", disable=not progress)
         ]
+        # The MTP block (mtp > 0): its dense weights here, its experts in the store under layer
+        # id num_hidden_layers. It serves Session.mtp_logits; speculative decoding is not built.
+        self.mtp: M.LayerWeights | None = None
+        self.mtp_top: dict[str, torch.Tensor] | None = None
+        expert_layers = list(self.layers)
+        if rt.mtp:
+            if cfg.num_nextn_predict_layers < 1:
+                raise ConfigError(f"mtp={rt.mtp}: this checkpoint has no MTP block")
+            self.mtp = _load_block(self.ckpt, cfg, cfg.num_hidden_layers, dev)
+            self.mtp_top = M.mtp_top(self.mtp, self.top)
+            expert_layers.append(cfg.num_hidden_layers)
         n_slots, n_host = self._expert_budget()
         self.experts = ExpertStore(
-            self.ckpt, cfg, self.layers, dev, n_slots, n_host, policy=rt.eviction, progress=progress
-        )
+            self.ckpt, cfg, expert_layers, dev, n_slots, n_host, policy=rt.eviction,
+            progress=progress,
+        )  # fmt: skip
         for layer in self.layers:
             if cfg.is_hash_layer(layer):
                 self.experts.tid2eid[layer] = self.weights[layer]["ffn.gate.tid2eid"].cpu()
@@ -213,7 +226,7 @@ class Engine:
         p = plan.memory_plan(
             cfg, gpu_gb, self._host_budget_gb(), rt.max_context,
             act_bytes=torch.finfo(rt.dtype).bits // 8, sessions=rt.max_sessions,
-            prefill_chunk=rt.prefill_chunk, quant_sim=rt.quant_sim,
+            prefill_chunk=rt.prefill_chunk, quant_sim=rt.quant_sim, mtp=rt.mtp > 0,
         )  # fmt: skip
         problem = p.problem(plan.PY_NAMES)
         if problem is not None and rt.expert_slots is None:
@@ -228,7 +241,7 @@ class Engine:
         if self.rt.expert_slots is not None:
             return self.rt.expert_slots, n_host
         if self.plan is None:
-            return len(self.layers) * self.cfg.n_routed_experts, 0
+            return (len(self.layers) + int(self.rt.mtp > 0)) * self.cfg.n_routed_experts, 0
         return self.plan.gpu_slots, n_host
 
     def session(self) -> Session:
@@ -306,6 +319,11 @@ class Engine:
         """
         if (messages is None) == (prompt_ids is None):
             raise ValueError("pass exactly one of messages or prompt_ids")
+        if self.rt.mtp:
+            raise ConfigError(
+                f"generate with mtp={self.rt.mtp}: MTP speculative decoding is not built yet "
+                "(mtp > 0 loads the MTP block for Session.mtp_logits only); load with mtp=0"
+            )
         params = SamplingParams(
             max_tokens=max_tokens,
             temperature=temperature,
@@ -360,6 +378,7 @@ class Session:
         self._finalizer = weakref.finalize(self, self.state.arena.release, self.state.slot)
         self.tokens: list[int] = []  # every id this sequence has consumed, in order
         self._chunk_cap = engine.rt.prefill_chunk  # halved when a chunk runs out of memory
+        self._mtp = MtpTrack(engine) if engine.mtp is not None else None
 
     def close(self) -> None:
         """Give the state slot back; the session cannot be used afterwards."""
@@ -373,6 +392,24 @@ class Session:
     def reset(self) -> None:
         self.state.reset()
         self.tokens.clear()
+        if self._mtp is not None:
+            self._mtp.reset()
+
+    def mtp_logits(self, next_token: int) -> torch.Tensor:
+        """The MTP block's logits float32 [vocab] for the token after `next_token`: from the main
+        model's final streams at the last consumed position and `next_token` (the token that
+        follows it). Each call advances the block's window by one position: a second call
+        before the next forward chains, on the previous call's output (a chain of drafts).
+        Needs an engine loaded with mtp >= 1."""
+        if self._mtp is None:
+            raise ValueError("mtp_logits needs the MTP block: load the model with mtp=1")
+        if self.state is None:
+            raise ValueError("this session is closed")
+        V = self.engine.cfg.vocab_size
+        if not 0 <= int(next_token) < V:
+            raise ValueError(f"token id {next_token} is outside [0, {V})")
+        with torch.inference_mode():
+            return self._mtp.logits(int(next_token), self.tokens)
 
     def forward(
         self, token_ids: Sequence[int] | torch.Tensor, last_only: bool = False
@@ -402,6 +439,8 @@ class Session:
         if T == 1:  # decode: the capture-safe step (CUDA graphs when on)
             with torch.inference_mode():
                 logits = eng.runner.decode(id_list[0], self.state)
+                if self._mtp is not None:  # the final streams the step left in its buffer
+                    self._mtp.observe(eng.runner.buf.X)
             self.tokens.append(id_list[0])
             return logits[None]
         ids = torch.tensor(id_list, dtype=torch.long, device=eng.rt.device)
@@ -436,6 +475,8 @@ class Session:
                     )
                     continue
                 self.tokens.extend(id_list[a : a + n])
+                if self._mtp is not None:
+                    self._mtp.observe(X)
                 a += n
                 bar.update(n)
                 if not last_only or a == T:

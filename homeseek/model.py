@@ -529,6 +529,25 @@ def segment_b(p: FfnPending, moe: torch.Tensor, ctx: Ctx) -> torch.Tensor:
     return hc_post(moe, p.X, p.post, p.comb, ctx)
 
 
+def mtp_input(
+    X_L: torch.Tensor, next_ids: torch.Tensor, lw: LayerWeights, table: torch.Tensor, ctx: Ctx
+) -> torch.Tensor:
+    """The MTP block's input streams (docs/architecture.md §3.5): the main model's final streams
+    X_L [T, N, D] at positions t and the ids of the tokens at t + 1 [T] ->
+    e_proj(enorm(embed)) broadcast over the streams + h_proj(hnorm(X_L)) per stream [T, N, D]."""
+    eps = ctx.cfg.rms_norm_eps
+    T, N, D = X_L.shape
+    e = rms_norm(table[next_ids].to(ctx.dtype), lw["enorm"], eps)  # [T, D]
+    h = rms_norm(X_L, lw["hnorm"], eps).reshape(T * N, D)  # [T*N, D]: each stream alike
+    return linear(e, lw["e_proj"], ctx)[:, None, :] + linear(h, lw["h_proj"], ctx).view(T, N, D)
+
+
+def mtp_top(lw: LayerWeights, top: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The MTP block's head: its own hc_head collapse and final norm, the shared head."""
+    keys = ("hc_head_fn", "hc_head_base", "hc_head_scale", "norm")
+    return {"head": top["head"], **{k: lw[k] for k in keys}}  # type: ignore[misc]
+
+
 def embed(ids: torch.Tensor, table: torch.Tensor, ctx: Ctx) -> torch.Tensor:
     """ids [T] -> N identical streams [T, N, D]."""
     h = table[ids].to(ctx.dtype)

@@ -498,19 +498,23 @@ def memory_plan(
     sessions: int = 1,
     prefill_chunk: int | None = None,
     quant_sim: bool = True,
+    mtp: bool = False,
 ) -> MemoryPlan:
-    """The GPU split for `sessions` sessions of decode state at max_context each.
+    """The GPU split for `sessions` sessions of decode state at max_context each (`mtp`: with
+    the MTP block's dense weights, window state and experts).
 
     prefill_chunk None: derived from the budget (`derive_chunk`: the largest power of two in
     [64, 4096] whose workspace takes at most a quarter of what dense weights, decode state and
     RoPE tables leave; 64 when none does). A given chunk is used as is; `fits` then says whether
     it leaves room for a token's experts, and `fitting_chunk` which chunk would.
     """
-    dense = dense_bytes(cfg)
+    dense = dense_bytes(cfg, include_mtp=mtp)
     state = sessions * state_bytes(cfg, max_context, act_bytes)
+    if mtp:  # its window ring per session
+        state += sessions * cfg.sliding_window * cfg.head_dim * act_bytes
     rope = rope_table_bytes(cfg, max_context)
     record = record_bytes(cfg)
-    n = cfg.num_hidden_layers * cfg.n_routed_experts
+    n = (cfg.num_hidden_layers + int(mtp)) * cfg.n_routed_experts
     gpu = int(gpu_mem_gb * GiB)
     host = int(host_mem_gb * GiB)
     room = gpu - dense - state - rope

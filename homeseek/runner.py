@@ -150,6 +150,25 @@ class Runner:
     def head(self, X: torch.Tensor) -> torch.Tensor:
         return M.head_logits(X, self.top, self.ctx)
 
+    def mtp_step(
+        self,
+        X_L: torch.Tensor,
+        ids: torch.Tensor,
+        state: SessionState,
+        mw: M.LayerWeights,
+        mtop: dict[str, torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The MTP block (eager) at the state's position: the main model's final streams X_L
+        [T, N, D] and the ids of the next tokens [T] -> (logits for the tokens after those
+        [T, V] fp32, the block's output streams [T, N, D]); advances the state."""
+        L = self.cfg.num_hidden_layers  # the MTP block's layer id (its experts' key in the store)
+        pos = torch.arange(state.pos, state.pos + ids.shape[0], device=ids.device)
+        X = M.mtp_input(X_L, ids, mw, self.top["embed"], self.ctx)
+        p = M.segment_a(X, ids, pos, state.pos, mw, state.layers[L], L, self.rope, self.ctx)
+        X = M.segment_b(p, self.moe(p, L), self.ctx)
+        state.pos += ids.shape[0]
+        return M.head_logits(X, mtop, self.ctx), X
+
     def moe(self, p: M.FfnPending, layer: int) -> torch.Tensor:
         """Routed experts + shared expert of one layer -> [T, D] in the activation dtype.
 

@@ -168,3 +168,84 @@ def compare(ours: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
         "median_err_rel": err.median().item() / std,
         "argmax_agree_pct": 100.0 * (ours.argmax(-1) == ref.argmax(-1)).float().mean().item(),
     }
+
+
+# --- the MTP block -------------------------------------------------------------------------------
+class MtpOracle:
+    """The MTP block (docs/architecture.md §3.5) from transformers' parts: the HF port does not
+    instantiate MTP, but the block is one standard decoder layer (SWA, learned router with bias),
+    so a one-layer HF model holds `mtp.0.*` as its layer 0, with the block's own hc_head and
+    final norm and the shared embedding and head. The input fusion (enorm, hnorm, e_proj,
+    h_proj) is written here from the spec with HF's RMSNorm. `__call__` runs the layer over a
+    window of rows without a cache and returns the last row's logits and output streams."""
+
+    def __init__(self, ckpt_dir: Path) -> None:
+        import dataclasses
+
+        from transformers import DeepseekV4ForCausalLM
+        from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4RMSNorm
+
+        ck = Checkpoint(ckpt_dir)
+        cfg = ck.cfg
+        one = dataclasses.replace(
+            cfg, num_hidden_layers=1, compress_ratios=(0, 0), num_hash_layers=0
+        )
+        torch.manual_seed(0)
+        self.model = DeepseekV4ForCausalLM(hf_config(one)).float().eval()
+        pre = "mtp.0."
+        sd: dict[str, torch.Tensor] = {}
+        extra: dict[str, torch.Tensor] = {}
+        ups: dict[int, dict[str, torch.Tensor]] = {}
+        for name, spec in tensor_table(cfg).items():
+            if not name.startswith(pre):
+                continue
+            rest = name[len(pre) :]
+            w = ck.get_weight(name).dequant() if spec.kind in ("fp8", "fp4") else ck.get(name)
+            if ".experts." in rest:
+                e, proj = rest.split(".")[2:4]
+                ups.setdefault(int(e), {})[proj] = w
+            elif rest in _LEAF:
+                sd[f"model.layers.0.{_LEAF[rest]}"] = w.float()
+            else:  # the block's own additions: e_proj, h_proj, enorm, hnorm, norm, hc_head_*
+                extra[rest] = w.float()
+        ws = [ups[e] for e in range(cfg.n_routed_experts)]
+        sd["model.layers.0.mlp.experts.gate_up_proj"] = torch.stack(
+            [torch.cat((w["w1"], w["w3"])) for w in ws]
+        )
+        sd["model.layers.0.mlp.experts.down_proj"] = torch.stack([w["w2"] for w in ws])
+        sd["model.embed_tokens.weight"] = ck.get("embed.weight").float()
+        sd["lm_head.weight"] = ck.get("head.weight").float()
+        sd["model.norm.weight"] = extra.pop("norm.weight")
+        sd["model.hc_head.hc_fn"] = extra.pop("hc_head_fn")
+        sd["model.hc_head.hc_base"] = extra.pop("hc_head_base")
+        sd["model.hc_head.hc_scale"] = extra.pop("hc_head_scale")
+        missing, unexpected = self.model.load_state_dict(sd, strict=False)
+        missing = [k for k in missing if "inv_freq" not in k]
+        if missing or unexpected:
+            raise AssertionError(f"MTP oracle mapping: missing {missing}, unexpected {unexpected}")
+        D, eps = cfg.hidden_size, cfg.rms_norm_eps
+        self.enorm, self.hnorm = DeepseekV4RMSNorm(D, eps=eps), DeepseekV4RMSNorm(D, eps=eps)
+        self.enorm.weight.data = extra.pop("enorm.weight")
+        self.hnorm.weight.data = extra.pop("hnorm.weight")
+        self.e_proj, self.h_proj = extra.pop("e_proj.weight"), extra.pop("h_proj.weight")
+        assert not extra, sorted(extra)
+
+    @torch.no_grad()
+    def __call__(
+        self, streams: torch.Tensor, next_ids: list[int], positions: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows of the window (oldest first): the streams fed at each position [T, N, D], the
+        id of the token after it, the position -> (last row's logits [V], its streams [N, D])."""
+        m = self.model.model
+        ids = torch.tensor([next_ids])
+        e = self.enorm(m.embed_tokens(ids))  # [1, T, D]
+        x = (e @ self.e_proj.T).unsqueeze(2) + self.hnorm(streams[None].float()) @ self.h_proj.T
+        T = len(positions)
+        pos = torch.tensor([positions])
+        mask = torch.full((T, T), float("-inf")).triu(1)[None, None]  # causal; T <= window
+        pe = {k: m.rotary_emb(e, position_ids=pos, layer_type=k) for k in ("main", "compress")}
+        h = m.layers[0](
+            x, position_embeddings=pe, position_ids=pos, attention_mask=mask, input_ids=ids
+        )
+        logits = self.model.lm_head(m.norm(m.hc_head(h)))
+        return logits[0, -1].float(), h[0, -1]
