@@ -213,6 +213,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_mtp_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--mtp", type=_int_at_least(0, 3), default=0,
+        help="speculative decoding with this many drafts per step from the MTP block (0 = off)",
+    )  # fmt: skip
+
+
 # The default rule itself lives in homeseek.plan (default_gpu_budget_gb / default_host_budget_gb),
 # shared by every command that loads a model and by `doctor`; this is how --help words it.
 GPU_DEFAULT_TEXT = "90%% of the GPU memory free at start"
@@ -359,6 +366,7 @@ def _load(
         quant_sim=not args.no_quant_sim,
         graphs=False if args.no_graphs else None,
         max_sessions=max_sessions,
+        mtp=getattr(args, "mtp", 0),
         progress=True,
     )
 
@@ -614,11 +622,12 @@ def cmd_chat(args: argparse.Namespace) -> int:
             for flag, value in (
                 ("--gpu-mem-gb", args.gpu_mem_gb),
                 ("--host-mem-gb", args.host_mem_gb),
+                ("--mtp", args.mtp or None),
             )
             if value is not None
         ]
         if given:
-            raise UsageError(f"{given[0]} sizes an in-process model: add --model (e.g. tiny)")
+            raise UsageError(f"{given[0]} is for an in-process model: add --model (e.g. tiny)")
     if args.model is not None:
         backend = LocalBackend(_load(args, needs_tokenizer=True), _served_name(args.model))
     else:
@@ -658,6 +667,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = command("generate", help="generate a reply to a prompt, streaming to the terminal")
     _add_model_args(g)
+    _add_mtp_arg(g)
     g.add_argument("prompt", nargs="?", help="the user message")
     g.add_argument("--system", help="a system message")
     g.add_argument(
@@ -697,6 +707,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sv = command("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions ...)")
     _add_model_args(sv)
+    _add_mtp_arg(sv)
     sv.add_argument("--host", type=_host, default="127.0.0.1", help="address to bind (loopback)")
     sv.add_argument(
         "--port", type=_int_at_least(0, 65535), default=8000, help="port (0 = any free port)"
@@ -748,6 +759,7 @@ def build_parser() -> argparse.ArgumentParser:
         "/help /quit.",
     )
     _add_model_args(ch)
+    _add_mtp_arg(ch)
     ch.set_defaults(model=None)  # no --model: talk to the server at --url
     ch.add_argument("--url", default="http://127.0.0.1:8000", help="server")
     ch.add_argument("--api-key", default=None, help="the server's key (default: $OPENAI_API_KEY)")

@@ -42,6 +42,7 @@ from homeseek.mtp import MtpTrack
 from homeseek.runner import Runner
 from homeseek.sampling import SamplingParams, TokenLogprob
 from homeseek.scheduler import Scheduler
+from homeseek.speculative import DraftSource, MtpDrafts
 from homeseek.state import SessionState, StateArena
 
 # Prefill chunks are halved down to this size when one runs out of GPU memory (a safety net: the
@@ -302,6 +303,7 @@ class Engine:
         logprobs: int | None = None,
         prompt_logprobs: bool = False,
         stream_logprobs: Callable[[list[TokenLogprob]], None] | None = None,
+        draft_source: DraftSource | None = None,
     ) -> GenerationResult:
         """Generate a completion for chat `messages` or raw `prompt_ids` (docs/engine.md §3).
 
@@ -315,15 +317,13 @@ class Engine:
         (`GenerationResult.logprobs`); `prompt_logprobs` also those of the prompt ids fed here
         (the first has no predecessor in this call: None), at the cost of full-prompt logits.
         `stream_logprobs(entries)` receives the generated tokens' logprobs as their text is
-        streamed (needs `logprobs`).
+        streamed (needs `logprobs`). With `mtp=k` at load, decoding is speculative: k drafts
+        from the MTP block per step, verified in one step (homeseek/speculative.py; the same
+        tokens at temperature 0, the same distribution otherwise); `draft_source` replaces the
+        MTP block as the drafter (tests and benchmarks: `speculative.ForcedDrafts`).
         """
         if (messages is None) == (prompt_ids is None):
             raise ValueError("pass exactly one of messages or prompt_ids")
-        if self.rt.mtp:
-            raise ConfigError(
-                f"generate with mtp={self.rt.mtp}: MTP speculative decoding is not built yet "
-                "(mtp > 0 loads the MTP block for Session.mtp_logits only); load with mtp=0"
-            )
         params = SamplingParams(
             max_tokens=max_tokens,
             temperature=temperature,
@@ -341,6 +341,8 @@ class Engine:
             raise ValueError("stream_logprobs needs logprobs (the number of top tokens, 0-20)")
         if prompt_logprobs and logprobs is None:
             raise ValueError("prompt_logprobs needs logprobs (the number of top tokens, 0-20)")
+        if draft_source is not None and not self.rt.mtp:
+            raise ValueError("draft_source needs an engine loaded with mtp=k (k drafts per step)")
         ids = (
             self.encode_chat(messages, thinking, reasoning_effort)
             if messages is not None
@@ -357,9 +359,11 @@ class Engine:
             )
         sess = session or self.session()
         try:
+            drafts = draft_source or (MtpDrafts() if self.rt.mtp else None)
             gen = Generation(
-                self, sess, params, thinking, stream, cancel, prompt_logprobs, stream_logprobs
-            )
+                self, sess, params, thinking, stream, cancel, prompt_logprobs, stream_logprobs,
+                drafts,
+            )  # fmt: skip
             return gen.run(ids)
         finally:
             if session is None:  # ours: give its state slot back now
@@ -394,6 +398,22 @@ class Session:
         self.tokens.clear()
         if self._mtp is not None:
             self._mtp.reset()
+
+    def snapshot(self) -> tuple:
+        """What `rollback` needs to undo the tokens consumed after this point (speculative
+        decoding: the window rings, the compressors' partial blocks and overlap halves, the
+        position; compressed entries written past it stay masked until rewritten)."""
+        mtp_pos = self._mtp.main_pos if self._mtp is not None else 0
+        return self.state.save(), self.state.pos, len(self.tokens), mtp_pos
+
+    def rollback(self, snap: tuple) -> None:
+        """Back to a `snapshot` of this session (taken since its last rollback or reset)."""
+        saved, pos, n, mtp_pos = snap
+        self.state.restore(saved)
+        self.state.pos = pos
+        del self.tokens[n:]
+        if self._mtp is not None:
+            self._mtp.rewind(mtp_pos)
 
     def mtp_logits(self, next_token: int) -> torch.Tensor:
         """The MTP block's logits float32 [vocab] for the token after `next_token`: from the main

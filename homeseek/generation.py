@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from homeseek.sampling import Sampler, SamplingParams, TokenLogprob, logprobs_of
+from homeseek.speculative import DraftSource, accept
 
 if TYPE_CHECKING:
     from homeseek.engine import Engine, Session
@@ -50,7 +51,9 @@ class Generation:
         cancel: Callable[[], bool] | None = None,
         prompt_logprobs: bool = False,
         stream_logprobs: Callable[[list[TokenLogprob]], None] | None = None,
+        drafts: DraftSource | None = None,
     ) -> None:
+        """drafts: speculative decoding with eng.rt.mtp drafts per step from this source."""
         self.eng, self.sess, self.params, self.thinking = eng, sess, params, thinking
         self.stream, self.cancel = stream, cancel
         self.prompt_logprobs = prompt_logprobs
@@ -63,6 +66,8 @@ class Generation:
         self.stream_logprobs = stream_logprobs
         self.lps: list[TokenLogprob] | None = None  # generated tokens' logprobs, when asked
         self.lp_sent = 0  # of them, how many went to stream_logprobs
+        self.drafts = drafts
+        self.drafted = self.accepted = self.verify_steps = 0
 
     def _emit(self, final: bool) -> None:
         # Hold back the last len(longest stop)-1 characters: they may start a stop string.
@@ -93,6 +98,55 @@ class Generation:
         del out[keep:]
         return True
 
+    def _take(self, tok: int, logits: torch.Tensor) -> str | None:
+        """A drawn token (logits: its row, for logprobs) into the output -> "stop" when it ends
+        the completion (EOS, a stop string), else None."""
+        p, out = self.params, self.out
+        if tok == self.eos and not p.ignore_eos:
+            return "stop"
+        out.append(tok)
+        if self.lps is not None:
+            self.lps.append(self.sampler.logprobs(logits, tok))
+        if self.decoder is not None:
+            self.text += self.decoder.feed(tok)
+            self.ends.append(len(self.text))  # text length after each token
+            if p.stop and self._hit_stop(out):
+                return "stop"
+            self._emit(final=False)
+        return None
+
+    def _speculate(self, tok: int) -> tuple[str | None, int]:
+        """One speculative step after `tok` (drawn and taken, not consumed): drafts, one
+        verifying forward, acceptance, rollback of what was not kept -> (finish, the last token
+        taken)."""
+        eng, sess, sampler, p = self.eng, self.sess, self.sampler, self.params
+        k = min(eng.rt.mtp, eng.rt.max_context - sess.pos - 2, p.max_tokens - len(self.out))
+        if k < 1:  # no room for a draft: a plain step
+            logits = sess.decode(tok)
+            nxt = int(sampler(logits))
+            return self._take(nxt, logits), nxt
+        draft = self.drafts.propose(sess, tok, k, sampler)
+        k = len(draft.tokens)
+        snap = sess.snapshot()
+        rows = sess.forward([tok, *draft.tokens])  # [k + 1, V]
+        target = [sampler.dist(rows[i], pending=draft.tokens[:i]) for i in range(k + 1)]
+        j, nxt_t = accept(target, draft, sampler)
+        nxt = int(nxt_t)
+        if j < k:  # keep what was accepted: undo the forward, consume [tok, d1..dj] again
+            sess.rollback(snap)
+            sess.forward([tok, *draft.tokens[:j]], last_only=True)
+        self.drafted += k
+        self.accepted += j
+        self.verify_steps += 1
+        for i, t in enumerate([*draft.tokens[:j], nxt]):
+            sampler.note(t)
+            finish = self._take(t, rows[i])
+            if finish is not None:
+                return finish, t
+            if len(self.out) >= p.max_tokens:
+                break
+        return None, nxt
+
     def run(self, prompt: list[int]) -> GenerationResult:
         eng, p = self.eng, self.params
         sampler = Sampler(p, eng.rt.device)
@@ -107,34 +161,26 @@ class Generation:
             prompt_lps = [None, *logprobs_of(all_logits[:-1], ids, p.logprobs or 0)]
         del all_logits
         t_prefill = time.perf_counter() - t0
-        out: list[int] = []
-        lps = self.lps = [] if p.logprobs is not None else None
-        finish = "length"
-        ttft = None
+        self.out: list[int] = []
+        out = self.out
+        self.lps = [] if p.logprobs is not None else None
+        self.sampler, self.eos = sampler, eos
         t1 = time.perf_counter()
-        while True:
-            tok = int(sampler(logits))  # the one device->host read per token (two with logprobs)
-            if ttft is None:
-                ttft = time.perf_counter() - t0
-            if tok == eos and not p.ignore_eos:
-                finish = "stop"
-                break
-            out.append(tok)
-            if lps is not None:
-                lps.append(sampler.logprobs(logits, tok))
-            if self.decoder is not None:
-                self.text += self.decoder.feed(tok)
-                self.ends.append(len(self.text))  # text length after each token
-                if p.stop and self._hit_stop(out):
-                    finish = "stop"
-                    break
-                self._emit(final=False)
+        tok = int(sampler(logits))  # the one device->host read per token (two with logprobs)
+        ttft = time.perf_counter() - t0
+        finish = self._take(tok, logits)
+        while finish is None:
             if len(out) >= p.max_tokens or self.sess.pos + 1 >= eng.rt.max_context:
-                break
-            if self.cancel is not None and self.cancel():
+                finish = "length"
+            elif self.cancel is not None and self.cancel():
                 finish = "cancelled"
-                break
-            logits = self.sess.decode(tok)
+            elif self.drafts is not None:
+                finish, tok = self._speculate(tok)
+            else:
+                logits = self.sess.decode(tok)
+                tok = int(sampler(logits))
+                finish = self._take(tok, logits)
+        lps = self.lps
         if self.decoder is not None and finish == "length":
             self.text += self.decoder.finish()
             if self.ends:
@@ -171,6 +217,17 @@ class Generation:
             expert_bytes_h2d=float(c.bytes_h2d - c0.bytes_h2d),
             expert_bytes_disk=float(c.bytes_disk - c0.bytes_disk),
         )
+        if self.drafts is not None:
+            stats.update(
+                mtp_drafted=float(self.drafted),
+                mtp_accepted=float(self.accepted),
+                mtp_acceptance=self.accepted / self.drafted if self.drafted else 0.0,
+                mtp_tokens_per_step=(
+                    (self.accepted + self.verify_steps) / self.verify_steps
+                    if self.verify_steps
+                    else 0.0
+                ),
+            )
         return GenerationResult(
             text=self.text,
             content=parsed["content"],

@@ -64,6 +64,12 @@ class MtpTrack:
         self.main_pos += T
         self.chain = None  # the next call is fresh, at the new position
 
+    def rewind(self, main_pos: int) -> None:
+        """The main model went back to `main_pos` (a rollback): later calls are fresh there."""
+        self.main_pos = main_pos
+        self.true_until = min(self.true_until, max(main_pos - 1, 0))
+        self.chain = None
+
     def reset(self) -> None:
         self.state.reset()
         self.finals.zero_()

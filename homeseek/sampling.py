@@ -3,7 +3,7 @@ presence/frequency penalties and logit_bias; log-probabilities of the chosen and
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -117,30 +117,62 @@ class Sampler:
             )
         return x
 
+    def _shaped(self, x: torch.Tensor) -> torch.Tensor:
+        """Adjusted logits -> temperature, top-k and top-p applied (temperature > 0)."""
+        p = self.params
+        x = x / p.temperature
+        if p.top_k:
+            kth = torch.topk(x, min(p.top_k, x.shape[-1])).values[-1]
+            x = x.masked_fill(x < kth, float("-inf"))
+        if p.top_p < 1:
+            sorted_x, order = torch.sort(x, descending=True)
+            probs = torch.softmax(sorted_x, dim=-1)
+            # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+            drop = probs.cumsum(-1) - probs >= p.top_p
+            x = x.scatter(0, order, sorted_x.masked_fill(drop, float("-inf")))
+        return x
+
+    def draw(self, probs: torch.Tensor) -> torch.Tensor:
+        """One id from the distribution probs [V] (this sampler's generator)."""
+        # Exponential-race sampling: argmax(p / Exp(1)) draws from p without a host sync.
+        race = torch.empty_like(probs).exponential_(1, generator=self.gen)
+        return (probs / race).argmax()
+
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         """logits [V] fp32 -> token id (0-dim int64 tensor, still on the device)."""
-        p = self.params
         x = self.adjusted(logits)
-        if p.temperature == 0:
+        if self.params.temperature == 0:
             tok = x.argmax()
         else:
-            x = x / p.temperature
-            if p.top_k:
-                kth = torch.topk(x, min(p.top_k, x.shape[-1])).values[-1]
-                x = x.masked_fill(x < kth, float("-inf"))
-            if p.top_p < 1:
-                sorted_x, order = torch.sort(x, descending=True)
-                probs = torch.softmax(sorted_x, dim=-1)
-                # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
-                drop = probs.cumsum(-1) - probs >= p.top_p
-                x = x.scatter(0, order, sorted_x.masked_fill(drop, float("-inf")))
-            probs = torch.softmax(x, dim=-1)
-            # Exponential-race sampling: argmax(p / Exp(1)) draws from p without a host sync.
-            race = torch.empty_like(probs).exponential_(1, generator=self.gen)
-            tok = (probs / race).argmax()
-        if self.counts is not None:  # on the device: no host sync
-            self.counts.scatter_add_(0, tok.reshape(1), torch.ones(1, device=self.counts.device))
+            tok = self.draw(torch.softmax(self._shaped(x), dim=-1))
+        self.note(tok)
         return tok
+
+    def note(self, tok: torch.Tensor | int) -> None:
+        """Count a token as drawn (the penalties see it from now on)."""
+        if self.counts is not None:  # on the device: no host sync
+            t = torch.as_tensor(tok, device=self.counts.device).reshape(1)
+            self.counts.scatter_add_(0, t, torch.ones(1, device=self.counts.device))
+
+    def dist(self, logits: torch.Tensor, pending: Sequence[int] = ()) -> torch.Tensor:
+        """The distribution [V] fp32 this sampler draws from for logits [V], as if the tokens
+        `pending` had been drawn first (speculative decoding: the target and draft
+        distributions of a position after unconfirmed drafts). Greedy: one-hot at the argmax."""
+        if not self._ready:
+            self._setup(logits.shape[-1])
+        saved = None
+        if self.counts is not None and pending:
+            saved = self.counts.clone()
+            for t in pending:
+                self.note(t)
+        try:
+            x = self.adjusted(logits)
+        finally:
+            if saved is not None:
+                self.counts = saved
+        if self.params.temperature == 0:
+            return torch.nn.functional.one_hot(x.argmax(), x.shape[-1]).float()
+        return torch.softmax(self._shaped(x), dim=-1)
 
     def logprobs(self, logits: torch.Tensor, tok: torch.Tensor | int) -> TokenLogprob:
         """The drawn token's log-probability and the top `params.logprobs` (raw logits)."""

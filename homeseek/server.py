@@ -379,6 +379,9 @@ class Core:
         )
 
 
+MTP_STATS = ("mtp_drafted", "mtp_accepted", "mtp_acceptance", "mtp_tokens_per_step")
+
+
 def _request_stats(
     s: Mapping[str, float], lease: Lease, job: Job, started: float
 ) -> dict[str, float]:
@@ -397,6 +400,7 @@ def _request_stats(
         "expert_lookups": lookups,
         # Stores without a miss path (everything resident) hit on every lookup.
         "expert_hit_rate": round(float(s.get("expert_hit_rate", 1.0 if lookups else 0.0)), 6),
+        **{k: round(float(s[k]), 6) for k in MTP_STATS if k in s},  # speculative decoding
         "expert_bytes_moved": float(s.get("expert_bytes_h2d", 0.0))
         + float(s.get("expert_bytes_disk", 0.0)),
     }
@@ -428,6 +432,8 @@ class Metrics:
                 "expert_lookups",
                 "expert_cache_hits",
                 "expert_bytes_moved",
+                "mtp_drafted",
+                "mtp_accepted",
             )
         }
         self.last_decode_tok_s = 0.0
@@ -453,6 +459,8 @@ class Metrics:
             self.c["expert_lookups"] += lookups
             self.c["expert_cache_hits"] += lookups * s.get("expert_hit_rate", 0.0)
             self.c["expert_bytes_moved"] += s.get("expert_bytes_moved", 0.0)
+            self.c["mtp_drafted"] += s.get("mtp_drafted", 0.0)
+            self.c["mtp_accepted"] += s.get("mtp_accepted", 0.0)
             if s.get("decode_tok_s"):
                 self.last_decode_tok_s = s["decode_tok_s"]
 
@@ -470,6 +478,8 @@ class Metrics:
             "expert_lookups": "Routed-expert lookups.",
             "expert_cache_hits": "Routed-expert lookups served by the GPU slot pool.",
             "expert_bytes_moved": "Expert bytes copied into the slot pool (host and disk).",
+            "mtp_drafted": "Draft tokens the MTP block proposed (speculative decoding).",
+            "mtp_accepted": "Draft tokens the main model accepted.",
         }
         lines = [
             "# HELP homeseek_requests_total HTTP requests answered, by endpoint and status.",

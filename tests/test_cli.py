@@ -80,6 +80,8 @@ MISTAKES = [
     (["serve", "--host", "999.1.1.1"], "'999.1.1.1' is not a valid IP address"),
     (["serve", "--max-queue", "0"], "argument --max-queue: must be >= 1"),
     (["chat", "--gpu-mem-gb", "4"], "add --model"),
+    (["chat", "--mtp", "2"], "--mtp is for an in-process model"),
+    (["generate", "--mtp", "4", "x"], "argument --mtp: must be between 0 and 3"),
     (["synth", "nonsense", "out"], "neither a preset"),
 ]
 
@@ -259,6 +261,14 @@ def test_generate_json_has_the_text(capsys) -> None:
     # The tiny model's random weights print words (its tokenizer's ids are words and phrases).
     words = row["text"].split()
     assert sum(w.isalpha() for w in words) >= len(words) / 2, row["text"]
+
+
+def test_generate_with_mtp_reports_the_drafts(capsys) -> None:
+    argv = ["generate", "--threads", "1", "--json", "--max-tokens", "8", "--temperature", "0"]
+    assert cli.main([*argv, "--prompt-ids", "1,2,3", "--mtp", "2"]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row["completion_tokens"] == 8 and row["mtp_drafted"] >= 2
+    assert 0 <= row["mtp_accepted"] <= row["mtp_drafted"] and row["mtp_tokens_per_step"] >= 1
 
 
 def _run(code: str, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -1,0 +1,101 @@
+"""Speculative decoding: drafts from the MTP block (or a test source), verified by one main-model
+step over all of them, accepted so that the output is what plain decoding would give.
+
+One step, with `tok` drawn but not yet consumed:
+
+1. The draft source proposes k tokens d1..dk (and the distributions q_i it drew them from).
+2. The main model consumes [tok, d1..dk] in one forward -> rows L0..Lk; L_{i-1} predicts the
+   position of d_i and Lk the one after dk.
+3. `accept`: greedy (temperature 0) keeps the drafts while each equals the argmax of its target
+   row, then takes the argmax of the next row; sampling keeps d_i with probability
+   min(1, p_i(d_i) / q_i(d_i)) and on the first rejection draws from norm(max(0, p_i - q_i)),
+   or after k acceptances from p_{k+1} (Leviathan et al., 2023; Chen et al., 2023): the tokens
+   are distributed exactly as plain sampling's. The target distributions p_i are the sampler's
+   own (logit_bias, penalties as if the earlier drafts were drawn, temperature, top-k, top-p).
+4. When j < k drafts were kept, the session is rolled back to before the forward and consumes
+   [tok, d1..dj] again (`Session.snapshot` / `rollback`: the window rings, the compressors'
+   partial blocks and overlap halves, the position; compressed entries written past it are
+   masked until the sequence reaches them again and rewrites them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+
+from homeseek.sampling import Sampler
+
+if TYPE_CHECKING:
+    from homeseek.engine import Session
+
+
+@dataclass
+class Draft:
+    tokens: list[int] = field(default_factory=list)
+    # The distribution each token was drawn from [V] fp32; None: proposed deterministically
+    # (a point mass at the token).
+    q: list[torch.Tensor | None] = field(default_factory=list)
+
+
+class DraftSource(Protocol):
+    def propose(self, sess: Session, tok: int, k: int, sampler: Sampler) -> Draft:
+        """Up to k tokens to follow `tok` (drawn, not yet consumed by the session)."""
+        ...
+
+
+class MtpDrafts:
+    """Chained drafts from the MTP block: d1 from mtp_logits(tok), d2 from mtp_logits(d1), ...;
+    each drawn from the sampler's distribution over the block's logits."""
+
+    def propose(self, sess: Session, tok: int, k: int, sampler: Sampler) -> Draft:
+        d = Draft()
+        cur = tok
+        for _ in range(k):
+            q = sampler.dist(sess.mtp_logits(cur), pending=d.tokens)
+            nxt = int(q.argmax()) if sampler.params.temperature == 0 else int(sampler.draw(q))
+            d.tokens.append(nxt)
+            d.q.append(q)
+            cur = nxt
+        return d
+
+
+class ForcedDrafts:
+    """Tests and benchmarks: drafts from a callable (the session's tokens so far with `tok`,
+    k) -> tokens, e.g. a known continuation with some of it spoiled, to exercise acceptance,
+    partial acceptance and rollback at any rate on random weights."""
+
+    def __init__(self, fn) -> None:  # noqa: ANN001 - Callable[[list[int], int], list[int]]
+        self.fn = fn
+
+    def propose(self, sess: Session, tok: int, k: int, sampler: Sampler) -> Draft:
+        toks = [int(t) for t in self.fn([*sess.tokens, tok], k)][:k]
+        return Draft(toks, [None] * len(toks))
+
+
+def accept(p: list[torch.Tensor], draft: Draft, sampler: Sampler) -> tuple[int, torch.Tensor]:
+    """p: the target distributions [V] of the positions of d1..dk and the one after (k + 1
+    rows). -> (drafts kept j, the token after them, a 0-dim tensor)."""
+    greedy = sampler.params.temperature == 0
+    for i, (d, q) in enumerate(zip(draft.tokens, draft.q, strict=True)):
+        pi = p[i]
+        if greedy:
+            best = pi.argmax()
+            if int(best) != d:
+                return i, best
+            continue
+        qd = 1.0 if q is None else float(q[d])
+        u = torch.rand((), generator=sampler.gen, device=pi.device)
+        if float(u) < min(1.0, float(pi[d]) / qd):
+            continue
+        resid = pi.clone()
+        if q is None:
+            resid[d] = 0.0
+        else:
+            resid = (pi - q).clamp_min(0.0)
+        total = float(resid.sum())
+        # p == q up to rounding leaves nothing: then p itself (the rejection had ~0 chance)
+        return i, sampler.draw(resid / total if total > 0 else pi)
+    last = p[len(draft.tokens)]
+    return len(draft.tokens), last.argmax() if greedy else sampler.draw(last)
