@@ -326,8 +326,8 @@ class RuntimeConfig:
     host_mem_gb: float | None = None
     graphs: bool = False  # CUDA graphs for the decode step (CUDA only; build() turns it on there)
     max_sessions: int = 1  # sessions whose decode state is preallocated (live at once)
-    # > 0 loads the MTP block (Session.mtp_logits); speculative decoding with that many drafts
-    # is not built yet, so generation refuses it (Engine.generate)
+    # > 0: load the MTP block and decode speculatively with this many drafts per step
+    # (homeseek/speculative.py); Session.mtp_logits needs it
     mtp: int = 0
     expert_slots: int | None = None  # slot-pool size; None: derived from gpu_mem_gb
     eviction: str = "lrfu"  # expert-pool eviction policy: lru | lrfu[:half-life]
