@@ -61,6 +61,11 @@ class BenchConfig:
     seed: int = 0
     graphs: bool | None = None  # CUDA graphs for decode (None: on for CUDA)
     context: int | None = None  # max_context of the engine (None: what the work needs)
+    # Speculative decoding with this many drafts: after the plain short-position decode, the
+    # same tokens again with the MTP block's drafts, then with forced drafts kept at these rates
+    # (random weights make the MTP block's own acceptance ~0, so those rows show the payoff).
+    mtp: int = 0
+    mtp_forced: tuple[float, ...] = (0.5, 0.7, 0.9)
 
     def __post_init__(self) -> None:
         if (self.model is None) == (self.synthetic is None):
@@ -71,6 +76,10 @@ class BenchConfig:
             raise ConfigError(f"--prompts must be positive token counts, got {self.prompts}")
         if self.decode_tokens < 2 or self.long_decode_tokens < 0 or self.profile_tokens < 0:
             raise ConfigError("--decode-tokens must be >= 2; the other counts >= 0")
+        if not 0 <= self.mtp <= 3:
+            raise ConfigError(f"--mtp must be 0 to 3 drafts, got {self.mtp}")
+        if any(not 0 <= r <= 1 for r in self.mtp_forced):
+            raise ConfigError(f"forced acceptance rates must be in [0, 1], got {self.mtp_forced}")
         if self.expert_alias is not None and self.expert_alias < 1:
             raise ConfigError(f"--expert-alias must be >= 1, got {self.expert_alias}")
         for r in self.routings:
@@ -209,6 +218,10 @@ class Row:
     pct_of_h2d_plus_gpu: float | None = None
     # the profiled token's largest kernels: (name, launches per token, ms per token)
     top_kernels: list[tuple[str, float, float]] | None = None
+    # speculative decoding rows: "mtp" (the MTP block drafts) or "forced NN%" (test drafts)
+    drafts: str | None = None
+    mtp_acceptance: float | None = None
+    mtp_tokens_per_step: float | None = None
     error: str | None = None
 
 
@@ -314,6 +327,7 @@ class Bench:
             host_mem_gb=bc.host_mem_gb,
             max_context=bc.max_context,
             graphs=bc.graphs,
+            mtp=bc.mtp,
         )
         return build_engine(rt, bc.model, bc.synthetic, bc.seed, bc.expert_alias)
 
@@ -426,7 +440,10 @@ class Bench:
                 if self._prefill(routing, sess, n).error is not None:
                     continue
                 if i == 0:  # decode at a short position, profiled
+                    snap = sess.snapshot() if bc.mtp else None
                     self._decode(routing, sess, bc.decode_tokens, profile=True)
+                    if snap is not None:
+                        self._decode_mtp(routing, sess, snap)
                 elif i == len(prompts) - 1 and bc.long_decode_tokens:  # after the longest
                     self._decode(routing, sess, bc.long_decode_tokens, profile=False)
         finally:
@@ -459,12 +476,14 @@ class Bench:
         row = Row(routing, "decode", n, sess.pos)
         tok = self._ids(1, sess.pos)[0]
         times = []
+        self.plain_tokens: list[int] = []  # what the forced drafts of the MTP rows propose
         c0, t_all = self._snap()
         try:
             for _ in range(n):
                 t0 = time.perf_counter()
                 tok = int(sess.decode(tok).argmax())  # sampling's one read per token
                 times.append(time.perf_counter() - t0)
+                self.plain_tokens.append(tok)
         except torch.OutOfMemoryError as e:
             row.error = _oom(e)
             self._add(row)
@@ -497,6 +516,57 @@ class Bench:
             row.pct_of_h2d_plus_gpu = 100 * row.h2d_plus_gpu_ms / row.ms_per_token_median
         self._add(row)
         return row
+
+    def _decode_mtp(self, routing: str, sess: Any, snap: tuple) -> None:
+        """The plain decode's tokens again from the same state, speculatively: with the MTP
+        block's drafts, then with forced drafts kept at each of bc.mtp_forced."""
+        import random
+
+        from homeseek import speculative
+        from homeseek.sampling import Sampler, SamplingParams
+
+        bc, ref = self.bc, self.plain_tokens
+        n = len(ref)
+        sources: list[tuple[str, Any]] = [("mtp", speculative.MtpDrafts())]
+        for rate in bc.mtp_forced:
+            rng = random.Random(bc.seed)
+
+            def fn(context: list[int], k: int, rate: float = rate, rng=rng) -> list[int]:
+                done = len(context) - base  # tokens produced so far, the drawn one included
+                V = self.cfg.vocab_size
+                return [t if rng.random() < rate else (t + 1) % V for t in ref[done : done + k]]
+
+            sources.append((f"forced {100 * rate:.0f}%", speculative.ForcedDrafts(fn)))
+        for label, source in sources:
+            sess.rollback(snap)
+            base = len(sess.tokens) + 1
+            row = Row(routing, "decode", n, sess.pos, drafts=label)
+            sampler = Sampler(SamplingParams(temperature=0), self.bc.device)
+            tok = self._ids(1, sess.pos)[0]
+            produced = drafted = accepted = steps = 0
+            c0, t0 = self._snap()
+            try:
+                while produced < n:
+                    st = speculative.step(sess, tok, min(bc.mtp, n - produced), sampler, source)
+                    produced += len(st.tokens)
+                    drafted, accepted, steps = (
+                        drafted + st.drafted,
+                        accepted + st.accepted,
+                        steps + 1,
+                    )
+                    tok = st.tokens[-1]
+            except torch.OutOfMemoryError as e:
+                row.error = _oom(e)
+                self._add(row)
+                continue
+            row.seconds = time.perf_counter() - t0
+            row.tokens = produced
+            row.tok_s = produced / row.seconds
+            self._fill(row, c0, produced, self.eng.experts.copy_busy_s())
+            row.pct_of_ceiling = 100 * row.ceiling_ms_per_token * produced / (row.seconds * 1000)
+            row.mtp_acceptance = accepted / drafted if drafted else 0.0
+            row.mtp_tokens_per_step = produced / steps if steps else 0.0
+            self._add(row)
 
     # -- output ----------------------------------------------------------------------------------
     def _print_header(self) -> None:
@@ -543,6 +613,8 @@ class Bench:
     def _add(self, row: Row) -> None:
         self.rows.append(row)
         work = f"{row.work} {row.tokens}" + (f" @{row.position}" if row.work == "decode" else "")
+        if row.drafts:
+            work += f" {row.drafts}"
         if row.error:
             self.out(f"{row.routing:<8} {work:<16} {row.error}")
             return
@@ -570,6 +642,11 @@ class Bench:
             )
             for name, n, ms in (row.top_kernels or [])[:8]:
                 self.out(f"{'':<8} {'':<16}   {ms:6.2f} ms {n:6.0f}x  {name[:60]}")
+        if row.mtp_acceptance is not None:
+            self.out(
+                f"{'':<8} {'':<16} drafts kept {100 * row.mtp_acceptance:.0f}%, "
+                f"{row.mtp_tokens_per_step:.2f} tokens per verify step"
+            )
 
     def _report(self) -> dict[str, Any]:
         bc = self.bc

@@ -842,6 +842,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-context", type=pos_int, default=None,
         help="the engine's max_context (default: what the prompts and decode need)",
     )  # fmt: skip
+    b.add_argument(
+        "--mtp", type=_int_at_least(0, 3), default=0,
+        help="also decode the short-position tokens speculatively with this many drafts: from "
+        "the MTP block, and forced drafts kept at 50/70/90%% (random weights keep few of the "
+        "block's own)",
+    )  # fmt: skip
     b.set_defaults(func=cmd_bench)
 
     pr = command(
@@ -930,6 +936,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         seed=args.seed,
         graphs=False if args.no_graphs or not cuda else None,
         context=args.max_context,
+        mtp=args.mtp,
     )
     return main(bc)
 

@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from homeseek import speculative
 from homeseek.sampling import Sampler, SamplingParams, TokenLogprob, logprobs_of
-from homeseek.speculative import DraftSource, accept
+from homeseek.speculative import DraftSource
 
 if TYPE_CHECKING:
     from homeseek.engine import Engine, Session
@@ -125,27 +126,18 @@ class Generation:
             logits = sess.decode(tok)
             nxt = int(sampler(logits))
             return self._take(nxt, logits), nxt
-        draft = self.drafts.propose(sess, tok, k, sampler)
-        k = len(draft.tokens)
-        snap = sess.snapshot()
-        rows = sess.forward([tok, *draft.tokens])  # [k + 1, V]
-        target = [sampler.dist(rows[i], pending=draft.tokens[:i]) for i in range(k + 1)]
-        j, nxt_t = accept(target, draft, sampler)
-        nxt = int(nxt_t)
-        if j < k:  # keep what was accepted: undo the forward, consume [tok, d1..dj] again
-            sess.rollback(snap)
-            sess.forward([tok, *draft.tokens[:j]], last_only=True)
-        self.drafted += k
-        self.accepted += j
+        st = speculative.step(sess, tok, k, sampler, self.drafts)
+        self.drafted += st.drafted
+        self.accepted += st.accepted
         self.verify_steps += 1
-        for i, t in enumerate([*draft.tokens[:j], nxt]):
+        for t, row in zip(st.tokens, st.rows, strict=True):
             sampler.note(t)
-            finish = self._take(t, rows[i])
+            finish = self._take(t, row)
             if finish is not None:
                 return finish, t
             if len(self.out) >= p.max_tokens:
                 break
-        return None, nxt
+        return None, st.tokens[-1]
 
     def run(self, prompt: list[int]) -> GenerationResult:
         eng, p = self.eng, self.params

@@ -99,3 +99,29 @@ def accept(p: list[torch.Tensor], draft: Draft, sampler: Sampler) -> tuple[int, 
         return i, sampler.draw(resid / total if total > 0 else pi)
     last = p[len(draft.tokens)]
     return len(draft.tokens), last.argmax() if greedy else sampler.draw(last)
+
+
+@dataclass
+class Step:
+    """What one speculative step produced."""
+
+    tokens: list[int]  # the kept drafts d1..dj, then the token after them (not consumed)
+    rows: torch.Tensor  # [j + 1, V] the target logits row of each of those tokens
+    drafted: int
+    accepted: int
+
+
+def step(sess: Session, tok: int, k: int, sampler: Sampler, source: DraftSource) -> Step:
+    """One speculative step after `tok` (drawn, not yet consumed): k drafts, one forward over
+    [tok, drafts], acceptance, rollback of what was not kept. The session then has consumed
+    tok and the kept drafts; the caller notes the returned tokens as drawn."""
+    draft = source.propose(sess, tok, k, sampler)
+    k = len(draft.tokens)
+    snap = sess.snapshot()
+    rows = sess.forward([tok, *draft.tokens])  # [k + 1, V]
+    target = [sampler.dist(rows[i], pending=draft.tokens[:i]) for i in range(k + 1)]
+    j, nxt = accept(target, draft, sampler)
+    if j < k:  # keep what was accepted: undo the forward, consume [tok, d1..dj] again
+        sess.rollback(snap)
+        sess.forward([tok, *draft.tokens[:j]], last_only=True)
+    return Step([*draft.tokens[:j], int(nxt)], rows[: j + 1], k, j)

@@ -58,6 +58,19 @@ def test_bench_cli_on_tiny(capsys, tmp_path):
         assert r["host_ms_per_token"] >= 0
 
 
+def test_bench_mtp_rows(capsys):
+    out, res = _bench(
+        capsys, "--prompts", "8", "--decode-tokens", "6", "--long-decode-tokens", "0",
+        "--profile-tokens", "0", "--mtp", "2",
+    )  # fmt: skip
+    spec = [r for r in res["rows"] if r["drafts"] is not None]
+    assert [r["drafts"] for r in spec] == ["mtp", "forced 50%", "forced 70%", "forced 90%"]
+    for r in spec:
+        assert r["error"] is None and r["tokens"] >= 6 and r["position"] == 8
+        assert 0 <= r["mtp_acceptance"] <= 1 and 1 <= r["mtp_tokens_per_step"] <= 3
+    assert "tokens per verify step" in out
+
+
 def test_bench_rejects_bad_arguments():
     from homeseek.bench import BenchConfig
 
@@ -67,6 +80,8 @@ def test_bench_rejects_bad_arguments():
         BenchConfig(model="tiny", synthetic=None, device="cpu", prompts=(0,))
     with pytest.raises(ConfigError, match="no such file"):
         BenchConfig(model="tiny", synthetic=None, device="cpu", routings=("trace:/nonexistent",))
+    with pytest.raises(ConfigError, match="mtp"):
+        BenchConfig(model="tiny", synthetic=None, device="cpu", mtp=5)
 
 
 def test_uniform_routing_draws_distinct_experts_evenly():
