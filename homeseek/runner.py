@@ -150,6 +150,11 @@ class Runner:
     def head(self, X: torch.Tensor) -> torch.Tensor:
         return M.head_logits(X, self.top, self.ctx)
 
+    def _following(self, layer: int) -> int | None:
+        """The main layer after `layer` (None after the last, and for the MTP block)."""
+        i = layer + 1
+        return i if i < len(self.layers) and layer < len(self.layers) else None
+
     def mtp_step(
         self,
         X_L: torch.Tensor,
@@ -179,7 +184,8 @@ class Runner:
         fused = self.ctx.kernels
         out = p.shared if fused else None
         acc = None if fused else torch.zeros_like(p.u, dtype=torch.float32)
-        for sel, slot_of, _last in self.scheduler.layer(layer, p.sel):
+        following = self._following(layer)
+        for sel, slot_of, _last in self.scheduler.layer(layer, p.sel, following):
             if fused:
                 slots = self.scheduler.slot_table(sel, slot_of, p.u.device)
                 t = store.pool.t

@@ -23,6 +23,11 @@ import torch
 from homeseek.config import ConfigError, ModelConfig
 from homeseek.experts import ExpertStore
 
+# Prefill loads the next layer's experts early when tokens x experts per token is at least this
+# many times the experts of a layer: each expert then misses the chunk with probability
+# e^-4 < 2 %, so nearly every copy started early is one the layer needs.
+PREFETCH_COVERAGE = 4
+
 
 class RoutingOverride:
     """Replaces a layer's expert ids sel [T, K] (CPU int64) for the tokens of one step."""
@@ -102,6 +107,11 @@ class Scheduler:
         self.routing: RoutingOverride | None = None
         self.trace: list[tuple[int, torch.Tensor]] | None = None  # (layer, sel [T, K]) when set
         self.host_s = 0.0  # host seconds spent in `layer` (reading ids + residency bookkeeping)
+        # Prefill chunks this long (tokens x experts per token >= PREFETCH_COVERAGE x the
+        # layer's experts: nearly every expert is used) load the following layer's experts
+        # while this layer computes (`prefetch_next`); False turns it off (tests).
+        self.prefetch = True
+        self.prefetched_experts = 0  # experts loaded ahead of their layer (counted by prefill)
 
     def begin_step(self, token_ids: Sequence[int]) -> None:
         """Hash-routed layers' experts follow from the token ids: start their copies now."""
@@ -112,13 +122,15 @@ class Scheduler:
             self.store.prefetch_hash_layers(token_ids)
 
     def layer(
-        self, layer: int, sel: torch.Tensor
+        self, layer: int, sel: torch.Tensor, following: int | None = None
     ) -> Iterator[tuple[torch.Tensor, dict[int, int], bool]]:
         """Make the experts of sel [T, K] resident, a wave at a time (one wave unless a chunk
         touches more experts than the pool holds; each expert still loads once per chunk).
         Yields (the ids used [T, K] on the CPU, expert -> slot of this wave, whether it is the
         last wave) once the compute stream waits for the wave's copies. The wave's experts must
-        be queued before the next wave is asked for: its copies may evict this wave's slots."""
+        be queued before the next wave is asked for: its copies may evict this wave's slots.
+        `following`: the layer after this one; a long chunk starts loading its experts before
+        this layer's experts run (`prefetch_next`)."""
         t0 = time.perf_counter()
         store = self.store
         sel = sel.cpu()  # the one host sync of the layer
@@ -133,10 +145,34 @@ class Scheduler:
             store.begin_layer()
             slot_of = dict(zip(batch, store.ensure_resident(layer, batch), strict=True))
             store.wait(slot_of.values())
+            last = i + wave >= len(experts)
+            if last and following is not None and self.prefetch:
+                self.prefetch_next(following, sel.shape[0])
             self.host_s += time.perf_counter() - t0
-            yield sel, slot_of, i + wave >= len(experts)
+            yield sel, slot_of, last
             t0 = time.perf_counter()
         self.host_s += time.perf_counter() - t0
+
+    def prefetch_next(self, layer: int, tokens: int) -> None:
+        """Expert-major prefill: a chunk of `tokens` uses nearly all of the next layer's experts,
+        so queue the copies of those not resident now, while this layer's experts compute, as
+        far as the slots that are neither pinned nor in use by this layer allow. Queued before
+        this layer's expert kernels, the copies wait only for the work before them (the store
+        orders a copy after the compute stream's queued work) and run beside those kernels; the
+        next layer's own request then finds them resident and counts each lookup once."""
+        store, cfg = self.store, self.cfg
+        if self.routing is not None or cfg.is_hash_layer(layer):
+            return  # an override's ids are drawn per layer; hash layers prefetch at step start
+        if tokens * cfg.num_experts_per_tok < PREFETCH_COVERAGE * cfg.n_routed_experts:
+            return
+        gpu = store.gpu
+        room = store.n_slots - gpu.n_pinned - int(gpu.protected.sum())
+        missing = [e for e in range(cfg.n_routed_experts) if (layer, e) not in gpu.slot_of]
+        if not missing or room < len(missing):
+            return  # a pool this tight loads the layer's experts on demand
+        store.ensure_resident(layer, missing)
+        store.prefetched.update((layer, e) for e in missing)
+        self.prefetched_experts += len(missing)
 
     @staticmethod
     def slot_rows(sel: torch.Tensor, slot_of: dict[int, int]) -> list[list[int]]:

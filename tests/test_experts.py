@@ -216,3 +216,22 @@ def test_masked_victim_equals_candidate_victim(policy):
             ok[int(rng.integers(0, 300))] = True
             cand = np.flatnonzero(ok)
             assert p.victim_of(ok, now) == int(cand[p.victim(cand, now)])
+
+
+def test_prefill_loads_the_next_layers_experts_early():
+    """A long prefill chunk queues the next layer's experts while the current layer computes
+    (expert-major prefill): same logits as loading on demand, and the next layers' requests
+    find their experts resident."""
+    ids = list(range(300, 364))  # 64 tokens x 2 experts >= 4 x 8 experts per layer
+    runs = {}
+    for prefetch in (True, False):
+        eng = homeseek.load("tiny", dtype=torch.float32, max_context=128, expert_slots=20)
+        eng.scheduler.prefetch = prefetch
+        logits = eng.session().forward(ids)
+        c = eng.experts.counters
+        runs[prefetch] = (logits, eng.scheduler.prefetched_experts, c.gpu_hits, c.lookups)
+    (la, n_pf, hits_pf, look_pf), (lb, n_off, hits_off, _) = runs[True], runs[False]
+    assert torch.equal(la, lb)
+    assert n_off == 0 and n_pf > 0
+    assert hits_pf > hits_off  # the layers after the first found prefetched experts resident
+    assert look_pf == runs[False][3]  # each expert still counted once per lookup

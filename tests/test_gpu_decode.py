@@ -204,3 +204,16 @@ def test_speculative_greedy_equals_plain_on_cuda(rate):
     assert r.stats["mtp_drafted"] > 0
     if rate is not None:
         assert 0.2 < r.stats["mtp_acceptance"] < 0.8
+
+
+def test_prefill_prefetch_of_the_next_layer_on_cuda():
+    """Expert-major prefill on CUDA: the next layer's copies queued before this layer's expert
+    kernels (copy stream) give the same logits as loading on demand."""
+    ids = list(range(300, 428))
+    runs = {}
+    for prefetch in (True, False):
+        eng = _load(True, dtype=torch.float32, expert_slots=20)
+        eng.scheduler.prefetch = prefetch
+        runs[prefetch] = (eng.session().forward(ids).cpu(), eng.scheduler.prefetched_experts)
+    assert runs[True][1] > 0 and runs[False][1] == 0
+    assert torch.equal(runs[True][0], runs[False][0])
