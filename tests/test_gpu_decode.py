@@ -216,4 +216,5 @@ def test_prefill_prefetch_of_the_next_layer_on_cuda():
         eng.scheduler.prefetch = prefetch
         runs[prefetch] = (eng.session().forward(ids).cpu(), eng.scheduler.prefetched_experts)
     assert runs[True][1] > 0 and runs[False][1] == 0
-    assert torch.equal(runs[True][0], runs[False][0])
+    a, b = runs[True][0], runs[False][0]
+    assert float((a - b).abs().max() / b.std()) <= 1e-5  # the kernels may sum in any order
