@@ -130,13 +130,14 @@ class Generation:
         self.drafted += st.drafted
         self.accepted += st.accepted
         self.verify_steps += 1
-        for t, row in zip(st.tokens, st.rows, strict=True):
+        for i, (t, row) in enumerate(zip(st.tokens, st.rows, strict=True)):
             sampler.note(t)
             finish = self._take(t, row)
-            if finish is not None:
+            if finish is None and len(self.out) >= p.max_tokens:
+                finish = "length"
+            if finish is not None:  # the session fed kept drafts past this one: undo them
+                speculative.settle(sess, tok, st, i)
                 return finish, t
-            if len(self.out) >= p.max_tokens:
-                break
         return None, st.tokens[-1]
 
     def run(self, prompt: list[int]) -> GenerationResult:

@@ -109,6 +109,7 @@ class Step:
     rows: torch.Tensor  # [j + 1, V] the target logits row of each of those tokens
     drafted: int
     accepted: int
+    snap: tuple  # the session before the step (`Session.rollback`)
 
 
 def step(sess: Session, tok: int, k: int, sampler: Sampler, source: DraftSource) -> Step:
@@ -124,4 +125,13 @@ def step(sess: Session, tok: int, k: int, sampler: Sampler, source: DraftSource)
     if j < k:  # keep what was accepted: undo the forward, consume [tok, d1..dj] again
         sess.rollback(snap)
         sess.forward([tok, *draft.tokens[:j]], last_only=True)
-    return Step([*draft.tokens[:j], int(nxt)], rows[: j + 1], k, j)
+    return Step([*draft.tokens[:j], int(nxt)], rows[: j + 1], k, j, snap)
+
+
+def settle(sess: Session, tok: int, st: Step, n: int) -> None:
+    """The completion ended at st.tokens[n] (or before it): leave the session holding `tok`
+    and the n tokens before it, as plain decoding would (it never feeds the last token), so a
+    prefix cache can extend the sequence. Nothing to do when n is the last."""
+    if n < len(st.tokens) - 1:
+        sess.rollback(st.snap)
+        sess.forward([tok, *st.tokens[:n]], last_only=True)

@@ -1262,3 +1262,27 @@ def test_cut_off_forced_tool_call_never_leaks_dsml() -> None:
     assert "DSML" not in (msg["content"] or "")
     assert msg["tool_calls"][0]["function"]["name"] == "get_weather"
     assert reply.finish_reason("length") == "length"
+
+
+def test_speculative_server_answers_as_the_plain_one(
+    client: openai.OpenAI, _model_cache: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """`serve --mtp 2`: at temperature 0 the same completion as the plain server, the drafts in
+    the request's stats and the metrics, and prefix reuse still extends the sequence."""
+    s = ServerProcess(tmp_path_factory.mktemp("mtp"), "--mtp", "2")
+    try:
+        spec = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        kw = dict(model="tiny", messages=USER, max_tokens=10, temperature=0)
+        want = client.chat.completions.create(**kw)
+        got = spec.chat.completions.create(**kw)
+        assert got.choices[0].message.content == want.choices[0].message.content
+        st = got.model_extra["stats"]
+        assert st["mtp_drafted"] > 0 and 0 <= st["mtp_accepted"] <= st["mtp_drafted"]
+        convo = [*USER, {"role": "assistant", "content": got.choices[0].message.content},
+                 {"role": "user", "content": "More."}]  # fmt: skip
+        again = spec.chat.completions.create(model="tiny", messages=convo, max_tokens=4)
+        assert again.usage.prompt_tokens_details.cached_tokens > 0
+        _, _, body = _http(s.url + "/metrics")
+        assert "homeseek_mtp_drafted_total" in body.decode()
+    finally:
+        assert s.stop() == 0, s.log.read_text()

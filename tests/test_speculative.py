@@ -73,6 +73,21 @@ def test_greedy_output_is_plain_decoding_with_the_mtp_block(model):
     assert r.stats["mtp_drafted"] >= STEPS // 3 * 2  # ~2 per step (random weights: few kept)
 
 
+def test_the_session_ends_as_plain_decoding_leaves_it(model):
+    """A completion that ends inside a step's kept drafts leaves the session holding the prompt
+    and every generated token but the last, as plain decoding does (the server's prefix cache
+    extends such a session)."""
+    path, ref = model
+    eng = homeseek.load(path, dtype=torch.float32, max_context=512, mtp=3)
+    sess = eng.session()
+    r = eng.generate(prompt_ids=PROMPT, max_tokens=6, temperature=0, ignore_eos=True,
+                     session=sess, draft_source=_forced(ref, 1.0))  # fmt: skip
+    assert r.token_ids == ref[:6]
+    assert sess.tokens == PROMPT + r.token_ids[:-1] and sess.pos == len(sess.tokens)
+    nxt = int(sess.decode(r.token_ids[-1]).argmax())  # and it goes on as plain decoding would
+    assert nxt == ref[6]
+
+
 def test_speculative_sampling_runs_and_counts():
     """Sampling with drafts: a seeded run completes, stats add up, logprobs per token."""
     eng = homeseek.load("tiny", dtype=torch.float32, max_context=256, mtp=2)
