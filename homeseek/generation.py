@@ -2,8 +2,9 @@
 string, the length limit or cancellation, and gather the result and its stats.
 
 The engine builds a `Generation` per `Engine.generate` call; it drives the session one token at a
-time (`Session.decode`) and never touches the model, the runner or the expert store except to read
-the store's counters for the stats.
+time (`Session.decode`), or with drafts a speculative step at a time (`speculative.step`: several
+tokens per verifying forward), and never touches the model, the runner or the expert store except
+to read the store's counters for the stats.
 """
 
 from __future__ import annotations
