@@ -520,26 +520,21 @@ class Bench:
     def _decode_mtp(self, routing: str, sess: Any, snap: tuple) -> None:
         """The plain decode's tokens again from the same state, speculatively: with the MTP
         block's drafts, then with forced drafts kept at each of bc.mtp_forced."""
-        import random
-
         from homeseek import speculative
         from homeseek.sampling import Sampler, SamplingParams
 
         bc, ref = self.bc, self.plain_tokens
         n = len(ref)
-        sources: list[tuple[str, Any]] = [("mtp", speculative.MtpDrafts())]
-        for rate in bc.mtp_forced:
-            rng = random.Random(bc.seed)
-
-            def fn(context: list[int], k: int, rate: float = rate, rng=rng) -> list[int]:
-                done = len(context) - base  # tokens produced so far, the drawn one included
-                V = self.cfg.vocab_size
-                return [t if rng.random() < rate else (t + 1) % V for t in ref[done : done + k]]
-
-            sources.append((f"forced {100 * rate:.0f}%", speculative.ForcedDrafts(fn)))
-        for label, source in sources:
+        rates: list[float | None] = [None, *bc.mtp_forced]  # None: the MTP block's drafts
+        for rate in rates:
             sess.rollback(snap)
-            base = len(sess.tokens) + 1
+            if rate is None:
+                label, source = "mtp", speculative.MtpDrafts()
+            else:  # ref[0] follows the session's tokens and the first token fed
+                label = f"forced {100 * rate:.0f}%"
+                source = speculative.ForcedDrafts.from_reference(
+                    ref, len(sess.tokens) + 1, rate, self.cfg.vocab_size, bc.seed
+                )
             row = Row(routing, "decode", n, sess.pos, drafts=label)
             sampler = Sampler(SamplingParams(temperature=0), self.bc.device)
             tok = self._ids(1, sess.pos)[0]

@@ -20,6 +20,8 @@ One step, with `tok` drawn but not yet consumed:
 
 from __future__ import annotations
 
+import random
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -66,8 +68,24 @@ class ForcedDrafts:
     k) -> tokens, e.g. a known continuation with some of it spoiled, to exercise acceptance,
     partial acceptance and rollback at any rate on random weights."""
 
-    def __init__(self, fn) -> None:  # noqa: ANN001 - Callable[[list[int], int], list[int]]
+    def __init__(self, fn: Callable[[list[int], int], Sequence[int]]) -> None:
         self.fn = fn
+
+    @classmethod
+    def from_reference(
+        cls, ref: Sequence[int], start: int, rate: float, vocab: int, seed: int = 0
+    ) -> ForcedDrafts:
+        """Drafts from a known continuation `ref` (e.g. plain greedy decoding's tokens), each
+        kept as is with probability `rate` and otherwise replaced by the next id: with
+        `start` the sequence length at which ref[0] is the token to propose, a context of
+        length n gets ref[n - start :]."""
+        rng = random.Random(seed)
+
+        def fn(context: list[int], k: int) -> list[int]:
+            n = len(context) - start
+            return [t if rng.random() < rate else (t + 1) % vocab for t in ref[n : n + k]]
+
+        return cls(fn)
 
     def propose(self, sess: Session, tok: int, k: int, sampler: Sampler) -> Draft:
         toks = [int(t) for t in self.fn([*sess.tokens, tok], k)][:k]

@@ -181,8 +181,6 @@ def test_speculative_greedy_equals_plain_on_cuda(rate):
     steps as graphs) gives plain greedy decoding's tokens over 300 steps, in fp32 (in bf16 the
     verify and decode kernels round differently); with the MTP block's drafts and with forced
     drafts kept at 50 %."""
-    import random
-
     from homeseek.speculative import ForcedDrafts
 
     prompt = list(range(200, 240))
@@ -191,13 +189,7 @@ def test_speculative_greedy_equals_plain_on_cuda(rate):
     eng = _load(True, dtype=torch.float32, mtp=3)
     source = None
     if rate is not None:
-        rng = random.Random(0)
-
-        def fn(context: list[int], k: int) -> list[int]:
-            n = len(context) - len(prompt)
-            return [t if rng.random() < rate else t + 1 for t in ref.token_ids[n : n + k]]
-
-        source = ForcedDrafts(fn)
+        source = ForcedDrafts.from_reference(ref.token_ids, len(prompt), rate, eng.cfg.vocab_size)
     r = eng.generate(prompt_ids=prompt, max_tokens=300, temperature=0, ignore_eos=True,
                      draft_source=source)  # fmt: skip
     assert r.token_ids == ref.token_ids

@@ -5,8 +5,6 @@ sampling keeps the target distribution; the stats."""
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 
@@ -35,15 +33,9 @@ def model(request, tmp_path_factory):
     return path, ref.token_ids
 
 
-def _forced(ref: list[int], rate: float, seed: int = 0) -> ForcedDrafts:
+def _forced(ref: list[int], rate: float) -> ForcedDrafts:
     """Proposes the plain run's next tokens, each spoiled with probability 1 - rate."""
-    rng = random.Random(seed)
-
-    def fn(context: list[int], k: int) -> list[int]:
-        n = len(context) - len(PROMPT)  # generated tokens so far, the drawn one included
-        return [t if rng.random() < rate else (t + 1) % 129280 for t in ref[n : n + k]]
-
-    return ForcedDrafts(fn)
+    return ForcedDrafts.from_reference(ref, len(PROMPT), rate, 129280)
 
 
 @pytest.mark.parametrize("rate", [1.0, 0.5, 0.0])
