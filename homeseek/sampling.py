@@ -100,21 +100,22 @@ class Sampler:
             self.bias[ids] = torch.tensor(list(p.logit_bias.values()), dtype=torch.float32)
             self.bias = self.bias.to(self.device)
 
-    def adjusted(self, logits: torch.Tensor) -> torch.Tensor:
-        """logits [V] plus logit_bias minus OpenAI's penalties over the tokens drawn so far:
-        logit[j] -= count[j] * frequency_penalty + (count[j] > 0) * presence_penalty."""
+    def adjusted(self, logits: torch.Tensor, pending: Sequence[int] = ()) -> torch.Tensor:
+        """logits [V] plus logit_bias minus OpenAI's penalties over the tokens drawn so far
+        (and `pending`, as if drawn too): logit[j] -= count[j] * frequency_penalty
+        + (count[j] > 0) * presence_penalty."""
         if not self._ready:
             self._setup(logits.shape[-1])
         x = logits.float()
         if self.bias is not None:
             x = x + self.bias
-        if self.counts is not None:
+        counts = self.counts
+        if counts is not None:
+            if pending:
+                ids = torch.tensor(list(pending), dtype=torch.long, device=counts.device)
+                counts = counts + torch.bincount(ids, minlength=counts.shape[0]).float()
             p = self.params
-            x = (
-                x
-                - self.counts * p.frequency_penalty
-                - (self.counts > 0).float() * p.presence_penalty
-            )
+            x = x - counts * p.frequency_penalty - (counts > 0).float() * p.presence_penalty
         return x
 
     def _shaped(self, x: torch.Tensor) -> torch.Tensor:
@@ -158,18 +159,7 @@ class Sampler:
         """The distribution [V] fp32 this sampler draws from for logits [V], as if the tokens
         `pending` had been drawn first (speculative decoding: the target and draft
         distributions of a position after unconfirmed drafts). Greedy: one-hot at the argmax."""
-        if not self._ready:
-            self._setup(logits.shape[-1])
-        saved = None
-        if self.counts is not None and pending:
-            saved = self.counts.clone()
-            for t in pending:
-                self.note(t)
-        try:
-            x = self.adjusted(logits)
-        finally:
-            if saved is not None:
-                self.counts = saved
+        x = self.adjusted(logits, pending)
         if self.params.temperature == 0:
             return torch.nn.functional.one_hot(x.argmax(), x.shape[-1]).float()
         return torch.softmax(self._shaped(x), dim=-1)
