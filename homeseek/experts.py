@@ -400,20 +400,19 @@ class ExpertStore:
         (protected until the layer's next request, since its copy to the GPU is still to come),
         or, with no host tier (CPU, or not pinned yet), is read in place from the disk tier."""
         with self.lock:
+            if self.host is not None:
+                s = self.hostres.lookup(key)
+                if s is not None:
+                    self.counters.host_hits += 1
+                    self.hostres.protected[s] = True
+                    return self.host.view(s), False
+            self.counters.disk_loads += 1
+            self.counters.bytes_disk += record_bytes(self.cfg)
             if self.host is None:
-                self.counters.disk_loads += 1
-                self.counters.bytes_disk += record_bytes(self.cfg)
                 t0 = time.perf_counter()
                 rec = self._disk_record(key)
                 self.counters.disk_s += time.perf_counter() - t0
                 return rec, False
-            s = self.hostres.lookup(key)
-            if s is not None:
-                self.counters.host_hits += 1
-                self.hostres.protected[s] = True
-                return self.host.view(s), False
-            self.counters.disk_loads += 1
-            self.counters.bytes_disk += record_bytes(self.cfg)
             s, _ = self.hostres.admit(key)
             self.hostres.protected[s] = True
             return self.host.view(s), True
