@@ -152,8 +152,7 @@ class Runner:
 
     def _following(self, layer: int) -> int | None:
         """The main layer after `layer` (None after the last, and for the MTP block)."""
-        i = layer + 1
-        return i if i < len(self.layers) and layer < len(self.layers) else None
+        return layer + 1 if layer + 1 < len(self.layers) else None
 
     def mtp_step(
         self,
