@@ -374,11 +374,25 @@ def derive_chunk(
     """The prefill chunk for `room` bytes left after dense weights, state and RoPE tables: the
     largest candidate whose workspace is at most PREFILL_SHARE of it (MIN_PREFILL_CHUNK when
     none is: the plan then says whether even that fits)."""
-    best = MIN_PREFILL_CHUNK
-    for c in _chunks(max_context):
-        if prefill_workspace(cfg, c, max_context, act_bytes, quant_sim) <= PREFILL_SHARE * room:
-            best = c
-    return best
+    best = _largest_within(
+        cfg, _chunks(max_context), PREFILL_SHARE * room, max_context, act_bytes, quant_sim
+    )
+    return best if best is not None else MIN_PREFILL_CHUNK
+
+
+def _largest_within(
+    cfg: ModelConfig,
+    chunks: list[int],
+    limit: float,
+    max_context: int,
+    act_bytes: int,
+    quant_sim: bool,
+) -> int | None:
+    """The last of `chunks` (ascending) whose prefill workspace is at most `limit` bytes."""
+    fit = [
+        c for c in chunks if prefill_workspace(cfg, c, max_context, act_bytes, quant_sim) <= limit
+    ]
+    return fit[-1] if fit else None
 
 
 def _gb_up(n: int) -> float:
@@ -523,12 +537,12 @@ def memory_plan(
     act = prefill_activation_bytes(cfg, chunk, max_context, act_bytes, quant_sim)
     workspace = prefill_workspace(cfg, chunk, max_context, act_bytes, quant_sim)
     min_slots = cfg.num_experts_per_tok
-    fitting, c = 0, MIN_PREFILL_CHUNK
-    while c <= chunk:
-        ws = prefill_workspace(cfg, c, max_context, act_bytes, quant_sim)
-        if ws + min_slots * record <= room:
-            fitting = c
-        c *= 2
+    # the chunks `fitting` may name: powers of two from MIN_PREFILL_CHUNK up to the chunk
+    powers = [MIN_PREFILL_CHUNK << i for i in range(chunk.bit_length())]  # >= chunk at the end
+    fitting = _largest_within(
+        cfg, [c for c in powers if c <= chunk], room - min_slots * record, max_context,
+        act_bytes, quant_sim,
+    ) or 0  # fmt: skip
     gpu_slots = max(0, min(n, (room - workspace) // record))
     host_slots = max(0, min(n - gpu_slots, host // record))
     return MemoryPlan(
