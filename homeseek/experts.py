@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -35,9 +35,11 @@ from homeseek.checkpoint import Checkpoint, QWeight, layer_prefix
 from homeseek.config import ConfigError, ModelConfig
 
 Key = tuple[int, int]  # (layer, expert)
-# Threads reading missed records from the tier below the host cache: a decode layer misses up
-# to num_experts_per_tok (6) of them, and one thread copies a 13 MB record at ~5-15 GB/s.
+# Threads reading missed records from the tier below the host cache. One thread copies ~5-15
+# GB/s, and a decode layer usually misses one record of the tier below at a time, so each record
+# is read in pieces of READ_PIECE bytes spread over all the threads.
 READER_THREADS = 8
+READ_PIECE = 1 << 20
 
 
 def record_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -418,13 +420,41 @@ class ExpertStore:
             return self.host.view(s), True
 
     def _fill(self, dst: dict[str, torch.Tensor], key: Key) -> None:
-        """Read key's record from the disk tier into dst (a host-cache slot). Runs on the
-        reader threads: torch copies release the GIL, so several records read at once."""
+        """Read key's record from the disk tier into dst (a host-cache slot), on this thread."""
+        for piece in self._pieces(dst, key, 0):
+            piece()
+
+    def _pieces(
+        self, dst: dict[str, torch.Tensor], key: Key, rows: int
+    ) -> list[Callable[[], torch.Tensor]]:
+        """The copies that read key's record into dst, as callables of about `rows` rows of a
+        record tensor each (0: one per stored tensor). torch copies release the GIL, so the
+        reader threads run them at once."""
+        out = []
         for k, parts in self._disk_parts(key).items():
             row = 0
             for part in parts:
-                dst[k][row : row + part.shape[0]].copy_(part)
-                row += part.shape[0]
+                n = part.shape[0]
+                step = rows or n
+                for a in range(0, n, step):
+                    b = min(a + step, n)
+                    out.append(lambda d=dst[k][row + a : row + b], p=part[a:b]: d.copy_(p))
+                row += n
+        return out
+
+    def _read_parallel(
+        self, reads: list[tuple[int, Key, dict[str, torch.Tensor]]]
+    ) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+        """Start reading these records into their host slots, each in pieces over the reader
+        threads; yields (slot, host record) in order as each record is complete."""
+        row_bytes = max(1, self.cfg.hidden_size // 2)
+        rows = max(1, READ_PIECE // row_bytes)
+        pool = self._readers()
+        jobs = [[pool.submit(f) for f in self._pieces(src, key, rows)] for _, key, src in reads]
+        for (s, _, src), fs in zip(reads, jobs, strict=True):
+            for f in fs:
+                f.result()
+            yield s, src
 
     # -- residency --------------------------------------------------------------------------------
     def begin_step(self) -> None:
@@ -475,7 +505,7 @@ class ExpertStore:
 
     def _load(self, misses: list[tuple[int, Key]]) -> None:
         """Copy missed records into their slots: host-cache hits at once, records of the tier
-        below read by the reader threads in parallel, each copied as soon as it is read."""
+        below read in pieces by all the reader threads, each copied as soon as it is read."""
         timed = self.time_copies and self.copy_stream is not None
         if timed:  # after the compute it waits for, before the copies
             self.copy_stream.wait_stream(self._compute())
@@ -489,14 +519,7 @@ class ExpertStore:
                 self._copy_to_slot(s, src)
         if reads:
             t0 = time.perf_counter()
-            if len(reads) == 1:
-                self._fill(reads[0][2], reads[0][1])
-                done = [None]
-            else:
-                done = [self._readers().submit(self._fill, src, key) for _, key, src in reads]
-            for (s, _, src), f in zip(reads, done, strict=True):
-                if f is not None:
-                    f.result()
+            for s, src in self._read_parallel(reads):
                 self._copy_to_slot(s, src)
             self.counters.disk_s += time.perf_counter() - t0
         self.counters.bytes_h2d += len(misses) * record_bytes(self.cfg)

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import homeseek
+from homeseek import experts
 from homeseek.config import ConfigError
 from homeseek.experts import (
     LRFUPolicy,
@@ -96,6 +97,22 @@ def test_disk_reads_fill_a_host_record_in_place():
     for slot, key in ((0, (1, 5)), (1, (2, 7))):
         want = store._disk_record(key)
         assert all(torch.equal(buf.view(slot)[k], want[k]) for k in want)
+    # In pieces of 3 rows over the reader threads (how decode reads the tier below), the last
+    # piece of a part ragged.
+    pieces = RecordBuffer(eng.cfg, 2, "cpu")
+    for t in pieces.t.values():
+        t.fill_(0xAB)
+    reads = [(0, (1, 5), pieces.view(0)), (1, (2, 7), pieces.view(1))]
+    old_piece = experts.READ_PIECE
+    experts.READ_PIECE = 3 * (eng.cfg.hidden_size // 2)
+    try:
+        done = list(store._read_parallel(reads))
+    finally:
+        experts.READ_PIECE = old_piece
+    assert [s for s, _ in done] == [0, 1]
+    for slot, key in ((0, (1, 5)), (1, (2, 7))):
+        want = store._disk_record(key)
+        assert all(torch.equal(pieces.view(slot)[k], want[k]) for k in want)
 
 
 # --- policies ------------------------------------------------------------------------------------
