@@ -66,6 +66,11 @@ class BenchConfig:
     # (random weights make the MTP block's own acceptance ~0, so those rows show the payoff).
     mtp: int = 0
     mtp_forced: tuple[float, ...] = (0.5, 0.7, 0.9)
+    # The CPU lane's modes to decode with (homeseek/cpu_lane.py), one engine: "off" rows are
+    # the copy-only decode the lane is measured against.
+    cpu_lanes: tuple[str, ...] = ("auto",)
+    cpu_threads: int | None = None
+    prefetch: bool = True
 
     def __post_init__(self) -> None:
         if (self.model is None) == (self.synthetic is None):
@@ -82,6 +87,8 @@ class BenchConfig:
             raise ConfigError(f"forced acceptance rates must be in [0, 1], got {self.mtp_forced}")
         if self.expert_alias is not None and self.expert_alias < 1:
             raise ConfigError(f"--expert-alias must be >= 1, got {self.expert_alias}")
+        if not self.cpu_lanes or any(m not in ("auto", "on", "off") for m in self.cpu_lanes):
+            raise ConfigError(f"--cpu-lane: comma-separated auto, on, off; got {self.cpu_lanes}")
         for r in self.routings:
             if r not in ("model", "uniform") and not r.startswith("trace:"):
                 raise ConfigError(f"--routing {r!r}: model, uniform (or --routing-trace FILE)")
@@ -222,6 +229,13 @@ class Row:
     drafts: str | None = None
     mtp_acceptance: float | None = None
     mtp_tokens_per_step: float | None = None
+    # decode rows: the CPU lane's mode ("off": copy-only) and the experts it computed per token
+    cpu_lane: str | None = None
+    cpu_experts_per_token: float | None = None
+    # decode's next-layer prediction: share of predicted experts the layer chose, and the
+    # bytes per token copied for predicted experts it did not choose
+    prediction_accuracy: float | None = None
+    prefetch_wasted_MB_per_token: float | None = None
     error: str | None = None
 
 
@@ -320,6 +334,8 @@ class Bench:
     # -- setup -----------------------------------------------------------------------------------
     def _engine(self):  # noqa: ANN202 - homeseek.engine.Engine (imported late)
         bc = self.bc
+        lanes = set(bc.cpu_lanes)
+        lane = "on" if "on" in lanes else ("auto" if lanes - {"off"} else "off")
         rt = RuntimeConfig.build(
             device=bc.device,
             dtype=bc.dtype,
@@ -328,6 +344,11 @@ class Bench:
             max_context=bc.max_context,
             graphs=bc.graphs,
             mtp=bc.mtp,
+            # One engine serves every lane mode asked for: built with the lane when any row
+            # wants it ("on" if any row insists), the "off" rows unset it while they run.
+            cpu_lane=lane,
+            cpu_threads=bc.cpu_threads,
+            prefetch=bc.prefetch,
         )
         return build_engine(rt, bc.model, bc.synthetic, bc.seed, bc.expert_alias)
 
@@ -346,6 +367,11 @@ class Bench:
         eng = self._engine()
         t_build = time.perf_counter() - t0
         self.eng, self.cfg = eng, eng.cfg
+        # (label, the lane or None) per lane mode asked for: "off" unsets the engine's lane
+        # while its rows run; "on"/"auto" use it, labelled "off" where it could not start.
+        lane = eng.scheduler.lane
+        labels = ["off" if m == "off" or lane is None else "on" for m in bc.cpu_lanes]
+        self.lanes = [(m, None if m == "off" else lane) for m in dict.fromkeys(labels)]
         store = eng.experts
         n_total = len(eng.layers) * eng.cfg.n_routed_experts
         filled = store.n_host - (len(store.hostres.free) if store.hostres else 0)
@@ -391,6 +417,7 @@ class Bench:
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
         self.eng.experts.copy_busy_s()  # drop what an earlier phase recorded
+        self._pred0 = dataclasses.replace(self.eng.scheduler.predicted)
         return dataclasses.replace(self.eng.experts.counters), time.perf_counter()
 
     def _fill(self, row: Row, c0: Any, n_tok: int, h2d_busy: float) -> None:
@@ -402,6 +429,13 @@ class Bench:
         row.gpu_hit_rate = (c.gpu_hits - c0.gpu_hits) / max(lookups, 1)
         row.host_hits_per_token = (c.host_hits - c0.host_hits) / n_tok
         row.disk_reads_per_token = (c.disk_loads - c0.disk_loads) / n_tok
+        if row.cpu_lane is not None:
+            row.cpu_experts_per_token = (c.cpu_lane - c0.cpu_lane) / n_tok
+        p, p0 = self.eng.scheduler.predicted, self._pred0
+        if p.predicted > p0.predicted:
+            row.prediction_accuracy = (p.correct - p0.correct) / (p.predicted - p0.predicted)
+            wasted = (p.copied - p0.copied) - (p.copied_used - p0.copied_used)
+            row.prefetch_wasted_MB_per_token = wasted * rec / n_tok / 1e6
         h2d = c.bytes_h2d - c0.bytes_h2d
         row.h2d_bytes_per_token = h2d / n_tok
         row.h2d_GBps = round(h2d / h2d_busy / 1e9, 2) if h2d_busy > 0 and h2d else None
@@ -439,16 +473,22 @@ class Bench:
                 sess.reset()
                 if self._prefill(routing, sess, n).error is not None:
                     continue
-                if i == 0:  # decode at a short position, profiled
-                    snap = sess.snapshot() if bc.mtp else None
-                    self._decode(routing, sess, bc.decode_tokens, profile=True)
-                    if snap is not None:
+                if i == 0:  # decode at a short position, profiled, once per lane mode
+                    snap = sess.snapshot() if bc.mtp or len(self.lanes) > 1 else None
+                    for j, (mode, lane) in enumerate(self.lanes):
+                        if j:  # the same tokens from the same state and a cold pool again
+                            sess.rollback(snap)
+                            eng.experts.reset_gpu()
+                        eng.scheduler.lane = lane
+                        self._decode(routing, sess, bc.decode_tokens, profile=True, lane=mode)
+                    if bc.mtp:
                         self._decode_mtp(routing, sess, snap)
                 elif i == len(prompts) - 1 and bc.long_decode_tokens:  # after the longest
                     self._decode(routing, sess, bc.long_decode_tokens, profile=False)
         finally:
             eng.experts.time_copies = False
             eng.scheduler.routing = None
+            eng.scheduler.lane = self.lanes[-1][1]
 
     def _prefill(self, routing: str, sess: Any, n: int) -> Row:
         row = Row(routing, "prefill", n, sess.pos)
@@ -472,8 +512,10 @@ class Bench:
         self._add(row)
         return row
 
-    def _decode(self, routing: str, sess: Any, n: int, profile: bool) -> Row:
-        row = Row(routing, "decode", n, sess.pos)
+    def _decode(
+        self, routing: str, sess: Any, n: int, profile: bool, lane: str | None = None
+    ) -> Row:
+        row = Row(routing, "decode", n, sess.pos, cpu_lane=lane)
         tok = self._ids(1, sess.pos)[0]
         times = []
         self.plain_tokens: list[int] = []  # what the forced drafts of the MTP rows propose
@@ -610,6 +652,8 @@ class Bench:
         work = f"{row.work} {row.tokens}" + (f" @{row.position}" if row.work == "decode" else "")
         if row.drafts:
             work += f" {row.drafts}"
+        if row.cpu_lane is not None and len(self.lanes) > 1:
+            work += " cpu" if row.cpu_lane == "on" else " copy"
         if row.error:
             self.out(f"{row.routing:<8} {work:<16} {row.error}")
             return
@@ -637,6 +681,22 @@ class Bench:
             )
             for name, n, ms in (row.top_kernels or [])[:8]:
                 self.out(f"{'':<8} {'':<16}   {ms:6.2f} ms {n:6.0f}x  {name[:60]}")
+        if row.cpu_lane == "on":
+            base = [
+                r for r in self.rows
+                if r.routing == row.routing and r.cpu_lane == "off" and r.position == row.position
+                and r.error is None
+            ]  # fmt: skip
+            vs = f"; {row.tok_s / base[0].tok_s:.2f}x the copy-only decode" if base else ""
+            self.out(
+                f"{'':<8} {'':<16} CPU lane: {row.cpu_experts_per_token:.1f} experts per token{vs}"
+            )
+        if row.prediction_accuracy is not None and row.work == "decode":
+            self.out(
+                f"{'':<8} {'':<16} next-layer prediction: {100 * row.prediction_accuracy:.0f}% "
+                f"of predicted experts chosen; {row.prefetch_wasted_MB_per_token:.1f} MB/token "
+                "copied for wrong guesses"
+            )
         if row.mtp_acceptance is not None:
             self.out(
                 f"{'':<8} {'':<16} drafts kept {100 * row.mtp_acceptance:.0f}%, "
@@ -662,9 +722,25 @@ class Bench:
             "modes": ["graphs" if self.eng.rt.graphs else "eager"],
             "graphs": self.eng.runner.graph_stats(),
             "ceilings": self.ceil,
+            "cpu_lane": self.eng.lane_status,
             **self.setup,
             "rows": [asdict(r) for r in self.rows],
         }
+        lane = self.eng.scheduler.lane
+        if lane is not None:
+            res["cpu_lane_counters"] = lane.counters.as_dict()
+            res["cpu_lane_h2d_GBps"] = lane.h2d_rate / 1e9
+        res["prefetch"] = self.eng.scheduler.predicted.as_dict(self.setup["record_bytes"])
+        speedup = {}
+        for on in self.rows:
+            off = [
+                r for r in self.rows
+                if r.cpu_lane == "off" and r.routing == on.routing and r.position == on.position
+            ]  # fmt: skip
+            if on.cpu_lane == "on" and off and not on.error and not off[0].error:
+                speedup[on.routing] = on.tok_s / off[0].tok_s
+        if speedup:
+            res["cpu_lane_speedup"] = speedup
         self.out(json.dumps(_rounded(res)))
         return res
 

@@ -211,6 +211,39 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="run the decode step eagerly instead of as CUDA graphs (CUDA; CPU is always eager)",
     )
+    _add_lane_args(p)
+
+
+def _add_lane_args(p: argparse.ArgumentParser, several: bool = False) -> None:
+    """--cpu-lane, --cpu-threads, --prefetch (`several`: bench compares comma-separated modes)."""
+    if several:
+        p.add_argument(
+            "--cpu-lane", type=_lane_list, default="auto",
+            help="comma-separated on/off/auto: decode rows for each, in one engine (off: the "
+            "copy-only decode the lane is measured against; default: auto)",
+        )  # fmt: skip
+    else:
+        p.add_argument(
+            "--cpu-lane", choices=("auto", "on", "off"), default="auto",
+            help="compute some of a decode layer's missed experts on the CPU instead of copying "
+            "them (auto: where the CPU kernel builds here; on: an error where it cannot)",
+        )  # fmt: skip
+    p.add_argument(
+        "--cpu-threads", type=_int_at_least(1), default=None,
+        help="threads of the CPU lane (default: the cores but two)",
+    )  # fmt: skip
+    p.add_argument(
+        "--prefetch", choices=("on", "off"), default="on",
+        help="load the next layer's experts early where a prefill chunk uses nearly all of them",
+    )  # fmt: skip
+
+
+def _lane_list(text: str) -> tuple[str, ...]:
+    modes = tuple(m.strip() for m in text.split(",") if m.strip())
+    bad = [m for m in modes if m not in ("auto", "on", "off")]
+    if not modes or bad:
+        raise argparse.ArgumentTypeError(f"{text!r}: comma-separated auto, on and/or off")
+    return modes
 
 
 def _add_mtp_arg(p: argparse.ArgumentParser) -> None:
@@ -368,6 +401,9 @@ def _load(
         max_sessions=max_sessions,
         mtp=getattr(args, "mtp", 0),
         progress=True,
+        cpu_lane=args.cpu_lane,
+        cpu_threads=args.cpu_threads,
+        prefetch=args.prefetch == "on",
     )
 
 
@@ -842,6 +878,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-context", type=pos_int, default=None,
         help="the engine's max_context (default: what the prompts and decode need)",
     )  # fmt: skip
+    _add_lane_args(b, several=True)
     b.add_argument(
         "--mtp", type=_int_at_least(0, 3), default=0,
         help="also decode the short-position tokens speculatively with this many drafts: from "
@@ -937,6 +974,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         graphs=False if args.no_graphs or not cuda else None,
         context=args.max_context,
         mtp=args.mtp,
+        cpu_lanes=args.cpu_lane,
+        cpu_threads=args.cpu_threads,
+        prefetch=args.prefetch == "on",
     )
     return main(bc)
 
@@ -1034,6 +1074,9 @@ def _synthetic_engine(args: argparse.Namespace) -> Engine:
         max_context=args.max_context,
         quant_sim=not args.no_quant_sim,
         graphs=False if args.no_graphs else None,
+        cpu_lane=args.cpu_lane,
+        cpu_threads=args.cpu_threads,
+        prefetch=args.prefetch == "on",
     )
     return build_engine(rt, None, args.synthetic, expert_alias=args.expert_alias or None)
 

@@ -333,6 +333,12 @@ class RuntimeConfig:
     eviction: str = "lrfu"  # expert-pool eviction policy: lru | lrfu[:half-life]
     hot_profile: str | None = None  # routing profile whose top experts stay pinned in the pool
     kernels: bool = True  # Triton kernels on CUDA; False runs the torch twins there too
+    # A decode layer's missed experts partly computed on the CPU (homeseek/cpu_lane.py):
+    # "auto" where the CPU kernel builds here, "on" (an error where it cannot), "off".
+    cpu_lane: str = "auto"
+    cpu_threads: int | None = None  # the CPU lane's threads; None: the cores but two
+    # Load the next layer's experts early (prefill chunks that use nearly all of them)
+    prefetch: bool = True
 
     def __post_init__(self) -> None:
         if self.max_context < 1:
@@ -345,6 +351,10 @@ class RuntimeConfig:
             raise ConfigError(f"max_sessions must be >= 1, got {self.max_sessions}")
         if not 0 <= self.mtp <= 3:
             raise ConfigError(f"mtp must be 0 (off) to 3 drafts, got {self.mtp}")
+        if self.cpu_lane not in ("on", "off", "auto"):
+            raise ConfigError(f"cpu_lane must be on, off or auto, got {self.cpu_lane!r}")
+        if self.cpu_threads is not None and self.cpu_threads < 1:
+            raise ConfigError(f"cpu_threads must be >= 1, got {self.cpu_threads}")
         if self.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ConfigError(f"dtype must be float32, bfloat16 or float16, got {self.dtype}")
 

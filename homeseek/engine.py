@@ -35,6 +35,7 @@ from homeseek.config import (
     RuntimeConfig,
     default_cache_dir,
 )
+from homeseek.cpu_lane import CpuLane, lane_status
 from homeseek.experts import ExpertStore, record_bytes
 from homeseek.generation import Generation, GenerationResult
 from homeseek.kernels import ops
@@ -197,6 +198,8 @@ class Engine:
             self.experts.start_host_fill()
         self.rope = M.RopeTables(cfg, rt.max_context, dev)
         self.scheduler = Scheduler(self.experts, cfg)
+        self.scheduler.prefetch = rt.prefetch
+        self.lane_status = self._cpu_lane(kernels)
         # With CUDA graphs every session's state lives in one arena the graphs index by slot;
         # eager, each session allocates its own.
         self.arena = StateArena(cfg, rt, self.layers, rt.max_sessions) if rt.graphs else None
@@ -205,6 +208,23 @@ class Engine:
             report=(lambda msg: tqdm.write(msg, file=sys.stderr)) if progress else None,
         )  # fmt: skip
         self.tokenizer = _load_tokenizer(self.path) if self.path is not None else None
+
+    def _cpu_lane(self, kernels: bool) -> str:
+        """Start the CPU lane where the runtime config asks for it and it can run -> a line
+        saying whether it runs, and if not why (stats, doctor)."""
+        rt = self.rt
+        if rt.cpu_lane != "off" and not kernels and str(rt.device).startswith("cuda"):
+            if rt.cpu_lane == "on":
+                raise ConfigError("cpu_lane='on' needs the Triton kernels (kernels=True)")
+            return "off (the Triton kernels are off)"
+        on, why = lane_status(rt.cpu_lane, rt.device)
+        if on:
+            self.scheduler.lane = CpuLane(
+                self.cfg, rt.device, record_bytes(self.cfg), rt.dtype, rt.quant_sim,
+                threads=rt.cpu_threads,
+            )  # fmt: skip
+            why = f"on ({self.scheduler.lane.threads} threads)"
+        return why
 
     def _gpu_budget_gb(self) -> float | None:
         """gpu_mem_gb, else the CLI's default rule on CUDA; None: no budget (CPU)."""
@@ -536,11 +556,17 @@ def load(
     hot_profile: str | None = None,
     kernels: bool = True,
     prefill_chunk: int | None = None,
+    cpu_lane: str = "auto",
+    cpu_threads: int | None = None,
+    prefetch: bool = True,
 ) -> Engine:
     """Load a checkpoint directory or a preset ("tiny") -> Engine (docs/engine.md §3).
 
     prefill_chunk: tokens per prefill chunk; None takes HOMESEEK_PREFILL_CHUNK, else derives it
-    from the GPU budget (homeseek.plan); one that does not fit the budget is a ConfigError."""
+    from the GPU budget (homeseek.plan); one that does not fit the budget is a ConfigError.
+    cpu_lane: "auto" / "on" / "off": compute some of a decode layer's missed experts on the CPU
+    (homeseek/cpu_lane.py) with cpu_threads threads. prefetch: load the next layer's experts
+    early where a prefill chunk will use nearly all of them."""
     rt = RuntimeConfig.build(
         device=device,
         dtype=dtype,
@@ -556,6 +582,9 @@ def load(
         eviction=eviction,
         hot_profile=hot_profile,
         kernels=kernels,
+        cpu_lane=cpu_lane,
+        cpu_threads=cpu_threads,
+        prefetch=prefetch,
     )
     return Engine(resolve_model(path_or_preset), rt, progress=progress)
 

@@ -270,12 +270,14 @@ def simulate(
 # --- the store -----------------------------------------------------------------------------------
 @dataclass
 class Counters:
-    """Expert traffic. lookups = gpu_hits + host_hits + disk_loads (each lookup ends in one)."""
+    """Expert traffic. lookups = gpu_hits + host_hits + disk_loads + cpu_lane (each lookup ends
+    in one)."""
 
     lookups: int = 0
     gpu_hits: int = 0  # already in the slot pool
     host_hits: int = 0  # copied host -> slot
     disk_loads: int = 0  # read from disk -> host -> slot
+    cpu_lane: int = 0  # computed on the CPU where it lies (homeseek/cpu_lane.py), not copied
     bytes_h2d: int = 0  # bytes copied into slots
     bytes_disk: int = 0
     copy_s: float = 0.0  # host time spent issuing/doing copies
@@ -287,7 +289,10 @@ class Counters:
         return self.gpu_hits / self.lookups if self.lookups else 0.0
 
     def as_dict(self) -> dict[str, float]:
-        d = {k: getattr(self, k) for k in ("lookups", "gpu_hits", "host_hits", "disk_loads")}
+        d = {
+            k: getattr(self, k)
+            for k in ("lookups", "gpu_hits", "host_hits", "disk_loads", "cpu_lane")
+        }
         d.update(bytes_h2d=self.bytes_h2d, bytes_disk=self.bytes_disk, copy_s=self.copy_s)
         d.update(disk_s=self.disk_s)
         d.update(evictions=self.evictions, hit_rate=self.hit_rate)
@@ -335,6 +340,10 @@ class ExpertStore:
         )
         self.copy_stream = torch.cuda.Stream(device) if cuda else None
         self.ready: dict[int, torch.cuda.Event] = {}  # slot -> copy-finished event
+        # slot -> an event after the last kernels queued that read it (`used`): a copy into the
+        # slot waits for that alone, not for all the compute queued before it (which holds the
+        # current layer's experts, and, in decode, the next layer's prefetch would wait behind)
+        self.last_use: dict[int, torch.cuda.Event] = {}
         self.counters = Counters()
         self.lock = threading.Lock()  # the background host filler shares the host tier
         self._filler: threading.Thread | None = None
@@ -371,6 +380,7 @@ class ExpertStore:
             torch.cuda.synchronize(self.device)
         self.gpu = self._new_gpu_residency()
         self.ready.clear()
+        self.last_use.clear()
         self.prefetched.clear()
         self.slot_map.fill_(-1)
         self._mapped.fill(-1)
@@ -418,6 +428,24 @@ class ExpertStore:
             s, _ = self.hostres.admit(key)
             self.hostres.protected[s] = True
             return self.host.view(s), True
+
+    def in_place(self, key: Key) -> tuple[dict[str, list[torch.Tensor]], bool]:
+        """key's record where it lies, for the CPU lane to read without copying -> (per record
+        tensor its row parts, as `_disk_parts`; whether it lies below the host cache). A
+        host-cache record is protected until the next `begin_layer`. Counts one lookup."""
+        with self.lock:
+            self.counters.lookups += 1
+            self.counters.cpu_lane += 1
+            s = self.hostres.lookup(key) if self.host is not None else None
+            if s is not None:
+                self.hostres.protected[s] = True
+                return {k: [t] for k, t in self.host.view(s).items()}, False
+        return self._disk_parts(key), True
+
+    def below_host(self, key: Key) -> bool:
+        """Whether a miss of key would be read from the tier below the host cache."""
+        with self.lock:
+            return self.host is None or key not in self.hostres.slot_of
 
     def _fill(self, dst: dict[str, torch.Tensor], key: Key) -> None:
         """Read key's record from the disk tier into dst (a host-cache slot), on this thread."""
@@ -546,12 +574,27 @@ class ExpertStore:
         self.copy_events.clear()
         return total
 
+    def used(self, slots: Iterable[int]) -> None:
+        """The kernels reading these slots are queued on the compute stream: a later copy into
+        one of them waits for an event recorded now (`_copy_to_slot`)."""
+        slots = list(slots)
+        if self.copy_stream is None or not slots:
+            return
+        ev = torch.cuda.Event()
+        ev.record(self._compute())
+        for s in slots:
+            self.last_use[s] = ev
+
     def _copy_to_slot(self, s: int, src: dict[str, torch.Tensor]) -> None:
         if self.copy_stream is None:
             self.pool.copy_in(s, src)
             return
-        # The slot may still be read by work queued before this eviction: order the copy after it.
-        self.copy_stream.wait_stream(self._compute())
+        # The slot may still be read by kernels queued before this eviction: order the copy
+        # after the last of them (every read of a slot goes through the scheduler's waves,
+        # which register it with `used`), not after everything queued since.
+        ev = self.last_use.pop(s, None)
+        if ev is not None:
+            self.copy_stream.wait_event(ev)
         with torch.cuda.stream(self.copy_stream):
             self.pool.copy_in(s, src, non_blocking=src["w13_q"].is_pinned())
             ev = torch.cuda.Event()

@@ -210,6 +210,7 @@ class Generation:
             expert_hit_rate=(c.gpu_hits - c0.gpu_hits) / max(c.lookups - c0.lookups, 1),
             expert_bytes_h2d=float(c.bytes_h2d - c0.bytes_h2d),
             expert_bytes_disk=float(c.bytes_disk - c0.bytes_disk),
+            cpu_lane_experts=float(c.cpu_lane - c0.cpu_lane),
         )
         if self.drafts is not None:
             stats.update(

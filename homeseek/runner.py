@@ -61,6 +61,16 @@ class DecodeBuffers:
     moe: torch.Tensor  # [1, D] routed + shared experts: the FFN output mHC post reads
     slots: torch.Tensor  # [1, K] int32 slot table (device): from the slot map, or the host
     logits: torch.Tensor  # [1, V] fp32
+    # The CPU lane (homeseek/cpu_lane.py): the experts' input and weights on the host (A copies
+    # them there when the lane is on), the lane's sum on the device, shared + that sum in fp32.
+    u_host: torch.Tensor  # [1, D], pinned on CUDA
+    weights_host: torch.Tensor  # [1, K] fp32, pinned on CUDA
+    cpu_part: torch.Tensor  # [1, D] fp32
+    shared_f32: torch.Tensor  # [1, D] fp32
+    # The next layer's experts as its router would pick them from this layer's input (the
+    # decode prefetch): on the device, and pinned on the host.
+    pred: torch.Tensor  # [1, K] int64
+    pred_host: torch.Tensor  # [1, K] int64
 
     @classmethod
     def build(cls, cfg: ModelConfig, rt: RuntimeConfig) -> DecodeBuffers:
@@ -85,6 +95,12 @@ class DecodeBuffers:
             moe=torch.zeros(1, Dm, dtype=dt, device=dev),
             slots=torch.full((1, K), -1, dtype=torch.int32, device=dev),
             logits=torch.zeros(1, cfg.vocab_size, **f32),
+            u_host=torch.zeros(1, Dm, dtype=dt, pin_memory=pin),
+            weights_host=torch.zeros(1, K, dtype=torch.float32, pin_memory=pin),
+            cpu_part=torch.zeros(1, Dm, **f32),
+            shared_f32=torch.zeros(1, Dm, **f32),
+            pred=torch.zeros(1, K, dtype=torch.long, device=dev),
+            pred_host=torch.zeros(1, K, dtype=torch.long, pin_memory=pin),
         )
 
 
@@ -129,6 +145,13 @@ class Runner:
         self._stream: torch.cuda.Stream | None = None  # the step's compute stream (CUDA)
         self.capture_s = 0.0  # wall seconds spent capturing graphs (warm-up included)
         self.recorder: DecodeRecorder | None = None  # `homeseek profile --decode` sets it
+        # A copies the experts' input to the host for the CPU lane when the engine has one
+        # (decided once: the A graphs hold the copies; `scheduler.lane = None` then turns the
+        # lane off without recapture, as the bench's copy-only rows do).
+        self.lane_inputs = scheduler.lane is not None and ctx.kernels
+        # A also predicts the next layer's experts (its router on this layer's expert input)
+        # so their copies start while this layer computes (`Scheduler.prefetch_predicted`).
+        self.predict = scheduler.prefetch and ctx.kernels and on_cuda
         if ctx.kernels:
             C.configure()
 
@@ -149,6 +172,14 @@ class Runner:
 
     def head(self, X: torch.Tensor) -> torch.Tensor:
         return M.head_logits(X, self.top, self.ctx)
+
+    def _predicted(self, layer: int) -> int | None:
+        """The layer whose experts decode predicts after `layer`'s A: the next main layer,
+        unless it routes by hash (known at step start) or prediction is off."""
+        nxt = self._following(layer)
+        if not self.predict or nxt is None or self.cfg.is_hash_layer(nxt):
+            return None
+        return nxt
 
     def _following(self, layer: int) -> int | None:
         """The main layer after `layer` (None after the last, and for the MTP block)."""
@@ -268,15 +299,27 @@ class Runner:
             self._sel_ready.synchronize()  # the one host wait of the layer
         done = ahead and bool(held[b.sel_host[0].numpy()].all())
         first = True  # of the layer's waves: the first starts from `shared`, the rest add
-        for sel, slot_of, last in self.scheduler.layer(layer, b.sel_host.clone()):
+        sched = self.scheduler
+        lane_on = sched.lane is not None and self.lane_inputs
+        lane_input = (b.u_host, b.weights_host) if lane_on else None
+        for sel, slot_of, last in sched.layer(layer, b.sel_host.clone(), lane_input=lane_input):
             if not kernels:
                 with self._timed(("B", first), layer):
                     self._moe_ref(sel, slot_of, last)
             elif not done:
                 self._write_slots(sel, slot_of)
-                add = not first
-                self._run(("E", add), lambda add=add: self._e(add), [b.moe], layer=layer)
+                job, sched.cpu_job = sched.cpu_job, None
+                if job is not None:  # the CPU lane took some: its sum joins the GPU's
+                    b.cpu_part.copy_(job.result(), non_blocking=True)
+                    sched.lane.sent(self._stream)
+                    self._run(("E", False, "cpu"), self._e_cpu, [b.moe], layer=layer)
+                else:
+                    add = not first
+                    self._run(("E", add), lambda add=add: self._e(add), [b.moe], layer=layer)
             first = False
+        nxt = self._predicted(layer)
+        if nxt is not None:  # after this layer's own copies: they come first on the copy lane
+            sched.prefetch_predicted(nxt, b.pred_host[0].tolist())
 
     def _timed(self, key: Hashable, layer: int) -> contextlib.AbstractContextManager[None]:
         rec = self.recorder
@@ -335,6 +378,13 @@ class Runner:
             b.acc_f32.zero_()
         b.sel.copy_(p.sel)
         b.sel_host.copy_(b.sel, non_blocking=True)
+        if self.lane_inputs:  # the CPU lane's input, read after the layer's sync
+            b.u_host.copy_(b.u, non_blocking=True)
+            b.weights_host.copy_(b.weights, non_blocking=True)
+        nxt = self._predicted(layer)
+        if nxt is not None:
+            b.pred.copy_(D.route_step(b.u, self.ix.ids, self.weights[nxt], nxt, self.ctx)[0])
+            b.pred_host.copy_(b.pred, non_blocking=True)
         if self.ctx.kernels:  # the slots B reads: -1 where the expert is not resident
             b.slots[0].copy_(self.scheduler.store.slot_map[layer].index_select(0, b.sel[0]))
 
@@ -353,15 +403,25 @@ class Runner:
         self._experts(b.moe if add else b.shared, b.acc)
         b.moe.copy_(b.acc)
 
+    def _e_cpu(self) -> None:  # the first wave, its shared input plus the CPU lane's sum
+        b = self.buf
+        torch.add(b.shared, b.cpu_part, out=b.shared_f32)  # fp32: one rounding, in the kernel
+        self._experts(b.shared_f32, b.acc)
+        b.moe.copy_(b.acc)
+
     def capture_experts(self) -> None:
         """Capture the expert graphs a token may need later (E, first wave or not), so that no
         capture stalls a request (`Engine.warm_up`)."""
         if self.pool is None or not self.graphs.enabled:
             return
-        for add in (True, False):
-            key = ("E", add)
+        todo: list[tuple[Hashable, Callable[[], None]]] = [
+            (("E", add), lambda add=add: self._e(add)) for add in (True, False)
+        ]
+        if self.lane_inputs:
+            todo.append((("E", False, "cpu"), self._e_cpu))
+        for key, fn in todo:
             if key not in self.graphs.graphs and key not in self.graphs.failures:
-                self._capture(key, lambda add=add: self._e(add), [self.buf.moe, self.buf.acc])
+                self._capture(key, fn, [self.buf.moe, self.buf.acc])
 
     def _ref_experts(
         self,

@@ -15,13 +15,19 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from homeseek.config import ConfigError, ModelConfig
 from homeseek.experts import ExpertStore
+
+if TYPE_CHECKING:
+    from homeseek.cpu_lane import CpuLane
 
 # Prefill loads the next layer's experts early when tokens x experts per token is at least this
 # many times the experts of a layer: each expert then misses the chunk with probability
@@ -98,6 +104,25 @@ def make_routing(spec: str, cfg: ModelConfig, seed: int = 0) -> RoutingOverride 
     raise ConfigError(f"unknown routing {spec!r}: model, uniform or trace:PATH")
 
 
+@dataclass
+class PredictionCounters:
+    """Decode's next-layer expert prediction: accuracy and what wrong guesses cost."""
+
+    layers: int = 0
+    predicted: int = 0  # experts predicted
+    correct: int = 0  # of them, chosen by the layer
+    copied: int = 0  # copies started for predicted experts not resident
+    copied_used: int = 0  # of those, chosen by the layer
+
+    def as_dict(self, record_bytes: int) -> dict[str, float]:
+        return {
+            "prediction_accuracy": self.correct / self.predicted if self.predicted else 0.0,
+            "prefetch_copies": float(self.copied),
+            "prefetch_used": float(self.copied_used),
+            "prefetch_wasted_bytes": float((self.copied - self.copied_used) * record_bytes),
+        }
+
+
 class Scheduler:
     """Owns the routing override, the trace recorder and the host time spent between
     segments; the expert store owns residency."""
@@ -112,6 +137,14 @@ class Scheduler:
         # while this layer computes (`prefetch_next`); False turns it off (tests).
         self.prefetch = True
         self.prefetched_experts = 0  # experts loaded ahead of their layer (counted by prefill)
+        # Decode's next-layer prediction (`prefetch_predicted`): experts predicted, how many of
+        # them the layer then chose, copies started for them, and how many of those it used.
+        self.predicted = PredictionCounters()
+        self._prediction: tuple[int, set[int], set[int]] | None = None  # layer, ids, copied
+        # The CPU lane (homeseek/cpu_lane.py; the engine sets it): a decode layer's misses
+        # split between copies and the CPU. `cpu_job` is the current layer's CPU work.
+        self.lane: CpuLane | None = None
+        self.cpu_job: Future[torch.Tensor] | None = None
 
     def begin_step(self, token_ids: Sequence[int]) -> None:
         """Hash-routed layers' experts follow from the token ids: start their copies now."""
@@ -122,7 +155,11 @@ class Scheduler:
             self.store.prefetch_hash_layers(token_ids)
 
     def layer(
-        self, layer: int, sel: torch.Tensor, following: int | None = None
+        self,
+        layer: int,
+        sel: torch.Tensor,
+        following: int | None = None,
+        lane_input: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> Iterator[tuple[torch.Tensor, dict[int, int], bool]]:
         """Make the experts of sel [T, K] resident, a wave at a time (one wave unless a chunk
         touches more experts than the pool holds; each expert still loads once per chunk).
@@ -130,7 +167,10 @@ class Scheduler:
         last wave) once the compute stream waits for the wave's copies. The wave's experts must
         be queued before the next wave is asked for: its copies may evict this wave's slots.
         `following`: the layer after this one; a long chunk starts loading its experts before
-        this layer's experts run (`prefetch_next`)."""
+        this layer's experts run (`prefetch_next`). `lane_input`: one token's (expert input
+        [1, D], routing weights [1, K]) on the host: with the CPU lane set, some misses are
+        computed there (`cpu_job`, started before the copies; its experts are left out of the
+        waves' slots)."""
         t0 = time.perf_counter()
         store = self.store
         sel = sel.cpu()  # the one host sync of the layer
@@ -139,19 +179,98 @@ class Scheduler:
         if self.trace is not None:
             self.trace.append((layer, sel))
         experts = sorted(set(sel.flatten().tolist()))
+        self._score_prediction(layer, experts)
+        store.begin_layer()
+        self.cpu_job = None
+        if self.lane is not None and lane_input is not None and sel.shape[0] == 1:
+            experts = self._split(layer, sel, experts, lane_input)
+            if not experts:  # all on the CPU: one empty wave still runs the layer's kernel
+                self.host_s += time.perf_counter() - t0
+                yield sel, {}, True
+                return
         wave = max(store.n_slots - store.gpu.n_pinned, 1)
         for i in range(0, len(experts), wave):
             batch = experts[i : i + wave]
-            store.begin_layer()
+            if i:
+                store.begin_layer()
             slot_of = dict(zip(batch, store.ensure_resident(layer, batch), strict=True))
             store.wait(slot_of.values())
             last = i + wave >= len(experts)
             if last and following is not None and self.prefetch:
                 self.prefetch_next(following, sel.shape[0])
             self.host_s += time.perf_counter() - t0
-            yield sel, slot_of, last
+            try:
+                yield sel, slot_of, last
+            finally:  # the caller has queued the wave's kernels (or given up on the layer)
+                store.used(slot_of.values())
             t0 = time.perf_counter()
         self.host_s += time.perf_counter() - t0
+
+    def _split(
+        self,
+        layer: int,
+        sel: torch.Tensor,
+        experts: list[int],
+        lane_input: tuple[torch.Tensor, torch.Tensor],
+    ) -> list[int]:
+        """One token's experts: start the CPU lane on the misses it takes -> the experts left
+        for the GPU (hits and the misses to copy)."""
+        lane, store = self.lane, self.store
+        assert lane is not None
+        missing = [e for e in experts if (layer, e) not in store.gpu.slot_of]
+        if not missing:
+            return experts
+        below = {e: store.below_host((layer, e)) for e in missing}
+        cpu = lane.split([(e, below[e]) for e in missing])
+        copy = [e for e in missing if e not in cpu]
+        lane.note_copies(sum(not below[e] for e in copy), sum(below[e] for e in copy))
+        lane.counters.copied += len(copy)
+        if not cpu:
+            return experts
+        x, w = lane_input
+        row = sel[0].tolist()
+        cols = [row.index(e) for e in cpu]  # one token: each expert once
+        records = [store.in_place((layer, e))[0] for e in cpu]
+        self.cpu_job = lane.submit(x, w[:, cols], records)
+        taken = set(cpu)
+        return [e for e in experts if e not in taken]
+
+    def prefetch_predicted(self, layer: int, experts: Sequence[int]) -> None:
+        """Decode: start copying the experts predicted for `layer` (the next one) that are not
+        resident, behind the current layer's own copies, into slots neither pinned nor in use.
+        A wrong guess costs its copy and the entry it evicted (`predicted` counts both)."""
+        store = self.store
+        if self.routing is not None:  # an override draws the ids after the router
+            return
+        want = set(experts)
+        missing = sorted(e for e in want if (layer, e) not in store.gpu.slot_of)
+        gpu = store.gpu
+        room = store.n_slots - gpu.n_pinned - int(gpu.protected.sum())
+        missing = missing[: max(0, room)]
+        self._prediction = (layer, want, set(missing))
+        if not missing:
+            return
+        if self.lane is not None:
+            below = sum(store.below_host((layer, e)) for e in missing)
+            self.lane.note_copies(len(missing) - below, below)
+        store.ensure_resident(layer, missing)
+        store.prefetched.update((layer, e) for e in missing)  # looked up (counted) now
+
+    def _score_prediction(self, layer: int, experts: list[int]) -> None:
+        """The layer's actual experts against what was predicted for it."""
+        pred, self._prediction = self._prediction, None
+        if pred is None or pred[0] != layer:
+            return
+        _, want, copied = pred
+        chosen = set(experts)
+        c = self.predicted
+        c.layers += 1
+        c.predicted += len(want)
+        c.correct += len(want & chosen)
+        c.copied += len(copied)
+        c.copied_used += len(copied & chosen)
+        for e in copied - chosen:  # never looked up by the layer: not counted in advance
+            self.store.prefetched.discard((layer, e))
 
     def prefetch_next(self, layer: int, tokens: int) -> None:
         """Expert-major prefill: a chunk of `tokens` uses nearly all of the next layer's experts,

@@ -21,6 +21,9 @@ STEPS = 520  # > 500 greedy steps, and across the first position bucket (512)
 def _load(graphs: bool, **kw):
     kw.setdefault("dtype", torch.bfloat16)
     kw.setdefault("max_context", 2048)
+    # The CPU lane's split follows measured rates (timing), so these bit-for-bit comparisons
+    # run copy-only; the lane has tests of its own below.
+    kw.setdefault("cpu_lane", "off")
     return homeseek.load("tiny", device="cuda", graphs=graphs, **kw)
 
 
@@ -210,3 +213,62 @@ def test_prefill_prefetch_of_the_next_layer_on_cuda():
     assert runs[True][1] > 0 and runs[False][1] == 0
     a, b = runs[True][0], runs[False][0]
     assert float((a - b).abs().max() / b.std()) <= 1e-5  # the kernels may sum in any order
+
+
+def _lane_run(lane: str, dtype: torch.dtype, steps: int, share: float = 0.5):
+    eng = _load(True, dtype=dtype, expert_slots=3, cpu_lane=lane)
+    if lane == "on":
+        eng.scheduler.lane.fixed_share = share  # not the rates: make it take experts
+    sess = eng.session()
+    sess.forward(list(range(50, 90)))
+    return (*_greedy(sess, 11, steps), eng)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_lane_decodes_as_copy_only(dtype):
+    """Half of every layer's misses computed on the CPU (the lane's kernel on the host records)
+    instead of copied: the same greedy tokens as copy-only decoding with an evicting pool, and
+    logits that differ only by the order of fp32 sums."""
+    ton, lon, eon = _lane_run("on", dtype, 200)
+    toff, loff, eoff = _lane_run("off", dtype, 200)
+    c = eon.experts.counters
+    assert c.cpu_lane > 200 and eoff.experts.counters.cpu_lane == 0
+    assert c.lookups == c.gpu_hits + c.host_hits + c.disk_loads + c.cpu_lane
+    assert eon.scheduler.lane.counters.experts == c.cpu_lane
+    assert ton == toff
+    assert _close(lon, loff) <= (1e-4 if dtype == torch.float32 else 2e-2)
+    st = eon.runner.graph_stats()
+    assert st["graph_capture_failures"] == 0 and st["graph_eager_fallbacks"] == 0
+
+
+def test_cpu_lane_taking_all_misses_and_by_its_rates():
+    """Every miss on the CPU (a layer's kernel then runs on hits alone), and the split by the
+    measured rates: the same tokens as copy-only."""
+    toff, _, _ = _lane_run("off", torch.float32, 80)
+    tall, _, eall = _lane_run("on", torch.float32, 80, share=1.0)
+    assert tall == toff
+    lane = eall.scheduler.lane.counters
+    assert lane.experts > 100 and lane.copied == 0  # no miss of a decode layer was copied
+    eng = _load(True, dtype=torch.float32, expert_slots=3, cpu_lane="on")
+    sess = eng.session()
+    sess.forward(list(range(50, 90)))
+    assert _greedy(sess, 11, 80)[0] == toff
+    assert eng.scheduler.lane.t_cpu is not None  # measured once it ran
+
+
+def test_next_layer_prediction_prefetches_without_changing_tokens():
+    """Decode predicts the next layer's experts in A and starts their copies early: counted
+    (accuracy, copies used / wasted), and bit for bit the same decode as without it."""
+    runs = []
+    for prefetch in (True, False):
+        eng = _load(True, dtype=torch.float32, expert_slots=10, prefetch=prefetch)
+        sess = eng.session()
+        sess.forward(list(range(50, 90)))
+        runs.append((*_greedy(sess, 11, 120), eng))
+    (tp, lp, ep), (tn, ln, en) = runs
+    assert tp == tn
+    assert all(torch.equal(a, b) for a, b in zip(lp, ln, strict=True))
+    p = ep.scheduler.predicted
+    assert p.layers > 100 and 0 < p.correct <= p.predicted and p.copied > 0
+    assert 0 <= p.copied_used <= p.copied
+    assert en.scheduler.predicted.layers == 0
