@@ -562,6 +562,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         print("GPU: none visible to torch (CUDA not available): CPU only")
     total, avail = plan.host_memory()
     print(f"RAM: {total / GiB:.1f} GiB total, {avail / GiB:.1f} GiB available")
+    _doctor_cpu()
     lim = plan.pinned_limit()
     print(
         "pinned-memory limit (RLIMIT_MEMLOCK): "
@@ -612,6 +613,23 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     for line in p.lines(hypothetical=hypothetical):
         print(f"  {line}")
     return 0 if p.fits else 1
+
+
+def _doctor_cpu() -> None:
+    """The CPU lane's view of this host: features, RAM read rate, whether the kernel builds."""
+    from homeseek.cpu_lane import default_threads, measure_read_bandwidth
+    from homeseek.kernels.cpu_experts import available, cpu_features
+
+    feats = cpu_features()
+    print(
+        f"CPU: {feats.get('cores', '?')} cores; features {', '.join(feats.get('isa', [])) or '-'}; "
+        f"RAM read {measure_read_bandwidth(1 << 29) / 1e9:.0f} GB/s with "
+        f"{default_threads()} threads"
+    )
+    ok, why = available()
+    path = feats.get("path", "?")
+    state = f"the expert kernel builds here ({path} path)" if ok else f"off: {why}"
+    print(f"CPU lane (--cpu-lane auto): {state}")
 
 
 def _served_name(model: str) -> str:

@@ -209,3 +209,20 @@ def measure_h2d(device: str, nbytes: int, repeats: int = 3) -> float:
     end.record()
     end.synchronize()
     return repeats * nbytes / (start.elapsed_time(end) / 1e3)
+
+
+def measure_read_bandwidth(nbytes: int = 1 << 30, threads: int | None = None) -> float:
+    """Bytes per second this host reads RAM with the lane's thread count (a sum over a buffer
+    larger than the caches): the rate the lane's kernel is measured against."""
+    buf = torch.ones(nbytes // 4, dtype=torch.float32)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads or default_threads())
+    try:
+        buf.sum()  # first touch
+        t0 = time.perf_counter()
+        reps = 3
+        for _ in range(reps):
+            buf.sum()
+        return reps * buf.numel() * 4 / (time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(old)
