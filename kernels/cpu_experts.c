@@ -12,6 +12,8 @@
  *   w13_q [2I, D/2]  E2M1 pairs, low nibble = even input; rows 0..I-1 gate (w1), I..2I-1 up (w3)
  *   w13_s [2I, D/32] E8M0 scale per 32 inputs
  *   w2_q  [D, I/2], w2_s [D, I/32]  down (w2)
+ * The up rows come through pointers of their own (w3_q [I, D/2], w3_s [I, D/32]): into w13 for a
+ * host-cache record, or the checkpoint's separate w3 tensors for one read where it lies on disk.
  * Per call: x [T, D] fp32, route_w [T, n] fp32, n records -> out [T, D] = sum_j y_j (in j order):
  *   xq = act_quant(x) if act_quant else x        (per row, blocks of 128, ragged last block)
  *   g = min(w1 . xq, limit), v = clamp(w3 . xq, -limit, limit)
@@ -653,6 +655,7 @@ typedef struct {
     float limit;
     const float *route_w; /* [T, n] */
     const uint8_t *const *w13_q, *const *w13_s, *const *w2_q, *const *w2_s;
+    const uint8_t *const *w3_q, *const *w3_s; /* the up rows (w3): in w13 or apart */
     const int *act;    /* the experts with a nonzero weight, in the given order */
     const float *xl;   /* [T, Dp] layout */
     float *abuf;       /* [n, T, Ip] layout */
@@ -666,9 +669,8 @@ static void gate_up_item(void *p, int item) {
     int i0 = (item % per) * HS_PAIRS, i1 = i0 + HS_PAIRS < J->I ? i0 + HS_PAIRS : J->I;
     size_t rb = (size_t)J->D / 2, sb = (size_t)J->D / 32;
     float g[HS_PAIRS * HS_MAX_T], v[HS_PAIRS * HS_MAX_T];
-    size_t up = (size_t)J->I + (size_t)i0;
     rows_dot_any(J->w13_q[j] + i0 * rb, J->w13_s[j] + i0 * sb, rb, i1 - i0, J->xl, J->Dp, J->T, g);
-    rows_dot_any(J->w13_q[j] + up * rb, J->w13_s[j] + up * sb, rb, i1 - i0, J->xl, J->Dp, J->T, v);
+    rows_dot_any(J->w3_q[j] + i0 * rb, J->w3_s[j] + i0 * sb, rb, i1 - i0, J->xl, J->Dp, J->T, v);
     for (int i = i0; i < i1; i++) {
         size_t pos = layout_pos((size_t)i);
         for (int t = 0; t < J->T; t++) {
@@ -723,6 +725,7 @@ static int grow(float **buf, size_t *cap, size_t n) {
  * sizes (D, I multiples of 32; 1 <= T <= 64; n >= 0), -2 when memory runs out. */
 HS_EXPORT int hs_run(hs_ctx *c, int T, int D, int I, int n, const float *x, const float *route_w,
                      const uint8_t *const *w13_q, const uint8_t *const *w13_s,
+                     const uint8_t *const *w3_q, const uint8_t *const *w3_s,
                      const uint8_t *const *w2_q, const uint8_t *const *w2_s, float limit,
                      int act_quant, int act_dtype, float *out, float *a_out) {
     if (T < 1 || T > HS_MAX_T || D < 32 || I < 32 || D % 32 || I % 32 || n < 0) return -1;
@@ -732,7 +735,7 @@ HS_EXPORT int hs_run(hs_ctx *c, int T, int D, int I, int n, const float *x, cons
     job_t J = {.T = T, .D = D, .I = I, .n = n, .act_quant = act_quant, .act_dtype = act_dtype,
                .Dp = round_up((size_t)D, HS_CI), .Ip = round_up((size_t)I, HS_CI),
                .limit = limit, .route_w = route_w, .w13_q = w13_q, .w13_s = w13_s,
-               .w2_q = w2_q, .w2_s = w2_s, .out = out};
+               .w3_q = w3_q, .w3_s = w3_s, .w2_q = w2_q, .w2_s = w2_s, .out = out};
     int *act = n ? malloc((size_t)n * sizeof *act) : NULL;
     if ((n && !act) || grow(&c->xl, &c->xl_cap, (size_t)T * J.Dp) ||
         grow(&c->abuf, &c->abuf_cap, (size_t)(n ? n : 1) * T * J.Ip)) {

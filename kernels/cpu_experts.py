@@ -227,7 +227,7 @@ def _load(isa: str) -> ctypes.CDLL:
         lib.hs_resize.argtypes, lib.hs_resize.restype = [vp, i], i
         lib.hs_set_spin_us.argtypes, lib.hs_set_spin_us.restype = [vp, i], None
         lib.hs_destroy.argtypes, lib.hs_destroy.restype = [vp], None
-        lib.hs_run.argtypes = [vp, i, i, i, i, vp, vp, vp, vp, vp, vp, f, i, i, vp, vp]
+        lib.hs_run.argtypes = [vp, i, i, i, i, vp, vp, vp, vp, vp, vp, vp, vp, f, i, i, vp, vp]
         lib.hs_run.restype = i
         lib.hs_read_xor.argtypes, lib.hs_read_xor.restype = (
             [vp, vp, ctypes.c_size_t],
@@ -281,14 +281,35 @@ def _check_u8(name: str, t: torch.Tensor, shape: tuple[int, ...]) -> None:
         raise ValueError(f"{name}: must be contiguous (the kernel reads it in place)")
 
 
-def _record_dims(records: list[dict[str, torch.Tensor]], d: int) -> int:
+Record = dict[str, "torch.Tensor | list[torch.Tensor]"]
+
+
+def _parts(rec: Record, k: str) -> list[torch.Tensor]:
+    v = rec[k]
+    return list(v) if isinstance(v, (list, tuple)) else [v]
+
+
+def _pointers(rec: Record, n_i: int) -> tuple[int, ...]:
+    """(w13_q, w13_s, w3_q, w3_s, w2_q, w2_s) addresses: the up rows inside w13, or the
+    separate w3 part."""
+    out = []
+    for k in ("w13_q", "w13_s"):
+        parts = _parts(rec, k)
+        gate = parts[0]
+        up = parts[1].data_ptr() if len(parts) == 2 else gate[n_i:].data_ptr()
+        out.append((gate.data_ptr(), up))
+    (q, qu), (s, su) = out
+    return q, s, qu, su, _parts(rec, "w2_q")[0].data_ptr(), _parts(rec, "w2_s")[0].data_ptr()
+
+
+def _record_dims(records: list[Record], d: int) -> int:
     """Check every record against model dim d; return the expert width I."""
     if not records:
         raise ValueError("records: at least one expert record is needed")
     first = records[0]
     if not isinstance(first, dict) or any(k not in first for k in _RECORD_KEYS):
         raise ValueError(f"records[0]: expected a dict with keys {list(_RECORD_KEYS)}")
-    n_i = first["w2_q"].shape[-1] * 2
+    n_i = _parts(first, "w2_q")[0].shape[-1] * 2
     if n_i < FP4_GROUP or n_i % FP4_GROUP or d % FP4_GROUP:
         raise ValueError(f"D={d} and I={n_i} must be multiples of {FP4_GROUP}")
     shapes = {
@@ -301,7 +322,17 @@ def _record_dims(records: list[dict[str, torch.Tensor]], d: int) -> int:
         if not isinstance(rec, dict) or any(k not in rec for k in _RECORD_KEYS):
             raise ValueError(f"records[{j}]: expected a dict with keys {list(_RECORD_KEYS)}")
         for k in _RECORD_KEYS:
-            _check_u8(f"records[{j}][{k!r}]", rec[k], shapes[k])
+            parts = _parts(rec, k)
+            if len(parts) == 1:
+                _check_u8(f"records[{j}][{k!r}]", parts[0], shapes[k])
+            elif len(parts) == 2 and k in ("w13_q", "w13_s"):  # w1 and w3 apart
+                half = (shapes[k][0] // 2, shapes[k][1])
+                for name, t in zip(("w1", "w3"), parts, strict=True):
+                    _check_u8(f"records[{j}][{k!r}] ({name} part)", t, half)
+            else:
+                raise ValueError(
+                    f"records[{j}][{k!r}]: a tensor, or (w13 only) a [w1, w3] pair of parts"
+                )
     return n_i
 
 
@@ -387,7 +418,7 @@ class CpuExperts:
         self,
         x: torch.Tensor,
         route_w: torch.Tensor,
-        records: list[dict[str, torch.Tensor]],
+        records: list[Record],
         swiglu_limit: float,
         act_quant: bool,
         act_dtype: torch.dtype,
@@ -420,7 +451,8 @@ class CpuExperts:
             or not a_out.is_contiguous()
         ):
             raise ValueError(f"a_out: expected a contiguous fp32 CPU tensor [{n}, {n_t}, {n_i}]")
-        ptrs = [(ctypes.c_void_p * n)(*(r[k].data_ptr() for r in records)) for k in _RECORD_KEYS]
+        arrays = [_pointers(r, n_i) for r in records]  # per record: w13_q, w13_s, w3_q, ...
+        ptrs = [(ctypes.c_void_p * n)(*(a[i] for a in arrays)) for i in range(6)]
         rc = self._lib.hs_run(
             self._live(),
             n_t,

@@ -279,6 +279,28 @@ def test_memory_mapped_records(lane, tmp_path):
     )
 
 
+def test_w1_and_w3_as_separate_parts(lane):
+    """A record read where it lies in the checkpoint has w1 and w3 apart: the same output as the
+    record with them in one w13 tensor."""
+    g, _ = _gen()
+    d, n_i = 128, 96
+    recs = [_record(d, n_i, g) for _ in range(2)]
+    split = [
+        {
+            **r,
+            "w13_q": [r["w13_q"][:n_i].clone(), r["w13_q"][n_i:].clone()],
+            "w13_s": [r["w13_s"][:n_i].clone(), r["w13_s"][n_i:].clone()],
+        }
+        for r in recs
+    ]
+    x, w = _inputs(1, d, 2, g, torch.bfloat16)
+    want = lane.run(x, w, recs, 7.0, True, torch.bfloat16)
+    assert torch.equal(lane.run(x, w, split, 7.0, True, torch.bfloat16), want)
+    bad = [{**split[0], "w13_q": [split[0]["w13_q"][0]]}]  # a part alone is not a whole w13
+    with pytest.raises(ValueError, match="w13_q"):
+        lane.run(x, w[:, :1], bad, 7.0, True, torch.bfloat16)
+
+
 # ------------------------------------------------------------------------------------------------
 # API, build, dispatch
 # ------------------------------------------------------------------------------------------------

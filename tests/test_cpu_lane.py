@@ -1,0 +1,101 @@
+"""The CPU lane's host side (homeseek/cpu_lane.py, Scheduler._split): how misses are split
+between the copy lane and the CPU, the hand-off of records where they lie, the modes and flags.
+The decode path with the lane runs on CUDA (tests/test_gpu_decode.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import homeseek
+from homeseek.config import ConfigError, RuntimeConfig
+from homeseek.cpu_lane import CpuLane, lane_status
+from homeseek.experts import record_bytes
+from homeseek.kernels import cpu_experts as ce
+
+needs_cc = pytest.mark.skipif(
+    ce._compiler() is None, reason="no C compiler: the CPU lane's kernel cannot be built"
+)
+
+
+@pytest.fixture(scope="module")
+def eng():
+    return homeseek.load("tiny", dtype=torch.float32, max_context=64)
+
+
+@pytest.fixture()
+def lane(eng):
+    lane = CpuLane(eng.cfg, "cpu", record_bytes(eng.cfg), torch.float32, True, threads=2)
+    yield lane
+    lane.close()
+
+
+def test_modes_and_their_errors():
+    assert lane_status("off", "cuda") == (False, "off")
+    on, why = lane_status("auto", "cpu")
+    assert not on and "CPU engine" in why
+    with pytest.raises(ConfigError, match="needs a CUDA device"):
+        lane_status("on", "cpu")
+    with pytest.raises(ConfigError, match="cpu_lane must be"):
+        RuntimeConfig(cpu_lane="sometimes")
+    with pytest.raises(ConfigError, match="cpu_threads"):
+        RuntimeConfig(cpu_threads=0)
+    with pytest.raises(ConfigError, match="needs a CUDA device"):
+        homeseek.load("tiny", cpu_lane="on", max_context=64)
+
+
+@needs_cc
+def test_split_moves_the_dearest_copies_while_both_lanes_gain(lane):
+    lane.h2d_rate, lane.read_rate = 1e9, 1e9  # a copy: r / 1e9 s, a read below as long again
+    t_copy = lane.copy_cost(False)
+    assert lane.copy_cost(True) == pytest.approx(2 * t_copy)
+    lane.copy_free_at = 0.0
+    lane.t_cpu = 100 * t_copy  # a slow CPU: everything is copied
+    assert lane.split([(1, False), (2, True)]) == []
+    lane.t_cpu = t_copy  # as fast as a copy: half of four host records each way
+    assert len(lane.split([(e, False) for e in range(4)])) == 2
+    lane.t_cpu = 1.5 * t_copy  # records below the host cache cost two copies: they go first
+    assert lane.split([(1, False), (2, True), (3, False)]) == [2]
+    lane.fixed_share = 1.0
+    assert sorted(lane.split([(1, False), (2, False)])) == [1, 2]
+
+
+@needs_cc
+def test_split_hands_records_where_they_lie_to_the_cpu(eng, lane):
+    """With every miss sent to the CPU, a layer's experts leave the wave and the CPU job's sum
+    equals the twin over the stored records (read in place: w1 and w3 apart)."""
+    sched, store, cfg = eng.scheduler, eng.experts, eng.cfg
+    lane.fixed_share = 1.0
+    sched.lane = lane
+    try:
+        g = torch.Generator().manual_seed(0)
+        layer = next(i for i in range(cfg.num_hidden_layers) if not cfg.is_hash_layer(i))
+        store.reset_gpu()
+        sel = torch.tensor([[1, 4]])
+        u = torch.randn(1, cfg.hidden_size, generator=g)
+        w = torch.rand(1, 2, generator=g) + 0.1
+        c0 = store.counters.cpu_lane
+        waves = list(sched.layer(layer, sel, lane_input=(u, w)))
+        assert [(list(s.shape), slot_of, last) for s, slot_of, last in waves] == [
+            ([1, 2], {}, True)
+        ]
+        got = sched.cpu_job.result()
+        assert store.counters.cpu_lane - c0 == 2
+        recs = [store._disk_record((layer, e)) for e in (1, 4)]
+        want = ce.fp4_experts_cpu_ref(u, w, recs, cfg.swiglu_limit, True, torch.float32)
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-6)
+        assert lane.counters.experts == 2 and lane.t_cpu is not None
+    finally:
+        sched.lane = None
+        sched.cpu_job = None
+
+
+def test_bench_takes_several_lane_modes():
+    from homeseek.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "--cpu-lane", "off,auto", "--prefetch", "off"])
+    assert args.cpu_lane == ("off", "auto") and args.prefetch == "off"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", "--cpu-lane", "sometimes"])
+    gen = build_parser().parse_args(["generate", "--cpu-lane", "off", "--cpu-threads", "3", "x"])
+    assert gen.cpu_lane == "off" and gen.cpu_threads == 3
