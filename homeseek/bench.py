@@ -67,7 +67,7 @@ class BenchConfig:
     mtp: int = 0
     mtp_forced: tuple[float, ...] = (0.5, 0.7, 0.9)
     # The CPU lane's modes to decode with (homeseek/cpu_lane.py), one engine: "off" rows are
-    # the copy-only decode the lane is measured against.
+    # the copy-only decode the lane (with the next-layer prefetch) is measured against.
     cpu_lanes: tuple[str, ...] = ("auto",)
     cpu_threads: int | None = None
     prefetch: bool = True
@@ -479,8 +479,11 @@ class Bench:
                         if j:  # the same tokens from the same state and a cold pool again
                             sess.rollback(snap)
                             eng.experts.reset_gpu()
+                        # copy-only rows: no CPU lane and no next-layer prefetch either
                         eng.scheduler.lane = lane
+                        eng.scheduler.prefetch = bc.prefetch and mode != "off"
                         self._decode(routing, sess, bc.decode_tokens, profile=True, lane=mode)
+                    eng.scheduler.prefetch = bc.prefetch
                     if bc.mtp:
                         self._decode_mtp(routing, sess, snap)
                 elif i == len(prompts) - 1 and bc.long_decode_tokens:  # after the longest

@@ -219,8 +219,9 @@ def _add_lane_args(p: argparse.ArgumentParser, several: bool = False) -> None:
     if several:
         p.add_argument(
             "--cpu-lane", type=_lane_list, default="auto",
-            help="comma-separated on/off/auto: decode rows for each, in one engine (off: the "
-            "copy-only decode the lane is measured against; default: auto)",
+            help="comma-separated on/off/auto: decode rows for each, in one engine (off: "
+            "copy-only, without the lane and the next-layer prefetch, what they are measured "
+            "against; default: auto)",
         )  # fmt: skip
     else:
         p.add_argument(

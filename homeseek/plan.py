@@ -308,13 +308,16 @@ def prefill_activation_bytes(
 
 
 def _largest_block(cfg: ModelConfig, chunk: int, max_context: int, act_bytes: int) -> int:
-    """The largest single tensor a layer of the chunk allocates (and frees), which is what the
-    allocator's split segments can lose at most once: q in fp32 [T, H, Dh], the fused wq_b
-    product, the experts' fp32 partials [T·K, D], the indexer's [T, max_context/4] int64 keys or
-    HCA's [T, max_context/128] index lists."""
+    """The largest single tensor a chunk allocates (and frees), which is what the allocator's
+    split segments can lose at most once: q in fp32 [T, H, Dh], the fused wq_b product, the
+    experts' fp32 partials [T·K, D], the indexer's [T, max_context/4] int64 keys or HCA's
+    [T, max_context/128] index lists, or the head's block of rows upcast to fp32 (256 MiB at
+    V4-Flash size: the largest of all at short chunks; full-size, 24 GiB, max_context 112, a
+    plan without it ran out asking for that block with 178 MiB reserved but unusable)."""
     T = max(1, min(chunk, max_context))
     ratios = [r for r in cfg.compress_ratios[: cfg.num_hidden_layers] if r] or [max_context]
     return max(
+        min(HEAD_CHUNK_ROWS, cfg.vocab_size) * cfg.hidden_size * 4,
         T * cfg.num_attention_heads * cfg.head_dim * 4,
         T
         * (cfg.num_attention_heads * cfg.head_dim + cfg.index_n_heads * cfg.index_head_dim)

@@ -318,7 +318,7 @@ class Runner:
                     self._run(("E", add), lambda add=add: self._e(add), [b.moe], layer=layer)
             first = False
         nxt = self._predicted(layer)
-        if nxt is not None:  # after this layer's own copies: they come first on the copy lane
+        if nxt is not None and sched.prefetch:  # after this layer's own copies: they go first
             sched.prefetch_predicted(nxt, b.pred_host[0].tolist())
 
     def _timed(self, key: Hashable, layer: int) -> contextlib.AbstractContextManager[None]:
