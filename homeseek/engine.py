@@ -36,7 +36,7 @@ from homeseek.config import (
     default_cache_dir,
 )
 from homeseek.cpu_lane import CpuLane, lane_status
-from homeseek.experts import ExpertStore, record_bytes
+from homeseek.experts import READER_THREADS, ExpertStore, record_bytes
 from homeseek.generation import Generation, GenerationResult
 from homeseek.kernels import ops
 from homeseek.mtp import MtpTrack
@@ -195,6 +195,7 @@ class Engine:
 
             self.experts.pin_hot(hot_set(rt.hot_profile, self.experts.n_slots // 2))
         if n_host:
+            self.experts.copier = _record_copier()
             self.experts.start_host_fill()
         self.rope = M.RopeTables(cfg, rt.max_context, dev)
         self.scheduler = Scheduler(self.experts, cfg)
@@ -537,6 +538,16 @@ def _load_tokenizer(path: Path) -> object | None:
     except ImportError:
         return None
     return Tokenizer.from_dir(path)
+
+
+def _record_copier() -> Callable[[list[tuple[torch.Tensor, torch.Tensor]]], None] | None:
+    """The CPU kernel library's parallel copy, for the expert store's reads of the tier below
+    the host cache; None where it does not build (the store's reader threads then do them)."""
+    from homeseek.kernels.cpu_experts import CpuExperts, available
+
+    if not available()[0]:
+        return None
+    return CpuExperts(threads=READER_THREADS).copy
 
 
 def load(

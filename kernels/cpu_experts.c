@@ -820,3 +820,44 @@ HS_EXPORT uint64_t hs_read_xor(hs_ctx *c, const void *buf, size_t bytes) {
     pthread_mutex_unlock(&c->call_mu);
     return atomic_load(&R.acc);
 }
+
+/* ------------------------------------------------------------------------------------------- */
+/* Parallel copy: a record read from the tier below the host cache into its host slot.         */
+/* ------------------------------------------------------------------------------------------- */
+
+#define HS_COPY_ITEM ((size_t)256 << 10)
+
+typedef struct {
+    int n;
+    uint8_t *const *dst;
+    const uint8_t *const *src;
+    const size_t *bytes;
+    const size_t *first; /* first item of each segment; first[n] = the item count */
+} copy_job_t;
+
+static void copy_item(void *p, int item) {
+    const copy_job_t *J = p;
+    int s = 0;
+    while (s + 1 < J->n && (size_t)item >= J->first[s + 1]) s++;
+    size_t off = ((size_t)item - J->first[s]) * HS_COPY_ITEM;
+    size_t len = J->bytes[s] - off < HS_COPY_ITEM ? J->bytes[s] - off : HS_COPY_ITEM;
+    memcpy(J->dst[s] + off, J->src[s] + off, len);
+}
+
+/* Copy n segments (dst[i] <- src[i], bytes[i] each, not overlapping) in 256 KiB items over the
+ * pool: one thread copies a few GB/s, a record of the tier below wants the whole machine.
+ * Returns 0, or -2 when memory runs out. */
+HS_EXPORT int hs_copy(hs_ctx *c, int n, uint8_t *const *dst, const uint8_t *const *src,
+                      const size_t *bytes) {
+    if (n <= 0) return 0;
+    size_t *first = malloc(((size_t)n + 1) * sizeof *first);
+    if (!first) return -2;
+    first[0] = 0;
+    for (int i = 0; i < n; i++) first[i + 1] = first[i] + (bytes[i] + HS_COPY_ITEM - 1) / HS_COPY_ITEM;
+    copy_job_t J = {.n = n, .dst = dst, .src = src, .bytes = bytes, .first = first};
+    pthread_mutex_lock(&c->call_mu);
+    parallel_for(c, copy_item, &J, (int)first[n]);
+    pthread_mutex_unlock(&c->call_mu);
+    free(first);
+    return 0;
+}

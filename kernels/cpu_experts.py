@@ -229,6 +229,7 @@ def _load(isa: str) -> ctypes.CDLL:
         lib.hs_destroy.argtypes, lib.hs_destroy.restype = [vp], None
         lib.hs_run.argtypes = [vp, i, i, i, i, vp, vp, vp, vp, vp, vp, vp, vp, f, i, i, vp, vp]
         lib.hs_run.restype = i
+        lib.hs_copy.argtypes, lib.hs_copy.restype = [vp, i, vp, vp, vp], i
         lib.hs_read_xor.argtypes, lib.hs_read_xor.restype = (
             [vp, vp, ctypes.c_size_t],
             ctypes.c_uint64,
@@ -472,6 +473,25 @@ class CpuExperts:
             why = "out of memory for the workspace" if rc == -2 else "sizes rejected"
             raise RuntimeError(f"CPU lane: hs_run failed ({why}, rc={rc})")
         return out
+
+    def copy(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """dst.copy_(src) for each (dst, src) pair of contiguous CPU tensors of the same byte
+        size, on the pool (the expert store reads records of the tier below with it)."""
+        n = len(pairs)
+        for i, (dst, src) in enumerate(pairs):
+            for name, t in (("dst", dst), ("src", src)):
+                if t.device.type != "cpu" or not t.is_contiguous():
+                    raise ValueError(f"copy: pair {i} {name} must be a contiguous CPU tensor")
+            if dst.nbytes != src.nbytes:
+                raise ValueError(f"copy: pair {i}: {dst.nbytes} bytes from {src.nbytes}")
+        if not n:
+            return
+        vp = ctypes.c_void_p * n
+        dsts = vp(*(d.data_ptr() for d, _ in pairs))
+        srcs = vp(*(s.data_ptr() for _, s in pairs))
+        sizes = (ctypes.c_size_t * n)(*(d.nbytes for d, _ in pairs))
+        if self._lib.hs_copy(self._live(), n, dsts, srcs, sizes) != 0:
+            raise RuntimeError("CPU lane: hs_copy ran out of memory")
 
     def read_xor(self, buf: torch.Tensor) -> int:
         """Read a contiguous CPU tensor with the pool (XOR of its 8-byte words): the memory read

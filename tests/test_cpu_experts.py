@@ -279,6 +279,22 @@ def test_memory_mapped_records(lane, tmp_path):
     )
 
 
+def test_parallel_copy(lane):
+    """copy() moves each pair's bytes exactly (segments of odd sizes, larger than one item and
+    smaller), and refuses pairs that do not match."""
+    g, _ = _gen()
+    sizes = [1, 4097, (256 << 10) + 3, 3 << 20]
+    srcs = [torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g) for n in sizes]
+    dsts = [torch.zeros(n, dtype=torch.uint8) for n in sizes]
+    lane.copy(list(zip(dsts, srcs, strict=True)))
+    assert all(torch.equal(d, s) for d, s in zip(dsts, srcs, strict=True))
+    lane.copy([])
+    with pytest.raises(ValueError, match="bytes"):
+        lane.copy([(dsts[0], srcs[1])])
+    with pytest.raises(ValueError, match="contiguous"):
+        lane.copy([(torch.zeros(4, 2, dtype=torch.uint8).t(), torch.zeros(8, dtype=torch.uint8))])
+
+
 def test_w1_and_w3_as_separate_parts(lane):
     """A record read where it lies in the checkpoint has w1 and w3 apart: the same output as the
     record with them in one w13 tensor."""

@@ -24,6 +24,7 @@ from homeseek.experts import (
     record_bytes,
     simulate,
 )
+from homeseek.kernels import cpu_experts
 from homeseek.profile import hot_set
 
 
@@ -113,6 +114,19 @@ def test_disk_reads_fill_a_host_record_in_place():
     for slot, key in ((0, (1, 5)), (1, (2, 7))):
         want = store._disk_record(key)
         assert all(torch.equal(pieces.view(slot)[k], want[k]) for k in want)
+    # with the CPU kernel library's parallel copy, where it builds
+    if cpu_experts.available()[0]:
+        for t in pieces.t.values():
+            t.fill_(0xCD)
+        with cpu_experts.CpuExperts(threads=2) as k:
+            store.copier = k.copy
+            try:
+                assert [s for s, _ in store._read_parallel(reads)] == [0, 1]
+            finally:
+                store.copier = None
+        for slot, key in ((0, (1, 5)), (1, (2, 7))):
+            want = store._disk_record(key)
+            assert all(torch.equal(pieces.view(slot)[k], want[k]) for k in want)
 
 
 # --- policies ------------------------------------------------------------------------------------

@@ -132,6 +132,27 @@ def main() -> None:
                             }
                         )
 
+    # Reading a record of the tier below the host cache into a host slot: the pool's parallel
+    # copy (what the expert store uses) against one torch copy.
+    copy_gb_s: dict[str, float] = {}
+    dst = {k: torch.empty_like(v) for k, v in pool[0].items()}
+    for threads in _ints(args.threads):
+        with ce.CpuExperts(threads=threads) as lane:
+            i = [0]
+
+            def pcopy(lane=lane, i=i) -> None:
+                i[0] = (i[0] + 1) % len(pool)
+                lane.copy([(dst[k], pool[i[0]][k]) for k in dst])
+
+            copy_gb_s[f"pool {threads} thr"] = rec_bytes / _median_s(pcopy, args.reps) / 1e9
+
+    def tcopy(i=[0]) -> None:  # noqa: B006 - a counter shared by the calls
+        i[0] = (i[0] + 1) % len(pool)
+        for k in dst:
+            dst[k].copy_(pool[i[0]][k])
+
+    copy_gb_s["torch copy_"] = rec_bytes / _median_s(tcopy, args.reps) / 1e9
+    print("\nrecord copy (GB/s): " + ", ".join(f"{k} {v:.1f}" for k, v in copy_gb_s.items()))
     print(
         "\nmemory read bandwidth (GB/s): "
         + ", ".join(
@@ -151,6 +172,7 @@ def main() -> None:
         "record_bytes": rec_bytes,
         "read_gb_s": {str(t): {k: round(v, 2) for k, v in bw.items()} for t, bw in read_bw.items()},
         "rows": rows,
+        "record_copy_gb_s": {k: round(v, 2) for k, v in copy_gb_s.items()},
     }
     print(json.dumps(summary))
 
