@@ -24,7 +24,11 @@ from dataclasses import dataclass
 
 import torch
 
-from homeseek.config import ConfigError, ModelConfig
+from homeseek.config import ConfigError, ModelConfig, default_cache_dir
+from homeseek.kernels import cpu_experts
+
+# The CPU kernel library is built once per machine into homeseek's cache (HOMESEEK_CACHE_DIR).
+cpu_experts.cache_root = default_cache_dir
 
 LANE_MODES = ("off", "on", "auto")
 # Smoothing of the measured seconds per CPU expert (an exponential moving average).
@@ -53,9 +57,7 @@ def lane_status(mode: str, device: str) -> tuple[bool, str]:
                 "anyway; use --cpu-lane off (or auto)"
             )
         return False, "not used on a CPU engine (every expert is computed there)"
-    from homeseek.kernels.cpu_experts import available
-
-    ok, why = available()
+    ok, why = cpu_experts.available()
     if not ok and mode == "on":
         raise ConfigError(f"cpu_lane='on': the CPU expert kernel cannot run here: {why}")
     return ok, "on" if ok else f"off ({why})"
@@ -90,11 +92,9 @@ class CpuLane:
         act_quant: bool,
         threads: int | None = None,
     ) -> None:
-        from homeseek.kernels.cpu_experts import CpuExperts
-
         self.cfg = cfg
         self.act_dtype, self.act_quant = act_dtype, act_quant
-        self.kernel = CpuExperts(threads=threads or default_threads())
+        self.kernel = cpu_experts.CpuExperts(threads=threads or default_threads())
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="homeseek-cpu-lane")
         self.record_bytes = record_bytes
         # Two pinned result rows, alternating: a layer's row may still be copying to the GPU

@@ -36,6 +36,7 @@ import subprocess
 import tempfile
 import threading
 import weakref
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -145,14 +146,18 @@ def default_threads() -> int:
     return max(1, _usable_cores() - 1)
 
 
+def _default_cache_root() -> Path:
+    """Where builds go unless the caller says otherwise (kernels do not read homeseek's
+    environment: homeseek points `cache_root` at its cache directory, homeseek/cpu_lane.py)."""
+    return Path(tempfile.gettempdir()) / "homeseek"
+
+
+# The directory whose cpu_experts/ folder holds the built libraries, asked at each build.
+cache_root: Callable[[], Path] = _default_cache_root
+
+
 def _cache_dir() -> Path:
-    """homeseek's cache directory. Duplicates homeseek.config.default_cache_dir (kernels must not
-    import homeseek): HOMESEEK_CACHE_DIR, else $XDG_CACHE_HOME/homeseek, else ~/.cache/homeseek."""
-    env = os.environ.get("HOMESEEK_CACHE_DIR")
-    if env:
-        return Path(env)
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "homeseek"
+    return cache_root()
 
 
 def _compiler() -> str | None:

@@ -371,7 +371,7 @@ def test_unsupported_isa_reports_why(monkeypatch):
 
 def test_missing_compiler_reports_why(monkeypatch, tmp_path):
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
-    monkeypatch.setenv("HOMESEEK_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(ce, "cache_root", lambda: tmp_path / "cache")
     monkeypatch.setattr(ce, "_LIBS", {})
     ok, why = ce.available("scalar")
     assert not ok and "no-such-cc" in why
@@ -383,14 +383,14 @@ def test_build_error_carries_compiler_message(monkeypatch, tmp_path):
     src = tmp_path / "broken.c"
     src.write_text("int f(void) { return }\n")
     monkeypatch.setattr(ce, "SOURCE", src)
-    monkeypatch.setenv("HOMESEEK_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(ce, "cache_root", lambda: tmp_path / "cache")
     monkeypatch.setattr(ce, "_LIBS", {})
     ok, why = ce.available("scalar")
     assert not ok and "broken.c" in why and "error" in why
 
 
 def test_cached_library_keyed_by_source(monkeypatch, tmp_path):
-    monkeypatch.setenv("HOMESEEK_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(ce, "cache_root", lambda: tmp_path)
     first = ce.build_library("scalar")
     assert first.parent == tmp_path / "cpu_experts" and first.exists()
     assert ce.build_library("scalar") == first  # cached
