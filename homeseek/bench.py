@@ -563,8 +563,11 @@ class Bench:
         return row
 
     def _decode_mtp(self, routing: str, sess: Any, snap: tuple) -> None:
-        """The plain decode's tokens again from the same state, speculatively: with the MTP
-        block's drafts, then with forced drafts kept at each of bc.mtp_forced."""
+        """As many tokens as the plain decode, from the same state, speculatively: with the
+        MTP block's drafts, then with each draft kept at each rate of bc.mtp_forced whatever the
+        model says (`speculative.ForcedAcceptance`: the speed at that acceptance; random weights
+        accept few of the block's drafts, and their near-tied logits make the verify step
+        disagree with any known continuation)."""
         from homeseek import speculative
         from homeseek.sampling import Sampler, SamplingParams
 
@@ -575,11 +578,9 @@ class Bench:
             sess.rollback(snap)
             if rate is None:
                 label, source = "mtp", speculative.MtpDrafts()
-            else:  # ref[0] follows the session's tokens and the first token fed
+            else:
                 label = f"forced {100 * rate:.0f}%"
-                source = speculative.ForcedDrafts.from_reference(
-                    ref, len(sess.tokens) + 1, rate, self.cfg.vocab_size, bc.seed
-                )
+                source = speculative.ForcedAcceptance(rate, self.cfg.vocab_size, bc.seed)
             row = Row(routing, "decode", n, sess.pos, drafts=label)
             sampler = Sampler(SamplingParams(temperature=0), self.bc.device)
             tok = self._ids(1, sess.pos)[0]

@@ -341,7 +341,8 @@ class Engine:
         streamed (needs `logprobs`). With `mtp=k` at load, decoding is speculative: k drafts
         from the MTP block per step, verified in one step (homeseek/speculative.py; the same
         tokens at temperature 0, the same distribution otherwise); `draft_source` replaces the
-        MTP block as the drafter (tests and benchmarks: `speculative.ForcedDrafts`).
+        MTP block as the drafter (tests and benchmarks: `speculative.ForcedDrafts`,
+        `speculative.ForcedAcceptance`).
         """
         if (messages is None) == (prompt_ids is None):
             raise ValueError("pass exactly one of messages or prompt_ids")

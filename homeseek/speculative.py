@@ -39,6 +39,9 @@ class Draft:
     # The distribution each token was drawn from [V] fp32; None: proposed deterministically
     # (a point mass at the token).
     q: list[torch.Tensor | None] = field(default_factory=list)
+    # Benchmarks only (`ForcedAcceptance`): keep exactly this many drafts whatever the target
+    # says; None: the acceptance rule decides.
+    keep: int | None = None
 
 
 class DraftSource(Protocol):
@@ -92,6 +95,28 @@ class ForcedDrafts:
         return Draft(toks, [None] * len(toks))
 
 
+class ForcedAcceptance:
+    """Benchmarks only: the cost of speculative decoding at a given acceptance, on weights whose
+    own drafts are never accepted (random ones, where near-tied logits also make any known
+    continuation disagree with the verify step). Proposes k arbitrary tokens and has the step
+    keep each with probability `rate` until the first it drops, whatever the model predicts:
+    the verify forward, the rollback and the re-forward cost what a real acceptance of as many
+    would. The tokens it produces are not the model's continuation."""
+
+    def __init__(self, rate: float, vocab: int, seed: int = 0) -> None:
+        if not 0 <= rate <= 1:
+            raise ValueError(f"ForcedAcceptance: rate must be in [0, 1], got {rate}")
+        self.rate, self.vocab = rate, vocab
+        self.rng = random.Random(seed)
+
+    def propose(self, sess: Session, tok: int, k: int, sampler: Sampler) -> Draft:
+        toks = [self.rng.randrange(self.vocab) for _ in range(k)]
+        keep = 0
+        while keep < k and self.rng.random() < self.rate:
+            keep += 1
+        return Draft(toks, [None] * k, keep=keep)
+
+
 def accept(p: list[torch.Tensor], draft: Draft, sampler: Sampler) -> tuple[int, torch.Tensor]:
     """p: the target distributions [V] of the positions of d1..dk and the one after (k + 1
     rows). -> (drafts kept j, the token after them, a 0-dim tensor)."""
@@ -139,7 +164,12 @@ def step(sess: Session, tok: int, k: int, sampler: Sampler, source: DraftSource)
     snap = sess.snapshot()
     rows = sess.forward([tok, *draft.tokens])  # [k + 1, V]
     target = [sampler.dist(rows[i], pending=draft.tokens[:i]) for i in range(k + 1)]
-    j, nxt = accept(target, draft, sampler)
+    if draft.keep is not None:  # a benchmark's forced acceptance (ForcedAcceptance)
+        j = min(draft.keep, k)
+        last = target[j]
+        nxt = last.argmax() if sampler.params.temperature == 0 else sampler.draw(last)
+    else:
+        j, nxt = accept(target, draft, sampler)
     if j < k:  # keep what was accepted: undo the forward, consume [tok, d1..dj] again
         sess.rollback(snap)
         sess.forward([tok, *draft.tokens[:j]], last_only=True)

@@ -68,6 +68,8 @@ def test_bench_mtp_rows(capsys):
     for r in spec:
         assert r["error"] is None and r["tokens"] >= 6 and r["position"] == 8
         assert 0 <= r["mtp_acceptance"] <= 1 and 1 <= r["mtp_tokens_per_step"] <= 3
+    # forced acceptance keeps drafts whatever the model says (seeded: deterministic)
+    assert spec[-1]["mtp_acceptance"] > 0.5 and spec[-1]["mtp_tokens_per_step"] > 1.5
     assert "tokens per verify step" in out
 
 

@@ -131,3 +131,34 @@ def test_greedy_acceptance_stops_at_the_first_miss():
     assert (j, int(nxt)) == (1, 2)
     j, nxt = accept(p, Draft([0, 2], [None, None]), sampler)
     assert (j, int(nxt)) == (0, 1)
+
+
+@pytest.mark.parametrize("rate", [1.0, 0.7, 0.0])
+def test_forced_acceptance_keeps_its_share_and_a_consistent_session(model, rate):
+    """The benchmarks' ForcedAcceptance: each step keeps drafts at the forced rate whatever the
+    model says; the session then holds exactly the tokens produced (the verify cost of a real
+    acceptance), and at rate 0 the output is plain decoding."""
+    from homeseek import speculative
+
+    path, ref = model
+    eng = homeseek.load(path, dtype=torch.float32, max_context=512, mtp=3)
+    sess = eng.session()
+    sess.forward(PROMPT[:-1])
+    sampler = Sampler(SamplingParams(temperature=0), "cpu")
+    source = speculative.ForcedAcceptance(rate, eng.cfg.vocab_size, seed=3)
+    tok, out, drafted, kept = PROMPT[-1], [], 0, 0
+    while len(out) < 120:
+        st = speculative.step(sess, tok, 3, sampler, source)
+        assert sess.tokens == [*PROMPT, *out, *st.tokens[:-1]]  # consumed: tok and the kept
+        assert sess.pos == len(sess.tokens)
+        out += st.tokens
+        drafted, kept = drafted + st.drafted, kept + st.accepted
+        tok = st.tokens[-1]
+    if rate == 0.0:
+        assert kept == 0 and out[:100] == ref[:100]
+    elif rate == 1.0:
+        assert kept == drafted
+    else:  # each kept with probability 0.7 until the first dropped: E[kept / 3] ~ 0.51
+        assert 0.3 < kept / drafted < 0.75
+    with pytest.raises(ValueError, match="rate"):
+        speculative.ForcedAcceptance(1.5, 10)
