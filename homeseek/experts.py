@@ -523,11 +523,12 @@ class ExpertStore:
         for e in experts:
             key = (layer, int(e))
             s = self.gpu.lookup(key)
-            if key in self.prefetched and s is not None:  # counted when its prefetch looked
-                self.prefetched.discard(key)
-                self.gpu.protected[s] = True
-                slots.append(s)
-                continue
+            if key in self.prefetched:
+                self.prefetched.discard(key)  # evicted since (by an earlier miss): counted again
+                if s is not None:  # counted when its prefetch looked
+                    self.gpu.protected[s] = True
+                    slots.append(s)
+                    continue
             self.counters.lookups += 1
             if s is None:
                 s, evicted = self.gpu.admit(key)

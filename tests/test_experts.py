@@ -268,3 +268,32 @@ def test_prefill_loads_the_next_layers_experts_early():
     assert n_off == 0 and n_pf > 0 and found > 0
     # every lookup counted once: the only extra ones are the prefetched experts left unused
     assert look_pf - look_off == n_pf - found
+
+
+def test_a_prefetched_expert_evicted_before_its_lookup_is_counted_again():
+    """A prefetched expert that a miss of its own layer's request evicts before the request
+    reaches it is loaded (and counted) again, and leaves `prefetched`: a stale entry there would
+    keep a later lookup of it from being counted."""
+    eng = homeseek.load("tiny", dtype=torch.float32, max_context=64, expert_slots=3,
+                        eviction="lru")  # fmt: skip
+    store, cfg = eng.experts, eng.cfg
+    layer = next(i for i in range(cfg.num_hidden_layers) if not cfg.is_hash_layer(i))
+    store.reset_gpu()
+    for e in (0, 1):
+        store.begin_layer()
+        store.ensure_resident(layer, [e])
+    store.begin_layer()
+    store.ensure_resident(layer, [5])  # a prefetch: counted now, not by the layer's request
+    store.prefetched.add((layer, 5))
+    store.gpu.lookup((layer, 0))
+    store.gpu.lookup((layer, 1))  # (layer, 5) is now the least recently used
+    store.begin_layer()
+    c0 = store.counters.lookups
+    store.ensure_resident(layer, [3, 5])  # 3's miss evicts 5 before 5 is looked up
+    assert store.counters.lookups - c0 == 2
+    assert (layer, 5) not in store.prefetched
+    store.begin_layer()
+    store.ensure_resident(layer, [5])  # a hit, counted
+    assert store.counters.lookups - c0 == 3
+    c = store.counters
+    assert c.lookups == c.gpu_hits + c.host_hits + c.disk_loads + c.cpu_lane
