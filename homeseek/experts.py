@@ -344,6 +344,10 @@ class ExpertStore:
         # slot waits for that alone, not for all the compute queued before it (which holds the
         # current layer's experts, and, in decode, the next layer's prefetch would wait behind)
         self.last_use: dict[int, torch.cuda.Event] = {}
+        # host-cache slot -> an event after the last copy from it into a slot: the copy is
+        # asynchronous, and prefetched copies are not waited for before the next layer's misses
+        # take host-cache slots, so reading a record into one waits for that event first
+        self._host_copy: dict[int, torch.cuda.Event] = {}
         self.counters = Counters()
         self.lock = threading.Lock()  # the background host filler shares the host tier
         self._filler: threading.Thread | None = None
@@ -408,30 +412,34 @@ class ExpertStore:
         """One expert's record from the disk tier (w13 concatenated: a copy)."""
         return {k: v[0] if len(v) == 1 else torch.cat(v) for k, v in self._disk_parts(key).items()}
 
-    def _host_source(self, key: Key) -> tuple[dict[str, torch.Tensor], bool]:
+    def _host_source(self, key: Key) -> tuple[dict[str, torch.Tensor], bool, int | None]:
         """Where a missed record is copied from -> (its tensors, whether they still need to be
-        read from the disk tier with `_fill` first).
+        read from the disk tier with `_fill` first, its host-cache slot or None).
 
         A host-cache hit is ready. Otherwise the record gets a host-cache slot to be read into
-        (protected until the layer's next request, since its copy to the GPU is still to come),
-        or, with no host tier (CPU, or not pinned yet), is read in place from the disk tier."""
+        (protected until the layer's next request, since its copy to the GPU is still to come;
+        a copy from the entry it evicts that may still be reading is waited for first), or,
+        with no host tier (CPU, or not pinned yet), is read in place from the disk tier."""
         with self.lock:
             if self.host is not None:
                 s = self.hostres.lookup(key)
                 if s is not None:
                     self.counters.host_hits += 1
                     self.hostres.protected[s] = True
-                    return self.host.view(s), False
+                    return self.host.view(s), False, s
             self.counters.disk_loads += 1
             self.counters.bytes_disk += record_bytes(self.cfg)
             if self.host is None:
                 t0 = time.perf_counter()
                 rec = self._disk_record(key)
                 self.counters.disk_s += time.perf_counter() - t0
-                return rec, False
+                return rec, False, None
             s, _ = self.hostres.admit(key)
             self.hostres.protected[s] = True
-            return self.host.view(s), True
+            pending = self._host_copy.pop(s, None)
+        if pending is not None:
+            pending.synchronize()
+        return self.host.view(s), True, s
 
     def in_place(self, key: Key) -> tuple[dict[str, list[torch.Tensor]], bool]:
         """key's record where it lies, for the CPU lane to read without copying -> (per record
@@ -554,17 +562,18 @@ class ExpertStore:
         if timed:  # after the compute it waits for, before the copies
             self.copy_stream.wait_stream(self._compute())
             start = self._copy_event()
-        reads = []
+        reads, host_slot = [], {}
         for s, key in misses:
-            src, unread = self._host_source(key)
+            src, unread, h = self._host_source(key)
             if unread:
                 reads.append((s, key, src))
+                host_slot[s] = h
             else:
-                self._copy_to_slot(s, src)
+                self._copy_to_slot(s, src, h)
         if reads:
             t0 = time.perf_counter()
             for s, src in self._read_parallel(reads):
-                self._copy_to_slot(s, src)
+                self._copy_to_slot(s, src, host_slot[s])
             self.counters.disk_s += time.perf_counter() - t0
         self.counters.bytes_h2d += len(misses) * record_bytes(self.cfg)
         if timed:
@@ -601,7 +610,10 @@ class ExpertStore:
         for s in slots:
             self.last_use[s] = ev
 
-    def _copy_to_slot(self, s: int, src: dict[str, torch.Tensor]) -> None:
+    def _copy_to_slot(
+        self, s: int, src: dict[str, torch.Tensor], host_slot: int | None = None
+    ) -> None:
+        """Queue the copy of src (the record in host-cache slot `host_slot`, if there) into s."""
         if self.copy_stream is None:
             self.pool.copy_in(s, src)
             return
@@ -616,6 +628,8 @@ class ExpertStore:
             ev = torch.cuda.Event()
             ev.record(self.copy_stream)
         self.ready[s] = ev
+        if host_slot is not None:
+            self._host_copy[host_slot] = ev
 
     def wait(self, slots: Iterable[int]) -> None:
         """Make the compute stream wait for the copies into these slots (and nothing else);

@@ -297,3 +297,27 @@ def test_a_prefetched_expert_evicted_before_its_lookup_is_counted_again():
     assert store.counters.lookups - c0 == 3
     c = store.counters
     assert c.lookups == c.gpu_hits + c.host_hits + c.disk_loads + c.cpu_lane
+
+
+def test_a_host_slot_is_refilled_only_after_its_last_copy_to_the_gpu():
+    """Copies from the pinned host cache are asynchronous, and a prefetch's are not waited for
+    before the next layer's misses take host-cache slots: reading a record into a slot whose
+    entry is evicted first waits for the last copy from it (here a stand-in event)."""
+    eng = homeseek.load("tiny", dtype=torch.float32, max_context=64)
+    store, cfg = eng.experts, eng.cfg
+    store.host = RecordBuffer(cfg, 1, "cpu")
+    store.hostres = Residency(1, cfg.num_hidden_layers, LRUPolicy(1))
+
+    class Pending:
+        synced = False
+
+        def synchronize(self) -> None:
+            self.synced = True
+
+    src, unread, h = store._host_source((1, 5))
+    assert unread and h == 0
+    pending = store._host_copy[0] = Pending()  # as `_copy_to_slot` notes a copy from it
+    store.begin_layer()
+    src, unread, h = store._host_source((1, 6))  # evicts (1, 5): its copy may still read it
+    assert unread and h == 0 and pending.synced
+    assert 0 not in store._host_copy
