@@ -372,6 +372,8 @@ class Bench:
         lane = eng.scheduler.lane
         labels = ["off" if m == "off" or lane is None else "on" for m in bc.cpu_lanes]
         self.lanes = [(m, None if m == "off" else lane) for m in dict.fromkeys(labels)]
+        # "off" asked for: the copy-only baseline, without the next-layer prefetch either
+        self.copy_only = "off" in bc.cpu_lanes
         store = eng.experts
         n_total = len(eng.layers) * eng.cfg.n_routed_experts
         filled = store.n_host - (len(store.hostres.free) if store.hostres else 0)
@@ -475,13 +477,15 @@ class Bench:
                     continue
                 if i == 0:  # decode at a short position, profiled, once per lane mode
                     snap = sess.snapshot() if bc.mtp or len(self.lanes) > 1 else None
+                    several = len(self.lanes) > 1
                     for j, (mode, lane) in enumerate(self.lanes):
-                        if j:  # the same tokens from the same state and a cold pool again
+                        if j:  # the same tokens from the same state
                             sess.rollback(snap)
+                        if several:  # and every row from a cold pool
                             eng.experts.reset_gpu()
-                        # copy-only rows: no CPU lane and no next-layer prefetch either
                         eng.scheduler.lane = lane
-                        eng.scheduler.prefetch = bc.prefetch and mode != "off"
+                        baseline = mode == "off" and self.copy_only
+                        eng.scheduler.prefetch = bc.prefetch and not baseline
                         self._decode(routing, sess, bc.decode_tokens, profile=True, lane=mode)
                     eng.scheduler.prefetch = bc.prefetch
                     if bc.mtp:

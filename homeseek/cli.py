@@ -235,7 +235,8 @@ def _add_lane_args(p: argparse.ArgumentParser, several: bool = False) -> None:
     )  # fmt: skip
     p.add_argument(
         "--prefetch", choices=("on", "off"), default="on",
-        help="load the next layer's experts early where a prefill chunk uses nearly all of them",
+        help="start copying the next layer's experts early: in decode those its router "
+        "predicts from this layer's input, in prefill all of them for chunks that use nearly all",
     )  # fmt: skip
 
 

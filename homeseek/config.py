@@ -337,7 +337,8 @@ class RuntimeConfig:
     # "auto" where the CPU kernel builds here, "on" (an error where it cannot), "off".
     cpu_lane: str = "auto"
     cpu_threads: int | None = None  # the CPU lane's threads; None: the cores but two
-    # Load the next layer's experts early (prefill chunks that use nearly all of them)
+    # Start copying the next layer's experts early: in decode those its router predicts from
+    # this layer's input, in prefill all of them for chunks that use nearly all
     prefetch: bool = True
 
     def __post_init__(self) -> None:

@@ -15,7 +15,6 @@ order of its fp32 sums (tests: the same greedy tokens with the lane on and off).
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections.abc import Sequence
@@ -39,8 +38,9 @@ READ_RATE = 10e9
 
 
 def default_threads() -> int:
-    """CPU threads for the lane: the cores but two (the decode loop and the copy issue)."""
-    return max(1, (os.cpu_count() or 1) - 2)
+    """CPU threads for the lane: the cores this process may use but two (the decode loop and
+    the copy issue)."""
+    return max(1, cpu_experts.usable_cores() - 2)
 
 
 def lane_status(mode: str, device: str) -> tuple[bool, str]:

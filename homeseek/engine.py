@@ -577,8 +577,9 @@ def load(
     prefill_chunk: tokens per prefill chunk; None takes HOMESEEK_PREFILL_CHUNK, else derives it
     from the GPU budget (homeseek.plan); one that does not fit the budget is a ConfigError.
     cpu_lane: "auto" / "on" / "off": compute some of a decode layer's missed experts on the CPU
-    (homeseek/cpu_lane.py) with cpu_threads threads. prefetch: load the next layer's experts
-    early where a prefill chunk will use nearly all of them."""
+    (homeseek/cpu_lane.py) with cpu_threads threads. prefetch: start copying the next layer's
+    experts early (decode: those its router predicts from this layer's input; prefill: all of
+    them, for chunks that use nearly all)."""
     rt = RuntimeConfig.build(
         device=device,
         dtype=dtype,

@@ -559,8 +559,7 @@ class ExpertStore:
         """Copy missed records into their slots: host-cache hits at once, records of the tier
         below read in pieces by all the reader threads, each copied as soon as it is read."""
         timed = self.time_copies and self.copy_stream is not None
-        if timed:  # after the compute it waits for, before the copies
-            self.copy_stream.wait_stream(self._compute())
+        if timed:  # before the copies (which wait only for their slots' last use, as untimed)
             start = self._copy_event()
         reads, host_slot = [], {}
         for s, key in misses:
@@ -618,8 +617,10 @@ class ExpertStore:
             self.pool.copy_in(s, src)
             return
         # The slot may still be read by kernels queued before this eviction: order the copy
-        # after the last of them (every read of a slot goes through the scheduler's waves,
-        # which register it with `used`), not after everything queued since.
+        # after the last of them (the scheduler's waves register their slots with `used`), not
+        # after everything queued since. Decode's B reads the slot map's slots before its
+        # layer's request protects them, so a miss of that request may evict a slot B still
+        # reads; B's result is then discarded (the layer missed: E recomputes it).
         ev = self.last_use.pop(s, None)
         if ev is not None:
             self.copy_stream.wait_event(ev)

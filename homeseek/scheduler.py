@@ -193,7 +193,15 @@ class Scheduler:
             batch = experts[i : i + wave]
             if i:
                 store.begin_layer()
-            slot_of = dict(zip(batch, store.ensure_resident(layer, batch), strict=True))
+            try:
+                slot_of = dict(zip(batch, store.ensure_resident(layer, batch), strict=True))
+            except BaseException:
+                # The CPU lane may still read host records whose protection ends with this
+                # layer: let it finish before the error leaves the layer.
+                job, self.cpu_job = self.cpu_job, None
+                if job is not None:
+                    job.exception()
+                raise
             store.wait(slot_of.values())
             last = i + wave >= len(experts)
             if last and following is not None and self.prefetch:
@@ -243,7 +251,8 @@ class Scheduler:
         if self.routing is not None:  # an override draws the ids after the router
             return
         want = set(experts)
-        missing = sorted(e for e in want if (layer, e) not in store.gpu.slot_of)
+        # in the prediction's order (the router's best first): they go first when room is short
+        missing = [e for e in dict.fromkeys(experts) if (layer, e) not in store.gpu.slot_of]
         gpu = store.gpu
         room = store.n_slots - gpu.n_pinned - int(gpu.protected.sum())
         missing = missing[: max(0, room)]
@@ -276,8 +285,8 @@ class Scheduler:
         """Expert-major prefill: a chunk of `tokens` uses nearly all of the next layer's experts,
         so queue the copies of those not resident now, while this layer's experts compute, as
         far as the slots that are neither pinned nor in use by this layer allow. Queued before
-        this layer's expert kernels, the copies wait only for the work before them (the store
-        orders a copy after the compute stream's queued work) and run beside those kernels; the
+        this layer's expert kernels, the copies wait only for the last use of the slots they fill
+        (`ExpertStore.used`) and run beside those kernels; the
         next layer's own request then finds them resident and counts each lookup once."""
         store, cfg = self.store, self.cfg
         if self.routing is not None or cfg.is_hash_layer(layer):

@@ -101,7 +101,8 @@ def _x86() -> bool:
     return platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
 
 
-def _usable_cores() -> int:
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity, e.g. a container's cpuset)."""
     try:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
@@ -136,14 +137,14 @@ def cpu_features() -> dict:
         "paths": paths,
         "isa": paths[0],
         "cores": os.cpu_count() or 1,
-        "usable_cores": _usable_cores(),
+        "usable_cores": usable_cores(),
         "default_threads": default_threads(),
     }
 
 
 def default_threads() -> int:
     """All usable cores but one (left to the Python decode loop and the GPU driver), at least 1."""
-    return max(1, _usable_cores() - 1)
+    return max(1, usable_cores() - 1)
 
 
 def _default_cache_root() -> Path:

@@ -99,3 +99,26 @@ def test_bench_takes_several_lane_modes():
         build_parser().parse_args(["bench", "--cpu-lane", "sometimes"])
     gen = build_parser().parse_args(["generate", "--cpu-lane", "off", "--cpu-threads", "3", "x"])
     assert gen.cpu_lane == "off" and gen.cpu_threads == 3
+
+
+@needs_cc
+def test_a_failing_layer_waits_for_its_cpu_job(eng, lane, monkeypatch):
+    """When the copies of a layer fail after the CPU lane started on its share, the error
+    leaves the layer only once the lane is done with the records it was handed."""
+    sched, store, cfg = eng.scheduler, eng.experts, eng.cfg
+    lane.fixed_share = 0.5
+    sched.lane = lane
+    store.reset_gpu()
+
+    def boom(layer, experts):
+        raise RuntimeError("every slot is in use")
+
+    monkeypatch.setattr(store, "ensure_resident", boom)
+    layer = next(i for i in range(cfg.num_hidden_layers) if not cfg.is_hash_layer(i))
+    u, w = torch.randn(1, cfg.hidden_size), torch.rand(1, 2) + 0.1
+    try:
+        with pytest.raises(RuntimeError, match="in use"):
+            list(sched.layer(layer, torch.tensor([[1, 4]]), lane_input=(u, w)))
+        assert sched.cpu_job is None and lane.counters.experts == 1  # it ran to the end
+    finally:
+        sched.lane = None
