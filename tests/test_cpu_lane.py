@@ -122,3 +122,34 @@ def test_a_failing_layer_waits_for_its_cpu_job(eng, lane, monkeypatch):
         assert sched.cpu_job is None and lane.counters.experts == 1  # it ran to the end
     finally:
         sched.lane = None
+
+
+@needs_cc
+def test_host_cache_records_are_handed_over_in_place_and_protected(eng, lane):
+    """A record the pinned host cache holds goes to the CPU lane as views of that cache (no
+    copy) and stays protected from eviction until the next layer's request."""
+    from homeseek.experts import RecordBuffer, Residency, make_policy
+
+    store, cfg = eng.experts, eng.cfg
+    layer = next(i for i in range(cfg.num_hidden_layers) if not cfg.is_hash_layer(i))
+    old = store.host, store.hostres
+    store.host = RecordBuffer(cfg, 2, "cpu")
+    store.hostres = Residency(2, cfg.num_hidden_layers + 1, make_policy("lru", 2, 1), 0)
+    try:
+        s, _ = store.hostres.admit((layer, 3))
+        store._fill(store.host.view(s), (layer, 3))
+        assert not store.below_host((layer, 3)) and store.below_host((layer, 4))
+        parts, below = store.in_place((layer, 3))
+        assert not below and store.hostres.protected[s]
+        assert parts["w13_q"][0].data_ptr() == store.host.view(s)["w13_q"].data_ptr()
+        parts4, below4 = store.in_place((layer, 4))  # not in the cache: the tier below, in place
+        assert below4 and len(parts4["w13_q"]) == 2  # w1 and w3 as stored
+        u, w = torch.randn(1, cfg.hidden_size), torch.rand(1, 2) + 0.1
+        got = lane.kernel.run(u, w, [parts, parts4], cfg.swiglu_limit, True, torch.float32)
+        recs = [store._disk_record((layer, e)) for e in (3, 4)]
+        want = ce.fp4_experts_cpu_ref(u, w, recs, cfg.swiglu_limit, True, torch.float32)
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-6)
+        store.begin_layer()
+        assert not store.hostres.protected[s]
+    finally:
+        store.host, store.hostres = old
