@@ -619,18 +619,25 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 def _doctor_cpu() -> None:
     """The CPU lane's view of this host: features, RAM read rate, whether the kernel builds."""
+    import torch
+
     from homeseek.cpu_lane import default_threads, measure_read_bandwidth
     from homeseek.kernels.cpu_experts import available, cpu_features
 
     feats = cpu_features()
+    threads = default_threads()
+    n_thr = f"{threads} thread" + ("s" if threads != 1 else "")
     print(
-        f"CPU: {feats.get('cores', '?')} cores; features {', '.join(feats.get('isa', [])) or '-'}; "
-        f"RAM read {measure_read_bandwidth(1 << 29) / 1e9:.0f} GB/s with "
-        f"{default_threads()} threads"
+        f"CPU: {feats['usable_cores']} usable cores; features {', '.join(feats['flags']) or '-'}; "
+        f"RAM read {measure_read_bandwidth(1 << 29, threads) / 1e9:.0f} GB/s with {n_thr}"
     )
     ok, why = available()
-    path = feats.get("path", "?")
-    state = f"the expert kernel builds here ({path} path)" if ok else f"off: {why}"
+    if not ok:
+        state = f"off: {why}"
+    else:
+        state = f"the expert kernel builds here ({feats['isa']} path, {n_thr})"
+        if not torch.cuda.is_available():
+            state += "; it runs on CUDA engines only (a CPU engine computes every expert there)"
     print(f"CPU lane (--cpu-lane auto): {state}")
 
 

@@ -200,6 +200,20 @@ def test_doctor_uses_the_same_rule(capsys, monkeypatch) -> None:
     assert "GPU budget 5.0 GiB" in out and "pinned host 0.5 GiB" in out
 
 
+def test_doctor_shows_the_cpu_lane(capsys) -> None:
+    from homeseek.kernels import cpu_experts
+
+    assert cli.main(["doctor", "--gpu-mem-gb", "24"]) == 0
+    out = capsys.readouterr().out
+    feats = cpu_experts.cpu_features()
+    line = next(x for x in out.splitlines() if x.startswith("CPU: "))
+    assert f"{feats['usable_cores']} usable cores" in line and "GB/s" in line
+    assert all(f in line for f in feats["flags"])
+    lane = next(x for x in out.splitlines() if x.startswith("CPU lane"))
+    ok, why = cpu_experts.available()
+    assert (f"{feats['isa']} path" in lane) if ok else (why in lane)
+
+
 def test_doctor_without_gpu_is_hypothetical(capsys, monkeypatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert cli.main(["doctor"]) == 0
