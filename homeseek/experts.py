@@ -527,28 +527,38 @@ class ExpertStore:
         """Slots holding `experts` of `layer`, copying misses in; protects them until the next
         `begin_layer`. On CUDA the copies are queued on the copy stream: call `wait` before use."""
         t0 = time.perf_counter()
-        slots, misses = [], []
-        for e in experts:
-            key = (layer, int(e))
+        # Hits first, all protected before any miss is admitted: a miss must not evict an
+        # entry the same request is about to use (nor one decode's B is reading now).
+        keys = [(layer, int(e)) for e in experts]
+        slots: list[int] = []
+        missed: list[int] = []  # indices into keys
+        for i, key in enumerate(keys):
             s = self.gpu.lookup(key)
-            if key in self.prefetched:
-                self.prefetched.discard(key)  # evicted since (by an earlier miss): counted again
-                if s is not None:  # counted when its prefetch looked
-                    self.gpu.protected[s] = True
-                    slots.append(s)
-                    continue
+            if key in self.prefetched and s is not None:  # counted when its prefetch looked
+                self.prefetched.discard(key)
+                self.gpu.protected[s] = True
+                slots.append(s)
+                continue
+            self.prefetched.discard(key)  # evicted since it was prefetched: counted again
             self.counters.lookups += 1
             if s is None:
-                s, evicted = self.gpu.admit(key)
-                self.counters.evictions += evicted is not None
-                if evicted is not None and self._mapped[evicted] >= 0:
-                    self._unmap.add(evicted)
-                self._newmap[s] = key  # replaces an unpublished fill of the same slot
-                misses.append((s, key))
-            else:
-                self.counters.gpu_hits += 1
+                missed.append(i)
+                slots.append(-1)
+                continue
+            self.counters.gpu_hits += 1
             self.gpu.protected[s] = True
             slots.append(s)
+        misses = []
+        for i in missed:
+            key = keys[i]
+            s, evicted = self.gpu.admit(key)
+            self.counters.evictions += evicted is not None
+            if evicted is not None and self._mapped[evicted] >= 0:
+                self._unmap.add(evicted)
+            self._newmap[s] = key  # replaces an unpublished fill of the same slot
+            misses.append((s, key))
+            self.gpu.protected[s] = True
+            slots[i] = s
         if misses:
             self._publish({})  # evicted entries leave the map before anything reads it again
             self._load(misses)
@@ -618,9 +628,9 @@ class ExpertStore:
             return
         # The slot may still be read by kernels queued before this eviction: order the copy
         # after the last of them (the scheduler's waves register their slots with `used`), not
-        # after everything queued since. Decode's B reads the slot map's slots before its
-        # layer's request protects them, so a miss of that request may evict a slot B still
-        # reads; B's result is then discarded (the layer missed: E recomputes it).
+        # after everything queued since. Decode's B reads slots of its layer's experts that
+        # were resident: hits of that layer's request, protected before any of its misses is
+        # admitted (`ensure_resident`), so never the slot a copy of that request fills.
         ev = self.last_use.pop(s, None)
         if ev is not None:
             self.copy_stream.wait_event(ev)

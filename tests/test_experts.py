@@ -270,10 +270,10 @@ def test_prefill_loads_the_next_layers_experts_early():
     assert look_pf - look_off == n_pf - found
 
 
-def test_a_prefetched_expert_evicted_before_its_lookup_is_counted_again():
-    """A prefetched expert that a miss of its own layer's request evicts before the request
-    reaches it is loaded (and counted) again, and leaves `prefetched`: a stale entry there would
-    keep a later lookup of it from being counted."""
+def test_a_request_never_evicts_its_own_hits():
+    """ensure_resident protects a request's hits before it admits its misses: a miss early in
+    the list does not evict an entry later in it (which would cost a second copy, and could be
+    the slot decode's B is reading), prefetched or not; each lookup is counted once."""
     eng = homeseek.load("tiny", dtype=torch.float32, max_context=64, expert_slots=3,
                         eviction="lru")  # fmt: skip
     store, cfg = eng.experts, eng.cfg
@@ -288,13 +288,16 @@ def test_a_prefetched_expert_evicted_before_its_lookup_is_counted_again():
     store.gpu.lookup((layer, 0))
     store.gpu.lookup((layer, 1))  # (layer, 5) is now the least recently used
     store.begin_layer()
-    c0 = store.counters.lookups
-    store.ensure_resident(layer, [3, 5])  # 3's miss evicts 5 before 5 is looked up
-    assert store.counters.lookups - c0 == 2
+    c0, h0 = store.counters.lookups, store.counters.host_hits + store.counters.disk_loads
+    slots = store.ensure_resident(layer, [3, 5])  # 3 misses; 5, the LRU entry, is kept
+    assert store.gpu.slot_of[(layer, 5)] == slots[1] and store.gpu.slot_of[(layer, 3)] == slots[0]
+    assert (layer, 0) not in store.gpu.slot_of  # the victim: the LRU entry not in the request
+    assert store.counters.lookups - c0 == 1  # 5 was counted by its prefetch
+    assert store.counters.host_hits + store.counters.disk_loads - h0 == 1  # one copy: 3's
     assert (layer, 5) not in store.prefetched
     store.begin_layer()
     store.ensure_resident(layer, [5])  # a hit, counted
-    assert store.counters.lookups - c0 == 3
+    assert store.counters.lookups - c0 == 2
     c = store.counters
     assert c.lookups == c.gpu_hits + c.host_hits + c.disk_loads + c.cpu_lane
 
