@@ -464,6 +464,19 @@ class ExpertStore:
         for piece in self._pieces(dst, key, 0):
             piece()
 
+    def _pairs(
+        self, dst: dict[str, torch.Tensor], key: Key
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(rows of dst, the stored tensor that fills them) for key's record (w13: w1's rows,
+        then w3's)."""
+        out = []
+        for k, parts in self._disk_parts(key).items():
+            row = 0
+            for part in parts:
+                out.append((dst[k][row : row + part.shape[0]], part))
+                row += part.shape[0]
+        return out
+
     def _pieces(
         self, dst: dict[str, torch.Tensor], key: Key, rows: int
     ) -> list[Callable[[], torch.Tensor]]:
@@ -471,15 +484,11 @@ class ExpertStore:
         record tensor each (0: one per stored tensor). torch copies release the GIL, so the
         reader threads run them at once."""
         out = []
-        for k, parts in self._disk_parts(key).items():
-            row = 0
-            for part in parts:
-                n = part.shape[0]
-                step = rows or n
-                for a in range(0, n, step):
-                    b = min(a + step, n)
-                    out.append(lambda d=dst[k][row + a : row + b], p=part[a:b]: d.copy_(p))
-                row += n
+        for d, part in self._pairs(dst, key):
+            n = part.shape[0]
+            step = rows or n
+            for a in range(0, n, step):
+                out.append(lambda d=d[a : a + step], p=part[a : a + step]: d.copy_(p))
         return out
 
     def _read_parallel(
@@ -489,13 +498,7 @@ class ExpertStore:
         threads; yields (slot, host record) in order as each record is complete."""
         if self.copier is not None:  # one record at a time, each over all of the pool
             for s, key, src in reads:
-                pairs = []
-                for k, parts in self._disk_parts(key).items():
-                    row = 0
-                    for part in parts:
-                        pairs.append((src[k][row : row + part.shape[0]], part))
-                        row += part.shape[0]
-                self.copier(pairs)
+                self.copier(self._pairs(src, key))
                 yield s, src
             return
         row_bytes = max(1, self.cfg.hidden_size // 2)
@@ -692,10 +695,19 @@ class ExpertStore:
         self.begin_layer()
         self.prefetched.clear()
         for layer, experts in wanted.items():
-            self.ensure_resident(layer, experts)
-            # The layer's own request finds them resident: count each lookup once, here.
-            self.prefetched.update((layer, e) for e in experts)
+            self.prefetch(layer, experts)
         self.begin_layer()
+
+    def prefetch(self, layer: int, experts: Sequence[int]) -> None:
+        """Look `experts` of `layer` up ahead of their layer and start copying the missing
+        ones: counted now, so the layer's own request does not count them again."""
+        self.ensure_resident(layer, experts)
+        self.prefetched.update((layer, e) for e in experts)
+
+    def free_slots(self) -> int:
+        """Slots neither pinned nor protected: what a prefetch may fill now."""
+        gpu = self.gpu
+        return self.n_slots - gpu.n_pinned - int(gpu.protected.sum())
 
     def weights(self, slot: int) -> tuple[QWeight, QWeight, QWeight]:
         """(w1, w3, w2) of the record in `slot`, as views (reference path)."""

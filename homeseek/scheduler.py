@@ -253,17 +253,14 @@ class Scheduler:
         want = set(experts)
         # in the prediction's order (the router's best first): they go first when room is short
         missing = [e for e in dict.fromkeys(experts) if (layer, e) not in store.gpu.slot_of]
-        gpu = store.gpu
-        room = store.n_slots - gpu.n_pinned - int(gpu.protected.sum())
-        missing = missing[: max(0, room)]
+        missing = missing[: max(0, store.free_slots())]
         self._prediction = (layer, want, set(missing))
         if not missing:
             return
         if self.lane is not None:
             below = sum(store.below_host((layer, e)) for e in missing)
             self.lane.note_copies(len(missing) - below, below)
-        store.ensure_resident(layer, missing)
-        store.prefetched.update((layer, e) for e in missing)  # looked up (counted) now
+        store.prefetch(layer, missing)
 
     def _score_prediction(self, layer: int, experts: list[int]) -> None:
         """The layer's actual experts against what was predicted for it."""
@@ -293,13 +290,10 @@ class Scheduler:
             return  # an override's ids are drawn per layer; hash layers prefetch at step start
         if tokens * cfg.num_experts_per_tok < PREFETCH_COVERAGE * cfg.n_routed_experts:
             return
-        gpu = store.gpu
-        room = store.n_slots - gpu.n_pinned - int(gpu.protected.sum())
-        missing = [e for e in range(cfg.n_routed_experts) if (layer, e) not in gpu.slot_of]
-        if not missing or room < len(missing):
+        missing = [e for e in range(cfg.n_routed_experts) if (layer, e) not in store.gpu.slot_of]
+        if not missing or store.free_slots() < len(missing):
             return  # a pool this tight loads the layer's experts on demand
-        store.ensure_resident(layer, missing)
-        store.prefetched.update((layer, e) for e in missing)
+        store.prefetch(layer, missing)
         self.prefetched_experts += len(missing)
 
     @staticmethod
