@@ -476,8 +476,8 @@ class Bench:
                 if self._prefill(routing, sess, n).error is not None:
                     continue
                 if i == 0:  # decode at a short position, profiled, once per lane mode
-                    snap = sess.snapshot() if bc.mtp or len(self.lanes) > 1 else None
                     several = len(self.lanes) > 1
+                    snap = sess.snapshot() if bc.mtp or several else None
                     for j, (mode, lane) in enumerate(self.lanes):
                         if j:  # the same tokens from the same state
                             sess.rollback(snap)
@@ -575,8 +575,7 @@ class Bench:
         from homeseek import speculative
         from homeseek.sampling import Sampler, SamplingParams
 
-        bc, ref = self.bc, self.plain_tokens
-        n = len(ref)
+        bc, n = self.bc, len(self.plain_tokens)
         rates: list[float | None] = [None, *bc.mtp_forced]  # None: the MTP block's drafts
         for rate in rates:
             sess.rollback(snap)
@@ -690,12 +689,8 @@ class Bench:
             for name, n, ms in (row.top_kernels or [])[:8]:
                 self.out(f"{'':<8} {'':<16}   {ms:6.2f} ms {n:6.0f}x  {name[:60]}")
         if row.cpu_lane == "on":
-            base = [
-                r for r in self.rows
-                if r.routing == row.routing and r.cpu_lane == "off" and r.position == row.position
-                and r.error is None
-            ]  # fmt: skip
-            vs = f"; {row.tok_s / base[0].tok_s:.2f}x the copy-only decode" if base else ""
+            base = self._copy_only(row)
+            vs = f"; {row.tok_s / base.tok_s:.2f}x the copy-only decode" if base else ""
             self.out(
                 f"{'':<8} {'':<16} CPU lane: {row.cpu_experts_per_token:.1f} experts per token{vs}"
             )
@@ -710,6 +705,14 @@ class Bench:
                 f"{'':<8} {'':<16} drafts kept {100 * row.mtp_acceptance:.0f}%, "
                 f"{row.mtp_tokens_per_step:.2f} tokens per verify step"
             )
+
+    def _copy_only(self, row: Row) -> Row | None:
+        """The copy-only decode row (lane off, no error) of a lane row's routing and position."""
+        want = ("off", row.routing, row.position, None)
+        for r in self.rows:
+            if (r.cpu_lane, r.routing, r.position, r.error) == want:
+                return r
+        return None
 
     def _report(self) -> dict[str, Any]:
         bc = self.bc
@@ -741,12 +744,9 @@ class Bench:
         res["prefetch"] = self.eng.scheduler.predicted.as_dict(self.setup["record_bytes"])
         speedup = {}
         for on in self.rows:
-            off = [
-                r for r in self.rows
-                if r.cpu_lane == "off" and r.routing == on.routing and r.position == on.position
-            ]  # fmt: skip
-            if on.cpu_lane == "on" and off and not on.error and not off[0].error:
-                speedup[on.routing] = on.tok_s / off[0].tok_s
+            off = self._copy_only(on) if on.cpu_lane == "on" and not on.error else None
+            if off is not None:
+                speedup[on.routing] = on.tok_s / off.tok_s
         if speedup:
             res["cpu_lane_speedup"] = speedup
         self.out(json.dumps(_rounded(res)))
