@@ -20,6 +20,7 @@ against recency (Lee et al., 2001) - with a per-layer floor so no layer loses al
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -39,6 +40,9 @@ Key = tuple[int, int]  # (layer, expert)
 # GB/s, and a decode layer usually misses one record of the tier below at a time, so each record
 # is read in pieces of READ_PIECE bytes spread over all the threads.
 READER_THREADS = 8
+# Slot map updates are staged in a ring of STAGE_RING pinned buffers of STAGE_ROWS entries.
+STAGE_RING = 8
+STAGE_ROWS = 512
 READ_PIECE = 1 << 20
 
 
@@ -99,6 +103,11 @@ class Policy:
         cand = np.flatnonzero(ok)
         return int(cand[self.victim(cand, now)])
 
+    def eviction_order(self, ok: np.ndarray, now: int) -> np.ndarray:
+        """The slots where `ok` holds, in the order `victim_of` would evict them one after the
+        other if nothing else changed (scores only decay between them, all alike)."""
+        raise NotImplementedError
+
 
 class LRUPolicy(Policy):
     name = "lru"
@@ -115,6 +124,10 @@ class LRUPolicy(Policy):
 
     def victim_of(self, ok: np.ndarray, now: int) -> int:
         return int(np.argmin(np.where(ok, self.last, np.iinfo(np.int64).max)))
+
+    def eviction_order(self, ok: np.ndarray, now: int) -> np.ndarray:
+        cand = np.flatnonzero(ok)
+        return cand[np.argsort(self.last[cand], kind="stable")]
 
 
 class LRFUPolicy(Policy):
@@ -160,6 +173,11 @@ class LRFUPolicy(Policy):
             return int(best[0])
         return int(best[np.argmin(self.last[best])])
 
+    def eviction_order(self, ok: np.ndarray, now: int) -> np.ndarray:
+        cand = np.flatnonzero(ok)
+        score = self.crf[cand] * np.exp2((self.last[cand] - now) / self.h)
+        return cand[np.lexsort((self.last[cand], score))]  # by score, ties: least recent first
+
 
 def make_policy(name: str, n_slots: int, lookups_per_token: int = 100) -> Policy:
     """ "lru", "lrfu" (half-life of 20 decode tokens' worth of lookups) or "lrfu:<half-life>".
@@ -176,6 +194,12 @@ def make_policy(name: str, n_slots: int, lookups_per_token: int = 100) -> Policy
 
 
 # --- residency -----------------------------------------------------------------------------------
+_FULL = (
+    "expert store: every slot is in use by the current step; the pool needs more slots than "
+    "experts touched at once (raise gpu_mem_gb)"
+)
+
+
 class Residency:
     """(layer, expert) <-> slot for one tier, with eviction; no data, only bookkeeping.
 
@@ -226,21 +250,65 @@ class Residency:
                 if not ok.any():
                     ok = free_ok
             if not ok.any():
-                raise RuntimeError(
-                    "expert store: every slot is in use by the current step; the pool needs more "
-                    "slots than experts touched at once (raise gpu_mem_gb)"
-                )
+                raise RuntimeError(_FULL)
             s = self.policy.victim_of(ok, self.clock)
-            evicted = self.key_of[s]
-            del self.slot_of[evicted]
-            self.per_layer[evicted[0]] -= 1
-            self.evictions += 1
+            evicted = self._evict(s)
+        self._fill(s, key)
+        return s, evicted
+
+    def admit_many(self, keys: Sequence[Key]) -> list[tuple[int, Key | None]]:
+        """`admit` of each key in turn, each new entry protected before the next is admitted,
+        with the eviction candidates ranked once for the batch (a decode layer's misses: one
+        pass over the slots instead of one per miss) -> [(slot, evicted key or None)]."""
+        out: list[tuple[int, Key | None]] = []
+        order: list[int] | None = None
+        taken: set[int] = set()
+        for key in keys:
+            self.clock += 1
+            if self.free:
+                s, evicted = self.free.pop(), None
+            else:
+                if order is None:  # ranked at the first eviction; later ones only skip
+                    order = self.policy.eviction_order(
+                        ~(self.pinned | self.protected), self.clock
+                    ).tolist()
+                s = self._next_victim(order, taken, key[0])
+                taken.add(s)
+                evicted = self._evict(s)
+            self._fill(s, key)
+            self.protected[s] = True
+            out.append((s, evicted))
+        return out
+
+    def _next_victim(self, order: list[int], taken: set[int], layer: int) -> int:
+        """The first slot of `order` not yet taken whose layer keeps its floor (or is `layer`),
+        else the first not taken: what `admit` would choose."""
+        first = None
+        for s in order:
+            if s in taken:
+                continue
+            if first is None:
+                first = s
+            owner = int(self.layer_of[s])
+            if not self.floor or owner == layer or self.per_layer[max(owner, 0)] > self.floor:
+                return s
+        if first is None:
+            raise RuntimeError(_FULL)
+        return first
+
+    def _evict(self, s: int) -> Key:
+        evicted = self.key_of[s]
+        del self.slot_of[evicted]
+        self.per_layer[evicted[0]] -= 1
+        self.evictions += 1
+        return evicted
+
+    def _fill(self, s: int, key: Key) -> None:
         self.slot_of[key] = s
         self.key_of[s] = key
         self.layer_of[s] = key[0]
         self.per_layer[key[0]] += 1
         self.policy.on_fill(s, self.clock)
-        return s, evicted
 
 
 def simulate(
@@ -324,6 +392,7 @@ class ExpertStore:
             )
         cuda = str(device).startswith("cuda")
         self.pool = RecordBuffer(cfg, self.n_slots, device)
+        self.record_bytes = record_bytes(cfg)
         n_layers = max(self.layers) + 1 if self.layers else 1
         per_token = len(self.layers) * cfg.num_experts_per_tok
         self._gpu_args = (self.n_slots, n_layers, policy, per_token, floor)
@@ -377,6 +446,10 @@ class ExpertStore:
         self._mapped = np.full((n_layers, cfg.n_routed_experts), -1, dtype=np.int32)
         self._unmap: set[Key] = set()
         self._newmap: dict[int, Key] = {}  # slot -> key filled into it, not yet published
+        # Pinned staging rows for `_publish` ([2, n]: flat map index, then slot), reused in turn
+        # once the copy out of one has run: pinning new ones per update cost ~50 us each.
+        self._stage: list[tuple[torch.Tensor, torch.cuda.Event | None]] = []
+        self._stage_i = 0
 
     def _new_gpu_residency(self) -> Residency:
         n, n_layers, policy, per_token, floor = self._gpu_args
@@ -428,7 +501,7 @@ class ExpertStore:
                     self.hostres.protected[s] = True
                     return self.host.view(s), False, s
             self.counters.disk_loads += 1
-            self.counters.bytes_disk += record_bytes(self.cfg)
+            self.counters.bytes_disk += self.record_bytes
             if self.host is None:
                 t0 = time.perf_counter()
                 rec = self._disk_record(key)
@@ -552,15 +625,14 @@ class ExpertStore:
             self.gpu.protected[s] = True
             slots.append(s)
         misses = []
-        for i in missed:
+        admitted = self.gpu.admit_many([keys[i] for i in missed])
+        for i, (s, evicted) in zip(missed, admitted, strict=True):
             key = keys[i]
-            s, evicted = self.gpu.admit(key)
             self.counters.evictions += evicted is not None
             if evicted is not None and self._mapped[evicted] >= 0:
                 self._unmap.add(evicted)
             self._newmap[s] = key  # replaces an unpublished fill of the same slot
             misses.append((s, key))
-            self.gpu.protected[s] = True
             slots[i] = s
         if misses:
             self._publish({})  # evicted entries leave the map before anything reads it again
@@ -575,19 +647,23 @@ class ExpertStore:
         if timed:  # before the copies (which wait only for their slots' last use, as untimed)
             start = self._copy_event()
         reads, host_slot = [], {}
-        for s, key in misses:
-            src, unread, h = self._host_source(key)
-            if unread:
-                reads.append((s, key, src))
-                host_slot[s] = h
-            else:
-                self._copy_to_slot(s, src, h)
-        if reads:
-            t0 = time.perf_counter()
-            for s, src in self._read_parallel(reads):
-                self._copy_to_slot(s, src, host_slot[s])
-            self.counters.disk_s += time.perf_counter() - t0
-        self.counters.bytes_h2d += len(misses) * record_bytes(self.cfg)
+        # The copies are queued on the copy stream: entered once for the batch (entering a
+        # stream context costs ~20 us of host time, per copy it was a tenth of a decode layer's).
+        on_copy = torch.cuda.stream(self.copy_stream) if self.copy_stream is not None else None
+        with on_copy if on_copy is not None else contextlib.nullcontext():
+            for s, key in misses:
+                src, unread, h = self._host_source(key)
+                if unread:
+                    reads.append((s, key, src))
+                    host_slot[s] = h
+                else:
+                    self._copy_to_slot(s, src, h)
+            if reads:
+                t0 = time.perf_counter()
+                for s, src in self._read_parallel(reads):
+                    self._copy_to_slot(s, src, host_slot[s])
+                self.counters.disk_s += time.perf_counter() - t0
+        self.counters.bytes_h2d += len(misses) * self.record_bytes
         if timed:
             self.copy_events.append((start, self._copy_event()))
 
@@ -625,7 +701,8 @@ class ExpertStore:
     def _copy_to_slot(
         self, s: int, src: dict[str, torch.Tensor], host_slot: int | None = None
     ) -> None:
-        """Queue the copy of src (the record in host-cache slot `host_slot`, if there) into s."""
+        """Queue the copy of src (the record in host-cache slot `host_slot`, if there) into s.
+        CUDA: called with the copy stream current (`_load`)."""
         if self.copy_stream is None:
             self.pool.copy_in(s, src)
             return
@@ -637,10 +714,9 @@ class ExpertStore:
         ev = self.last_use.pop(s, None)
         if ev is not None:
             self.copy_stream.wait_event(ev)
-        with torch.cuda.stream(self.copy_stream):
-            self.pool.copy_in(s, src, non_blocking=src["w13_q"].is_pinned())
-            ev = torch.cuda.Event()
-            ev.record(self.copy_stream)
+        self.pool.copy_in(s, src, non_blocking=src["w13_q"].is_pinned())
+        ev = torch.cuda.Event()
+        ev.record(self.copy_stream)
         self.ready[s] = ev
         if host_slot is not None:
             self._host_copy[host_slot] = ev
@@ -671,16 +747,37 @@ class ExpertStore:
         if not upd:
             return
         E = self._mapped.shape[1]
-        flat = [layer * E + e for layer, e in upd]
-        vals = list(upd.values())
+        rows = [[layer * E + e for layer, e in upd], list(upd.values())]
         for key, v in upd.items():
             self._mapped[key] = v
-        idx = torch.tensor(flat, dtype=torch.long)
-        val = torch.tensor(vals, dtype=torch.int32)
-        if self.copy_stream is not None:  # pinned: the copies stay asynchronous
-            idx = idx.pin_memory().to(self.device, non_blocking=True)
-            val = val.pin_memory().to(self.device, non_blocking=True)
-        self.slot_map.view(-1).index_copy_(0, idx, val)
+        both = self._staged(rows)
+        self.slot_map.view(-1).index_copy_(0, both[0], both[1].to(torch.int32))
+
+    def _staged(self, rows: list[list[int]]) -> torch.Tensor:
+        """rows [2][n] as an int64 tensor on the device; on CUDA through a pinned staging
+        buffer (a ring of them, each reused once its copy has run), so the copy is queued
+        without the host waiting for it."""
+        n = len(rows[0])
+        if self.copy_stream is None:
+            return torch.tensor(rows, dtype=torch.long)
+        if n > STAGE_ROWS:  # a long prefill wave: a one-off pinned buffer
+            return (
+                torch.tensor(rows, dtype=torch.long).pin_memory().to(self.device, non_blocking=True)
+            )
+        if len(self._stage) < STAGE_RING:
+            self._stage.append(
+                (torch.empty(2, STAGE_ROWS, dtype=torch.long, pin_memory=True), None)
+            )
+        i = self._stage_i = (self._stage_i + 1) % len(self._stage)
+        buf, ev = self._stage[i]
+        if ev is not None:
+            ev.synchronize()  # its previous copy (queued STAGE_RING updates ago) has long run
+        buf.numpy()[:, :n] = rows
+        out = buf[:, :n].to(self.device, non_blocking=True)
+        ev = ev or torch.cuda.Event()
+        ev.record(self._compute())
+        self._stage[i] = (buf, ev)
+        return out
 
     def prefetch_hash_layers(self, ids: Sequence[int]) -> None:
         """Hash-routed layers' experts follow from the token ids alone: start their copies at

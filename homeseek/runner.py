@@ -144,6 +144,10 @@ class Runner:
         self._stage_i = 0
         self._stream: torch.cuda.Stream | None = None  # the step's compute stream (CUDA)
         self.capture_s = 0.0  # wall seconds spent capturing graphs (warm-up included)
+        # Decode layers whose experts B ran whole (all resident when A looked), and the others
+        # (E reran them from the host's table once the misses were resident).
+        self.layers_b = 0
+        self.layers_e = 0
         self.recorder: DecodeRecorder | None = None  # `homeseek profile --decode` sets it
         # A copies the experts' input to the host for the CPU lane when the engine has one
         # (decided once: the A graphs hold the copies; `scheduler.lane = None` then turns the
@@ -256,9 +260,16 @@ class Runner:
         b.host_index[0], b.host_index[1], b.host_index[2] = token, state.pos, state.slot
         # The previous step's copy of host_index has run: its layers' ids were read back after it.
         b.index.copy_(b.host_index, non_blocking=True)
-        self.scheduler.begin_step([token])
-        self._stream = self.scheduler.store.compute  # events record on it without a lookup
+        sched = self.scheduler
+        sched.begin_step([token], prefetch_hash=False)
+        self._stream = sched.store.compute  # events record on it without a lookup
         self._run(("embed",), self._embed)
+        # Host work that the GPU need not wait for runs once the next A is queued (`_moe_layer`
+        # returns it): the GPU computes A while the host does it. First, the hash layers' copies.
+        later: tuple[int, Callable[[], None]] | None = (
+            self.layers[0],
+            lambda: sched.prefetch_hash([token]),
+        )
         for layer in self.layers:
             lw, st = self.weights[layer], state.arena.layers[layer]
 
@@ -269,25 +280,41 @@ class Runner:
             # layer's mHC post reads what A then overwrites): put them back as well.
             keep = [b.X, b.Xa, b.post, b.comb] if layer != self.layers[0] else []
             self._run(("A", layer, bucket), seg_a, restore=_non_idempotent(st) + keep, layer=layer)
+            self._run_later(later)
             with rec.layer(layer) if rec is not None else contextlib.nullcontext():
-                self._moe_layer(layer)
+                later = self._moe_layer(layer)
         self._run(("H",), self._h)
+        self._run_later(later)
         if rec is not None:
             rec.end_token()
         state.pos += 1
         return b.logits[0].clone()
 
-    def _moe_layer(self, layer: int) -> None:
+    def _run_later(self, later: tuple[int, Callable[[], None]] | None) -> None:
+        """Run a layer's deferred host work (`_moe_layer`), timed as that layer's."""
+        if later is None:
+            return
+        layer, fn = later
+        rec = self.recorder
+        with rec.layer(layer) if rec is not None else contextlib.nullcontext():
+            fn()
+
+    def _moe_layer(self, layer: int) -> tuple[int, Callable[[], None]] | None:
         """After A: the experts if all are resident (B), else, once the host has the ids and
-        has made the misses resident, all of them again (E, wave by wave)."""
+        has made the misses resident, all of them again (E, wave by wave).
+
+        Returns the layer's host work that no kernel of this layer waits for, to run once the
+        next A is queued: the residency bookkeeping of a layer B served whole, and the copies of
+        the next layer's predicted experts. Until then nothing touches the store (the slots B
+        reads stay as they are), and a copy into a slot still waits for its last use."""
         b = self.buf
         kernels = self.ctx.kernels
         # B runs the experts from the slot map as A found it; it is launched before the host
         # reads the ids, so the GPU works while the scheduler checks them. When B found them
         # all, that is the layer's result. When it missed any, E recomputes all of them from
-        # the host's slot table: the sum then never depends on what happened to be resident
-        # (the same tokens whatever the cache held). A routing override replaces the ids
-        # after A, so then B is skipped.
+        # the host's slot table: the sum then never depends on what was resident (the same
+        # tokens whatever the cache held). A routing override replaces the ids after A, so
+        # then B is skipped.
         ahead = kernels and self.scheduler.routing is None
         if self._sel_ready is not None:
             self._sel_ready.record(self._stream)
@@ -297,16 +324,40 @@ class Runner:
             held = self.scheduler.store.published(layer)
         if self._sel_ready is not None:
             self._sel_ready.synchronize()  # the one host wait of the layer
-        done = ahead and bool(held[b.sel_host[0].numpy()].all())
+        # Copies: the next A overwrites the pinned ids and prediction before the work deferred
+        # to after its launch reads them.
+        sel_host = b.sel_host.clone()
+        nxt = self._predicted(layer)
+        pred = b.pred_host[0].tolist() if nxt is not None and self.scheduler.prefetch else None
+        if ahead and bool(held[sel_host[0].numpy()].all()):
+            self.layers_b += 1
+
+            def bookkeeping() -> None:
+                for _ in self.scheduler.layer(layer, sel_host):
+                    pass  # hits only: counted, protected, their last use noted
+                if pred is not None:
+                    self.scheduler.prefetch_predicted(nxt, pred)
+
+            return layer, bookkeeping
+        self.layers_e += kernels
+        self._experts_of(layer, sel_host)
+        if pred is None:
+            return None
+        return layer, lambda: self.scheduler.prefetch_predicted(nxt, pred)
+
+    def _experts_of(self, layer: int, sel_host: torch.Tensor) -> None:
+        """The layer's experts once the host has made them resident: E wave by wave (with the
+        CPU lane's part in the first), or the reference experts (kernels off)."""
+        b = self.buf
         first = True  # of the layer's waves: the first starts from `shared`, the rest add
         sched = self.scheduler
         lane_on = sched.lane is not None and self.lane_inputs
         lane_input = (b.u_host, b.weights_host) if lane_on else None
-        for sel, slot_of, last in sched.layer(layer, b.sel_host.clone(), lane_input=lane_input):
-            if not kernels:
+        for sel, slot_of, last in sched.layer(layer, sel_host, lane_input=lane_input):
+            if not self.ctx.kernels:
                 with self._timed(("B", first), layer):
                     self._moe_ref(sel, slot_of, last)
-            elif not done:
+            else:
                 self._write_slots(sel, slot_of)
                 job, sched.cpu_job = sched.cpu_job, None
                 if job is not None:  # the CPU lane took some: its sum joins the GPU's
@@ -317,9 +368,6 @@ class Runner:
                     add = not first
                     self._run(("E", add), lambda add=add: self._e(add), [b.moe], layer=layer)
             first = False
-        nxt = self._predicted(layer)
-        if nxt is not None and sched.prefetch:  # after this layer's own copies: they go first
-            sched.prefetch_predicted(nxt, b.pred_host[0].tolist())
 
     def _timed(self, key: Hashable, layer: int) -> contextlib.AbstractContextManager[None]:
         rec = self.recorder
@@ -474,6 +522,8 @@ class Runner:
             "graph_capture_s": self.capture_s,
             "compile_s": C.compile_seconds(),
             "graph_pool_bytes": float(self.pool.pool_bytes() if self.pool is not None else 0),
+            "decode_layers_b": float(self.layers_b),
+            "decode_layers_e": float(self.layers_e),
         }
 
 

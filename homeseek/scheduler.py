@@ -146,12 +146,19 @@ class Scheduler:
         self.lane: CpuLane | None = None
         self.cpu_job: Future[torch.Tensor] | None = None
 
-    def begin_step(self, token_ids: Sequence[int]) -> None:
-        """Hash-routed layers' experts follow from the token ids: start their copies now."""
+    def begin_step(self, token_ids: Sequence[int], prefetch_hash: bool = True) -> None:
+        """Hash-routed layers' experts follow from the token ids: start their copies now
+        (`prefetch_hash=False`: the caller calls `prefetch_hash` itself, once the step's first
+        kernels are queued)."""
         self.store.begin_step()
         if self.routing is not None:
             self.routing.begin_step(token_ids)
-        else:  # an override routes hash layers too: their table would prefetch the wrong ones
+        elif prefetch_hash:
+            self.prefetch_hash(token_ids)
+
+    def prefetch_hash(self, token_ids: Sequence[int]) -> None:
+        """Start copying the hash-routed layers' experts of these tokens."""
+        if self.routing is None:  # an override routes hash layers too: the table would be wrong
             self.store.prefetch_hash_layers(token_ids)
 
     def layer(
@@ -251,15 +258,21 @@ class Scheduler:
         if self.routing is not None:  # an override draws the ids after the router
             return
         want = set(experts)
-        # in the prediction's order (the router's best first): they go first when room is short
-        missing = [e for e in dict.fromkeys(experts) if (layer, e) not in store.gpu.slot_of]
+        # In the prediction's order (the router's best first): they go first when room is
+        # short. Records below the host cache are left to the layer itself: reading one takes
+        # the host ~0.5 ms, longer than the next layer's A it would overlap, so the host would
+        # reach that layer's ids late (and the CPU lane can compute them where they lie).
+        missing = [
+            e
+            for e in dict.fromkeys(experts)
+            if (layer, e) not in store.gpu.slot_of and not store.below_host((layer, e))
+        ]
         missing = missing[: max(0, store.free_slots())]
         self._prediction = (layer, want, set(missing))
         if not missing:
             return
         if self.lane is not None:
-            below = sum(store.below_host((layer, e)) for e in missing)
-            self.lane.note_copies(len(missing) - below, below)
+            self.lane.note_copies(len(missing), 0)
         store.prefetch(layer, missing)
 
     def _score_prediction(self, layer: int, experts: list[int]) -> None:

@@ -180,6 +180,46 @@ def test_per_layer_floor():
     assert ev[0] == 1 and res.per_layer[0] == 1
 
 
+@pytest.mark.parametrize("policy", ["lru", "lrfu:50", "lrfu:5000"])
+@pytest.mark.parametrize("floor", [0, 1, 3])
+def test_admit_many_chooses_what_admit_would(policy: str, floor: int):
+    """The batched admission of a layer's misses evicts the same entries, in the same order,
+    as admitting them one at a time (each protected before the next)."""
+    rng = np.random.default_rng(floor)
+    n, layers, experts = 40, 6, 24
+    one = Residency(n, layers, make_policy(policy, n), floor)
+    many = Residency(n, layers, make_policy(policy, n), floor)
+    for step in range(300):
+        layer = int(rng.integers(layers))
+        want = [(layer, int(e)) for e in rng.choice(experts, size=6, replace=False)]
+        for res in (one, many):
+            res.protected[:] = False
+            if step == 50:
+                res.pin(3)
+        got = []
+        for res, batched in ((one, False), (many, True)):
+            hits = [k for k in want if res.lookup(k) is not None]
+            for k in hits:
+                res.protected[res.slot_of[k]] = True
+            miss = [k for k in want if k not in hits]
+            if batched:
+                got.append(res.admit_many(miss))
+            else:
+                out = []
+                for k in miss:
+                    out.append(res.admit(k))
+                    res.protected[out[-1][0]] = True
+                got.append(out)
+        assert got[0] == got[1], step
+        assert one.slot_of == many.slot_of and (one.per_layer == many.per_layer).all()
+
+
+def test_admit_many_when_every_slot_is_taken():
+    res = Residency(3, 1, LRUPolicy(3))
+    with pytest.raises(RuntimeError, match="raise gpu_mem_gb"):
+        res.admit_many([(0, e) for e in range(4)])
+
+
 def _skewed_trace(steps: int, layers: int, experts: int, k: int, seed: int):
     """Zipf-like expert popularity per layer plus noise: what learned routers produce."""
     rng = np.random.default_rng(seed)

@@ -119,6 +119,25 @@ def test_evicting_pool_decodes_as_the_resident_one():
     assert all(torch.equal(a, b) for a, b in zip(ls, lf, strict=True))
 
 
+def test_partly_resident_pool_decodes_as_the_resident_one():
+    """Half the experts fit: some layers B serves whole (their bookkeeping and the next
+    layer's prefetch run once the next A is queued), others E reruns; bit for bit the decode
+    of a pool that holds every expert, graphs and eager alike."""
+    runs = []
+    for graphs, kw in ((True, dict(expert_slots=20)), (False, dict(expert_slots=20)), (True, {})):
+        eng = _load(graphs, dtype=torch.float32, **kw)
+        sess = eng.session()
+        sess.forward(list(range(50, 90)))
+        runs.append((*_greedy(sess, 11, 150), eng))
+    (tg, lg, eg), (te, le, _), (tf, lf, ef) = runs
+    st = eg.runner.graph_stats()
+    assert st["decode_layers_b"] > 50 and st["decode_layers_e"] > 50, st
+    assert ef.runner.graph_stats()["decode_layers_e"] == 0  # all resident: B every layer
+    assert tg == te == tf
+    assert all(torch.equal(a, b) for a, b in zip(lg, lf, strict=True))
+    assert _close(lg, le) <= 1e-5
+
+
 def test_graph_decode_equals_eager_under_a_routing_override():
     """With the ids replaced after A (benchmarks' uniform routing) E runs every expert from
     the host's table, graphs and eager alike."""
