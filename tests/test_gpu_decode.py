@@ -132,7 +132,8 @@ def test_partly_resident_pool_decodes_as_the_resident_one():
     (tg, lg, eg), (te, le, _), (tf, lf, ef) = runs
     st = eg.runner.graph_stats()
     assert st["decode_layers_b"] > 50 and st["decode_layers_e"] > 50, st
-    assert ef.runner.graph_stats()["decode_layers_e"] == 0  # all resident: B every layer
+    # every expert fits: after the first tokens (experts the prompt did not touch) B alone
+    assert ef.runner.graph_stats()["decode_layers_e"] <= 2 * ef.cfg.num_hidden_layers
     assert tg == te == tf
     assert all(torch.equal(a, b) for a, b in zip(lg, lf, strict=True))
     assert _close(lg, le) <= 1e-5
