@@ -20,6 +20,7 @@ import torch
 from homeseek import profiler
 from homeseek.bench import build_engine, cap_process
 from homeseek.config import RuntimeConfig
+from homeseek.scheduler import make_routing
 
 
 def main() -> None:
@@ -31,14 +32,17 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=512, help="prefill first (fills the pool)")
     ap.add_argument("--top", type=int, default=40)
     ap.add_argument("--trace", default=None, help="Chrome trace of the per-layer report")
+    ap.add_argument("--routing", default="model", help="model, uniform or trace:PATH")
+    ap.add_argument("--cpu-lane", default="auto", choices=("auto", "on", "off"))
     args = ap.parse_args()
     device = "cuda"
     cap_process(device, args.gpu_mem_gb)
     rt = RuntimeConfig.build(
         device=device, dtype=torch.bfloat16, gpu_mem_gb=args.gpu_mem_gb,
-        host_mem_gb=args.host_mem_gb, max_context=args.prompt + 128,
+        host_mem_gb=args.host_mem_gb, max_context=args.prompt + 128, cpu_lane=args.cpu_lane,
     )  # fmt: skip
     eng = build_engine(rt, None, args.synthetic, expert_alias=64)
+    eng.scheduler.routing = make_routing(args.routing, eng.cfg)
     res = profiler.profile_decode(eng, profiler.DecodeProfileConfig(tokens=16, prompt=args.prompt))
     if args.trace:
         import json
@@ -59,6 +63,8 @@ def main() -> None:
     prof.disable()
     wall = (time.perf_counter() - t0) / args.tokens * 1000
     print(f"host profile: {args.tokens} tokens, {wall:.2f} ms/token wall (under cProfile)")
+    if eng.scheduler.lane is not None:
+        print("CPU lane:", eng.scheduler.lane.counters)
     for key in ("tottime", "cumtime"):
         s = io.StringIO()
         pstats.Stats(prof, stream=s).sort_stats(key).print_stats(args.top)
