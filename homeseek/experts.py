@@ -103,9 +103,10 @@ class Policy:
         cand = np.flatnonzero(ok)
         return int(cand[self.victim(cand, now)])
 
-    def eviction_order(self, ok: np.ndarray, now: int) -> np.ndarray:
+    def eviction_order(self, ok: np.ndarray, now: int, first: int | None = None) -> np.ndarray:
         """The slots where `ok` holds, in the order `victim_of` would evict them one after the
-        other if nothing else changed (scores only decay between them, all alike)."""
+        other if nothing else changed (scores only decay between them, all alike); with
+        `first`, at least the first `first` of that order (a policy may return them all)."""
         raise NotImplementedError
 
 
@@ -125,7 +126,7 @@ class LRUPolicy(Policy):
     def victim_of(self, ok: np.ndarray, now: int) -> int:
         return int(np.argmin(np.where(ok, self.last, np.iinfo(np.int64).max)))
 
-    def eviction_order(self, ok: np.ndarray, now: int) -> np.ndarray:
+    def eviction_order(self, ok: np.ndarray, now: int, first: int | None = None) -> np.ndarray:
         cand = np.flatnonzero(ok)
         return cand[np.argsort(self.last[cand], kind="stable")]
 
@@ -173,9 +174,14 @@ class LRFUPolicy(Policy):
             return int(best[0])
         return int(best[np.argmin(self.last[best])])
 
-    def eviction_order(self, ok: np.ndarray, now: int) -> np.ndarray:
+    def eviction_order(self, ok: np.ndarray, now: int, first: int | None = None) -> np.ndarray:
         cand = np.flatnonzero(ok)
         score = self.crf[cand] * np.exp2((self.last[cand] - now) / self.h)
+        if first is not None and first < cand.size:
+            # Only the `first` lowest (ties at the cut kept whole, so the order is exact)
+            cut = np.partition(score, first - 1)[first - 1]
+            keep = score <= cut
+            cand, score = cand[keep], score[keep]
         return cand[np.lexsort((self.last[cand], score))]  # by score, ties: least recent first
 
 
@@ -262,17 +268,28 @@ class Residency:
         pass over the slots instead of one per miss) -> [(slot, evicted key or None)]."""
         out: list[tuple[int, Key | None]] = []
         order: list[int] | None = None
+        whole = False  # whether `order` ranks every candidate, or only the lowest
         taken: set[int] = set()
         for key in keys:
             self.clock += 1
             if self.free:
                 s, evicted = self.free.pop(), None
             else:
+                ok = None
                 if order is None:  # ranked at the first eviction; later ones only skip
-                    order = self.policy.eviction_order(
-                        ~(self.pinned | self.protected), self.clock
-                    ).tolist()
+                    ok = ~(self.pinned | self.protected)
+                    # Enough of the ranking for this batch and the floor's skips, mostly
+                    order = self.policy.eviction_order(ok, self.clock, 4 * len(keys) + 16).tolist()
+                    whole = len(order) == int(ok.sum())
                 s = self._next_victim(order, taken, key[0])
+                if s is None and not whole:  # the floor skipped all the ranked ones
+                    ok = ~(self.pinned | self.protected) if ok is None else ok
+                    order, whole = self.policy.eviction_order(ok, self.clock).tolist(), True
+                    s = self._next_victim(order, taken, key[0])
+                if s is None:
+                    s = next((c for c in order if c not in taken), None)
+                if s is None:
+                    raise RuntimeError(_FULL)
                 taken.add(s)
                 evicted = self._evict(s)
             self._fill(s, key)
@@ -280,21 +297,16 @@ class Residency:
             out.append((s, evicted))
         return out
 
-    def _next_victim(self, order: list[int], taken: set[int], layer: int) -> int:
-        """The first slot of `order` not yet taken whose layer keeps its floor (or is `layer`),
-        else the first not taken: what `admit` would choose."""
-        first = None
+    def _next_victim(self, order: list[int], taken: set[int], layer: int) -> int | None:
+        """The first slot of `order` not yet taken whose layer keeps its floor (or is `layer`):
+        what `admit` would choose, unless no candidate keeps the floor (None)."""
         for s in order:
             if s in taken:
                 continue
-            if first is None:
-                first = s
             owner = int(self.layer_of[s])
             if not self.floor or owner == layer or self.per_layer[max(owner, 0)] > self.floor:
                 return s
-        if first is None:
-            raise RuntimeError(_FULL)
-        return first
+        return None
 
     def _evict(self, s: int) -> Key:
         evicted = self.key_of[s]
@@ -448,7 +460,7 @@ class ExpertStore:
         self._newmap: dict[int, Key] = {}  # slot -> key filled into it, not yet published
         # Pinned staging rows for `_publish` ([2, n]: flat map index, then slot), reused in turn
         # once the copy out of one has run: pinning new ones per update cost ~50 us each.
-        self._stage: list[tuple[torch.Tensor, torch.cuda.Event | None]] = []
+        self._stage: list[tuple[torch.Tensor, torch.Tensor, torch.cuda.Event | None]] = []
         self._stage_i = 0
 
     def _new_gpu_residency(self) -> Residency:
@@ -599,9 +611,13 @@ class ExpertStore:
             with self.lock:
                 self.hostres.protected[:] = False
 
-    def ensure_resident(self, layer: int, experts: Sequence[int]) -> list[int]:
+    def ensure_resident(
+        self, layer: int, experts: Sequence[int], then_wait: bool = False
+    ) -> list[int]:
         """Slots holding `experts` of `layer`, copying misses in; protects them until the next
-        `begin_layer`. On CUDA the copies are queued on the copy stream: call `wait` before use."""
+        `begin_layer`. On CUDA the copies are queued on the copy stream: call `wait` before use.
+        `then_wait`: the caller calls `wait` before anything reads the slot map again, which
+        then also takes the evicted entries out (one map update instead of two)."""
         t0 = time.perf_counter()
         # Hits first, all protected before any miss is admitted: a miss must not evict an
         # entry the same request is about to use (nor one decode's B is reading now).
@@ -635,8 +651,13 @@ class ExpertStore:
             misses.append((s, key))
             slots[i] = s
         if misses:
-            self._publish({})  # evicted entries leave the map before anything reads it again
-            self._load(misses)
+            if not then_wait:  # evicted entries leave the map before anything reads it again
+                self._publish({})
+            try:
+                self._load(misses)
+            except BaseException:
+                self._publish({})  # the `wait` that would have will not come
+                raise
         self.counters.copy_s += time.perf_counter() - t0
         return slots
 
@@ -714,7 +735,9 @@ class ExpertStore:
         ev = self.last_use.pop(s, None)
         if ev is not None:
             self.copy_stream.wait_event(ev)
-        self.pool.copy_in(s, src, non_blocking=src["w13_q"].is_pinned())
+        # A host-cache record is pinned (asking torch costs ~40 us a tensor); a record read in
+        # place from the disk tier is not, and is copied synchronously.
+        self.pool.copy_in(s, src, non_blocking=host_slot is not None)
         ev = torch.cuda.Event()
         ev.record(self.copy_stream)
         self.ready[s] = ev
@@ -731,7 +754,7 @@ class ExpertStore:
                 ev = self.ready.pop(s, None)
                 if ev is not None:
                     cur.wait_event(ev)
-        if self._newmap:
+        if self._newmap or self._unmap:
             self._publish({self._newmap.pop(s): s for s in slots if s in self._newmap})
 
     def published(self, layer: int) -> np.ndarray:
@@ -765,18 +788,20 @@ class ExpertStore:
                 torch.tensor(rows, dtype=torch.long).pin_memory().to(self.device, non_blocking=True)
             )
         if len(self._stage) < STAGE_RING:
-            self._stage.append(
-                (torch.empty(2, STAGE_ROWS, dtype=torch.long, pin_memory=True), None)
-            )
+            host = torch.empty(2, STAGE_ROWS, dtype=torch.long, pin_memory=True)
+            dev = torch.empty(2, STAGE_ROWS, dtype=torch.long, device=self.device)
+            self._stage.append((host, dev, None))
         i = self._stage_i = (self._stage_i + 1) % len(self._stage)
-        buf, ev = self._stage[i]
+        host, dev, ev = self._stage[i]
         if ev is not None:
             ev.synchronize()  # its previous copy (queued STAGE_RING updates ago) has long run
-        buf.numpy()[:, :n] = rows
-        out = buf[:, :n].to(self.device, non_blocking=True)
+        host.numpy()[:, :n] = rows
+        # The device rows are reused in stream order: their next copy follows this scatter.
+        out = dev[:, :n]
+        out.copy_(host[:, :n], non_blocking=True)
         ev = ev or torch.cuda.Event()
         ev.record(self._compute())
-        self._stage[i] = (buf, ev)
+        self._stage[i] = (host, dev, ev)
         return out
 
     def prefetch_hash_layers(self, ids: Sequence[int]) -> None:

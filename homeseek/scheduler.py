@@ -201,7 +201,8 @@ class Scheduler:
             if i:
                 store.begin_layer()
             try:
-                slot_of = dict(zip(batch, store.ensure_resident(layer, batch), strict=True))
+                slots = store.ensure_resident(layer, batch, then_wait=True)
+                slot_of = dict(zip(batch, slots, strict=True))
             except BaseException:
                 # The CPU lane may still read host records whose protection ends with this
                 # layer: let it finish before the error leaves the layer.
