@@ -201,6 +201,12 @@ class Engine:
         self.scheduler = Scheduler(self.experts, cfg)
         self.scheduler.prefetch = rt.prefetch
         self.lane_status = self._cpu_lane(kernels)
+        if kernels:  # the FP8 GEMV's split-K scratch, sized for every FP8 product of the model
+            from homeseek.kernels.fp8_linear import GEMV_MAX_M, fp8_linear_workspace
+
+            blocks = self.weights + ([self.mtp] if self.mtp is not None else [])
+            ws = fp8_linear_workspace(M.fp8_shapes(blocks, cfg), GEMV_MAX_M, dev)
+            self.ctx = dataclasses.replace(self.ctx, fp8_ws=ws)
         # With CUDA graphs every session's state lives in one arena the graphs index by slot;
         # eager, each session allocates its own.
         self.arena = StateArena(cfg, rt, self.layers, rt.max_sessions) if rt.graphs else None

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,9 @@ from homeseek.config import CSA, SWA, ModelConfig, yarn_inv_freq
 from homeseek.kernels import ops
 from homeseek.quant import act_quant_sim, fp4_block_sim, fp8_block_sim, hadamard
 from homeseek.state import CompressorState, LayerState
+
+if TYPE_CHECKING:
+    from homeseek.kernels.fp8_linear import Fp8LinearWorkspace
 
 LayerWeights = dict[str, "torch.Tensor | QWeight | FusedLinear"]
 
@@ -37,6 +41,10 @@ class Ctx:
     dtype: torch.dtype
     quant_sim: bool
     kernels: bool = False  # kernel layer: True = Triton kernels (CUDA), False = torch twins
+    # The FP8 GEMV's split-K scratch, built once for every FP8 linear of the model (the runner
+    # sets it on CUDA): without it each launch allocates its own and zero-fills its counters,
+    # an extra kernel per linear and token.
+    fp8_ws: Fp8LinearWorkspace | None = None
 
 
 class RopeTables:
@@ -81,6 +89,20 @@ class FusedLinear:
 
     weight: QWeight
     parts: tuple[tuple[int, int], ...]
+
+
+def fp8_shapes(weights: list[LayerWeights], cfg: ModelConfig) -> list[tuple[int, int]]:
+    """(N, K) of every FP8 product the layers launch: each linear (fused ones as one), and
+    wo_a's groups one at a time (`grouped_linear`)."""
+    out = set()
+    for lw in weights:
+        for name, v in lw.items():
+            w = v.weight if isinstance(v, FusedLinear) else v
+            if not isinstance(w, QWeight) or w.fmt != "fp8":
+                continue
+            n, k = w.weight.shape
+            out.add((n // cfg.o_groups, k) if name == "attn.wo_a" else (n, k))
+    return sorted(out)
 
 
 def fuse_linears(lw: LayerWeights) -> None:
@@ -130,7 +152,10 @@ def linear(x: torch.Tensor, w: QWeight, ctx: Ctx) -> torch.Tensor:
     """x [T, K]·Wᵀ with fp32 accumulation; FP8/FP4 weights see the reference's activation
     rounding. FP8 goes through the kernel layer (Triton on CUDA, its torch twin elsewhere)."""
     if w.fmt == "fp8":
-        return ops.fp8_linear(x, w.weight, w.scale, act_quant=ctx.quant_sim, triton=ctx.kernels)
+        return ops.fp8_linear(
+            x, w.weight, w.scale, act_quant=ctx.quant_sim, workspace=ctx.fp8_ws,
+            triton=ctx.kernels,
+        )  # fmt: skip
     if ctx.quant_sim and w.fmt == "fp4":
         x = act_quant_sim(x)
     return (x.float() @ w.dequant().T).to(x.dtype)
@@ -370,7 +395,8 @@ def grouped_linear(o: torch.Tensor, w: QWeight, ctx: Ctx) -> torch.Tensor:
         s_lo, s_hi = g * R // b, ((g + 1) * R - 1) // b + 1
         ops.fp8_linear(
             o[:, g], w.weight[g * R : (g + 1) * R], w.scale[s_lo:s_hi],
-            out=z[:, g * R : (g + 1) * R], act_quant=False, triton=ctx.kernels,
+            out=z[:, g * R : (g + 1) * R], act_quant=False, workspace=ctx.fp8_ws,
+            triton=ctx.kernels,
         )  # fmt: skip
     return z
 

@@ -122,8 +122,21 @@ class Runner:
         """arena: the shared session state the graphs index by slot (graphs on); None runs the
         decode step eagerly over each session's own state. report: where a step that captured
         graphs says how many and how long (the CLI prints it)."""
-        self.cfg, self.rt, self.ctx = cfg, rt, ctx
+        self.cfg, self.rt = cfg, rt
         self.top, self.weights, self.rope = top, weights, rope
+        on_cuda = str(rt.device).startswith("cuda")
+        self.ctx = ctx
+        # The decode experts' scratch (one token's K pairs), built once and reused by every
+        # launch on the compute stream (its counters are left at zero); without it each launch
+        # allocates its own and zero-fills the counters, two more kernels per layer.
+        self.fp4_ws = None
+        if ctx.kernels and on_cuda:
+            from homeseek.kernels.fp4_experts import fp4_experts_workspace
+
+            self.fp4_ws = fp4_experts_workspace(
+                cfg.num_experts_per_tok, cfg.hidden_size, cfg.moe_intermediate_size, rt.dtype,
+                rt.device,
+            )  # fmt: skip
         self.scheduler = scheduler
         self.layers = list(range(len(weights)))
         self.arena = arena
@@ -131,7 +144,6 @@ class Runner:
         self.buf = DecodeBuffers.build(cfg, rt)
         b = self.buf
         self.ix = D.DecodeIndex(ids=b.index[0:1], pos=b.index[1:2], slot=b.index[2:3])
-        on_cuda = str(rt.device).startswith("cuda")
         self.pool = GraphPool(rt.device) if (rt.graphs and on_cuda) else None
         self.graphs = GraphedStep(self.pool, enabled=self.pool is not None)
         self._sel_ready = torch.cuda.Event() if on_cuda else None
@@ -440,7 +452,7 @@ class Runner:
         t, b = self.scheduler.store.pool.t, self.buf
         ops.fp4_experts(
             b.u, b.slots, b.weights, shared, t["w13_q"], t["w13_s"], t["w2_q"], t["w2_s"],
-            self.cfg.swiglu_limit, out=out, act_quant=self.rt.quant_sim,
+            self.cfg.swiglu_limit, out=out, act_quant=self.rt.quant_sim, workspace=self.fp4_ws,
         )  # fmt: skip
 
     def _b(self) -> None:  # the experts the slot map holds, with the shared expert

@@ -216,3 +216,32 @@ def test_step_reads_nothing_back_from_the_device(eng_fp32_sim, ids, monkeypatch)
     s.forward(ids[:37])  # prefill across compressor blocks (CSA m=4, HCA m=128 in tiny)
     for t in ids[37:45]:
         s.decode(t)
+
+
+def test_fp8_shapes_cover_every_fp8_product(eng_fp32_sim):
+    """The FP8 GEMV workspace is sized from `fp8_shapes`: every FP8 linear the layers launch
+    (fused ones as one, wo_a per group), and a workspace built from them serves each shape."""
+    from homeseek import model as M
+    from homeseek.checkpoint import QWeight
+    from homeseek.kernels import fp8_linear as f8
+
+    cfg = eng_fp32_sim.cfg
+    shapes = M.fp8_shapes(eng_fp32_sim.weights, cfg)
+    lw = eng_fp32_sim.weights[0]
+    fused = [v.weight for v in lw.values() if isinstance(v, M.FusedLinear)]
+    assert fused and all(tuple(f.weight.shape) in shapes for f in fused)
+    wo_a = lw["attn.wo_a"]
+    assert isinstance(wo_a, QWeight)
+    assert (wo_a.weight.shape[0] // cfg.o_groups, wo_a.weight.shape[1]) in shapes
+    # tiny's products never split K; V4-Flash's (N, K) do
+    shapes += [(512, 4096), (1024, 4096), (4096, 2048), (4096, 8192), (32768, 1024)]
+    ws = f8.fp8_linear_workspace(shapes, f8.GEMV_MAX_M, "cpu")
+    split = 0
+    for n, k in shapes:
+        for m in (1, 2, f8.GEMV_MAX_M):
+            p = f8._gemv_plan(m, n, k, torch.device("cpu"), None)
+            if p.split_k > 1:  # one split needs no scratch
+                split += 1
+                assert ws.partial.numel() >= p.split_k * m * n
+                assert ws.counters.numel() >= -(-n // p.block_n)
+    assert split
