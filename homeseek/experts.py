@@ -146,9 +146,6 @@ class LRFUPolicy(Policy):
         self.crf = np.zeros(n_slots, dtype=np.float64)
         self.last = np.full(n_slots, -1, dtype=np.int64)
 
-    def _decayed(self, idx: np.ndarray | int, now: int) -> np.ndarray:
-        return self.crf[idx] * np.exp2(-(now - self.last[idx]) / self.h)
-
     def on_access(self, slot: int, now: int) -> None:
         # Scalar math on Python floats: this runs for every expert lookup of a decode token
         # (258 of them), where numpy's scalar operations cost microseconds each.
@@ -160,15 +157,22 @@ class LRFUPolicy(Policy):
         self.crf[slot] = 1.0
         self.last[slot] = now
 
+    def _rank(self, idx: np.ndarray | slice) -> np.ndarray:
+        """log2 of the CRF at any fixed time, up to a constant: log2(crf) + last / h. It orders
+        entries as the CRF does at every `now`, without the decay's underflow (an old entry's
+        CRF reaches 0.0 while its rank still compares), so one ranking serves a whole batch."""
+        with np.errstate(divide="ignore"):
+            return np.log2(self.crf[idx]) + self.last[idx] / self.h
+
     def victim(self, candidates: np.ndarray, now: int) -> int:
-        score = self._decayed(candidates, now)
+        score = self._rank(candidates)
         best = np.flatnonzero(score == score.min())
         return int(best[np.argmin(self.last[candidates][best])])
 
     def victim_of(self, ok: np.ndarray, now: int) -> int:
         # The same scores as `victim`, over every slot at once: no gathers of the candidates.
         # It runs once per miss on the decode path's host side, so it is kept to whole-array ops.
-        score = np.where(ok, self.crf * np.exp2((self.last - now) / self.h), np.inf)
+        score = np.where(ok, self._rank(slice(None)), np.inf)
         best = np.flatnonzero(score == score.min())
         if best.size == 1:
             return int(best[0])
@@ -176,7 +180,7 @@ class LRFUPolicy(Policy):
 
     def eviction_order(self, ok: np.ndarray, now: int, first: int | None = None) -> np.ndarray:
         cand = np.flatnonzero(ok)
-        score = self.crf[cand] * np.exp2((self.last[cand] - now) / self.h)
+        score = self._rank(cand)
         if first is not None and first < cand.size:
             # Only the `first` lowest (ties at the cut kept whole, so the order is exact)
             cut = np.partition(score, first - 1)[first - 1]
@@ -266,6 +270,10 @@ class Residency:
         """`admit` of each key in turn, each new entry protected before the next is admitted,
         with the eviction candidates ranked once for the batch (a decode layer's misses: one
         pass over the slots instead of one per miss) -> [(slot, evicted key or None)]."""
+        # All or nothing: fail before changing anything when the batch cannot fit (each entry
+        # admitted is protected, so every eviction needs a slot neither pinned nor protected).
+        if len(keys) - len(self.free) > int((~(self.pinned | self.protected)).sum()):
+            raise RuntimeError(_FULL)
         out: list[tuple[int, Key | None]] = []
         order: list[int] | None = None
         whole = False  # whether `order` ranks every candidate, or only the lowest
@@ -307,6 +315,18 @@ class Residency:
             if not self.floor or owner == layer or self.per_layer[max(owner, 0)] > self.floor:
                 return s
         return None
+
+    def drop(self, s: int) -> None:
+        """Forget slot s's entry (its data never arrived): the slot is free again."""
+        key = self.key_of[s]
+        if key is None:
+            return
+        del self.slot_of[key]
+        self.key_of[s] = None
+        self.layer_of[s] = -1
+        self.per_layer[key[0]] -= 1
+        self.protected[s] = False
+        self.free.append(s)
 
     def _evict(self, s: int) -> Key:
         evicted = self.key_of[s]
@@ -668,22 +688,38 @@ class ExpertStore:
         if timed:  # before the copies (which wait only for their slots' last use, as untimed)
             start = self._copy_event()
         reads, host_slot = [], {}
+        copied: set[int] = set()  # slots whose copy is queued (or done, on CPU)
         # The copies are queued on the copy stream: entered once for the batch (entering a
         # stream context costs ~20 us of host time, per copy it was a tenth of a decode layer's).
         on_copy = torch.cuda.stream(self.copy_stream) if self.copy_stream is not None else None
-        with on_copy if on_copy is not None else contextlib.nullcontext():
-            for s, key in misses:
-                src, unread, h = self._host_source(key)
-                if unread:
-                    reads.append((s, key, src))
-                    host_slot[s] = h
-                else:
-                    self._copy_to_slot(s, src, h)
-            if reads:
-                t0 = time.perf_counter()
-                for s, src in self._read_parallel(reads):
-                    self._copy_to_slot(s, src, host_slot[s])
-                self.counters.disk_s += time.perf_counter() - t0
+        try:
+            with on_copy if on_copy is not None else contextlib.nullcontext():
+                for s, key in misses:
+                    src, unread, h = self._host_source(key)
+                    if unread:
+                        reads.append((s, key, src))
+                        host_slot[s] = h
+                    else:
+                        self._copy_to_slot(s, src, h)
+                        copied.add(s)
+                if reads:
+                    t0 = time.perf_counter()
+                    for s, src in self._read_parallel(reads):
+                        self._copy_to_slot(s, src, host_slot[s])
+                        copied.add(s)
+                    self.counters.disk_s += time.perf_counter() - t0
+        except BaseException:
+            # What never arrived must not be found later: its slot (and the host-cache slot
+            # it was being read into) holds no data for it.
+            for s, _ in misses:
+                if s not in copied:
+                    self._newmap.pop(s, None)
+                    self.gpu.drop(s)
+            with self.lock:
+                for s, _, _ in reads:
+                    if s not in copied and self.hostres is not None:
+                        self.hostres.drop(host_slot[s])
+            raise
         self.counters.bytes_h2d += len(misses) * self.record_bytes
         if timed:
             self.copy_events.append((start, self._copy_event()))

@@ -282,20 +282,29 @@ class Runner:
             self.layers[0],
             lambda: sched.prefetch_hash([token]),
         )
-        for layer in self.layers:
-            lw, st = self.weights[layer], state.arena.layers[layer]
+        try:
+            for layer in self.layers:
+                lw, st = self.weights[layer], state.arena.layers[layer]
 
-            def seg_a(lw=lw, st=st, layer=layer) -> None:
-                self._a(lw, st, layer, bucket)
+                def seg_a(lw=lw, st=st, layer=layer) -> None:
+                    self._a(lw, st, layer, bucket)
 
-            # A's warm-up runs before its capture rewrite X, Xa, post and comb (the previous
-            # layer's mHC post reads what A then overwrites): put them back as well.
-            keep = [b.X, b.Xa, b.post, b.comb] if layer != self.layers[0] else []
-            self._run(("A", layer, bucket), seg_a, restore=_non_idempotent(st) + keep, layer=layer)
-            self._run_later(later)
-            with rec.layer(layer) if rec is not None else contextlib.nullcontext():
-                later = self._moe_layer(layer)
-        self._run(("H",), self._h)
+                # A's warm-up runs before its capture rewrite X, Xa, post and comb (the previous
+                # layer's mHC post reads what A then overwrites): put them back as well.
+                keep = [b.X, b.Xa, b.post, b.comb] if layer != self.layers[0] else []
+                restore = _non_idempotent(st) + keep
+                self._run(("A", layer, bucket), seg_a, restore=restore, layer=layer)
+                now, later = later, None
+                self._run_later(now)
+                with rec.layer(layer) if rec is not None else contextlib.nullcontext():
+                    later = self._moe_layer(layer)
+            self._run(("H",), self._h)
+        except BaseException:
+            # The deferred work still runs (a layer's hits counted, their slots' last use
+            # noted) before the error leaves the step; an error of its own does not hide it.
+            with contextlib.suppress(Exception):
+                self._run_later(later)
+            raise
         self._run_later(later)
         if rec is not None:
             rec.end_token()

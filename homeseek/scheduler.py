@@ -262,7 +262,8 @@ class Scheduler:
         # In the prediction's order (the router's best first): they go first when room is
         # short. Records below the host cache are left to the layer itself: reading one takes
         # the host ~0.5 ms, longer than the next layer's A it would overlap, so the host would
-        # reach that layer's ids late (and the CPU lane can compute them where they lie).
+        # reach that layer's ids late (and the CPU lane can compute them where they lie). With
+        # no host cache (or before it is filled) that is every record: no prediction copies.
         missing = [
             e
             for e in dict.fromkeys(experts)

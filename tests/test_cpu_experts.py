@@ -88,7 +88,7 @@ def _check(lane, x, w, recs, limit, act_quant, act_dtype, seed) -> dict[str, flo
         # No rounding step after the sums: a direct comparison, within TOL, or where the fp32
         # twin itself is far off float64 (an ill-conditioned draw: e.g. scale byte 254, seed 89
         # gave the twin 1.9e-5 and the scalar path 3.5e-4) within a multiple of the twin's error.
-        assert errs["kernel"] <= max(TOL, 32 * errs["fp32 twin"]), msg
+        assert errs["kernel"] <= max(TOL, min(32 * errs["fp32 twin"], 1e-3)), msg
         return errs
     # a: the same values, except where a rounding tie fell the other way: then the two differ by
     # one step of the final grid (bf16 / fp16 / e4m3 times the block scale; small elements,

@@ -222,6 +222,66 @@ def test_admit_many_when_every_slot_is_taken():
         res.admit_many([(0, e) for e in range(4)])
 
 
+def test_admit_many_fails_before_changing_anything():
+    res = Residency(4, 1, LRUPolicy(4))
+    _fill(res, [(0, 1), (0, 2), (0, 3), (0, 4)])
+    res.protected[[0, 1]] = True  # two evictable slots, three misses
+    slot_of, per_layer, clock = dict(res.slot_of), res.per_layer.copy(), res.clock
+    with pytest.raises(RuntimeError, match="raise gpu_mem_gb"):
+        res.admit_many([(0, 7), (0, 8), (0, 9)])
+    assert res.slot_of == slot_of and (res.per_layer == per_layer).all() and res.clock == clock
+    assert not res.free and not res.protected[2:].any()
+
+
+def test_lrfu_ranks_entries_whose_decayed_score_underflows():
+    """Long-unused entries' decayed CRF reaches 0.0 in float64; the rank still orders them:
+    8 uses at time 0 against 1 use at time 10 with a half-life of 5 is 2^-1072 against 2^-1073
+    at time 5375, so the second goes first."""
+    pol = LRFUPolicy(2, half_life=5)
+    pol.crf[:] = [8.0, 1.0]
+    pol.last[:] = [0, 10]
+    ok = np.ones(2, dtype=bool)
+    assert pol.victim_of(ok, 5375) == 1
+    assert pol.eviction_order(ok, 5375).tolist() == [1, 0]
+    assert pol.victim(np.array([0, 1]), 5375) == 1
+
+
+def test_a_failed_read_leaves_nothing_behind(monkeypatch):
+    """A record whose read fails must not be found later: neither its slot nor the host-cache
+    slot it was read into holds it."""
+    eng = homeseek.load("tiny", dtype=torch.float32, max_context=64, expert_slots=6)
+    store = eng.experts
+    store.begin_layer()
+    calls = []
+
+    def failing(reads):
+        for s, key, src in reads:
+            calls.append(key)
+            if len(calls) == 2:
+                raise OSError("shard read failed")
+            store._fill(src, key)
+            yield s, src
+
+    monkeypatch.setattr(store, "_read_parallel", failing)
+    if store.host is None:  # CPU: records are read in place; make the second one fail there
+        real = store._host_source
+
+        def source(key):
+            calls.append(key)
+            if len(calls) == 2:
+                raise OSError("shard read failed")
+            return real(key)
+
+        monkeypatch.setattr(store, "_host_source", source)
+    free = len(store.gpu.free)
+    with pytest.raises(OSError, match="shard read failed"):
+        store.ensure_resident(3, [0, 1, 2])
+    resident = [e for e in (0, 1, 2) if (3, e) in store.gpu.slot_of]
+    assert resident == [0]  # the first arrived; the failed one and the one after are forgotten
+    assert len(store.gpu.free) == free - 1
+    assert not store._newmap or all(k == (3, 0) for k in store._newmap.values())
+
+
 def _skewed_trace(steps: int, layers: int, experts: int, k: int, seed: int):
     """Zipf-like expert popularity per layer plus noise: what learned routers produce."""
     rng = np.random.default_rng(seed)
