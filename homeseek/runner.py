@@ -350,21 +350,23 @@ class Runner:
         sel_host = b.sel_host.clone()
         nxt = self._predicted(layer)
         pred = b.pred_host[0].tolist() if nxt is not None and self.scheduler.prefetch else None
-        if ahead and bool(held[sel_host[0].numpy()].all()):
+        whole = ahead and bool(held[sel_host[0].numpy()].all())
+        if whole:
             self.layers_b += 1
+        else:
+            self.layers_e += kernels
+            self._experts_of(layer, sel_host)
+        if not whole and pred is None:
+            return None
 
-            def bookkeeping() -> None:
+        def later() -> None:
+            if whole:
                 for _ in self.scheduler.layer(layer, sel_host):
                     pass  # hits only: counted, protected, their last use noted
-                if pred is not None:
-                    self.scheduler.prefetch_predicted(nxt, pred)
+            if pred is not None:
+                self.scheduler.prefetch_predicted(nxt, pred)
 
-            return layer, bookkeeping
-        self.layers_e += kernels
-        self._experts_of(layer, sel_host)
-        if pred is None:
-            return None
-        return layer, lambda: self.scheduler.prefetch_predicted(nxt, pred)
+        return layer, later
 
     def _experts_of(self, layer: int, sel_host: torch.Tensor) -> None:
         """The layer's experts once the host has made them resident: E wave by wave (with the
