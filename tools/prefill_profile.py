@@ -1,0 +1,143 @@
+"""Where a prefill's time goes: wall time, GPU kernel time, H2D copy time and the host's ops.
+
+Builds the engine as `homeseek bench` does (full-size synthetic V4-Flash on CUDA, the process
+capped at --gpu-mem-gb), warms the kernels up, then for each prompt length runs one timed prefill
+and one under torch.profiler, and prints: wall seconds, the union of kernel intervals (GPU busy),
+the union of H2D copy intervals, their overlap, the top kernels and the top host ops by own time,
+and one JSON line per prompt.
+
+    python tools/prefill_profile.py --gpu-mem-gb 24 --prompts 256,4096
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
+
+from homeseek.bench import build_engine, cap_process
+from homeseek.config import RuntimeConfig
+
+
+def _union(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    out: list[tuple[float, float]] = []
+    for a, b in sorted(spans):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
+
+
+def _length(spans: list[tuple[float, float]]) -> float:
+    return sum(b - a for a, b in spans)
+
+
+def _overlap(x: list[tuple[float, float]], y: list[tuple[float, float]]) -> float:
+    i = j = 0
+    tot = 0.0
+    while i < len(x) and j < len(y):
+        a, b = max(x[i][0], y[j][0]), min(x[i][1], y[j][1])
+        tot += max(0.0, b - a)
+        if x[i][1] < y[j][1]:
+            i += 1
+        else:
+            j += 1
+    return tot
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--synthetic", default="flash")
+    ap.add_argument("--gpu-mem-gb", type=float, default=24.0)
+    ap.add_argument("--prompts", default="256,4096")
+    ap.add_argument("--prefill-chunk", type=int, default=None)
+    ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--expert-alias", type=int, default=64, help="0: every expert its own")
+    ap.add_argument("--no-profile", action="store_true", help="timed runs only")
+    args = ap.parse_args()
+    prompts = [int(x) for x in args.prompts.split(",")]
+    cap_process(args.device, args.gpu_mem_gb)
+    rt = RuntimeConfig.build(
+        device=args.device, dtype=torch.bfloat16, gpu_mem_gb=args.gpu_mem_gb,
+        max_context=max(prompts) + 64, prefill_chunk=args.prefill_chunk, cpu_lane="off",
+    )  # fmt: skip
+    t0 = time.perf_counter()
+    eng = build_engine(rt, None, args.synthetic, expert_alias=args.expert_alias or None)
+    print(f"build {time.perf_counter() - t0:.1f} s; chunk {eng.rt.prefill_chunk}; "
+          f"slots {eng.experts.n_slots}", flush=True)  # fmt: skip
+    sess = eng.session()
+    g = torch.Generator().manual_seed(0)
+    sess.forward(torch.randint(0, eng.cfg.vocab_size, (64,), generator=g).tolist(), last_only=True)
+    cuda = args.device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync()
+    for n in prompts:
+        ids = torch.randint(0, eng.cfg.vocab_size, (n,), generator=g).tolist()
+        res: dict[str, float | int | str] = {"tokens": n, "gpu_mem_gb": args.gpu_mem_gb}
+        for run in ("timed", "profiled"):
+            if run == "profiled" and args.no_profile:
+                break
+            sess.reset()
+            eng.experts.reset_gpu()
+            sync()
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            c0 = eng.experts.counters.bytes_h2d
+            h0 = eng.scheduler.host_s
+            t0 = time.perf_counter()
+            if run == "timed":
+                int(sess.forward(ids, last_only=True)[0].argmax())
+                wall = time.perf_counter() - t0
+                res.update(
+                    wall_s=round(wall, 3), tok_s=round(n / wall, 1),
+                    h2d_GB=round((eng.experts.counters.bytes_h2d - c0) / 1e9, 2),
+                    scheduler_host_s=round(eng.scheduler.host_s - h0, 3),
+                    peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else 0,
+                )  # fmt: skip
+                continue
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+            with profile(activities=acts) as prof:
+                int(sess.forward(ids, last_only=True)[0].argmax())
+                sync()
+            res["profiled_wall_s"] = round(time.perf_counter() - t0, 3)
+            kern, h2d = [], []
+            by_kernel: dict[str, list[float]] = {}
+            for ev in prof.events():
+                if ev.device_type != DeviceType.CUDA:
+                    continue
+                span = (ev.time_range.start / 1e6, ev.time_range.end / 1e6)
+                if ev.name.startswith(("Memcpy HtoD", "memcpy", "Memcpy")):
+                    if "HtoD" in ev.name:
+                        h2d.append(span)
+                    continue
+                if ev.name.startswith(("Memset", "memset")):
+                    continue
+                kern.append(span)
+                a = by_kernel.setdefault(ev.name[:90], [0, 0.0])
+                a[0] += 1
+                a[1] += span[1] - span[0]
+            ku, hu = _union(kern), _union(h2d)
+            res.update(
+                kernels=len(kern), gpu_busy_s=round(_length(ku), 3),
+                h2d_busy_s=round(_length(hu), 3), h2d_kernel_overlap_s=round(_overlap(ku, hu), 3),
+            )  # fmt: skip
+            print(f"\n== {n} tokens: top kernels (launches, s)")
+            for name, (c, t) in sorted(by_kernel.items(), key=lambda kv: -kv[1][1])[: args.top]:
+                print(f"{t:9.4f} s {int(c):7d}  {name}")
+            print(f"\n== {n} tokens: top host ops by own CPU time")
+            print(
+                prof.key_averages().table(
+                    sort_by="self_cpu_time_total", row_limit=args.top, max_name_column_width=60
+                )
+            )
+        print(json.dumps(res), flush=True)
+
+
+if __name__ == "__main__":
+    main()
