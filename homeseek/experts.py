@@ -44,6 +44,12 @@ READER_THREADS = 8
 STAGE_RING = 8
 STAGE_ROWS = 512
 READ_PIECE = 1 << 20
+# Pinned host records set aside from the host cache for the reads of a scan (a prefill chunk
+# asks for nearly every expert of every layer): such records are read into this ring and copied
+# from there, not admitted to the cache. Admitted, a scan larger than the cache evicts, in
+# least-recently-used order, exactly the records the next scan asks for first: after one prompt
+# the cache hit nothing and every prefill read the whole model from the tier below.
+SCAN_RING = 96
 
 
 def record_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -432,7 +438,12 @@ class ExpertStore:
         # Host tier: only useful when the slots are on another device. Its pinned buffer is
         # allocated by the background filler (pinning tens of GB takes a while); until then
         # misses read the disk tier directly.
-        self.n_host = min(n_host, n_total) if cuda else 0
+        n_host = min(n_host, n_total) if cuda else 0
+        # The scan ring comes out of the host budget, and only where the cache cannot hold
+        # every expert (otherwise a scan never reads below it).
+        self.n_stage = min(SCAN_RING, n_host // 4) if n_host < n_total else 0
+        self.n_host = n_host - self.n_stage  # host-cache records (the ring follows them)
+        self._stage_next = 0
         self.host: RecordBuffer | None = None
         self.hostres = (
             Residency(self.n_host, n_layers, make_policy(policy, self.n_host, per_token), 0)
@@ -517,21 +528,28 @@ class ExpertStore:
         """One expert's record from the disk tier (w13 concatenated: a copy)."""
         return {k: v[0] if len(v) == 1 else torch.cat(v) for k, v in self._disk_parts(key).items()}
 
-    def _host_source(self, key: Key) -> tuple[dict[str, torch.Tensor], bool, int | None]:
-        """Where a missed record is copied from -> (its tensors, whether they still need to be
-        read from the disk tier with `_fill` first, its host-cache slot or None).
-
-        A host-cache hit is ready. Otherwise the record gets a host-cache slot to be read into
-        (protected until the layer's next request, since its copy to the GPU is still to come;
-        a copy from the entry it evicts that may still be reading is waited for first), or,
-        with no host tier (CPU, or not pinned yet), is read in place from the disk tier."""
+    def _host_hit(self, key: Key) -> tuple[dict[str, torch.Tensor], int] | None:
+        """key's record in the host cache -> (its tensors, its host slot), protected until the
+        layer's next request (its copy to the GPU is still to come); None when not there."""
         with self.lock:
-            if self.host is not None:
-                s = self.hostres.lookup(key)
-                if s is not None:
-                    self.counters.host_hits += 1
-                    self.hostres.protected[s] = True
-                    return self.host.view(s), False, s
+            s = self.hostres.lookup(key) if self.host is not None else None
+            if s is None:
+                return None
+            self.counters.host_hits += 1
+            self.hostres.protected[s] = True
+            return self.host.view(s), s
+
+    def _below_source(
+        self, key: Key, scan: bool
+    ) -> tuple[dict[str, torch.Tensor], bool, int | None]:
+        """Where a record missed by the host cache is copied from -> (its tensors, whether they
+        still need to be read from the disk tier first, its host slot or None).
+
+        The record gets a host-cache slot to be read into (protected like a hit; a copy from
+        the entry it evicts that may still be reading is waited for first), or, in a scan, the
+        next slot of the scan ring (not admitted: see SCAN_RING), or, with no host tier (CPU, or
+        not pinned yet), is read in place from the disk tier."""
+        with self.lock:
             self.counters.disk_loads += 1
             self.counters.bytes_disk += self.record_bytes
             if self.host is None:
@@ -539,8 +557,12 @@ class ExpertStore:
                 rec = self._disk_record(key)
                 self.counters.disk_s += time.perf_counter() - t0
                 return rec, False, None
-            s, _ = self.hostres.admit(key)
-            self.hostres.protected[s] = True
+            if scan and self.n_stage:
+                s = self.n_host + self._stage_next
+                self._stage_next = (self._stage_next + 1) % self.n_stage
+            else:
+                s, _ = self.hostres.admit(key)
+                self.hostres.protected[s] = True
             pending = self._host_copy.pop(s, None)
         if pending is not None:
             pending.synchronize()
@@ -632,12 +654,14 @@ class ExpertStore:
                 self.hostres.protected[:] = False
 
     def ensure_resident(
-        self, layer: int, experts: Sequence[int], then_wait: bool = False
+        self, layer: int, experts: Sequence[int], then_wait: bool = False, scan: bool = False
     ) -> list[int]:
         """Slots holding `experts` of `layer`, copying misses in; protects them until the next
         `begin_layer`. On CUDA the copies are queued on the copy stream: call `wait` before use.
         `then_wait`: the caller calls `wait` before anything reads the slot map again, which
-        then also takes the evicted entries out (one map update instead of two)."""
+        then also takes the evicted entries out (one map update instead of two). `scan`: the
+        request is part of a scan (a prefill chunk's layer): misses of the host cache go
+        through the scan ring instead of into the cache."""
         t0 = time.perf_counter()
         # Hits first, all protected before any miss is admitted: a miss must not evict an
         # entry the same request is about to use (nor one decode's B is reading now).
@@ -674,40 +698,53 @@ class ExpertStore:
             if not then_wait:  # evicted entries leave the map before anything reads it again
                 self._publish({})
             try:
-                self._load(misses)
+                self._load(misses, scan)
             except BaseException:
                 self._publish({})  # the `wait` that would have will not come
                 raise
         self.counters.copy_s += time.perf_counter() - t0
         return slots
 
-    def _load(self, misses: list[tuple[int, Key]]) -> None:
-        """Copy missed records into their slots: host-cache hits at once, records of the tier
-        below read in pieces by all the reader threads, each copied as soon as it is read."""
+    def _load(self, misses: list[tuple[int, Key]], scan: bool = False) -> None:
+        """Copy missed records into their slots: host-cache hits first (their copies run while
+        the rest is read), then the records of the tier below, read in pieces by all the reader
+        threads, each copied as soon as it is read. `scan`: those go through the scan ring, a
+        ring's worth at a time (a ring slot is reused once the copy out of it has run)."""
         timed = self.time_copies and self.copy_stream is not None
         if timed:  # before the copies (which wait only for their slots' last use, as untimed)
             start = self._copy_event()
-        reads, host_slot = [], {}
+        host_slot: dict[int, int | None] = {}
         copied: set[int] = set()  # slots whose copy is queued (or done, on CPU)
         # The copies are queued on the copy stream: entered once for the batch (entering a
         # stream context costs ~20 us of host time, per copy it was a tenth of a decode layer's).
         on_copy = torch.cuda.stream(self.copy_stream) if self.copy_stream is not None else None
         try:
             with on_copy if on_copy is not None else contextlib.nullcontext():
+                below = []
                 for s, key in misses:
-                    src, unread, h = self._host_source(key)
-                    if unread:
-                        reads.append((s, key, src))
-                        host_slot[s] = h
+                    hit = self._host_hit(key)
+                    if hit is None:
+                        below.append((s, key))
                     else:
-                        self._copy_to_slot(s, src, h)
+                        self._copy_to_slot(s, *hit)
                         copied.add(s)
-                if reads:
-                    t0 = time.perf_counter()
-                    for s, src in self._read_parallel(reads):
-                        self._copy_to_slot(s, src, host_slot[s])
-                        copied.add(s)
-                    self.counters.disk_s += time.perf_counter() - t0
+                group = self.n_stage if scan and self.n_stage else max(len(below), 1)
+                for g in range(0, len(below), group):
+                    reads = []
+                    for s, key in below[g : g + group]:
+                        src, unread, h = self._below_source(key, scan)
+                        host_slot[s] = h
+                        if unread:
+                            reads.append((s, key, src))
+                        else:
+                            self._copy_to_slot(s, src, h)
+                            copied.add(s)
+                    if reads:
+                        t0 = time.perf_counter()
+                        for s, src in self._read_parallel(reads):
+                            self._copy_to_slot(s, src, host_slot[s])
+                            copied.add(s)
+                        self.counters.disk_s += time.perf_counter() - t0
         except BaseException:
             # What never arrived must not be found later: its slot (and the host-cache slot
             # it was being read into) holds no data for it.
@@ -716,9 +753,9 @@ class ExpertStore:
                     self._newmap.pop(s, None)
                     self.gpu.drop(s)
             with self.lock:
-                for s, _, _ in reads:
-                    if s not in copied and self.hostres is not None:
-                        self.hostres.drop(host_slot[s])
+                for s, h in host_slot.items():
+                    if s not in copied and h is not None and h < self.n_host:
+                        self.hostres.drop(h)
             raise
         self.counters.bytes_h2d += len(misses) * self.record_bytes
         if timed:
@@ -840,7 +877,7 @@ class ExpertStore:
         self._stage[i] = (host, dev, ev)
         return out
 
-    def prefetch_hash_layers(self, ids: Sequence[int]) -> None:
+    def prefetch_hash_layers(self, ids: Sequence[int], scan: bool = False) -> None:
         """Hash-routed layers' experts follow from the token ids alone: start their copies at
         step start so they overlap the first layers' attention (skipped when they would crowd
         out more than half the pool)."""
@@ -853,13 +890,13 @@ class ExpertStore:
         self.begin_layer()
         self.prefetched.clear()
         for layer, experts in wanted.items():
-            self.prefetch(layer, experts)
+            self.prefetch(layer, experts, scan)
         self.begin_layer()
 
-    def prefetch(self, layer: int, experts: Sequence[int]) -> None:
+    def prefetch(self, layer: int, experts: Sequence[int], scan: bool = False) -> None:
         """Look `experts` of `layer` up ahead of their layer and start copying the missing
         ones: counted now, so the layer's own request does not count them again."""
-        self.ensure_resident(layer, experts)
+        self.ensure_resident(layer, experts, scan=scan)
         self.prefetched.update((layer, e) for e in experts)
 
     def free_slots(self) -> int:
@@ -899,7 +936,7 @@ class ExpertStore:
         keys = keys[: self.n_host]
 
         def fill() -> None:
-            host = RecordBuffer(self.cfg, self.n_host, "cpu", pin=True)
+            host = RecordBuffer(self.cfg, self.n_host + self.n_stage, "cpu", pin=True)
             with self.lock:
                 self.host = host
             for key in tqdm(keys, desc="pinning experts", unit="exp", disable=not self.progress):

@@ -159,7 +159,7 @@ class Scheduler:
     def prefetch_hash(self, token_ids: Sequence[int]) -> None:
         """Start copying the hash-routed layers' experts of these tokens."""
         if self.routing is None:  # an override routes hash layers too: the table would be wrong
-            self.store.prefetch_hash_layers(token_ids)
+            self.store.prefetch_hash_layers(token_ids, scan=self.is_scan(len(token_ids)))
 
     def layer(
         self,
@@ -196,12 +196,13 @@ class Scheduler:
                 yield sel, {}, True
                 return
         wave = max(store.n_slots - store.gpu.n_pinned, 1)
+        scan = self.is_scan(sel.shape[0])
         for i in range(0, len(experts), wave):
             batch = experts[i : i + wave]
             if i:
                 store.begin_layer()
             try:
-                slots = store.ensure_resident(layer, batch, then_wait=True)
+                slots = store.ensure_resident(layer, batch, then_wait=True, scan=scan)
                 slot_of = dict(zip(batch, slots, strict=True))
             except BaseException:
                 # The CPU lane may still read host records whose protection ends with this
@@ -212,14 +213,16 @@ class Scheduler:
                 raise
             store.wait(slot_of.values())
             last = i + wave >= len(experts)
-            if last and following is not None and self.prefetch:
-                self.prefetch_next(following, sel.shape[0])
             self.host_s += time.perf_counter() - t0
             try:
                 yield sel, slot_of, last
             finally:  # the caller has queued the wave's kernels (or given up on the layer)
                 store.used(slot_of.values())
             t0 = time.perf_counter()
+            # The next layer's copies, and the reads from below they need, start once this
+            # layer's kernels are queued: the GPU computes while the host reads.
+            if last and following is not None and self.prefetch:
+                self.prefetch_next(following, sel.shape[0])
         self.host_s += time.perf_counter() - t0
 
     def _split(
@@ -303,13 +306,20 @@ class Scheduler:
         store, cfg = self.store, self.cfg
         if self.routing is not None or cfg.is_hash_layer(layer):
             return  # an override's ids are drawn per layer; hash layers prefetch at step start
-        if tokens * cfg.num_experts_per_tok < PREFETCH_COVERAGE * cfg.n_routed_experts:
+        if not self.is_scan(tokens):
             return
         missing = [e for e in range(cfg.n_routed_experts) if (layer, e) not in store.gpu.slot_of]
         if not missing or store.free_slots() < len(missing):
             return  # a pool this tight loads the layer's experts on demand
-        store.prefetch(layer, missing)
+        store.prefetch(layer, missing, scan=True)
         self.prefetched_experts += len(missing)
+
+    def is_scan(self, tokens: int) -> bool:
+        """Whether a step of `tokens` tokens is a scan: it uses nearly every expert of each
+        layer (a long prefill chunk), so it prefetches whole layers (`prefetch_next`) and its
+        reads of the tier below do not enter the host cache (`ExpertStore.ensure_resident`)."""
+        cfg = self.cfg
+        return tokens * cfg.num_experts_per_tok >= PREFETCH_COVERAGE * cfg.n_routed_experts
 
     @staticmethod
     def slot_rows(sel: torch.Tensor, slot_of: dict[int, int]) -> list[list[int]]:

@@ -110,7 +110,7 @@ def test_a_failing_layer_waits_for_its_cpu_job(eng, lane, monkeypatch):
     sched.lane = lane
     store.reset_gpu()
 
-    def boom(layer, experts, then_wait=False):
+    def boom(layer, experts, then_wait=False, scan=False):
         raise RuntimeError("every slot is in use")
 
     monkeypatch.setattr(store, "ensure_resident", boom)

@@ -264,15 +264,15 @@ def test_a_failed_read_leaves_nothing_behind(monkeypatch):
 
     monkeypatch.setattr(store, "_read_parallel", failing)
     if store.host is None:  # CPU: records are read in place; make the second one fail there
-        real = store._host_source
+        real = store._below_source
 
-        def source(key):
+        def source(key, scan):
             calls.append(key)
             if len(calls) == 2:
                 raise OSError("shard read failed")
-            return real(key)
+            return real(key, scan)
 
-        monkeypatch.setattr(store, "_host_source", source)
+        monkeypatch.setattr(store, "_below_source", source)
     free = len(store.gpu.free)
     with pytest.raises(OSError, match="shard read failed"):
         store.ensure_resident(3, [0, 1, 2])
@@ -419,10 +419,55 @@ def test_a_host_slot_is_refilled_only_after_its_last_copy_to_the_gpu():
         def synchronize(self) -> None:
             self.synced = True
 
-    src, unread, h = store._host_source((1, 5))
+    src, unread, h = store._below_source((1, 5), False)
     assert unread and h == 0
     pending = store._host_copy[0] = Pending()  # as `_copy_to_slot` notes a copy from it
     store.begin_layer()
-    src, unread, h = store._host_source((1, 6))  # evicts (1, 5): its copy may still read it
+    src, unread, h = store._below_source((1, 6), False)  # evicts (1, 5): its copy may still read
     assert unread and h == 0 and pending.synced
     assert 0 not in store._host_copy
+
+
+def _cpu_host_tier(store, n_host: int, n_stage: int) -> None:
+    """Give a CPU store the host tier a CUDA one has (a cache of n_host records, then a scan ring
+    of n_stage), filled in key order as the background filler fills it."""
+    cfg = store.cfg
+    store.host = RecordBuffer(cfg, n_host + n_stage, "cpu")
+    store.hostres = Residency(n_host, cfg.num_hidden_layers, LRUPolicy(n_host))
+    store.n_host, store.n_stage = n_host, n_stage
+    keys = [(layer, e) for layer in store.layers for e in range(cfg.n_routed_experts)]
+    for key in keys[:n_host]:
+        s, _ = store.hostres.admit(key)
+        store._fill(store.host.view(s), key)
+
+
+def test_scans_leave_the_host_cache_as_it_was():
+    """A scan (a prefill chunk's layers, each asking for every expert) larger than the host
+    cache: its reads of the tier below go through the scan ring and are not admitted, so the
+    next scan still finds every record the cache held (admitted, LRU evicts exactly the records
+    the next scan asks for first and it finds none). The slots get the right records, also when
+    a layer reads more records than the ring holds (each ring slot is reused only after the copy
+    out of it). A request that is not a scan admits its misses as before."""
+    eng = homeseek.load("tiny", dtype=torch.float32, max_context=64)
+    store, cfg = eng.experts, eng.cfg
+    E, L = cfg.n_routed_experts, cfg.num_hidden_layers
+    n_host = E * L // 2
+    _cpu_host_tier(store, n_host, 3)  # a layer reads up to E = 8 records through 3 ring slots
+    for scan in range(2):
+        store.reset_gpu()
+        hits0, below0 = store.counters.host_hits, store.counters.disk_loads
+        for layer in range(L):
+            store.begin_layer()
+            slots = store.ensure_resident(layer, list(range(E)), scan=True)
+            for e, s in enumerate(slots):
+                want = store._disk_record((layer, e))
+                got = store.pool.view(s)
+                assert all(torch.equal(got[k], want[k]) for k in want), (scan, layer, e)
+        assert store.counters.host_hits - hits0 == n_host, scan
+        assert store.counters.disk_loads - below0 == E * L - n_host, scan
+    assert len(store.hostres.slot_of) == n_host
+    assert all(key[0] < L // 2 + 1 for key in store.hostres.slot_of)  # the cache as filled
+    store.reset_gpu()
+    store.begin_layer()
+    store.ensure_resident(L - 1, [0, 1])  # not a scan: misses enter the cache
+    assert (L - 1, 0) in store.hostres.slot_of and (L - 1, 1) in store.hostres.slot_of

@@ -3,6 +3,8 @@ store exact under eviction (tests marked gpu; skipped without CUDA)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -80,6 +82,30 @@ def test_cuda_store_exact_under_eviction(ids):
     assert c.evictions > 60 and c.lookups == c.gpu_hits + c.host_hits + c.disk_loads
     assert c.host_hits > 0  # misses were served from the pinned host cache
     assert c.disk_loads > 0  # and read from the tier below it (the reader threads)
+
+
+def test_cuda_scans_keep_the_host_cache(ids):
+    """Prefill chunks are scans: with a host cache smaller than the model, a second prompt
+    still finds every record the cache held (the reads of the tier below went through the scan
+    ring), and the logits are those of a fully resident engine, for pools holding a layer and
+    smaller than one (waves)."""
+    cfg = PRESETS["tiny"]()
+    n_total = cfg.num_hidden_layers * cfg.n_routed_experts
+    rec_gb = record_bytes(cfg) / 2**30
+    full = _load("cuda", kernels=False).session().forward(ids[:60]).cpu()
+    for slots in (2, 3 * cfg.n_routed_experts):
+        eng = _load("cuda", kernels=False, expert_slots=slots, host_mem_gb=24 * rec_gb)
+        store = eng.experts
+        store.join_host_fill()
+        assert store.n_stage > 0 and store.n_host + store.n_stage == 24 < n_total
+        for _ in range(2):
+            c0 = dataclasses.replace(store.counters)
+            store.reset_gpu()
+            out = eng.session().forward(ids[:60]).cpu()
+            assert torch.equal(out, full), slots
+            c = store.counters
+            assert c.host_hits - c0.host_hits == store.n_host, slots
+            assert c.disk_loads - c0.disk_loads == n_total - store.n_host, slots
 
 
 def test_cuda_bf16_generate():

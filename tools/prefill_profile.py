@@ -59,7 +59,7 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--expert-alias", type=int, default=64, help="0: every expert its own")
-    ap.add_argument("--no-profile", action="store_true", help="timed runs only")
+    ap.add_argument("--profile-upto", type=int, default=4096, help="profile prompts this long")
     args = ap.parse_args()
     prompts = [int(x) for x in args.prompts.split(",")]
     cap_process(args.device, args.gpu_mem_gb)
@@ -81,14 +81,15 @@ def main() -> None:
         ids = torch.randint(0, eng.cfg.vocab_size, (n,), generator=g).tolist()
         res: dict[str, float | int | str] = {"tokens": n, "gpu_mem_gb": args.gpu_mem_gb}
         for run in ("timed", "profiled"):
-            if run == "profiled" and args.no_profile:
+            if run == "profiled" and n > args.profile_upto:
                 break
             sess.reset()
             eng.experts.reset_gpu()
             sync()
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
-            c0 = eng.experts.counters.bytes_h2d
+            c = eng.experts.counters
+            c0, hh0, dl0 = c.bytes_h2d, c.host_hits, c.disk_loads
             h0 = eng.scheduler.host_s
             t0 = time.perf_counter()
             if run == "timed":
@@ -96,7 +97,8 @@ def main() -> None:
                 wall = time.perf_counter() - t0
                 res.update(
                     wall_s=round(wall, 3), tok_s=round(n / wall, 1),
-                    h2d_GB=round((eng.experts.counters.bytes_h2d - c0) / 1e9, 2),
+                    h2d_GB=round((c.bytes_h2d - c0) / 1e9, 2), host_hits=c.host_hits - hh0,
+                    below_host_reads=c.disk_loads - dl0,
                     scheduler_host_s=round(eng.scheduler.host_s - h0, 3),
                     peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else 0,
                 )  # fmt: skip
