@@ -25,7 +25,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -474,6 +474,9 @@ class ExpertStore:
         # torch for the current stream costs ~10 us of host time, several times per layer.
         self.compute: torch.cuda.Stream | None = None
         self._reader_pool: ThreadPoolExecutor | None = None  # reads of the tier below
+        # A scan's loads run on one background thread (`_load_behind`): slot -> its job.
+        self._behind: ThreadPoolExecutor | None = None
+        self._pending: dict[int, Future] = {}
         # A parallel copy of (dst, src) pairs (the CPU kernel library's thread pool, where it
         # builds: kernels/cpu_experts.py); records of the tier below are read with it instead
         # of the reader threads, whose torch copies reached ~4.5 GB/s on the lent host.
@@ -500,6 +503,7 @@ class ExpertStore:
 
     def reset_gpu(self) -> None:
         """Forget what the slot pool holds (benchmarks: every routing mode starts cold)."""
+        self.join_loads()
         if self.copy_stream is not None:
             torch.cuda.synchronize(self.device)
         self.gpu = self._new_gpu_residency()
@@ -684,6 +688,12 @@ class ExpertStore:
             self.counters.gpu_hits += 1
             self.gpu.protected[s] = True
             slots.append(s)
+        if self._pending and missed:
+            # Background loads (a scan's) still to finish: one whose slot may be evicted now
+            # first (its copy then precedes the refill's on the copy stream, and a failure
+            # forgets the old key, not the new); for a request that is not a scan, all (its
+            # reads may evict a host-cache record such a load still copies from).
+            self._join([s for s in self._pending if not (scan and self.gpu.protected[s])])
         misses = []
         admitted = self.gpu.admit_many([keys[i] for i in missed])
         for i, (s, evicted) in zip(missed, admitted, strict=True):
@@ -709,7 +719,11 @@ class ExpertStore:
         """Copy missed records into their slots: host-cache hits first (their copies run while
         the rest is read), then the records of the tier below, read in pieces by all the reader
         threads, each copied as soon as it is read. `scan`: those go through the scan ring, a
-        ring's worth at a time (a ring slot is reused once the copy out of it has run)."""
+        ring's worth at a time (a ring slot is reused once the copy out of it has run). On CUDA
+        a scan loads in the background (`_load_behind`)."""
+        if scan and self.copy_stream is not None and self.host is not None:
+            self._load_behind(misses)
+            return
         timed = self.time_copies and self.copy_stream is not None
         if timed:  # before the copies (which wait only for their slots' last use, as untimed)
             start = self._copy_event()
@@ -774,6 +788,7 @@ class ExpertStore:
 
     def copy_busy_s(self) -> float:
         """Seconds the copy lane spent on the timed batches (synchronizes), then forgets them."""
+        self.join_loads()
         if not self.copy_events:
             return 0.0
         torch.cuda.synchronize(self.device)
@@ -795,7 +810,7 @@ class ExpertStore:
     def _copy_to_slot(
         self, s: int, src: dict[str, torch.Tensor], host_slot: int | None = None
     ) -> None:
-        """Queue the copy of src (the record in host-cache slot `host_slot`, if there) into s.
+        """Queue the copy of src (the record in host slot `host_slot`, if there) into s.
         CUDA: called with the copy stream current (`_load`)."""
         if self.copy_stream is None:
             self.pool.copy_in(s, src)
@@ -805,22 +820,121 @@ class ExpertStore:
         # after everything queued since. Decode's B reads slots of its layer's experts that
         # were resident: hits of that layer's request, protected before any of its misses is
         # admitted (`ensure_resident`), so never the slot a copy of that request fills.
-        ev = self.last_use.pop(s, None)
-        if ev is not None:
-            self.copy_stream.wait_event(ev)
-        # A host-cache record is pinned (asking torch costs ~40 us a tensor); a record read in
-        # place from the disk tier is not, and is copied synchronously.
+        self.ready[s] = self._queue_copy(s, src, host_slot, self.last_use.pop(s, None))
+
+    def _queue_copy(
+        self,
+        s: int,
+        src: dict[str, torch.Tensor],
+        host_slot: int | None,
+        after: torch.cuda.Event | None,
+    ) -> torch.cuda.Event:
+        """Queue src's copy into slot s on the copy stream (current), after the event `after`
+        -> the event of its end (also noted for the host slot it reads, if any)."""
+        if after is not None:
+            self.copy_stream.wait_event(after)
+        # A host record is pinned (asking torch costs ~40 us a tensor); a record read in place
+        # from the disk tier is not, and is copied synchronously.
         self.pool.copy_in(s, src, non_blocking=host_slot is not None)
         ev = torch.cuda.Event()
         ev.record(self.copy_stream)
-        self.ready[s] = ev
         if host_slot is not None:
             self._host_copy[host_slot] = ev
+        return ev
+
+    # -- a scan's loads, behind the host's back ---------------------------------------------------
+    def _load_behind(self, misses: list[tuple[int, Key]]) -> None:
+        """A scan's misses (their slots admitted): copy host-cache hits and read the records
+        of the tier below through the scan ring on a background thread, which queues every
+        copy itself, so the host goes on queueing the current layer's kernels meanwhile (read
+        in line, the next layer's reads and the current layer's kernels ran one after the
+        other). `wait` (or a later load that takes one of these slots) joins it."""
+        # The copies into these slots wait for their last use (the events noted now, on this
+        # thread, which owns `last_use`).
+        after = {s: self.last_use.pop(s, None) for s, _ in misses}
+        if self._behind is None:
+            self._behind = ThreadPoolExecutor(1, thread_name_prefix="homeseek-scan")
+        job = self._behind.submit(self._behind_job, misses, after, self.time_copies)
+        for s, _ in misses:
+            self._pending[s] = job
+        self.counters.bytes_h2d += len(misses) * self.record_bytes
+
+    def _behind_job(
+        self,
+        misses: list[tuple[int, Key]],
+        after: dict[int, torch.cuda.Event | None],
+        timed: bool,
+    ) -> tuple[dict[int, torch.cuda.Event], BaseException | None]:
+        """(background thread) -> (slot -> the end of its copy, for the slots whose copy is
+        queued; the error that stopped the rest, or None)."""
+        ready: dict[int, torch.cuda.Event] = {}
+        try:
+            with torch.cuda.stream(self.copy_stream):
+                start = self._copy_event() if timed else None
+                below = []
+                for s, key in misses:  # hits first: they copy while the rest is read
+                    hit = self._host_hit(key)
+                    if hit is None:
+                        below.append((s, key))
+                    else:
+                        ready[s] = self._queue_copy(s, *hit, after[s])
+                group = self.n_stage or max(len(below), 1)
+                for g in range(0, len(below), group):
+                    reads, host_slot = [], {}
+                    for s, key in below[g : g + group]:
+                        src, _, h = self._below_source(key, True)
+                        reads.append((s, key, src))
+                        host_slot[s] = h
+                    t0 = time.perf_counter()
+                    try:
+                        for s, src in self._read_parallel(reads):
+                            ready[s] = self._queue_copy(s, src, host_slot[s], after[s])
+                    except BaseException:
+                        with self.lock:  # a cache slot read into (no ring) holds nothing
+                            for s, h in host_slot.items():
+                                if s not in ready and h is not None and h < self.n_host:
+                                    self.hostres.drop(h)
+                        raise
+                    with self.lock:
+                        self.counters.disk_s += time.perf_counter() - t0
+                if start is not None:
+                    with self.lock:
+                        self.copy_events.append((start, self._copy_event()))
+        except BaseException as e:
+            return ready, e
+        return ready, None
+
+    def _join(self, slots: Iterable[int]) -> None:
+        """Wait for the background loads that fill any of these slots; their copies' events
+        join `ready`. A load that failed forgets the slots it did not fill, then raises."""
+        jobs = {id(j): j for s in slots if (j := self._pending.get(s)) is not None}
+        error = None
+        for job in jobs.values():
+            ready, exc = job.result()
+            mine = [s for s, j in self._pending.items() if j is job]
+            for s in mine:
+                del self._pending[s]
+            self.ready.update(ready)
+            if exc is not None:
+                for s in mine:
+                    if s not in ready:
+                        self._newmap.pop(s, None)
+                        self.gpu.drop(s)
+                error = error or exc
+        if error is not None:
+            raise error
+
+    def join_loads(self) -> None:
+        """Wait for every background load (see `_join`)."""
+        if self._pending:
+            self._join(list(self._pending))
 
     def wait(self, slots: Iterable[int]) -> None:
         """Make the compute stream wait for the copies into these slots (and nothing else);
         their map entries are published after that wait."""
         slots = list(slots)
+        if self._pending:
+            self._join(slots)
         if self.copy_stream is not None and self.ready:  # else every slot asked for was a hit
             cur = self._compute()
             for s in slots:
