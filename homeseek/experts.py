@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,7 +50,7 @@ READ_PIECE = 1 << 20
 # from there, not admitted to the cache. Admitted, a scan larger than the cache evicts, in
 # least-recently-used order, exactly the records the next scan asks for first: after one prompt
 # the cache hit nothing and every prefill read the whole model from the tier below.
-SCAN_RING = 96
+SCAN_RING = 192
 
 
 def record_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -444,6 +445,12 @@ class ExpertStore:
         self.n_stage = min(SCAN_RING, n_host // 4) if n_host < n_total else 0
         self.n_host = n_host - self.n_stage  # host-cache records (the ring follows them)
         self._stage_next = 0
+        # Records of the tier below already read into the ring ahead of their layer's request
+        # (`read_ahead`): key -> ring slot, and the key each ring slot holds that way. Both
+        # belong to the background thread.
+        self._ahead: dict[Key, int] = {}
+        self._ring_key: dict[int, Key] = {}
+        self.ahead_used = 0  # records copied from the ring as read ahead
         self.host: RecordBuffer | None = None
         self.hostres = (
             Residency(self.n_host, n_layers, make_policy(policy, self.n_host, per_token), 0)
@@ -477,6 +484,7 @@ class ExpertStore:
         # A scan's loads run on one background thread (`_load_behind`): slot -> its job.
         self._behind: ThreadPoolExecutor | None = None
         self._pending: dict[int, Future] = {}
+        self._last: Future | None = None  # the last job submitted to that thread
         # A parallel copy of (dst, src) pairs (the CPU kernel library's thread pool, where it
         # builds: kernels/cpu_experts.py); records of the tier below are read with it instead
         # of the reader threads, whose torch copies reached ~4.5 GB/s on the lent host.
@@ -562,8 +570,7 @@ class ExpertStore:
                 self.counters.disk_s += time.perf_counter() - t0
                 return rec, False, None
             if scan and self.n_stage:
-                s = self.n_host + self._stage_next
-                self._stage_next = (self._stage_next + 1) % self.n_stage
+                s = self._next_ring_slot()
             else:
                 s, _ = self.hostres.admit(key)
                 self.hostres.protected[s] = True
@@ -571,6 +578,16 @@ class ExpertStore:
         if pending is not None:
             pending.synchronize()
         return self.host.view(s), True, s
+
+    def _next_ring_slot(self) -> int:
+        """The scan ring's next slot (in turn); a record read ahead into it is forgotten.
+        The caller waits for the last copy out of it (`_host_copy`)."""
+        s = self.n_host + self._stage_next
+        self._stage_next = (self._stage_next + 1) % self.n_stage
+        old = self._ring_key.pop(s, None)
+        if old is not None:
+            self._ahead.pop(old, None)
+        return s
 
     def in_place(self, key: Key) -> tuple[dict[str, list[torch.Tensor]], bool]:
         """key's record where it lies, for the CPU lane to read without copying -> (per record
@@ -688,12 +705,16 @@ class ExpertStore:
             self.counters.gpu_hits += 1
             self.gpu.protected[s] = True
             slots.append(s)
-        if self._pending and missed:
+        if (self._pending or (self._last is not None and not scan)) and missed:
             # Background loads (a scan's) still to finish: one whose slot may be evicted now
             # first (its copy then precedes the refill's on the copy stream, and a failure
-            # forgets the old key, not the new); for a request that is not a scan, all (its
-            # reads may evict a host-cache record such a load still copies from).
-            self._join([s for s in self._pending if not (scan and self.gpu.protected[s])])
+            # forgets the old key, not the new); for a request that is not a scan, all, reads
+            # ahead too (its reads may evict a host-cache record such a load still copies
+            # from, and would share the copier with that thread's).
+            if scan:
+                self._join([s for s in self._pending if not self.gpu.protected[s]])
+            else:
+                self.join_loads()
         misses = []
         admitted = self.gpu.admit_many([keys[i] for i in missed])
         for i, (s, evicted) in zip(missed, admitted, strict=True):
@@ -852,12 +873,17 @@ class ExpertStore:
         # The copies into these slots wait for their last use (the events noted now, on this
         # thread, which owns `last_use`).
         after = {s: self.last_use.pop(s, None) for s, _ in misses}
-        if self._behind is None:
-            self._behind = ThreadPoolExecutor(1, thread_name_prefix="homeseek-scan")
-        job = self._behind.submit(self._behind_job, misses, after, self.time_copies)
+        job = self._submit(self._behind_job, misses, after, self.time_copies)
         for s, _ in misses:
             self._pending[s] = job
         self.counters.bytes_h2d += len(misses) * self.record_bytes
+
+    def _submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+        """Run fn on the background thread, after what was submitted before."""
+        if self._behind is None:
+            self._behind = ThreadPoolExecutor(1, thread_name_prefix="homeseek-scan")
+        self._last = self._behind.submit(fn, *args)
+        return self._last
 
     def _behind_job(
         self,
@@ -874,10 +900,19 @@ class ExpertStore:
                 below = []
                 for s, key in misses:  # hits first: they copy while the rest is read
                     hit = self._host_hit(key)
-                    if hit is None:
-                        below.append((s, key))
-                    else:
+                    if hit is not None:
                         ready[s] = self._queue_copy(s, *hit, after[s])
+                        continue
+                    h = self._ahead.pop(key, None)
+                    if h is None:
+                        below.append((s, key))
+                        continue
+                    del self._ring_key[h]  # read ahead: counted (and copied) now
+                    self.ahead_used += 1
+                    with self.lock:
+                        self.counters.disk_loads += 1
+                        self.counters.bytes_disk += self.record_bytes
+                    ready[s] = self._queue_copy(s, self.host.view(h), h, after[s])
                 group = self.n_stage or max(len(below), 1)
                 for g in range(0, len(below), group):
                     reads, host_slot = [], {}
@@ -904,6 +939,41 @@ class ExpertStore:
             return ready, e
         return ready, None
 
+    def read_ahead(self, layer: int) -> None:
+        """Scan: read `layer`'s records of the tier below into the scan ring now, on the
+        background thread once the loads queued before it are queued (at most half the ring,
+        so it does not wait for the copies still to run out of the other half): that layer's
+        own load then only copies them, and the reads of a scan run while the GPU works
+        instead of after the previous layer's loads. Counted when used; a failed read here is
+        left to that load to repeat (and report)."""
+        if self.copy_stream is None or self.host is None or not self.n_stage:
+            return
+        keys = [(layer, e) for e in range(self.cfg.n_routed_experts)]
+        keys = [k for k in keys if k not in self.gpu.slot_of]
+        self._submit(self._ahead_job, keys)
+
+    def _ahead_job(self, keys: list[Key]) -> None:
+        """(background thread) `read_ahead`'s reads."""
+        with self.lock:
+            below = [k for k in keys if k not in self.hostres.slot_of and k not in self._ahead]
+        reads = []
+        for key in below[: self.n_stage // 2]:
+            h = self._next_ring_slot()
+            pending = self._host_copy.pop(h, None)
+            if pending is not None:
+                pending.synchronize()
+            reads.append((h, key, self.host.view(h)))
+        key_of = {h: key for h, key, _ in reads}
+        t0 = time.perf_counter()
+        try:
+            for h, _ in self._read_parallel(reads):
+                self._ahead[key_of[h]] = h
+                self._ring_key[h] = key_of[h]
+        except Exception:  # the layer's own load reads it again, and reports
+            pass
+        with self.lock:
+            self.counters.disk_s += time.perf_counter() - t0
+
     def _join(self, slots: Iterable[int]) -> None:
         """Wait for the background loads that fill any of these slots; their copies' events
         join `ready`. A load that failed forgets the slots it did not fill, then raises."""
@@ -925,7 +995,10 @@ class ExpertStore:
             raise error
 
     def join_loads(self) -> None:
-        """Wait for every background load (see `_join`)."""
+        """Wait for everything on the background thread (loads: see `_join`; reads ahead)."""
+        if self._last is not None:
+            self._last.result()  # the thread runs in order: all before it are done too
+            self._last = None
         if self._pending:
             self._join(list(self._pending))
 

@@ -313,6 +313,8 @@ class Scheduler:
             return  # a pool this tight loads the layer's experts on demand
         store.prefetch(layer, missing, scan=True)
         self.prefetched_experts += len(missing)
+        if layer + 1 < cfg.num_hidden_layers:
+            store.read_ahead(layer + 1)  # the reads of the layer after run meanwhile
 
     def is_scan(self, tokens: int) -> bool:
         """Whether a step of `tokens` tokens is a scan: it uses nearly every expert of each

@@ -88,7 +88,8 @@ def test_cuda_scans_keep_the_host_cache(ids):
     """Prefill chunks are scans: with a host cache smaller than the model, a second prompt
     still finds every record the cache held (the reads of the tier below went through the scan
     ring), and the logits are those of a fully resident engine, for pools holding a layer and
-    smaller than one (waves)."""
+    smaller than one (waves); with room for the next layers, their loads run on the background
+    thread and the reads of the layer after the next ahead of its request."""
     cfg = PRESETS["tiny"]()
     n_total = cfg.num_hidden_layers * cfg.n_routed_experts
     rec_gb = record_bytes(cfg) / 2**30
@@ -110,6 +111,8 @@ def test_cuda_scans_keep_the_host_cache(ids):
             assert c.lookups - c0.lookups == hits[-1] + below, slots
         # every cached record the prompt uses (nearly all), both times
         assert hits[0] == hits[1] >= store.n_host - 4, (slots, hits)
+        if slots > cfg.n_routed_experts:  # room for the next layer: its reads ran ahead
+            assert store.ahead_used > 0
 
 
 def test_cuda_a_failed_background_read_surfaces_and_forgets_its_slot(ids, monkeypatch):
