@@ -71,6 +71,7 @@ class BenchConfig:
     cpu_lanes: tuple[str, ...] = ("auto",)
     cpu_threads: int | None = None
     prefetch: bool = True
+    prefill_group: int | None = None  # tokens prefilled layer by layer (None: chunk by chunk)
 
     def __post_init__(self) -> None:
         if (self.model is None) == (self.synthetic is None):
@@ -349,6 +350,7 @@ class Bench:
             cpu_lane=lane,
             cpu_threads=bc.cpu_threads,
             prefetch=bc.prefetch,
+            prefill_group=bc.prefill_group,
         )
         return build_engine(rt, bc.model, bc.synthetic, bc.seed, bc.expert_alias)
 
@@ -643,10 +645,11 @@ class Bench:
             f"{'HBM' if self.cuda else 'RAM'} read {ce['hbm_read_GBps']:.0f} GB/s, "
             f"matmul {ce['matmul_TFLOPs']:.3g} TFLOP/s"
         )
-        g = self.eng.rt.graphs
+        rt = self.eng.rt
+        group = f", layer by layer in groups of {rt.prefill_group}" if rt.prefill_group else ""
         self.out(
-            f"mode: decode {'as CUDA graphs' if g else 'eager'}, prefill eager; "
-            f"max_context {self.eng.rt.max_context}"
+            f"mode: decode {'as CUDA graphs' if rt.graphs else 'eager'}, prefill eager in "
+            f"{rt.prefill_chunk}-token chunks{group}; max_context {rt.max_context}"
         )
         self.out(
             f"{'routing':<8} {'work':<16} {'tok/s':>8} {'ms/tok':>8} {'TTFT s':>7} "

@@ -189,6 +189,14 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         help=f"tokens per forward pass while prefilling a prompt (default: {CHUNK_DEFAULT_TEXT})",
     )
     p.add_argument(
+        "--prefill-group",
+        type=_int_at_least(1),
+        default=None,
+        help="tokens of a prompt prefilled layer by layer, so each expert is copied to the GPU "
+        "once per group instead of once per chunk; the GPU budget then also holds the other "
+        "chunks' streams (default: chunk by chunk)",
+    )
+    p.add_argument(
         "--gpu-mem-gb",
         type=_float_in(0, lo_open=True),
         default=None,
@@ -368,7 +376,7 @@ def check_load(args: argparse.Namespace, needs_tokenizer: bool = False) -> LoadA
         act = 4 if args.dtype == "fp32" else 2
         p = plan.memory_plan(
             cfg, gpu, host, max_context, act_bytes=act, prefill_chunk=prefill_chunk,
-            quant_sim=not args.no_quant_sim,
+            quant_sim=not args.no_quant_sim, prefill_group=args.prefill_group,
         )  # fmt: skip
         problem = p.problem(plan.CLI_NAMES)
         if problem is not None:
@@ -398,6 +406,7 @@ def _load(
         host_mem_gb=la.host_mem_gb,
         max_context=la.max_context,
         prefill_chunk=la.prefill_chunk,
+        prefill_group=args.prefill_group,
         quant_sim=not args.no_quant_sim,
         graphs=False if args.no_graphs else None,
         max_sessions=max_sessions,
@@ -610,7 +619,10 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         chunk = args.prefill_chunk or prefill_chunk_env()
     except ConfigError as e:
         raise UsageError(str(e)) from None
-    p = plan.memory_plan(cfg, gpu_gb, host_gb, args.max_context, prefill_chunk=chunk)
+    p = plan.memory_plan(
+        cfg, gpu_gb, host_gb, args.max_context, prefill_chunk=chunk,
+        prefill_group=args.prefill_group,
+    )  # fmt: skip
     print(f"memory plan (max_context {args.max_context}):")
     for line in p.lines(hypothetical=hypothetical):
         print(f"  {line}")
@@ -853,6 +865,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--prefill-chunk", type=pos_int, default=None,
         help=f"plan for this prefill chunk (default: {CHUNK_DEFAULT_TEXT})",
     )  # fmt: skip
+    dr.add_argument(
+        "--prefill-group", type=pos_int, default=None,
+        help="plan for prompts prefilled layer by layer in groups of this many tokens",
+    )  # fmt: skip
     dr.set_defaults(func=cmd_doctor)
 
     b = command(
@@ -890,6 +906,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated: model (the routers) and/or uniform (random experts per token)",
     )  # fmt: skip
     b.add_argument("--routing-trace", default=None, help="also replay a recorded trace (.npz)")
+    b.add_argument(
+        "--prefill-group", type=_int_at_least(1), default=None,
+        help="tokens of a prompt prefilled layer by layer (default: chunk by chunk)",
+    )  # fmt: skip
     b.add_argument(
         "--prompts", type=_int_list, default="8,512,4096,16384", help="prompt lengths, comma-sep."
     )
@@ -1004,6 +1024,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         cpu_lanes=args.cpu_lane,
         cpu_threads=args.cpu_threads,
         prefetch=args.prefetch == "on",
+        prefill_group=args.prefill_group,
     )
     return main(bc)
 

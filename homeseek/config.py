@@ -322,6 +322,11 @@ class RuntimeConfig:
     # plan (homeseek.plan.derive_chunk; DEFAULT_PREFILL_CHUNK without a budget); the engine
     # keeps the resolved value in its own RuntimeConfig.
     prefill_chunk: int | None = None
+    # Tokens of a prompt prefilled layer by layer (`Runner.steps`): the group's chunks each pass
+    # a layer before the next layer starts, so an expert moves over PCIe once per group instead
+    # of once per chunk, for the GPU memory of the other chunks' streams (the plan reserves it).
+    # None (or no more than a chunk): chunk by chunk.
+    prefill_group: int | None = None
     gpu_mem_gb: float | None = None
     host_mem_gb: float | None = None
     graphs: bool = False  # CUDA graphs for the decode step (CUDA only; build() turns it on there)
@@ -346,6 +351,8 @@ class RuntimeConfig:
             raise ConfigError(f"max_context must be >= 1, got {self.max_context}")
         if self.prefill_chunk is not None and self.prefill_chunk < 1:
             raise ConfigError(f"prefill_chunk must be >= 1, got {self.prefill_chunk}")
+        if self.prefill_group is not None and self.prefill_group < 1:
+            raise ConfigError(f"prefill_group must be >= 1, got {self.prefill_group}")
         if self.graphs and not str(self.device).startswith("cuda"):
             raise ConfigError(f"graphs=True needs a CUDA device, got device={self.device!r}")
         if self.max_sessions < 1:

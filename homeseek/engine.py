@@ -255,6 +255,7 @@ class Engine:
             cfg, gpu_gb, self._host_budget_gb(), rt.max_context,
             act_bytes=torch.finfo(rt.dtype).bits // 8, sessions=rt.max_sessions,
             prefill_chunk=rt.prefill_chunk, quant_sim=rt.quant_sim, mtp=rt.mtp > 0,
+            prefill_group=rt.prefill_group,
         )  # fmt: skip
         problem = p.problem(plan.PY_NAMES)
         if problem is not None and rt.expert_slots is None:
@@ -410,6 +411,7 @@ class Session:
         self._finalizer = weakref.finalize(self, self.state.arena.release, self.state.slot)
         self.tokens: list[int] = []  # every id this sequence has consumed, in order
         self._chunk_cap = engine.rt.prefill_chunk  # halved when a chunk runs out of memory
+        self._layer_major = True  # off when a group of chunks runs out of memory
         self._mtp = MtpTrack(engine) if engine.mtp is not None else None
 
     def close(self) -> None:
@@ -500,38 +502,51 @@ class Session:
         a = 0
         with torch.inference_mode(), bar:
             while a < T:
-                n = min(chunk, T - a)
+                # A group of chunks passes the model layer by layer (`Runner.steps`).
+                group = max(eng.rt.prefill_group or 0, chunk) if self._layer_major else chunk
+                n = min(group, T - a)
+                bounds = [(b, min(b + chunk, a + n)) for b in range(a, a + n, chunk)]
                 saved = self.state.save() if n > 1 else None
+                pos0 = self.state.pos
                 try:
-                    X = eng.runner.step(ids[a : a + n], id_list[a : a + n], self.state)
+                    Xs = eng.runner.steps([(ids[b:e], id_list[b:e]) for b, e in bounds], self.state)
                 except torch.OutOfMemoryError:
-                    if n <= MIN_PREFILL_CHUNK or saved is None:
+                    if (n <= MIN_PREFILL_CHUNK and len(bounds) == 1) or saved is None:
                         raise
-                    # The chunk's activations did not fit: put back the state the failed chunk
-                    # had started to change and go on in halves (for this session from now on).
+                    # The activations did not fit: put back the state the failed step had
+                    # started to change, and go on chunk by chunk, then in halves (for this
+                    # session from now on).
                     self.state.restore(saved)
+                    self.state.pos = pos0
                     del saved
                     if torch.cuda.is_available():
                         torch.cuda.empty_cache()
-                    chunk = self._chunk_cap = max(n // 2, MIN_PREFILL_CHUNK)
+                    if len(bounds) > 1:
+                        self._layer_major = False
+                        what = f"{len(bounds)} chunks of {chunk} tokens prefilled layer by layer"
+                        then = "chunk by chunk"
+                    else:
+                        chunk = self._chunk_cap = max(n // 2, MIN_PREFILL_CHUNK)
+                        what, then = f"a chunk of {n} tokens", f"with {chunk}-token chunks"
                     warnings.warn(
-                        f"prefill chunk of {n} tokens ran out of GPU memory; continuing with "
-                        f"{chunk}-token chunks (the memory plan should have prevented this: "
-                        "please report it; --prefill-chunk / HOMESEEK_PREFILL_CHUNK starts there)",
+                        f"prefill: {what} ran out of GPU memory; continuing {then} (the "
+                        "memory plan should have prevented this: please report it; "
+                        "--prefill-chunk / --prefill-group set where it starts)",
                         RuntimeWarning,
                         stacklevel=2,
                     )
                     continue
-                self.tokens.extend(id_list[a : a + n])
-                if self._mtp is not None:
-                    self._mtp.observe(X)
+                for (b, e), X in zip(bounds, Xs, strict=True):
+                    self.tokens.extend(id_list[b:e])
+                    if self._mtp is not None:
+                        self._mtp.observe(X)
+                    if not last_only or e == T:
+                        outs.append(eng.runner.head(X[-1:] if last_only else X))
                 a += n
                 bar.update(n)
-                if not last_only or a == T:
-                    outs.append(eng.runner.head(X[-1:] if last_only else X))
-                # Drop this chunk's streams [n, N, D] and undo record now: held until the next
-                # chunk's step returned, they would add to its peak (the plan counts one set).
-                del X, saved
+                # Drop the streams [n, N, D] and the undo record now: held until the next
+                # step returned, they would add to its peak (the plan counts one set).
+                del Xs, X, saved
         return torch.cat(outs)
 
     def decode(self, token_id: int) -> torch.Tensor:
@@ -574,6 +589,7 @@ def load(
     hot_profile: str | None = None,
     kernels: bool = True,
     prefill_chunk: int | None = None,
+    prefill_group: int | None = None,
     cpu_lane: str = "auto",
     cpu_threads: int | None = None,
     prefetch: bool = True,
@@ -582,6 +598,9 @@ def load(
 
     prefill_chunk: tokens per prefill chunk; None takes HOMESEEK_PREFILL_CHUNK, else derives it
     from the GPU budget (homeseek.plan); one that does not fit the budget is a ConfigError.
+    prefill_group: tokens of a prompt prefilled layer by layer (each expert moves once per
+    group, not once per chunk; the plan reserves the other chunks' streams); None: chunk by
+    chunk.
     cpu_lane: "auto" / "on" / "off": compute some of a decode layer's missed experts on the CPU
     (homeseek/cpu_lane.py) with cpu_threads threads. prefetch: start copying the next layer's
     experts early (decode: those its router predicts from this layer's input; prefill: all of
@@ -593,6 +612,7 @@ def load(
         host_mem_gb=host_mem_gb,
         max_context=max_context,
         prefill_chunk=prefill_chunk,
+        prefill_group=prefill_group,
         quant_sim=quant_sim,
         graphs=graphs,
         max_sessions=max_sessions,

@@ -359,6 +359,18 @@ def prefill_workspace(
     return act + margin + fixed_scratch(cfg, max_context, act_bytes)
 
 
+def group_stream_bytes(
+    cfg: ModelConfig, chunk: int, group: int | None, max_context: int, act_bytes: int = 2
+) -> int:
+    """What prefilling `group` tokens layer by layer (`Runner.steps`) holds beyond one chunk's
+    activations: the other chunks' streams [chunk, hc_mult, hidden] while one chunk passes a
+    layer (0 for chunk by chunk)."""
+    if not group or group <= chunk:
+        return 0
+    chunks = -(-min(group, max_context) // chunk)
+    return (chunks - 1) * chunk * cfg.hc_mult * cfg.hidden_size * act_bytes
+
+
 def _chunks(max_context: int) -> list[int]:
     """Candidate derived chunks, ascending: powers of two from MIN_PREFILL_CHUNK up to
     MAX_PREFILL_CHUNK, stopping at the first that holds max_context whole."""
@@ -419,7 +431,8 @@ class MemoryPlan:
     chunk_derived: bool  # chunk chosen by derive_chunk (else given)
     activations: int  # peak transient bytes of one chunk (prefill_activation_bytes)
     margin: int  # the allocator's fragmentation margin on them (alloc_margin)
-    workspace: int  # prefill_workspace(chunk)
+    group_streams: int  # a layer-major group's other chunks' streams (group_stream_bytes)
+    workspace: int  # prefill_workspace(chunk) + group_streams
     record: int
     min_slots: int  # the fewest expert slots a step runs with (one token's experts)
     n_experts: int
@@ -482,7 +495,14 @@ class MemoryPlan:
             f"prefill chunk {self.chunk} tokens ({how}): workspace {self.workspace / g:.2f} GiB "
             f"= activations {self.activations / g:.2f} GiB + allocator margin "
             f"{self.margin / g:.2f} GiB + decode graphs and fixed scratch "
-            f"{(self.workspace - self.activations - self.margin) / MiB:.0f} MiB",
+            f"{(self.workspace - self.activations - self.margin - self.group_streams) / MiB:.0f}"
+            " MiB"
+            + (
+                f" + the other chunks' streams of a layer-by-layer group "
+                f"{self.group_streams / MiB:.0f} MiB"
+                if self.group_streams
+                else ""
+            ),
             f"pinned host {self.host_budget / g:.1f} GiB: {self.host_slots} experts",
             f"disk (memory-mapped): {self.disk_experts} experts",
             f"experts total {self.n_experts}: "
@@ -516,6 +536,7 @@ def memory_plan(
     prefill_chunk: int | None = None,
     quant_sim: bool = True,
     mtp: bool = False,
+    prefill_group: int | None = None,
 ) -> MemoryPlan:
     """The GPU split for `sessions` sessions of decode state at max_context each (`mtp`: with
     the MTP block's dense weights, window state and experts).
@@ -524,6 +545,8 @@ def memory_plan(
     [64, 4096] whose workspace takes at most a quarter of what dense weights, decode state and
     RoPE tables leave; 64 when none does). A given chunk is used as is; `fits` then says whether
     it leaves room for a token's experts, and `fitting_chunk` which chunk would.
+    prefill_group: tokens prefilled layer by layer; the other chunks' streams join the workspace
+    (`group_stream_bytes`).
     """
     dense = dense_bytes(cfg, include_mtp=mtp)
     state = sessions * state_bytes(cfg, max_context, act_bytes)
@@ -538,12 +561,13 @@ def memory_plan(
     derived = prefill_chunk is None
     chunk = derive_chunk(cfg, room, max_context, act_bytes, quant_sim) if derived else prefill_chunk
     act = prefill_activation_bytes(cfg, chunk, max_context, act_bytes, quant_sim)
-    workspace = prefill_workspace(cfg, chunk, max_context, act_bytes, quant_sim)
+    streams = group_stream_bytes(cfg, chunk, prefill_group, max_context, act_bytes)
+    workspace = prefill_workspace(cfg, chunk, max_context, act_bytes, quant_sim) + streams
     min_slots = cfg.num_experts_per_tok
     # the chunks `fitting` may name: powers of two from MIN_PREFILL_CHUNK up to the chunk
     powers = [MIN_PREFILL_CHUNK << i for i in range(chunk.bit_length())]  # >= chunk at the end
     fitting = _largest_within(
-        cfg, [c for c in powers if c <= chunk], room - min_slots * record, max_context,
+        cfg, [c for c in powers if c <= chunk], room - min_slots * record - streams, max_context,
         act_bytes, quant_sim,
     ) or 0  # fmt: skip
     gpu_slots = max(0, min(n, (room - workspace) // record))
@@ -558,6 +582,7 @@ def memory_plan(
         chunk_derived=derived,
         activations=act,
         margin=alloc_margin(cfg, chunk, max_context, act_bytes, act),
+        group_streams=streams,
         workspace=workspace,
         record=record,
         min_slots=min_slots,

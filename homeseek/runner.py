@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -174,16 +174,34 @@ class Runner:
     # --- prefill (and any T) -------------------------------------------------------------------
     def step(self, ids: torch.Tensor, id_list: list[int], state: SessionState) -> torch.Tensor:
         """ids [T] at the state's position -> the final streams [T, N, D]; advances the state."""
-        pos = torch.arange(state.pos, state.pos + ids.shape[0], device=ids.device)
-        self.scheduler.begin_step(id_list)
-        X = M.embed(ids, self.top["embed"], self.ctx)
+        return self.steps([(ids, id_list)], state)[0]
+
+    def steps(
+        self, chunks: Sequence[tuple[torch.Tensor, list[int]]], state: SessionState
+    ) -> list[torch.Tensor]:
+        """Consecutive chunks (ids [n_c] and their list) at the state's position, layer by layer:
+        every chunk passes a layer before the next layer starts, so a layer's experts load once
+        for all of them (chunk by chunk they load once per chunk) -> each chunk's final streams
+        [n_c, N, D]; advances the state. The same math as `step` on each chunk in turn: all a
+        chunk reads of a layer's state is what the earlier chunks wrote at that layer."""
+        starts, s = [], state.pos
+        for ids, _ in chunks:
+            starts.append(s)
+            s += ids.shape[0]
+        self.scheduler.begin_step([t for _, id_list in chunks for t in id_list])
+        X = [M.embed(ids, self.top["embed"], self.ctx) for ids, _ in chunks]
+        pos = [
+            torch.arange(a, a + ids.shape[0], device=ids.device)
+            for (ids, _), a in zip(chunks, starts, strict=True)
+        ]
         for layer in self.layers:
-            p = M.segment_a(
-                X, ids, pos, state.pos, self.weights[layer], state.layers[layer], layer,
-                self.rope, self.ctx,
-            )  # fmt: skip
-            X = M.segment_b(p, self.moe(p, layer), self.ctx)
-        state.pos += ids.shape[0]
+            for c, (ids, _) in enumerate(chunks):
+                p = M.segment_a(
+                    X[c], ids, pos[c], starts[c], self.weights[layer], state.layers[layer], layer,
+                    self.rope, self.ctx,
+                )  # fmt: skip
+                X[c] = M.segment_b(p, self.moe(p, layer, starts[c] - starts[0]), self.ctx)
+        state.pos = s
         return X
 
     def head(self, X: torch.Tensor) -> torch.Tensor:
@@ -220,8 +238,9 @@ class Runner:
         state.pos += ids.shape[0]
         return M.head_logits(X, mtop, self.ctx), X
 
-    def moe(self, p: M.FfnPending, layer: int) -> torch.Tensor:
+    def moe(self, p: M.FfnPending, layer: int, offset: int = 0) -> torch.Tensor:
         """Routed experts + shared expert of one layer -> [T, D] in the activation dtype.
+        `offset`: where these tokens start in the step (a routing override's row).
 
         CUDA: the FP4 kernel reads the slot pool through a slot table. CPU: the reference loop,
         experts in id order, so the sum is bitwise the same for any pool size or wave split.
@@ -231,7 +250,7 @@ class Runner:
         out = p.shared if fused else None
         acc = None if fused else torch.zeros_like(p.u, dtype=torch.float32)
         following = self._following(layer)
-        for sel, slot_of, _last in self.scheduler.layer(layer, p.sel, following):
+        for sel, slot_of, _last in self.scheduler.layer(layer, p.sel, following, offset=offset):
             if fused:
                 slots = self.scheduler.slot_table(sel, slot_of, p.u.device)
                 t = store.pool.t

@@ -43,7 +43,8 @@ class RoutingOverride:
     def begin_step(self, token_ids: Sequence[int]) -> None:
         """A new step of len(token_ids) tokens starts."""
 
-    def select(self, layer: int, sel: torch.Tensor) -> torch.Tensor:
+    def select(self, layer: int, sel: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """`offset`: the first row's token in the step (a step's chunks pass a layer in turn)."""
         raise NotImplementedError
 
 
@@ -56,7 +57,7 @@ class UniformRouting(RoutingOverride):
         self.n, self.k = n_experts, k
         self.rng = np.random.default_rng(seed)
 
-    def select(self, layer: int, sel: torch.Tensor) -> torch.Tensor:
+    def select(self, layer: int, sel: torch.Tensor, offset: int = 0) -> torch.Tensor:
         T = sel.shape[0]
         draw = np.argsort(self.rng.random((T, self.n)), axis=1)[:, : self.k]  # [T, K]
         return torch.from_numpy(draw.astype(np.int64))
@@ -88,8 +89,8 @@ class TraceRouting(RoutingOverride):
         self.cursor += self.T
         self.T = len(token_ids)
 
-    def select(self, layer: int, sel: torch.Tensor) -> torch.Tensor:
-        rows = (self.cursor + np.arange(sel.shape[0])) % self.table.shape[0]
+    def select(self, layer: int, sel: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        rows = (self.cursor + offset + np.arange(sel.shape[0])) % self.table.shape[0]
         return torch.from_numpy(self.table[rows, layer])
 
 
@@ -167,6 +168,7 @@ class Scheduler:
         sel: torch.Tensor,
         following: int | None = None,
         lane_input: tuple[torch.Tensor, torch.Tensor] | None = None,
+        offset: int = 0,
     ) -> Iterator[tuple[torch.Tensor, dict[int, int], bool]]:
         """Make the experts of sel [T, K] resident, a wave at a time (one wave unless a chunk
         touches more experts than the pool holds; each expert still loads once per chunk).
@@ -177,12 +179,13 @@ class Scheduler:
         this layer's experts run (`prefetch_next`). `lane_input`: one token's (expert input
         [1, D], routing weights [1, K]) on the host: with the CPU lane set, some misses are
         computed there (`cpu_job`, started before the copies; its experts are left out of the
-        waves' slots)."""
+        waves' slots). `offset`: where sel's tokens start in the step (a routing override's
+        rows, when the step's chunks pass each layer in turn)."""
         t0 = time.perf_counter()
         store = self.store
         sel = sel.cpu()  # the one host sync of the layer
         if self.routing is not None:
-            sel = self.routing.select(layer, sel)
+            sel = self.routing.select(layer, sel, offset)
         if self.trace is not None:
             self.trace.append((layer, sel))
         experts = sorted(set(sel.flatten().tolist()))

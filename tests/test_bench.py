@@ -105,6 +105,9 @@ def test_trace_routing_replays_tokens_in_order(tmp_path):
     assert r.select(2, torch.zeros(2, 2)).tolist() == [[0, 1], [1, 2]]
     r.begin_step([0, 0])  # tokens 2, 0 (wraps)
     assert r.select(4, torch.zeros(2, 2)).tolist() == [[2, 3], [0, 1]]
+    # a step's second chunk (layer by layer, chunks pass a layer in turn): rows from its offset
+    r.begin_step([0, 0, 0])  # tokens 1, 2, 0
+    assert r.select(1, torch.zeros(2, 2), offset=1).tolist() == [[2, 3], [0, 1]]
     save_trace(tmp_path / "bad.npz", steps[:-1])
     with pytest.raises(ConfigError, match="routing trace"):
         TraceRouting(tmp_path / "bad.npz", cfg)

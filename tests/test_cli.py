@@ -169,6 +169,14 @@ def test_doctor_shows_the_prefill_chunk(capsys) -> None:
     assert "tokens (derived from the budget)" in capsys.readouterr().out
 
 
+def test_prefill_group_reaches_load_and_doctor(no_load, capsys) -> None:
+    with pytest.raises(Loaded):
+        cli.main(["generate", "--device", "cpu", "--prefill-group", "8192", "x"])
+    assert no_load["prefill_group"] == 8192
+    assert cli.main(["doctor", "--gpu-mem-gb", "24", "--prefill-group", "16384"]) == 0
+    assert "streams of a layer-by-layer group" in capsys.readouterr().out
+
+
 def test_memory_flags_reach_load(no_load) -> None:
     with pytest.raises(Loaded):
         cli.main(["generate", "--device", "cpu", "--gpu-mem-gb", "3", "--host-mem-gb", "2", "x"])

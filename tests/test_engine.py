@@ -245,3 +245,66 @@ def test_fp8_shapes_cover_every_fp8_product(eng_fp32_sim):
                 assert ws.partial.numel() >= p.split_k * m * n
                 assert ws.counters.numel() >= -(-n // p.block_n)
     assert split
+
+
+def _prefill_then_decode(eng, ids: list[int], steps: int = 8) -> tuple[torch.Tensor, list[int]]:
+    sess = eng.session()
+    logits = sess.forward(ids)
+    tok, out = int(logits[-1].argmax()), []
+    for _ in range(steps):
+        tok = int(sess.decode(tok).argmax())
+        out.append(tok)
+    assert sess.pos == len(ids) + steps and sess.tokens[: len(ids)] == ids
+    return logits, out
+
+
+@pytest.mark.parametrize("slots", [None, 3, 16])
+def test_layer_by_layer_prefill_equals_chunk_by_chunk(ids, slots):
+    """A prompt prefilled layer by layer in groups of chunks (every chunk passes a layer before
+    the next layer starts: an expert loads once per group) gives bitwise the logits and the
+    state of chunk by chunk, with whole and partial groups and a last short chunk, also with a
+    3-slot pool that loads each layer in waves, and with a pool of two layers (where chunk by
+    chunk loads every layer's experts again for each chunk)."""
+    kw = dict(dtype=torch.float32, max_context=256, prefill_chunk=16, expert_slots=slots)
+    base = homeseek.load("tiny", **kw)
+    want = _prefill_then_decode(base, ids[:100])
+    for group in (48, 64, 1000):
+        eng = homeseek.load("tiny", prefill_group=group, **kw)
+        got = _prefill_then_decode(eng, ids[:100])
+        assert torch.equal(got[0], want[0]), group
+        assert got[1] == want[1], group
+    if slots == 16:  # each expert of a layer loads once per group
+        loads = [e.experts.counters.lookups - e.experts.counters.gpu_hits for e in (eng, base)]
+        assert 2 * loads[0] < loads[1], loads
+
+
+def test_layer_by_layer_group_out_of_memory_goes_on_chunk_by_chunk(ids, monkeypatch):
+    """A group that runs out of GPU memory is undone and the prompt goes on chunk by chunk,
+    with a warning, to the same logits."""
+    kw = dict(dtype=torch.float32, max_context=256, prefill_chunk=16)
+    want = homeseek.load("tiny", **kw).session().forward(ids[:70])
+    eng = homeseek.load("tiny", prefill_group=64, **kw)
+    real = eng.runner.steps
+
+    def steps(chunks, state):
+        if len(chunks) > 1:
+            real(chunks[:1], state)  # changes the state before it fails, as a real OOM may
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(chunks, state)
+
+    monkeypatch.setattr(eng.runner, "steps", steps)
+    with pytest.warns(RuntimeWarning, match="layer by layer ran out of GPU memory"):
+        got = eng.session().forward(ids[:70])
+    assert torch.equal(got, want)
+
+
+def test_layer_by_layer_prefill_feeds_the_mtp_block(ids):
+    """The MTP block sees every chunk's final streams after a layer-by-layer prefill, as after
+    a chunk-by-chunk one."""
+    kw = dict(dtype=torch.float32, max_context=256, prefill_chunk=16, mtp=1)
+    out = []
+    for group in (None, 64):
+        sess = homeseek.load("tiny", prefill_group=group, **kw).session()
+        sess.forward(ids[:70])
+        out.append(sess.mtp_logits(ids[70]))
+    assert torch.equal(out[0], out[1])

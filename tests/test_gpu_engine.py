@@ -148,6 +148,24 @@ def test_cuda_a_failed_background_read_surfaces_and_forgets_its_slot(ids, monkey
     assert torch.equal(eng.session().forward(ids[:60]).cpu(), full)
 
 
+def test_cuda_layer_by_layer_prefill_equals_chunk_by_chunk(ids):
+    """Layer by layer (groups of 16-token chunks, each a scan: background loads, the ring,
+    reads ahead) gives bitwise the logits of chunk by chunk on CUDA, with a pool of three
+    layers and a host cache smaller than the model."""
+    cfg = PRESETS["tiny"]()
+    rec_gb = record_bytes(cfg) / 2**30
+    kw = dict(
+        kernels=False, prefill_chunk=16, expert_slots=3 * cfg.n_routed_experts,
+        host_mem_gb=24 * rec_gb,
+    )  # fmt: skip
+    out = []
+    for group in (None, 64):
+        eng = _load("cuda", prefill_group=group, **kw)
+        eng.experts.join_host_fill()
+        out.append(eng.session().forward(ids[:100]).cpu())
+    assert torch.equal(out[0], out[1])
+
+
 def test_cuda_bf16_generate():
     eng = _load("cuda", dtype=torch.bfloat16)
     msgs = [{"role": "user", "content": "Hello"}]

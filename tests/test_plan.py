@@ -57,6 +57,24 @@ def test_full_flash_at_24_gib_derives_a_chunk_and_leaves_a_pool() -> None:
     assert p.fits and p.chunk < plan.MAX_PREFILL_CHUNK, p.lines()
 
 
+def test_a_layer_by_layer_group_reserves_the_other_chunks_streams() -> None:
+    """Prefilling layer by layer holds the other chunks' streams [chunk, hc_mult, hidden]: the
+    plan reserves them (as far as max_context reaches), the pool shrinks by as much, a group of
+    one chunk costs nothing, and the plan's lines say so."""
+    cfg = flash_config()
+    base = plan.memory_plan(cfg, 24, 64, 32768, prefill_chunk=4096)
+    p = plan.memory_plan(cfg, 24, 64, 32768, prefill_chunk=4096, prefill_group=16384)
+    per_chunk = 4096 * cfg.hc_mult * cfg.hidden_size * 2
+    assert p.group_streams == 3 * per_chunk == 384 * 2**20
+    assert p.workspace == base.workspace + p.group_streams
+    fewer = base.gpu_slots - p.gpu_slots
+    assert fewer in (p.group_streams // p.record, p.group_streams // p.record + 1), fewer
+    assert "layer-by-layer group 384 MiB" in "\n".join(p.lines())
+    assert plan.group_stream_bytes(cfg, 4096, 4096, 32768) == 0
+    assert plan.group_stream_bytes(cfg, 4096, None, 32768) == 0
+    assert plan.group_stream_bytes(cfg, 4096, 1 << 20, 8192) == per_chunk  # max_context caps it
+
+
 def test_plan_lines_show_the_chunk_and_workspace() -> None:
     p = plan.memory_plan(flash_config(), 24, 64, 32768)
     text = "\n".join(p.lines())

@@ -56,6 +56,7 @@ def main() -> None:
     ap.add_argument("--gpu-mem-gb", type=float, default=24.0)
     ap.add_argument("--prompts", default="256,4096")
     ap.add_argument("--prefill-chunk", type=int, default=None)
+    ap.add_argument("--prefill-group", type=int, default=None, help="layer by layer in groups")
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--expert-alias", type=int, default=64, help="0: every expert its own")
@@ -66,6 +67,7 @@ def main() -> None:
     rt = RuntimeConfig.build(
         device=args.device, dtype=torch.bfloat16, gpu_mem_gb=args.gpu_mem_gb,
         max_context=max(prompts) + 64, prefill_chunk=args.prefill_chunk, cpu_lane="off",
+        prefill_group=args.prefill_group,
     )  # fmt: skip
     t0 = time.perf_counter()
     eng = build_engine(rt, None, args.synthetic, expert_alias=args.expert_alias or None)
