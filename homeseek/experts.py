@@ -26,6 +26,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass
 from typing import Any
 
@@ -653,10 +654,13 @@ class ExpertStore:
         rows = max(1, READ_PIECE // row_bytes)
         pool = self._readers()
         jobs = [[pool.submit(f) for f in self._pieces(src, key, rows)] for _, key, src in reads]
-        for (s, _, src), fs in zip(reads, jobs, strict=True):
-            for f in fs:
-                f.result()
-            yield s, src
+        try:
+            for (s, _, src), fs in zip(reads, jobs, strict=True):
+                for f in fs:
+                    f.result()
+                yield s, src
+        finally:  # a failure (or a caller that stops) leaves no piece writing into a record
+            futures_wait([f for fs in jobs for f in fs])
 
     # -- residency --------------------------------------------------------------------------------
     def begin_step(self) -> None:
@@ -711,10 +715,18 @@ class ExpertStore:
             # forgets the old key, not the new); for a request that is not a scan, all, reads
             # ahead too (its reads may evict a host-cache record such a load still copies
             # from, and would share the copier with that thread's).
-            if scan:
-                self._join([s for s in self._pending if not self.gpu.protected[s]])
-            else:
+            if not scan:
                 self.join_loads()
+            else:
+                # Loads still running are the next layer's: keep them (protected for this
+                # request) where the others leave room for the misses, else join them first.
+                gpu = self.gpu
+                pend = [s for s in self._pending if not gpu.protected[s]]
+                room = self.n_slots - gpu.n_pinned - int(gpu.protected.sum()) - len(pend)
+                if len(missed) <= room:
+                    gpu.protected[pend] = True
+                else:
+                    self._join(pend)
         misses = []
         admitted = self.gpu.admit_many([keys[i] for i in missed])
         for i, (s, evicted) in zip(missed, admitted, strict=True):
@@ -1007,7 +1019,11 @@ class ExpertStore:
         their map entries are published after that wait."""
         slots = list(slots)
         if self._pending:
-            self._join(slots)
+            try:
+                self._join(slots)
+            except BaseException:
+                self._publish({})  # the evicted entries leave the map all the same
+                raise
         if self.copy_stream is not None and self.ready:  # else every slot asked for was a hit
             cur = self._compute()
             for s in slots:

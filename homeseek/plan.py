@@ -566,10 +566,17 @@ def memory_plan(
     min_slots = cfg.num_experts_per_tok
     # the chunks `fitting` may name: powers of two from MIN_PREFILL_CHUNK up to the chunk
     powers = [MIN_PREFILL_CHUNK << i for i in range(chunk.bit_length())]  # >= chunk at the end
-    fitting = _largest_within(
-        cfg, [c for c in powers if c <= chunk], room - min_slots * record - streams, max_context,
-        act_bytes, quant_sim,
-    ) or 0  # fmt: skip
+    fitting = max(
+        (
+            c
+            for c in powers
+            if c <= chunk
+            and prefill_workspace(cfg, c, max_context, act_bytes, quant_sim)
+            + group_stream_bytes(cfg, c, prefill_group, max_context, act_bytes)
+            <= room - min_slots * record
+        ),
+        default=0,
+    )
     gpu_slots = max(0, min(n, (room - workspace) // record))
     host_slots = max(0, min(n - gpu_slots, host // record))
     return MemoryPlan(

@@ -202,6 +202,9 @@ class Runner:
                 )  # fmt: skip
                 X[c] = M.segment_b(p, self.moe(p, layer, starts[c] - starts[0]), self.ctx)
         state.pos = s
+        # Loads started for experts no token asked for are still running: finish them here, so
+        # an error of theirs surfaces in this step and not in a later one.
+        self.scheduler.store.join_loads()
         return X
 
     def head(self, X: torch.Tensor) -> torch.Tensor:

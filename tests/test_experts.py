@@ -428,6 +428,33 @@ def test_a_host_slot_is_refilled_only_after_its_last_copy_to_the_gpu():
     assert 0 not in store._host_copy
 
 
+def test_a_failed_read_leaves_no_piece_writing(monkeypatch):
+    """Reads of the tier below run in pieces on the reader threads: when one fails, the others
+    have all ended before the error leaves `_read_parallel` (the slots they write into are
+    handed out again at once)."""
+    import time
+
+    eng = homeseek.load("tiny", dtype=torch.float32, max_context=64)
+    store = eng.experts
+    done = []
+
+    def pieces(dst, key, rows):
+        def slow(i=key[1]):
+            time.sleep(0.05)
+            done.append(i)
+
+        def fail():
+            raise OSError("shard read failed")
+
+        return [fail] if key[1] == 0 else [slow]
+
+    monkeypatch.setattr(store, "_pieces", pieces)
+    reads = [(s, (1, e), {}) for s, e in enumerate(range(6))]
+    with pytest.raises(OSError, match="shard read failed"):
+        list(store._read_parallel(reads))
+    assert sorted(done) == [1, 2, 3, 4, 5]
+
+
 def _cpu_host_tier(store, n_host: int, n_stage: int) -> None:
     """Give a CPU store the host tier a CUDA one has (a cache of n_host records, then a scan ring
     of n_stage), filled in key order as the background filler fills it."""

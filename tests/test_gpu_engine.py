@@ -142,6 +142,11 @@ def test_cuda_a_failed_background_read_surfaces_and_forgets_its_slot(ids, monkey
     with pytest.raises(OSError, match="shard read failed"):
         store.wait(slots)
     assert not store._pending
+    mapped = store._mapped  # what the device slot map says: only what is resident, where it is
+    assert all(
+        store.gpu.slot_of.get((int(a), int(b))) == mapped[a, b]
+        for a, b in zip(*(mapped >= 0).nonzero(), strict=True)
+    )
     resident = [e for e in experts if (layer, e) in store.gpu.slot_of]
     assert 0 < len(resident) < len(experts)  # the hits and the first read arrived
     monkeypatch.setattr(store, "_read_parallel", real)
