@@ -760,53 +760,82 @@ class ExpertStore:
         timed = self.time_copies and self.copy_stream is not None
         if timed:  # before the copies (which wait only for their slots' last use, as untimed)
             start = self._copy_event()
-        host_slot: dict[int, int | None] = {}
         copied: set[int] = set()  # slots whose copy is queued (or done, on CPU)
         # The copies are queued on the copy stream: entered once for the batch (entering a
         # stream context costs ~20 us of host time, per copy it was a tenth of a decode layer's).
         on_copy = torch.cuda.stream(self.copy_stream) if self.copy_stream is not None else None
         try:
-            with on_copy if on_copy is not None else contextlib.nullcontext():
-                below = []
-                for s, key in misses:
-                    hit = self._host_hit(key)
-                    if hit is None:
-                        below.append((s, key))
-                    else:
-                        self._copy_to_slot(s, *hit)
-                        copied.add(s)
-                group = self.n_stage if scan and self.n_stage else max(len(below), 1)
-                for g in range(0, len(below), group):
-                    reads = []
-                    for s, key in below[g : g + group]:
-                        src, unread, h = self._below_source(key, scan)
-                        host_slot[s] = h
-                        if unread:
-                            reads.append((s, key, src))
-                        else:
-                            self._copy_to_slot(s, src, h)
-                            copied.add(s)
-                    if reads:
-                        t0 = time.perf_counter()
-                        for s, src in self._read_parallel(reads):
-                            self._copy_to_slot(s, src, host_slot[s])
-                            copied.add(s)
-                        self.counters.disk_s += time.perf_counter() - t0
+            with (
+                on_copy if on_copy is not None else contextlib.nullcontext(),
+                contextlib.closing(self._sources(misses, scan)) as sources,
+            ):
+                for s, src, h in sources:
+                    self._copy_to_slot(s, src, h)
+                    copied.add(s)
         except BaseException:
-            # What never arrived must not be found later: its slot (and the host-cache slot
-            # it was being read into) holds no data for it.
+            # What never arrived must not be found later: its slot holds no data for it.
             for s, _ in misses:
                 if s not in copied:
                     self._newmap.pop(s, None)
                     self.gpu.drop(s)
-            with self.lock:
-                for s, h in host_slot.items():
-                    if s not in copied and h is not None and h < self.n_host:
-                        self.hostres.drop(h)
             raise
         self.counters.bytes_h2d += len(misses) * self.record_bytes
         if timed:
             self.copy_events.append((start, self._copy_event()))
+
+    def _sources(
+        self, misses: list[tuple[int, Key]], scan: bool
+    ) -> Iterator[tuple[int, dict[str, torch.Tensor], int | None]]:
+        """(slot, the record to copy into it, its host slot or None) for each miss, in copy
+        order: host-cache hits (their copies run while the rest is read), a scan's records read
+        ahead, then the records of the tier below as each is read, by all the reader threads
+        (a scan's through the ring, a ring's worth at a time: a ring slot is reused once the
+        copy out of it has run). The caller copies each before asking for the next; a cache
+        slot that was to be read into and whose record was not copied is forgotten when the
+        generator ends early (an error, or the caller's)."""
+        below = []
+        for s, key in misses:
+            hit = self._host_hit(key)
+            if hit is not None:
+                yield s, *hit
+                continue
+            h = self._ahead.pop(key, None) if scan else None
+            if h is None:
+                below.append((s, key))
+                continue
+            del self._ring_key[h]  # read ahead: counted (and copied) now
+            self.ahead_used += 1
+            with self.lock:
+                self.counters.disk_loads += 1
+                self.counters.bytes_disk += self.record_bytes
+            yield s, self.host.view(h), h
+        host_slot: dict[int, int | None] = {}
+        done: set[int] = set()  # slots the caller has copied into
+        group = self.n_stage if scan and self.n_stage else max(len(below), 1)
+        try:
+            for g in range(0, len(below), group):
+                reads = []
+                for s, key in below[g : g + group]:
+                    src, unread, h = self._below_source(key, scan)
+                    host_slot[s] = h
+                    if unread:
+                        reads.append((s, key, src))
+                    else:
+                        yield s, src, h
+                        done.add(s)
+                if reads:
+                    t0 = time.perf_counter()
+                    for s, src in self._read_parallel(reads):
+                        yield s, src, host_slot[s]
+                        done.add(s)
+                    with self.lock:
+                        self.counters.disk_s += time.perf_counter() - t0
+        except BaseException:
+            with self.lock:  # a cache slot read into (the ring is not the cache) holds nothing
+                for s, h in host_slot.items():
+                    if s not in done and h is not None and h < self.n_host:
+                        self.hostres.drop(h)
+            raise
 
     def _readers(self) -> ThreadPoolExecutor:
         if self._reader_pool is None:
@@ -907,43 +936,13 @@ class ExpertStore:
         queued; the error that stopped the rest, or None)."""
         ready: dict[int, torch.cuda.Event] = {}
         try:
-            with torch.cuda.stream(self.copy_stream):
+            with (
+                torch.cuda.stream(self.copy_stream),
+                contextlib.closing(self._sources(misses, True)) as sources,
+            ):
                 start = self._copy_event() if timed else None
-                below = []
-                for s, key in misses:  # hits first: they copy while the rest is read
-                    hit = self._host_hit(key)
-                    if hit is not None:
-                        ready[s] = self._queue_copy(s, *hit, after[s])
-                        continue
-                    h = self._ahead.pop(key, None)
-                    if h is None:
-                        below.append((s, key))
-                        continue
-                    del self._ring_key[h]  # read ahead: counted (and copied) now
-                    self.ahead_used += 1
-                    with self.lock:
-                        self.counters.disk_loads += 1
-                        self.counters.bytes_disk += self.record_bytes
-                    ready[s] = self._queue_copy(s, self.host.view(h), h, after[s])
-                group = self.n_stage or max(len(below), 1)
-                for g in range(0, len(below), group):
-                    reads, host_slot = [], {}
-                    for s, key in below[g : g + group]:
-                        src, _, h = self._below_source(key, True)
-                        reads.append((s, key, src))
-                        host_slot[s] = h
-                    t0 = time.perf_counter()
-                    try:
-                        for s, src in self._read_parallel(reads):
-                            ready[s] = self._queue_copy(s, src, host_slot[s], after[s])
-                    except BaseException:
-                        with self.lock:  # a cache slot read into (no ring) holds nothing
-                            for s, h in host_slot.items():
-                                if s not in ready and h is not None and h < self.n_host:
-                                    self.hostres.drop(h)
-                        raise
-                    with self.lock:
-                        self.counters.disk_s += time.perf_counter() - t0
+                for s, src, h in sources:
+                    ready[s] = self._queue_copy(s, src, h, after[s])
                 if start is not None:
                     with self.lock:
                         self.copy_events.append((start, self._copy_event()))

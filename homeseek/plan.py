@@ -402,10 +402,16 @@ def _largest_within(
     max_context: int,
     act_bytes: int,
     quant_sim: bool,
+    group: int | None = None,
 ) -> int | None:
-    """The last of `chunks` (ascending) whose prefill workspace is at most `limit` bytes."""
+    """The last of `chunks` (ascending) whose prefill workspace (with a layer-by-layer group's
+    streams, `group_stream_bytes`) is at most `limit` bytes."""
     fit = [
-        c for c in chunks if prefill_workspace(cfg, c, max_context, act_bytes, quant_sim) <= limit
+        c
+        for c in chunks
+        if prefill_workspace(cfg, c, max_context, act_bytes, quant_sim)
+        + group_stream_bytes(cfg, c, group, max_context, act_bytes)
+        <= limit
     ]
     return fit[-1] if fit else None
 
@@ -566,17 +572,10 @@ def memory_plan(
     min_slots = cfg.num_experts_per_tok
     # the chunks `fitting` may name: powers of two from MIN_PREFILL_CHUNK up to the chunk
     powers = [MIN_PREFILL_CHUNK << i for i in range(chunk.bit_length())]  # >= chunk at the end
-    fitting = max(
-        (
-            c
-            for c in powers
-            if c <= chunk
-            and prefill_workspace(cfg, c, max_context, act_bytes, quant_sim)
-            + group_stream_bytes(cfg, c, prefill_group, max_context, act_bytes)
-            <= room - min_slots * record
-        ),
-        default=0,
-    )
+    fitting = _largest_within(
+        cfg, [c for c in powers if c <= chunk], room - min_slots * record, max_context,
+        act_bytes, quant_sim, prefill_group,
+    ) or 0  # fmt: skip
     gpu_slots = max(0, min(n, (room - workspace) // record))
     host_slots = max(0, min(n - gpu_slots, host // record))
     return MemoryPlan(
