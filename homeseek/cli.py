@@ -29,6 +29,8 @@ ENV_VARS = {
     "HOMESEEK_MAX_CONTEXT": "default of --max-context: tokens of decode state per session (32768)",
     "HOMESEEK_PREFILL_CHUNK": "default of --prefill-chunk: tokens per forward pass while "
     "prefilling a prompt (unset: the largest the GPU budget allows, up to 4096; 2048 on CPU)",
+    "HOMESEEK_PREFILL_GROUP": "default of --prefill-group: tokens of a prompt prefilled layer "
+    "by layer (unset: 16384 on CUDA, chunk by chunk on CPU; 0: chunk by chunk)",
     "HOMESEEK_API_KEY": "serve: the key clients must send when --api-key is not given "
     "(unlike a flag, not visible in `ps`)",
     "TORCHINDUCTOR_CACHE_DIR": "where torch.compile keeps the CUDA decode step's compiled kernels "
@@ -190,11 +192,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--prefill-group",
-        type=_int_at_least(1),
+        type=_int_at_least(0),
         default=None,
         help="tokens of a prompt prefilled layer by layer, so each expert is copied to the GPU "
         "once per group instead of once per chunk; the GPU budget then also holds the other "
-        "chunks' streams (default: chunk by chunk)",
+        f"chunks' streams (0: chunk by chunk; default: {GROUP_DEFAULT_TEXT})",
     )
     p.add_argument(
         "--gpu-mem-gb",
@@ -267,6 +269,10 @@ def _add_mtp_arg(p: argparse.ArgumentParser) -> None:
 # shared by every command that loads a model and by `doctor`; this is how --help words it.
 GPU_DEFAULT_TEXT = "90%% of the GPU memory free at start"
 HOST_DEFAULT_TEXT = "75%% of the RAM available at start"
+GROUP_DEFAULT_TEXT = (
+    "$HOMESEEK_PREFILL_GROUP, else 16384 on CUDA (homeseek.config.DEFAULT_PREFILL_GROUP) and "
+    "chunk by chunk on CPU"
+)
 CHUNK_DEFAULT_TEXT = (
     "$HOMESEEK_PREFILL_CHUNK, else the largest power of two up to 4096 whose workspace takes at "
     "most a quarter of the GPU memory left after the dense weights and decode state; 2048 on CPU"
@@ -559,7 +565,13 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
     from homeseek import plan
     from homeseek.checkpoint import verify
-    from homeseek.config import PRESETS, ConfigError, ModelConfig, prefill_chunk_env
+    from homeseek.config import (
+        PRESETS,
+        ConfigError,
+        ModelConfig,
+        prefill_chunk_env,
+        prefill_group_default,
+    )
     from homeseek.engine import preset_dir
 
     GiB = plan.GiB
@@ -619,10 +631,12 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         chunk = args.prefill_chunk or prefill_chunk_env()
     except ConfigError as e:
         raise UsageError(str(e)) from None
+    group = args.prefill_group
+    if group is None:  # the plan is for a GPU: its default
+        group = prefill_group_default("cuda")
     p = plan.memory_plan(
-        cfg, gpu_gb, host_gb, args.max_context, prefill_chunk=chunk,
-        prefill_group=args.prefill_group,
-    )  # fmt: skip
+        cfg, gpu_gb, host_gb, args.max_context, prefill_chunk=chunk, prefill_group=group
+    )
     print(f"memory plan (max_context {args.max_context}):")
     for line in p.lines(hypothetical=hypothetical):
         print(f"  {line}")
@@ -866,8 +880,9 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"plan for this prefill chunk (default: {CHUNK_DEFAULT_TEXT})",
     )  # fmt: skip
     dr.add_argument(
-        "--prefill-group", type=pos_int, default=None,
-        help="plan for prompts prefilled layer by layer in groups of this many tokens",
+        "--prefill-group", type=_int_at_least(0), default=None,
+        help="plan for prompts prefilled layer by layer in groups of this many tokens "
+        f"(0: chunk by chunk; default: {GROUP_DEFAULT_TEXT})",
     )  # fmt: skip
     dr.set_defaults(func=cmd_doctor)
 
@@ -907,8 +922,9 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     b.add_argument("--routing-trace", default=None, help="also replay a recorded trace (.npz)")
     b.add_argument(
-        "--prefill-group", type=_int_at_least(1), default=None,
-        help="tokens of a prompt prefilled layer by layer (default: chunk by chunk)",
+        "--prefill-group", type=_int_at_least(0), default=None,
+        help=f"tokens of a prompt prefilled layer by layer (0: chunk by chunk; default: "
+        f"{GROUP_DEFAULT_TEXT})",
     )  # fmt: skip
     b.add_argument(
         "--prompts", type=_int_list, default="8,512,4096,16384", help="prompt lengths, comma-sep."

@@ -291,6 +291,20 @@ def env_int(name: str, default: int, minimum: int = 1) -> int:
 DEFAULT_PREFILL_CHUNK = 2048
 
 
+# Tokens prefilled layer by layer on CUDA when no group is given (`RuntimeConfig.prefill_group`).
+# At 24 GiB a 16K-token prompt took 24.5 s chunk by chunk (the model copied once per 4K chunk)
+# and 15.4 s layer by layer (tools/PERF_NOTES.md, session 11), for 384 MiB of the budget (the
+# other chunks' streams) taken from the expert pool. CPU engines copy nothing: chunk by chunk.
+DEFAULT_PREFILL_GROUP = 16384
+
+
+def prefill_group_default(device: str) -> int:
+    """HOMESEEK_PREFILL_GROUP if set, else DEFAULT_PREFILL_GROUP on CUDA and 0 (chunk by chunk)
+    elsewhere."""
+    default = DEFAULT_PREFILL_GROUP if device.startswith("cuda") else 0
+    return env_int("PREFILL_GROUP", default, minimum=0)
+
+
 def prefill_chunk_env() -> int | None:
     """HOMESEEK_PREFILL_CHUNK as a whole number >= 1; None when unset or empty (the chunk is
     then derived from the GPU budget, homeseek.plan)."""
@@ -325,7 +339,7 @@ class RuntimeConfig:
     # Tokens of a prompt prefilled layer by layer (`Runner.steps`): the group's chunks each pass
     # a layer before the next layer starts, so an expert moves over PCIe once per group instead
     # of once per chunk, for the GPU memory of the other chunks' streams (the plan reserves it).
-    # None (or no more than a chunk): chunk by chunk.
+    # 0 (or no more than a chunk): chunk by chunk; build() fills None (prefill_group_default).
     prefill_group: int | None = None
     gpu_mem_gb: float | None = None
     host_mem_gb: float | None = None
@@ -351,8 +365,10 @@ class RuntimeConfig:
             raise ConfigError(f"max_context must be >= 1, got {self.max_context}")
         if self.prefill_chunk is not None and self.prefill_chunk < 1:
             raise ConfigError(f"prefill_chunk must be >= 1, got {self.prefill_chunk}")
-        if self.prefill_group is not None and self.prefill_group < 1:
-            raise ConfigError(f"prefill_group must be >= 1, got {self.prefill_group}")
+        if self.prefill_group is not None and self.prefill_group < 0:
+            raise ConfigError(
+                f"prefill_group must be >= 0 (0: chunk by chunk), got {self.prefill_group}"
+            )
         if self.graphs and not str(self.device).startswith("cuda"):
             raise ConfigError(f"graphs=True needs a CUDA device, got device={self.device!r}")
         if self.max_sessions < 1:
@@ -373,6 +389,8 @@ class RuntimeConfig:
             kw["max_context"] = env_int("MAX_CONTEXT", 32768)
         if kw.get("prefill_chunk") is None:  # still None when unset: derived at load
             kw["prefill_chunk"] = prefill_chunk_env()
+        if kw.get("prefill_group") is None:
+            kw["prefill_group"] = prefill_group_default(str(kw.get("device", "cpu")))
         if kw.get("graphs") is None:  # on by default where they exist
             kw["graphs"] = str(kw.get("device", "cpu")).startswith("cuda")
         return cls(**kw)

@@ -177,6 +177,24 @@ def test_prefill_group_reaches_load_and_doctor(no_load, capsys) -> None:
     assert "streams of a layer-by-layer group" in capsys.readouterr().out
 
 
+def test_prefill_group_defaults_to_layer_by_layer_on_cuda_only(no_load, capsys, monkeypatch):
+    """CUDA prefills in groups of DEFAULT_PREFILL_GROUP tokens unless told otherwise (0: chunk
+    by chunk); CPU copies nothing, so it goes chunk by chunk; doctor plans for a GPU."""
+    from homeseek.config import DEFAULT_PREFILL_GROUP, RuntimeConfig
+
+    monkeypatch.delenv("HOMESEEK_PREFILL_GROUP", raising=False)
+    assert RuntimeConfig.build(device="cuda").prefill_group == DEFAULT_PREFILL_GROUP
+    assert RuntimeConfig.build(device="cuda", prefill_group=0).prefill_group == 0
+    assert RuntimeConfig.build(device="cpu").prefill_group == 0
+    monkeypatch.setenv("HOMESEEK_PREFILL_GROUP", "8192")
+    assert RuntimeConfig.build(device="cuda").prefill_group == 8192
+    monkeypatch.delenv("HOMESEEK_PREFILL_GROUP")
+    assert cli.main(["doctor", "--gpu-mem-gb", "24"]) == 0
+    assert "streams of a layer-by-layer group" in capsys.readouterr().out
+    assert cli.main(["doctor", "--gpu-mem-gb", "24", "--prefill-group", "0"]) == 0
+    assert "streams of a layer-by-layer group" not in capsys.readouterr().out
+
+
 def test_memory_flags_reach_load(no_load) -> None:
     with pytest.raises(Loaded):
         cli.main(["generate", "--device", "cpu", "--gpu-mem-gb", "3", "--host-mem-gb", "2", "x"])
@@ -262,7 +280,8 @@ def test_every_env_var_is_documented() -> None:
     source = (ROOT / "homeseek" / "config.py").read_text()
     read = {f"HOMESEEK_{n}" for n in re.findall(r'(?:_env|env_int)\("([A-Z_]+)"', source)}
     assert read == {
-        "HOMESEEK_CACHE_DIR", "HOMESEEK_MAX_CONTEXT", "HOMESEEK_PREFILL_CHUNK", "HOMESEEK_API_KEY"
+        "HOMESEEK_CACHE_DIR", "HOMESEEK_MAX_CONTEXT", "HOMESEEK_PREFILL_CHUNK",
+        "HOMESEEK_PREFILL_GROUP", "HOMESEEK_API_KEY",
     }  # fmt: skip
     readme = (ROOT / "README.md").read_text()
     for name in read:

@@ -164,7 +164,7 @@ def test_cuda_layer_by_layer_prefill_equals_chunk_by_chunk(ids):
         host_mem_gb=24 * rec_gb,
     )  # fmt: skip
     out = []
-    for group in (None, 64):
+    for group in (0, 64):
         eng = _load("cuda", prefill_group=group, **kw)
         eng.experts.join_host_fill()
         out.append(eng.session().forward(ids[:100]).cpu())
