@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.profiler import record_function
 from tqdm import tqdm
 
 from homeseek.checkpoint import Checkpoint, QWeight, layer_prefix
@@ -892,7 +893,8 @@ class ExpertStore:
             h = self._ring_free.popleft()
             pending = self._host_copy.pop(h, None)
         if pending is not None:
-            pending.synchronize()
+            with record_function("hs::ring_slot_wait"):
+                pending.synchronize()
         return h
 
     def _give_ring_slot(self, h: int) -> None:
@@ -920,8 +922,10 @@ class ExpertStore:
                 continue
             fut_of = {h: fut for h, _, fut in batch}
             try:
-                for h, _ in self._read_parallel([(h, k, self.host.view(h)) for h, k, _ in batch]):
-                    fut_of.pop(h).set_result(h)
+                reads = [(h, k, self.host.view(h)) for h, k, _ in batch]
+                with record_function("hs::read"):
+                    for h, _ in self._read_parallel(reads):
+                        fut_of.pop(h).set_result(h)
             except BaseException as e:  # the records not read hold nothing
                 for h, fut in fut_of.items():
                     self._give_ring_slot(h)
@@ -1067,6 +1071,7 @@ class ExpertStore:
         ready: dict[int, torch.cuda.Event] = {}
         try:
             with (
+                record_function("hs::copier"),
                 torch.cuda.stream(self.copy_stream),
                 contextlib.closing(self._sources(misses, True)) as sources,
             ):
@@ -1133,7 +1138,8 @@ class ExpertStore:
         slots = list(slots)
         if self._pending:
             try:
-                self._join(slots)
+                with record_function("hs::join"):
+                    self._join(slots)
             except BaseException:
                 self._publish({})  # the evicted entries leave the map all the same
                 raise

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from torch.profiler import record_function
 
 from homeseek.config import ConfigError, ModelConfig
 from homeseek.experts import ExpertStore
@@ -183,7 +184,8 @@ class Scheduler:
         rows, when the step's chunks pass each layer in turn)."""
         t0 = time.perf_counter()
         store = self.store
-        sel = sel.cpu()  # the one host sync of the layer
+        with record_function("hs::ids"):  # (a profiler's marker: tools/prefill_profile.py)
+            sel = sel.cpu()  # the one host sync of the layer
         if self.routing is not None:
             sel = self.routing.select(layer, sel, offset)
         if self.trace is not None:

@@ -1,6 +1,6 @@
 """FP8 linear: y = x . W^T with W e4m3fn [N, K] and a 128x128 block scale (E8M0 bytes or fp32).
 
-Two paths, one numerical definition (`fp8_linear_ref`):
+Three paths, one numerical definition (`fp8_linear_ref`):
 
 - GEMV (M <= GEMV_MAX_M tokens, decode): memory bound. Each program owns BLOCK_N weight rows and
   one K slice (split-K, so even N = 512 gives hundreds of programs). Lanes run along K: a warp
@@ -13,6 +13,12 @@ Two paths, one numerical definition (`fp8_linear_ref`):
   deterministically, and stays CUDA-graph capturable.
 - GEMM (prefill): tl.dot tiles BLOCK_M x BLOCK_N stepping K by 128 (one weight-scale block per
   step; the block scale and the activation scale are applied to each step's fp32 partial).
+- Scaled matmul (prefill with act_quant, M >= SCALED_MM_MIN_M, sm_90): the activations are
+  quantised to e4m3 with one power-of-two scale per 1x128 block (a small Triton kernel), then one
+  torch FP8 scaled matmul (cuBLASLt, DeepSeek-style block scales: activations 1x128, weights
+  128x128) multiplies them on the FP8 tensor cores, where the Triton GEMM runs bf16 MMAs. Found
+  and checked against fp8_linear_ref once per device; where torch or the device lacks it, the
+  Triton GEMM runs instead (see "Prefill through torch's FP8 scaled matmul" below).
 
 `act_quant=True` simulates the reference activation quantisation (v4-architecture.md §2.5) on x,
 per row in blocks of 128 along K, which line up with the weight scale blocks.
@@ -22,10 +28,13 @@ Shapes: M tokens, N outputs, K inputs.
 
 from __future__ import annotations
 
+import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ._formats import (
     FP8_BLOCK,
@@ -37,6 +46,7 @@ from ._formats import (
     act_quant_ref,
     check_tensor,
     dequant_fp8,
+    e8m0_to_float,
     gdc_launch_dependents,
     gdc_wait,
     interpreting,
@@ -48,13 +58,22 @@ from ._formats import (
 
 __all__ = [
     "GEMV_MAX_M",
+    "SCALED_MM_MIN_M",
     "Fp8LinearWorkspace",
     "fp8_linear",
     "fp8_linear_ref",
     "fp8_linear_workspace",
+    "scaled_mm_status",
 ]
 
 GEMV_MAX_M = 16  # up to this many rows use the split-K GEMV path
+# From this many rows on, act-quantised products with a bf16 output go to torch's FP8 scaled
+# matmul where it works (sm_90). Prefill only: a decode step has 1 token (a few with MTP), so the
+# CUDA-graph-captured decode launches never take it. Below it a GEMM is short and bound by its
+# weight bytes, where faster tensor cores buy little against the extra act-quant launch. A
+# starting point: the benchmark (tools/bench_kernels.py --only fp8_prefill) times both paths at
+# M = 128, 512 and 4096 to place it.
+SCALED_MM_MIN_M = 128
 _ACT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _W_DTYPES = (torch.float8_e4m3fn, torch.uint8)
 _S_DTYPES = (torch.uint8, torch.float8_e8m0fnu, torch.float32)
@@ -501,6 +520,295 @@ def fp8_linear_workspace(
 
 
 # ------------------------------------------------------------------------------------------------
+# Prefill through torch's FP8 scaled matmul
+# ------------------------------------------------------------------------------------------------
+#
+# With act_quant, the reference product is q(x) . dequant(W)^T with q(x) = e4m3 value x 2^e per
+# 1x128 block of x and dequant(W) = e4m3 value x 128x128 block scale: exactly the DeepSeek-style
+# blockwise recipe that torch runs through cuBLASLt on sm_90 (FP8 tensor cores; the Triton GEMM
+# converts both operands to bf16 and runs bf16 MMAs at half the rate).
+#
+# Exactness: the operands are the reference's own values (the act-quant kernel is act_quant_split
+# bit for bit; the weights are used as stored), every product of two e4m3 values is exact in fp32
+# (4-bit significands), and scaling by power-of-two block scales is exact (fp32 weight scales that
+# are not powers of two round once, as in the reference). So the results differ from the
+# reference and from the Triton GEMM only in how the sum is formed: cuBLAS sums each 128-input
+# block on the tensor cores (Hopper's FP8 MMA accumulates with fewer bits than fp32) and adds the
+# block's partial, scaled, into an fp32 accumulator (use_fast_accum=False); the others sum in
+# fp32 in other orders. That stays around the bf16 rounding of the output; the tests compare with
+# tolerances.
+#
+# Without act_quant x stays bf16, which has no exact e4m3 form, so that product (wo_a's groups)
+# keeps the Triton GEMM; as do fp16/fp32 outputs (only a bf16 output is set up and probed here:
+# the engine's dtype).
+#
+# Operand layouts (torch checks them, ScaledBlas.cpp; K/128 a multiple of 4: _scaled_mm_eligible):
+# - mat_a: xq [Mp, K] e4m3, row-major; Mp = M rounded up to _SCALED_MM_ROW_ALIGN (zero rows).
+# - mat_b: W^T [K, N] e4m3, column-major: the weight [N, K] as stored, transposed (a view).
+# - scale_a (BlockWise1x128): [Mp, K/128] fp32 outer-dim-major, strides (1, Mp): written by the
+#   act-quant kernel as a contiguous [K/128, Mp] buffer and passed transposed.
+# - scale_b (BlockWise128x128): [K/128, N/128] fp32, strides (1, K/128): the weight scale
+#   [N/128, K/128] as stored (fp32, contiguous; E8M0 bytes converted once), transposed.
+
+# Activation rows per act-quant program (one 128-input block each: 32 x 256 bytes of bf16 in).
+_AQ_ROWS = 32
+# Rows of the quantised activations are padded to a multiple of this (zero rows, their outputs
+# dropped), so the activation-scale stride M is 64-byte aligned whatever the chunk length.
+_SCALED_MM_ROW_ALIGN = 16
+# Probe problem: M (padded like any odd chunk), N and K with non-square scale grids (3 x 8
+# blocks), so a transposed or misread scale layout cannot pass.
+_PROBE_SHAPE = (200, 384, 1024)
+# Probe acceptance: max |scaled_mm - fp8_linear_ref| over max |fp8_linear_ref|. A correct
+# product differs by about one bf16 rounding (2^-9 of an element); a wrong scale layout by O(1).
+_PROBE_TOL = 2.0**-6
+
+# A (xq, w_t, scale_a, scale_b) -> bf16 [Mp, N] product through one of torch's APIs.
+_ScaledMm = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+_log = logging.getLogger(__name__)
+# Per CUDA device index: (the working API or None, its name or why there is none). Decided once
+# per process at the first eligible call.
+_BACKENDS: dict[int, tuple[_ScaledMm | None, str]] = {}
+# E8M0 weight scale tensor -> (its version counter when converted, fp32 copy). Keyed by identity
+# and weakly (an entry goes with its tensor); the version check sees in-place updates.
+_W_SCALE_F32: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+@triton.jit
+def _act_quant_e4m3_kernel(
+    x_ptr,  # [M, K] activations, row stride stride_xm, unit column stride
+    q_ptr,  # [M_PAD, K] out: e4m3fn grid values, contiguous; rows >= M are zeros
+    s_ptr,  # [ceil(K/128), M_PAD] out: fp32 block scales, contiguous (scale_a, column-major)
+    M,
+    M_PAD,
+    K,
+    stride_xm,
+    ROWS: tl.constexpr,
+    HW_FP8: tl.constexpr,  # hardware e4m3 conversion (GPU) vs exact emulation (interpreter)
+):
+    """act_quant_split of x into e4m3 q and fp32 block scales: grid (cdiv(M_PAD, ROWS), K/128),
+    one 128-input block of ROWS rows per program."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    kb = tl.program_id(1)
+    cols = kb * 128 + tl.arange(0, 128)
+    r64 = rows.to(tl.int64)[:, None]
+    k_ok = cols[None, :] < K
+    v = tl.load(
+        x_ptr + r64 * stride_xm + cols[None, :], mask=(rows[:, None] < M) & k_ok, other=0.0
+    ).to(tl.float32)
+    sc, sc_inv = _act_quant_scale(tl.max(tl.abs(v), axis=1))
+    q = _e4m3_q(v * sc_inv[:, None], HW_FP8)  # on the e4m3 grid: the cast below is exact
+    pad_ok = rows < M_PAD
+    tl.store(q_ptr + r64 * K + cols[None, :], q.to(tl.float8e4nv), mask=pad_ok[:, None] & k_ok)
+    tl.store(s_ptr + kb * M_PAD + rows, sc, mask=pad_ok)
+
+
+def _act_quant_e4m3(x: torch.Tensor, q: torch.Tensor, s_t: torch.Tensor) -> None:
+    """Quantise x [M, K] into q [Mp, K] e4m3 and s_t [ceil(K/128), Mp] fp32 (Mp >= M rows; the
+    rows past M are zeros), in one launch."""
+    m_pad, k = q.shape
+    grid = (triton.cdiv(m_pad, _AQ_ROWS), triton.cdiv(k, FP8_BLOCK))
+    _act_quant_e4m3_kernel[grid](
+        x, q, s_t, x.shape[0], m_pad, k, x.stride(0),
+        ROWS=_AQ_ROWS, HW_FP8=not interpreting(), num_warps=4,
+    )  # fmt: skip
+
+
+def _weight_scale_f32(w_scale: torch.Tensor) -> torch.Tensor:
+    """The weight scale as fp32 [N/128, K/128] (scaled_mm takes fp32 scales). fp32 scales (what
+    the engine loads) are used as they are; E8M0 bytes are converted once per tensor and kept
+    while the tensor lives (not while a CUDA graph is being captured: a tensor made there only
+    gets its values when the graph replays)."""
+    if w_scale.dtype == torch.float32:
+        return w_scale
+    if w_scale.is_inference():  # no version counter to see in-place updates by: not kept
+        return e8m0_to_float(w_scale)
+    hit = _W_SCALE_F32.get(w_scale)
+    if hit is not None and hit[0] == w_scale._version:
+        return hit[1]
+    f = e8m0_to_float(w_scale)
+    if not (w_scale.is_cuda and _capturing()):
+        _W_SCALE_F32[w_scale] = (w_scale._version, f)
+    return f
+
+
+def _scaled_mm_operands(
+    x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mat_a, mat_b, scale_a, scale_b) of x . W^T in the layouts listed above; mat_a and scale_a
+    have M rounded up to _SCALED_MM_ROW_ALIGN rows."""
+    m, k = x.shape
+    m_pad = triton.cdiv(m, _SCALED_MM_ROW_ALIGN) * _SCALED_MM_ROW_ALIGN
+    xq = torch.empty(m_pad, k, dtype=torch.float8_e4m3fn, device=x.device)
+    s_t = torch.empty(triton.cdiv(k, FP8_BLOCK), m_pad, dtype=torch.float32, device=x.device)
+    _act_quant_e4m3(x, xq, s_t)
+    w_t = w.view(torch.float8_e4m3fn).t()
+    return xq, w_t, s_t.t(), _weight_scale_f32(w_scale).t()
+
+
+def _scaled_mm_linear(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    w_scale: torch.Tensor,
+    out: torch.Tensor | None,
+    call: _ScaledMm,
+) -> torch.Tensor:
+    """fp8_linear with act_quant through `call`: bf16 [M, N], written to out when given."""
+    y = call(*_scaled_mm_operands(x, w, w_scale))[: x.shape[0]]  # drop the padding rows
+    if out is None:
+        return y  # rows of a row-major [Mp, N]: contiguous
+    out.copy_(y)
+    return out
+
+
+def _scaled_mm_candidates() -> list[tuple[str, _ScaledMm]]:
+    """torch's FP8 scaled-matmul APIs present in this build, newest first. Presence is not
+    support (the device, cuBLASLt and torch's own checks decide): _probe tries each."""
+    found: list[tuple[str, _ScaledMm]] = []
+    fn = getattr(torch.nn.functional, "scaled_mm", None)
+    st = getattr(torch.nn.functional, "ScalingType", None) or getattr(
+        torch._C, "_ScalingType", None
+    )
+    if fn is not None and hasattr(st, "BlockWise1x128") and hasattr(st, "BlockWise128x128"):
+        ra, rb = st.BlockWise1x128, st.BlockWise128x128
+
+        def v2(a: torch.Tensor, b: torch.Tensor, sa: torch.Tensor, sb: torch.Tensor):
+            return fn(a, b, sa, ra, sb, rb, output_dtype=torch.bfloat16, use_fast_accum=False)
+
+        found.append(("torch.nn.functional.scaled_mm", v2))
+    legacy = getattr(torch, "_scaled_mm", None)
+    if legacy is not None:
+        # The older entry point infers the recipe from the scale shapes and strides: [M, K/128]
+        # outer-dim-major is 1x128, [K/128, N/128] whose transpose is row-major is 128x128.
+        def v1(a: torch.Tensor, b: torch.Tensor, sa: torch.Tensor, sb: torch.Tensor):
+            return legacy(a, b, sa, sb, out_dtype=torch.bfloat16, use_fast_accum=False)
+
+        found.append(("torch._scaled_mm", v1))
+    return found
+
+
+def _probe(device: torch.device) -> tuple[_ScaledMm | None, str]:
+    """The first of torch's scaled-matmul APIs that runs on this CUDA device and agrees with
+    fp8_linear_ref on one small act-quantised problem, and its name; else None and why."""
+    major, minor = torch.cuda.get_device_capability(device)
+    if major != 9:
+        # torch runs 1x128 / 128x128 block scales on sm_90 only (cuBLASLt's Hopper kernels).
+        return None, f"sm_{major}{minor}: DeepSeek-style block scales need sm_90"
+    candidates = _scaled_mm_candidates()
+    if not candidates:
+        return None, f"torch {torch.__version__} has no FP8 scaled matmul"
+    with torch.cuda.device(device):  # Triton launches on the current device
+        return _pick_candidate(candidates, device)
+
+
+def _pick_candidate(
+    candidates: list[tuple[str, _ScaledMm]], device: torch.device
+) -> tuple[_ScaledMm | None, str]:
+    """The first of `candidates` whose product on `device` agrees with fp8_linear_ref on the probe
+    problem (raising or disagreeing ones are passed over), and its name; else None and why."""
+    m, n, k = _PROBE_SHAPE
+    g = torch.Generator().manual_seed(0)
+    # Activation blocks over 9 binades, so their scales differ block to block and row to row.
+    mag = torch.exp2(torch.randint(-4, 5, (m, k // FP8_BLOCK, 1), generator=g).float())
+    x = (torch.randn(m, k // FP8_BLOCK, FP8_BLOCK, generator=g) * mag).flatten(1)
+    x = x.to(torch.bfloat16).to(device)
+    w = (torch.randn(n, k, generator=g) * 4).to(torch.float8_e4m3fn).to(device)
+    s = torch.randint(116, 126, (n // FP8_BLOCK, k // FP8_BLOCK), generator=g, dtype=torch.uint8)
+    s = s.to(device)
+    ref = fp8_linear_ref(x, w, s, act_quant=True, out_dtype=torch.float32)
+    scale = ref.abs().max().clamp_min(1e-30)
+    why = []
+    for name, call in candidates:
+        try:
+            got = _scaled_mm_linear(x, w, s, None, call)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # an asynchronous failure surfaces here
+        except Exception as exc:  # unsupported here: torch's checks, cuBLASLt, the arch gate
+            why.append(f"{name}: {type(exc).__name__}: {' '.join(str(exc).split())[:160]}")
+            continue
+        if got.dtype != torch.bfloat16 or got.shape != ref.shape:
+            why.append(f"{name}: returned {got.dtype} {list(got.shape)}")
+            continue
+        err = float((got.float() - ref).abs().max() / scale)  # NaN (fails) if not finite
+        if err <= _PROBE_TOL:
+            return call, name
+        why.append(f"{name}: differs from fp8_linear_ref by {err:.3g} of max|y|")
+    return None, "; ".join(why)
+
+
+def _device_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def _capturing() -> bool:
+    """A CUDA graph is being captured on the current stream (False on a build without CUDA)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _compiled_cuda(device: torch.device) -> bool:
+    """A CUDA device running compiled kernels (not the interpreter): where scaled_mm can run."""
+    return device.type == "cuda" and not interpreting()
+
+
+def _scaled_mm_backend(device: torch.device) -> _ScaledMm | None:
+    """The scaled-matmul API to use on this CUDA device, or None (Triton GEMM). Probed at the first
+    call per device and process; a device without one logs one warning. Not decided while a CUDA
+    graph is being captured (the probe synchronises): such calls take the Triton GEMM."""
+    idx = _device_index(device)
+    hit = _BACKENDS.get(idx)
+    if hit is None:
+        if _capturing():
+            return None
+        try:
+            hit = _probe(torch.device("cuda", idx))
+        except Exception as exc:  # the probe's own setup failed (memory, ...): stay on Triton
+            hit = (None, f"probe failed: {type(exc).__name__}: {' '.join(str(exc).split())[:160]}")
+        _BACKENDS[idx] = hit
+        if hit[0] is None:
+            _log.warning(
+                "fp8_linear: torch FP8 scaled matmul off on cuda:%d, prefill GEMMs use the "
+                "Triton kernel (%s)", idx, hit[1],
+            )  # fmt: skip
+    return hit[0]
+
+
+def scaled_mm_status(device: torch.device | str) -> str:
+    """The scaled-matmul API act-quantised prefill GEMMs use on `device` (its name), or
+    "off: <why>". Probes the device if that has not happened yet."""
+    device = torch.device(device)
+    if not _compiled_cuda(device):
+        return f"off: {device.type} device" + (" (interpreter)" if interpreting() else "")
+    if _scaled_mm_backend(device) is None:
+        hit = _BACKENDS.get(_device_index(device))
+        return "off: " + (hit[1] if hit else "not decided during a CUDA graph capture")
+    return _BACKENDS[_device_index(device)][1]
+
+
+def _scaled_mm_eligible(
+    m: int, n: int, k: int, out_dtype: torch.dtype, act_quant: bool, cfg: dict
+) -> bool:
+    """Whether the product x [M, K] . W^T [K, N] is one for the scaled matmul: act_quant (bf16 x
+    has no exact e4m3 form), at least SCALED_MM_MIN_M rows, a bf16 output, N a multiple of 128
+    and K of 512 (K/128 blocks a multiple of 4: the 128x128 weight-scale stride torch demands is
+    then the stored one; every V4-Flash FP8 linear qualifies), and not config scaled_mm=False."""
+    if not act_quant or not cfg.get("scaled_mm", True) or m < SCALED_MM_MIN_M:
+        return False
+    return out_dtype == torch.bfloat16 and n % FP8_BLOCK == 0 and k % (4 * FP8_BLOCK) == 0
+
+
+def _scaled_mm_call(
+    x: torch.Tensor, n: int, k: int, out_dtype: torch.dtype, act_quant: bool, cfg: dict
+) -> _ScaledMm | None:
+    """The scaled-matmul API for this product, or None when it goes to a Triton kernel (not
+    eligible, not a compiled CUDA device, or the device has no working API)."""
+    if not _scaled_mm_eligible(x.shape[0], n, k, out_dtype, act_quant, cfg):
+        return None
+    if not _compiled_cuda(x.device):
+        return None
+    return _scaled_mm_backend(x.device)
+
+
+# ------------------------------------------------------------------------------------------------
 # Launcher
 # ------------------------------------------------------------------------------------------------
 
@@ -523,7 +831,10 @@ def fp8_linear(
     config: optional tuning overrides. GEMV: block_n, split_k, u, tok, num_warps,
     programs_per_sm, maxnreg, pdl (programmatic dependent launch, default on where supported),
     pre (with pdl: weight steps loaded before the wait, 1/2/4), pdl_early (with pdl: the next
-    launch may start before this one's wait). GEMM: block_m, block_n, num_warps, num_stages.
+    launch may start before this one's wait). GEMM: block_m, block_n, num_warps, num_stages
+    (Triton GEMM); scaled_mm (default True: M >= SCALED_MM_MIN_M act-quantised products with a
+    bf16 output go to torch's FP8 scaled matmul where it works; False keeps the Triton GEMM).
+    That path writes its own output: out= costs one more pass over [M, N] (a copy into out).
     """
     require_triton("fp8_linear")
     if x.dim() != 2:
@@ -536,17 +847,25 @@ def fp8_linear(
     n = w.shape[0]
     sshape = (math.ceil(n / FP8_BLOCK), math.ceil(k / FP8_BLOCK))
     check_tensor("fp8_linear: w_scale", w_scale, shape=sshape, dtypes=_S_DTYPES, device=x.device)
+    if out is not None:
+        check_tensor("fp8_linear: out", out, shape=(m, n), dtypes=_ACT_DTYPES, contiguous=False)
+        if out.stride(1) != 1:
+            raise ValueError("fp8_linear: out must have unit column stride")
+    cfg = dict(config or {})
+    if m > GEMV_MAX_M:
+        # Prefill: torch's FP8 scaled matmul where it applies and works (it allocates its own
+        # output, so this comes before out is allocated), else the Triton GEMM below.
+        out_dtype = x.dtype if out is None else out.dtype
+        call = _scaled_mm_call(x, n, k, out_dtype, act_quant, cfg)
+        if call is not None:
+            return _scaled_mm_linear(x, w, w_scale, out, call)
     if out is None:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    check_tensor("fp8_linear: out", out, shape=(m, n), dtypes=_ACT_DTYPES, contiguous=False)
-    if out.stride(1) != 1:
-        raise ValueError("fp8_linear: out must have unit column stride")
     if m == 0:
         return out
     wb = w.view(torch.uint8)
     e8m0 = w_scale.dtype != torch.float32
     sb = w_scale.view(torch.uint8) if e8m0 else w_scale
-    cfg = dict(config or {})
 
     if m <= GEMV_MAX_M:
         p = _gemv_plan(m, n, k, x.device, cfg)

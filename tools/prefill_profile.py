@@ -50,6 +50,35 @@ def _overlap(x: list[tuple[float, float]], y: list[tuple[float, float]]) -> floa
     return tot
 
 
+def _cover(spans: list[tuple[float, float]], a: float, b: float) -> float:
+    """Fraction of [a, b) the (merged) spans cover."""
+    return sum(max(0.0, min(y, b) - max(x, a)) for x, y in spans) / (b - a)
+
+
+# Host ranges the engine marks (torch.profiler.record_function): the main thread waiting for a
+# layer's expert ids and for the copier's job, the copier's jobs, the reader's reads and its
+# waits for a ring slot's last copy.
+MARKS = ("hs::ids", "hs::join", "hs::copier", "hs::read", "hs::ring_slot_wait")
+
+
+def _timeline(kern, h2d, marks: dict[str, list], frac: tuple[float, float], step: float) -> None:
+    """Print, per `step` seconds of a window of the run (fractions of its span), how much of it
+    the GPU computed, the H2D copies ran and each marked host range was open (tenths, 0-9; '+'
+    full)."""
+    spans = kern + h2d
+    t0, t1 = min(a for a, _ in spans), max(b for _, b in spans)
+    a, b = t0 + frac[0] * (t1 - t0), t0 + frac[1] * (t1 - t0)
+    print(f"\n== timeline {a - t0:.3f}-{b - t0:.3f} s, {step * 1e3:.0f} ms a row (tenths busy)")
+    print("     t(s)  gpu h2d " + " ".join(m.removeprefix("hs::")[:8].rjust(8) for m in MARKS))
+    x = a
+    while x < b:
+        cells = [_cover(kern, x, x + step), _cover(h2d, x, x + step)]
+        cells += [_cover(marks.get(m, []), x, x + step) for m in MARKS]
+        txt = ["+" if c >= 0.95 else str(int(c * 10)) for c in cells]
+        print(f"  {x - t0:7.3f}  {txt[0]:>3} {txt[1]:>3} " + " ".join(t.rjust(8) for t in txt[2:]))
+        x += step
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--synthetic", default="flash")
@@ -61,6 +90,12 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--expert-alias", type=int, default=64, help="0: every expert its own")
     ap.add_argument("--profile-upto", type=int, default=4096, help="profile prompts this long")
+    ap.add_argument(
+        "--timeline", default="0.45,0.52",
+        help="window of each profiled prompt to print as a timeline (fractions of its span; "
+        "'' for none)",
+    )  # fmt: skip
+    ap.add_argument("--timeline-step-ms", type=float, default=5.0)
     args = ap.parse_args()
     prompts = [int(x) for x in args.prompts.split(",")]
     cap_process(args.device, args.gpu_mem_gb)
@@ -111,9 +146,13 @@ def main() -> None:
                 sync()
             res["profiled_wall_s"] = round(time.perf_counter() - t0, 3)
             kern, h2d = [], []
+            marks: dict[str, list[tuple[float, float]]] = {}
             by_kernel: dict[str, list[float]] = {}
             for ev in prof.events():
                 if ev.device_type != DeviceType.CUDA:
+                    if ev.name in MARKS:
+                        span = (ev.time_range.start / 1e6, ev.time_range.end / 1e6)
+                        marks.setdefault(ev.name, []).append(span)
                     continue
                 span = (ev.time_range.start / 1e6, ev.time_range.end / 1e6)
                 if ev.name.startswith(("Memcpy HtoD", "memcpy", "Memcpy")):
@@ -127,6 +166,10 @@ def main() -> None:
                 a[0] += 1
                 a[1] += span[1] - span[0]
             ku, hu = _union(kern), _union(h2d)
+            if args.timeline and ku:
+                frac = tuple(float(v) for v in args.timeline.split(","))
+                marks = {k: _union(v) for k, v in marks.items()}
+                _timeline(ku, hu, marks, frac, args.timeline_step_ms / 1e3)
             res.update(
                 kernels=len(kern), gpu_busy_s=round(_length(ku), 3),
                 h2d_busy_s=round(_length(hu), 3), h2d_kernel_overlap_s=round(_overlap(ku, hu), 3),
