@@ -45,7 +45,14 @@ chains and each 32-input group sum is scaled once; lanes are reduced once per ro
      by several tokens is read once per token).
 Prefill (`fp4_experts_grouped`, any M): pairs are sorted by slot on the device and padded into
 BLOCK_M tiles of one slot (the usual MoE alignment), then tl.dot kernels for gate/up and down and a
-small combine kernel. Same definition (`fp4_experts_ref`).
+small combine kernel. Same definition (`fp4_experts_ref`). Two variants (config "variant"):
+  v2 (default for bf16 / fp16): each tile is computed transposed, the weights decoded word by word
+     in registers as the tensor-core dot's register operand, the activation rows (permuted once
+     per call into the order the decode produces, act-quantised in the same pass) streamed
+     through shared memory; persistent programs over the tiles in use (block comment "Prefill
+     (grouped) kernels, v2").
+  v1 (default for fp32): the weights decoded into the dot's shared-memory operand, activations
+     in input order, one program per (tile, row tile).
 """
 
 from __future__ import annotations
@@ -58,6 +65,7 @@ import torch.nn.functional as F
 
 from ._formats import (
     FP4_GROUP,
+    HAS_TRITON,
     _act_quant_scale,
     _and_flag,
     _e4m3_q,
@@ -816,6 +824,255 @@ def _fp4_experts_combine_kernel(
 
 
 # ------------------------------------------------------------------------------------------------
+# Prefill (grouped) kernels, v2: weights as the register operand of the tensor-core dot
+# ------------------------------------------------------------------------------------------------
+#
+# v2 computes each tile transposed ("swap AB"): acc[BLOCK_N, BLOCK_M] = W[BLOCK_N, BLOCK_K] @
+# X^T, so the weights decoded in registers are the A operand of wgmma (which may sit in
+# registers) and the activation rows, loaded straight from memory, are the B operand (shared
+# memory, filled by the pipelined async copies). Triton splits each dot into K=16 pieces and
+# keeps several in flight while the next piece is decoded.
+#
+# Weight words: a step loads the tile's weights as int32 words (8 E2M1 inputs each, one 16-byte
+# vector per 4 words) and decodes every word into four registers of two bf16 each, with no data
+# moving between threads. That fixes which inputs share a register and so the order in which the
+# dot's K dimension visits the inputs: register a of a word holds its inputs (a, a + 4) (the
+# cheap pairing: nibbles 16 bits apart), and the dot operand layout gives thread t of a quad the
+# columns 2t, 2t + 1, 2t + 8, 2t + 9, ... of each 32-wide slice, exactly the 8 values of one
+# word. So in every 32-input scale group (4 words, one per thread of the quad) dot column 8a + b
+# holds input 4b + a (a < 4, b < 8): the group's inputs as an [8, 4] matrix, transposed
+# (_v2_src_col). The activations are permuted that way once per call (_fp4_v2_rows_kernel, which
+# also act-quantises them), and the gate/up launch writes a in that order for the down launch by
+# loading its weight rows permuted. Any layout Triton picks gives the same values (the order is
+# a property of the tensors, not of the layout); only the speed depends on it: compiled offline
+# for sm_90 with triton 3.6, the words reach the dot through ldmatrix and registers alone.
+#
+# Decode (bf16 on the GPU, _FP4_BF16X2_ASM): an E2M1 nibble s|e1 e0 m placed as the bf16 bits
+# s<<15 | (e1 e0 m)<<6 is the bf16 of value * 2^-126 (the e = 0 codes land on bf16 subnormals,
+# which the bf16 FMA keeps), so one multiply by 2^(scale - 127 + 126) gives the weight, exactly.
+# Four shift/mask steps per word, one bf16x2 multiply per two weights. The scale 2^(e - 1) must
+# be a finite bf16: E8M0 bytes 0..128, i.e. group maxima up to 12 (real checkpoints: ~2^-4).
+# Elsewhere (fp16 / fp32 activations, the interpreter) the portable decode computes the same
+# values in fp32 (exact) and casts them to the activation dtype, as v1 does.
+#
+# Activations are act-quantised before the GEMMs and handed over as quantise-dequantised values
+# in the activation dtype (e4m3 grid value times a power of two: exact in bf16 and fp32; fp16
+# keeps them exactly unless a block's values fall below fp16's normal range, amax < ~2^-7), so
+# the dots need no per-step rescaling and the accumulators stay in the tensor-core chain.
+
+# E2M1 word -> 4 x bf16x2 (see above). $4: word, $5: its E8M0 scale byte. Output a holds inputs
+# (a, a + 4) of the word (low half first); s2 = bf16x2 of 2^(e - 1) = (e + 126) << 7 per half;
+# the FMA adds -0, so it is a plain multiply (and keeps -0).
+_FP4_BF16X2_ASM_TEXT = """{
+.reg .b32 s2, nz, t, u;
+mad.lo.u32 s2, $5, 0x00800080, 0x3F003F00;
+mov.b32 nz, 0x80008000;
+shr.u32 t, $4, 6;
+and.b32 t, t, 0x01C001C0;
+lop3.b32 t, $4, 0x80008000, t, 0xEA;
+fma.rn.bf16x2 $3, t, s2, nz;
+shl.b32 u, $4, 4;
+shr.u32 t, $4, 2;
+and.b32 t, t, 0x01C001C0;
+lop3.b32 t, u, 0x80008000, t, 0xEA;
+fma.rn.bf16x2 $2, t, s2, nz;
+shl.b32 u, $4, 8;
+shl.b32 t, $4, 2;
+and.b32 t, t, 0x01C001C0;
+lop3.b32 t, u, 0x80008000, t, 0xEA;
+fma.rn.bf16x2 $1, t, s2, nz;
+shl.b32 u, $4, 12;
+shl.b32 t, $4, 6;
+and.b32 t, t, 0x01C001C0;
+lop3.b32 t, u, 0x80008000, t, 0xEA;
+fma.rn.bf16x2 $0, t, s2, nz;
+}"""
+_FP4_BF16X2_ASM = tl.constexpr(_FP4_BF16X2_ASM_TEXT) if HAS_TRITON else _FP4_BF16X2_ASM_TEXT
+
+
+def _v2_perm(n: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Torch twin of _v2_src_col: perm [n] (n a multiple of 32) with v2 column c holding input
+    perm[c], so that x[:, perm] is x in v2 order."""
+    c = torch.arange(n, device=device)
+    return (c & -32) | ((c & 7) << 2) | ((c >> 3) & 3)
+
+
+@triton.jit
+def _v2_src_col(col):
+    """Input (row element) that dot column col of a v2 operand holds: in each group of 32,
+    column 8a + b holds input 4b + a (the block comment above)."""
+    return (col & -32) | ((col & 7) << 2) | ((col >> 3) & 3)
+
+
+@triton.jit
+def _bf16_halves(r):
+    """int32 words holding two bf16 each -> [.., 2] bf16 (low half first); no data moves."""
+    lo = r.to(tl.int16).to(tl.bfloat16, bitcast=True)
+    hi = (r >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
+    return tl.join(lo, hi)
+
+
+@triton.jit
+def _fp4_v2_operand(w, s, DT: tl.constexpr, ASM: tl.constexpr):
+    """Weights of one step as a dot operand: w [R, G, 4] int32 words (the 4 words of each scale
+    group), s [R, G, 1] int32 the group's E8M0 byte -> [R, 32 * G] in DT, columns in v2 order.
+    ASM: the bf16 PTX decode; else portable fp32 math (exact), cast. Only elementwise ops, joins
+    and a permutation, which Triton carries the dot operand's register layout back through to
+    the loads (a reshape of the scales stopped it: the operand then went through shared memory)."""
+    R: tl.constexpr = w.shape[0]
+    G: tl.constexpr = w.shape[1]
+    s = tl.broadcast_to(s, w.shape)
+    if ASM:
+        r0, r1, r2, r3 = tl.inline_asm_elementwise(
+            _FP4_BF16X2_ASM,
+            "=r,=r,=r,=r,r,r",
+            [w, s],
+            dtype=(tl.int32, tl.int32, tl.int32, tl.int32),
+            is_pure=True,
+            pack=1,
+        )
+        p0 = _bf16_halves(r0)  # inputs (0, 4) of each word: [R, G, 4, 2]
+        p1 = _bf16_halves(r1)  # (1, 5)
+        p2 = _bf16_halves(r2)  # (2, 6)
+        p3 = _bf16_halves(r3)  # (3, 7)
+    else:
+        f0, f1, f2, f3, f4, f5, f6, f7 = _fp4_word_f32(w, False)
+        sc = _e8m0_times_64(s)
+        p0 = tl.join((f0 * sc).to(DT), (f4 * sc).to(DT))
+        p1 = tl.join((f1 * sc).to(DT), (f5 * sc).to(DT))
+        p2 = tl.join((f2 * sc).to(DT), (f6 * sc).to(DT))
+        p3 = tl.join((f3 * sc).to(DT), (f7 * sc).to(DT))
+    # word t, half h, register a = a0 + 2 * a1 holds input 4b + a of the group, b = 2t + h:
+    # [R, G, t, h, a0, a1] -> column 8a + b, i.e. dims (a1, a0, t, h)
+    v = tl.join(tl.join(p0, p1), tl.join(p2, p3))
+    return tl.reshape(tl.permute(v, (0, 1, 5, 4, 2, 3)), [R, 32 * G])
+
+
+@triton.jit
+def _fp4_v2_step(wq_ptr, s_ptr, w_row, c0, N_IN: tl.constexpr, BLOCK_K: tl.constexpr,
+                 DT: tl.constexpr, ASM: tl.constexpr):  # fmt: skip
+    """One step's weight operand [BLOCK_N, BLOCK_K] of rows w_row, inputs c0.. (v2 order). The
+    scale bytes are read as a [rows, groups] tile: read as int32 words with the bytes shifted
+    out, they cost the whole operand a trip through shared memory (triton 3.6 could not carry
+    the dot layout back through that); the byte tile is copied asynchronously all the same."""
+    R: tl.constexpr = w_row.shape[0]
+    G: tl.constexpr = BLOCK_K // 32  # scale groups per step, 4 words each
+    sb = tl.load(s_ptr + w_row[:, None] * (N_IN // 32) + c0 // 32 + tl.arange(0, G)[None, :])
+    w = tl.load(wq_ptr + w_row[:, None] * (N_IN // 8) + c0 // 8 + tl.arange(0, BLOCK_K // 8))
+    return _fp4_v2_operand(tl.reshape(w, [R, G, 4]), sb.to(tl.int32)[:, :, None], DT, ASM)
+
+
+@triton.jit
+def _fp4_grouped_v2_kernel(
+    in_ptr,  # gate/up: x [M, D]; down: a [P, I]: contiguous activations in v2 column order,
+    # act-quantised (quantise-dequantised) when act_quant
+    n_used_ptr,  # [1] int32 number of tiles in use (they come first in tile_slot)
+    tile_slot_ptr,  # [n_tiles] int32 slot of each BLOCK_M tile (-1 = unused tile)
+    tile_pair_ptr,  # [n_tiles * BLOCK_M] int32 pair id per tile row (-1 = padding)
+    rw_ptr,  # [P] fp32 routing weights (gate/up only)
+    wq_ptr,  # int32 view of w13_q [S, 2I, D/8] (gate/up) or w2_q [S, D, I/8] (down)
+    ws_ptr,  # the matching E8M0 scales [S, rows, N_IN/32] uint8
+    dst_ptr,  # gate/up: a [P, I] (x's dtype, v2 column order); down: y [P, D] fp32
+    limit,
+    N_OUT: tl.constexpr,  # gate/up: I; down: D
+    N_IN: tl.constexpr,  # gate/up: D; down: I
+    K: tl.constexpr,
+    GATE_UP: tl.constexpr,  # True: w1/w3 + SwiGLU epilogue; False: w2
+    A_QUANT: tl.constexpr,  # gate/up: act-quantise a in the epilogue (BLOCK_N % 128 == 0)
+    ASM: tl.constexpr,  # bf16 PTX weight decode (GPU)
+    HW_FP8: tl.constexpr,
+    PREC: tl.constexpr,  # tl.dot input_precision: "ieee" for fp32 activations, else "tf32"
+    BLOCK_M: tl.constexpr,  # pairs per tile (the dot's N)
+    BLOCK_N: tl.constexpr,  # output rows per program (the dot's M; gate/up: of w1 and of w3)
+    BLOCK_K: tl.constexpr,  # inputs per step, a multiple of 32 dividing N_IN
+):
+    """Persistent: the programs share out the work items (tile, row tile) of the tiles in use,
+    read from the device (the launch grid is fixed, so no host sync, and a pool of thousands of
+    slots launches no empty programs). Item w = tile * n_row_tiles + row tile, program p takes
+    p, p + programs, ...: the programs running together work on the row tiles of the same few
+    tiles, so they share those tiles' activation rows in L2, and consecutive tiles of one slot
+    its weights."""
+    NN: tl.constexpr = (N_OUT + BLOCK_N - 1) // BLOCK_N
+    DT: tl.constexpr = in_ptr.dtype.element_ty
+    n_items = tl.load(n_used_ptr) * NN
+    for item in range(tl.program_id(0), n_items, tl.num_programs(0)):
+        t = item // NN
+        pid_n = item % NN
+        slot = tl.load(tile_slot_ptr + t)
+        pair = tl.load(tile_pair_ptr + t * BLOCK_M + tl.arange(0, BLOCK_M))
+        p_ok = pair >= 0
+        # padding rows read row 0 (their results are never stored): no masks in the loop
+        if GATE_UP:
+            src = tl.where(p_ok, pair // K, 0).to(tl.int64)
+        else:
+            src = tl.where(p_ok, pair, 0).to(tl.int64)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # output columns this program writes
+        c_ok = cols < N_OUT
+        if GATE_UP:
+            # a is written in v2 order: column c of a is output feature _v2_src_col(c), so load
+            # those weight rows and every store below is contiguous
+            rows = _v2_src_col(tl.minimum(cols, N_OUT - 1))
+            w_row = slot.to(tl.int64) * (2 * N_OUT) + rows
+        else:
+            w_row = slot.to(tl.int64) * N_OUT + tl.minimum(cols, N_OUT - 1)
+        xp = in_ptr + src[:, None] * N_IN + tl.arange(0, BLOCK_K)[None, :]  # contiguous rows
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        acc_u = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        for c0 in range(0, N_IN, BLOCK_K):
+            xt = tl.trans(tl.load(xp + c0))  # [BLOCK_K, BLOCK_M]
+            wt = _fp4_v2_step(wq_ptr, ws_ptr, w_row, c0, N_IN, BLOCK_K, DT, ASM)
+            acc = tl.dot(wt, xt, acc, input_precision=PREC)
+            if GATE_UP:  # the matching w3 rows, I rows further on
+                wt = _fp4_v2_step(wq_ptr, ws_ptr, w_row + N_OUT, c0, N_IN, BLOCK_K, DT, ASM)
+                acc_u = tl.dot(wt, xt, acc_u, input_precision=PREC)
+        omask = c_ok[:, None] & p_ok[None, :]
+        dst = dst_ptr + pair[None, :].to(tl.int64) * N_OUT + cols[:, None]
+        if GATE_UP:
+            g = tl.minimum(acc, limit)
+            u = tl.minimum(tl.maximum(acc_u, -limit), limit)
+            rw = tl.load(rw_ptr + pair, mask=p_ok, other=0.0)
+            a = (rw[None, :] * (g / (1.0 + tl.exp(-g))) * u).to(DT)
+            if A_QUANT:  # act-quantise a (as rounded to its dtype) per 128 features, as the
+                # reference does before w2; each 128-column block of a is 128 features
+                ab = tl.reshape(a.to(tl.float32), [BLOCK_N // 128, 128, BLOCK_M])
+                sc, sc_inv = _act_quant_scale(tl.max(tl.abs(ab), axis=1))
+                ab = _e4m3_q(ab * sc_inv[:, None, :], HW_FP8) * sc[:, None, :]
+                a = tl.reshape(ab, [BLOCK_N, BLOCK_M]).to(DT)
+            tl.store(dst, a, mask=omask)
+        else:
+            tl.store(dst, acc, mask=omask)
+
+
+@triton.jit
+def _fp4_v2_rows_kernel(
+    x_ptr,  # [R, N] rows, row stride stride_x
+    out_ptr,  # [R, N] out (may be x_ptr when not PERMUTE), row stride stride_o
+    N,
+    stride_x,
+    stride_o,
+    PERMUTE: tl.constexpr,  # write the columns in v2 order
+    ACT_QUANT: tl.constexpr,  # quantise-dequantise per 128-element block (act_quant_ref)
+    HW_FP8: tl.constexpr,
+    BLOCKS: tl.constexpr,  # 128-element blocks per program
+):
+    """v2 activations: grid (R, cdiv(N, 128 * BLOCKS)). The v2 permutation stays within groups of
+    32, so each 128-block holds the same values either way (same amax and scale)."""
+    r = tl.program_id(0).to(tl.int64)
+    blk = tl.program_id(1) * BLOCKS + tl.arange(0, BLOCKS)
+    cols = blk[:, None] * 128 + tl.arange(0, 128)[None, :]  # [BLOCKS, 128]
+    ok = cols < N
+    if PERMUTE:
+        src = _v2_src_col(cols)
+    else:
+        src = cols
+    v = tl.load(x_ptr + r * stride_x + src, mask=ok, other=0.0).to(tl.float32)
+    if ACT_QUANT:
+        sc, sc_inv = _act_quant_scale(tl.max(tl.abs(v), axis=1))
+        v = _e4m3_q(v * sc_inv[:, None], HW_FP8) * sc[:, None]
+    tl.store(out_ptr + r * stride_o + cols, v.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+# ------------------------------------------------------------------------------------------------
 # Workspace and launchers
 # ------------------------------------------------------------------------------------------------
 
@@ -823,6 +1080,7 @@ _MIN_BLOCK_N_DOWN = 4  # counters are sized for the smallest down row tile
 # Act-quant modes of the decode kernels' inputs (constexpr ACT_QUANT, see _fp4_x_step).
 _AQ_NONE, _AQ_INLINE, _AQ_PRE = 0, 1, 2
 _ROWQ_BLOCKS = 4  # act blocks per program of _act_quant_rows
+_V2_EXPERTS_HINT = 256  # routed experts per layer (V4-Flash): v2's default tile height
 
 
 @dataclass
@@ -1100,9 +1358,17 @@ def fp4_experts_grouped(
     config: dict | None = None,
 ) -> torch.Tensor:
     """Prefill routed experts for any M (same definition as fp4_experts_ref): pairs grouped by
-    slot on the device, tl.dot tiles. Allocates its scratch (a [P, I], y [P, D] fp32) per call.
-    config: block_m (pairs per tile), block_n (outputs per program), block_k (inputs per step:
-    32 / 64 / 128), num_warps, num_stages."""
+    slot on the device, tl.dot tiles. Allocates its scratch (a [P, I], y [P, D] fp32, and for
+    v2 the permuted activations [M, D]) per call.
+
+    config: variant ("v2": the weights are the register operand of the dot, decoded word by
+    word, see the v2 block comment; default for bf16 / fp16. "v1": the weights are decoded
+    into the dot's second operand; default for fp32, whose IEEE dots have no tensor-core path
+    anyway), block_m (pairs per tile), block_n (outputs per program), block_k (inputs per
+    step), num_warps, num_stages. v2 only: block_n_down, block_k_down, num_warps_down,
+    num_stages_down (the down launch; default: the gate/up values, block_n 128), asm (the
+    bf16 PTX decode, default on; off: the portable decode), programs_per_sm (persistent
+    programs per SM, default 4) or programs (their number)."""
     require_triton("fp4_experts_grouped")
     if out is None:
         out = torch.empty_like(shared_out, dtype=x.dtype)
@@ -1111,6 +1377,23 @@ def fp4_experts_grouped(
     )
     if m == 0:
         return out
+    cfg = dict(config or {})
+    variant = cfg.pop("variant", "v1" if x.dtype == torch.float32 else "v2")
+    args = (x, slots, route_w, shared_out, w13_q, w13_s, w2_q, w2_s, float(swiglu_limit), out)
+    if variant == "v2":
+        _grouped_v2(*args, act_quant, cfg, m, k, d, i, s)
+    elif variant == "v1":
+        _grouped_v1(*args, act_quant, cfg, m, k, d, i, s)
+    else:
+        raise ValueError(f"fp4_experts_grouped: variant must be 'v1' or 'v2', got {variant!r}")
+    return out
+
+
+def _grouped_v1(
+    x, slots, route_w, shared_out, w13_q, w13_s, w2_q, w2_s, limit, out, act_quant, config,
+    m, k, d, i, s,
+) -> None:  # fmt: skip
+    """The v1 launches (the weights decoded into the dot's second operand)."""
     # Defaults: tiles that compile for sm_90 without register spills (fp32's FMA dots are
     # larger, so it takes smaller tiles); the benchmark sweeps the alternatives.
     # H100 bf16 (tools/PERF_NOTES.md run 9), 256 experts: M=512 (~12 pairs per expert) is
@@ -1121,7 +1404,7 @@ def fp4_experts_grouped(
         cfg = {"block_m": 16, "block_n": 64, "block_k": 64, "num_warps": 4}
     else:
         cfg = {"block_m": 64, "block_n": 64, "block_k": 64, "num_warps": 8, "num_stages": 3}
-    cfg.update(config or {})
+    cfg.update(config)
     bm, bn, bk, warps = cfg["block_m"], cfg["block_n"], cfg["block_k"], cfg["num_warps"]
     if bk not in (32, 64, 128):
         raise ValueError(f"fp4_experts_grouped: block_k must be 32, 64 or 128, got {bk}")
@@ -1140,7 +1423,7 @@ def fp4_experts_grouped(
     xq, xs = _quant_rows(x, act_quant)
     _fp4_grouped_gemm_kernel[(n_tiles, triton.cdiv(i, bn))](
         xq, xs, tile_slot, tile_pair, rw, w13_q, w13_s, a, i, d, xq.stride(0), xs.stride(0),
-        float(swiglu_limit), GATE_UP=True, **kw,
+        limit, GATE_UP=True, **kw,
     )  # fmt: skip
     aq, as_ = _quant_rows(a, act_quant)
     _fp4_grouped_gemm_kernel[(n_tiles, triton.cdiv(d, bn))](
@@ -1151,4 +1434,94 @@ def fp4_experts_grouped(
     _fp4_experts_combine_kernel[(m, triton.cdiv(d, bd))](
         y, slots, shared_out, out, d, shared_out.stride(0), out.stride(0), K=k, BLOCK_D=bd
     )
-    return out
+
+
+def _pow2_divisor(n: int, want: int) -> int:
+    """The largest power of two <= want that divides n (n a multiple of 32: at least 32)."""
+    b = triton.next_power_of_2(max(want, 32))
+    while b > 32 and n % b:
+        b //= 2
+    return b
+
+
+def _v2_rows(src: torch.Tensor, dst: torch.Tensor, permute: bool, act_quant: bool) -> None:
+    """dst = src in v2 column order (permute) and/or act-quantised (quantise-dequantise per
+    128-block, exact as act_quant_ref), one launch; dst may be src when not permuting."""
+    rows, n = src.shape
+    _fp4_v2_rows_kernel[(rows, triton.cdiv(n, 128 * _ROWQ_BLOCKS))](
+        src, dst, n, src.stride(0), dst.stride(0), PERMUTE=permute, ACT_QUANT=act_quant,
+        HW_FP8=not interpreting(), BLOCKS=_ROWQ_BLOCKS, num_warps=4,
+    )  # fmt: skip
+
+
+def _sm_count(dev: torch.device) -> int:
+    """Streaming multiprocessors of the device (the interpreter: a few programs, so that each
+    takes several work items)."""
+    if dev.type != "cuda":
+        return 2
+    return torch.cuda.get_device_properties(dev).multi_processor_count
+
+
+def _v2_block_m(pairs: int, n_slots: int) -> int:
+    """Default pairs per tile: about the average pairs per slot in use, so most slots fill one
+    tile (each tile decodes its slot's weights once; padding rows cost tensor-core time only).
+    The slots in use are not known without a host sync: one call serves one layer, whose pairs
+    reach at most its routed experts (256 on V4-Flash), however large the pool."""
+    per_slot = pairs / max(min(n_slots, _V2_EXPERTS_HINT), 1)
+    for bm in (16, 32, 64):
+        if per_slot <= 0.75 * bm:
+            return bm
+    return 128
+
+
+def _grouped_v2(
+    x, slots, route_w, shared_out, w13_q, w13_s, w2_q, w2_s, limit, out, act_quant, cfg,
+    m, k, d, i, s,
+) -> None:  # fmt: skip
+    """The v2 launches: activations permuted (and act-quantised) once, gate/up (writes a in v2
+    order, act-quantised when its row tiles cover whole 128-blocks), down, combine."""
+    dev, dt = x.device, x.dtype
+    pairs = m * k
+    bm = max(16, triton.next_power_of_2(cfg.get("block_m", _v2_block_m(pairs, s))))
+    # dot operands need >= 16 rows; tiles wider than the matrix only waste work
+    bn = max(16, min(cfg.get("block_n", 128), triton.next_power_of_2(i)))
+    bn2 = max(16, min(cfg.get("block_n_down", 128), triton.next_power_of_2(d)))
+    bk = _pow2_divisor(d, cfg.get("block_k", 128))
+    bk2 = _pow2_divisor(i, cfg.get("block_k_down", bk))
+    warps = cfg.get("num_warps", 8)
+    stages = cfg.get("num_stages", 3)
+    warps2 = cfg.get("num_warps_down", warps)
+    stages2 = cfg.get("num_stages_down", stages)
+    hw = not interpreting()
+    asm = hw and dt == torch.bfloat16 and cfg.get("asm", True)
+    prec = "ieee" if dt == torch.float32 else "tf32"  # (tf32 only names the default for 16-bit)
+
+    tile_slot, tile_pair = _group_pairs(slots, s, bm)
+    n_used = (tile_slot >= 0).sum(dtype=torch.int32).reshape(1)  # the used tiles come first
+    n_tiles = tile_slot.numel()  # an upper bound: the grid never exceeds its work items
+    # Persistent programs: a few per SM, so configs that fit two or more CTAs on an SM fill it
+    # (launching more than fit costs nothing: they run in turn on the same work list).
+    programs = cfg.get("programs", cfg.get("programs_per_sm", 4) * _sm_count(dev))
+    xp = torch.empty(m, d, dtype=dt, device=dev)
+    _v2_rows(x, xp, permute=True, act_quant=act_quant)
+    a_quant = act_quant and bn % 128 == 0 and i % bn == 0
+    # rows of skipped pairs are never written; zeroed when a pass of its own reads every row
+    a = (torch.zeros if act_quant and not a_quant else torch.empty)(pairs, i, dtype=dt, device=dev)
+    _fp4_grouped_v2_kernel[(min(programs, n_tiles * triton.cdiv(i, bn)),)](
+        xp, n_used, tile_slot, tile_pair, route_w.reshape(-1), w13_q.view(torch.int32), w13_s, a,
+        limit,
+        N_OUT=i, N_IN=d, K=k, GATE_UP=True, A_QUANT=a_quant, ASM=asm, HW_FP8=hw, PREC=prec,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+    if act_quant and not a_quant:  # row tiles split the 128-blocks: a pass of its own
+        _v2_rows(a, a, permute=False, act_quant=True)
+    y = torch.empty(pairs, d, dtype=torch.float32, device=dev)
+    _fp4_grouped_v2_kernel[(min(programs, n_tiles * triton.cdiv(d, bn2)),)](
+        a, n_used, tile_slot, tile_pair, route_w.reshape(-1), w2_q.view(torch.int32), w2_s, y, 0.0,
+        N_OUT=d, N_IN=i, K=k, GATE_UP=False, A_QUANT=False, ASM=asm, HW_FP8=hw, PREC=prec,
+        BLOCK_M=bm, BLOCK_N=bn2, BLOCK_K=bk2, num_warps=warps2, num_stages=stages2,
+    )  # fmt: skip
+    bd = 1024
+    _fp4_experts_combine_kernel[(m, triton.cdiv(d, bd))](
+        y, slots, shared_out, out, d, shared_out.stride(0), out.stride(0), K=k, BLOCK_D=bd
+    )

@@ -192,6 +192,19 @@ if HAS_TRITON:
         tl.store(lo_ptr + o, lo)
         tl.store(hi_ptr + o, hi)
 
+    _fp4_v2_operand = f4._fp4_v2_operand
+
+    @fmt.triton.jit
+    def _v2_operand_kernel(
+        q_ptr, s_ptr, o_ptr, R: tl.constexpr, G: tl.constexpr, ASM: tl.constexpr
+    ):
+        # one step's weight operand of R rows and G scale groups (q: int32 words [R, 4G])
+        r = tl.arange(0, R)[:, None]
+        w = tl.load(q_ptr + r * (4 * G) + tl.arange(0, 4 * G)[None, :])
+        sc = tl.load(s_ptr + r * G + tl.arange(0, G)[None, :]).to(tl.int32)
+        op = _fp4_v2_operand(tl.reshape(w, [R, G, 4]), sc[:, :, None], o_ptr.dtype.element_ty, ASM)
+        tl.store(o_ptr + r * (32 * G) + tl.arange(0, 32 * G)[None, :], op)
+
     @fmt.triton.jit
     def _act_quant_kernel(x_ptr, y_ptr, R: tl.constexpr):
         o = tl.arange(0, R)[:, None] * 128 + tl.arange(0, 128)[None, :]
@@ -233,6 +246,99 @@ def test_triton_act_quant_bit_exact():
     y = torch.empty_like(x)
     _act_quant_kernel[(1,)](x, y, R=8)
     assert torch.equal(y, fmt.act_quant_ref(x))
+
+
+def _ptx_run(text: str, args: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+    """Run a straight-line PTX block of the kernels on int64 tensors of 32-bit values, for the
+    few instructions the v2 FP4 decode uses: args maps operand numbers ($n) to inputs, the
+    result maps the others written to their values. A check of the block's bit logic on any
+    machine; the GPU tests check that the hardware computes the same."""
+    regs: dict[str, torch.Tensor] = {f"${n}": v & 0xFFFFFFFF for n, v in args.items()}
+    written: dict[int, torch.Tensor] = {}
+
+    def val(tok: str) -> torch.Tensor | int:
+        return regs[tok] if tok in regs else int(tok, 0)
+
+    def bf16(v: torch.Tensor) -> torch.Tensor:  # 16-bit patterns -> float64 values
+        return (v << 16).to(torch.int32).view(torch.float32).double()
+
+    def bf16_bits(x: torch.Tensor) -> torch.Tensor:  # float64 (exact in bf16) -> 16-bit pattern
+        return x.float().to(torch.bfloat16).view(torch.int16).long() & 0xFFFF
+
+    for line in text.strip().strip("{}").split(";"):
+        line = line.strip()
+        if not line or line.startswith(".reg"):
+            continue
+        op, rest = line.split(None, 1)
+        dst, *src = (t.strip() for t in rest.split(","))
+        v = [val(t) for t in src]
+        if op == "mad.lo.u32":
+            r = v[0] * v[1] + v[2]
+        elif op == "mov.b32":
+            r = torch.as_tensor(v[0]).expand_as(next(iter(regs.values())))
+        elif op == "shr.u32":
+            r = v[0] >> v[1]
+        elif op == "shl.b32":
+            r = v[0] << v[1]
+        elif op == "and.b32":
+            r = v[0] & v[1]
+        elif op == "lop3.b32":  # bit i of the LUT: the result for (a, b, c) bits = i >> 2, 1, 0
+            a, b, c = (torch.as_tensor(x) for x in v[:3])
+            r = torch.zeros_like(next(iter(regs.values())))
+            for bit in range(32):
+                idx = ((a >> bit) & 1) * 4 + ((b >> bit) & 1) * 2 + ((c >> bit) & 1)
+                r |= ((v[3] >> idx) & 1) << bit
+        elif op == "fma.rn.bf16x2":  # each 16-bit half: a * b + c rounded to bf16
+            r = 0
+            for sh in (0, 16):
+                a, b, c = (bf16((torch.as_tensor(x) >> sh) & 0xFFFF) for x in v)
+                r = r | (bf16_bits(a * b + c) << sh)
+        else:
+            raise AssertionError(f"_ptx_run: no emulation of {op}")
+        regs[dst] = torch.as_tensor(r) & 0xFFFFFFFF
+        if dst.startswith("$"):
+            written[int(dst[1:])] = regs[dst]
+    return written
+
+
+def test_fp4_bf16x2_asm_bit_logic():
+    """The v2 decode's PTX (kernels/fp4_experts.py _FP4_BF16X2_ASM_TEXT), emulated: every byte
+    in every position of a word, E8M0 scales 0..128 (the range it supports), against the E2M1
+    table times the scale, bit for bit; output a holds the word's inputs a (low half), a + 4."""
+    g = torch.Generator().manual_seed(3)
+    n = 4 * 256 + 2048
+    byts = torch.randint(0, 256, (n, 4), generator=g)
+    for pos in range(4):  # exhaustive in each byte position
+        byts[pos * 256 : (pos + 1) * 256, pos] = torch.arange(256)
+    words = (byts << torch.tensor([0, 8, 16, 24])).sum(1)
+    scale = torch.arange(n) % 129
+    out = _ptx_run(f4._FP4_BF16X2_ASM_TEXT, {4: words, 5: scale})
+    vals = fmt.fp4_unpack(byts.to(torch.uint8)) * fmt.e8m0_to_float(scale.to(torch.uint8))[:, None]
+    want = vals.to(torch.bfloat16).view(torch.int16).long() & 0xFFFF  # [n, 8] inputs 0..7
+    for a in range(4):
+        got = out[a]
+        assert torch.equal(got & 0xFFFF, want[:, a]), f"output {a}, low half"
+        assert torch.equal(got >> 16, want[:, a + 4]), f"output {a}, high half"
+
+
+@interp
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_fp4_v2_operand_interp(dtype):
+    """The v2 weight operand (portable decode): every value and its column order (v2 order: in
+    each 32-group, column 8a + b holds input 4b + a) against dequant_fp4, bit for bit."""
+    _check_v2_operand(dtype, asm=False)
+
+
+def _check_v2_operand(dtype, asm):
+    r, g_ = 16, 8  # 16 rows, 8 scale groups (256 inputs)
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randint(0, 256, (r, 128 * g_ // 8), generator=gen, dtype=torch.uint8)
+    sc = torch.randint(112, 129, (r, g_), generator=gen, dtype=torch.uint8)
+    out = poison((r, 32 * g_), dtype)
+    q_dev, sc_dev = q.to(DEV), sc.to(DEV)
+    _v2_operand_kernel[(1,)](q_dev.view(torch.int32), sc_dev, out, R=r, G=g_, ASM=asm)
+    ref = fmt.dequant_fp4(q, sc)[:, f4._v2_perm(32 * g_)].to(dtype)
+    assert torch.equal(out.cpu(), ref)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -415,8 +521,9 @@ def test_fp4_experts_decode_small_dims_interp():
 
 
 @interp
+@pytest.mark.parametrize("variant", ["v1", "v2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_fp4_experts_grouped_interp(dtype):
+def test_fp4_experts_grouped_interp(dtype, variant):
     m, k, d, i, n_slots = 19, 2, 128, 64, 3
     pool = make_pool(n_slots, d, i, seed=9)
     slots, rw = make_routing(m, k, n_slots, seed=9)
@@ -424,9 +531,81 @@ def test_fp4_experts_grouped_interp(dtype):
     shared = torch.randn(m, d, generator=_gen(8)).to(dtype)
     out = poison((m, d), dtype)
     f4.fp4_experts_grouped(x, slots, rw, shared, *pool, 10.0, out=out, act_quant=True,
-                           config={"block_m": 16, "block_n": 32})  # fmt: skip
+                           config={"variant": variant, "block_m": 16, "block_n": 32})  # fmt: skip
     ref = f4.fp4_experts_ref(x, slots, rw, shared, *pool, 10.0, act_quant=True)
     assert_close("fp4_experts_grouped", out, ref, dtype, loose=2.0)
+
+
+def _v2_edge_routing(m, k, n_slots):
+    """Every token routes to slot 0 (more pairs than a tile holds), skipped pairs (-1), a token
+    with the same slot twice; the rest random."""
+    slots, rw = make_routing(m, k, n_slots, seed=21, holes=False)
+    slots[:, 0] = 0
+    slots[:, 1:] = torch.where(slots[:, 1:] == 0, 1, slots[:, 1:])
+    slots[::5, 2] = -1
+    slots[4, 1] = -1
+    slots[6, 2] = slots[6, 1]
+    return slots, rw
+
+
+# v2 tile configs on CPU (D = 256, I = 128): a act-quantised in the gate/up epilogue (block_n
+# 128) or by a pass of its own (block_n 64, 16); one loop step per row or several; the
+# persistent programs take several tiles each (programs).
+V2_INTERP_CONFIGS = [
+    {"block_m": 16, "block_n": 128, "block_k": 128, "num_warps": 4},
+    {"block_m": 32, "block_n": 64, "block_k": 64, "block_n_down": 32, "block_k_down": 32,
+     "programs": 3},
+    {"block_m": 16, "block_n": 16, "block_k": 256, "block_n_down": 256},
+]  # fmt: skip
+
+
+@interp
+@pytest.mark.parametrize("cfg", V2_INTERP_CONFIGS, ids=str)
+@pytest.mark.parametrize("dtype,act_quant", [(torch.float16, True), (torch.float32, True),
+                                             (torch.float16, False)])  # fmt: skip
+def test_fp4_experts_grouped_v2_interp(cfg, dtype, act_quant):
+    m, k, d, i, n_slots = 37, 3, 256, 128, 5
+    pool = make_pool(n_slots, d, i, seed=22)
+    slots, rw = _v2_edge_routing(m, k, n_slots)
+    x = torch.randn(m, d, generator=_gen(23)).to(dtype)
+    shared = torch.randn(m, d, generator=_gen(24)).to(dtype)
+    out = poison((m, d), dtype)
+    f4.fp4_experts_grouped(x, slots, rw, shared, *pool, 10.0, out=out, act_quant=act_quant,
+                           config={"variant": "v2", **cfg})  # fmt: skip
+    ref = f4.fp4_experts_ref(x, slots, rw, shared, *pool, 10.0, act_quant=act_quant)
+    assert_close("fp4_experts_grouped v2", out, ref, dtype, loose=2.0)
+
+
+@interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fp4_experts_grouped_v2_small_dims_interp(dtype):
+    """The tiny test model's D = 64, I = 32 with the default tiles (clamped to the matrices)."""
+    m, k, d, i, n_slots = 7, 2, 64, 32, 3
+    pool = make_pool(n_slots, d, i, seed=12)
+    slots, rw = make_routing(m, k, n_slots, seed=12)
+    x = torch.randn(m, d, generator=_gen(13)).to(dtype)
+    shared = torch.randn(m, d, generator=_gen(14)).to(dtype)
+    out = poison((m, d), dtype)
+    f4.fp4_experts_grouped(x, slots, rw, shared, *pool, 10.0, out=out, act_quant=True,
+                           config={"variant": "v2"})  # fmt: skip
+    ref = f4.fp4_experts_ref(x, slots, rw, shared, *pool, 10.0, act_quant=True)
+    assert_close("fp4_experts_grouped v2 small dims", out, ref, dtype, loose=2.0)
+
+
+@interp
+@pytest.mark.parametrize("permute", [True, False])
+@pytest.mark.parametrize("rows,n", [(2, 512), (3, 96)])
+def test_fp4_v2_rows_interp(rows, n, permute):
+    """The v2 activation pass: act_quant_ref bit for bit (a ragged last block included), the
+    columns in v2 order when permuting; in place when not."""
+    x = (torch.randn(rows, n, generator=_gen(n)) * 3).to(torch.float16)
+    x[0, :128] *= 1e-3
+    out = poison((rows, n), torch.float16) if permute else x.clone()
+    f4._v2_rows(x, out, permute=permute, act_quant=True)
+    ref = fmt.act_quant_ref(x).to(torch.float16)
+    if permute:
+        ref = ref[:, f4._v2_perm(n)]
+    assert torch.equal(out, ref)
 
 
 @interp
@@ -755,10 +934,16 @@ def test_fp8_linear_pdl_chain_gpu(graph, early):
 
 # Prefill tile configs the benchmark sweeps (None: the default for the dtype).
 FP4_GROUPED_GPU_CONFIGS = [
-    None,
-    {"block_m": 16, "block_n": 64, "block_k": 32, "num_warps": 4},
-    {"block_m": 16, "block_n": 128, "block_k": 64, "num_warps": 8},
-    {"block_m": 64, "block_n": 64, "block_k": 64, "num_warps": 8, "num_stages": 3},
+    None,  # v2 for bf16, v1 for fp32
+    {"variant": "v1"},
+    {"variant": "v1", "block_m": 16, "block_n": 64, "block_k": 32, "num_warps": 4},
+    {"variant": "v1", "block_m": 16, "block_n": 128, "block_k": 64, "num_warps": 8},
+    {"variant": "v1", "block_m": 64, "block_n": 64, "block_k": 64, "num_warps": 8, "num_stages": 3},
+    {"variant": "v2", "block_m": 64, "num_stages": 4},
+    {"variant": "v2", "block_m": 32, "block_k": 256, "num_stages": 2},
+    {"variant": "v2", "block_n": 64, "num_warps": 4, "num_stages": 4, "num_warps_down": 8},
+    {"variant": "v2", "block_n_down": 256, "programs_per_sm": 1},
+    {"variant": "v2", "asm": False},
 ]
 
 
@@ -790,6 +975,35 @@ def test_fp4_experts_grouped_gpu(m, dtype, act_quant, cfg):
         assert_close_rows("fp4_experts_grouped", out, ref, dtype, max_rows=0.01, bound=5e-3)
     else:
         assert_close("fp4_experts_grouped", out, ref, dtype, loose=2.0)
+
+
+@pytest.mark.parametrize("cfg", [None, {"block_m": 64, "block_n": 64, "num_warps": 4}], ids=str)
+@pytest.mark.parametrize("act_quant", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_fp4_experts_grouped_v2_edges_gpu(dtype, act_quant, cfg):
+    """v2 at V4-Flash sizes: a slot used by every token (three 128-pair tiles), skipped pairs,
+    a token with the same slot twice; bf16 (PTX decode) and fp16 (portable decode)."""
+    m, k, d, i, n_slots = 300, 6, f4.V4_FLASH_D, f4.V4_FLASH_I, 10
+    pool = make_pool(n_slots, d, i, seed=31)
+    slots, rw = _v2_edge_routing(m, k, n_slots)
+    x = torch.randn(m, d, generator=_gen(32)).to(dtype).to(DEV)
+    shared = torch.randn(m, d, generator=_gen(33)).to(dtype).to(DEV)
+    out = poison((m, d), dtype)
+    f4.fp4_experts_grouped(x, slots, rw, shared, *pool, 10.0, out=out, act_quant=act_quant,
+                           config={"variant": "v2", **(cfg or {})})  # fmt: skip
+    ref = f4.fp4_experts_ref(x, slots, rw, shared, *pool, 10.0, act_quant=act_quant)
+    assert_close("fp4_experts_grouped v2", out, ref, dtype, loose=2.0)
+
+
+@pytest.mark.parametrize("dtype,asm", [(torch.bfloat16, True), (torch.bfloat16, False),
+                                       (torch.float16, False)])  # fmt: skip
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_fp4_v2_operand_gpu(dtype, asm):
+    """The v2 weight operand on the GPU, the PTX decode included, bit for bit."""
+    _check_v2_operand(dtype, asm)
 
 
 @pytest.mark.parametrize("cfg", [None, {"keys_per_split": 256}, {"keys_per_split": 64}], ids=str)
@@ -923,3 +1137,401 @@ def test_cuda_graph_capture_and_replay():
         ref_a = sa.sparse_attn_ref(q, kv, idx, sink, 512**-0.5)
         assert_close("graph sparse_attn", oa, ref_a, dt, 2.0)
         assert_close("graph mhc_pre", om[0], mh.mhc_pre_ref(xs, fn, sc, base)[0], dt, 5.0)
+
+
+# ================================================================================================
+# FP8 prefill through torch's FP8 scaled matmul (kernels/fp8_linear.py, "Prefill through torch's
+# FP8 scaled matmul"). CPU: the act-quant kernel (interpreter), the operand layouts against
+# torch's own checks (meta tensors), the dispatch rules, the once-per-device probe and its
+# fallbacks, with a plain-torch twin of the blockwise scaled matmul standing in for cuBLAS (torch
+# runs it on sm_90 only). GPU: the real path against fp8_linear_ref and the Triton GEMM.
+# ================================================================================================
+
+
+def _emulated_scaled_mm(a, b, sa, sb):
+    """torch's 1x128 x 128x128 blockwise FP8 scaled matmul (bf16 out) in plain torch, asserting
+    the operand layouts torch demands on CUDA."""
+    mp, k = a.shape
+    n = b.shape[1]
+    kb = -(-k // 128)
+    assert a.dtype == b.dtype == torch.float8_e4m3fn
+    assert a.stride() == (k, 1) and b.stride() == (1, k), "A row-major, B column-major"
+    assert sa.dtype == sb.dtype == torch.float32
+    assert sa.shape == (mp, kb) and sa.stride() == (1, mp), "scale_a outer-dim-major"
+    assert sb.shape == (kb, -(-n // 128)) and sb.stride() == (1, kb), "scale_b [K/128, N/128]"
+    af = a.float() * sa.repeat_interleave(128, 1)[:, :k]
+    bf = b.float() * sb.repeat_interleave(128, 0)[:k].repeat_interleave(128, 1)[:, :n]
+    return (af @ bf).to(torch.bfloat16)
+
+
+class _Spy:
+    """Counts calls and forwards them."""
+
+    def __init__(self, fn):
+        self.fn, self.calls = fn, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.fn(*args, **kwargs)
+
+
+@interp
+@pytest.mark.parametrize(
+    "m,k,dtype", [(5, 256, torch.float32), (37, 384, torch.float16), (20, 200, torch.bfloat16)]
+)
+def test_fp8_act_quant_e4m3_interp(m, k, dtype):
+    """The act-quant kernel of the scaled-matmul path is act_quant_split bit for bit: e4m3 values,
+    fp32 scales stored column-major, zero rows past M; x rows may be strided."""
+    wide = torch.randn(m, k + 64, generator=_gen(m)).to(dtype) * 3
+    wide[1, :128] *= 1e-6  # a block under the amax floor
+    x = wide[:, :k]
+    m_pad = -(-m // 16) * 16
+    q = torch.full((m_pad, k), 99.0).to(torch.float8_e4m3fn)
+    s_t = poison((-(-k // 128), m_pad), torch.float32)
+    f8._act_quant_e4m3(x, q, s_t)
+    rq, rs = fmt.act_quant_split(x)
+    assert torch.equal(q[:m].float(), rq)
+    assert torch.equal(s_t.t()[:m], rs)
+    assert (q[m:].float() == 0).all() and torch.isfinite(s_t).all()
+
+
+def test_fp8_scaled_mm_weight_scale_cache():
+    """E8M0 weight scales are converted to fp32 once per tensor (an in-place change is seen, the
+    entry goes with the tensor); fp32 scales are used as they are."""
+    s = torch.randint(118, 124, (3, 8), dtype=torch.uint8)
+    f = f8._weight_scale_f32(s)
+    assert f.dtype == torch.float32 and torch.equal(f, fmt.e8m0_to_float(s))
+    assert f8._weight_scale_f32(s) is f  # cached
+    s.add_(1)
+    f2 = f8._weight_scale_f32(s)
+    assert torch.equal(f2, fmt.e8m0_to_float(s)) and not torch.equal(f2, f)
+    n_before = len(f8._W_SCALE_F32)
+    del s, f, f2
+    assert len(f8._W_SCALE_F32) == n_before - 1
+    sf = fmt.e8m0_to_float(torch.randint(118, 124, (3, 8), dtype=torch.uint8))
+    assert f8._weight_scale_f32(sf) is sf
+    # Made under inference_mode (an engine's prefill, and the probe run in it): no version
+    # counter, so converted each time and not kept (the first engine run found the probe failing
+    # on `_version` and the fast path off).
+    with torch.inference_mode():
+        si = torch.randint(118, 124, (3, 8), dtype=torch.uint8)
+        n_before = len(f8._W_SCALE_F32)
+        assert torch.equal(f8._weight_scale_f32(si), fmt.e8m0_to_float(si))
+        assert len(f8._W_SCALE_F32) == n_before
+
+
+@interp
+def test_fp8_scaled_mm_operand_layouts_pass_torch_checks():
+    """The operands built for the scaled matmul pass torch's checks for the 1x128 x 128x128 recipe
+    (meta tensors run torch's CUDA shape/stride validation on CPU) with every API this torch has;
+    a row-major activation scale is refused where torch checks strides."""
+    cands = f8._scaled_mm_candidates()
+    if not cands:
+        pytest.skip(f"torch {torch.__version__} has no FP8 scaled matmul")
+    m, n, k = 200, 384, 1024
+    w, s = make_fp8(n, k, seed=1)
+    x = torch.randn(m, k, generator=_gen(2))
+    ops_ = f8._scaled_mm_operands(x, w, s)
+    a, b, sa_, sb = ops_
+    assert a.shape == (208, k) and a.stride() == (k, 1) and b.stride() == (1, k)
+    assert sa_.shape == (208, k // 128) and sa_.stride() == (1, 208)
+    assert sb.shape == (k // 128, n // 128) and sb.stride() == (1, k // 128)
+
+    def meta(t):
+        return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
+
+    for name, call in cands:
+        y = call(*(meta(t) for t in ops_))
+        assert y.shape == (208, n) and y.dtype == torch.bfloat16, name
+    names = [nm for nm, _ in cands]
+    if "torch.nn.functional.scaled_mm" in names:
+        v2 = dict(cands)["torch.nn.functional.scaled_mm"]
+        row_major = torch.empty(208, k // 128, device="meta")
+        with pytest.raises(RuntimeError):
+            v2(meta(a), meta(b), row_major, meta(sb))
+
+
+@interp
+@pytest.mark.parametrize(
+    "m,n,k,scale_fp32", [(128, 256, 512, False), (200, 384, 1024, True), (130, 128, 2048, False)]
+)
+def test_fp8_linear_scaled_mm_path_emulated_interp(monkeypatch, m, n, k, scale_fp32):
+    """fp8_linear through the scaled-matmul path (the act-quant kernel in the interpreter, the
+    plain-torch twin for cuBLAS) equals fp8_linear_ref; M padded to 16 rows and cut back; out=
+    (a column slice of a wider buffer) gets exactly its columns."""
+    fake = _Spy(_emulated_scaled_mm)
+    monkeypatch.setattr(f8, "_compiled_cuda", lambda _dev: True)
+    monkeypatch.setattr(f8, "_scaled_mm_backend", lambda _dev: fake)
+    w, s = make_fp8(n, k, seed=m, scale_fp32=scale_fp32)
+    x = torch.randn(m, k, generator=_gen(k)).to(torch.bfloat16)
+    ref = f8.fp8_linear_ref(x, w, s, act_quant=True)
+    y = f8.fp8_linear(x, w, s, act_quant=True)
+    assert fake.calls == 1 and y.shape == (m, n) and y.dtype == torch.bfloat16
+    assert_close("scaled_mm path", y, ref, torch.bfloat16)
+    z = poison((m, n + 64), torch.bfloat16)
+    f8.fp8_linear(x, w, s, out=z[:, :n], act_quant=True)
+    assert fake.calls == 2
+    assert torch.equal(z[:, :n], y) and torch.isnan(z[:, n:]).all()
+
+
+def test_fp8_scaled_mm_dispatch_rules(monkeypatch):
+    """Which products go to the scaled matmul: act_quant, M >= SCALED_MM_MIN_M, bf16 out,
+    N % 128 == 0, K % 512 == 0, config scaled_mm not False, a compiled CUDA device with a working
+    API; everything else (decode GEMVs included) keeps the Triton kernels."""
+    assert f8.SCALED_MM_MIN_M > f8.GEMV_MAX_M  # decode steps (graph-captured) never take it
+    fake = object()
+    monkeypatch.setattr(f8, "_compiled_cuda", lambda _dev: True)
+    monkeypatch.setattr(f8, "_scaled_mm_backend", lambda _dev: fake)
+    base = dict(m=f8.SCALED_MM_MIN_M, n=256, k=512, dt=torch.bfloat16, aq=True, cfg={})
+
+    def call(**kw):
+        a = {**base, **kw}
+        x = torch.empty(a["m"], a["k"])
+        return f8._scaled_mm_call(x, a["n"], a["k"], a["dt"], a["aq"], a["cfg"])
+
+    assert call() is fake
+    assert call(m=4096, n=40960, k=1024) is fake
+    assert call(m=f8.SCALED_MM_MIN_M - 1) is None
+    assert call(aq=False) is None
+    assert call(dt=torch.float16) is None and call(dt=torch.float32) is None
+    assert call(n=200) is None and call(n=1000) is None
+    assert call(k=384) is None and call(k=640) is None  # K/128 not a multiple of 4
+    assert call(cfg={"scaled_mm": False}) is None
+    assert call(cfg={"scaled_mm": True}) is fake
+    monkeypatch.setattr(f8, "_scaled_mm_backend", lambda _dev: None)  # no working API
+    assert call() is None
+    monkeypatch.undo()
+    assert call() is None  # a CPU tensor: never
+    assert f8.scaled_mm_status("cpu").startswith("off")
+
+
+def test_fp8_scaled_mm_backend_decided_once(monkeypatch, caplog):
+    """The API is probed once per device and process: a device without one logs one warning and
+    stays on Triton; a probe that raises counts as none; nothing is decided while a CUDA graph is
+    being captured (the probe synchronises)."""
+    probes = []
+
+    def probe(result):
+        def run(dev):
+            probes.append(dev)
+            if isinstance(result, Exception):
+                raise result
+            return result
+
+        return run
+
+    dev = torch.device("cuda", 0)
+    monkeypatch.setattr(f8, "_compiled_cuda", lambda _dev: True)
+    monkeypatch.setattr(f8, "_capturing", lambda: False)
+    monkeypatch.setattr(f8, "_BACKENDS", {})
+    monkeypatch.setattr(f8, "_probe", probe((None, "no API here")))
+    with caplog.at_level("WARNING", logger=f8.__name__):
+        assert f8._scaled_mm_backend(dev) is None
+        assert f8._scaled_mm_backend(dev) is None
+    assert len(probes) == 1
+    warned = [r for r in caplog.records if "no API here" in r.getMessage()]
+    assert len(warned) == 1 and "\n" not in warned[0].getMessage()
+    assert f8.scaled_mm_status("cuda:0") == "off: no API here"
+
+    monkeypatch.setattr(f8, "_BACKENDS", {})
+    monkeypatch.setattr(f8, "_probe", probe(RuntimeError("CUDA out of memory")))
+    assert f8._scaled_mm_backend(dev) is None
+    assert f8.scaled_mm_status("cuda:0").startswith("off: probe failed: RuntimeError")
+
+    fake = object()
+    probes.clear()
+    monkeypatch.setattr(f8, "_BACKENDS", {})
+    monkeypatch.setattr(f8, "_probe", probe((fake, "fake api")))
+    monkeypatch.setattr(f8, "_capturing", lambda: True)
+    assert f8._scaled_mm_backend(dev) is None and not probes and not f8._BACKENDS
+    monkeypatch.setattr(f8, "_capturing", lambda: False)
+    assert f8._scaled_mm_backend(dev) is fake and f8._scaled_mm_backend(dev) is fake
+    assert len(probes) == 1 and f8.scaled_mm_status("cuda:0") == "fake api"
+
+
+def test_fp8_scaled_mm_feature_detection(monkeypatch):
+    """Candidates follow what this torch has (the functional API first, then torch._scaled_mm);
+    with none, or off sm_90, the probe says why without touching a device."""
+    import torch.nn.functional as F
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda _d=None: (9, 0))
+    names = [n for n, _ in f8._scaled_mm_candidates()]
+    assert ("torch._scaled_mm" in names) == hasattr(torch, "_scaled_mm")
+    if "torch.nn.functional.scaled_mm" in names:
+        assert names[0] == "torch.nn.functional.scaled_mm"  # the newer API first
+    monkeypatch.delattr(F, "scaled_mm", raising=False)
+    assert [n for n, _ in f8._scaled_mm_candidates()] == [
+        n for n in names if n.startswith("torch._")
+    ]
+    monkeypatch.delattr(torch, "_scaled_mm", raising=False)
+    assert f8._scaled_mm_candidates() == []
+    call, why = f8._probe(torch.device("cuda", 0))
+    assert call is None and "no FP8 scaled matmul" in why
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda _d=None: (8, 9))
+    call, why = f8._probe(torch.device("cuda", 0))
+    assert call is None and "sm_89" in why
+
+
+@interp
+def test_fp8_scaled_mm_probe_rejects_broken_apis_interp():
+    """The probe passes over an API that raises and one that misreads the activation-scale
+    layout (row-major instead of column-major), and takes the first that agrees with
+    fp8_linear_ref; with no good one it reports each failure."""
+
+    def raises(a, b, sa_, sb):
+        raise RuntimeError("CUBLAS_STATUS_NOT_SUPPORTED\nwhen calling cublasLtMatmul")
+
+    def misread(a, b, sa_, sb):
+        mp, kb = sa_.shape
+        wrong = sa_.t().reshape(mp, kb).t().contiguous().t()  # storage read row-major
+        return _emulated_scaled_mm(a, b, wrong, sb)
+
+    cpu = torch.device("cpu")
+    good = _Spy(_emulated_scaled_mm)
+    call, name = f8._pick_candidate([("raises", raises), ("misread", misread), ("ok", good)], cpu)
+    assert call is good and name == "ok" and good.calls == 1
+    call, why = f8._pick_candidate([("raises", raises), ("misread", misread)], cpu)
+    assert call is None and "raises: RuntimeError: CUBLAS_STATUS_NOT_SUPPORTED when" in why
+    assert "misread: differs from fp8_linear_ref" in why and "\n" not in why
+    # An engine decides at its first prefill, under inference_mode: the probe works there too.
+    with torch.inference_mode():
+        call, name = f8._pick_candidate([("ok", good)], cpu)
+    assert call is good and name == "ok"
+
+
+# --- GPU: the real scaled matmul ------------------------------------------------------------------
+
+# V4-Flash's dense FP8 products as the engine launches them (model.fp8_shapes; wo_a's groups run
+# without act_quant and stay on Triton). Scale formats alternate: the engine loads fp32 scales,
+# direct users may pass E8M0 bytes.
+FP8_PREFILL_SHAPES = [
+    ("wq_a+wkv", 1536, 4096, True),
+    ("wq_b+indexer wq_b", 40960, 1024, False),
+    ("wq_b", 32768, 1024, True),
+    ("wo_b", 4096, 8192, False),
+    ("shared w1+w3 / mtp proj", 4096, 4096, True),
+    ("shared w2", 4096, 2048, False),
+    ("wq_a", 1024, 4096, False),
+    ("wkv", 512, 4096, True),
+]
+_SM90 = HAS_CUDA and torch.cuda.get_device_capability() == (9, 0)
+
+
+def _scaled_mm_on():
+    status = f8.scaled_mm_status(DEV)
+    if status.startswith("off"):
+        pytest.skip(f"scaled matmul not active here ({status}); see test_fp8_scaled_mm_active_gpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _SM90, reason="needs an sm_90 CUDA device")
+def test_fp8_scaled_mm_active_gpu():
+    """On sm_90 the probe finds a working scaled-matmul API (else prefill GEMMs silently run the
+    slower Triton kernel: the status says why)."""
+    status = f8.scaled_mm_status(DEV)
+    assert not status.startswith("off"), status
+
+
+@pytest.mark.parametrize("m", [128, 200, 512, 4096])
+@pytest.mark.parametrize(
+    "name,n,k,scale_fp32", FP8_PREFILL_SHAPES, ids=[s[0] for s in FP8_PREFILL_SHAPES]
+)
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_fp8_linear_scaled_mm_gpu(monkeypatch, m, name, n, k, scale_fp32):
+    """Prefill products through torch's scaled matmul against fp8_linear_ref and the Triton GEMM
+    (act_quant, bf16), at V4-Flash shapes."""
+    _scaled_mm_on()
+    spy = _Spy(f8._scaled_mm_linear)
+    monkeypatch.setattr(f8, "_scaled_mm_linear", spy)
+    dtype = torch.bfloat16
+    w, s = make_fp8(n, k, seed=n + k, scale_fp32=scale_fp32)
+    x = torch.randn(m, k, generator=_gen(m)).to(dtype).to(DEV)
+    y = f8.fp8_linear(x, w, s, act_quant=True)
+    assert spy.calls == 1, "the scaled matmul did not run"
+    y_tr = f8.fp8_linear(x, w, s, act_quant=True, config={"scaled_mm": False})
+    assert spy.calls == 1
+    ref = f8.fp8_linear_ref(x, w, s, act_quant=True)
+    assert_close(f"scaled_mm {name} M={m}", y, ref, dtype, loose=2.0)
+    assert_close(f"scaled_mm vs triton {name} M={m}", y, y_tr, dtype, loose=2.0)
+
+
+@pytest.mark.parametrize(
+    "m,n,k,act_quant,dtype,cfg",
+    [(512, 1000, 1536, True, torch.bfloat16, None),  # N not a multiple of 128
+     (512, 4096, 1152, True, torch.bfloat16, None),  # K/128 = 9, not a multiple of 4
+     (512, 4096, 4096, False, torch.bfloat16, None),  # bf16 x: no exact e4m3 form
+     (512, 4096, 4096, True, torch.float32, None),  # fp32 output
+     (100, 4096, 4096, True, torch.bfloat16, None),  # below SCALED_MM_MIN_M
+     (512, 4096, 4096, True, torch.bfloat16, {"scaled_mm": False})],
+)  # fmt: skip
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_fp8_linear_scaled_mm_fallbacks_gpu(monkeypatch, m, n, k, act_quant, dtype, cfg):
+    """Products the scaled matmul does not take run the Triton GEMM, and match the reference."""
+    spy = _Spy(f8._scaled_mm_linear)
+    monkeypatch.setattr(f8, "_scaled_mm_linear", spy)
+    w, s = make_fp8(n, k, seed=n + k)
+    x = torch.randn(m, k, generator=_gen(m)).to(dtype).to(DEV)
+    out = poison((m, n), dtype)
+    f8.fp8_linear(x, w, s, out=out, act_quant=act_quant, config=cfg)
+    assert spy.calls == 0
+    ref = f8.fp8_linear_ref(x, w, s, act_quant=act_quant)
+    assert_close("fp8_linear fallback", out, ref, dtype, loose=2.0 if act_quant else 1.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_fp8_linear_scaled_mm_out_and_strided_x_gpu():
+    """Strided x rows and an out= that is a column slice of a wider buffer (only its columns
+    written), through the scaled matmul; same result as without out=."""
+    _scaled_mm_on()
+    dtype, m, n, k = torch.bfloat16, 300, 1536, 4096
+    w, s = make_fp8(n, k, seed=7)
+    wide = torch.randn(m, k + 128, generator=_gen(3)).to(dtype).to(DEV)
+    x = wide[:, 64 : 64 + k]
+    z = poison((m, n + 64), dtype)
+    f8.fp8_linear(x, w, s, out=z[:, :n], act_quant=True)
+    y = f8.fp8_linear(x, w, s, act_quant=True)
+    torch.cuda.synchronize()
+    assert torch.equal(z[:, :n], y) and torch.isnan(z[:, n:]).all()
+    assert_close("scaled_mm strided", y, f8.fp8_linear_ref(x, w, s, act_quant=True), dtype, 2.0)
+
+
+@pytest.mark.parametrize("decided", [True, False], ids=["decided", "undecided"])
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_fp8_linear_scaled_mm_graph_capture_gpu(monkeypatch, decided):
+    """A prefill product captures into a CUDA graph and replays right. Decided: the scaled matmul
+    is captured, with an E8M0 scale first seen inside the capture (converted there, not cached:
+    its values only exist on replay). Undecided (no probe yet): the capture takes the Triton GEMM
+    and decides nothing (the probe synchronises)."""
+    if decided:
+        _scaled_mm_on()
+    dtype, m, n, k = torch.bfloat16, 512, 4096, 4096
+    w, s_warm = make_fp8(n, k, seed=11)
+    s = s_warm.clone()  # a scale tensor the capture sees first
+    x = torch.randn(m, k, generator=_gen(1)).to(dtype).to(DEV)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        f8.fp8_linear(x, w, s_warm, act_quant=True, config={"scaled_mm": decided})  # compile
+    torch.cuda.current_stream().wait_stream(side)
+    if not decided:
+        monkeypatch.setattr(f8, "_BACKENDS", {})
+    spy = _Spy(f8._scaled_mm_linear)
+    monkeypatch.setattr(f8, "_scaled_mm_linear", spy)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = f8.fp8_linear(x, w, s, act_quant=True)
+    assert spy.calls == (1 if decided else 0)
+    if decided:
+        assert f8._W_SCALE_F32.get(s) is None
+    else:
+        assert not f8._BACKENDS
+    for seed in range(2):
+        x.copy_(torch.randn(m, k, generator=_gen(seed + 5)).to(dtype))
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = f8.fp8_linear_ref(x, w, s, act_quant=True)
+        assert_close(f"graph scaled_mm replay {seed}", y, ref, dtype, loose=2.0)

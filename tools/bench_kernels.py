@@ -312,14 +312,15 @@ def bench_fp4_act_quant(record, dev, dt, n_sets: int) -> None:
             _sweep_point(record, f"  aq fp4 call M={m} {cfg}", fn, n_sets, nbytes)
 
 
-# Prefill tile contenders (bf16); the offline sm_90 compile of these spills no registers.
+# Prefill tile contenders of the v1 kernel (bf16); the offline sm_90 compile of these spills no
+# registers. (The default is v2 now: FP4_GROUPED_V2_SWEEP, section fp4_grouped_v2.)
 FP4_GROUPED_SWEEP = [
-    {"block_m": 16, "block_n": 64, "block_k": 32, "num_warps": 4},
-    {"block_m": 16, "block_n": 64, "block_k": 64, "num_warps": 4},
-    {"block_m": 32, "block_n": 64, "block_k": 64, "num_warps": 4},
-    {"block_m": 64, "block_n": 64, "block_k": 32, "num_warps": 8},
-    {"block_m": 64, "block_n": 64, "block_k": 64, "num_warps": 8, "num_stages": 3},
-    {"block_m": 16, "block_n": 128, "block_k": 64, "num_warps": 8},
+    {"variant": "v1", "block_m": 16, "block_n": 64, "block_k": 32, "num_warps": 4},
+    {"variant": "v1", "block_m": 16, "block_n": 64, "block_k": 64, "num_warps": 4},
+    {"variant": "v1", "block_m": 32, "block_n": 64, "block_k": 64, "num_warps": 4},
+    {"variant": "v1", "block_m": 64, "block_n": 64, "block_k": 32, "num_warps": 8},
+    {"variant": "v1", "block_m": 64, "block_n": 64, "block_k": 64, "num_warps": 8, "num_stages": 3},
+    {"variant": "v1", "block_m": 16, "block_n": 128, "block_k": 64, "num_warps": 8},
 ]
 
 
@@ -352,6 +353,9 @@ def bench_fp4_grouped(record, dev, dt, quick: bool, sweep: bool = False) -> None
         nbytes = uniq * f4.slot_bytes(d, i) + m * d * 6
         tf = round(flops / (ms * 1e-3) / 1e12, 1)
         record(f"fp4_experts_grouped M={m} K={k}", ms, nbytes, TFLOPS=tf)
+        ms1 = _bench(lambda _j, fn=fn: fn(config={"variant": "v1"}), 1)
+        tf1 = round(flops / (ms1 * 1e-3) / 1e12, 1)
+        record(f"  fp4_experts_grouped M={m} K={k} v1", ms1, nbytes, TFLOPS=tf1)
         if sweep and m >= 512:
             for cfg in FP4_GROUPED_SWEEP:
                 fn2 = functools.partial(fn, config=cfg)
@@ -365,6 +369,117 @@ def bench_fp4_grouped(record, dev, dt, quick: bool, sweep: bool = False) -> None
                     record(name, ms2, nbytes, TFLOPS=round(flops / (ms2 * 1e-3) / 1e12, 1))
                 except Exception as exc:
                     print(f"{name}: failed: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+
+
+# v2 contenders (bf16). The default first: block_m from the pairs per slot (128 at M = 4096 and
+# 16384 with 256 slots), block_n 128 (of w1 and of w3: 256 weight rows), block_k 128, 8 warps, 3
+# stages, 4 persistent programs per SM. Compiled offline for sm_90 (triton 3.6): no spills in the
+# main loops, except block_n_down 256 (72 bytes); gate/up at block_m 128 uses 255 registers.
+FP4_GROUPED_V2_SWEEP = [
+    {},
+    {"num_stages": 4},
+    {"num_stages": 2},
+    {"block_m": 64},
+    {"block_m": 64, "block_k": 256, "num_stages": 2},
+    {"block_m": 32, "num_stages": 4},
+    {"block_k_down": 256, "num_stages_down": 2},
+    {"block_n_down": 256},
+    {"block_n": 64, "num_warps": 4, "num_stages": 4, "num_warps_down": 8},  # a quantised apart
+    {"block_n": 64, "num_warps": 4, "num_stages": 2, "block_n_down": 64},  # two CTAs per SM
+    {"programs_per_sm": 1},
+    {"asm": False},  # the portable decode (what fp16 runs)
+]
+FP4_GROUPED_V2_M = (4096, 16384)
+
+
+def _bench_once(fn) -> float:
+    """Median ms of fn() for calls of milliseconds (launch overhead is noise there): one eager
+    do_bench, L2 flushed between calls, so every call reads the weights from HBM. Follows
+    _bench's numbering, so --jobs workers compile these too."""
+    from triton.testing import do_bench
+
+    n = _CALLS[0]
+    _CALLS[0] += 1
+    if _WARM is not None:
+        if n % _WARM[1] == _WARM[0]:
+            fn()
+            torch.cuda.synchronize()
+        return 1.0
+    return do_bench(fn, warmup=10, rep=100, return_mode="median")
+
+
+def _prefill_routing(m: int, k: int, n_slots: int, kind: str, dev) -> torch.Tensor:
+    """[m, k] int32 slots, k distinct per token. "uniform": random; "zipf": slot popularity ~
+    1 / rank^0.5 (the hottest slot ~8x the average pair count, the coldest ~0.5x), drawn
+    without replacement per token: the load imbalance of a real prefill, roughly."""
+    if kind == "uniform":
+        return torch.rand(m, n_slots, device=dev).topk(k, dim=1).indices.int().contiguous()
+    pop = torch.arange(1, n_slots + 1, device=dev, dtype=torch.float32) ** -0.5
+    pop = pop[torch.randperm(n_slots, device=dev)]
+    return torch.multinomial(pop.expand(m, n_slots), k, replacement=False).int().contiguous()
+
+
+def bench_fp4_grouped_v2(record, dev, dt, quick: bool) -> None:
+    """Prefill routed experts, v1 (its default tiles) against the v2 contenders: M = 4096 and
+    16384 tokens, K = 6, 256 slots (one layer's experts, 3.4 GB), act_quant (the engine's
+    default), uniform and Zipf-skewed routing. Each v2 output is checked against v1's: the
+    largest |difference| over the standard deviation of v1's output (both are one summation
+    order of the same products; act_quant can move a few blocks by a quantum). Prints a table;
+    with --quick, M = 4096 uniform only."""
+    from homeseek.kernels import fp4_experts as f4
+
+    d, i, k, n_slots = f4.V4_FLASH_D, f4.V4_FLASH_I, 6, 256
+    pool = _fp4_pool(dev, n_slots)
+    table = []
+    for m in FP4_GROUPED_V2_M[:1] if quick else FP4_GROUPED_V2_M:
+        x = torch.randn(m, d, device=dev, dtype=dt)
+        shared = torch.randn_like(x)
+        rw = torch.rand(m, k, device=dev)
+        out = torch.empty(m, d, device=dev, dtype=dt)
+        flops = 2 * m * k * 3 * d * i
+        for routing in ("uniform",) if quick else ("uniform", "zipf"):
+            slots = _prefill_routing(m, k, n_slots, routing, dev)
+            uniq = int(torch.unique(slots).numel())
+            nbytes = uniq * f4.slot_bytes(d, i) + m * d * 6
+            per_slot = torch.bincount(slots.flatten().long(), minlength=n_slots).float()
+            print(f"fp4 grouped M={m} {routing}: pairs per slot mean {per_slot.mean():.0f}, "
+                  f"max {per_slot.max():.0f}, min {per_slot.min():.0f}", flush=True)  # fmt: skip
+            run = functools.partial(
+                f4.fp4_experts_grouped, x, slots, rw, shared, *pool, 10.0, out=out, act_quant=True
+            )
+            ref = None
+            if _WARM is None:
+                ref = run(config={"variant": "v1"}).float().clone()
+                ref_std = float(ref.std())
+            for label, cfg in [("v1", {"variant": "v1"})] + [
+                ("v2 " + (",".join(f"{a}={b}" for a, b in c.items()) or "default"),
+                 {"variant": "v2", **c})
+                for c in FP4_GROUPED_V2_SWEEP
+            ]:  # fmt: skip
+                name = f"fp4_grouped_v2 M={m} {routing} {label}"
+                try:
+                    ms = _bench_once(functools.partial(run, config=cfg))
+                except Exception as exc:
+                    print(f"{name}: failed: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+                    continue
+                if ref is None:
+                    continue
+                diff = (run(config=cfg).float() - ref).abs()
+                err, mean = float(diff.max()) / ref_std, float(diff.mean()) / ref_std
+                tf = flops / (ms * 1e-3) / 1e12
+                record(name, ms, nbytes, TFLOPS=round(tf, 1), max_diff_over_std=round(err, 5),
+                       mean_diff_over_std=round(mean, 7))  # fmt: skip
+                table.append((m, routing, label, ms, tf, err, mean))
+    if not table:
+        return
+    print("\nfp4_experts_grouped, K=6, 256 slots, bf16, act_quant: ms per call, TFLOP/s "
+          "(2*M*K*3*D*I), speedup over v1, max and mean |out - out_v1| / std(out_v1)")  # fmt: skip
+    base = {(m, r): ms for m, r, label, ms, *_ in table if label == "v1"}
+    for m, routing, label, ms, tf, err, mean in table:
+        up = base.get((m, routing), float("nan")) / ms
+        print(f"M={m:<6d} {routing:8s} {label:58s} {ms:9.3f} ms {tf:6.1f} TF/s {up:6.2f}x "
+              f"{err:9.2e} {mean:9.2e}")  # fmt: skip
+    print(flush=True)
 
 
 # GEMV configs swept per engine launch (M = 1). With PDL the weights a program loads before
@@ -502,6 +617,75 @@ def bench_fp8_layer(record, dev, dt, n_sets: int) -> None:
         record(f"fp8_linear layer chain ({len(FP8_LAYER)} launches) M=1{label}", ms, nbytes, tgt)
 
 
+# The engine's dense FP8 launches at prefill (model.fuse_linears stacks those sharing an input).
+# wo_a's groups are not here: they run without act_quant, on the Triton GEMM either way.
+FP8_PREFILL = [
+    ("wq_a+wkv", 1536, 4096),
+    ("wq_b+indexer wq_b", 40960, 1024),  # CSA layers
+    ("wq_b", 32768, 1024),  # HCA / SWA layers
+    ("wo_b", 4096, 8192),
+    ("shared w1+w3", 4096, 4096),
+    ("shared w2", 4096, 2048),
+]
+
+
+def bench_fp8_prefill(record, dev, dt, quick: bool) -> None:
+    """Prefill FP8 linears (act_quant, bf16 out, fp32 weight scales as the engine loads them): the
+    Triton GEMM against torch's FP8 scaled matmul (fp8_linear's default from SCALED_MM_MIN_M rows
+    where the device has one) at M = 128, 512 and 4096 (512 and 4096 with --quick), then the
+    act-quant launch of the scaled-matmul path alone. ms are CUDA-graph replays (GPU time; the
+    eager time, host work included, is in the JSON). One weight per shape, not rotated: at these
+    sizes the products are compute bound, except the smallest at M = 128."""
+    from homeseek.kernels import _formats as fmt
+    from homeseek.kernels import fp8_linear as f8
+
+    if _WARM is not None:
+        return  # a few compiles, not worth the parallel warm-up
+    status = f8.scaled_mm_status(dev)
+    on = not status.startswith("off")
+    print(f"fp8 prefill: scaled matmul: {status} (SCALED_MM_MIN_M = {f8.SCALED_MM_MIN_M})")
+    table = []
+    shapes = FP8_PREFILL[:2] if quick else FP8_PREFILL
+    for name, n, k in shapes:
+        w = torch.randint(0, 0x7F, (n, k), dtype=torch.uint8, device=dev).view(torch.float8_e4m3fn)
+        e8m0 = torch.randint(118, 124, (n // 128, k // 128), dtype=torch.uint8, device=dev)
+        s = fmt.e8m0_to_float(e8m0)
+        for m in [512, 4096] if quick else [128, 512, 4096]:
+            x = torch.randn(m, k, device=dev, dtype=dt)
+            flops = 2 * m * n * k
+            nbytes = n * k + s.numel() * 4 + (m * k + m * n) * 2
+            row = {"shape": f"{name} [{n}x{k}]", "m": m}
+            for label, cfg in (("triton", {"scaled_mm": False}), ("scaled_mm", None)):
+                if label == "scaled_mm" and not on:
+                    continue
+                fn = functools.partial(f8.fp8_linear, x, w, s, act_quant=True, config=cfg)
+                ms = _bench(lambda _j, fn=fn: fn(), 1)
+                tf = flops / (ms * 1e-3) / 1e12
+                record(f"fp8 prefill {name} M={m} {label}", ms, nbytes, TFLOPS=round(tf, 1))
+                row[label] = (ms, tf)
+            table.append(row)
+        del w, e8m0, s
+    if on:  # the scaled-matmul path's extra launch: x -> e4m3 + column-major scales
+        for k in sorted({k for _, _, k in shapes}):
+            m = 4096
+            x = torch.randn(m, k, device=dev, dtype=dt)
+            q = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=dev)
+            s_t = torch.empty(k // 128, m, device=dev)
+            ms = _bench(lambda _j, x=x, q=q, s_t=s_t: f8._act_quant_e4m3(x, q, s_t), 1)
+            record(f"  act-quant e4m3 M={m} K={k}", ms, m * k * 3 + m * (k // 128) * 4)
+    print("\nfp8 prefill, act_quant, bf16: ms per call (graph replay) and TFLOP/s")
+    print(f"{'shape':30s} {'M':>5s} {'triton ms':>10s} {'TF/s':>7s} {'scaled_mm ms':>13s} "
+          f"{'TF/s':>7s} {'speedup':>8s}")  # fmt: skip
+    for r in table:
+        t_ms, t_tf = r["triton"]
+        line = f"{r['shape']:30s} {r['m']:5d} {t_ms:10.3f} {t_tf:7.1f}"
+        if "scaled_mm" in r:
+            s_ms, s_tf = r["scaled_mm"]
+            line += f" {s_ms:13.3f} {s_tf:7.1f} {t_ms / s_ms:7.2f}x"
+        print(line)
+    print(flush=True)
+
+
 def bench_attention(record, dev, dt, n_sets: int, sweep: bool = False) -> None:
     """Sparse attention with sink, and the indexer (scores + top-k)."""
     from homeseek.kernels import indexer as ix
@@ -578,7 +762,7 @@ def bench_mhc(record, dev, dt, n_sets: int) -> None:
 
 
 SECTIONS = ("fp4", "fp4_grouped", "fp8", "attn", "mhc")
-EXTRA_SECTIONS = ("fp4_aq",)  # only when named in --only
+EXTRA_SECTIONS = ("fp4_aq", "fp8_prefill", "fp4_grouped_v2")  # only when named in --only
 
 
 def _prewarm(jobs: int, timeout_s: float) -> None:
@@ -723,10 +907,16 @@ def main() -> int:
     if "fp4_grouped" in only:
         bench_fp4_grouped(record, dev, dt, args.quick, args.sweep)
         torch.cuda.empty_cache()
+    if "fp4_grouped_v2" in only:
+        bench_fp4_grouped_v2(record, dev, dt, args.quick)
+        torch.cuda.empty_cache()
     if "fp8" in only:
         bench_fp8(record, dev, dt, n_sets, args.quick, args.sweep)
         if not args.quick:
             bench_fp8_layer(record, dev, dt, n_sets)
+        torch.cuda.empty_cache()
+    if "fp8_prefill" in only:
+        bench_fp8_prefill(record, dev, dt, args.quick)
         torch.cuda.empty_cache()
     if "attn" in only:
         bench_attention(record, dev, dt, n_sets, args.sweep)
