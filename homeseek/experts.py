@@ -20,7 +20,6 @@ against recency (Lee et al., 2001) - with a per-layer floor so no layer loses al
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import os
 import threading
@@ -48,8 +47,6 @@ READER_THREADS = 8
 STAGE_RING = 8
 STAGE_ROWS = 512
 READ_PIECE = 1 << 20
-# The scan ring's reader reads up to this many records at once (those with a free ring slot).
-READ_BATCH = 4
 # Pinned host records set aside from the host cache for the reads of a scan (a prefill chunk
 # asks for nearly every expert of every layer): such records are read into this ring and copied
 # from there, not admitted to the cache. Admitted, a scan larger than the cache evicts, in
@@ -449,19 +446,13 @@ class ExpertStore:
         # every expert (otherwise a scan never reads below it).
         self.n_stage = min(SCAN_RING, n_host // 4) if n_host < n_total else 0
         self.n_host = n_host - self.n_stage  # host-cache records (the ring follows them)
-        # The scan ring (see `_ask_reads`): ring slots free to read into (the copy out of one
-        # may still run: `_host_copy`), and the records asked of the reader thread, in the order
-        # asked: key -> (order, asked by `read_ahead`, future of the ring slot it is read into).
-        # Shared by the reader, the thread that copies and the host thread: under `_ring_cv`.
-        self._ring_cv = threading.Condition()
-        self._ring_free: collections.deque[int] = collections.deque(
-            range(self.n_host, self.n_host + self.n_stage)
-        )
-        self._ring_of: dict[Key, tuple[int, bool, Future]] = {}
-        self._ring_seq = 0
-        self._reader: ThreadPoolExecutor | None = None  # the one thread reading into the ring
-        self._reader_last: Future | None = None
-        self.ahead_used = 0  # records copied from the ring that `read_ahead` asked for
+        self._stage_next = 0
+        # Records of the tier below already read into the ring ahead of their layer's request
+        # (`read_ahead`): key -> ring slot, and the key each ring slot holds that way. Both
+        # belong to the background thread.
+        self._ahead: dict[Key, int] = {}
+        self._ring_key: dict[int, Key] = {}
+        self.ahead_used = 0  # records copied from the ring as read ahead
         self.host: RecordBuffer | None = None
         self.hostres = (
             Residency(self.n_host, n_layers, make_policy(policy, self.n_host, per_token), 0)
@@ -562,14 +553,16 @@ class ExpertStore:
             self.hostres.protected[s] = True
             return self.host.view(s), s
 
-    def _below_source(self, key: Key) -> tuple[dict[str, torch.Tensor], bool, int | None]:
-        """Where a record missed by the host cache is copied from, outside the scan ring ->
-        (its tensors, whether they still need to be read from the disk tier first, its host
-        slot or None).
+    def _below_source(
+        self, key: Key, scan: bool
+    ) -> tuple[dict[str, torch.Tensor], bool, int | None]:
+        """Where a record missed by the host cache is copied from -> (its tensors, whether they
+        still need to be read from the disk tier first, its host slot or None).
 
         The record gets a host-cache slot to be read into (protected like a hit; a copy from
-        the entry it evicts that may still be reading is waited for first), or, with no host
-        tier (CPU, or not pinned yet), is read in place from the disk tier."""
+        the entry it evicts that may still be reading is waited for first), or, in a scan, the
+        next slot of the scan ring (not admitted: see SCAN_RING), or, with no host tier (CPU, or
+        not pinned yet), is read in place from the disk tier."""
         with self.lock:
             self.counters.disk_loads += 1
             self.counters.bytes_disk += self.record_bytes
@@ -578,12 +571,25 @@ class ExpertStore:
                 rec = self._disk_record(key)
                 self.counters.disk_s += time.perf_counter() - t0
                 return rec, False, None
-            s, _ = self.hostres.admit(key)
-            self.hostres.protected[s] = True
+            if scan and self.n_stage:
+                s = self._next_ring_slot()
+            else:
+                s, _ = self.hostres.admit(key)
+                self.hostres.protected[s] = True
             pending = self._host_copy.pop(s, None)
         if pending is not None:
             pending.synchronize()
         return self.host.view(s), True, s
+
+    def _next_ring_slot(self) -> int:
+        """The scan ring's next slot (in turn); a record read ahead into it is forgotten.
+        The caller waits for the last copy out of it (`_host_copy`)."""
+        s = self.n_host + self._stage_next
+        self._stage_next = (self._stage_next + 1) % self.n_stage
+        old = self._ring_key.pop(s, None)
+        if old is not None:
+            self._ahead.pop(old, None)
+        return s
 
     def in_place(self, key: Key) -> tuple[dict[str, list[torch.Tensor]], bool]:
         """key's record where it lies, for the CPU lane to read without copying -> (per record
@@ -704,8 +710,7 @@ class ExpertStore:
             self.counters.gpu_hits += 1
             self.gpu.protected[s] = True
             slots.append(s)
-        busy = self._last is not None or self._reader_last is not None
-        if (self._pending or (busy and not scan)) and missed:
+        if (self._pending or (self._last is not None and not scan)) and missed:
             # Background loads (a scan's) still to finish: one whose slot may be evicted now
             # first (its copy then precedes the refill's on the copy stream, and a failure
             # forgets the old key, not the new); for a request that is not a scan, all, reads
@@ -747,11 +752,9 @@ class ExpertStore:
     def _load(self, misses: list[tuple[int, Key]], scan: bool = False) -> None:
         """Copy missed records into their slots: host-cache hits first (their copies run while
         the rest is read), then the records of the tier below, read in pieces by all the reader
-        threads, each copied as soon as it is read. `scan`: those are read through the scan
-        ring by the reader thread (`_ask_reads`); on CUDA a scan's copies are queued in the
-        background (`_load_behind`)."""
-        if self._ring_scan(scan):
-            self._ask_reads(self._below_keys(misses), ahead=False)
+        threads, each copied as soon as it is read. `scan`: those go through the scan ring, a
+        ring's worth at a time (a ring slot is reused once the copy out of it has run). On CUDA
+        a scan loads in the background (`_load_behind`)."""
         if scan and self.copy_stream is not None and self.host is not None:
             self._load_behind(misses)
             return
@@ -785,192 +788,56 @@ class ExpertStore:
         self, misses: list[tuple[int, Key]], scan: bool
     ) -> Iterator[tuple[int, dict[str, torch.Tensor], int | None]]:
         """(slot, the record to copy into it, its host slot or None) for each miss, in copy
-        order: host-cache hits (their copies run while the rest is read), a scan's records
-        from the ring in the order the reader reads them, then the other records of the tier
-        below as each is read, by all the reader threads. The caller copies each before asking
-        for the next; a ring slot or a cache slot to be read into whose record was not copied
-        is given back or forgotten when the generator ends early (an error, or the caller's)."""
-        if scan:
-            self._release_ring(misses)
-        ring: list[tuple[int, int, Key, bool, Future]] = []
+        order: host-cache hits (their copies run while the rest is read), a scan's records read
+        ahead, then the records of the tier below as each is read, by all the reader threads
+        (a scan's through the ring, a ring's worth at a time: a ring slot is reused once the
+        copy out of it has run). The caller copies each before asking for the next; a cache
+        slot that was to be read into and whose record was not copied is forgotten when the
+        generator ends early (an error, or the caller's)."""
         below = []
         for s, key in misses:
-            asked = self._ring_of.get(key) if scan else None
-            if asked is not None:  # asked of the reader (`_ask_reads`)
-                ring.append((asked[0], s, key, asked[1], asked[2]))
-                continue
             hit = self._host_hit(key)
             if hit is not None:
                 yield s, *hit
                 continue
-            below.append((s, key))  # (in a scan: the host cache was filling when it was asked)
-        ring.sort()  # the reader's order: each wait is for the next record it reads
-        taken = 0
-        try:
-            for _, s, key, ahead, fut in ring:
-                h = fut.result()  # raises the read's error
-                with self.lock:
-                    self.counters.disk_loads += 1
-                    self.counters.bytes_disk += self.record_bytes
-                self.ahead_used += ahead
-                yield s, self.host.view(h), h
-                taken += 1
-                self._ring_done(key, fut, h)
-        finally:
-            for _, _, key, _, fut in ring[taken:]:
-                self._ring_drop(key, fut)
+            h = self._ahead.pop(key, None) if scan else None
+            if h is None:
+                below.append((s, key))
+                continue
+            del self._ring_key[h]  # read ahead: counted (and copied) now
+            self.ahead_used += 1
+            with self.lock:
+                self.counters.disk_loads += 1
+                self.counters.bytes_disk += self.record_bytes
+            yield s, self.host.view(h), h
         host_slot: dict[int, int | None] = {}
         done: set[int] = set()  # slots the caller has copied into
+        group = self.n_stage if scan and self.n_stage else max(len(below), 1)
         try:
-            reads = []
-            for s, key in below:
-                src, unread, h = self._below_source(key)
-                host_slot[s] = h
-                if unread:
-                    reads.append((s, key, src))
-                else:
-                    yield s, src, h
-                    done.add(s)
-            if reads:
-                t0 = time.perf_counter()
-                for s, src in self._read_parallel(reads):
-                    yield s, src, host_slot[s]
-                    done.add(s)
-                with self.lock:
-                    self.counters.disk_s += time.perf_counter() - t0
+            for g in range(0, len(below), group):
+                reads = []
+                for s, key in below[g : g + group]:
+                    src, unread, h = self._below_source(key, scan)
+                    host_slot[s] = h
+                    if unread:
+                        reads.append((s, key, src))
+                    else:
+                        yield s, src, h
+                        done.add(s)
+                if reads:
+                    t0 = time.perf_counter()
+                    with record_function("hs::read"):
+                        for s, src in self._read_parallel(reads):
+                            yield s, src, host_slot[s]
+                            done.add(s)
+                    with self.lock:
+                        self.counters.disk_s += time.perf_counter() - t0
         except BaseException:
-            with self.lock:  # a cache slot read into holds nothing
+            with self.lock:  # a cache slot read into (the ring is not the cache) holds nothing
                 for s, h in host_slot.items():
-                    if s not in done and h is not None:
+                    if s not in done and h is not None and h < self.n_host:
                         self.hostres.drop(h)
             raise
-
-    # -- the scan ring: one reader thread reads ahead, the copies free its slots ------------------
-    def _ring_scan(self, scan: bool) -> bool:
-        """Whether a request's reads of the tier below go through the scan ring."""
-        return scan and self.n_stage > 0 and self.host is not None
-
-    def _below_keys(self, misses: list[tuple[int, Key]]) -> list[Key]:
-        """The misses' keys the host cache does not hold."""
-        with self.lock:
-            return [key for _, key in misses if key not in self.hostres.slot_of]
-
-    def _ask_reads(self, keys: list[Key], ahead: bool) -> None:
-        """Have the reader thread read these records of the tier below into the scan ring
-        (those not asked already), in this order, after what was asked before.
-
-        One thread reads and another queues the copies: a copy call blocks once the copy
-        stream has ~1,000 copies queued (a layer's scan queues that many), and a thread doing
-        both spent that time not reading (measured: reads and copies ran one after the other,
-        6.3 s for a 4K prompt at 24 GiB). The reader waits for a free ring slot; a slot is
-        freed once the copy out of it is queued (`_ring_done`) and rewritten once that copy
-        has run. Records are copied in the order they were asked (`_sources`), so a copy never
-        waits for a record behind one that waits for its slot; records a layer's load will not
-        copy are given back when it starts (`_release_ring`)."""
-        items = []
-        with self._ring_cv:
-            for key in keys:
-                if key in self._ring_of:
-                    continue
-                fut: Future = Future()
-                self._ring_of[key] = (self._ring_seq, ahead, fut)
-                self._ring_seq += 1
-                items.append((key, fut))
-        if not items:
-            return
-        if self._reader is None:
-            self._reader = ThreadPoolExecutor(1, thread_name_prefix="homeseek-scan-read")
-        self._reader_last = self._reader.submit(self._read_job, items)
-
-    def _take_ring_slot(self, block: bool) -> int | None:
-        """(reader thread) A free ring slot, once the copy out of it has run; None when none
-        is free and not `block`."""
-        with self._ring_cv:
-            while not self._ring_free:
-                if not block:
-                    return None
-                self._ring_cv.wait()
-            h = self._ring_free.popleft()
-            pending = self._host_copy.pop(h, None)
-        if pending is not None:
-            with record_function("hs::ring_slot_wait"):
-                pending.synchronize()
-        return h
-
-    def _give_ring_slot(self, h: int) -> None:
-        with self._ring_cv:
-            self._ring_free.append(h)
-            self._ring_cv.notify_all()
-
-    def _read_job(self, items: list[tuple[Key, Future]]) -> None:
-        """(reader thread) Read the asked records into ring slots, a few at a time (those with
-        a free slot at hand); each future gets its ring slot, or the read's error."""
-        i, t0 = 0, time.perf_counter()
-        while i < len(items):
-            batch: list[tuple[int, Key, Future]] = []
-            while i < len(items) and len(batch) < READ_BATCH:
-                h = self._take_ring_slot(block=not batch)
-                if h is None:
-                    break
-                key, fut = items[i]
-                i += 1
-                if not fut.set_running_or_notify_cancel():  # given back before it was read
-                    self._give_ring_slot(h)
-                    continue
-                batch.append((h, key, fut))
-            if not batch:
-                continue
-            fut_of = {h: fut for h, _, fut in batch}
-            try:
-                reads = [(h, k, self.host.view(h)) for h, k, _ in batch]
-                with record_function("hs::read"):
-                    for h, _ in self._read_parallel(reads):
-                        fut_of.pop(h).set_result(h)
-            except BaseException as e:  # the records not read hold nothing
-                for h, fut in fut_of.items():
-                    self._give_ring_slot(h)
-                    fut.set_exception(e)
-        with self.lock:
-            self.counters.disk_s += time.perf_counter() - t0
-
-    def _ring_done(self, key: Key, fut: Future, h: int) -> None:
-        """The copy out of ring slot h is queued: the slot is free to be read into again (once
-        that copy has run)."""
-        with self._ring_cv:
-            if self._ring_of.get(key, (0, False, None))[2] is fut:
-                del self._ring_of[key]
-        self._give_ring_slot(h)
-
-    def _ring_drop(self, key: Key, fut: Future) -> None:
-        """Give back a record asked of the reader that will not be copied: cancelled if not
-        read yet, else its slot freed (once read)."""
-        with self._ring_cv:
-            if self._ring_of.get(key, (0, False, None))[2] is fut:
-                del self._ring_of[key]
-        if fut.cancel():
-            return
-        try:
-            h = fut.result()
-        except BaseException:
-            return  # its slot went back with the error
-        self._give_ring_slot(h)
-
-    def _release_ring(self, misses: list[tuple[int, Key]] | None = None) -> None:
-        """Give back the records asked of the reader that no load will copy any more: those of
-        layers before the misses' layer (a step passes its layers in order) and those of that
-        layer the misses do not include (asked ahead, and the layer then took other experts);
-        all of them without `misses` (the step is over). Before a load waits for its own."""
-        if misses:
-            layer, want = misses[0][1][0], {key for _, key in misses}
-            stale = [
-                (k, v[2])
-                for k, v in list(self._ring_of.items())
-                if k[0] < layer or (k[0] == layer and k not in want)
-            ]
-        else:
-            stale = [(k, v[2]) for k, v in list(self._ring_of.items())]
-        for key, fut in stale:
-            self._ring_drop(key, fut)
 
     def _readers(self) -> ThreadPoolExecutor:
         if self._reader_pool is None:
@@ -1041,10 +908,11 @@ class ExpertStore:
 
     # -- a scan's loads, behind the host's back ---------------------------------------------------
     def _load_behind(self, misses: list[tuple[int, Key]]) -> None:
-        """A scan's misses (their slots admitted): queue the copies of host-cache hits and,
-        as the reader thread delivers them, of the records of the tier below (`_ask_reads`) on
-        a background thread, so the host goes on queueing the current layer's kernels
-        meanwhile. `wait` (or a later load that takes one of these slots) joins it."""
+        """A scan's misses (their slots admitted): copy host-cache hits and read the records
+        of the tier below through the scan ring on a background thread, which queues every
+        copy itself, so the host goes on queueing the current layer's kernels meanwhile (read
+        in line, the next layer's reads and the current layer's kernels ran one after the
+        other). `wait` (or a later load that takes one of these slots) joins it."""
         # The copies into these slots wait for their last use (the events noted now, on this
         # thread, which owns `last_use`).
         after = {s: self.last_use.pop(s, None) for s, _ in misses}
@@ -1086,15 +954,40 @@ class ExpertStore:
         return ready, None
 
     def read_ahead(self, layer: int) -> None:
-        """Scan: have the reader thread read `layer`'s records of the tier below into the scan
-        ring after what it was asked before (`_ask_reads`): that layer's own load then only
-        copies them, and the reads of a scan run while the GPU works and the copies of the
-        layers before run. Counted when copied."""
-        if self.copy_stream is None or not self._ring_scan(True):
+        """Scan: read `layer`'s records of the tier below into the scan ring now, on the
+        background thread once the loads queued before it are queued (at most half the ring,
+        so it does not wait for the copies still to run out of the other half): that layer's
+        own load then only copies them, and the reads of a scan run while the GPU works
+        instead of after the previous layer's loads. Counted when used; a failed read here is
+        left to that load to repeat (and report)."""
+        if self.copy_stream is None or self.host is None or not self.n_stage:
             return
         keys = [(layer, e) for e in range(self.cfg.n_routed_experts)]
         keys = [k for k in keys if k not in self.gpu.slot_of]
-        self._ask_reads(self._below_keys([(-1, k) for k in keys]), ahead=True)
+        self._submit(self._ahead_job, keys)
+
+    def _ahead_job(self, keys: list[Key]) -> None:
+        """(background thread) `read_ahead`'s reads."""
+        with self.lock:
+            below = [k for k in keys if k not in self.hostres.slot_of and k not in self._ahead]
+        reads = []
+        for key in below[: self.n_stage // 2]:
+            h = self._next_ring_slot()
+            pending = self._host_copy.pop(h, None)
+            if pending is not None:
+                pending.synchronize()
+            reads.append((h, key, self.host.view(h)))
+        key_of = {h: key for h, key, _ in reads}
+        t0 = time.perf_counter()
+        try:
+            with record_function("hs::read"):
+                for h, _ in self._read_parallel(reads):
+                    self._ahead[key_of[h]] = h
+                    self._ring_key[h] = key_of[h]
+        except Exception:  # the layer's own load reads it again, and reports
+            pass
+        with self.lock:
+            self.counters.disk_s += time.perf_counter() - t0
 
     def _join(self, slots: Iterable[int]) -> None:
         """Wait for the background loads that fill any of these slots; their copies' events
@@ -1117,20 +1010,12 @@ class ExpertStore:
             raise error
 
     def join_loads(self) -> None:
-        """Wait for everything in the background: the loads (see `_join`), then the reader
-        (the records it was asked for that no load copied are given back)."""
-        try:
-            if self._last is not None:
-                self._last.result()  # the thread runs in order: all before it are done too
-                self._last = None
-            if self._pending:
-                self._join(list(self._pending))
-        finally:
-            if self._ring_of:
-                self._release_ring()
-            if self._reader_last is not None:
-                self._reader_last.result()
-                self._reader_last = None
+        """Wait for everything on the background thread (loads: see `_join`; reads ahead)."""
+        if self._last is not None:
+            self._last.result()  # the thread runs in order: all before it are done too
+            self._last = None
+        if self._pending:
+            self._join(list(self._pending))
 
     def wait(self, slots: Iterable[int]) -> None:
         """Make the compute stream wait for the copies into these slots (and nothing else);
@@ -1138,7 +1023,7 @@ class ExpertStore:
         slots = list(slots)
         if self._pending:
             try:
-                with record_function("hs::join"):
+                with record_function("hs::join"):  # (a profiler's marker: prefill_profile.py)
                     self._join(slots)
             except BaseException:
                 self._publish({})  # the evicted entries leave the map all the same

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import json
 import os
@@ -267,11 +266,11 @@ def test_a_failed_read_leaves_nothing_behind(monkeypatch):
     if store.host is None:  # CPU: records are read in place; make the second one fail there
         real = store._below_source
 
-        def source(key):
+        def source(key, scan):
             calls.append(key)
             if len(calls) == 2:
                 raise OSError("shard read failed")
-            return real(key)
+            return real(key, scan)
 
         monkeypatch.setattr(store, "_below_source", source)
     free = len(store.gpu.free)
@@ -420,11 +419,11 @@ def test_a_host_slot_is_refilled_only_after_its_last_copy_to_the_gpu():
         def synchronize(self) -> None:
             self.synced = True
 
-    src, unread, h = store._below_source((1, 5))
+    src, unread, h = store._below_source((1, 5), False)
     assert unread and h == 0
     pending = store._host_copy[0] = Pending()  # as `_copy_to_slot` notes a copy from it
     store.begin_layer()
-    src, unread, h = store._below_source((1, 6))  # evicts (1, 5): its copy may still read
+    src, unread, h = store._below_source((1, 6), False)  # evicts (1, 5): its copy may still read
     assert unread and h == 0 and pending.synced
     assert 0 not in store._host_copy
 
@@ -463,7 +462,6 @@ def _cpu_host_tier(store, n_host: int, n_stage: int) -> None:
     store.host = RecordBuffer(cfg, n_host + n_stage, "cpu")
     store.hostres = Residency(n_host, cfg.num_hidden_layers, LRUPolicy(n_host))
     store.n_host, store.n_stage = n_host, n_stage
-    store._ring_free = collections.deque(range(n_host, n_host + n_stage))
     keys = [(layer, e) for layer in store.layers for e in range(cfg.n_routed_experts)]
     for key in keys[:n_host]:
         s, _ = store.hostres.admit(key)
@@ -500,34 +498,3 @@ def test_scans_leave_the_host_cache_as_it_was():
     store.begin_layer()
     store.ensure_resident(L - 1, [0, 1])  # not a scan: misses enter the cache
     assert (L - 1, 0) in store.hostres.slot_of and (L - 1, 1) in store.hostres.slot_of
-
-
-def test_records_read_ahead_and_not_used_give_their_ring_slots_back():
-    """The reader thread reads what it is asked into the scan ring, waiting for free slots.
-    Records read ahead that the layer then does not take (here 6 of 8) are given back when its
-    load starts, so the reads it does need get slots (else reader and load would wait for each
-    other); at the end of a step every slot is free again."""
-    import threading
-
-    eng = homeseek.load("tiny", dtype=torch.float32, max_context=64)
-    store, cfg = eng.experts, eng.cfg
-    E = cfg.n_routed_experts
-    _cpu_host_tier(store, 2, 3)  # the cache holds layer 0's first records; the ring 3
-    layer = 1
-    store._ask_reads([(layer, e) for e in range(E)], ahead=True)  # fills the ring, then waits
-    result: dict[str, object] = {}
-
-    def load() -> None:
-        store.begin_layer()
-        result["slots"] = store.ensure_resident(layer, [5, 6], scan=True)
-        store.join_loads()
-
-    t = threading.Thread(target=load, daemon=True)
-    t.start()
-    t.join(timeout=30)
-    assert not t.is_alive(), "reader and load wait for each other"
-    for e, s in zip((5, 6), result["slots"], strict=True):
-        want, got = store._disk_record((layer, e)), store.pool.view(s)
-        assert all(torch.equal(got[k], want[k]) for k in want), e
-    assert store.ahead_used == 2
-    assert not store._ring_of and sorted(store._ring_free) == [2, 3, 4]

@@ -56,9 +56,9 @@ def _cover(spans: list[tuple[float, float]], a: float, b: float) -> float:
 
 
 # Host ranges the engine marks (torch.profiler.record_function): the main thread waiting for a
-# layer's expert ids and for the copier's job, the copier's jobs, the reader's reads and its
-# waits for a ring slot's last copy.
-MARKS = ("hs::ids", "hs::join", "hs::copier", "hs::read", "hs::ring_slot_wait")
+# layer's expert ids and for the background loads, the background thread's loads and the reads
+# of the tier below (ranges of threads the profiler does not follow stay empty).
+MARKS = ("hs::ids", "hs::join", "hs::copier", "hs::read")
 
 
 def _timeline(kern, h2d, marks: dict[str, list], frac: tuple[float, float], step: float) -> None:
