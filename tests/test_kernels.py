@@ -521,19 +521,27 @@ def test_fp4_experts_decode_small_dims_interp():
 
 
 @interp
-@pytest.mark.parametrize("variant", ["v1", "v2"])
+@pytest.mark.parametrize(
+    "m, d, i, config",
+    [
+        (19, 128, 64, {"variant": "v1", "block_m": 16, "block_n": 32}),
+        (19, 128, 64, {"variant": "v2", "block_m": 16, "block_n": 32}),
+        # the tiny test model's D = 64, I = 32 with v2's default tiles (clamped to the matrices)
+        (7, 64, 32, {"variant": "v2"}),
+    ],
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_fp4_experts_grouped_interp(dtype, variant):
-    m, k, d, i, n_slots = 19, 2, 128, 64, 3
+def test_fp4_experts_grouped_interp(dtype, m, d, i, config):
+    k, n_slots = 2, 3
     pool = make_pool(n_slots, d, i, seed=9)
     slots, rw = make_routing(m, k, n_slots, seed=9)
     x = torch.randn(m, d, generator=_gen(7)).to(dtype)
     shared = torch.randn(m, d, generator=_gen(8)).to(dtype)
     out = poison((m, d), dtype)
     f4.fp4_experts_grouped(x, slots, rw, shared, *pool, 10.0, out=out, act_quant=True,
-                           config={"variant": variant, "block_m": 16, "block_n": 32})  # fmt: skip
+                           config=config)  # fmt: skip
     ref = f4.fp4_experts_ref(x, slots, rw, shared, *pool, 10.0, act_quant=True)
-    assert_close("fp4_experts_grouped", out, ref, dtype, loose=2.0)
+    assert_close(f"fp4_experts_grouped {config}", out, ref, dtype, loose=2.0)
 
 
 def _v2_edge_routing(m, k, n_slots):
@@ -574,22 +582,6 @@ def test_fp4_experts_grouped_v2_interp(cfg, dtype, act_quant):
                            config={"variant": "v2", **cfg})  # fmt: skip
     ref = f4.fp4_experts_ref(x, slots, rw, shared, *pool, 10.0, act_quant=act_quant)
     assert_close("fp4_experts_grouped v2", out, ref, dtype, loose=2.0)
-
-
-@interp
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_fp4_experts_grouped_v2_small_dims_interp(dtype):
-    """The tiny test model's D = 64, I = 32 with the default tiles (clamped to the matrices)."""
-    m, k, d, i, n_slots = 7, 2, 64, 32, 3
-    pool = make_pool(n_slots, d, i, seed=12)
-    slots, rw = make_routing(m, k, n_slots, seed=12)
-    x = torch.randn(m, d, generator=_gen(13)).to(dtype)
-    shared = torch.randn(m, d, generator=_gen(14)).to(dtype)
-    out = poison((m, d), dtype)
-    f4.fp4_experts_grouped(x, slots, rw, shared, *pool, 10.0, out=out, act_quant=True,
-                           config={"variant": "v2"})  # fmt: skip
-    ref = f4.fp4_experts_ref(x, slots, rw, shared, *pool, 10.0, act_quant=True)
-    assert_close("fp4_experts_grouped v2 small dims", out, ref, dtype, loose=2.0)
 
 
 @interp

@@ -504,6 +504,18 @@ FP8_SWEEP = {
 }
 
 
+# The engine's dense FP8 launches at prefill (model.fuse_linears stacks those sharing an input).
+# wo_a's groups are not here: they run without act_quant, on the Triton GEMM either way.
+FP8_PREFILL = [
+    ("wq_a+wkv", 1536, 4096),
+    ("wq_b+indexer wq_b", 40960, 1024),  # CSA layers
+    ("wq_b", 32768, 1024),  # HCA / SWA layers
+    ("wo_b", 4096, 8192),
+    ("shared w1+w3", 4096, 4096),
+    ("shared w2", 4096, 2048),
+]
+
+
 def bench_fp8(record, dev, dt, n_sets: int, quick: bool, sweep: bool = False) -> None:
     """FP8 linears of V4-Flash; >= 400 MB of weights rotated for the GEMV rows."""
     from homeseek.kernels import fp8_linear as f8
@@ -511,12 +523,7 @@ def bench_fp8(record, dev, dt, n_sets: int, quick: bool, sweep: bool = False) ->
     # The engine's launches first (model.fuse_linears stacks the linears that share an input),
     # then the single matrices they are made of, for reference.
     shapes = [
-        ("wq_a+wkv", 1536, 4096),
-        ("wq_b+indexer wq_b", 40960, 1024),  # CSA layers
-        ("wq_b", 32768, 1024),  # HCA / SWA layers
-        ("wo_b", 4096, 8192),
-        ("shared w1+w3", 4096, 4096),
-        ("shared w2", 4096, 2048),
+        *FP8_PREFILL,
         ("wq_a", 1024, 4096),
         ("wkv", 512, 4096),
         ("shared w1", 2048, 4096),
@@ -615,18 +622,6 @@ def bench_fp8_layer(record, dev, dt, n_sets: int) -> None:
         ms = _bench(run, n_l)
         tgt = None if label else TARGET
         record(f"fp8_linear layer chain ({len(FP8_LAYER)} launches) M=1{label}", ms, nbytes, tgt)
-
-
-# The engine's dense FP8 launches at prefill (model.fuse_linears stacks those sharing an input).
-# wo_a's groups are not here: they run without act_quant, on the Triton GEMM either way.
-FP8_PREFILL = [
-    ("wq_a+wkv", 1536, 4096),
-    ("wq_b+indexer wq_b", 40960, 1024),  # CSA layers
-    ("wq_b", 32768, 1024),  # HCA / SWA layers
-    ("wo_b", 4096, 8192),
-    ("shared w1+w3", 4096, 4096),
-    ("shared w2", 4096, 2048),
-]
 
 
 def bench_fp8_prefill(record, dev, dt, quick: bool) -> None:
