@@ -333,12 +333,22 @@ def check_load(args: argparse.Namespace, needs_tokenizer: bool = False) -> LoadA
     """Validate everything `_load` needs from the arguments, the environment and the checkpoint
     directory's small files (config.json, tokenizer.json), before any weight is read."""
     from homeseek import plan
-    from homeseek.config import PRESETS, ConfigError, ModelConfig, env_int, prefill_chunk_env
+    from homeseek.config import (
+        PRESETS,
+        ConfigError,
+        ModelConfig,
+        env_int,
+        prefill_chunk_env,
+        prefill_group_default,
+    )
 
     device = _check_device(args.device)
     try:
         max_context = args.max_context or env_int("MAX_CONTEXT", 32768)
         prefill_chunk = args.prefill_chunk or prefill_chunk_env()
+        group = args.prefill_group
+        if group is None:  # as RuntimeConfig.build fills it, so this plan is the engine's
+            group = prefill_group_default(device)
     except ConfigError as e:
         raise UsageError(str(e)) from None
     model = Path(args.model)
@@ -382,7 +392,7 @@ def check_load(args: argparse.Namespace, needs_tokenizer: bool = False) -> LoadA
         act = 4 if args.dtype == "fp32" else 2
         p = plan.memory_plan(
             cfg, gpu, host, max_context, act_bytes=act, prefill_chunk=prefill_chunk,
-            quant_sim=not args.no_quant_sim, prefill_group=args.prefill_group,
+            quant_sim=not args.no_quant_sim, prefill_group=group,
         )  # fmt: skip
         problem = p.problem(plan.CLI_NAMES)
         if problem is not None:

@@ -1251,6 +1251,11 @@ def banner_lines(engine: Engine, cfg: ServerConfig) -> list[str]:
         f"{slots} in the slot pool on {rt.device} ({_size(slots * p.record)}), "
         f"{host} in the host cache ({_size(host * p.record)}), {disk} read from disk on demand",
         f"prefill: chunks of {rt.prefill_chunk} tokens"
+        + (
+            f", layer by layer in groups of {rt.prefill_group}"
+            if (rt.prefill_group or 0) > rt.prefill_chunk
+            else ""
+        )
         + (f", workspace {_size(engine.plan.workspace)}" if getattr(engine, "plan", None) else ""),
         f"requests: one at a time, queue {cfg.max_queue}, body limit "
         f"{_size(cfg.max_body_bytes)}, API key {'required' if cfg.api_key else 'off'}",

@@ -400,3 +400,26 @@ def test_help_words_the_plan_defaults() -> None:
     host_pct = round((1 - plan.HOST_RESERVE_FRACTION) * 100)
     assert cli.GPU_DEFAULT_TEXT.startswith(f"{gpu_pct}%%")
     assert cli.HOST_DEFAULT_TEXT.startswith(f"{host_pct}%%")
+
+
+def test_the_load_check_plans_with_the_engines_default_group(monkeypatch) -> None:
+    """The plan checked before loading reserves what the engine's will: the CUDA default group
+    when --prefill-group is not given, none with 0."""
+    from homeseek import plan
+    from homeseek.config import DEFAULT_PREFILL_GROUP
+
+    seen: dict = {}
+    real = plan.memory_plan
+
+    def spy(*a, **kw):
+        seen.update(kw)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(cli, "_check_device", lambda device: "cuda")
+    monkeypatch.setattr(plan, "memory_plan", spy)
+    monkeypatch.delenv("HOMESEEK_PREFILL_GROUP", raising=False)
+    cli.check_load(cli.build_parser().parse_args(["generate", "--gpu-mem-gb", "24", "x"]))
+    assert seen["prefill_group"] == DEFAULT_PREFILL_GROUP
+    argv = ["generate", "--gpu-mem-gb", "24", "--prefill-group", "0", "x"]
+    cli.check_load(cli.build_parser().parse_args(argv))
+    assert seen["prefill_group"] == 0
