@@ -30,7 +30,7 @@ ENV_VARS = {
     "HOMESEEK_PREFILL_CHUNK": "default of --prefill-chunk: tokens per forward pass while "
     "prefilling a prompt (unset: the largest the GPU budget allows, up to 4096; 2048 on CPU)",
     "HOMESEEK_PREFILL_GROUP": "default of --prefill-group: tokens of a prompt prefilled layer "
-    "by layer (unset: 16384 on CUDA, chunk by chunk on CPU; 0: chunk by chunk)",
+    "by layer (unset: derived on CUDA, up to 16384; chunk by chunk on CPU; 0: chunk by chunk)",
     "HOMESEEK_API_KEY": "serve: the key clients must send when --api-key is not given "
     "(unlike a flag, not visible in `ps`)",
     "TORCHINDUCTOR_CACHE_DIR": "where torch.compile keeps the CUDA decode step's compiled kernels "
@@ -270,8 +270,8 @@ def _add_mtp_arg(p: argparse.ArgumentParser) -> None:
 GPU_DEFAULT_TEXT = "90%% of the GPU memory free at start"
 HOST_DEFAULT_TEXT = "75%% of the RAM available at start"
 GROUP_DEFAULT_TEXT = (
-    "$HOMESEEK_PREFILL_GROUP, else 16384 on CUDA (homeseek.config.DEFAULT_PREFILL_GROUP) and "
-    "chunk by chunk on CPU"
+    "$HOMESEEK_PREFILL_GROUP, else on CUDA as many chunks as take at most an eighth of the expert "
+    "pool, up to 16384 tokens; chunk by chunk on CPU"
 )
 CHUNK_DEFAULT_TEXT = (
     "$HOMESEEK_PREFILL_CHUNK, else the largest power of two up to 4096 whose workspace takes at "
@@ -393,6 +393,7 @@ def check_load(args: argparse.Namespace, needs_tokenizer: bool = False) -> LoadA
         p = plan.memory_plan(
             cfg, gpu, host, max_context, act_bytes=act, prefill_chunk=prefill_chunk,
             quant_sim=not args.no_quant_sim, prefill_group=group,
+            derive_prefill_group=group is None,
         )  # fmt: skip
         problem = p.problem(plan.CLI_NAMES)
         if problem is not None:
@@ -645,8 +646,9 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     if group is None:  # the plan is for a GPU: its default
         group = prefill_group_default("cuda")
     p = plan.memory_plan(
-        cfg, gpu_gb, host_gb, args.max_context, prefill_chunk=chunk, prefill_group=group
-    )
+        cfg, gpu_gb, host_gb, args.max_context, prefill_chunk=chunk, prefill_group=group,
+        derive_prefill_group=group is None,
+    )  # fmt: skip
     print(f"memory plan (max_context {args.max_context}):")
     for line in p.lines(hypothetical=hypothetical):
         print(f"  {line}")

@@ -267,7 +267,7 @@ def server_api_key() -> str | None:
     return _env("API_KEY") or None
 
 
-def env_int(name: str, default: int, minimum: int = 1) -> int:
+def env_int(name: str, default: int | None, minimum: int = 1) -> int | None:
     """HOMESEEK_<name> as a whole number >= minimum; unset or empty gives `default`.
 
     A bad value is a ConfigError that names the variable, not int()'s "invalid literal".
@@ -279,7 +279,8 @@ def env_int(name: str, default: int, minimum: int = 1) -> int:
         value = int(raw)
     except ValueError:
         raise ConfigError(
-            f"HOMESEEK_{name}={raw!r} is not a whole number; set it to one (e.g. {default}) "
+            f"HOMESEEK_{name}={raw!r} is not a whole number; set it to one "
+            f"(e.g. {default if default is not None else minimum}) "
             "or unset it"
         ) from None
     if value < minimum:
@@ -291,18 +292,18 @@ def env_int(name: str, default: int, minimum: int = 1) -> int:
 DEFAULT_PREFILL_CHUNK = 2048
 
 
-# Tokens prefilled layer by layer on CUDA when no group is given (`RuntimeConfig.prefill_group`).
-# At 24 GiB a 16K-token prompt took 24.5 s chunk by chunk (the model copied once per 4K chunk)
-# and 15.4 s layer by layer (tools/PERF_NOTES.md, session 11), for 384 MiB of the budget (the
-# other chunks' streams) taken from the expert pool. CPU engines copy nothing: chunk by chunk.
+# The most tokens prefilled layer by layer on CUDA when no group is given
+# (`RuntimeConfig.prefill_group`; the plan derives the group: plan.derive_group). At 24 GiB a
+# 16K-token prompt took 24.5 s chunk by chunk (the model copied once per 4K chunk) and 15.4 s
+# layer by layer (tools/PERF_NOTES.md, session 11), for 384 MiB of the budget (the other
+# chunks' streams) taken from the expert pool. CPU engines copy nothing: chunk by chunk.
 DEFAULT_PREFILL_GROUP = 16384
 
 
-def prefill_group_default(device: str) -> int:
-    """HOMESEEK_PREFILL_GROUP if set, else DEFAULT_PREFILL_GROUP on CUDA and 0 (chunk by chunk)
-    elsewhere."""
-    default = DEFAULT_PREFILL_GROUP if device.startswith("cuda") else 0
-    return env_int("PREFILL_GROUP", default, minimum=0)
+def prefill_group_default(device: str) -> int | None:
+    """HOMESEEK_PREFILL_GROUP if set; else None on CUDA (the memory plan derives the group) and
+    0 (chunk by chunk) elsewhere."""
+    return env_int("PREFILL_GROUP", None if device.startswith("cuda") else 0, minimum=0)
 
 
 def prefill_chunk_env() -> int | None:
@@ -339,7 +340,9 @@ class RuntimeConfig:
     # Tokens of a prompt prefilled layer by layer (`Runner.steps`): the group's chunks each pass
     # a layer before the next layer starts, so an expert moves over PCIe once per group instead
     # of once per chunk, for the GPU memory of the other chunks' streams (the plan reserves it).
-    # 0 (or no more than a chunk): chunk by chunk; build() fills None (prefill_group_default).
+    # 0 (or no more than a chunk): chunk by chunk. None on CUDA: derived by the memory plan
+    # (plan.derive_group, at most DEFAULT_PREFILL_GROUP); build() fills it from
+    # HOMESEEK_PREFILL_GROUP, else leaves None on CUDA and 0 elsewhere.
     prefill_group: int | None = None
     gpu_mem_gb: float | None = None
     host_mem_gb: float | None = None

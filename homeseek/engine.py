@@ -152,7 +152,9 @@ class Engine:
         chunk = rt.prefill_chunk
         if chunk is None:
             chunk = self.plan.chunk if self.plan is not None else DEFAULT_PREFILL_CHUNK
-        self.rt = rt = dataclasses.replace(rt, prefill_chunk=chunk)
+        # The group: the plan's (derived when none was given), else chunk by chunk.
+        group = self.plan.group if self.plan is not None else (rt.prefill_group or 0)
+        self.rt = rt = dataclasses.replace(rt, prefill_chunk=chunk, prefill_group=group)
         # Triton kernels only for CUDA tensors, decided once here: the engine never runs CPU
         # tensors through triton's interpreter (which TRITON_INTERPRET=1 would otherwise allow).
         on_cuda = str(rt.device).startswith("cuda")
@@ -255,7 +257,7 @@ class Engine:
             cfg, gpu_gb, self._host_budget_gb(), rt.max_context,
             act_bytes=torch.finfo(rt.dtype).bits // 8, sessions=rt.max_sessions,
             prefill_chunk=rt.prefill_chunk, quant_sim=rt.quant_sim, mtp=rt.mtp > 0,
-            prefill_group=rt.prefill_group,
+            prefill_group=rt.prefill_group, derive_prefill_group=rt.prefill_group is None,
         )  # fmt: skip
         problem = p.problem(plan.PY_NAMES)
         if problem is not None and rt.expert_slots is None:

@@ -15,6 +15,7 @@ one is given; a chunk that does not fit is refused before any weight is read.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import resource
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from homeseek.checkpoint import ST_SIZES, stored_shapes, tensor_table
-from homeseek.config import CSA, HCA, SWA, ModelConfig
+from homeseek.config import CSA, DEFAULT_PREFILL_GROUP, HCA, SWA, ModelConfig
 from homeseek.experts import record_bytes
 from homeseek.model import HEAD_CHUNK_ROWS
 
@@ -368,7 +369,30 @@ def group_stream_bytes(
     if not group or group <= chunk:
         return 0
     chunks = -(-min(group, max_context) // chunk)
-    return (chunks - 1) * chunk * cfg.hc_mult * cfg.hidden_size * act_bytes
+    return (chunks - 1) * _chunk_streams(cfg, chunk, act_bytes)
+
+
+def _chunk_streams(cfg: ModelConfig, chunk: int, act_bytes: int) -> int:
+    """One chunk's streams [chunk, hc_mult, hidden]."""
+    return chunk * cfg.hc_mult * cfg.hidden_size * act_bytes
+
+
+# A derived layer-by-layer group (`derive_group`) takes at most this share of the expert pool the
+# plan leaves without one: at 24 GiB on V4-Flash the default 16K group's 384 MiB (3% of the
+# pool); on a small card, where the same streams would cost a fifth of the pool's slots (and
+# decode speed with them), a smaller group or none.
+GROUP_POOL_SHARE = 1 / 8
+
+
+def derive_group(
+    cfg: ModelConfig, chunk: int, pool_bytes: int, max_context: int, act_bytes: int = 2
+) -> int:
+    """The default layer-by-layer group (tokens): the most chunks, up to DEFAULT_PREFILL_GROUP
+    tokens and max_context, whose other chunks' streams take at most GROUP_POOL_SHARE of
+    `pool_bytes`; 0 (chunk by chunk) when fewer than two chunks would."""
+    most = -(-min(DEFAULT_PREFILL_GROUP, max_context) // chunk)
+    n = min(most, 1 + int(GROUP_POOL_SHARE * pool_bytes) // _chunk_streams(cfg, chunk, act_bytes))
+    return n * chunk if n >= 2 else 0
 
 
 def _chunks(max_context: int) -> list[int]:
@@ -437,6 +461,8 @@ class MemoryPlan:
     chunk_derived: bool  # chunk chosen by derive_chunk (else given)
     activations: int  # peak transient bytes of one chunk (prefill_activation_bytes)
     margin: int  # the allocator's fragmentation margin on them (alloc_margin)
+    group: int  # tokens prefilled layer by layer (0: chunk by chunk)
+    group_derived: bool  # group chosen by derive_group (else given)
     group_streams: int  # a layer-major group's other chunks' streams (group_stream_bytes)
     workspace: int  # prefill_workspace(chunk) + group_streams
     record: int
@@ -509,6 +535,15 @@ class MemoryPlan:
                 if self.group_streams
                 else ""
             ),
+            f"prefill layer by layer in groups of {self.group} tokens "
+            f"({'derived from the pool' if self.group_derived else 'as set'})"
+            if self.group
+            else "prefill chunk by chunk"
+            + (
+                " (a layer-by-layer group would take too much of the pool)"
+                if self.group_derived
+                else ""
+            ),
             f"pinned host {self.host_budget / g:.1f} GiB: {self.host_slots} experts",
             f"disk (memory-mapped): {self.disk_experts} experts",
             f"experts total {self.n_experts}: "
@@ -543,6 +578,7 @@ def memory_plan(
     quant_sim: bool = True,
     mtp: bool = False,
     prefill_group: int | None = None,
+    derive_prefill_group: bool = False,
 ) -> MemoryPlan:
     """The GPU split for `sessions` sessions of decode state at max_context each (`mtp`: with
     the MTP block's dense weights, window state and experts).
@@ -552,8 +588,16 @@ def memory_plan(
     RoPE tables leave; 64 when none does). A given chunk is used as is; `fits` then says whether
     it leaves room for a token's experts, and `fitting_chunk` which chunk would.
     prefill_group: tokens prefilled layer by layer; the other chunks' streams join the workspace
-    (`group_stream_bytes`).
+    (`group_stream_bytes`). `derive_prefill_group` (with prefill_group None): the group is
+    `derive_group`'s for the pool a plan without one leaves.
     """
+    if derive_prefill_group and prefill_group is None:
+        args = (cfg, gpu_mem_gb, host_mem_gb, max_context, act_bytes, sessions)
+        base = memory_plan(*args, prefill_chunk, quant_sim, mtp)
+        group = derive_group(cfg, base.chunk, base.gpu_slots * base.record, max_context, act_bytes)
+        p = memory_plan(*args, base.chunk if prefill_chunk is None else prefill_chunk,
+                        quant_sim, mtp, group)  # fmt: skip
+        return dataclasses.replace(p, chunk_derived=prefill_chunk is None, group_derived=True)
     dense = dense_bytes(cfg, include_mtp=mtp)
     state = sessions * state_bytes(cfg, max_context, act_bytes)
     if mtp:  # its window ring per session
@@ -588,6 +632,8 @@ def memory_plan(
         chunk_derived=derived,
         activations=act,
         margin=alloc_margin(cfg, chunk, max_context, act_bytes, act),
+        group=prefill_group if prefill_group and prefill_group > chunk else 0,
+        group_derived=False,
         group_streams=streams,
         workspace=workspace,
         record=record,

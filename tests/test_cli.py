@@ -178,21 +178,24 @@ def test_prefill_group_reaches_load_and_doctor(no_load, capsys) -> None:
 
 
 def test_prefill_group_defaults_to_layer_by_layer_on_cuda_only(no_load, capsys, monkeypatch):
-    """CUDA prefills in groups of DEFAULT_PREFILL_GROUP tokens unless told otherwise (0: chunk
-    by chunk); CPU copies nothing, so it goes chunk by chunk; doctor plans for a GPU."""
-    from homeseek.config import DEFAULT_PREFILL_GROUP, RuntimeConfig
+    """CUDA leaves the group to the memory plan unless told (0: chunk by chunk); CPU copies
+    nothing, so it goes chunk by chunk; doctor plans for a GPU, with the derived group."""
+    from homeseek.config import RuntimeConfig
 
     monkeypatch.delenv("HOMESEEK_PREFILL_GROUP", raising=False)
-    assert RuntimeConfig.build(device="cuda").prefill_group == DEFAULT_PREFILL_GROUP
+    assert RuntimeConfig.build(device="cuda").prefill_group is None  # derived by the plan
     assert RuntimeConfig.build(device="cuda", prefill_group=0).prefill_group == 0
     assert RuntimeConfig.build(device="cpu").prefill_group == 0
     monkeypatch.setenv("HOMESEEK_PREFILL_GROUP", "8192")
     assert RuntimeConfig.build(device="cuda").prefill_group == 8192
     monkeypatch.delenv("HOMESEEK_PREFILL_GROUP")
     assert cli.main(["doctor", "--gpu-mem-gb", "24"]) == 0
-    assert "streams of a layer-by-layer group" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "streams of a layer-by-layer group" in out
+    assert "groups of 16384 tokens (derived from the pool)" in out
     assert cli.main(["doctor", "--gpu-mem-gb", "24", "--prefill-group", "0"]) == 0
-    assert "streams of a layer-by-layer group" not in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "streams of a layer-by-layer group" not in out and "chunk by chunk" in out
 
 
 def test_memory_flags_reach_load(no_load) -> None:
@@ -403,10 +406,9 @@ def test_help_words_the_plan_defaults() -> None:
 
 
 def test_the_load_check_plans_with_the_engines_default_group(monkeypatch) -> None:
-    """The plan checked before loading reserves what the engine's will: the CUDA default group
-    when --prefill-group is not given, none with 0."""
+    """The plan checked before loading reserves what the engine's will: the group derived on
+    CUDA when --prefill-group is not given, none with 0."""
     from homeseek import plan
-    from homeseek.config import DEFAULT_PREFILL_GROUP
 
     seen: dict = {}
     real = plan.memory_plan
@@ -419,7 +421,7 @@ def test_the_load_check_plans_with_the_engines_default_group(monkeypatch) -> Non
     monkeypatch.setattr(plan, "memory_plan", spy)
     monkeypatch.delenv("HOMESEEK_PREFILL_GROUP", raising=False)
     cli.check_load(cli.build_parser().parse_args(["generate", "--gpu-mem-gb", "24", "x"]))
-    assert seen["prefill_group"] == DEFAULT_PREFILL_GROUP
+    assert seen["prefill_group"] is None and seen["derive_prefill_group"]
     argv = ["generate", "--gpu-mem-gb", "24", "--prefill-group", "0", "x"]
     cli.check_load(cli.build_parser().parse_args(argv))
-    assert seen["prefill_group"] == 0
+    assert seen["prefill_group"] == 0 and not seen["derive_prefill_group"]

@@ -13,7 +13,7 @@ import torch
 import homeseek
 from homeseek import engine as engine_mod
 from homeseek import plan
-from homeseek.config import ConfigError, RuntimeConfig, flash_config
+from homeseek.config import DEFAULT_PREFILL_GROUP, ConfigError, RuntimeConfig, flash_config
 
 GiB, MiB = 2**30, 2**20
 
@@ -73,6 +73,32 @@ def test_a_layer_by_layer_group_reserves_the_other_chunks_streams() -> None:
     assert plan.group_stream_bytes(cfg, 4096, 4096, 32768) == 0
     assert plan.group_stream_bytes(cfg, 4096, None, 32768) == 0
     assert plan.group_stream_bytes(cfg, 4096, 1 << 20, 8192) == per_chunk  # max_context caps it
+
+
+def test_the_default_group_takes_at_most_an_eighth_of_the_pool() -> None:
+    """Without a group given, the plan takes as many chunks as cost at most GROUP_POOL_SHARE of
+    the pool a plan without one leaves (up to DEFAULT_PREFILL_GROUP and max_context): the full
+    16K group at 24 GiB (3 % of the slots), a smaller one on a small card, none where two chunks
+    would cost more."""
+    cfg = flash_config()
+    for gb, max_context in ((24, 32768), (12, 32768), (10, 32768), (24, 4096), (24, 6000)):
+        base = plan.memory_plan(cfg, gb, 64, max_context)
+        p = plan.memory_plan(cfg, gb, 64, max_context, derive_prefill_group=True)
+        assert p.group_derived and p.chunk == base.chunk
+        assert p.group_streams <= plan.GROUP_POOL_SHARE * base.gpu_slots * base.record
+        assert p.group == 0 or (p.group % p.chunk == 0 and p.group > p.chunk)
+        assert p.group <= max(DEFAULT_PREFILL_GROUP, p.chunk)
+        if gb == 24 and max_context == 32768:
+            assert p.group == DEFAULT_PREFILL_GROUP
+            assert base.gpu_slots - p.gpu_slots <= 0.04 * base.gpu_slots
+        if max_context == 4096:  # one chunk holds any prompt
+            assert p.group == 0 and "prefill chunk by chunk" in "\n".join(p.lines())
+        if max_context == 6000:  # two chunks at most
+            assert p.group == 2 * p.chunk
+    assert 0 < plan.memory_plan(cfg, 12, 64, 32768, derive_prefill_group=True).group < 16384
+    assert plan.derive_group(cfg, 4096, 0, 32768) == 0  # no pool to spare: chunk by chunk
+    given = plan.memory_plan(cfg, 24, 64, 32768, prefill_group=8192, derive_prefill_group=True)
+    assert given.group == 8192 and not given.group_derived  # a given group is kept
 
 
 def test_plan_lines_show_the_chunk_and_workspace() -> None:
