@@ -640,11 +640,11 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         )
     try:
         chunk = args.prefill_chunk or prefill_chunk_env()
+        group = args.prefill_group
+        if group is None:  # the plan is for a GPU: its default
+            group = prefill_group_default("cuda")
     except ConfigError as e:
         raise UsageError(str(e)) from None
-    group = args.prefill_group
-    if group is None:  # the plan is for a GPU: its default
-        group = prefill_group_default("cuda")
     p = plan.memory_plan(
         cfg, gpu_gb, host_gb, args.max_context, prefill_chunk=chunk, prefill_group=group,
         derive_prefill_group=group is None,
