@@ -71,7 +71,7 @@ class BenchConfig:
     cpu_lanes: tuple[str, ...] = ("auto",)
     cpu_threads: int | None = None
     prefetch: bool = True
-    prefill_group: int | None = None  # tokens prefilled layer by layer (None: chunk by chunk)
+    prefill_group: int | None = None  # tokens prefilled layer by layer (None: the engine's default)
 
     def __post_init__(self) -> None:
         if (self.model is None) == (self.synthetic is None):

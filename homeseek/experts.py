@@ -39,6 +39,17 @@ from homeseek.checkpoint import Checkpoint, QWeight, layer_prefix
 from homeseek.config import ConfigError, ModelConfig
 
 Key = tuple[int, int]  # (layer, expert)
+
+
+def marker(name: str) -> contextlib.AbstractContextManager:
+    """A named host range for a profiler (tools/prefill_profile.py), only while one records:
+    entering a `record_function` costs ~8 us even when none does, and the scheduler marks one
+    range in every decode layer."""
+    if torch._C._autograd._profiler_enabled():
+        return record_function(name)
+    return contextlib.nullcontext()
+
+
 # Threads reading missed records from the tier below the host cache. One thread copies ~5-15
 # GB/s, and a decode layer usually misses one record of the tier below at a time, so each record
 # is read in pieces of READ_PIECE bytes spread over all the threads.
@@ -576,10 +587,15 @@ class ExpertStore:
             else:
                 s, _ = self.hostres.admit(key)
                 self.hostres.protected[s] = True
-            pending = self._host_copy.pop(s, None)
+        self._await_host_slot(s)
+        return self.host.view(s), True, s
+
+    def _await_host_slot(self, s: int) -> None:
+        """Wait for the last copy out of host slot s (asynchronous, and maybe still reading)
+        before the slot is written again."""
+        pending = self._host_copy.pop(s, None)
         if pending is not None:
             pending.synchronize()
-        return self.host.view(s), True, s
 
     def _next_ring_slot(self) -> int:
         """The scan ring's next slot (in turn); a record read ahead into it is forgotten.
@@ -826,7 +842,7 @@ class ExpertStore:
                         done.add(s)
                 if reads:
                     t0 = time.perf_counter()
-                    with record_function("hs::read"):
+                    with marker("hs::read"):
                         for s, src in self._read_parallel(reads):
                             yield s, src, host_slot[s]
                             done.add(s)
@@ -939,7 +955,7 @@ class ExpertStore:
         ready: dict[int, torch.cuda.Event] = {}
         try:
             with (
-                record_function("hs::copier"),
+                marker("hs::copier"),
                 torch.cuda.stream(self.copy_stream),
                 contextlib.closing(self._sources(misses, True)) as sources,
             ):
@@ -973,14 +989,12 @@ class ExpertStore:
         reads = []
         for key in below[: self.n_stage // 2]:
             h = self._next_ring_slot()
-            pending = self._host_copy.pop(h, None)
-            if pending is not None:
-                pending.synchronize()
+            self._await_host_slot(h)
             reads.append((h, key, self.host.view(h)))
         key_of = {h: key for h, key, _ in reads}
         t0 = time.perf_counter()
         try:
-            with record_function("hs::read"):
+            with marker("hs::read"):
                 for h, _ in self._read_parallel(reads):
                     self._ahead[key_of[h]] = h
                     self._ring_key[h] = key_of[h]
@@ -1023,7 +1037,7 @@ class ExpertStore:
         slots = list(slots)
         if self._pending:
             try:
-                with record_function("hs::join"):  # (a profiler's marker: prefill_profile.py)
+                with marker("hs::join"):
                     self._join(slots)
             except BaseException:
                 self._publish({})  # the evicted entries leave the map all the same

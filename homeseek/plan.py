@@ -540,7 +540,8 @@ class MemoryPlan:
             if self.group
             else "prefill chunk by chunk"
             + (
-                " (a layer-by-layer group would take too much of the pool)"
+                " (derived: max_context, or an eighth of the expert pool, holds less than "
+                "two chunks)"
                 if self.group_derived
                 else ""
             ),

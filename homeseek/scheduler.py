@@ -22,10 +22,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from torch.profiler import record_function
 
 from homeseek.config import ConfigError, ModelConfig
-from homeseek.experts import ExpertStore
+from homeseek.experts import ExpertStore, marker
 
 if TYPE_CHECKING:
     from homeseek.cpu_lane import CpuLane
@@ -184,7 +183,7 @@ class Scheduler:
         rows, when the step's chunks pass each layer in turn)."""
         t0 = time.perf_counter()
         store = self.store
-        with record_function("hs::ids"):  # (a profiler's marker: tools/prefill_profile.py)
+        with marker("hs::ids"):
             sel = sel.cpu()  # the one host sync of the layer
         if self.routing is not None:
             sel = self.routing.select(layer, sel, offset)

@@ -498,3 +498,17 @@ def test_scans_leave_the_host_cache_as_it_was():
     store.begin_layer()
     store.ensure_resident(L - 1, [0, 1])  # not a scan: misses enter the cache
     assert (L - 1, 0) in store.hostres.slot_of and (L - 1, 1) in store.hostres.slot_of
+
+
+def test_scheduler_marks_host_ranges_only_while_a_profiler_records():
+    """The layer's id read is a named range for tools/prefill_profile.py while a profiler
+    records, and costs nothing (no record_function) otherwise: it sits on decode's path."""
+    import contextlib
+
+    from torch.profiler import ProfilerActivity, profile
+
+    assert isinstance(experts.marker("hs::ids"), contextlib.nullcontext)
+    eng = homeseek.load("tiny", dtype=torch.float32, max_context=64)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        eng.session().forward([1, 2, 3])
+    assert any(ev.name == "hs::ids" for ev in prof.events())
