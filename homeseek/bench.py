@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from homeseek import plan
 from homeseek.config import PRESETS, ConfigError, ModelConfig, RuntimeConfig
-from homeseek.experts import record_bytes
+from homeseek.experts import MARKER_PREFIX, record_bytes
 
 GiB = plan.GiB
 # Warm-up prefills (the grouped prefill kernels; short prompts take the decode kernels at M <= 16,
@@ -263,7 +263,9 @@ def _gpu_profile(
     by_name: dict[str, list[float]] = {}
     for ev in prof.events():
         if cuda:
-            if ev.device_type != DeviceType.CUDA:
+            # a host range marked with record_function (experts.marker) also appears as a
+            # device-side "user annotation" spanning the kernels under it: not a kernel
+            if ev.device_type != DeviceType.CUDA or annotation(ev):
                 continue
             if ev.name.startswith(("Memcpy", "Memset", "memcpy", "memset")):
                 continue
@@ -285,6 +287,11 @@ def _gpu_profile(
             end = b
     ranked = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:top]
     return len(spans), busy / 1000, [(n, int(c), round(t, 3)) for n, (c, t) in ranked]
+
+
+def annotation(ev: Any) -> bool:
+    """Whether a profiler event is a marked range (experts.marker), not a kernel."""
+    return bool(getattr(ev, "is_user_annotation", False)) or ev.name.startswith(MARKER_PREFIX)
 
 
 def cap_process(device: str, gpu_mem_gb: float | None) -> float | None:
@@ -493,7 +500,7 @@ class Bench:
                     if bc.mtp:
                         self._decode_mtp(routing, sess, snap)
                 elif i == len(prompts) - 1 and bc.long_decode_tokens:  # after the longest
-                    self._decode(routing, sess, bc.long_decode_tokens, profile=False)
+                    self._decode(routing, sess, bc.long_decode_tokens, profile=False, warm=True)
         finally:
             eng.experts.time_copies = False
             eng.scheduler.routing = None
@@ -522,12 +529,28 @@ class Bench:
         return row
 
     def _decode(
-        self, routing: str, sess: Any, n: int, profile: bool, lane: str | None = None
+        self,
+        routing: str,
+        sess: Any,
+        n: int,
+        profile: bool,
+        lane: str | None = None,
+        warm: bool = False,
     ) -> Row:
-        row = Row(routing, "decode", n, sess.pos, cpu_lane=lane)
+        """n decode tokens from the session's position, timed. `warm`: one token first, not
+        timed: the first token at a new position bucket captures that bucket's graphs (seconds,
+        which would otherwise count as decode time)."""
         tok = self._ids(1, sess.pos)[0]
         times = []
         self.plain_tokens: list[int] = []  # what the forced drafts of the MTP rows propose
+        try:
+            if warm:
+                tok = int(sess.decode(tok).argmax())
+        except torch.OutOfMemoryError as e:
+            row = Row(routing, "decode", n, sess.pos, cpu_lane=lane, error=_oom(e))
+            self._add(row)
+            return row
+        row = Row(routing, "decode", n, sess.pos, cpu_lane=lane)
         c0, t_all = self._snap()
         try:
             for _ in range(n):

@@ -37,8 +37,13 @@ from tqdm import tqdm
 
 from homeseek.checkpoint import Checkpoint, QWeight, layer_prefix
 from homeseek.config import ConfigError, ModelConfig
+from homeseek.kernels.fp4_experts import packed_pool_views, pool_shapes, slot_bytes
 
 Key = tuple[int, int]  # (layer, expert)
+
+
+# Names of the store's marked ranges start with this (profiles tell them from kernels by it).
+MARKER_PREFIX = "hs::"
 
 
 def marker(name: str) -> contextlib.AbstractContextManager:
@@ -68,32 +73,42 @@ SCAN_RING = 192
 
 def record_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Shapes of one record's four uint8 tensors (no slot axis)."""
-    D, I = cfg.hidden_size, cfg.moe_intermediate_size
-    return {
-        "w13_q": (2 * I, D // 2),
-        "w13_s": (2 * I, D // 32),
-        "w2_q": (D, I // 2),
-        "w2_s": (D, I // 32),
-    }
+    return {k: v[1:] for k, v in pool_shapes(1, cfg.hidden_size, cfg.moe_intermediate_size).items()}
 
 
 def record_bytes(cfg: ModelConfig) -> int:
-    return sum(int(np.prod(s)) for s in record_shapes(cfg).values())
+    return slot_bytes(cfg.hidden_size, cfg.moe_intermediate_size)
+
+
+# A record to copy into a slot: a packed row of a RecordBuffer ([record_bytes] uint8, one copy),
+# or the four tensors by name (a record read in place from the disk tier: one copy each).
+Source = torch.Tensor | dict[str, torch.Tensor]
 
 
 class RecordBuffer:
-    """S records in four [S, ...] uint8 tensors (the GPU pool, or the host cache)."""
+    """S records, packed: one [S, record_bytes] uint8 buffer (the GPU pool, or the host cache)
+    whose rows hold a record's four tensors back to back (kernels/fp4_experts.py
+    `packed_pool_views`), so a record moves between two buffers in one copy (four copies a
+    record were four copy calls and four queue entries, and the two small scale tensors moved
+    at a fraction of the link's rate). `t` are the four [S, ...] views the kernels read."""
 
     def __init__(self, cfg: ModelConfig, n: int, device: str, pin: bool = False) -> None:
         self.n = n
-        self.t = {
-            k: torch.empty((n, *shape), dtype=torch.uint8, device=device, pin_memory=pin)
-            for k, shape in record_shapes(cfg).items()
-        }
+        self.buf = torch.empty(
+            (n, record_bytes(cfg)), dtype=torch.uint8, device=device, pin_memory=pin
+        )
+        self.t = packed_pool_views(self.buf, cfg.hidden_size, cfg.moe_intermediate_size)
 
-    def copy_in(self, slot: int, src: dict[str, torch.Tensor], non_blocking: bool = False) -> None:
+    def copy_in(self, slot: int, src: Source, non_blocking: bool = False) -> None:
+        if isinstance(src, torch.Tensor):
+            self.buf[slot].copy_(src, non_blocking=non_blocking)
+            return
         for k, t in self.t.items():
             t[slot].copy_(src[k], non_blocking=non_blocking)
+
+    def row(self, slot: int) -> torch.Tensor:
+        """The packed record in `slot` ([record_bytes] uint8, a view)."""
+        return self.buf[slot]
 
     def view(self, slot: int) -> dict[str, torch.Tensor]:
         return {k: t[slot] for k, t in self.t.items()}
@@ -403,6 +418,14 @@ class Counters:
     copy_s: float = 0.0  # host time spent issuing/doing copies
     disk_s: float = 0.0  # host time spent reading records from the disk tier
     evictions: int = 0
+    # Where a scan's background thread (`_load_behind`, `read_ahead`) spends its time: seconds
+    # it ran jobs, of which it queued copies (a copy call blocks once the stream's queue is
+    # full) and read records of the tier below for scans; and seconds any thread waited for
+    # a host slot's last copy to leave before writing the slot again (`_await_host_slot`).
+    bg_busy_s: float = 0.0
+    bg_issue_s: float = 0.0
+    scan_read_s: float = 0.0
+    await_s: float = 0.0
 
     @property
     def hit_rate(self) -> float:
@@ -415,6 +438,8 @@ class Counters:
         }
         d.update(bytes_h2d=self.bytes_h2d, bytes_disk=self.bytes_disk, copy_s=self.copy_s)
         d.update(disk_s=self.disk_s)
+        d.update(bg_busy_s=self.bg_busy_s, bg_issue_s=self.bg_issue_s)
+        d.update(scan_read_s=self.scan_read_s, await_s=self.await_s)
         d.update(evictions=self.evictions, hit_rate=self.hit_rate)
         return d
 
@@ -516,6 +541,7 @@ class ExpertStore:
         # Pinned staging rows for `_publish` ([2, n]: flat map index, then slot), reused in turn
         # once the copy out of one has run: pinning new ones per update cost ~50 us each.
         self._stage: list[tuple[torch.Tensor, torch.Tensor, torch.cuda.Event | None]] = []
+        self._copy_waited: torch.cuda.Event | None = None  # the copy stream's last wait
         self._stage_i = 0
 
     def _new_gpu_residency(self) -> Residency:
@@ -531,6 +557,7 @@ class ExpertStore:
         self.ready.clear()
         self.last_use.clear()
         self.prefetched.clear()
+        self._copy_waited = None
         self.slot_map.fill_(-1)
         self._mapped.fill(-1)
         self._unmap.clear()
@@ -553,8 +580,8 @@ class ExpertStore:
         """One expert's record from the disk tier (w13 concatenated: a copy)."""
         return {k: v[0] if len(v) == 1 else torch.cat(v) for k, v in self._disk_parts(key).items()}
 
-    def _host_hit(self, key: Key) -> tuple[dict[str, torch.Tensor], int] | None:
-        """key's record in the host cache -> (its tensors, its host slot), protected until the
+    def _host_hit(self, key: Key) -> tuple[torch.Tensor, int] | None:
+        """key's record in the host cache -> (its packed row, its host slot), protected until the
         layer's next request (its copy to the GPU is still to come); None when not there."""
         with self.lock:
             s = self.hostres.lookup(key) if self.host is not None else None
@@ -562,7 +589,7 @@ class ExpertStore:
                 return None
             self.counters.host_hits += 1
             self.hostres.protected[s] = True
-            return self.host.view(s), s
+            return self.host.row(s), s
 
     def _below_source(
         self, key: Key, scan: bool
@@ -595,7 +622,10 @@ class ExpertStore:
         before the slot is written again."""
         pending = self._host_copy.pop(s, None)
         if pending is not None:
+            t0 = time.perf_counter()
             pending.synchronize()
+            with self.lock:
+                self.counters.await_s += time.perf_counter() - t0
 
     def _next_ring_slot(self) -> int:
         """The scan ring's next slot (in turn); a record read ahead into it is forgotten.
@@ -802,7 +832,7 @@ class ExpertStore:
 
     def _sources(
         self, misses: list[tuple[int, Key]], scan: bool
-    ) -> Iterator[tuple[int, dict[str, torch.Tensor], int | None]]:
+    ) -> Iterator[tuple[int, Source, int | None]]:
         """(slot, the record to copy into it, its host slot or None) for each miss, in copy
         order: host-cache hits (their copies run while the rest is read), a scan's records read
         ahead, then the records of the tier below as each is read, by all the reader threads
@@ -825,7 +855,7 @@ class ExpertStore:
             with self.lock:
                 self.counters.disk_loads += 1
                 self.counters.bytes_disk += self.record_bytes
-            yield s, self.host.view(h), h
+            yield s, self.host.row(h), h
         host_slot: dict[int, int | None] = {}
         done: set[int] = set()  # slots the caller has copied into
         group = self.n_stage if scan and self.n_stage else max(len(below), 1)
@@ -841,13 +871,19 @@ class ExpertStore:
                         yield s, src, h
                         done.add(s)
                 if reads:
-                    t0 = time.perf_counter()
-                    with marker("hs::read"):
-                        for s, src in self._read_parallel(reads):
-                            yield s, src, host_slot[s]
-                            done.add(s)
-                    with self.lock:
-                        self.counters.disk_s += time.perf_counter() - t0
+                    with marker("hs::read"), contextlib.closing(self._read_parallel(reads)) as it:
+                        while True:  # timed while reading, not while the caller copies
+                            t0 = time.perf_counter()
+                            s = next(it, None)
+                            dt = time.perf_counter() - t0
+                            with self.lock:
+                                self.counters.disk_s += dt
+                                if scan:
+                                    self.counters.scan_read_s += dt
+                            if s is None:
+                                break
+                            yield s[0], self.host.row(host_slot[s[0]]), host_slot[s[0]]
+                            done.add(s[0])
         except BaseException:
             with self.lock:  # a cache slot read into (the ring is not the cache) holds nothing
                 for s, h in host_slot.items():
@@ -887,9 +923,7 @@ class ExpertStore:
         for s in slots:
             self.last_use[s] = ev
 
-    def _copy_to_slot(
-        self, s: int, src: dict[str, torch.Tensor], host_slot: int | None = None
-    ) -> None:
+    def _copy_to_slot(self, s: int, src: Source, host_slot: int | None = None) -> None:
         """Queue the copy of src (the record in host slot `host_slot`, if there) into s.
         CUDA: called with the copy stream current (`_load`)."""
         if self.copy_stream is None:
@@ -905,14 +939,18 @@ class ExpertStore:
     def _queue_copy(
         self,
         s: int,
-        src: dict[str, torch.Tensor],
+        src: Source,
         host_slot: int | None,
         after: torch.cuda.Event | None,
     ) -> torch.cuda.Event:
         """Queue src's copy into slot s on the copy stream (current), after the event `after`
         -> the event of its end (also noted for the host slot it reads, if any)."""
-        if after is not None:
+        # Waiting again for the event the copy stream waited for last is a no-op that costs a
+        # queue entry (a scan's records mostly wait for one event, the layer that last used
+        # their slots): once the stream waited, all later work on it comes after that event.
+        if after is not None and after is not self._copy_waited:
             self.copy_stream.wait_event(after)
+            self._copy_waited = after
         # A host record is pinned (asking torch costs ~40 us a tensor); a record read in place
         # from the disk tier is not, and is copied synchronously.
         self.pool.copy_in(s, src, non_blocking=host_slot is not None)
@@ -953,6 +991,7 @@ class ExpertStore:
         """(background thread) -> (slot -> the end of its copy, for the slots whose copy is
         queued; the error that stopped the rest, or None)."""
         ready: dict[int, torch.cuda.Event] = {}
+        t_job, issue = time.perf_counter(), 0.0
         try:
             with (
                 marker("hs::copier"),
@@ -961,12 +1000,18 @@ class ExpertStore:
             ):
                 start = self._copy_event() if timed else None
                 for s, src, h in sources:
+                    t0 = time.perf_counter()
                     ready[s] = self._queue_copy(s, src, h, after[s])
+                    issue += time.perf_counter() - t0
                 if start is not None:
                     with self.lock:
                         self.copy_events.append((start, self._copy_event()))
         except BaseException as e:
             return ready, e
+        finally:
+            with self.lock:
+                self.counters.bg_busy_s += time.perf_counter() - t_job
+                self.counters.bg_issue_s += issue
         return ready, None
 
     def read_ahead(self, layer: int) -> None:
@@ -984,6 +1029,7 @@ class ExpertStore:
 
     def _ahead_job(self, keys: list[Key]) -> None:
         """(background thread) `read_ahead`'s reads."""
+        t_job = time.perf_counter()
         with self.lock:
             below = [k for k in keys if k not in self.hostres.slot_of and k not in self._ahead]
         reads = []
@@ -1000,8 +1046,11 @@ class ExpertStore:
                     self._ring_key[h] = key_of[h]
         except Exception:  # the layer's own load reads it again, and reports
             pass
+        t1 = time.perf_counter()
         with self.lock:
-            self.counters.disk_s += time.perf_counter() - t0
+            self.counters.disk_s += t1 - t0
+            self.counters.scan_read_s += t1 - t0
+            self.counters.bg_busy_s += t1 - t_job
 
     def _join(self, slots: Iterable[int]) -> None:
         """Wait for the background loads that fill any of these slots; their copies' events

@@ -4,7 +4,7 @@ Letters: M tokens, K experts per token, P = M*K (token, expert) pairs, D model d
 width, S pool slots.
 
 Slot pool layout (the expert store allocates it; one slot holds one expert, packed exactly as the
-checkpoint stores it, so a host->slot copy is a plain memcpy of four tensors):
+checkpoint stores it):
 
     w13_q [S, 2*I, D//2]  uint8   E2M1 pairs, low nibble = even input; rows 0..I-1 = w1 (gate),
                                   rows I..2I-1 = w3 (up)
@@ -12,7 +12,12 @@ checkpoint stores it, so a host->slot copy is a plain memcpy of four tensors):
     w2_q  [S, D, I//2]    uint8   E2M1 pairs of w2 (down)
     w2_s  [S, D, I//32]   uint8   E8M0 scale per 32 inputs
 
-(V4-Flash: D = 4096, I = 2048: 13,369,344 bytes per slot.) `pool_shapes()` gives the shapes.
+(V4-Flash: D = 4096, I = 2048: 13,369,344 bytes per slot.) `pool_shapes()` gives the shapes. The
+kernels take each tensor with any slot stride (stride(0), a multiple of 16 bytes) and contiguous
+rows, so the four may be separate contiguous tensors or views of one packed [S, slot_bytes]
+buffer holding each slot's record in one piece (`packed_pool_views`: a host->slot copy is one
+memcpy). Each kernel offsets its pointers by slot * slot stride (int64) and indexes rows within
+the slot in 32 bits.
 
 Math per pair (token m, expert k) with slot s = slots[m, k] (s < 0: the pair is skipped):
     g = w1[s] . x_m,  v = w3[s] . x_m           (fp32; x_m act-quantised when act_quant)
@@ -94,6 +99,7 @@ __all__ = [
     "fp4_experts_grouped",
     "fp4_experts_ref",
     "fp4_experts_workspace",
+    "packed_pool_views",
     "pool_shapes",
     "slot_bytes",
 ]
@@ -119,6 +125,41 @@ def pool_shapes(n_slots: int, d: int, i: int) -> dict[str, tuple[int, ...]]:
 def slot_bytes(d: int, i: int) -> int:
     """Bytes of one slot (all four tensors); 13,369,344 for V4-Flash."""
     return sum(math.prod(s[1:]) for s in pool_shapes(1, d, i).values())
+
+
+def packed_pool_views(buf: torch.Tensor, d: int, i: int) -> dict[str, torch.Tensor]:
+    """The four pool tensors (pool_shapes(S, d, i), by name) as views of one packed buffer.
+
+    buf [S, slot_bytes(d, i)] uint8, contiguous: row s is slot s's record, its four tensors back
+    to back in pool_shapes order, each row-major:
+
+        w13_q [2I, D/2]   at byte 0
+        w13_s [2I, D/32]  at byte 2I * D/2
+        w2_q  [D, I/2]    at byte 2I * D/2 + 2I * D/32
+        w2_s  [D, I/32]   at byte 2I * D/2 + 2I * D/32 + D * I/2   (record ends at slot_bytes)
+
+    Every view has slot stride (stride(0)) slot_bytes and contiguous rows; the offsets and
+    slot_bytes are multiples of 16 (D, I are multiples of 32), as the kernels require. This is
+    the one definition of the packed layout: the expert store allocates such buffers and moves a
+    record with one copy of a row."""
+    if not isinstance(buf, torch.Tensor):
+        raise TypeError(f"packed_pool_views: expected a torch.Tensor, got {type(buf).__name__}")
+    if buf.dtype != torch.uint8:
+        raise TypeError(f"packed_pool_views: buf must be uint8, got {buf.dtype}")
+    want = slot_bytes(d, i)  # validates d and i
+    if buf.dim() != 2 or buf.shape[1] != want:
+        raise ValueError(
+            f"packed_pool_views: buf must be [S, slot_bytes(D={d}, I={i}) = {want}], "
+            f"got {list(buf.shape)}"
+        )
+    if not buf.is_contiguous():
+        raise ValueError("packed_pool_views: buf must be contiguous")
+    views, off = {}, 0
+    for name, shape in pool_shapes(buf.shape[0], d, i).items():
+        n = math.prod(shape[1:])
+        views[name] = buf[:, off : off + n].unflatten(1, shape[1:])  # [S, rows, width]
+        off += n
+    return views
 
 
 # ------------------------------------------------------------------------------------------------
@@ -247,8 +288,8 @@ def _fp4_rows_dot(
     NB: tl.constexpr, TWO: tl.constexpr, ACT_QUANT: tl.constexpr, HW_FP8: tl.constexpr,
     ASM: tl.constexpr, PREFETCH: tl.constexpr, WAIT: tl.constexpr,
 ):  # fmt: skip
-    """(acc0, acc1): [NW, R] fp32 dot products of the weight rows wrow with input rows xp0 and
-    xp1 (acc1 is zeros unless TWO). See _fp4_rows_acc."""
+    """(acc0, acc1): [NW, R] fp32 dot products of the weight rows wrow (of the slot w_ptr, s_ptr
+    point at) with input rows xp0 and xp1 (acc1 is zeros unless TWO). See _fp4_rows_acc."""
     acc0 = tl.zeros([4, NB, NW, R], dtype=tl.float32)
     acc1 = tl.zeros([4, NB, NW, R], dtype=tl.float32)
     acc0, acc1 = _fp4_rows_acc(
@@ -262,9 +303,9 @@ def _fp4_rows_dot(
 def _fp4_rows_acc(
     acc0,  # [4, NB, NW, R] fp32 per-(lane, row) partial sums, token 0
     acc1,  # the same for token 1 (updated only when TWO)
-    w_ptr,  # int32 view of packed E2M1 weights, rows of N_IN // 8 words
-    s_ptr,  # int32 view of the E8M0 scales (4 per word), rows of N_IN // 128 words
-    wrow,  # [NW, R] int64 weight row indices (warp w streams rows wrow[w, :])
+    w_ptr,  # int32 view of one slot's packed E2M1 weights, contiguous rows of N_IN // 8 words
+    s_ptr,  # int32 view of that slot's E8M0 scales (4 per word), rows of N_IN // 128 words
+    wrow,  # [NW, R] int32 weight row indices within the slot (warp w streams rows wrow[w, :])
     xp0,  # input row of token 0 (N_IN elements, any float dtype)
     xp1,  # input row of token 1 (read only when TWO)
     xs0,  # _AQ_PRE: fp32 act-quant block scales of input row 0 (N_IN // 128), else unused
@@ -445,13 +486,15 @@ def _fp4_experts_gate_up_kernel(
     x_ptr,  # [M, D] activations, row stride stride_xm
     slots_ptr,  # [M, K] int32 slot per pair, contiguous (-1 = skip)
     rw_ptr,  # [M, K] fp32 routing weights, contiguous
-    wq_ptr,  # [S, 2I, D/8] int32 view of w13_q (8 E2M1 inputs per word)
-    ws_ptr,  # [S, 2I, D/128] int32 view of the w13 E8M0 scales
+    wq_ptr,  # [S, 2I, D/8] int32 view of w13_q (8 E2M1 inputs per word), slot stride wq_slot
+    ws_ptr,  # [S, 2I, D/128] int32 view of the w13 E8M0 scales, slot stride ws_slot
     a_ptr,  # [P, I] workspace: activation a per pair (x's dtype), row p = m*K + k
     as_ptr,  # A_QUANT: [P, I/128] fp32 workspace, the block scales of a
     acnt_ptr,  # A_QUANT: [P, I/128] int32 arrival counters, zero before and after
     M,
     stride_xm,
+    wq_slot,  # slot strides of w13_q and w13_s in 16-byte units: so the compiler knows every slot
+    ws_slot,  # starts 16-byte aligned (the loads stay 16 bytes wide) whatever the stride's value
     limit,  # swiglu_limit (fp32)
     D: tl.constexpr,
     I: tl.constexpr,
@@ -486,12 +529,13 @@ def _fp4_experts_gate_up_kernel(
         rr = tl.arange(0, 2 * R2)[None, :]
         ww = tl.arange(0, NW)[:, None]
         rows = pid_n * BLOCK_N + tl.arange(0, R2)[None, :] * NW + ww  # [NW, R2] outputs
-        wrow = slot.to(tl.int64) * (2 * I) + (rr % 2) * I + pid_n * BLOCK_N
-        wrow += (rr // 2) * NW + ww  # [NW, 2 * R2]
+        wrow = (rr % 2) * I + pid_n * BLOCK_N + (rr // 2) * NW + ww  # [NW, 2 * R2] in the slot
+        wq = wq_ptr + slot.to(tl.int64) * wq_slot * 4  # the slot's weights and scales
+        ws = ws_ptr + slot.to(tl.int64) * ws_slot * 4
         blk = pid_n * BLOCK_N // 128
         if M_BLOCK == 1:
             acc, _ = _fp4_rows_dot(
-                wq_ptr, ws_ptr, wrow, x_ptr, x_ptr, x_ptr, x_ptr, D, 2 * R2, NW, NB, False,
+                wq, ws, wrow, x_ptr, x_ptr, x_ptr, x_ptr, D, 2 * R2, NW, NB, False,
                 ACT_QUANT, HW_FP8, ASM, PREFETCH, False,
             )  # fmt: skip
             _fp4_gate_up_store(
@@ -511,7 +555,7 @@ def _fp4_experts_gate_up_kernel(
             if n_mem == 1:
                 tok = tl.sum(member * mm, axis=0)
                 acc, _ = _fp4_rows_dot(
-                    wq_ptr, ws_ptr, wrow, x_ptr + tok * stride_xm, x_ptr,
+                    wq, ws, wrow, x_ptr + tok * stride_xm, x_ptr,
                     x_ptr, x_ptr, D, 2 * R2, NW, NB, False, ACT_QUANT, HW_FP8, ASM, PREFETCH,
                     False,
                 )  # fmt: skip
@@ -525,7 +569,7 @@ def _fp4_experts_gate_up_kernel(
                     t0 = tl.sum(tl.where((member > 0) & (rank == c), mm, 0), axis=0)
                     t1 = tl.sum(tl.where((member > 0) & (rank == c + 1), mm, 0), axis=0)
                     acc0, acc1 = _fp4_rows_dot(
-                        wq_ptr, ws_ptr, wrow, x_ptr + t0 * stride_xm, x_ptr + t1 * stride_xm,
+                        wq, ws, wrow, x_ptr + t0 * stride_xm, x_ptr + t1 * stride_xm,
                         x_ptr, x_ptr, D, 2 * R2, NW, NB, True, ACT_QUANT, HW_FP8, ASM, PREFETCH,
                         False,
                     )  # fmt: skip
@@ -546,14 +590,16 @@ def _fp4_experts_down_kernel(
     as_ptr,  # _AQ_PRE: [P, I/128] fp32 block scales of a
     slots_ptr,  # [M, K] int32
     shared_ptr,  # [M, D] shared-expert output, row stride stride_sm
-    wq_ptr,  # [S, D, I/8] int32 view of w2_q
-    ws_ptr,  # [S, D, I/128] int32 view of the w2 E8M0 scales
+    wq_ptr,  # [S, D, I/8] int32 view of w2_q, slot stride wq_slot
+    ws_ptr,  # [S, D, I/128] int32 view of the w2 E8M0 scales, slot stride ws_slot
     y_ptr,  # [P, D] fp32 workspace: y per pair
     cnt_ptr,  # [D / BLOCK_N] int32 arrival counters, zero before and after
     out_ptr,  # [M, D] output, row stride stride_om
     M,
     stride_sm,
     stride_om,
+    wq_slot,  # slot strides of w2_q and w2_s in 16-byte units (as in gate/up)
+    ws_slot,
     D: tl.constexpr,
     I: tl.constexpr,
     K: tl.constexpr,
@@ -598,19 +644,21 @@ def _fp4_experts_down_kernel(
         pidx = tl.where(is_dup, p, mm * K + first_k)
         R: tl.constexpr = BLOCK_N // NW
         orows = pid_n * BLOCK_N + tl.arange(0, R)[None, :] * NW + tl.arange(0, NW)[:, None]
-        wrow = slot.to(tl.int64) * D + orows  # [NW, R]
+        wrow = orows  # [NW, R] rows within the slot
+        wq = wq_ptr + slot.to(tl.int64) * wq_slot * 4  # the slot's weights and scales
+        ws = ws_ptr + slot.to(tl.int64) * ws_slot * 4
         n_mem = tl.sum(member, axis=0)
         if M_BLOCK == 1:  # one token: the only member is token 0 (its first pair, or this dup)
             pr = tl.sum(pidx, axis=0).to(tl.int64)
             acc, _ = _fp4_rows_dot(
-                wq_ptr, ws_ptr, wrow, a_ptr + pr * I, a_ptr, as_ptr + pr * (I // 128), as_ptr, I,
+                wq, ws, wrow, a_ptr + pr * I, a_ptr, as_ptr + pr * (I // 128), as_ptr, I,
                 R, NW, NB, False, ACT_QUANT, HW_FP8, ASM, PREFETCH, PDL,
             )  # fmt: skip
             tl.store(y_ptr + pr * D + orows, acc)
         elif n_mem == 1:
             pr = tl.sum(member * pidx, axis=0).to(tl.int64)
             acc, _ = _fp4_rows_dot(
-                wq_ptr, ws_ptr, wrow, a_ptr + pr * I, a_ptr, as_ptr + pr * (I // 128), as_ptr, I,
+                wq, ws, wrow, a_ptr + pr * I, a_ptr, as_ptr + pr * (I // 128), as_ptr, I,
                 R, NW, NB, False, ACT_QUANT, HW_FP8, ASM, PREFETCH, PDL,
             )  # fmt: skip
             tl.store(y_ptr + pr * D + orows, acc)
@@ -620,7 +668,7 @@ def _fp4_experts_down_kernel(
                 p0 = tl.sum(tl.where((member > 0) & (rank == c), pidx, 0), axis=0).to(tl.int64)
                 p1 = tl.sum(tl.where((member > 0) & (rank == c + 1), pidx, 0), axis=0).to(tl.int64)
                 acc0, acc1 = _fp4_rows_dot(
-                    wq_ptr, ws_ptr, wrow, a_ptr + p0 * I, a_ptr + p1 * I,
+                    wq, ws, wrow, a_ptr + p0 * I, a_ptr + p1 * I,
                     as_ptr + p0 * (I // 128), as_ptr + p1 * (I // 128), I, R, NW, NB, True,
                     ACT_QUANT, HW_FP8, ASM, PREFETCH, PDL,
                 )  # fmt: skip
@@ -660,11 +708,13 @@ def _fp4_experts_down_tok_kernel(
     as_ptr,  # _AQ_PRE: [P, I/128] fp32 block scales of a
     slots_ptr,  # [M, K] int32
     shared_ptr,  # [M, D] shared-expert output, row stride stride_sm
-    wq_ptr,  # [S, D, I/8] int32 view of w2_q
-    ws_ptr,  # [S, D, I/128] int32 view of the w2 E8M0 scales
+    wq_ptr,  # [S, D, I/8] int32 view of w2_q, slot stride wq_slot
+    ws_ptr,  # [S, D, I/128] int32 view of the w2 E8M0 scales, slot stride ws_slot
     out_ptr,  # [M, D] output, row stride stride_om
     stride_sm,
     stride_om,
+    wq_slot,  # slot strides of w2_q and w2_s in 16-byte units (as in gate/up)
+    ws_slot,
     D: tl.constexpr,
     I: tl.constexpr,
     K: tl.constexpr,
@@ -692,8 +742,9 @@ def _fp4_experts_down_tok_kernel(
         pair = m * K + k
         slot = tl.load(slots_ptr + pair)
         if slot >= 0:
+            s64 = slot.to(tl.int64)
             acc, _ = _fp4_rows_acc(
-                acc, acc, wq_ptr, ws_ptr, slot.to(tl.int64) * D + orows,
+                acc, acc, wq_ptr + s64 * wq_slot * 4, ws_ptr + s64 * ws_slot * 4, orows,
                 a_ptr + pair.to(tl.int64) * I, a_ptr, as_ptr + pair * (I // 128), as_ptr, I, R,
                 NW, NB, False, ACT_QUANT, HW_FP8, ASM, PREFETCH, False,
             )  # fmt: skip
@@ -712,8 +763,9 @@ def _grouped_tile_dot(
     x, wq_ptr, ws_ptr, w_row, c0, r_mask, N_IN, BLOCK_K: tl.constexpr, IEEE_FP32: tl.constexpr
 ):
     """[BLOCK_M, BLOCK_N] fp32 x [BLOCK_M, BLOCK_K] (input columns c0..) times the weight rows
-    w_row: their E2M1 pairs are decoded here, scaled by their E8M0 groups and interleaved back
-    into input order (low nibble = even input) in x's dtype."""
+    w_row (within the slot wq_ptr, ws_ptr point at): their E2M1 pairs are decoded here, scaled
+    by their E8M0 groups and interleaved back into input order (low nibble = even input) in x's
+    dtype."""
     jb = c0 // 2 + tl.arange(0, BLOCK_K // 2)  # this step's bytes in each row
     wmask = r_mask[:, None] & (jb < N_IN // 2)[None, :]
     wb = tl.load(wq_ptr + w_row[:, None] * (N_IN // 2) + jb[None, :], mask=wmask, other=0)
@@ -735,13 +787,15 @@ def _fp4_grouped_gemm_kernel(
     tile_slot_ptr,  # [n_tiles] int32 slot of each BLOCK_M tile (-1 = unused tile)
     tile_pair_ptr,  # [n_tiles * BLOCK_M] int32 pair id per tile row (-1 = padding)
     rw_ptr,  # [P] fp32 routing weights (gate/up only)
-    wq_ptr,  # gate/up: w13_q [S, 2I, D/2]; down: w2_q [S, D, I/2]
-    ws_ptr,  # matching E8M0 scales [S, rows, in/32]
+    wq_ptr,  # gate/up: w13_q [S, 2I, D/2]; down: w2_q [S, D, I/2]; slot stride wq_slot
+    ws_ptr,  # matching E8M0 scales [S, rows, in/32]; slot stride ws_slot
     dst_ptr,  # gate/up: a [P, I] (x's dtype); down: y [P, D] fp32
     N_OUT,  # gate/up: I; down: D
     N_IN,  # gate/up: D; down: I
     stride_in,  # row stride of in_ptr
     stride_sc,
+    wq_slot,  # slot strides of wq and ws in 16-byte units (rows within a slot contiguous)
+    ws_slot,
     limit,
     K: tl.constexpr,
     GATE_UP: tl.constexpr,  # True: w1/w3 + SwiGLU epilogue; False: w2
@@ -765,8 +819,9 @@ def _fp4_grouped_gemm_kernel(
         rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         r_mask = rows < N_OUT
         kk = tl.arange(0, BLOCK_K)
-        n_w_rows = 2 * N_OUT if GATE_UP else N_OUT
-        w_row = slot.to(tl.int64) * n_w_rows + rows.to(tl.int64)
+        w_row = rows  # weight rows within the slot
+        wq = wq_ptr + slot.to(tl.int64) * wq_slot * 16
+        ws = ws_ptr + slot.to(tl.int64) * ws_slot * 16
         acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for c0 in range(0, N_IN, BLOCK_K):
@@ -774,10 +829,10 @@ def _fp4_grouped_gemm_kernel(
             xmask = p_ok[:, None] & (k < N_IN)[None, :]
             x = tl.load(in_ptr + src[:, None] * stride_in + k[None, :], mask=xmask, other=0.0)
             # gate (or down) rows, then the matching up rows
-            d_g = _grouped_tile_dot(x, wq_ptr, ws_ptr, w_row, c0, r_mask, N_IN, BLOCK_K, IEEE_FP32)
+            d_g = _grouped_tile_dot(x, wq, ws, w_row, c0, r_mask, N_IN, BLOCK_K, IEEE_FP32)
             if GATE_UP:
                 d_u = _grouped_tile_dot(
-                    x, wq_ptr, ws_ptr, w_row + N_OUT, c0, r_mask, N_IN, BLOCK_K, IEEE_FP32
+                    x, wq, ws, w_row + N_OUT, c0, r_mask, N_IN, BLOCK_K, IEEE_FP32
                 )
             if ACT_QUANT:  # grid values times the block's power-of-two scale: exact
                 sx = tl.load(sc_ptr + src * stride_sc + c0 // 128, mask=p_ok, other=0.0)
@@ -951,10 +1006,11 @@ def _fp4_v2_operand(w, s, DT: tl.constexpr, ASM: tl.constexpr):
 @triton.jit
 def _fp4_v2_step(wq_ptr, s_ptr, w_row, c0, N_IN: tl.constexpr, BLOCK_K: tl.constexpr,
                  DT: tl.constexpr, ASM: tl.constexpr):  # fmt: skip
-    """One step's weight operand [BLOCK_N, BLOCK_K] of rows w_row, inputs c0.. (v2 order). The
-    scale bytes are read as a [rows, groups] tile: read as int32 words with the bytes shifted
-    out, they cost the whole operand a trip through shared memory (triton 3.6 could not carry
-    the dot layout back through that); the byte tile is copied asynchronously all the same."""
+    """One step's weight operand [BLOCK_N, BLOCK_K] of rows w_row (within the slot wq_ptr, s_ptr
+    point at), inputs c0.. (v2 order). The scale bytes are read as a [rows, groups] tile: read
+    as int32 words with the bytes shifted out, they cost the whole operand a trip through shared
+    memory (triton 3.6 could not carry the dot layout back through that); the byte tile is
+    copied asynchronously all the same."""
     R: tl.constexpr = w_row.shape[0]
     G: tl.constexpr = BLOCK_K // 32  # scale groups per step, 4 words each
     sb = tl.load(s_ptr + w_row[:, None] * (N_IN // 32) + c0 // 32 + tl.arange(0, G)[None, :])
@@ -973,6 +1029,8 @@ def _fp4_grouped_v2_kernel(
     wq_ptr,  # int32 view of w13_q [S, 2I, D/8] (gate/up) or w2_q [S, D, I/8] (down)
     ws_ptr,  # the matching E8M0 scales [S, rows, N_IN/32] uint8
     dst_ptr,  # gate/up: a [P, I] (x's dtype, v2 column order); down: y [P, D] fp32
+    wq_slot,  # slot strides of wq and ws in 16-byte units (rows within a slot contiguous)
+    ws_slot,
     limit,
     N_OUT: tl.constexpr,  # gate/up: I; down: D
     N_IN: tl.constexpr,  # gate/up: D; down: I
@@ -1008,22 +1066,25 @@ def _fp4_grouped_v2_kernel(
             src = tl.where(p_ok, pair, 0).to(tl.int64)
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # output columns this program writes
         c_ok = cols < N_OUT
+        # weight rows within the slot, int64 although they fit 32 bits: with int32 rows ptxas
+        # spilled more in the gate/up launch (sm_90, triton 3.9: 168 bytes of stack against 112)
         if GATE_UP:
             # a is written in v2 order: column c of a is output feature _v2_src_col(c), so load
             # those weight rows and every store below is contiguous
-            rows = _v2_src_col(tl.minimum(cols, N_OUT - 1))
-            w_row = slot.to(tl.int64) * (2 * N_OUT) + rows
+            w_row = _v2_src_col(tl.minimum(cols, N_OUT - 1)).to(tl.int64)
         else:
-            w_row = slot.to(tl.int64) * N_OUT + tl.minimum(cols, N_OUT - 1)
+            w_row = tl.minimum(cols, N_OUT - 1).to(tl.int64)
+        wq = wq_ptr + slot.to(tl.int64) * wq_slot * 4  # the slot's weights and scales
+        ws = ws_ptr + slot.to(tl.int64) * ws_slot * 16
         xp = in_ptr + src[:, None] * N_IN + tl.arange(0, BLOCK_K)[None, :]  # contiguous rows
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
         acc_u = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
         for c0 in range(0, N_IN, BLOCK_K):
             xt = tl.trans(tl.load(xp + c0))  # [BLOCK_K, BLOCK_M]
-            wt = _fp4_v2_step(wq_ptr, ws_ptr, w_row, c0, N_IN, BLOCK_K, DT, ASM)
+            wt = _fp4_v2_step(wq, ws, w_row, c0, N_IN, BLOCK_K, DT, ASM)
             acc = tl.dot(wt, xt, acc, input_precision=PREC)
             if GATE_UP:  # the matching w3 rows, I rows further on
-                wt = _fp4_v2_step(wq_ptr, ws_ptr, w_row + N_OUT, c0, N_IN, BLOCK_K, DT, ASM)
+                wt = _fp4_v2_step(wq, ws, w_row + N_OUT, c0, N_IN, BLOCK_K, DT, ASM)
                 acc_u = tl.dot(wt, xt, acc_u, input_precision=PREC)
         omask = c_ok[:, None] & p_ok[None, :]
         dst = dst_ptr + pair[None, :].to(tl.int64) * N_OUT + cols[:, None]
@@ -1146,7 +1207,13 @@ def _check_common(
     i = two_i // 2
     shapes = pool_shapes(s, d, i)
     for nm, t in (("w13_q", w13_q), ("w13_s", w13_s), ("w2_q", w2_q), ("w2_s", w2_s)):
-        check_tensor(f"{name}: {nm}", t, shape=shapes[nm], dtypes=(torch.uint8,), device=dev)
+        check_tensor(
+            f"{name}: {nm}", t, shape=shapes[nm], dtypes=(torch.uint8,), contiguous=False,
+            device=dev,
+        )  # fmt: skip
+        _check_pool_strides(f"{name}: {nm}", t)
+    if i * d >= 2**31:  # w13_q's bytes in a slot: the kernels index within a slot in int32
+        raise ValueError(f"{name}: a slot's w13_q ({i * d} bytes) must be under 2 GiB")
     check_tensor(f"{name}: slots", slots, shape=(m, None), dtypes=(torch.int32,), device=dev)
     k = slots.shape[1]
     check_tensor(f"{name}: route_w", route_w, shape=(m, k), dtypes=(torch.float32,), device=dev)
@@ -1155,6 +1222,27 @@ def _check_common(
         if t.stride(1) != 1:
             raise ValueError(f"{name}: {nm} must have unit column stride")
     return m, k, d, i, s
+
+
+def _check_pool_strides(name: str, t: torch.Tensor) -> None:
+    """A pool tensor [S, rows, width]: contiguous rows (any slot stride, e.g. a packed_pool_views
+    view), slot stride and start 16-byte aligned, so that every row's 16-byte vectors (the
+    decode kernels' loads) are aligned, and the kernels may read it as int32 words."""
+    if (t.shape[2] > 1 and t.stride(2) != 1) or (t.shape[1] > 1 and t.stride(1) != t.shape[2]):
+        raise ValueError(
+            f"{name}: rows must be contiguous (stride(1) == {t.shape[2]}, stride(2) == 1), got "
+            f"strides {list(t.stride())}; the slot stride may be anything (a multiple of 16)"
+        )
+    if t.shape[0] > 1 and t.stride(0) % 16:
+        raise ValueError(f"{name}: slot stride {t.stride(0)} bytes is not a multiple of 16")
+    if t.data_ptr() % 16:
+        raise ValueError(f"{name}: must start at a 16-byte aligned address")
+
+
+def _slot16(t: torch.Tensor) -> int:
+    """Slot stride of a pool tensor in 16-byte units (the kernels' argument; see
+    _check_pool_strides). A one-slot pool's stride is never used."""
+    return t.stride(0) // 16 if t.shape[0] > 1 else 0
 
 
 def _steps(n_in: int, want: int) -> int:
@@ -1184,8 +1272,10 @@ def fp4_experts(
     """Decode routed experts (M <= 16): out [M, D] = shared_out + sum_k expert(slots[m, k]).
 
     x [M, D] bf16/fp16/fp32; slots [M, K] int32 (-1 skips a pair); route_w [M, K] fp32;
-    shared_out and out [M, D]; pool tensors as in pool_shapes(). Two launches, no host sync.
-    D or I not a multiple of 128 (small test models): fp4_experts_grouped does the work.
+    shared_out and out [M, D]; pool tensors as in pool_shapes(), rows contiguous, any slot
+    stride (a multiple of 16 bytes: separate tensors or packed_pool_views). Two launches, no
+    host sync. D or I not a multiple of 128 (small test models): fp4_experts_grouped does the
+    work.
     `out` may alias `shared_out`. workspace: from fp4_experts_workspace(), or None to allocate.
     config: tuning overrides: block_n (gate/up outputs per program; it streams 2*block_n rows),
     nb (128-input blocks per step), num_warps; block_n_down, nb_down, num_warps_down for the
@@ -1269,7 +1359,8 @@ def fp4_experts(
     if launch in ("both", "gate_up"):
         _fp4_experts_gate_up_kernel[(i // bn, pairs)](
             x, slots, route_w, w13_q.view(torch.int32), w13_s.view(torch.int32), ws.a,
-            ws.a_scale, ws.a_counters, m, x.stride(0), float(swiglu_limit),
+            ws.a_scale, ws.a_counters, m, x.stride(0), _slot16(w13_q), _slot16(w13_s),
+            float(swiglu_limit),
             D=d, I=i, K=k, P_BLOCK=p_block, M_BLOCK=m_block, K_BLOCK=k_block, BLOCK_N=bn, NB=nb,
             NW=nw, ACT_QUANT=x_mode, A_QUANT=a_pre, HW_FP8=hw, ASM=asm,
             PREFETCH=cfg.get("prefetch", False), PDL=pdl, num_warps=nw, num_stages=1,
@@ -1278,7 +1369,7 @@ def fp4_experts(
     if launch in ("both", "down") and down_tok:
         _fp4_experts_down_tok_kernel[(d // bn2, m)](
             ws.a, ws.a_scale, slots, shared_out, w2_q.view(torch.int32), w2_s.view(torch.int32),
-            out, shared_out.stride(0), out.stride(0),
+            out, shared_out.stride(0), out.stride(0), _slot16(w2_q), _slot16(w2_s),
             D=d, I=i, K=k, BLOCK_N=bn2, NB=nb2, NW=nw2, ACT_QUANT=a_mode, HW_FP8=hw, ASM=asm,
             PREFETCH=cfg.get("prefetch_down", False), PDL=pdl, num_warps=nw2, num_stages=1,
             **pdl_kw,
@@ -1287,7 +1378,8 @@ def fp4_experts(
     elif launch in ("both", "down"):
         _fp4_experts_down_kernel[(d // bn2, pairs)](
             ws.a, ws.a_scale, slots, shared_out, w2_q.view(torch.int32), w2_s.view(torch.int32),
-            ws.y, ws.counters, out, m, shared_out.stride(0), out.stride(0),
+            ws.y, ws.counters, out, m, shared_out.stride(0), out.stride(0), _slot16(w2_q),
+            _slot16(w2_s),
             D=d, I=i, K=k, P_BLOCK=p_block, M_BLOCK=m_block, K_BLOCK=k_block, BLOCK_N=bn2, NB=nb2,
             NW=nw2, ACT_QUANT=a_mode, HW_FP8=hw, ASM=asm,
             PREFETCH=cfg.get("prefetch_down", False), PDL=pdl, num_warps=nw2, num_stages=1,
@@ -1423,12 +1515,12 @@ def _grouped_v1(
     xq, xs = _quant_rows(x, act_quant)
     _fp4_grouped_gemm_kernel[(n_tiles, triton.cdiv(i, bn))](
         xq, xs, tile_slot, tile_pair, rw, w13_q, w13_s, a, i, d, xq.stride(0), xs.stride(0),
-        limit, GATE_UP=True, **kw,
+        _slot16(w13_q), _slot16(w13_s), limit, GATE_UP=True, **kw,
     )  # fmt: skip
     aq, as_ = _quant_rows(a, act_quant)
     _fp4_grouped_gemm_kernel[(n_tiles, triton.cdiv(d, bn))](
-        aq, as_, tile_slot, tile_pair, rw, w2_q, w2_s, y, d, i, aq.stride(0), as_.stride(0), 0.0,
-        GATE_UP=False, **kw,
+        aq, as_, tile_slot, tile_pair, rw, w2_q, w2_s, y, d, i, aq.stride(0), as_.stride(0),
+        _slot16(w2_q), _slot16(w2_s), 0.0, GATE_UP=False, **kw,
     )  # fmt: skip
     bd = 1024
     _fp4_experts_combine_kernel[(m, triton.cdiv(d, bd))](
@@ -1509,7 +1601,7 @@ def _grouped_v2(
     a = (torch.zeros if act_quant and not a_quant else torch.empty)(pairs, i, dtype=dt, device=dev)
     _fp4_grouped_v2_kernel[(min(programs, n_tiles * triton.cdiv(i, bn)),)](
         xp, n_used, tile_slot, tile_pair, route_w.reshape(-1), w13_q.view(torch.int32), w13_s, a,
-        limit,
+        _slot16(w13_q), _slot16(w13_s), limit,
         N_OUT=i, N_IN=d, K=k, GATE_UP=True, A_QUANT=a_quant, ASM=asm, HW_FP8=hw, PREC=prec,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
     )  # fmt: skip
@@ -1517,7 +1609,8 @@ def _grouped_v2(
         _v2_rows(a, a, permute=False, act_quant=True)
     y = torch.empty(pairs, d, dtype=torch.float32, device=dev)
     _fp4_grouped_v2_kernel[(min(programs, n_tiles * triton.cdiv(d, bn2)),)](
-        a, n_used, tile_slot, tile_pair, route_w.reshape(-1), w2_q.view(torch.int32), w2_s, y, 0.0,
+        a, n_used, tile_slot, tile_pair, route_w.reshape(-1), w2_q.view(torch.int32), w2_s, y,
+        _slot16(w2_q), _slot16(w2_s), 0.0,
         N_OUT=d, N_IN=i, K=k, GATE_UP=False, A_QUANT=False, ASM=asm, HW_FP8=hw, PREC=prec,
         BLOCK_M=bm, BLOCK_N=bn2, BLOCK_K=bk2, num_warps=warps2, num_stages=stages2,
     )  # fmt: skip

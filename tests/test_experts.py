@@ -87,6 +87,28 @@ def test_disk_tier_is_zero_copy(ids):
     assert not mapped.untyped_storage().resizable()  # a view over the map, not an owned copy
 
 
+def test_record_buffer_rows_are_whole_records():
+    """A record is one packed row: its four tensors tile the row (the kernels' layout), and one
+    copy of a row moves all of them; a record given by name still copies tensor by tensor."""
+    eng = homeseek.load("tiny", dtype=torch.float32, max_context=64)
+    store = eng.experts
+    a, b = RecordBuffer(eng.cfg, 2, "cpu"), RecordBuffer(eng.cfg, 3, "cpu")
+    assert a.buf.shape == (2, experts.record_bytes(eng.cfg))
+    store._fill(a.view(1), (1, 5))
+    b.buf.fill_(0)
+    b.copy_in(2, a.row(1))
+    want = store._disk_record((1, 5))
+    assert all(torch.equal(b.view(2)[k], want[k]) for k in want)
+    assert int(b.buf[:2].count_nonzero()) == 0  # only its slot
+    b.copy_in(0, want)  # by name (the disk tier read in place)
+    assert torch.equal(b.row(0), a.row(1))
+    # the four views cover the row exactly once, in the order the kernels expect
+    sizes = [t[0].numel() for t in a.t.values()]
+    offsets = [t[0].data_ptr() - a.buf[0].data_ptr() for t in a.t.values()]
+    assert sum(sizes) == a.buf.shape[1]
+    assert offsets == [sum(sizes[:i]) for i in range(4)]
+
+
 def test_disk_reads_fill_a_host_record_in_place():
     """The reader threads' copy (parts straight into a host record's rows, no concatenation)
     gives the record the disk tier stores, from the main thread and from the reader pool."""

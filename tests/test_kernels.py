@@ -360,17 +360,42 @@ def make_fp8(n, k, seed=0, scale_fp32=False):
     return w.to(DEV), s.to(DEV)
 
 
+POOL_NAMES = ("w13_q", "w13_s", "w2_q", "w2_s")  # the launchers' argument order
+
+
 def make_pool(n_slots, d, i, seed=0):
     g = _gen(seed)
     sh = f4.pool_shapes(n_slots, d, i)
     pool = []
-    for name in ("w13_q", "w13_s", "w2_q", "w2_s"):
+    for name in POOL_NAMES:
         if name.endswith("_q"):
             t = torch.randint(0, 256, sh[name], generator=g, dtype=torch.uint8)
         else:  # realistic E8M0 range: weights ~ 2^-7 .. 2^-4 * 6
             t = torch.randint(118, 123, sh[name], generator=g, dtype=torch.uint8)
         pool.append(t.to(DEV))
     return pool
+
+
+def pool_in_layout(pool, d, i, layout):
+    """The experts of `pool` (make_pool: four contiguous tensors) in another layout the kernels
+    read alike. "packed": packed_pool_views of one [S, slot_bytes] buffer (the expert store's);
+    "padded": each tensor in a buffer of its own whose slots lie 16 * (j + 1) bytes further
+    apart than their size (slot strides that differ per tensor and are not multiples of 64),
+    the gaps 0xFF (NaN scales, -6 weights) should a kernel read them."""
+    s, dev = pool[0].shape[0], pool[0].device
+    if layout == "packed":
+        buf = torch.empty(s, f4.slot_bytes(d, i), dtype=torch.uint8, device=dev)
+        packed = f4.packed_pool_views(buf, d, i)
+        views = [packed[nm] for nm in POOL_NAMES]
+    else:
+        views = []
+        for j, t in enumerate(pool):
+            n = t[0].numel()
+            b = torch.full((s, n + 16 * (j + 1)), 255, dtype=torch.uint8, device=dev)
+            views.append(b[:, :n].unflatten(1, t.shape[1:]))  # [S, rows, width]
+    for v, t in zip(views, pool, strict=True):
+        v.copy_(t)
+    return views
 
 
 def make_routing(m, k, n_slots, seed=0, holes=True):
@@ -703,6 +728,69 @@ def test_launchers_reject_bad_inputs():
         f4.fp4_experts(x[:, :128], slots, rw, x[:, :128], *bad, 10.0)
 
 
+@pytest.mark.parametrize("d,i", [(64, 32), (256, 128), (f4.V4_FLASH_D, f4.V4_FLASH_I)])
+def test_packed_pool_views_tile_the_buffer(d, i):
+    """packed_pool_views: four [S, rows, width] views of the buffer, slot stride slot_bytes,
+    rows contiguous, at the documented offsets; together they cover every byte exactly once;
+    a record (a buffer row) is its four tensors back to back in pool_shapes order."""
+    n_slots, sb = 3, f4.slot_bytes(d, i)
+    assert sb % 16 == 0
+    buf = torch.zeros(n_slots, sb, dtype=torch.uint8)
+    views = f4.packed_pool_views(buf, d, i)
+    shapes = f4.pool_shapes(n_slots, d, i)
+    assert tuple(views) == POOL_NAMES
+    offs = [0, i * d, i * d + i * d // 16, i * d + i * d // 16 + d * i // 2]
+    cover = torch.zeros(n_slots, sb, dtype=torch.int32)
+    for nm, off in zip(POOL_NAMES, offs, strict=True):
+        v = views[nm]
+        assert v.shape == shapes[nm] and v.dtype == torch.uint8
+        assert v.stride() == (sb, shapes[nm][2], 1)
+        assert v.data_ptr() - buf.data_ptr() == off and off % 16 == 0
+        buf.zero_()
+        v.fill_(1)
+        cover += buf
+    assert (cover == 1).all(), "the views overlap or leave gaps"
+    # records built by hand (each slot's four tensors flattened, back to back) read back as the
+    # tensors they were built from
+    pool = [t.cpu() for t in make_pool(n_slots, d, i, seed=d)]
+    recs = torch.stack([torch.cat([t[s].flatten() for t in pool]) for s in range(n_slots)])
+    for nm, t in zip(POOL_NAMES, pool, strict=True):
+        assert torch.equal(f4.packed_pool_views(recs, d, i)[nm], t), nm
+    with pytest.raises(TypeError, match="uint8"):
+        f4.packed_pool_views(buf.view(torch.int8), d, i)
+    with pytest.raises(ValueError, match="slot_bytes"):
+        f4.packed_pool_views(buf[:, :-16], d, i)
+    with pytest.raises(ValueError, match="slot_bytes"):
+        f4.packed_pool_views(buf[0], d, i)
+    with pytest.raises(ValueError, match="contiguous"):
+        f4.packed_pool_views(buf[::2], d, i)
+    with pytest.raises(ValueError, match="multiples of 32"):
+        f4.packed_pool_views(buf, d + 16, i)
+
+
+@interp
+def test_fp4_experts_rejects_bad_pool_strides():
+    """Pool tensors may have any slot stride, but their rows must be contiguous, the slot
+    stride a multiple of 16 bytes and the start 16-byte aligned (16-byte vector loads)."""
+    d, i, n_slots = 128, 64, 2
+    pool = make_pool(n_slots, d, i)
+    slots, rw = make_routing(1, 2, n_slots)
+    x = torch.randn(1, d)
+    rows, width = pool[2].shape[1:]
+    n = rows * width
+    u8 = torch.zeros(2 * n_slots * n + 16, dtype=torch.uint8)  # storage for the bad views
+    bad = [  # w2_q [S, rows, width] with
+        ("rows must be contiguous", u8[: n_slots * n].view(n_slots, width, rows).transpose(1, 2)),
+        ("rows must be contiguous", u8[: n_slots * n * 2].view(n_slots, rows, 2 * width)[..., ::2]),
+        ("not a multiple of 16", u8[: n_slots * (n + 8)].view(n_slots, n + 8)[:, :n].view(
+            n_slots, rows, width)),
+        ("16-byte aligned", u8[4 : 4 + n_slots * n].view(n_slots, rows, width)),
+    ]  # fmt: skip
+    for msg, w2_q in bad:
+        with pytest.raises(ValueError, match=f"w2_q: .*{msg}"):
+            f4.fp4_experts(x, slots, rw, x, pool[0], pool[1], w2_q, pool[3], 10.0)
+
+
 def test_ops_dispatch_matches_ref():
     """ops.* honour out= on whichever path this machine takes (CPU: the twin; CUDA: Triton)."""
     assert ops.use_triton(torch.empty(1, device=DEV)) == (HAS_CUDA and HAS_TRITON)
@@ -848,6 +936,65 @@ def test_fp4_experts_act_quant_once_is_inline(m, dev):
         assert torch.equal(o, outs[0])
     ref = f4.fp4_experts_ref(x, slots, rw, shared, *pool, 10.0, act_quant=True)
     assert_close("fp4_experts", outs[0], ref, dtype, loose=2.0)
+
+
+# Paths of the pool layout test: decode with either down launch, grouped v1 and v2.
+POOL_LAYOUT_PATHS = {
+    "pair": {"down": "pair"},
+    "token": {"down": "token"},
+    "v1": {"variant": "v1"},
+    "v2": {"variant": "v2"},
+}
+
+
+@pytest.mark.parametrize(
+    "dev",
+    [
+        pytest.param("cpu", marks=interp),
+        pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="")]),
+    ],
+)
+@pytest.mark.parametrize("layout", ["packed", "padded"])
+@pytest.mark.parametrize("act_quant", [False, True])
+@pytest.mark.parametrize("path", list(POOL_LAYOUT_PATHS))
+def test_fp4_experts_pool_layouts(path, act_quant, layout, dev):
+    """The kernels read each pool tensor at its own slot stride: the same experts as four
+    contiguous tensors and as packed_pool_views of one buffer (the expert store's layout), or
+    padded (pool_in_layout), give the same bits on every path; so does the plain-torch twin
+    (through ops, which passes the views on untouched)."""
+    cpu = dev == "cpu"
+    d, i = (256, 128) if cpu else (f4.V4_FLASH_D, f4.V4_FLASH_I)
+    k, n_slots = (3, 5) if cpu else (6, 12)
+    cfg = dict(POOL_LAYOUT_PATHS[path])
+    grouped = "variant" in cfg
+    if grouped:  # a slot in several tiles, skipped pairs, a token with the same slot twice
+        m = 19 if cpu else 300
+        slots, rw = _v2_edge_routing(m, k, n_slots)
+    else:  # GPU "pair": M = 1, the decode step's case (programmatic dependent launch)
+        m = 1 if not cpu and path == "pair" else 3
+        slots, rw = make_routing(m, k, n_slots, seed=41)
+        if m == 3:
+            slots[0, 0] = slots[2, 0]  # a slot shared by two tokens: a two-token pass
+        if cpu:  # fewer interpreted programs
+            cfg.update(block_n=32, block_n_down=64)
+    # the interpreter's bf16 dot is wrong: fp16 for v2 there, fp32 (the v1 default) otherwise
+    dtype = torch.bfloat16 if not cpu else torch.float16 if path == "v2" else torch.float32
+    pool = [t.to(dev) for t in make_pool(n_slots, d, i, seed=40)]
+    slots, rw = slots.to(dev), rw.to(dev)
+    x = torch.randn(m, d, generator=_gen(42)).to(dtype).to(dev)
+    shared = torch.randn(m, d, generator=_gen(43)).to(dtype).to(dev)
+    run = f4.fp4_experts_grouped if grouped else f4.fp4_experts
+    outs, refs = [], []
+    for p in (pool, pool_in_layout(pool, d, i, layout)):
+        out = poison((m, d), dtype, dev)
+        run(x, slots, rw, shared, *p, 10.0, out=out, act_quant=act_quant, config=cfg)
+        outs.append(out)
+        refs.append(ops.fp4_experts(x, slots, rw, shared, *p, 10.0, act_quant=act_quant,
+                                    triton=False))  # fmt: skip
+    assert torch.isfinite(outs[0]).all()
+    assert torch.equal(outs[1], outs[0]), f"{path} differs on a {layout} pool"
+    assert torch.equal(refs[1], refs[0]), f"the twin differs on a {layout} pool"
+    assert_close(f"fp4_experts {path}", outs[0], refs[0], dtype, loose=2.0)
 
 
 FP8_GPU_CONFIGS = [

@@ -19,7 +19,7 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from homeseek.bench import build_engine, cap_process
+from homeseek.bench import annotation, build_engine, cap_process
 from homeseek.config import RuntimeConfig
 
 
@@ -58,6 +58,8 @@ def _cover(spans: list[tuple[float, float]], a: float, b: float) -> float:
 # Host ranges the engine marks (torch.profiler.record_function): the main thread waiting for a
 # layer's expert ids and for the background loads, the background thread's loads and the reads
 # of the tier below (ranges of threads the profiler does not follow stay empty).
+# The background thread's time (experts.Counters): jobs, copy issue, scan reads, slot waits.
+BG = ("bg_busy_s", "bg_issue_s", "scan_read_s", "await_s")
 MARKS = ("hs::ids", "hs::join", "hs::copier", "hs::read")
 
 
@@ -127,6 +129,7 @@ def main() -> None:
                 torch.cuda.reset_peak_memory_stats()
             c = eng.experts.counters
             c0, hh0, dl0 = c.bytes_h2d, c.host_hits, c.disk_loads
+            bg0 = {k: getattr(c, k) for k in BG}
             h0 = eng.scheduler.host_s
             t0 = time.perf_counter()
             if run == "timed":
@@ -137,6 +140,7 @@ def main() -> None:
                     h2d_GB=round((c.bytes_h2d - c0) / 1e9, 2), host_hits=c.host_hits - hh0,
                     below_host_reads=c.disk_loads - dl0,
                     scheduler_host_s=round(eng.scheduler.host_s - h0, 3),
+                    **{k: round(getattr(c, k) - bg0[k], 3) for k in BG},
                     peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else 0,
                 )  # fmt: skip
                 continue
@@ -149,6 +153,8 @@ def main() -> None:
             marks: dict[str, list[tuple[float, float]]] = {}
             by_kernel: dict[str, list[float]] = {}
             for ev in prof.events():
+                if ev.device_type == DeviceType.CUDA and annotation(ev):
+                    continue  # the device-side twin of a marked host range: not a kernel
                 if ev.device_type != DeviceType.CUDA:
                     if ev.name in MARKS:
                         span = (ev.time_range.start / 1e6, ev.time_range.end / 1e6)
