@@ -237,6 +237,10 @@ class Row:
     # bytes per token copied for predicted experts it did not choose
     prediction_accuracy: float | None = None
     prefetch_wasted_MB_per_token: float | None = None
+    # prefill rows: where the scan's background thread spent its seconds (experts.Counters:
+    # bg_busy_s, of which bg_issue_s queueing copies and scan_read_s reading; await_s waiting
+    # for a host slot's copy to leave)
+    scan_thread_s: dict[str, float] | None = None
     error: str | None = None
 
 
@@ -287,6 +291,10 @@ def _gpu_profile(
             end = b
     ranked = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:top]
     return len(spans), busy / 1000, [(n, int(c), round(t, 3)) for n, (c, t) in ranked]
+
+
+# The expert store's counters of a scan's background thread (prefill rows' scan_thread_s).
+SCAN_THREAD = ("bg_busy_s", "bg_issue_s", "scan_read_s", "await_s")
 
 
 def annotation(ev: Any) -> bool:
@@ -525,6 +533,8 @@ class Bench:
         row.tok_s = n / dt
         self._fill(row, c0, n, self.eng.experts.copy_busy_s())
         row.pct_of_ceiling = 100 * row.ceiling_ms_per_token * n / (dt * 1000)
+        c = self.eng.experts.counters
+        row.scan_thread_s = {k: getattr(c, k) - getattr(c0, k) for k in SCAN_THREAD}
         self._add(row)
         return row
 
@@ -714,6 +724,13 @@ class Bench:
             )
             for name, n, ms in (row.top_kernels or [])[:8]:
                 self.out(f"{'':<8} {'':<16}   {ms:6.2f} ms {n:6.0f}x  {name[:60]}")
+        bg = row.scan_thread_s
+        if bg and bg["bg_busy_s"] > 0:
+            self.out(
+                f"{'':<8} {'':<16} scan thread: busy {bg['bg_busy_s']:.2f} s (queueing copies "
+                f"{bg['bg_issue_s']:.2f} s, reading {bg['scan_read_s']:.2f} s); host slot waits "
+                f"{bg['await_s']:.2f} s"
+            )
         if row.cpu_lane == "on":
             base = self._copy_only(row)
             vs = f"; {row.tok_s / base.tok_s:.2f}x the copy-only decode" if base else ""

@@ -3,7 +3,8 @@
 Per decode token V4-Flash reads 43 x 6 routed experts of 13,369,344 bytes; only ~1,000 of the
 11,008 fit beside the dense weights in 24 GB, so where an expert lives decides the speed. Each
 expert is one *record*, packed exactly as the checkpoint stores it (FP4 + E8M0, never BF16), in
-the layout the FP4 kernel reads (kernels/fp4_experts.py `pool_shapes`):
+the layout the FP4 kernel reads (kernels/fp4_experts.py `pool_shapes`), the four tensors back to
+back in one row of bytes (`packed_pool_views`), so a record moves between tiers in one copy:
 
     w13_q [2I, D/2]  w1 rows then w3 rows      w13_s [2I, D/32]  their E8M0 scales
     w2_q  [D, I/2]                             w2_s  [D, I/32]
@@ -24,6 +25,7 @@ import contextlib
 import os
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
@@ -85,33 +87,66 @@ def record_bytes(cfg: ModelConfig) -> int:
 Source = torch.Tensor | dict[str, torch.Tensor]
 
 
-class RecordBuffer:
-    """S records, packed: one [S, record_bytes] uint8 buffer (the GPU pool, or the host cache)
-    whose rows hold a record's four tensors back to back (kernels/fp4_experts.py
-    `packed_pool_views`), so a record moves between two buffers in one copy (four copies a
-    record were four copy calls and four queue entries, and the two small scale tensors moved
-    at a fraction of the link's rate). `t` are the four [S, ...] views the kernels read."""
+# Pinned host buffers are allocated in pieces of at most this many bytes: torch's pinned
+# allocator rounds every allocation up to a power of two, so one buffer for the whole host tier
+# (~99 GB at 24 GiB on a 128 GiB host) asked for 128 GiB and failed, and four per-tensor buffers
+# pinned ~3 GB more than they held; pieces of whole records within 1 GiB waste under 1 %.
+PIN_PIECE = 1 << 30
 
-    def __init__(self, cfg: ModelConfig, n: int, device: str, pin: bool = False) -> None:
-        self.n = n
-        self.buf = torch.empty(
-            (n, record_bytes(cfg)), dtype=torch.uint8, device=device, pin_memory=pin
+
+class RecordBuffer:
+    """S records, packed: each record's four tensors back to back in one row of record_bytes
+    uint8 (kernels/fp4_experts.py `packed_pool_views`), so a record moves between two buffers in
+    one copy (four copies a record were four copy calls and queue entries, and the two small
+    scale tensors moved at a fraction of the link's rate). A device buffer (the GPU pool) is one
+    [S, record_bytes] tensor and `t` are the four [S, ...] views the kernels read; a pinned one
+    (the host cache) is allocated in pieces of whole records (PIN_PIECE)."""
+
+    def __init__(
+        self, cfg: ModelConfig, n: int, device: str, pin: bool = False, piece: int | None = None
+    ) -> None:
+        """`piece`: records per piece (default: one piece, pinned ones within PIN_PIECE)."""
+        self.n, self.cfg = n, cfg
+        rb = record_bytes(cfg)
+        self.per = max(1, piece or (PIN_PIECE // rb if pin else n))
+        self.pieces = [
+            torch.empty(
+                (min(self.per, n - i), rb), dtype=torch.uint8, device=device, pin_memory=pin
+            )
+            for i in range(0, n, self.per)
+        ]
+        self._t = (
+            packed_pool_views(self.pieces[0], cfg.hidden_size, cfg.moe_intermediate_size)
+            if len(self.pieces) == 1
+            else None
         )
-        self.t = packed_pool_views(self.buf, cfg.hidden_size, cfg.moe_intermediate_size)
+
+    @property
+    def t(self) -> dict[str, torch.Tensor]:
+        """The four [S, ...] tensors (a buffer in one piece: the GPU pool)."""
+        if self._t is None:
+            raise ValueError("a RecordBuffer in several pieces has no [S, ...] views")
+        return self._t
 
     def copy_in(self, slot: int, src: Source, non_blocking: bool = False) -> None:
         if isinstance(src, torch.Tensor):
-            self.buf[slot].copy_(src, non_blocking=non_blocking)
+            self.row(slot).copy_(src, non_blocking=non_blocking)
             return
-        for k, t in self.t.items():
-            t[slot].copy_(src[k], non_blocking=non_blocking)
+        for k, t in self.view(slot).items():
+            t.copy_(src[k], non_blocking=non_blocking)
 
     def row(self, slot: int) -> torch.Tensor:
         """The packed record in `slot` ([record_bytes] uint8, a view)."""
-        return self.buf[slot]
+        return self.pieces[slot // self.per][slot % self.per]
 
     def view(self, slot: int) -> dict[str, torch.Tensor]:
-        return {k: t[slot] for k, t in self.t.items()}
+        """The record in `slot` as its four tensors (views)."""
+        if self._t is not None:
+            return {k: t[slot] for k, t in self._t.items()}
+        views = packed_pool_views(
+            self.row(slot).unsqueeze(0), self.cfg.hidden_size, self.cfg.moe_intermediate_size
+        )
+        return {k: v[0] for k, v in views.items()}
 
 
 # --- eviction policies ---------------------------------------------------------------------------
@@ -508,6 +543,7 @@ class ExpertStore:
         self.counters = Counters()
         self.lock = threading.Lock()  # the background host filler shares the host tier
         self._filler: threading.Thread | None = None
+        self.host_fill_error: str | None = None  # why the host cache could not be pinned
         self.progress = progress
         self.tid2eid: dict[int, torch.Tensor] = {}  # hash layers: token id -> experts (CPU)
         # (start, end) CUDA events around each batch of slot copies, recorded on the copy stream
@@ -1206,7 +1242,18 @@ class ExpertStore:
         keys = keys[: self.n_host]
 
         def fill() -> None:
-            host = RecordBuffer(self.cfg, self.n_host + self.n_stage, "cpu", pin=True)
+            n = self.n_host + self.n_stage
+            try:
+                host = RecordBuffer(self.cfg, n, "cpu", pin=True)
+            except Exception as e:  # an OOM (torch raises several kinds), or any other failure
+                # The engine still runs, every miss read from the tier below: say so, loudly.
+                self.host_fill_error = (
+                    f"pinning the host expert cache ({n} records, "
+                    f"{n * self.record_bytes / 2**30:.1f} GiB) failed: {e}; every miss is read "
+                    "from the tier below (slower): lower host_mem_gb / --host-mem-gb"
+                )
+                warnings.warn(self.host_fill_error, RuntimeWarning, stacklevel=1)
+                return
             with self.lock:
                 self.host = host
             for key in tqdm(keys, desc="pinning experts", unit="exp", disable=not self.progress):
@@ -1221,5 +1268,9 @@ class ExpertStore:
         self._filler.start()
 
     def join_host_fill(self) -> None:
+        """Wait for the host cache to be pinned and filled; a failure to pin it (the engine goes
+        on without it) raises here."""
         if self._filler is not None:
             self._filler.join()
+        if self.host_fill_error is not None:
+            raise ConfigError(self.host_fill_error)

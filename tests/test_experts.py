@@ -89,24 +89,33 @@ def test_disk_tier_is_zero_copy(ids):
 
 def test_record_buffer_rows_are_whole_records():
     """A record is one packed row: its four tensors tile the row (the kernels' layout), and one
-    copy of a row moves all of them; a record given by name still copies tensor by tensor."""
+    copy of a row moves all of them; a record given by name still copies tensor by tensor; a
+    buffer in pieces (pinned host tiers) holds the same records."""
     eng = homeseek.load("tiny", dtype=torch.float32, max_context=64)
     store = eng.experts
-    a, b = RecordBuffer(eng.cfg, 2, "cpu"), RecordBuffer(eng.cfg, 3, "cpu")
-    assert a.buf.shape == (2, experts.record_bytes(eng.cfg))
+    a, b = RecordBuffer(eng.cfg, 2, "cpu"), RecordBuffer(eng.cfg, 5, "cpu", piece=2)
+    assert a.t["w13_q"].shape[0] == 2 and len(a.pieces) == 1
+    assert [p.shape for p in b.pieces] == [(2, experts.record_bytes(eng.cfg))] * 2 + [
+        (1, experts.record_bytes(eng.cfg))
+    ]
+    with pytest.raises(ValueError, match="pieces"):
+        _ = b.t
     store._fill(a.view(1), (1, 5))
-    b.buf.fill_(0)
-    b.copy_in(2, a.row(1))
+    for p in b.pieces:
+        p.fill_(0)
+    b.copy_in(3, a.row(1))
     want = store._disk_record((1, 5))
-    assert all(torch.equal(b.view(2)[k], want[k]) for k in want)
-    assert int(b.buf[:2].count_nonzero()) == 0  # only its slot
-    b.copy_in(0, want)  # by name (the disk tier read in place)
-    assert torch.equal(b.row(0), a.row(1))
+    assert all(torch.equal(b.view(3)[k], want[k]) for k in want)
+    assert sum(int(b.row(s).count_nonzero()) for s in (0, 1, 2, 4)) == 0  # only its slot
+    b.copy_in(4, want)  # by name (the disk tier read in place)
+    assert torch.equal(b.row(4), a.row(1))
     # the four views cover the row exactly once, in the order the kernels expect
-    sizes = [t[0].numel() for t in a.t.values()]
-    offsets = [t[0].data_ptr() - a.buf[0].data_ptr() for t in a.t.values()]
-    assert sum(sizes) == a.buf.shape[1]
-    assert offsets == [sum(sizes[:i]) for i in range(4)]
+    for buf, s in ((a, 1), (b, 4)):
+        v = buf.view(s)
+        sizes = [t.numel() for t in v.values()]
+        offsets = [t.data_ptr() - buf.row(s).data_ptr() for t in v.values()]
+        assert sum(sizes) == buf.row(s).numel()
+        assert offsets == [sum(sizes[:i]) for i in range(4)]
 
 
 def test_disk_reads_fill_a_host_record_in_place():
@@ -534,3 +543,24 @@ def test_scheduler_marks_host_ranges_only_while_a_profiler_records():
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         eng.session().forward([1, 2, 3])
     assert any(ev.name == "hs::ids" for ev in prof.events())
+
+
+def test_host_cache_that_cannot_be_pinned_is_reported(monkeypatch):
+    """Pinning the host cache runs on a thread: when it fails (out of pinned memory) the engine
+    keeps reading the tier below, warns, and join_host_fill says why (it used to die silently,
+    leaving every prefill ~5x slower)."""
+    eng = homeseek.load("tiny", dtype=torch.float32, max_context=64)
+    store = eng.experts
+    store.n_host = 4  # as on CUDA, where a host tier exists
+    store.hostres = Residency(4, eng.cfg.num_hidden_layers, make_policy("lru", 4), 0)
+
+    def no_pinned_memory(*args, **kwargs):
+        raise RuntimeError("CUDA error: out of memory")
+
+    monkeypatch.setattr(experts, "RecordBuffer", no_pinned_memory)
+    with pytest.warns(RuntimeWarning, match="pinning the host expert cache"):
+        store.start_host_fill()
+        store._filler.join()
+    with pytest.raises(ConfigError, match=r"4 records.*out of memory.*host-mem-gb"):
+        store.join_host_fill()
+    assert store.host is None

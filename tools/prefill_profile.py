@@ -19,6 +19,7 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
+from homeseek.bench import SCAN_THREAD as BG
 from homeseek.bench import annotation, build_engine, cap_process
 from homeseek.config import RuntimeConfig
 
@@ -58,8 +59,6 @@ def _cover(spans: list[tuple[float, float]], a: float, b: float) -> float:
 # Host ranges the engine marks (torch.profiler.record_function): the main thread waiting for a
 # layer's expert ids and for the background loads, the background thread's loads and the reads
 # of the tier below (ranges of threads the profiler does not follow stay empty).
-# The background thread's time (experts.Counters): jobs, copy issue, scan reads, slot waits.
-BG = ("bg_busy_s", "bg_issue_s", "scan_read_s", "await_s")
 MARKS = ("hs::ids", "hs::join", "hs::copier", "hs::read")
 
 
