@@ -239,7 +239,8 @@ class Row:
     prefetch_wasted_MB_per_token: float | None = None
     # prefill rows: where the scan's background thread spent its seconds (experts.Counters:
     # bg_busy_s, of which bg_issue_s queueing copies and scan_read_s reading; await_s waiting
-    # for a host slot's copy to leave)
+    # for a host slot's copy to leave) and the host's main thread in the scheduler (scheduler_s:
+    # reading each layer's ids, which waits for the GPU, and joining the loads)
     scan_thread_s: dict[str, float] | None = None
     error: str | None = None
 
@@ -518,6 +519,7 @@ class Bench:
         row = Row(routing, "prefill", n, sess.pos)
         ids = self._ids(n, n)
         c0, t0 = self._snap()
+        h0 = self.eng.scheduler.host_s
         try:
             logits = sess.forward(ids, last_only=True)
             int(logits[0].argmax())  # the first token reaches the host: TTFT
@@ -535,6 +537,7 @@ class Bench:
         row.pct_of_ceiling = 100 * row.ceiling_ms_per_token * n / (dt * 1000)
         c = self.eng.experts.counters
         row.scan_thread_s = {k: getattr(c, k) - getattr(c0, k) for k in SCAN_THREAD}
+        row.scan_thread_s["scheduler_s"] = self.eng.scheduler.host_s - h0
         self._add(row)
         return row
 
@@ -729,7 +732,7 @@ class Bench:
             self.out(
                 f"{'':<8} {'':<16} scan thread: busy {bg['bg_busy_s']:.2f} s (queueing copies "
                 f"{bg['bg_issue_s']:.2f} s, reading {bg['scan_read_s']:.2f} s); host slot waits "
-                f"{bg['await_s']:.2f} s"
+                f"{bg['await_s']:.2f} s; main thread in the scheduler {bg['scheduler_s']:.2f} s"
             )
         if row.cpu_lane == "on":
             base = self._copy_only(row)

@@ -177,3 +177,51 @@ def test_cuda_bf16_generate():
     r = eng.generate(messages=msgs, max_tokens=16, temperature=0)
     assert len(r.token_ids) == 16 and r.stats["decode_tok_s"] > 0
     assert eng.generate(messages=msgs, max_tokens=16, temperature=0).token_ids == r.token_ids
+
+
+def test_copy_lane_rate_measured_while_another_thread_pins_memory():
+    """The CPU lane splits misses by the copy lane's measured rate. The engine pins its host tier
+    on a thread while the lane measures; timed naively, the other thread's stalls counted as copy
+    time (0.011 GB/s measured on an H200) and the lane took every miss."""
+    import threading
+
+    from homeseek.cpu_lane import measure_h2d
+
+    stop = threading.Event()
+
+    def pin() -> None:
+        while not stop.is_set():
+            torch.empty(256 << 20, dtype=torch.uint8, pin_memory=True)
+            torch.cuda.synchronize()
+
+    t = threading.Thread(target=pin)
+    t.start()
+    try:
+        rate = measure_h2d("cuda", 13_369_344)
+    finally:
+        stop.set()
+        t.join()
+    assert rate > 5e9, f"{rate / 1e9:.3f} GB/s"
+
+
+def test_pinned_record_pieces_copy_whole_records():
+    """A pinned host tier in pieces (experts.PIN_PIECE) copies each record with one row copy
+    into the packed GPU pool, which the kernels read as four tensors."""
+    from homeseek.experts import RecordBuffer
+
+    cfg = PRESETS["tiny"]()
+    host = RecordBuffer(cfg, 5, "cpu", pin=True, piece=2)
+    pool = RecordBuffer(cfg, 5, "cuda")
+    g = torch.Generator().manual_seed(0)
+    for p in host.pieces:
+        p.copy_(torch.randint(0, 256, p.shape, dtype=torch.uint8, generator=g))
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        for s in range(5):
+            pool.copy_in(4 - s, host.row(s), non_blocking=True)
+    stream.synchronize()
+    for s in range(5):
+        assert torch.equal(pool.row(4 - s).cpu(), host.row(s))
+        got, want = pool.view(4 - s), host.view(s)
+        assert all(torch.equal(got[k].cpu(), want[k]) for k in want)
+        assert all(torch.equal(pool.t[k][4 - s].cpu(), want[k]) for k in want)
