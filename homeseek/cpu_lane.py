@@ -201,12 +201,12 @@ def measure_h2d(device: str, nbytes: int, repeats: int = 5) -> float:
     """Bytes per second of a pinned host -> device copy of one record (the copy lane's rate):
     the fastest of `repeats` copies, each timed on the device behind a short spin kernel.
 
-    Events time the device's timeline from start to end: a host thread stalled between queueing
-    them (the engine pins its host tier on another thread while this runs, and each pinned
-    allocation holds the driver for a while) would count its stall as copy time. Measured so,
-    one engine saw 0.011 GB/s, and the lane, taking every copy for ~100 s, computed every
-    missed expert on the CPU. The spin holds the stream until the host has queued the copy, and
-    the fastest repeat drops any stall that outlasted it."""
+    Events time the device's timeline from start to end, so a host thread stalled between
+    queueing them counts its stall as copy time. Another thread allocating pinned memory stalls
+    it (each allocation holds the driver): measured while the engine pinned its host tier, an
+    H200 read 0.011-0.029 GB/s and the lane took every miss. The engine measures before that
+    starts; the spin holds the stream until the host has queued the copy (short stalls), and
+    the fastest repeat drops a stall that outlasted it."""
     if not str(device).startswith("cuda"):
         return float("inf")
     src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)

@@ -196,13 +196,16 @@ class Engine:
             from homeseek.profile import hot_set
 
             self.experts.pin_hot(hot_set(rt.hot_profile, self.experts.n_slots // 2))
-        if n_host:
-            self.experts.copier = _record_copier()
-            self.experts.start_host_fill()
         self.rope = M.RopeTables(cfg, rt.max_context, dev)
         self.scheduler = Scheduler(self.experts, cfg)
         self.scheduler.prefetch = rt.prefetch
+        # The CPU lane times a record's copy: before the host tier starts pinning on its thread,
+        # whose pinned allocations hold the driver and stretched that timing ~2,000-fold (the
+        # lane then took every miss).
         self.lane_status = self._cpu_lane(kernels)
+        if n_host:
+            self.experts.copier = _record_copier()
+            self.experts.start_host_fill()
         if kernels:  # the FP8 GEMV's split-K scratch, sized for every FP8 product of the model
             from homeseek.kernels.fp8_linear import GEMV_MAX_M, fp8_linear_workspace
 
