@@ -514,12 +514,17 @@ static long now_ns(void) {
     return (long)ts.tv_sec * 1000000000L + ts.tv_nsec;
 }
 
+/* The item index of a loop that is over (parallel_for): no count reaches it. */
+#define HS_CLOSED 0xFFFFFFFFu
+
 static void run_items(hs_ctx *c, uint32_t gen) {
     uint64_t w = atomic_load_explicit(&c->work, memory_order_acquire);
     for (;;) {
         if ((uint32_t)(w >> 32) != gen) return;
         uint32_t it = (uint32_t)w;
-        if ((int)it >= atomic_load_explicit(&c->n_items, memory_order_relaxed)) return;
+        /* acquire: a count the next loop wrote comes after this loop was closed (parallel_for),
+         * so a claim made after reading it fails. */
+        if (it >= (uint32_t)atomic_load_explicit(&c->n_items, memory_order_acquire)) return;
         if (atomic_compare_exchange_weak_explicit(&c->work, &w, w + 1, memory_order_acq_rel,
                                                   memory_order_acquire)) {
             c->fn(c->arg, (int)it);
@@ -560,9 +565,16 @@ static void parallel_for(hs_ctx *c, item_fn fn, void *arg, int n) {
         for (int i = 0; i < n; i++) fn(arg, i);
         return;
     }
+    /* Close the last loop first. A worker of it that read its next index (every item taken) and
+     * then this loop's larger count would otherwise claim that index before this loop is
+     * published, and run an item of the wrong loop, or of this one's function with the last
+     * one's index, and count it as done here: the caller then returned while the item ran on,
+     * reading the caller's stack (a segfault seen once under oversubscription). Closed, its
+     * claim fails. */
+    atomic_store_explicit(&c->work, ((uint64_t)c->gen << 32) | HS_CLOSED, memory_order_relaxed);
     c->fn = fn;
     c->arg = arg;
-    atomic_store_explicit(&c->n_items, n, memory_order_relaxed);
+    atomic_store_explicit(&c->n_items, n, memory_order_release);
     atomic_store_explicit(&c->done, 0, memory_order_relaxed);
     c->gen++;
     atomic_store_explicit(&c->work, (uint64_t)c->gen << 32, memory_order_release);
