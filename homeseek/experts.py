@@ -438,6 +438,45 @@ def simulate(
 
 
 # --- the store -----------------------------------------------------------------------------------
+class Timeline:
+    """When each layer's expert loads happened in a prefill (tools/prefill_profile.py --layers):
+    host spans of the main thread ("ids": waiting for a layer's expert ids; "join": waiting for
+    its load to be queued), of the background thread ("queue": queueing a layer's copies, "read
+    ahead": reading its records of the tier below early), the moment a load was submitted
+    ("submit"), and the copy stream's span of each load ("copies", from CUDA events), all on one
+    clock: seconds since the timeline started."""
+
+    def __init__(self, copy_stream: torch.cuda.Stream) -> None:
+        self.lock = threading.Lock()
+        self.spans: list[tuple[str, int, float, float]] = []  # (what, layer, start, end)
+        self._copies: list[tuple[int, torch.cuda.Event, torch.cuda.Event]] = []
+        torch.cuda.synchronize()
+        # A reference event on the copy stream, and the host time it completed (within a
+        # synchronize's latency): device times are placed on the host clock through it.
+        self._ref = torch.cuda.Event(enable_timing=True)
+        self._ref.record(copy_stream)
+        self._ref.synchronize()
+        self.t0 = time.perf_counter()
+
+    def span(self, what: str, layer: int, start: float, end: float) -> None:
+        with self.lock:
+            self.spans.append((what, layer, start - self.t0, end - self.t0))
+
+    def copies(self, layer: int, start: torch.cuda.Event, end: torch.cuda.Event) -> None:
+        with self.lock:
+            self._copies.append((layer, start, end))
+
+    def rows(self) -> list[tuple[str, int, float, float]]:
+        """Every span, copies included, ordered by start (synchronizes)."""
+        torch.cuda.synchronize()
+        with self.lock:
+            out = list(self.spans)
+            for layer, a, b in self._copies:
+                t = (self._ref.elapsed_time(a) / 1e3, self._ref.elapsed_time(b) / 1e3)
+                out.append(("copies", layer, *t))
+        return sorted(out, key=lambda r: r[2])
+
+
 @dataclass
 class Counters:
     """Expert traffic. lookups = gpu_hits + host_hits + disk_loads + cpu_lane (each lookup ends
@@ -578,6 +617,7 @@ class ExpertStore:
         # once the copy out of one has run: pinning new ones per update cost ~50 us each.
         self._stage: list[tuple[torch.Tensor, torch.Tensor, torch.cuda.Event | None]] = []
         self._copy_waited: torch.cuda.Event | None = None  # the copy stream's last wait
+        self.timeline: Timeline | None = None  # a prefill's per-layer timeline, when traced
         self._stage_i = 0
 
     def _new_gpu_residency(self) -> Residency:
@@ -1007,6 +1047,9 @@ class ExpertStore:
         # thread, which owns `last_use`).
         after = {s: self.last_use.pop(s, None) for s, _ in misses}
         job = self._submit(self._behind_job, misses, after, self.time_copies)
+        if self.timeline is not None and misses:
+            now = time.perf_counter()
+            self.timeline.span("submit", misses[0][1][0], now, now)
         for s, _ in misses:
             self._pending[s] = job
         self.counters.bytes_h2d += len(misses) * self.record_bytes
@@ -1034,14 +1077,20 @@ class ExpertStore:
                 torch.cuda.stream(self.copy_stream),
                 contextlib.closing(self._sources(misses, True)) as sources,
             ):
-                start = self._copy_event() if timed else None
+                start = self._copy_event() if timed or self.timeline is not None else None
                 for s, src, h in sources:
                     t0 = time.perf_counter()
                     ready[s] = self._queue_copy(s, src, h, after[s])
                     issue += time.perf_counter() - t0
                 if start is not None:
-                    with self.lock:
-                        self.copy_events.append((start, self._copy_event()))
+                    end = self._copy_event()
+                    if timed:
+                        with self.lock:
+                            self.copy_events.append((start, end))
+                    if self.timeline is not None and misses:
+                        layer = misses[0][1][0]
+                        self.timeline.copies(layer, start, end)
+                        self.timeline.span("queue", layer, t_job, time.perf_counter())
         except BaseException as e:
             return ready, e
         finally:
@@ -1087,6 +1136,8 @@ class ExpertStore:
             self.counters.disk_s += t1 - t0
             self.counters.scan_read_s += t1 - t0
             self.counters.bg_busy_s += t1 - t_job
+        if self.timeline is not None and keys:
+            self.timeline.span("read ahead", keys[0][0], t_job, t1)
 
     def _join(self, slots: Iterable[int]) -> None:
         """Wait for the background loads that fill any of these slots; their copies' events
@@ -1121,12 +1172,16 @@ class ExpertStore:
         their map entries are published after that wait."""
         slots = list(slots)
         if self._pending:
+            t0 = time.perf_counter()
             try:
                 with marker("hs::join"):
                     self._join(slots)
             except BaseException:
                 self._publish({})  # the evicted entries leave the map all the same
                 raise
+            key = self.gpu.key_of[slots[0]] if self.timeline is not None and slots else None
+            if key is not None:
+                self.timeline.span("join", key[0], t0, time.perf_counter())
         if self.copy_stream is not None and self.ready:  # else every slot asked for was a hit
             cur = self._compute()
             for s in slots:

@@ -185,6 +185,8 @@ class Scheduler:
         store = self.store
         with marker("hs::ids"):
             sel = sel.cpu()  # the one host sync of the layer
+        if store.timeline is not None:
+            store.timeline.span("ids", layer, t0, time.perf_counter())
         if self.routing is not None:
             sel = self.routing.select(layer, sel, offset)
         if self.trace is not None:

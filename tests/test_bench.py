@@ -112,3 +112,34 @@ def test_trace_routing_replays_tokens_in_order(tmp_path):
     save_trace(tmp_path / "bad.npz", steps[:-1])
     with pytest.raises(ConfigError, match="routing trace"):
         TraceRouting(tmp_path / "bad.npz", cfg)
+
+
+def test_prefill_layer_timeline_names_why_the_copy_stream_idled(capsys):
+    """tools/prefill_profile.py --layers: a gap of the copy stream between two layers' loads is
+    put down to the load submitted late (main thread), queued late (background thread busy), or
+    queued in time but started late (waiting on events)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "prefill_profile.py"
+    spec = importlib.util.spec_from_file_location("prefill_profile", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rows = [
+        ("copies", 0, 0.00, 0.10),
+        ("submit", 1, 0.12, 0.12),  # after layer 0's copies ended: the gap was submitted late
+        ("queue", 1, 0.12, 0.13),
+        ("copies", 1, 0.14, 0.20),
+        ("submit", 2, 0.15, 0.15),
+        ("queue", 2, 0.21, 0.22),  # the background thread came to it late: 0.03 s
+        ("copies", 2, 0.23, 0.30),
+        ("submit", 3, 0.25, 0.25),
+        ("queue", 3, 0.26, 0.27),
+        ("copies", 3, 0.34, 0.40),  # queued in time, started 0.04 s late
+    ]
+    out = mod._layers(sorted(rows, key=lambda r: r[2]), show=3)
+    assert out["copy_spans"] == 4 and abs(out["copy_busy_s"] - 0.29) < 1e-9
+    assert abs(out["copy_idle_submitted_late_s"] - 0.04) < 1e-9  # 0.10 -> 0.14
+    assert abs(out["copy_idle_queued_late_s"] - 0.03) < 1e-9  # 0.20 -> 0.23
+    assert abs(out["copy_idle_queued_started_late_s"] - 0.04) < 1e-9  # 0.30 -> 0.34
+    assert "layer timeline" in capsys.readouterr().out

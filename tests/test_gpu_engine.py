@@ -231,3 +231,26 @@ def test_pinned_record_pieces_copy_whole_records():
         got, want = pool.view(4 - s), host.view(s)
         assert all(torch.equal(got[k].cpu(), want[k]) for k in want)
         assert all(torch.equal(pool.t[k][4 - s].cpu(), want[k]) for k in want)
+
+
+def test_prefill_layer_timeline(ids):
+    """experts.Timeline (tools/prefill_profile.py --layers): a traced prefill of scans records,
+    per layer, the main thread's id waits, the loads submitted and queued in the background,
+    the reads ahead and the copy stream's spans, on one clock, and the logits do not change."""
+    from homeseek.experts import Timeline
+
+    cfg = PRESETS["tiny"]()
+    rec_gb = record_bytes(cfg) / 2**30
+    eng = _load(
+        "cuda", kernels=False, expert_slots=3 * cfg.n_routed_experts, host_mem_gb=24 * rec_gb
+    )
+    eng.experts.join_host_fill()
+    plain = eng.session().forward(ids[:60]).cpu()
+    eng.experts.reset_gpu()
+    eng.experts.timeline = tl = Timeline(eng.experts.copy_stream)
+    assert torch.equal(eng.session().forward(ids[:60]).cpu(), plain)
+    rows = tl.rows()
+    kinds = {r[0] for r in rows}
+    assert {"ids", "submit", "queue", "copies", "join"} <= kinds, kinds
+    assert all(0 <= a <= b for _, _, a, b in rows)
+    assert {r[1] for r in rows if r[0] == "ids"} == set(range(cfg.num_hidden_layers))

@@ -22,6 +22,7 @@ from torch.profiler import ProfilerActivity, profile
 from homeseek.bench import SCAN_THREAD as BG
 from homeseek.bench import annotation, build_engine, cap_process
 from homeseek.config import RuntimeConfig
+from homeseek.experts import Timeline
 
 
 def _union(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -80,6 +81,44 @@ def _timeline(kern, h2d, marks: dict[str, list], frac: tuple[float, float], step
         x += step
 
 
+def _layers(rows: list[tuple[str, int, float, float]], show: int) -> dict[str, float]:
+    """Print the first `show` rows of a prefill's layer timeline (experts.Timeline) and where
+    the copy stream stood idle between two loads -> the summary (seconds)."""
+    print(f"\n== layer timeline (first {show} of {len(rows)} spans; ms since the prompt started)")
+    for what, layer, a, b in rows[:show]:
+        print(f"  {a * 1e3:9.1f} {b * 1e3:9.1f}  {what:<10} layer {layer}")
+    copies = [r for r in rows if r[0] == "copies"]
+    first = {}  # (what, layer) -> the spans of that kind for that layer, in order
+    for r in rows:
+        first.setdefault((r[0], r[1]), []).append(r)
+    gaps = {"submitted late": 0.0, "queued late": 0.0, "queued, started late": 0.0}
+    for prev, nxt in zip(copies, copies[1:], strict=False):
+        gap = nxt[2] - prev[3]
+        if gap <= 0:
+            continue
+        # the load of nxt's layer submitted / queued last before its copies started
+        sub = [r for r in first.get(("submit", nxt[1]), []) if r[2] <= nxt[2]]
+        que = [r for r in first.get(("queue", nxt[1]), []) if r[2] <= nxt[2]]
+        if sub and sub[-1][2] > prev[3]:
+            gaps["submitted late"] += gap
+        elif que and que[-1][2] > prev[3]:
+            gaps["queued late"] += gap
+        else:
+            gaps["queued, started late"] += gap
+    busy = _length(_union([(a, b) for _, _, a, b in copies]))
+    out = {"copy_busy_s": round(busy, 3), "copy_spans": len(copies)}
+    out.update(
+        {
+            f"copy_idle_{k.replace(' ', '_').replace(',', '')}_s": round(v, 3)
+            for k, v in gaps.items()
+        }
+    )
+    print(
+        "  copy stream between loads idle: " + ", ".join(f"{k} {v:.3f} s" for k, v in gaps.items())
+    )
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--synthetic", default="flash")
@@ -91,6 +130,10 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--expert-alias", type=int, default=64, help="0: every expert its own")
     ap.add_argument("--profile-upto", type=int, default=4096, help="profile prompts this long")
+    ap.add_argument(
+        "--layers", type=int, default=0,
+        help="trace the timed runs' per-layer loads and print this many spans (0: no trace)",
+    )  # fmt: skip
     ap.add_argument(
         "--timeline", default="0.45,0.52",
         help="window of each profiled prompt to print as a timeline (fractions of its span; "
@@ -132,8 +175,14 @@ def main() -> None:
             h0 = eng.scheduler.host_s
             t0 = time.perf_counter()
             if run == "timed":
+                if args.layers and cuda:
+                    eng.experts.timeline = Timeline(eng.experts.copy_stream)
+                    t0 = time.perf_counter()
                 int(sess.forward(ids, last_only=True)[0].argmax())
                 wall = time.perf_counter() - t0
+                if eng.experts.timeline is not None:
+                    res.update(_layers(eng.experts.timeline.rows(), args.layers))
+                    eng.experts.timeline = None
                 res.update(
                     wall_s=round(wall, 3), tok_s=round(n / wall, 1),
                     h2d_GB=round((c.bytes_h2d - c0) / 1e9, 2), host_hits=c.host_hits - hh0,
