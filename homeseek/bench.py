@@ -430,7 +430,11 @@ class Bench:
         chunk = min(max(self.bc.prompts), self.eng.rt.prefill_chunk)
         if chunk > WARMUP_PROMPT:
             sess.reset()
-            sess.forward(self._ids(chunk, -2), last_only=True)
+            try:
+                sess.forward(self._ids(chunk, -2), last_only=True)
+            except torch.OutOfMemoryError:  # the prompts' own rows will say so
+                self._sync()
+                torch.cuda.empty_cache()
         self._sync()
 
     def _sync(self) -> None:

@@ -209,19 +209,20 @@ def measure_h2d(device: str, nbytes: int, repeats: int = 5) -> float:
     the fastest repeat drops a stall that outlasted it."""
     if not str(device).startswith("cuda"):
         return float("inf")
-    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    dst.copy_(src, non_blocking=True)  # first touch
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    best = float("inf")
-    for _ in range(repeats):
-        torch.cuda._sleep(SPIN_CYCLES)
-        start.record()
-        dst.copy_(src, non_blocking=True)
-        end.record()
-        end.synchronize()
-        best = min(best, start.elapsed_time(end) / 1e3)
-    return nbytes / best
+    with torch.cuda.device(device):  # the spin, the events and the copy on one device's stream
+        src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        dst.copy_(src, non_blocking=True)  # first touch
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        best = float("inf")
+        for _ in range(repeats):
+            torch.cuda._sleep(SPIN_CYCLES)
+            start.record()
+            dst.copy_(src, non_blocking=True)
+            end.record()
+            end.synchronize()
+            best = min(best, start.elapsed_time(end) / 1e3)
+    return nbytes / max(best, 1e-6)
 
 
 def measure_read_bandwidth(nbytes: int = 1 << 30, threads: int | None = None) -> float:

@@ -115,11 +115,11 @@ class RecordBuffer:
             )
             for i in range(0, n, self.per)
         ]
-        self._t = (
-            packed_pool_views(self.pieces[0], cfg.hidden_size, cfg.moe_intermediate_size)
-            if len(self.pieces) == 1
-            else None
-        )
+        # each piece's four [records, ...] views, built once
+        self._views = [
+            packed_pool_views(p, cfg.hidden_size, cfg.moe_intermediate_size) for p in self.pieces
+        ]
+        self._t = self._views[0] if len(self.pieces) == 1 else None
 
     @property
     def t(self) -> dict[str, torch.Tensor]:
@@ -141,12 +141,8 @@ class RecordBuffer:
 
     def view(self, slot: int) -> dict[str, torch.Tensor]:
         """The record in `slot` as its four tensors (views)."""
-        if self._t is not None:
-            return {k: t[slot] for k, t in self._t.items()}
-        views = packed_pool_views(
-            self.row(slot).unsqueeze(0), self.cfg.hidden_size, self.cfg.moe_intermediate_size
-        )
-        return {k: v[0] for k, v in views.items()}
+        i = slot % self.per
+        return {k: t[i] for k, t in self._views[slot // self.per].items()}
 
 
 # --- eviction policies ---------------------------------------------------------------------------
@@ -490,7 +486,7 @@ class Counters:
     bytes_h2d: int = 0  # bytes copied into slots
     bytes_disk: int = 0
     copy_s: float = 0.0  # host time spent issuing/doing copies
-    disk_s: float = 0.0  # host time spent reading records from the disk tier
+    disk_s: float = 0.0  # host time spent waiting for records read from the disk tier
     evictions: int = 0
     # Where a scan's background thread (`_load_behind`, `read_ahead`) spends its time: seconds
     # it ran jobs, of which it queued copies (a copy call blocks once the stream's queue is
@@ -1071,15 +1067,20 @@ class ExpertStore:
         queued; the error that stopped the rest, or None)."""
         ready: dict[int, torch.cuda.Event] = {}
         t_job, issue = time.perf_counter(), 0.0
+        tl = self.timeline  # read once: the main thread may set it meanwhile
         try:
             with (
                 marker("hs::copier"),
                 torch.cuda.stream(self.copy_stream),
                 contextlib.closing(self._sources(misses, True)) as sources,
             ):
-                start = self._copy_event() if timed or self.timeline is not None else None
+                start = None
                 for s, src, h in sources:
                     t0 = time.perf_counter()
+                    if start is None and (timed or tl is not None):
+                        # at the first copy, not before the job's lookups and reads; reads
+                        # between this job's copies still count as its copy time
+                        start = self._copy_event()
                     ready[s] = self._queue_copy(s, src, h, after[s])
                     issue += time.perf_counter() - t0
                 if start is not None:
@@ -1087,10 +1088,10 @@ class ExpertStore:
                     if timed:
                         with self.lock:
                             self.copy_events.append((start, end))
-                    if self.timeline is not None and misses:
+                    if tl is not None:
                         layer = misses[0][1][0]
-                        self.timeline.copies(layer, start, end)
-                        self.timeline.span("queue", layer, t_job, time.perf_counter())
+                        tl.copies(layer, start, end)
+                        tl.span("queue", layer, t_job, time.perf_counter())
         except BaseException as e:
             return ready, e
         finally:
@@ -1114,7 +1115,7 @@ class ExpertStore:
 
     def _ahead_job(self, keys: list[Key]) -> None:
         """(background thread) `read_ahead`'s reads."""
-        t_job = time.perf_counter()
+        t_job, tl = time.perf_counter(), self.timeline
         with self.lock:
             below = [k for k in keys if k not in self.hostres.slot_of and k not in self._ahead]
         reads = []
@@ -1136,8 +1137,8 @@ class ExpertStore:
             self.counters.disk_s += t1 - t0
             self.counters.scan_read_s += t1 - t0
             self.counters.bg_busy_s += t1 - t_job
-        if self.timeline is not None and keys:
-            self.timeline.span("read ahead", keys[0][0], t_job, t1)
+        if tl is not None and keys:
+            tl.span("read ahead", keys[0][0], t_job, t1)
 
     def _join(self, slots: Iterable[int]) -> None:
         """Wait for the background loads that fill any of these slots; their copies' events
@@ -1301,13 +1302,17 @@ class ExpertStore:
             try:
                 host = RecordBuffer(self.cfg, n, "cpu", pin=True)
             except Exception as e:  # an OOM (torch raises several kinds), or any other failure
+                # The pieces pinned before the failure went back to torch's pinned cache, which
+                # keeps them locked: give them to the OS, whose page cache now serves every miss.
+                empty = getattr(torch.accelerator, "empty_host_cache", None)
+                if empty is not None and torch.cuda.is_available():
+                    empty()
                 # The engine still runs, every miss read from the tier below: say so, loudly.
-                self.host_fill_error = (
+                self._fill_failed(
                     f"pinning the host expert cache ({n} records, "
                     f"{n * self.record_bytes / 2**30:.1f} GiB) failed: {e}; every miss is read "
                     "from the tier below (slower): lower host_mem_gb / --host-mem-gb"
                 )
-                warnings.warn(self.host_fill_error, RuntimeWarning, stacklevel=1)
                 return
             with self.lock:
                 self.host = host
@@ -1317,10 +1322,24 @@ class ExpertStore:
                         return
                     if self.hostres.slot_of.get(key) is None:
                         s, _ = self.hostres.admit(key)
-                        self._fill(self.host.view(s), key)
+                        try:
+                            self._fill(self.host.view(s), key)
+                        except Exception as e:  # a bad shard: its slot must not be found
+                            self.hostres.drop(s)
+                            self._fill_failed(
+                                f"filling the host expert cache stopped at {key} after "
+                                f"{len(self.hostres.slot_of)} records: {e}; the rest are read "
+                                "from the tier below when missed"
+                            )
+                            return
 
         self._filler = threading.Thread(target=fill, name="homeseek-host-fill", daemon=True)
         self._filler.start()
+
+    def _fill_failed(self, why: str) -> None:
+        """(fill thread) The host cache stops filling: warn now, raise at `join_host_fill`."""
+        self.host_fill_error = why
+        warnings.warn(why, RuntimeWarning, stacklevel=2)
 
     def join_host_fill(self) -> None:
         """Wait for the host cache to be pinned and filled; a failure to pin it (the engine goes

@@ -564,3 +564,31 @@ def test_host_cache_that_cannot_be_pinned_is_reported(monkeypatch):
     with pytest.raises(ConfigError, match=r"4 records.*out of memory.*host-mem-gb"):
         store.join_host_fill()
     assert store.host is None
+
+
+def test_host_cache_fill_that_fails_forgets_the_record_and_says_why(monkeypatch):
+    """A record that cannot be read while the host cache fills (a bad shard) stops the fill:
+    its slot is not left admitted without data, and join_host_fill says which and why."""
+    eng = homeseek.load("tiny", dtype=torch.float32, max_context=64)
+    store = eng.experts
+    store.n_host = 4
+    store.hostres = Residency(4, eng.cfg.num_hidden_layers, make_policy("lru", 4), 0)
+    monkeypatch.setattr(
+        experts, "RecordBuffer", lambda *a, pin=False, **k: RecordBuffer(*a, **k)
+    )  # nothing to pin on a CPU-only machine
+    calls = []
+
+    def fill(dst, key):
+        calls.append(key)
+        if len(calls) == 3:
+            raise OSError("shard 2: read error")
+        store._disk_fill(dst, key)
+
+    store._disk_fill = store._fill
+    monkeypatch.setattr(store, "_fill", fill)
+    with pytest.warns(RuntimeWarning, match="stopped at"):
+        store.start_host_fill()
+        store._filler.join()
+    with pytest.raises(ConfigError, match=r"stopped at \(0, 2\) after 2 records: shard 2"):
+        store.join_host_fill()
+    assert set(store.hostres.slot_of) == {(0, 0), (0, 1)}

@@ -175,14 +175,16 @@ def main() -> None:
             h0 = eng.scheduler.host_s
             t0 = time.perf_counter()
             if run == "timed":
-                if args.layers and cuda:
-                    eng.experts.timeline = Timeline(eng.experts.copy_stream)
-                    t0 = time.perf_counter()
-                int(sess.forward(ids, last_only=True)[0].argmax())
-                wall = time.perf_counter() - t0
-                if eng.experts.timeline is not None:
-                    res.update(_layers(eng.experts.timeline.rows(), args.layers))
+                tl = Timeline(eng.experts.copy_stream) if args.layers and cuda else None
+                eng.experts.timeline = tl
+                t0 = time.perf_counter()
+                try:
+                    int(sess.forward(ids, last_only=True)[0].argmax())
+                finally:
                     eng.experts.timeline = None
+                wall = time.perf_counter() - t0
+                if tl is not None:
+                    res.update(_layers(tl.rows(), args.layers))
                 res.update(
                     wall_s=round(wall, 3), tok_s=round(n / wall, 1),
                     h2d_GB=round((c.bytes_h2d - c0) / 1e9, 2), host_hits=c.host_hits - hh0,
