@@ -520,7 +520,14 @@ class Bench:
                     if bc.mtp:
                         self._decode_mtp(routing, sess, snap)
                 elif i == len(prompts) - 1 and bc.long_decode_tokens:  # after the longest
-                    self._decode(routing, sess, bc.long_decode_tokens, profile=False, warm=True)
+                    self._decode(  # in the lane mode the short-position rows ended with
+                        routing,
+                        sess,
+                        bc.long_decode_tokens,
+                        profile=False,
+                        lane=self.lanes[-1][0],
+                        warm=True,
+                    )
         finally:
             eng.experts.time_copies = False
             eng.scheduler.routing = None
@@ -806,6 +813,31 @@ class Bench:
                 speedup[on.routing] = on.tok_s / off.tok_s
         if speedup:
             res["cpu_lane_speedup"] = speedup
+        # #13's check: decode after the longest prompt against decode at the short position, in
+        # the same lane mode (median ms per token, long / short)
+        ratio = {}
+        for r in self.rows:
+            if r.work != "decode" or r.drafts or r.error or r.ms_per_token_median is None:
+                continue
+            short = next(
+                (
+                    q
+                    for q in self.rows
+                    if q.work == "decode"
+                    and q.routing == r.routing
+                    and q.cpu_lane == r.cpu_lane
+                    and not q.drafts
+                    and not q.error
+                    and q.position < r.position
+                ),
+                None,
+            )
+            if short is not None and short.ms_per_token_median:
+                ratio[f"{r.routing}@{r.position}"] = (
+                    r.ms_per_token_median / short.ms_per_token_median
+                )
+        if ratio:
+            res["long_position_ratio"] = ratio
         self.out(json.dumps(_rounded(res)))
         return res
 

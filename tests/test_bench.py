@@ -50,6 +50,9 @@ def test_bench_cli_on_tiny(capsys, tmp_path):
     dec = [r for r in rows if r["work"] == "decode"]
     # after the longest prompt one untimed token first (it captures a new bucket's graphs)
     assert [(r["tokens"], r["position"]) for r in dec[:2]] == [(3, 8), (2, 25)]
+    ratio = res["long_position_ratio"]  # long / short position, ms per token
+    assert set(ratio) == {"model@25", "uniform@25", f"trace:{trace}@25"}
+    assert all(v > 0 for v in ratio.values())
     # decode: every token looks up K experts in each layer
     assert all(r["expert_lookups_per_token"] == L * K for r in dec)
     prof = [r for r in dec if r["kernels_per_token"] is not None]
