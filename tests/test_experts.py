@@ -545,50 +545,53 @@ def test_scheduler_marks_host_ranges_only_while_a_profiler_records():
     assert any(ev.name == "hs::ids" for ev in prof.events())
 
 
+def _host_tier_store(monkeypatch, fail_pin: bool):
+    """A tiny engine's store given a 4-record host tier as on CUDA; pinning it fails with
+    `fail_pin`, else it is a plain host buffer (nothing to pin on a CPU-only machine)."""
+    eng = homeseek.load("tiny", dtype=torch.float32, max_context=64)
+    store = eng.experts
+    store.n_host = 4
+    store.hostres = Residency(4, eng.cfg.num_hidden_layers, make_policy("lru", 4), 0)
+
+    def buffer(*args, pin: bool = False, **kwargs):
+        if fail_pin:
+            raise RuntimeError("CUDA error: out of memory")
+        return RecordBuffer(*args, **kwargs)
+
+    monkeypatch.setattr(experts, "RecordBuffer", buffer)
+    return store
+
+
+def _failed_fill(store, warned: str, raised: str) -> None:
+    """The fill thread warns `warned` and join_host_fill raises `raised` (regexes)."""
+    with pytest.warns(RuntimeWarning, match=warned):
+        store.start_host_fill()
+        store._filler.join()
+    with pytest.raises(ConfigError, match=raised):
+        store.join_host_fill()
+
+
 def test_host_cache_that_cannot_be_pinned_is_reported(monkeypatch):
     """Pinning the host cache runs on a thread: when it fails (out of pinned memory) the engine
     keeps reading the tier below, warns, and join_host_fill says why (it used to die silently,
     leaving every prefill ~5x slower)."""
-    eng = homeseek.load("tiny", dtype=torch.float32, max_context=64)
-    store = eng.experts
-    store.n_host = 4  # as on CUDA, where a host tier exists
-    store.hostres = Residency(4, eng.cfg.num_hidden_layers, make_policy("lru", 4), 0)
-
-    def no_pinned_memory(*args, **kwargs):
-        raise RuntimeError("CUDA error: out of memory")
-
-    monkeypatch.setattr(experts, "RecordBuffer", no_pinned_memory)
-    with pytest.warns(RuntimeWarning, match="pinning the host expert cache"):
-        store.start_host_fill()
-        store._filler.join()
-    with pytest.raises(ConfigError, match=r"4 records.*out of memory.*host-mem-gb"):
-        store.join_host_fill()
+    store = _host_tier_store(monkeypatch, fail_pin=True)
+    _failed_fill(store, "pinning the host expert cache", r"4 records.*out of memory.*host-mem-gb")
     assert store.host is None
 
 
 def test_host_cache_fill_that_fails_forgets_the_record_and_says_why(monkeypatch):
     """A record that cannot be read while the host cache fills (a bad shard) stops the fill:
     its slot is not left admitted without data, and join_host_fill says which and why."""
-    eng = homeseek.load("tiny", dtype=torch.float32, max_context=64)
-    store = eng.experts
-    store.n_host = 4
-    store.hostres = Residency(4, eng.cfg.num_hidden_layers, make_policy("lru", 4), 0)
-    monkeypatch.setattr(
-        experts, "RecordBuffer", lambda *a, pin=False, **k: RecordBuffer(*a, **k)
-    )  # nothing to pin on a CPU-only machine
-    calls = []
+    store = _host_tier_store(monkeypatch, fail_pin=False)
+    read, calls = store._fill, []
 
     def fill(dst, key):
         calls.append(key)
         if len(calls) == 3:
             raise OSError("shard 2: read error")
-        store._disk_fill(dst, key)
+        read(dst, key)
 
-    store._disk_fill = store._fill
     monkeypatch.setattr(store, "_fill", fill)
-    with pytest.warns(RuntimeWarning, match="stopped at"):
-        store.start_host_fill()
-        store._filler.join()
-    with pytest.raises(ConfigError, match=r"stopped at \(0, 2\) after 2 records: shard 2"):
-        store.join_host_fill()
+    _failed_fill(store, "stopped at", r"stopped at \(0, 2\) after 2 records: shard 2")
     assert set(store.hostres.slot_of) == {(0, 0), (0, 1)}
