@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from homeseek.checkpoint import Checkpoint, QWeight, layer_prefix
 from homeseek.config import ConfigError, ModelConfig
-from homeseek.kernels.fp4_experts import packed_pool_views, pool_shapes, slot_bytes
+from homeseek.kernels.fp4_experts import packed_pool_views, slot_bytes
 
 Key = tuple[int, int]  # (layer, expert)
 
@@ -73,11 +73,6 @@ READ_PIECE = 1 << 20
 SCAN_RING = 192
 
 
-def record_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Shapes of one record's four uint8 tensors (no slot axis)."""
-    return {k: v[1:] for k, v in pool_shapes(1, cfg.hidden_size, cfg.moe_intermediate_size).items()}
-
-
 def record_bytes(cfg: ModelConfig) -> int:
     return slot_bytes(cfg.hidden_size, cfg.moe_intermediate_size)
 
@@ -106,7 +101,7 @@ class RecordBuffer:
         self, cfg: ModelConfig, n: int, device: str, pin: bool = False, piece: int | None = None
     ) -> None:
         """`piece`: records per piece (default: one piece, pinned ones within PIN_PIECE)."""
-        self.n, self.cfg = n, cfg
+        self.n = n
         rb = record_bytes(cfg)
         self.per = max(1, piece or (PIN_PIECE // rb if pin else n))
         self.pieces = [

@@ -88,17 +88,17 @@ def _layers(rows: list[tuple[str, int, float, float]], show: int) -> dict[str, f
     for what, layer, a, b in rows[:show]:
         print(f"  {a * 1e3:9.1f} {b * 1e3:9.1f}  {what:<10} layer {layer}")
     copies = [r for r in rows if r[0] == "copies"]
-    first = {}  # (what, layer) -> the spans of that kind for that layer, in order
+    by_kind = {}  # (what, layer) -> the spans of that kind for that layer, in order
     for r in rows:
-        first.setdefault((r[0], r[1]), []).append(r)
+        by_kind.setdefault((r[0], r[1]), []).append(r)
     gaps = {"submitted late": 0.0, "queued late": 0.0, "queued, started late": 0.0}
     for prev, nxt in zip(copies, copies[1:], strict=False):
         gap = nxt[2] - prev[3]
         if gap <= 0:
             continue
         # the load of nxt's layer submitted / queued last before its copies started
-        sub = [r for r in first.get(("submit", nxt[1]), []) if r[2] <= nxt[2]]
-        que = [r for r in first.get(("queue", nxt[1]), []) if r[2] <= nxt[2]]
+        sub = [r for r in by_kind.get(("submit", nxt[1]), []) if r[2] <= nxt[2]]
+        que = [r for r in by_kind.get(("queue", nxt[1]), []) if r[2] <= nxt[2]]
         if sub and sub[-1][2] > prev[3]:
             gaps["submitted late"] += gap
         elif que and que[-1][2] > prev[3]:
