@@ -474,23 +474,8 @@ class Session:
         Long inputs run in chunks of `prefill_chunk`; `last_only` returns just [1, vocab].
         """
         eng = self.engine
-        if isinstance(token_ids, torch.Tensor):
-            token_ids = token_ids.reshape(-1).tolist()
-        if self.state is None:
-            raise ValueError("this session is closed")
-        id_list = [int(t) for t in token_ids]
+        id_list = self._checked(token_ids, "forward")
         T = len(id_list)
-        if T == 0:
-            raise ValueError("forward() needs at least one token id")
-        V = eng.cfg.vocab_size
-        bad = [i for i, t in enumerate(id_list) if not 0 <= t < V]
-        if bad:
-            raise ValueError(f"token id {id_list[bad[0]]} at index {bad[0]} is outside [0, {V})")
-        if self.state.pos + T > eng.rt.max_context:
-            raise ContextError(
-                f"sequence would reach {self.state.pos + T} tokens (at {self.state.pos}, +{T}); "
-                f"max_context is {eng.rt.max_context}: raise max_context or shorten the prompt"
-            )
         if T == 1:  # decode: the capture-safe step (CUDA graphs when on)
             with torch.inference_mode():
                 logits = eng.runner.decode(id_list[0], self.state)
@@ -560,6 +545,44 @@ class Session:
                 # step returned, they would add to its peak (the plan counts one set).
                 del Xs, X, saved
         return torch.cat(outs)
+
+    def verify(self, token_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """Feed 1 to 4 tokens as one step of the decode pieces -> float32 logits [T, vocab]
+        (speculative decoding's verify step). Each row is bitwise what feeding the tokens one at
+        a time with `decode` gives; the step syncs once per layer for all tokens and loads each
+        layer's experts once for all of them (`Runner.verify`). CUDA graphs when on."""
+        id_list = self._checked(token_ids, "verify")
+        if len(id_list) == 1:  # the decode step itself
+            return self.forward(id_list)
+        with torch.inference_mode():
+            logits, finals = self.engine.runner.verify(id_list, self.state)
+            if self._mtp is not None:
+                self._mtp.observe(finals)
+        self.tokens.extend(id_list)
+        return logits
+
+    def _checked(self, token_ids: Sequence[int] | torch.Tensor, what: str) -> list[int]:
+        """The ids as ints, checked: the session open, at least one, in the vocabulary, within
+        max_context."""
+        eng = self.engine
+        if isinstance(token_ids, torch.Tensor):
+            token_ids = token_ids.reshape(-1).tolist()
+        if self.state is None:
+            raise ValueError("this session is closed")
+        id_list = [int(t) for t in token_ids]
+        T = len(id_list)
+        if T == 0:
+            raise ValueError(f"{what}() needs at least one token id")
+        V = eng.cfg.vocab_size
+        bad = [i for i, t in enumerate(id_list) if not 0 <= t < V]
+        if bad:
+            raise ValueError(f"token id {id_list[bad[0]]} at index {bad[0]} is outside [0, {V})")
+        if self.state.pos + T > eng.rt.max_context:
+            raise ContextError(
+                f"sequence would reach {self.state.pos + T} tokens (at {self.state.pos}, +{T}); "
+                f"max_context is {eng.rt.max_context}: raise max_context or shorten the prompt"
+            )
+        return id_list
 
     def decode(self, token_id: int) -> torch.Tensor:
         """One token -> float32 logits [vocab]."""

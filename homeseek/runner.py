@@ -20,6 +20,7 @@ experts are resident. Two paths:
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
@@ -40,67 +41,98 @@ if TYPE_CHECKING:
     from homeseek.profiler import DecodeRecorder
 
 
+# Tokens one multi-token step (`Runner.verify`) takes: speculative decoding's token and its
+# drafts (at most 3, RuntimeConfig.mtp).
+VERIFY_MAX = 4
+
+# The device buffers one token carries from graph to graph of a step (name, shape from the
+# config, dtype; None: the activation dtype). They are views of one flat buffer, so that a
+# multi-token step parks one token's set in a bank row and brings back another's with one copy
+# each (`Runner._switch`).
+_LIVE: tuple[tuple[str, str, torch.dtype | None], ...] = (
+    ("index", "3", torch.long),
+    ("X", "1 N D", None),
+    ("Xa", "1 N D", None),
+    ("u", "1 D", None),
+    ("post", "1 N", torch.float32),
+    ("comb", "1 N N", torch.float32),
+    ("sel", "1 K", torch.long),
+    ("weights", "1 K", torch.float32),
+    ("shared", "1 D", None),
+    ("acc", "1 D", None),
+    ("acc_f32", "1 D", torch.float32),
+    ("moe", "1 D", None),
+    ("slots", "1 K", torch.int32),
+    ("cpu_part", "1 D", torch.float32),
+    ("shared_f32", "1 D", torch.float32),
+    ("pred", "1 K", torch.long),
+)
+
+
 @dataclass
 class DecodeBuffers:
     """Static tensors of the decode step: every graph reads and writes these, so graphs can be
     captured in any order and any graph's scratch may be reused by another."""
 
-    host_index: torch.Tensor  # [3] int64 (token, position, slot), pinned on CUDA
-    index: torch.Tensor  # [3] int64 on the device
+    live: torch.Tensor  # uint8 on the device: every buffer below up to `logits` is a view of it
+    index: torch.Tensor  # [3] int64 (token, position, slot) on the device
     X: torch.Tensor  # [1, N, D] residual streams between layers
     Xa: torch.Tensor  # [1, N, D] streams after the attention sublayer (A -> B)
     u: torch.Tensor  # [1, D] normalised FFN input
     post: torch.Tensor  # [1, N] fp32
     comb: torch.Tensor  # [1, N, N] fp32
     sel: torch.Tensor  # [1, K] int64 expert ids (device)
-    sel_host: torch.Tensor  # [1, K] int64, pinned on CUDA: what the scheduler reads
     weights: torch.Tensor  # [1, K] fp32 routing weights
     shared: torch.Tensor  # [1, D] shared-expert output
     acc: torch.Tensor  # [1, D] scratch of a wave that adds to `moe` (kernels)
     acc_f32: torch.Tensor  # [1, D] fp32 routed experts so far (reference path)
     moe: torch.Tensor  # [1, D] routed + shared experts: the FFN output mHC post reads
     slots: torch.Tensor  # [1, K] int32 slot table (device): from the slot map, or the host
-    logits: torch.Tensor  # [1, V] fp32
-    # The CPU lane (homeseek/cpu_lane.py): the experts' input and weights on the host (A copies
-    # them there when the lane is on), the lane's sum on the device, shared + that sum in fp32.
-    u_host: torch.Tensor  # [1, D], pinned on CUDA
-    weights_host: torch.Tensor  # [1, K] fp32, pinned on CUDA
+    # The CPU lane's sum on the device (homeseek/cpu_lane.py), and shared + that sum in fp32.
     cpu_part: torch.Tensor  # [1, D] fp32
     shared_f32: torch.Tensor  # [1, D] fp32
     # The next layer's experts as its router would pick them from this layer's input (the
-    # decode prefetch): on the device, and pinned on the host.
+    # decode prefetch).
     pred: torch.Tensor  # [1, K] int64
+    logits: torch.Tensor  # [1, V] fp32
+    # Pinned on CUDA: what the host writes (the step's index) and reads (the ids, the
+    # prediction, the CPU lane's input and weights, which A copies there when the lane is on).
+    host_index: torch.Tensor  # [3] int64
+    sel_host: torch.Tensor  # [1, K] int64
     pred_host: torch.Tensor  # [1, K] int64
+    u_host: torch.Tensor  # [1, D]
+    weights_host: torch.Tensor  # [1, K] fp32
 
     @classmethod
     def build(cls, cfg: ModelConfig, rt: RuntimeConfig) -> DecodeBuffers:
         dev, dt = rt.device, rt.dtype
-        N, Dm, K = cfg.hc_mult, cfg.hidden_size, cfg.num_experts_per_tok
+        dims = {"1": 1, "3": 3, "N": cfg.hc_mult, "D": cfg.hidden_size}
+        dims["K"] = cfg.num_experts_per_tok
+        shapes = [
+            (name, [dims[d] for d in shape.split()], dtype or dt) for name, shape, dtype in _LIVE
+        ]
+        # Each view starts on a 16-byte boundary (any dtype's alignment, vector loads).
+        offsets, n = [], 0
+        for _, shape, dtype in shapes:
+            offsets.append(n)
+            n += -(-math.prod(shape) * dtype.itemsize // 16) * 16
+        live = torch.zeros(n, dtype=torch.uint8, device=dev)
+        views = {
+            name: live[o : o + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
+            for (name, shape, dtype), o in zip(shapes, offsets, strict=True)
+        }
+        views["slots"].fill_(-1)
         pin = torch.cuda.is_available() and str(dev).startswith("cuda")
-        f32 = dict(dtype=torch.float32, device=dev)
+        K, Dm = cfg.num_experts_per_tok, cfg.hidden_size
         return cls(
+            live=live,
+            **views,
+            logits=torch.zeros(1, cfg.vocab_size, dtype=torch.float32, device=dev),
             host_index=torch.zeros(3, dtype=torch.long, pin_memory=pin),
-            index=torch.zeros(3, dtype=torch.long, device=dev),
-            X=torch.zeros(1, N, Dm, dtype=dt, device=dev),
-            Xa=torch.zeros(1, N, Dm, dtype=dt, device=dev),
-            u=torch.zeros(1, Dm, dtype=dt, device=dev),
-            post=torch.zeros(1, N, **f32),
-            comb=torch.zeros(1, N, N, **f32),
-            sel=torch.zeros(1, K, dtype=torch.long, device=dev),
             sel_host=torch.zeros(1, K, dtype=torch.long, pin_memory=pin),
-            weights=torch.zeros(1, K, **f32),
-            shared=torch.zeros(1, Dm, dtype=dt, device=dev),
-            acc=torch.zeros(1, Dm, dtype=dt, device=dev),
-            acc_f32=torch.zeros(1, Dm, **f32),
-            moe=torch.zeros(1, Dm, dtype=dt, device=dev),
-            slots=torch.full((1, K), -1, dtype=torch.int32, device=dev),
-            logits=torch.zeros(1, cfg.vocab_size, **f32),
+            pred_host=torch.zeros(1, K, dtype=torch.long, pin_memory=pin),
             u_host=torch.zeros(1, Dm, dtype=dt, pin_memory=pin),
             weights_host=torch.zeros(1, K, dtype=torch.float32, pin_memory=pin),
-            cpu_part=torch.zeros(1, Dm, **f32),
-            shared_f32=torch.zeros(1, Dm, **f32),
-            pred=torch.zeros(1, K, dtype=torch.long, device=dev),
-            pred_host=torch.zeros(1, K, dtype=torch.long, pin_memory=pin),
         )
 
 
@@ -147,15 +179,27 @@ class Runner:
         self.pool = GraphPool(rt.device) if (rt.graphs and on_cuda) else None
         self.graphs = GraphedStep(self.pool, enabled=self.pool is not None)
         self._sel_ready = torch.cuda.Event() if on_cuda else None
+        K = cfg.num_experts_per_tok
         self._slot_stage = (
-            [torch.zeros(1, cfg.num_experts_per_tok, dtype=torch.int32, pin_memory=True)
-             for _ in range(2)] if on_cuda else []
+            [torch.zeros(VERIFY_MAX, K, dtype=torch.int32, pin_memory=True) for _ in range(2)]
+            if on_cuda else []
         )  # fmt: skip
         self._stage_np = [t.numpy() for t in self._slot_stage]
         self._stage_events: list[torch.cuda.Event | None] = [None, None]
         self._stage_i = 0
         self._stream: torch.cuda.Stream | None = None  # the step's compute stream (CUDA)
         self.capture_s = 0.0  # wall seconds spent capturing graphs (warm-up included)
+        # A multi-token step (`verify`): each token's live buffers parked in a bank row while
+        # another token's are live; the steps' indices (pinned) and expert ids (device, pinned)
+        # and slot tables (device) of all its tokens.
+        self.bank = torch.zeros(VERIFY_MAX, b.live.numel(), dtype=torch.uint8, device=rt.device)
+        self._live: int | None = None  # the token whose buffers are live in a verify step
+        self._v_index = torch.zeros(VERIFY_MAX, 3, dtype=torch.long, pin_memory=on_cuda)
+        self._v_sel = torch.zeros(VERIFY_MAX, K, dtype=torch.long, device=rt.device)
+        self._v_sel_host = torch.zeros(VERIFY_MAX, K, dtype=torch.long, pin_memory=on_cuda)
+        self._v_slots = torch.full((VERIFY_MAX, K), -1, dtype=torch.int32, device=rt.device)
+        self.verify_steps = 0
+        self.verify_tokens = 0
         # Decode layers whose experts B ran whole (all resident when A looked), and the others
         # (E reran them from the host's table once the misses were resident).
         self.layers_b = 0
@@ -414,6 +458,109 @@ class Runner:
                     self._run(("E", add), lambda add=add: self._e(add), [b.moe], layer=layer)
             first = False
 
+    # --- a few tokens as one step of decode's pieces (speculative decoding's verify) ------------
+    def verify(self, tokens: list[int], state: SessionState) -> tuple[torch.Tensor, torch.Tensor]:
+        """1..VERIFY_MAX tokens at the state's position -> (fp32 logits [T, V], the final
+        streams [T, N, D]); advances the state by T.
+
+        Layer by layer: each token's A in order (token t reads the layer state t - 1 wrote, as
+        T decode steps would), one host sync for all their ids, the union of their experts made
+        resident once, then each token's experts (E); at the end each token's head. Every piece
+        is decode's own graph (the same A per position bucket, E and H; nothing new is
+        captured), so each row is bitwise what decoding the tokens one at a time gives. Between
+        pieces one token's live buffers are parked in a bank row and another's brought back."""
+        T = len(tokens)
+        if not 1 <= T <= VERIFY_MAX:
+            raise ValueError(f"verify takes 1 to {VERIFY_MAX} tokens, got {T}")
+        if self.pool is not None and state.arena is not self.arena:
+            raise ValueError("verify: the session's state is not in this engine's arena")
+        # The per-layer recorder (`homeseek profile --decode`) times single-token steps only.
+        rec, self.recorder = self.recorder, None
+        try:
+            with C.use(self.ctx.kernels):
+                return self._verify(tokens, state)
+        finally:
+            self.recorder = rec
+
+    def _verify(self, tokens: list[int], state: SessionState) -> tuple[torch.Tensor, torch.Tensor]:
+        b, sched, T, p0 = self.buf, self.scheduler, len(tokens), state.pos
+        # The last step's copies out of these rows have run: its layers synchronised after them.
+        for t, tok in enumerate(tokens):
+            self._v_index[t, 0], self._v_index[t, 1], self._v_index[t, 2] = tok, p0 + t, state.slot
+        sched.begin_step(tokens, prefetch_hash=False)
+        self._stream = sched.store.compute
+        self._live = None
+        for t in range(T):
+            self._switch(t, fresh=True)
+            b.index.copy_(self._v_index[t], non_blocking=True)
+            self._run(("embed",), self._embed)
+        buckets = [D.bucket_of(p0 + t, state.max_context) for t in range(T)]
+        for layer in self.layers:
+            lw, st = self.weights[layer], state.arena.layers[layer]
+            for t in range(T):  # in order: each token's attention reads what the last wrote
+                self._switch(t)
+
+                def seg_a(lw=lw, st=st, layer=layer, bucket=buckets[t]) -> None:
+                    self._a(lw, st, layer, bucket)
+
+                keep = [b.X, b.Xa, b.post, b.comb] if layer != self.layers[0] else []
+                self._run(
+                    ("A", layer, buckets[t]), seg_a, restore=_non_idempotent(st) + keep,
+                    layer=layer,
+                )  # fmt: skip
+                self._v_sel[t].copy_(b.sel[0])
+            self._v_sel_host[:T].copy_(self._v_sel[:T], non_blocking=True)
+            if layer == self.layers[0]:  # the GPU has the first layer's work: start the copies
+                sched.prefetch_hash(tokens)
+            if self._sel_ready is not None:
+                self._sel_ready.record(self._stream)
+                self._sel_ready.synchronize()  # the one host wait of the layer
+            self._verify_experts(layer, self._v_sel_host[:T].clone())
+        V, N, Dm = self.cfg.vocab_size, self.cfg.hc_mult, self.cfg.hidden_size
+        logits = torch.empty(T, V, dtype=torch.float32, device=b.logits.device)
+        finals = torch.empty(T, N, Dm, dtype=b.X.dtype, device=b.X.device)
+        for t in sorted(range(T), key=lambda t: t != self._live):  # the live token first
+            self._switch(t)
+            self._run(("H",), self._h)
+            logits[t].copy_(b.logits[0])
+            finals[t].copy_(b.X[0])
+        state.pos += T
+        self.verify_steps += 1
+        self.verify_tokens += T
+        return logits, finals
+
+    def _verify_experts(self, layer: int, sel_host: torch.Tensor) -> None:
+        """A verify step's layer: its tokens' experts sel_host [T, K] made resident, a wave at a
+        time, and each token's E (or reference experts) over them."""
+        b, sched, T = self.buf, self.scheduler, sel_host.shape[0]
+        order = list(range(T))[::-1]  # the live token (the last A) first
+        first = True  # of the layer's waves: the first starts from `shared`, the rest add
+        for sel, slot_of, last in sched.layer(layer, sel_host):
+            if self.ctx.kernels:
+                self._write_slots(sel, slot_of, self._v_slots[:T])
+            for t in order:
+                self._switch(t)
+                if not self.ctx.kernels:
+                    self._moe_ref(sel[t : t + 1], slot_of, last)
+                    continue
+                b.slots.copy_(self._v_slots[t : t + 1])
+                add = not first
+                self._run(("E", add), lambda add=add: self._e(add), [b.moe], layer=layer)
+            order.reverse()  # the next wave starts with the token now live
+            first = False
+        self.layers_e += self.ctx.kernels
+
+    def _switch(self, t: int, fresh: bool = False) -> None:
+        """Make token t's buffers live: park the live token's in its bank row, bring t's back
+        (`fresh`: t has none yet)."""
+        if self._live == t:
+            return
+        if self._live is not None:
+            self.bank[self._live].copy_(self.buf.live)
+        if not fresh:
+            self.buf.live.copy_(self.bank[t])
+        self._live = t
+
     def _timed(self, key: Hashable, layer: int) -> contextlib.AbstractContextManager[None]:
         rec = self.recorder
         return rec.segment(key, layer) if rec is not None else contextlib.nullcontext()
@@ -541,18 +688,23 @@ class Runner:
         self._post()
         self.buf.logits.copy_(D.head_step(self.buf.X, self.top, self.ctx))
 
-    def _write_slots(self, sel: torch.Tensor, slot_of: dict[int, int]) -> None:
-        """The wave's slot table into the static device table, through a pinned staging buffer
-        (two, alternating: a wave's table may still be in flight when the next is written)."""
+    def _write_slots(
+        self, sel: torch.Tensor, slot_of: dict[int, int], dst: torch.Tensor | None = None
+    ) -> None:
+        """The wave's slot table [T, K] into a static device table (the decode buffers' by
+        default), through a pinned staging buffer (two, alternating: a wave's table may still be
+        in flight when the next is written)."""
+        dst = self.buf.slots if dst is None else dst
         if not self._slot_stage:  # CPU
-            self.buf.slots.copy_(self.scheduler.slot_table(sel, slot_of, self.buf.slots.device))
+            dst.copy_(self.scheduler.slot_table(sel, slot_of, dst.device))
             return
         i = self._stage_i = 1 - self._stage_i
         ev = self._stage_events[i]
         if ev is not None:
             ev.synchronize()
-        self._stage_np[i][:] = self.scheduler.slot_rows(sel, slot_of)
-        self.buf.slots.copy_(self._slot_stage[i], non_blocking=True)
+        T = sel.shape[0]
+        self._stage_np[i][:T] = self.scheduler.slot_rows(sel, slot_of)
+        dst.copy_(self._slot_stage[i][:T], non_blocking=True)
         ev = self._stage_events[i] or torch.cuda.Event()
         ev.record(self._stream)
         self._stage_events[i] = ev
@@ -569,6 +721,8 @@ class Runner:
             "graph_pool_bytes": float(self.pool.pool_bytes() if self.pool is not None else 0),
             "decode_layers_b": float(self.layers_b),
             "decode_layers_e": float(self.layers_e),
+            "verify_steps": float(self.verify_steps),
+            "verify_tokens": float(self.verify_tokens),
         }
 
 

@@ -4,8 +4,9 @@ step over all of them, accepted so that the output is what plain decoding would 
 One step, with `tok` drawn but not yet consumed:
 
 1. The draft source proposes k tokens d1..dk (and the distributions q_i it drew them from).
-2. The main model consumes [tok, d1..dk] in one forward -> rows L0..Lk; L_{i-1} predicts the
-   position of d_i and Lk the one after dk.
+2. The main model consumes [tok, d1..dk] in one verify step (`Session.verify`: decode's graphs
+   for each token, each layer's experts loaded once for all) -> rows L0..Lk; L_{i-1} predicts
+   the position of d_i and Lk the one after dk.
 3. `accept`: greedy (temperature 0) keeps the drafts while each equals the argmax of its target
    row, then takes the argmax of the next row; sampling keeps d_i with probability
    min(1, p_i(d_i) / q_i(d_i)) and on the first rejection draws from norm(max(0, p_i - q_i)),
@@ -162,7 +163,7 @@ def step(sess: Session, tok: int, k: int, sampler: Sampler, source: DraftSource)
     draft = source.propose(sess, tok, k, sampler)
     k = len(draft.tokens)
     snap = sess.snapshot()
-    rows = sess.forward([tok, *draft.tokens])  # [k + 1, V]
+    rows = sess.verify([tok, *draft.tokens])  # [k + 1, V]
     target = [sampler.dist(rows[i], pending=draft.tokens[:i]) for i in range(k + 1)]
     if draft.keep is not None:  # a benchmark's forced acceptance (ForcedAcceptance)
         j = min(draft.keep, k)
@@ -172,7 +173,7 @@ def step(sess: Session, tok: int, k: int, sampler: Sampler, source: DraftSource)
         j, nxt = accept(target, draft, sampler)
     if j < k:  # keep what was accepted: undo the forward, consume [tok, d1..dj] again
         sess.rollback(snap)
-        sess.forward([tok, *draft.tokens[:j]], last_only=True)
+        sess.verify([tok, *draft.tokens[:j]])
     return Step([*draft.tokens[:j], int(nxt)], rows[: j + 1], k, j, snap)
 
 
@@ -182,4 +183,4 @@ def settle(sess: Session, tok: int, st: Step, n: int) -> None:
     prefix cache can extend the sequence. Nothing to do when n is the last."""
     if n < len(st.tokens) - 1:
         sess.rollback(st.snap)
-        sess.forward([tok, *st.tokens[:n]], last_only=True)
+        sess.verify([tok, *st.tokens[:n]])

@@ -43,6 +43,35 @@ def test_decode_step_equals_the_prefill_step(dtype):
         assert torch.equal(x, y) or float((x - y).abs().max() / y.std()) < 1e-5, i
 
 
+@pytest.mark.parametrize("slots", [None, 2])
+def test_verify_equals_decoding_one_at_a_time(slots):
+    """Session.verify (a few tokens through decode's pieces, layer by layer, experts loaded once
+    for all): each row bitwise the logits of decoding the tokens one by one, across a position
+    bucket (512), compressor blocks (4, 16) and window wrap; with a 2-slot pool each layer runs
+    in waves. The session then goes on as decoding leaves it."""
+    eng = homeseek.load("tiny", dtype=torch.bfloat16, max_context=1024, expert_slots=slots)
+    prompt = torch.randint(0, 129280, (497,), generator=torch.Generator().manual_seed(2)).tolist()
+    a, b = eng.session(), eng.session()
+    a.forward(prompt)
+    b.forward(prompt)
+    toks = [2000 + 53 * i for i in range(30)]
+    i, n = 0, 0
+    while i < len(toks):
+        T = (4, 3, 2, 1)[n % 4]
+        rows = a.verify(toks[i : i + T])
+        assert rows.shape == (len(toks[i : i + T]), 129280)
+        for t, tok in enumerate(toks[i : i + T]):
+            assert torch.equal(rows[t], b.decode(tok)), (i, t)
+        i, n = i + T, n + 1
+    assert a.tokens == b.tokens and a.pos == b.pos == 527
+    assert torch.equal(a.decode(7), b.decode(7))
+    assert eng.runner.graph_stats()["verify_steps"] == 9  # 4, 3, 2 thrice (1 is a decode step)
+    with pytest.raises(ValueError, match="1 to 4 tokens"):
+        a.verify([1, 2, 3, 4, 5])
+    with pytest.raises(ValueError, match="at least one"):
+        a.verify([])
+
+
 def test_fused_regions_trace_as_whole_graphs(monkeypatch):
     """What CUDA compiles: every fused region traces without a graph break (fullgraph) and gives
     the eager result (aot_eager backend: the traced graph run by torch, no codegen on CPU)."""

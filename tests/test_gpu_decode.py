@@ -198,18 +198,54 @@ def test_decode_profile_on_cuda_times_graphs_and_copies():
     assert res["graph_stats"]["graphs_captured"] >= 3 + n_layers
 
 
-@pytest.mark.parametrize("rate", [None, 0.5])
-def test_speculative_greedy_equals_plain_on_cuda(rate):
-    """Speculative decoding on CUDA with graphs (verify steps through the prefill path, plain
-    steps as graphs) gives plain greedy decoding's tokens over 300 steps, in fp32 (in bf16 the
-    verify and decode kernels round differently); with the MTP block's drafts and with forced
-    drafts kept at 50 %."""
+@pytest.mark.parametrize("slots", [None, 2])
+def test_verify_equals_decoding_one_at_a_time_with_graphs(slots):
+    """Session.verify on CUDA with graphs: decode's own graphs per token (no new captures, no
+    eager fallback), so each row equals decoding the tokens one by one, across the first
+    position bucket (512). With every expert resident, bitwise in bf16. With a 2-slot pool a
+    verify layer's union of experts runs in waves that may split a token's experts (a rounding
+    of the partial sum per wave), so fp32 there, to 1e-5 of the logits' std."""
+    dtype = torch.bfloat16 if slots is None else torch.float32
+    eng = _load(True, dtype=dtype, expert_slots=slots, max_sessions=2)
+    prompt = list(range(3000, 3497))
+    a, b = eng.session(), eng.session()
+    a.forward(prompt)
+    b.forward(prompt)
+    toks = [2000 + 53 * i for i in range(30)]
+    for t in toks:  # every graph a plain decode of these positions needs
+        b.decode(t)
+    b.close()
+    b = eng.session()
+    b.forward(prompt)
+    captured = eng.runner.graph_stats()["graphs_captured"]
+    i, n = 0, 0
+    while i < len(toks):
+        T = (4, 3, 2)[n % 3]
+        rows = a.verify(toks[i : i + T]).cpu()
+        for t, tok in enumerate(toks[i : i + T]):
+            ref = b.decode(tok).cpu()
+            if slots is None:
+                assert torch.equal(rows[t], ref), (i, t)
+            else:
+                assert float((rows[t] - ref).abs().max() / ref.std()) <= 1e-5, (i, t)
+        i, n = i + T, n + 1
+    st = eng.runner.graph_stats()
+    assert st["graphs_captured"] == captured and st["graph_eager_fallbacks"] == 0
+    assert st["verify_steps"] == n and a.pos == b.pos == len(prompt) + len(toks)
+
+
+@pytest.mark.parametrize("rate, dtype", [(None, "float32"), (0.5, "float32"), (0.5, "bfloat16")])
+def test_speculative_greedy_equals_plain_on_cuda(rate, dtype):
+    """Speculative decoding on CUDA with graphs (verify steps as decode's graphs per token) gives
+    plain greedy decoding's tokens over 300 steps; with the MTP block's drafts and with forced
+    drafts kept at 50 %, in bf16 too."""
     from homeseek.speculative import ForcedDrafts
 
+    dt = getattr(torch, dtype)
     prompt = list(range(200, 240))
-    plain = _load(True, dtype=torch.float32)
+    plain = _load(True, dtype=dt)
     ref = plain.generate(prompt_ids=prompt, max_tokens=300, temperature=0, ignore_eos=True)
-    eng = _load(True, dtype=torch.float32, mtp=3)
+    eng = _load(True, dtype=dt, mtp=3)
     source = None
     if rate is not None:
         source = ForcedDrafts.from_reference(ref.token_ids, len(prompt), rate, eng.cfg.vocab_size)
