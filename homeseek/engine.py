@@ -450,6 +450,23 @@ class Session:
         if self._mtp is not None:
             self._mtp.rewind(mtp_pos)
 
+    def truncate(self, snap: tuple, keep: int) -> bool:
+        """Keep only the first `keep` tokens consumed since a `snapshot` of this session, in
+        place: the rows the later ones wrote come back from the snapshot
+        (`SessionState.undo_positions`), without consuming the kept ones again. False, with
+        nothing changed, when the tokens since the snapshot outnumber a ring's rows (then
+        `rollback` and feed the kept tokens again)."""
+        saved, pos, n, mtp_pos = snap
+        if keep < 0 or pos + keep > self.state.pos:
+            raise ValueError(f"truncate: keep {keep} of {self.state.pos - pos} tokens")
+        if not self.state.undo_positions(saved, pos, pos + keep, self.state.pos):
+            return False
+        self.state.pos = pos + keep
+        del self.tokens[n + keep :]
+        if self._mtp is not None:
+            self._mtp.rewind(mtp_pos + keep)
+        return True
+
     def mtp_logits(self, next_token: int) -> torch.Tensor:
         """The MTP block's logits float32 [vocab] for the token after `next_token`: from the main
         model's final streams at the last consumed position and `next_token` (the token that

@@ -13,10 +13,12 @@ One step, with `tok` drawn but not yet consumed:
    or after k acceptances from p_{k+1} (Leviathan et al., 2023; Chen et al., 2023): the tokens
    are distributed exactly as plain sampling's. The target distributions p_i are the sampler's
    own (logit_bias, penalties as if the earlier drafts were drawn, temperature, top-k, top-p).
-4. When j < k drafts were kept, the session is rolled back to before the forward and consumes
-   [tok, d1..dj] again (`Session.snapshot` / `rollback`: the window rings, the compressors'
-   partial blocks and overlap halves, the position; compressed entries written past it are
-   masked until the sequence reaches them again and rewrites them).
+4. When j < k drafts were kept, what the rejected ones wrote is undone in place
+   (`Session.truncate`: their window and partial-block rows and, if one completed a block, the
+   overlap halves come back from the snapshot taken before the step; compressed entries written
+   past the position are masked until the sequence reaches them again and rewrites them). Where
+   the rings are shorter than the step, the session rolls back to the snapshot and consumes
+   [tok, d1..dj] again.
 """
 
 from __future__ import annotations
@@ -171,9 +173,8 @@ def step(sess: Session, tok: int, k: int, sampler: Sampler, source: DraftSource)
         nxt = last.argmax() if sampler.params.temperature == 0 else sampler.draw(last)
     else:
         j, nxt = accept(target, draft, sampler)
-    if j < k:  # keep what was accepted: undo the forward, consume [tok, d1..dj] again
-        sess.rollback(snap)
-        sess.verify([tok, *draft.tokens[:j]])
+    if j < k:  # keep what was accepted: undo the rest (or all, and consume [tok, d1..dj] again)
+        _keep(sess, snap, [tok, *draft.tokens[:j]])
     return Step([*draft.tokens[:j], int(nxt)], rows[: j + 1], k, j, snap)
 
 
@@ -182,5 +183,13 @@ def settle(sess: Session, tok: int, st: Step, n: int) -> None:
     and the n tokens before it, as plain decoding would (it never feeds the last token), so a
     prefix cache can extend the sequence. Nothing to do when n is the last."""
     if n < len(st.tokens) - 1:
-        sess.rollback(st.snap)
-        sess.verify([tok, *st.tokens[:n]])
+        _keep(sess, st.snap, [tok, *st.tokens[:n]])
+
+
+def _keep(sess: Session, snap: tuple, tokens: list[int]) -> None:
+    """The session holds what it held at `snap` plus these tokens (the first of those consumed
+    since): the rest undone in place, or, where the rings are too short for that, everything
+    undone and these fed again."""
+    if not sess.truncate(snap, len(tokens)):
+        sess.rollback(snap)
+        sess.verify(tokens)

@@ -209,6 +209,44 @@ class SessionState:
         for t, s in zip(self._chunk_state(), saved, strict=True):
             t.copy_(s)
 
+    def undo_positions(self, saved: list[torch.Tensor], start: int, keep: int, end: int) -> bool:
+        """Undo positions keep..end-1 in place, where `saved` (`save`) was taken at position
+        `start` <= keep and start..end-1 were consumed since: their window rows and compressor
+        partial-block rows come back from `saved`, and the overlap halves too when one of them
+        completed a block. Needs start..end-1 to fall on distinct rows of every ring (no longer
+        than the window or any ratio; then at most one block completes among them): returns
+        False, changing nothing, when they do not. The compressed entries they wrote need no
+        undo: an entry is masked until its block completes, and rewritten when it does."""
+        layers = list(self.layers.values())
+        rings = [s.window.shape[0] for s in layers]
+        rings += [c.ratio for s in layers for c in (s.comp, s.index_comp) if c is not None]
+        if keep >= end:
+            return True
+        if not start <= keep or end - start > min(rings):
+            return False
+        undo = range(keep, end)
+        dev = layers[0].window.device
+        rows: dict[int, torch.Tensor] = {}
+
+        def put(t: torch.Tensor, old: torch.Tensor, ring: int) -> None:
+            if ring not in rows:
+                rows[ring] = torch.tensor([q % ring for q in undo], device=dev)
+            t.index_copy_(0, rows[ring], old.index_select(0, rows[ring]))
+
+        it = iter(saved)
+        for s in layers:
+            put(s.window, next(it), s.window.shape[0])
+            for c in (s.comp, s.index_comp):
+                if c is None:
+                    continue
+                bk, bg, pk, pg = (next(it) for _ in range(4))
+                put(c.buf_kv, bk, c.ratio)
+                put(c.buf_gate, bg, c.ratio)
+                if any(q % c.ratio == c.ratio - 1 for q in undo):
+                    c.prev_kv.copy_(pk)
+                    c.prev_gate.copy_(pg)
+        return True
+
     def _chunk_state(self) -> list[torch.Tensor]:
         out = []
         for s in self.layers.values():

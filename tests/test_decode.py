@@ -72,6 +72,33 @@ def test_verify_equals_decoding_one_at_a_time(slots):
         a.verify([])
 
 
+def test_truncate_undoes_the_last_tokens_in_place():
+    """Session.truncate after a verify step: the session equals one that consumed only the kept
+    tokens, however many of 4 are kept and across a compressor block (4) and window wrap (16);
+    it declines (changing nothing) when the tokens since the snapshot outnumber a ring."""
+    eng = homeseek.load("tiny", dtype=torch.bfloat16, max_context=256)
+    prompt = list(range(500, 545))
+    toks = [901, 902, 903, 904]
+    for keep in range(5):
+        for shift in range(4):  # the step starts at each offset within a block of 4
+            a, b = eng.session(), eng.session()
+            a.forward(prompt[: 41 + shift])
+            b.forward(prompt[: 41 + shift])
+            snap = a.snapshot()
+            a.verify(toks)
+            assert a.truncate(snap, keep)
+            for t in toks[:keep]:
+                b.decode(t)
+            assert a.tokens == b.tokens and a.pos == b.pos
+            for t in (7, 8, 9, 10, 11):
+                assert torch.equal(a.decode(t), b.decode(t)), (keep, shift, t)
+    a = eng.session()
+    a.forward(prompt[:5])
+    snap = a.snapshot()
+    a.forward(prompt[5:25])
+    assert not a.truncate(snap, 3) and a.pos == 25
+
+
 def test_fused_regions_trace_as_whole_graphs(monkeypatch):
     """What CUDA compiles: every fused region traces without a graph break (fullgraph) and gives
     the eager result (aot_eager backend: the traced graph run by torch, no codegen on CPU)."""
