@@ -510,7 +510,7 @@ class Bench:
                     for j, (mode, lane) in enumerate(self.lanes):
                         if j:  # the same tokens from the same state
                             sess.rollback(snap)
-                        if several:  # and every row from a cold pool
+                        if several or bc.mtp:  # and every row from a cold pool
                             eng.experts.reset_gpu()
                         eng.scheduler.lane = lane
                         baseline = mode == "off" and self.copy_only
@@ -623,7 +623,8 @@ class Bench:
         return row
 
     def _decode_mtp(self, routing: str, sess: Any, snap: tuple) -> None:
-        """As many tokens as the plain decode, from the same state, speculatively: with the
+        """As many tokens as the plain decode, from the same state and a cold pool as it,
+        speculatively: with the
         MTP block's drafts, then with each draft kept at each rate of bc.mtp_forced whatever the
         model says (`speculative.ForcedAcceptance`: the speed at that acceptance; random weights
         accept few of the block's drafts, and their near-tied logits make the verify step
@@ -635,6 +636,7 @@ class Bench:
         rates: list[float | None] = [None, *bc.mtp_forced]  # None: the MTP block's drafts
         for rate in rates:
             sess.rollback(snap)
+            self.eng.experts.reset_gpu()  # from a cold pool, as the plain row
             if rate is None:
                 label, source = "mtp", speculative.MtpDrafts()
             else:
