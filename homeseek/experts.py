@@ -547,12 +547,20 @@ class ExpertStore:
         # every expert (otherwise a scan never reads below it).
         self.n_stage = min(SCAN_RING, n_host // 4) if n_host < n_total else 0
         self.n_host = n_host - self.n_stage  # host-cache records (the ring follows them)
-        self._stage_next = 0
+        # The ring in two halves, by layer parity: a layer's reads ahead and its load's own reads
+        # go to its half, so the reads ahead of layer L + 1 (their own thread) run while layer
+        # L's load queues its copies out of the other half. Each half's next slot, in turn.
+        self._ring_next = [0, 0]
         # Records of the tier below already read into the ring ahead of their layer's request
-        # (`read_ahead`): key -> ring slot, and the key each ring slot holds that way. Both
-        # belong to the background thread.
+        # (`read_ahead`): key -> ring slot, and the key each ring slot holds that way. A half is
+        # written by one thread at a time (a layer's reads ahead start once the load that last
+        # copied out of its half has queued its copies; its load starts once they are done).
         self._ahead: dict[Key, int] = {}
         self._ring_key: dict[int, Key] = {}
+        self._ahead_thread: ThreadPoolExecutor | None = None  # runs `_ahead_job`s in order
+        self._ahead_jobs: dict[int, Future] = {}  # layer -> its reads ahead, until its load
+        self._ahead_last: Future | None = None
+        self._half_load: list[Future | None] = [None, None]  # the last load of each half
         self.ahead_used = 0  # records copied from the ring as read ahead
         self.host: RecordBuffer | None = None
         self.hostres = (
@@ -677,7 +685,7 @@ class ExpertStore:
                 self.counters.disk_s += time.perf_counter() - t0
                 return rec, False, None
             if scan and self.n_stage:
-                s = self._next_ring_slot()
+                s = self._next_ring_slot(key[0] % 2)
             else:
                 s, _ = self.hostres.admit(key)
                 self.hostres.protected[s] = True
@@ -694,11 +702,17 @@ class ExpertStore:
             with self.lock:
                 self.counters.await_s += time.perf_counter() - t0
 
-    def _next_ring_slot(self) -> int:
-        """The scan ring's next slot (in turn); a record read ahead into it is forgotten.
-        The caller waits for the last copy out of it (`_host_copy`)."""
-        s = self.n_host + self._stage_next
-        self._stage_next = (self._stage_next + 1) % self.n_stage
+    def _ring_half(self, half: int) -> tuple[int, int]:
+        """(first slot, slots) of half 0 or 1 of the scan ring (a ring of one: all of it)."""
+        n = self.n_stage // 2
+        return (self.n_host + half * n, n) if n else (self.n_host, self.n_stage)
+
+    def _next_ring_slot(self, half: int) -> int:
+        """The next slot of a half of the scan ring (in turn); a record read ahead into it is
+        forgotten. The caller waits for the last copy out of it (`_host_copy`)."""
+        first, n = self._ring_half(half)
+        s = first + self._ring_next[half] % n
+        self._ring_next[half] = (self._ring_next[half] + 1) % n
         old = self._ring_key.pop(s, None)
         if old is not None:
             self._ahead.pop(old, None)
@@ -925,7 +939,9 @@ class ExpertStore:
             yield s, self.host.row(h), h
         host_slot: dict[int, int | None] = {}
         done: set[int] = set()  # slots the caller has copied into
-        group = self.n_stage if scan and self.n_stage else max(len(below), 1)
+        # a scan reads a ring half's worth at a time (the half of the layer: all misses are one
+        # layer's), reusing a slot once the copy out of it has run
+        group = self._ring_half(0)[1] if scan and self.n_stage else max(len(below), 1)
         try:
             for g in range(0, len(below), group):
                 reads = []
@@ -1037,7 +1053,10 @@ class ExpertStore:
         # The copies into these slots wait for their last use (the events noted now, on this
         # thread, which owns `last_use`).
         after = {s: self.last_use.pop(s, None) for s, _ in misses}
-        job = self._submit(self._behind_job, misses, after, self.time_copies)
+        layer = misses[0][1][0]
+        ahead = self._ahead_jobs.pop(layer, None)  # its records read ahead: used once done
+        job = self._submit(self._behind_job, misses, after, self.time_copies, ahead)
+        self._half_load[layer % 2] = job
         if self.timeline is not None and misses:
             now = time.perf_counter()
             self.timeline.span("submit", misses[0][1][0], now, now)
@@ -1057,10 +1076,14 @@ class ExpertStore:
         misses: list[tuple[int, Key]],
         after: dict[int, torch.cuda.Event | None],
         timed: bool,
+        ahead: Future | None = None,
     ) -> tuple[dict[int, torch.cuda.Event], BaseException | None]:
         """(background thread) -> (slot -> the end of its copy, for the slots whose copy is
-        queued; the error that stopped the rest, or None)."""
+        queued; the error that stopped the rest, or None). `ahead`: the layer's reads ahead,
+        waited for first (its records are then copied from the ring, not read again)."""
         ready: dict[int, torch.cuda.Event] = {}
+        if ahead is not None:
+            ahead.result()  # never raises: a failed read ahead is read again here
         t_job, issue = time.perf_counter(), 0.0
         tl = self.timeline  # read once: the main thread may set it meanwhile
         try:
@@ -1096,26 +1119,37 @@ class ExpertStore:
         return ready, None
 
     def read_ahead(self, layer: int) -> None:
-        """Scan: read `layer`'s records of the tier below into the scan ring now, on the
-        background thread once the loads queued before it are queued (at most half the ring,
-        so it does not wait for the copies still to run out of the other half): that layer's
-        own load then only copies them, and the reads of a scan run while the GPU works
-        instead of after the previous layer's loads. Counted when used; a failed read here is
+        """Scan: read `layer`'s records of the tier below into its half of the scan ring now,
+        on a thread of its own, once the load that last copied out of that half has queued
+        its copies (the layer before is then still loading, out of the other half): that
+        layer's own load then only copies them, and the reads of a scan run while the previous
+        layer's records are copied instead of after. Counted when used; a failed read here is
         left to that load to repeat (and report)."""
-        if self.copy_stream is None or self.host is None or not self.n_stage:
+        if self.copy_stream is None or self.host is None or self.n_stage < 2:
             return
         keys = [(layer, e) for e in range(self.cfg.n_routed_experts)]
         keys = [k for k in keys if k not in self.gpu.slot_of]
-        self._submit(self._ahead_job, keys)
+        if self._ahead_thread is None:
+            self._ahead_thread = ThreadPoolExecutor(1, thread_name_prefix="homeseek-ahead")
+        after = self._half_load[layer % 2]
+        job = self._ahead_thread.submit(self._ahead_job, keys, after)
+        # a layer read ahead and never loaded (all resident by then) is not waited for
+        self._ahead_jobs = {k: f for k, f in self._ahead_jobs.items() if k >= layer - 1}
+        self._ahead_jobs[layer] = self._ahead_last = job
 
-    def _ahead_job(self, keys: list[Key]) -> None:
-        """(background thread) `read_ahead`'s reads."""
+    def _ahead_job(self, keys: list[Key], after: Future | None) -> None:
+        """(read-ahead thread) `read_ahead`'s reads, once the load `after` has queued its
+        copies out of the same half of the ring (its own errors are its caller's)."""
+        if after is not None:
+            with contextlib.suppress(BaseException):
+                after.result()
         t_job, tl = time.perf_counter(), self.timeline
+        half = keys[0][0] % 2 if keys else 0
         with self.lock:
             below = [k for k in keys if k not in self.hostres.slot_of and k not in self._ahead]
         reads = []
-        for key in below[: self.n_stage // 2]:
-            h = self._next_ring_slot()
+        for key in below[: self._ring_half(half)[1]]:
+            h = self._next_ring_slot(half)
             self._await_host_slot(h)
             reads.append((h, key, self.host.view(h)))
         key_of = {h: key for h, key, _ in reads}
@@ -1156,7 +1190,11 @@ class ExpertStore:
             raise error
 
     def join_loads(self) -> None:
-        """Wait for everything on the background thread (loads: see `_join`; reads ahead)."""
+        """Wait for everything on the background threads (loads: see `_join`; reads ahead)."""
+        if self._ahead_last is not None:
+            self._ahead_last.result()
+            self._ahead_last = None
+            self._ahead_jobs.clear()
         if self._last is not None:
             self._last.result()  # the thread runs in order: all before it are done too
             self._last = None
