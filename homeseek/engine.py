@@ -565,9 +565,11 @@ class Session:
 
     def verify(self, token_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
         """Feed 1 to 4 tokens as one step of the decode pieces -> float32 logits [T, vocab]
-        (speculative decoding's verify step). Each row is bitwise what feeding the tokens one at
-        a time with `decode` gives; the step syncs once per layer for all tokens and loads each
-        layer's experts once for all of them (`Runner.verify`). CUDA graphs when on."""
+        (speculative decoding's verify step). Each row is what feeding the tokens one at a time
+        with `decode` gives, bitwise unless decode's CPU lane or a pool too small for a layer's
+        experts rounds a routed sum differently (`Runner.verify`); the step syncs once per
+        layer for all tokens and loads each layer's experts once for all of them. CUDA graphs
+        when on."""
         id_list = self._checked(token_ids, "verify")
         if len(id_list) == 1:  # the decode step itself
             return self.forward(id_list)

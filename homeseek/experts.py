@@ -558,9 +558,13 @@ class ExpertStore:
         self._ahead: dict[Key, int] = {}
         self._ring_key: dict[int, Key] = {}
         self._ahead_thread: ThreadPoolExecutor | None = None  # runs `_ahead_job`s in order
-        self._ahead_jobs: dict[int, Future] = {}  # layer -> its reads ahead, until its load
         self._ahead_last: Future | None = None
-        self._half_load: list[Future | None] = [None, None]  # the last load of each half
+        # The last load and the last reads ahead submitted for each half: a half's reads ahead
+        # wait for the loads submitted before them, its loads for the reads ahead submitted
+        # before them (all of them: a chunk's load on demand may come after the reads ahead
+        # of a later layer of the same parity).
+        self._half_load: list[Future | None] = [None, None]
+        self._half_ahead: list[Future | None] = [None, None]
         self.ahead_used = 0  # records copied from the ring as read ahead
         self.host: RecordBuffer | None = None
         self.hostres = (
@@ -931,7 +935,7 @@ class ExpertStore:
             if h is None:
                 below.append((s, key))
                 continue
-            del self._ring_key[h]  # read ahead: counted (and copied) now
+            self._ring_key.pop(h, None)  # read ahead: counted (and copied) now
             self.ahead_used += 1
             with self.lock:
                 self.counters.disk_loads += 1
@@ -1053,10 +1057,10 @@ class ExpertStore:
         # The copies into these slots wait for their last use (the events noted now, on this
         # thread, which owns `last_use`).
         after = {s: self.last_use.pop(s, None) for s, _ in misses}
-        layer = misses[0][1][0]
-        ahead = self._ahead_jobs.pop(layer, None)  # its records read ahead: used once done
+        half = misses[0][1][0] % 2
+        ahead = self._half_ahead[half]  # the ring half's reads ahead, its layer's among them
         job = self._submit(self._behind_job, misses, after, self.time_copies, ahead)
-        self._half_load[layer % 2] = job
+        self._half_load[half] = job
         if self.timeline is not None and misses:
             now = time.perf_counter()
             self.timeline.span("submit", misses[0][1][0], now, now)
@@ -1079,11 +1083,12 @@ class ExpertStore:
         ahead: Future | None = None,
     ) -> tuple[dict[int, torch.cuda.Event], BaseException | None]:
         """(background thread) -> (slot -> the end of its copy, for the slots whose copy is
-        queued; the error that stopped the rest, or None). `ahead`: the layer's reads ahead,
-        waited for first (its records are then copied from the ring, not read again)."""
+        queued; the error that stopped the rest, or None). `ahead`: the last reads ahead into
+        the same half of the ring, waited for first (the layer's records among them are then
+        copied from the ring, not read again; none of them is still being written)."""
         ready: dict[int, torch.cuda.Event] = {}
         if ahead is not None:
-            ahead.result()  # never raises: a failed read ahead is read again here
+            futures_wait([ahead])  # its errors are its own (`_ahead_job`)
         t_job, issue = time.perf_counter(), 0.0
         tl = self.timeline  # read once: the main thread may set it meanwhile
         try:
@@ -1131,18 +1136,22 @@ class ExpertStore:
         keys = [k for k in keys if k not in self.gpu.slot_of]
         if self._ahead_thread is None:
             self._ahead_thread = ThreadPoolExecutor(1, thread_name_prefix="homeseek-ahead")
-        after = self._half_load[layer % 2]
-        job = self._ahead_thread.submit(self._ahead_job, keys, after)
-        # a layer read ahead and never loaded (all resident by then) is not waited for
-        self._ahead_jobs = {k: f for k, f in self._ahead_jobs.items() if k >= layer - 1}
-        self._ahead_jobs[layer] = self._ahead_last = job
+        half = layer % 2
+        job = self._ahead_thread.submit(self._ahead_job, keys, self._half_load[half])
+        self._half_ahead[half] = self._ahead_last = job
 
     def _ahead_job(self, keys: list[Key], after: Future | None) -> None:
         """(read-ahead thread) `read_ahead`'s reads, once the load `after` has queued its
-        copies out of the same half of the ring (its own errors are its caller's)."""
+        copies out of the same half of the ring. Never raises: what it failed to read, that
+        layer's load reads (and reports)."""
         if after is not None:
-            with contextlib.suppress(BaseException):
-                after.result()
+            futures_wait([after])  # its errors are its own (`_join`)
+        with contextlib.suppress(Exception):
+            self._read_ahead_now(keys)
+
+    def _read_ahead_now(self, keys: list[Key]) -> None:
+        """Read the keys missing from the host cache into the next slots of their layer's
+        half of the ring (at most the half), each once the last copy out of its slot ran."""
         t_job, tl = time.perf_counter(), self.timeline
         half = keys[0][0] % 2 if keys else 0
         with self.lock:
@@ -1192,9 +1201,8 @@ class ExpertStore:
     def join_loads(self) -> None:
         """Wait for everything on the background threads (loads: see `_join`; reads ahead)."""
         if self._ahead_last is not None:
-            self._ahead_last.result()
+            futures_wait([self._ahead_last])  # in order: all reads ahead before it are done
             self._ahead_last = None
-            self._ahead_jobs.clear()
         if self._last is not None:
             self._last.result()  # the thread runs in order: all before it are done too
             self._last = None

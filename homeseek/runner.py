@@ -195,6 +195,7 @@ class Runner:
         self.bank = torch.zeros(VERIFY_MAX, b.live.numel(), dtype=torch.uint8, device=rt.device)
         self._live: int | None = None  # the token whose buffers are live in a verify step
         self._v_index = torch.zeros(VERIFY_MAX, 3, dtype=torch.long, pin_memory=on_cuda)
+        self._v_index_copied: torch.cuda.Event | None = None
         self._v_sel = torch.zeros(VERIFY_MAX, K, dtype=torch.long, device=rt.device)
         self._v_sel_host = torch.zeros(VERIFY_MAX, K, dtype=torch.long, pin_memory=on_cuda)
         self._v_slots = torch.full((VERIFY_MAX, K), -1, dtype=torch.int32, device=rt.device)
@@ -238,13 +239,20 @@ class Runner:
             torch.arange(a, a + ids.shape[0], device=ids.device)
             for (ids, _), a in zip(chunks, starts, strict=True)
         ]
-        for layer in self.layers:
-            for c, (ids, _) in enumerate(chunks):
-                p = M.segment_a(
-                    X[c], ids, pos[c], starts[c], self.weights[layer], state.layers[layer], layer,
-                    self.rope, self.ctx,
-                )  # fmt: skip
-                X[c] = M.segment_b(p, self.moe(p, layer, starts[c] - starts[0]), self.ctx)
+        try:
+            for layer in self.layers:
+                for c, (ids, _) in enumerate(chunks):
+                    p = M.segment_a(
+                        X[c], ids, pos[c], starts[c], self.weights[layer], state.layers[layer],
+                        layer, self.rope, self.ctx,
+                    )  # fmt: skip
+                    X[c] = M.segment_b(p, self.moe(p, layer, starts[c] - starts[0]), self.ctx)
+        except BaseException:
+            # Loads and reads ahead still running must not overlap a retry's (an out-of-memory
+            # group is undone and run again): let them finish; the step's error is the one.
+            with contextlib.suppress(Exception):
+                self.scheduler.store.join_loads()
+            raise
         state.pos = s
         # Loads started for experts no token asked for are still running: finish them here, so
         # an error of theirs surfaces in this step and not in a later one.
@@ -467,8 +475,11 @@ class Runner:
         T decode steps would), one host sync for all their ids, the union of their experts made
         resident once, then each token's experts (E); at the end each token's head. Every piece
         is decode's own graph (the same A per position bucket, E and H; nothing new is
-        captured), so each row is bitwise what decoding the tokens one at a time gives. Between
-        pieces one token's live buffers are parked in a bank row and another's brought back."""
+        captured), so each row is what decoding the tokens one at a time gives: bitwise where
+        decode computes a token's experts in one wave on the GPU, as verify does when the
+        layer's union fits the pool (decode's CPU lane, or waves that split a token's experts
+        differently, round the routed sum differently). Between pieces one token's live
+        buffers are parked in a bank row and another's brought back."""
         T = len(tokens)
         if not 1 <= T <= VERIFY_MAX:
             raise ValueError(f"verify takes 1 to {VERIFY_MAX} tokens, got {T}")
@@ -484,7 +495,10 @@ class Runner:
 
     def _verify(self, tokens: list[int], state: SessionState) -> tuple[torch.Tensor, torch.Tensor]:
         b, sched, T, p0 = self.buf, self.scheduler, len(tokens), state.pos
-        # The last step's copies out of these rows have run: its layers synchronised after them.
+        # The last step's copies out of these rows have run (a step that failed early may have
+        # left them queued).
+        if self._v_index_copied is not None:
+            self._v_index_copied.synchronize()
         for t, tok in enumerate(tokens):
             self._v_index[t, 0], self._v_index[t, 1], self._v_index[t, 2] = tok, p0 + t, state.slot
         sched.begin_step(tokens, prefetch_hash=False)
@@ -494,6 +508,9 @@ class Runner:
             self._switch(t, fresh=True)
             b.index.copy_(self._v_index[t], non_blocking=True)
             self._run(("embed",), self._embed)
+        if self._sel_ready is not None:
+            self._v_index_copied = torch.cuda.Event()
+            self._v_index_copied.record(self._stream)
         buckets = [D.bucket_of(p0 + t, state.max_context) for t in range(T)]
         for layer in self.layers:
             lw, st = self.weights[layer], state.arena.layers[layer]

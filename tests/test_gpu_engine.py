@@ -115,6 +115,28 @@ def test_cuda_scans_keep_the_host_cache(ids):
             assert store.ahead_used > 0
 
 
+@pytest.mark.parametrize("slots", [12, 24])
+def test_cuda_scan_groups_share_the_ring_halves(ids, slots):
+    """Groups of scan chunks layer by layer, with a host cache and scan ring smaller than the
+    model: the hash layers' loads at step start, each chunk's loads on demand, the next layer's
+    loads and the reads ahead of the one after on their own thread, all through the two halves
+    of the ring. Every prompt gives the resident engine's logits bitwise (a record torn by a
+    read into a slot still being copied would not)."""
+    cfg = PRESETS["tiny"]()
+    rec_gb = record_bytes(cfg) / 2**30
+    full = _load("cuda", kernels=False).session().forward(ids).cpu()
+    eng = _load(
+        "cuda", kernels=False, expert_slots=slots, host_mem_gb=28 * rec_gb, prefill_chunk=16,
+        prefill_group=64,
+    )  # fmt: skip
+    store = eng.experts
+    store.join_host_fill()
+    assert store.n_stage >= 4
+    for _ in range(3):
+        store.reset_gpu()
+        assert torch.equal(eng.session().forward(ids).cpu(), full), slots
+
+
 def test_cuda_a_failed_background_read_surfaces_and_forgets_its_slot(ids, monkeypatch):
     """A scan's loads run on a background thread: a read that fails there raises at the
     layer's wait, the slots it did not fill are forgotten, and the next prompt is exact."""
