@@ -120,15 +120,14 @@ def test_cuda_scan_groups_share_the_ring_halves(ids, slots):
     """Groups of scan chunks layer by layer, with a host cache and scan ring smaller than the
     model: the hash layers' loads at step start, each chunk's loads on demand, the next layer's
     loads and the reads ahead of the one after on their own thread, all through the two halves
-    of the ring. Every prompt gives the resident engine's logits bitwise (a record torn by a
-    read into a slot still being copied would not)."""
+    of the ring. Every prompt gives the logits of a resident engine prefilling in the same
+    chunks and groups bitwise (a record torn by a read into a slot still being copied would
+    not; chunked and one-shot prefill differ in the last bits)."""
     cfg = PRESETS["tiny"]()
     rec_gb = record_bytes(cfg) / 2**30
-    full = _load("cuda", kernels=False).session().forward(ids).cpu()
-    eng = _load(
-        "cuda", kernels=False, expert_slots=slots, host_mem_gb=28 * rec_gb, prefill_chunk=16,
-        prefill_group=64,
-    )  # fmt: skip
+    chunks = dict(kernels=False, prefill_chunk=16, prefill_group=64)
+    full = _load("cuda", **chunks).session().forward(ids).cpu()
+    eng = _load("cuda", expert_slots=slots, host_mem_gb=28 * rec_gb, **chunks)
     store = eng.experts
     store.join_host_fill()
     assert store.n_stage >= 4
