@@ -810,6 +810,15 @@ class ExpertStore:
             with self.lock:
                 self.hostres.protected[:] = False
 
+    def hold_layer(self, layer: int) -> None:
+        """Protect every resident expert of `layer` until the next `begin_layer` (a prefetch
+        then takes other slots): a step's later chunks still use them."""
+        gpu = self.gpu
+        for e in range(self.cfg.n_routed_experts):
+            s = gpu.slot_of.get((layer, e))
+            if s is not None:
+                gpu.protected[s] = True
+
     def ensure_resident(
         self, layer: int, experts: Sequence[int], then_wait: bool = False, scan: bool = False
     ) -> list[int]:

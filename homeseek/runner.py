@@ -246,7 +246,9 @@ class Runner:
                         X[c], ids, pos[c], starts[c], self.weights[layer], state.layers[layer],
                         layer, self.rope, self.ctx,
                     )  # fmt: skip
-                    X[c] = M.segment_b(p, self.moe(p, layer, starts[c] - starts[0]), self.ctx)
+                    more = c + 1 < len(chunks)  # later chunks of the group use this layer
+                    moe = self.moe(p, layer, starts[c] - starts[0], more)
+                    X[c] = M.segment_b(p, moe, self.ctx)
         except BaseException:
             # Loads and reads ahead still running must not overlap a retry's (an out-of-memory
             # group is undone and run again): let them finish; the step's error is the one.
@@ -293,9 +295,10 @@ class Runner:
         state.pos += ids.shape[0]
         return M.head_logits(X, mtop, self.ctx), X
 
-    def moe(self, p: M.FfnPending, layer: int, offset: int = 0) -> torch.Tensor:
+    def moe(self, p: M.FfnPending, layer: int, offset: int = 0, more: bool = False) -> torch.Tensor:
         """Routed experts + shared expert of one layer -> [T, D] in the activation dtype.
-        `offset`: where these tokens start in the step (a routing override's row).
+        `offset`: where these tokens start in the step (a routing override's row); `more`:
+        later chunks of the step use this layer too (`Scheduler.layer`).
 
         CUDA: the FP4 kernel reads the slot pool through a slot table. CPU: the reference loop,
         experts in id order, so the sum is bitwise the same for any pool size or wave split.
@@ -305,7 +308,8 @@ class Runner:
         out = p.shared if fused else None
         acc = None if fused else torch.zeros_like(p.u, dtype=torch.float32)
         following = self._following(layer)
-        for sel, slot_of, _last in self.scheduler.layer(layer, p.sel, following, offset=offset):
+        waves = self.scheduler.layer(layer, p.sel, following, offset=offset, more=more)
+        for sel, slot_of, _last in waves:
             if fused:
                 slots = self.scheduler.slot_table(sel, slot_of, p.u.device)
                 t = store.pool.t

@@ -169,6 +169,7 @@ class Scheduler:
         following: int | None = None,
         lane_input: tuple[torch.Tensor, torch.Tensor] | None = None,
         offset: int = 0,
+        more: bool = False,
     ) -> Iterator[tuple[torch.Tensor, dict[int, int], bool]]:
         """Make the experts of sel [T, K] resident, a wave at a time (one wave unless a chunk
         touches more experts than the pool holds; each expert still loads once per chunk).
@@ -180,7 +181,10 @@ class Scheduler:
         [1, D], routing weights [1, K]) on the host: with the CPU lane set, some misses are
         computed there (`cpu_job`, started before the copies; its experts are left out of the
         waves' slots). `offset`: where sel's tokens start in the step (a routing override's
-        rows, when the step's chunks pass each layer in turn)."""
+        rows, when the step's chunks pass each layer in turn). `more`: later chunks of the
+        step use this layer too, so the next layer's prefetch leaves all of its experts
+        resident (it evicted the ones this chunk did not use, and the next chunk loaded them
+        again, behind the next layer's copies)."""
         t0 = time.perf_counter()
         store = self.store
         with marker("hs::ids"):
@@ -228,6 +232,8 @@ class Scheduler:
             # The next layer's copies, and the reads from below they need, start once this
             # layer's kernels are queued: the GPU computes while the host reads.
             if last and following is not None and self.prefetch:
+                if more:
+                    store.hold_layer(layer)
                 self.prefetch_next(following, sel.shape[0])
         self.host_s += time.perf_counter() - t0
 

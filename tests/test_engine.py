@@ -278,6 +278,22 @@ def test_layer_by_layer_prefill_equals_chunk_by_chunk(ids, slots):
         assert 2 * loads[0] < loads[1], loads
 
 
+@pytest.mark.parametrize("slots", [16, 20, 24])
+def test_a_group_loads_each_expert_once(ids, slots):
+    """Layer by layer, the next layer's prefetch starts once a group's first chunk passed a
+    layer: it leaves that layer's experts to the later chunks, so each expert loads once per
+    group with pools of two to three layers (it had evicted the experts the first chunk did not
+    use, and a later chunk loaded them again, behind the next layer's copies)."""
+    eng = homeseek.load(
+        "tiny", dtype=torch.float32, max_context=256, prefill_chunk=16, prefill_group=1000,
+        expert_slots=slots,
+    )  # fmt: skip
+    eng.session().forward(ids[:100])  # 7 chunks of 16 tokens x 2 experts: all 8 of a layer
+    c, cfg = eng.experts.counters, eng.cfg
+    assert eng.scheduler.prefetched_experts > 0
+    assert c.lookups - c.gpu_hits == cfg.num_hidden_layers * cfg.n_routed_experts
+
+
 def test_layer_by_layer_group_out_of_memory_goes_on_chunk_by_chunk(ids, monkeypatch):
     """A group that runs out of GPU memory is undone and the prompt goes on chunk by chunk,
     with a warning, to the same logits."""
