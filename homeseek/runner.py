@@ -45,29 +45,6 @@ if TYPE_CHECKING:
 # drafts (at most 3, RuntimeConfig.mtp).
 VERIFY_MAX = 4
 
-# The device buffers one token carries from graph to graph of a step (name, shape from the
-# config, dtype; None: the activation dtype). They are views of one flat buffer, so that a
-# multi-token step parks one token's set in a bank row and brings back another's with one copy
-# each (`Runner._switch`).
-_LIVE: tuple[tuple[str, str, torch.dtype | None], ...] = (
-    ("index", "3", torch.long),
-    ("X", "1 N D", None),
-    ("Xa", "1 N D", None),
-    ("u", "1 D", None),
-    ("post", "1 N", torch.float32),
-    ("comb", "1 N N", torch.float32),
-    ("sel", "1 K", torch.long),
-    ("weights", "1 K", torch.float32),
-    ("shared", "1 D", None),
-    ("acc", "1 D", None),
-    ("acc_f32", "1 D", torch.float32),
-    ("moe", "1 D", None),
-    ("slots", "1 K", torch.int32),
-    ("cpu_part", "1 D", torch.float32),
-    ("shared_f32", "1 D", torch.float32),
-    ("pred", "1 K", torch.long),
-)
-
 
 @dataclass
 class DecodeBuffers:
@@ -106,24 +83,31 @@ class DecodeBuffers:
     @classmethod
     def build(cls, cfg: ModelConfig, rt: RuntimeConfig) -> DecodeBuffers:
         dev, dt = rt.device, rt.dtype
-        dims = {"1": 1, "3": 3, "N": cfg.hc_mult, "D": cfg.hidden_size}
-        dims["K"] = cfg.num_experts_per_tok
-        shapes = [
-            (name, [dims[d] for d in shape.split()], dtype or dt) for name, shape, dtype in _LIVE
-        ]
+        N, Dm, K = cfg.hc_mult, cfg.hidden_size, cfg.num_experts_per_tok
+        f32, i64 = torch.float32, torch.long
+        # The buffers one token carries from graph to graph of a step: views of one flat
+        # buffer, so a multi-token step parks one token's set in a bank row and brings back
+        # another's with one copy each (`Runner._switch`).
+        live_spec: dict[str, tuple[tuple[int, ...], torch.dtype]] = {
+            "index": ((3,), i64), "X": ((1, N, Dm), dt), "Xa": ((1, N, Dm), dt),
+            "u": ((1, Dm), dt), "post": ((1, N), f32), "comb": ((1, N, N), f32),
+            "sel": ((1, K), i64), "weights": ((1, K), f32), "shared": ((1, Dm), dt),
+            "acc": ((1, Dm), dt), "acc_f32": ((1, Dm), f32), "moe": ((1, Dm), dt),
+            "slots": ((1, K), torch.int32), "cpu_part": ((1, Dm), f32),
+            "shared_f32": ((1, Dm), f32), "pred": ((1, K), i64),
+        }  # fmt: skip
+        size = {k: math.prod(shape) * d.itemsize for k, (shape, d) in live_spec.items()}
         # Each view starts on a 16-byte boundary (any dtype's alignment, vector loads).
-        offsets, n = [], 0
-        for _, shape, dtype in shapes:
-            offsets.append(n)
-            n += -(-math.prod(shape) * dtype.itemsize // 16) * 16
+        start, n = {}, 0
+        for k in live_spec:
+            start[k], n = n, n + -(-size[k] // 16) * 16
         live = torch.zeros(n, dtype=torch.uint8, device=dev)
         views = {
-            name: live[o : o + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
-            for (name, shape, dtype), o in zip(shapes, offsets, strict=True)
+            k: live[start[k] : start[k] + size[k]].view(d).view(shape)
+            for k, (shape, d) in live_spec.items()
         }
         views["slots"].fill_(-1)
         pin = torch.cuda.is_available() and str(dev).startswith("cuda")
-        K, Dm = cfg.num_experts_per_tok, cfg.hidden_size
         return cls(
             live=live,
             **views,

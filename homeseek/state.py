@@ -217,44 +217,37 @@ class SessionState:
         than the window or any ratio; then at most one block completes among them): returns
         False, changing nothing, when they do not. The compressed entries they wrote need no
         undo: an entry is masked until its block completes, and rewritten when it does."""
-        layers = list(self.layers.values())
-        rings = [s.window.shape[0] for s in layers]
-        rings += [c.ratio for s in layers for c in (s.comp, s.index_comp) if c is not None]
+        parts = self._chunk_parts()
         if keep >= end:
             return True
-        if not start <= keep or end - start > min(rings):
+        if not start <= keep or end - start > min(ring for _, ring, _ in parts):
             return False
         undo = range(keep, end)
-        dev = layers[0].window.device
-        rows: dict[int, torch.Tensor] = {}
-
-        def put(t: torch.Tensor, old: torch.Tensor, ring: int) -> None:
+        rows: dict[int, torch.Tensor] = {}  # ring -> the undone positions' rows
+        for (t, ring, per_block), old in zip(parts, saved, strict=True):
+            if per_block:  # moves when a block completes
+                if any(q % ring == ring - 1 for q in undo):
+                    t.copy_(old)
+                continue
             if ring not in rows:
-                rows[ring] = torch.tensor([q % ring for q in undo], device=dev)
+                rows[ring] = torch.tensor([q % ring for q in undo], device=t.device)
             t.index_copy_(0, rows[ring], old.index_select(0, rows[ring]))
-
-        it = iter(saved)
-        for s in layers:
-            put(s.window, next(it), s.window.shape[0])
-            for c in (s.comp, s.index_comp):
-                if c is None:
-                    continue
-                bk, bg, pk, pg = (next(it) for _ in range(4))
-                put(c.buf_kv, bk, c.ratio)
-                put(c.buf_gate, bg, c.ratio)
-                if any(q % c.ratio == c.ratio - 1 for q in undo):
-                    c.prev_kv.copy_(pk)
-                    c.prev_gate.copy_(pg)
         return True
 
-    def _chunk_state(self) -> list[torch.Tensor]:
+    def _chunk_parts(self) -> list[tuple[torch.Tensor, int, bool]]:
+        """What a chunk changes and `save` copies, in order: (tensor, the rows of its ring,
+        whether it changes only when a block completes: the overlap halves)."""
         out = []
         for s in self.layers.values():
-            out.append(s.window)
+            out.append((s.window, s.window.shape[0], False))
             for c in (s.comp, s.index_comp):
                 if c is not None:
-                    out += [c.buf_kv, c.buf_gate, c.prev_kv, c.prev_gate]
+                    out += [(c.buf_kv, c.ratio, False), (c.buf_gate, c.ratio, False)]
+                    out += [(c.prev_kv, c.ratio, True), (c.prev_gate, c.ratio, True)]
         return out
+
+    def _chunk_state(self) -> list[torch.Tensor]:
+        return [t for t, _, _ in self._chunk_parts()]
 
     def release(self) -> None:
         """Give the slot back to the arena (the views must not be used afterwards)."""
