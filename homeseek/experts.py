@@ -1146,23 +1146,24 @@ class ExpertStore:
         if self._ahead_thread is None:
             self._ahead_thread = ThreadPoolExecutor(1, thread_name_prefix="homeseek-ahead")
         half = layer % 2
-        job = self._ahead_thread.submit(self._ahead_job, keys, self._half_load[half])
+        job = self._ahead_thread.submit(self._ahead_job, layer, keys, self._half_load[half])
         self._half_ahead[half] = self._ahead_last = job
 
-    def _ahead_job(self, keys: list[Key], after: Future | None) -> None:
+    def _ahead_job(self, layer: int, keys: list[Key], after: Future | None) -> None:
         """(read-ahead thread) `read_ahead`'s reads, once the load `after` has queued its
         copies out of the same half of the ring. Never raises: what it failed to read, that
         layer's load reads (and reports)."""
         if after is not None:
             futures_wait([after])  # its errors are its own (`_join`)
         with contextlib.suppress(Exception):
-            self._read_ahead_now(keys)
+            self._read_ahead_now(layer, keys)
 
-    def _read_ahead_now(self, keys: list[Key]) -> None:
-        """Read the keys missing from the host cache into the next slots of their layer's
-        half of the ring (at most the half), each once the last copy out of its slot ran."""
+    def _read_ahead_now(self, layer: int, keys: list[Key]) -> None:
+        """Read the keys (of `layer`) missing from the host cache into the next slots of the
+        layer's half of the ring (at most the half), each once the last copy out of its slot
+        ran."""
         t_job, tl = time.perf_counter(), self.timeline
-        half = keys[0][0] % 2 if keys else 0
+        half = layer % 2
         with self.lock:
             below = [k for k in keys if k not in self.hostres.slot_of and k not in self._ahead]
         reads = []
@@ -1185,7 +1186,7 @@ class ExpertStore:
             self.counters.scan_read_s += t1 - t0
             self.counters.bg_busy_s += t1 - t_job
         if tl is not None and keys:
-            tl.span("read ahead", keys[0][0], t_job, t1)
+            tl.span("read ahead", layer, t_job, t1)
 
     def _join(self, slots: Iterable[int]) -> None:
         """Wait for the background loads that fill any of these slots; their copies' events
