@@ -1343,13 +1343,21 @@ class ExpertStore:
 
     # -- background host fill ---------------------------------------------------------------------
     def start_host_fill(self, order: Sequence[Key] | None = None) -> None:
-        """Pin the host cache and copy experts disk -> host in a background thread until full."""
+        """Pin the host cache and copy experts disk -> host in a background thread until full.
+
+        The default order takes each expert id across all layers before the next id, so every
+        layer keeps the same share of its records in the cache. Layer by layer (the order
+        before), a cache of two thirds of the model held the first two thirds of the layers
+        and none of the rest: a prefill then read every record of the last layers from the
+        tier below, ~3x a layer's copy time each, while the first layers read nothing, and a
+        decode token's reads all fell in its last layers. Spread, each layer's reads fit in
+        its half of the scan ring and run beside the previous layer's copies."""
         if not self.n_host or self._filler is not None:
             return
         keys = (
             list(order)
             if order is not None
-            else [(layer, e) for layer in self.layers for e in range(self.cfg.n_routed_experts)]
+            else [(layer, e) for e in range(self.cfg.n_routed_experts) for layer in self.layers]
         )
         keys = keys[: self.n_host]
 

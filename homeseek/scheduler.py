@@ -140,6 +140,9 @@ class Scheduler:
         # while this layer computes (`prefetch_next`); False turns it off (tests).
         self.prefetch = True
         self.prefetched_experts = 0  # experts loaded ahead of their layer (counted by prefill)
+        # Decode's prediction also reads the predicted records below the host cache, on the
+        # scan thread (`prefetch_predicted`); False leaves them to their layer (measurements).
+        self.read_behind = True
         # Decode's next-layer prediction (`prefetch_predicted`): experts predicted, how many of
         # them the layer then chose, copies started for them, and how many of those it used.
         self.predicted = PredictionCounters()
@@ -283,7 +286,7 @@ class Scheduler:
         # its scan thread reads them through the ring and queues their copies meanwhile;
         # elsewhere they are left to the layer itself (and the CPU lane, which computes them
         # where they lie).
-        behind = store.reads_behind()
+        behind = self.read_behind and store.reads_behind()
         missing = [
             e
             for e in dict.fromkeys(experts)

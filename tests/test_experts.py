@@ -593,5 +593,22 @@ def test_host_cache_fill_that_fails_forgets_the_record_and_says_why(monkeypatch)
         read(dst, key)
 
     monkeypatch.setattr(store, "_fill", fill)
-    _failed_fill(store, "stopped at", r"stopped at \(0, 2\) after 2 records: shard 2")
-    assert set(store.hostres.slot_of) == {(0, 0), (0, 1)}
+    _failed_fill(store, "stopped at", r"stopped at \(2, 0\) after 2 records: shard 2")
+    assert set(store.hostres.slot_of) == {(0, 0), (1, 0)}
+
+
+def test_host_cache_fill_spreads_over_the_layers(monkeypatch):
+    """A host cache smaller than the model holds the same share of every layer's records (a
+    prefill's reads of the tier below then fall evenly on its layers, not all on the last)."""
+    store = _host_tier_store(monkeypatch, fail_pin=False)
+    n_layers = len(store.layers)
+    n = 2 * n_layers + 1  # two records of every layer, and one more
+    store.n_host = n
+    store.hostres = Residency(n, n_layers, make_policy("lru", n), 0)
+    store.start_host_fill()
+    store.join_host_fill()
+    per_layer = [sum(k[0] == layer for k in store.hostres.slot_of) for layer in store.layers]
+    assert sum(per_layer) == n and max(per_layer) - min(per_layer) == 1, per_layer
+    assert store.hostres.slot_of.keys() == {(L, e) for L in store.layers for e in (0, 1)} | {
+        (store.layers[0], 2)
+    }

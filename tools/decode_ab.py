@@ -1,0 +1,133 @@
+"""One decode scheduler switch on and off, interleaved in one process: what it is worth.
+
+Runs of `homeseek bench` on different days (or machines) differ by more than most scheduler
+changes are worth: the lent host's memory bandwidth, which the copies, the reads of the tier
+below and the CPU lane all draw on, has varied ~1.7x between sessions. This tool builds the
+engine once (full-size synthetic V4-Flash, as the bench does), prefills a prompt, snapshots the
+session, then decodes the same tokens from that snapshot with the switch on and off in turn,
+each run from a cold expert pool, `--rounds` times, and prints each run's median ms/token and
+one JSON line. The greedy tokens must agree between runs (the switches do not change the math).
+
+    python tools/decode_ab.py --gpu-mem-gb 24 --switch read_behind --tokens 32 --rounds 2
+
+Switches: `read_behind` (decode's prediction reads the predicted records below the host cache
+on the scan thread), `prefetch` (the next-layer prediction's copies at all), `lane` (the CPU
+lane, built with --cpu-lane on).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from homeseek.bench import build_engine, cap_process
+from homeseek.config import RuntimeConfig
+from homeseek.scheduler import make_routing
+
+
+def _set(eng, switch: str, on: bool, lane) -> None:  # noqa: ANN001 - Engine, CpuLane
+    sched = eng.scheduler
+    if switch == "read_behind":
+        sched.read_behind = on
+    elif switch == "prefetch":
+        sched.prefetch = on
+    elif switch == "lane":
+        sched.lane = lane if on else None
+    else:
+        raise SystemExit(f"unknown switch {switch!r}: read_behind, prefetch or lane")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--synthetic", default="flash")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--expert-alias", type=int, default=64, help="0: every expert its own")
+    ap.add_argument("--gpu-mem-gb", type=float, default=24.0)
+    ap.add_argument("--host-mem-gb", type=float, default=None)
+    ap.add_argument("--switch", default="read_behind")
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--prompt", type=int, default=8)
+    ap.add_argument("--routing", default="model", help="model, uniform or trace:PATH")
+    ap.add_argument("--cpu-lane", default="auto", choices=("auto", "on", "off"))
+    args = ap.parse_args()
+    device = args.device
+    cap_process(device, args.gpu_mem_gb)
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    rt = RuntimeConfig.build(
+        device=device, dtype=dtype, gpu_mem_gb=args.gpu_mem_gb,
+        host_mem_gb=args.host_mem_gb, max_context=args.prompt + args.tokens + 64,
+        cpu_lane=args.cpu_lane,
+    )  # fmt: skip
+    eng = build_engine(rt, None, args.synthetic, expert_alias=args.expert_alias or None)
+    eng.scheduler.routing = make_routing(args.routing, eng.cfg)
+    lane = eng.scheduler.lane
+    if args.switch == "lane" and lane is None:
+        raise SystemExit("--switch lane needs a CPU lane: --cpu-lane on")
+    sess = eng.session()
+    sess.forward(list(range(1, args.prompt + 1)), last_only=True)
+    snap = sess.snapshot()
+    tok = 7
+    for _ in range(2):  # captures the graphs of this position bucket, untimed
+        tok = int(sess.decode(tok).argmax())
+    runs: list[dict] = []
+    first_tokens: list[int] | None = None
+    for r in range(args.rounds):
+        for on in (True, False) if r % 2 == 0 else (False, True):
+            sess.rollback(snap)
+            eng.experts.reset_gpu()
+            _set(eng, args.switch, on, lane)
+            pred0 = eng.scheduler.predicted.read_behind
+            c0 = eng.experts.counters.as_dict()
+            toks, ms, tok = [], [], 7
+            for _ in range(args.tokens):
+                t0 = time.perf_counter()
+                tok = int(sess.decode(tok).argmax())  # the argmax syncs
+                ms.append((time.perf_counter() - t0) * 1000)
+                toks.append(tok)
+            c1 = eng.experts.counters.as_dict()
+            if first_tokens is None:
+                first_tokens = toks
+            run = {
+                "switch": args.switch,
+                "on": on,
+                "round": r,
+                "ms_per_token_median": round(statistics.median(ms), 2),
+                "ms_per_token_mean": round(statistics.fmean(ms), 2),
+                "tok_s": round(1000 * len(ms) / sum(ms), 3),
+                "disk_reads_per_token": round((c1["disk_loads"] - c0["disk_loads"]) / len(ms), 2),
+                "h2d_MB_per_token": round((c1["bytes_h2d"] - c0["bytes_h2d"]) / len(ms) / 1e6, 1),
+                "read_behind_per_token": round(
+                    (eng.scheduler.predicted.read_behind - pred0) / len(ms), 2
+                ),
+                "same_tokens": toks == first_tokens,
+            }
+            runs.append(run)
+            print(json.dumps(run), flush=True)
+    _set(eng, args.switch, True, lane)
+    med = {
+        on: statistics.median(x["ms_per_token_median"] for x in runs if x["on"] is on)
+        for on in (True, False)
+    }
+    print(
+        json.dumps(
+            {
+                "switch": args.switch,
+                "routing": args.routing,
+                "cpu_lane": args.cpu_lane,
+                "gpu_mem_gb": args.gpu_mem_gb,
+                "ms_per_token_on": med[True],
+                "ms_per_token_off": med[False],
+                "speedup_on": round(med[False] / med[True], 3),
+                "all_same_tokens": all(x["same_tokens"] for x in runs),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
