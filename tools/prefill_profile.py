@@ -22,7 +22,7 @@ from torch.profiler import ProfilerActivity, profile
 from homeseek.bench import SCAN_THREAD as BG
 from homeseek.bench import annotation, build_engine, cap_process
 from homeseek.config import RuntimeConfig
-from homeseek.experts import Timeline
+from homeseek.experts import ExpertStore, Timeline
 
 
 def _union(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -140,7 +140,20 @@ def main() -> None:
         "'' for none)",
     )  # fmt: skip
     ap.add_argument("--timeline-step-ms", type=float, default=5.0)
+    ap.add_argument(
+        "--host-fill", default="spread", choices=("spread", "layers"),
+        help="the host cache's fill order: the engine's (expert ids across the layers), or "
+        "layer by layer as before session 14 (to measure the two on one machine)",
+    )  # fmt: skip
     args = ap.parse_args()
+    if args.host_fill == "layers":
+        fill = ExpertStore.start_host_fill
+
+        def layer_by_layer(store: ExpertStore, order=None) -> None:  # noqa: ANN001
+            E = store.cfg.n_routed_experts
+            fill(store, order or [(layer, e) for layer in store.layers for e in range(E)])
+
+        ExpertStore.start_host_fill = layer_by_layer
     prompts = [int(x) for x in args.prompts.split(",")]
     cap_process(args.device, args.gpu_mem_gb)
     rt = RuntimeConfig.build(
@@ -161,6 +174,7 @@ def main() -> None:
     for n in prompts:
         ids = torch.randint(0, eng.cfg.vocab_size, (n,), generator=g).tolist()
         res: dict[str, float | int | str] = {"tokens": n, "gpu_mem_gb": args.gpu_mem_gb}
+        res["host_fill"] = args.host_fill
         for run in ("timed", "profiled"):
             if run == "profiled" and n > args.profile_upto:
                 break
