@@ -141,7 +141,8 @@ class Scheduler:
         self.prefetch = True
         self.prefetched_experts = 0  # experts loaded ahead of their layer (counted by prefill)
         # Decode's prediction also reads the predicted records below the host cache, on the
-        # scan thread (`prefetch_predicted`); False leaves them to their layer (measurements).
+        # scan thread, when there is no CPU lane (`prefetch_predicted`); False leaves them to
+        # their layer (measurements).
         self.read_behind = True
         # Decode's next-layer prediction (`prefetch_predicted`): experts predicted, how many of
         # them the layer then chose, copies started for them, and how many of those it used.
@@ -284,9 +285,10 @@ class Scheduler:
         # layer's A: read on the host's thread, the host would reach that layer's ids late.
         # Where the store reads behind the host (CUDA, a pinned host tier with its scan ring),
         # its scan thread reads them through the ring and queues their copies meanwhile;
-        # elsewhere they are left to the layer itself (and the CPU lane, which computes them
-        # where they lie).
-        behind = self.read_behind and store.reads_behind()
+        # elsewhere they are left to the layer itself. So they are with the CPU lane, which
+        # computes them where they lie, neither read nor copied: reading them ahead took
+        # them from the lane and made decode slower (0.86x, tools/decode_ab.py, 24 GiB).
+        behind = self.read_behind and self.lane is None and store.reads_behind()
         missing = [
             e
             for e in dict.fromkeys(experts)
