@@ -735,11 +735,6 @@ class ExpertStore:
                 return {k: [t] for k, t in self.host.view(s).items()}, False
         return self._disk_parts(key), True
 
-    def reads_behind(self) -> bool:
-        """Whether a scan's misses of the host cache are read and copied on the scan thread
-        (`_load_behind`: CUDA, with the host tier pinned and a scan ring)."""
-        return self.copy_stream is not None and self.host is not None and self.n_stage > 0
-
     def below_host(self, key: Key) -> bool:
         """Whether a miss of key would be read from the tier below the host cache."""
         with self.lock:

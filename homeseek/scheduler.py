@@ -114,14 +114,12 @@ class PredictionCounters:
     correct: int = 0  # of them, chosen by the layer
     copied: int = 0  # copies started for predicted experts not resident
     copied_used: int = 0  # of those, chosen by the layer
-    read_behind: int = 0  # of the copies, records of the tier below read on the scan thread
 
     def as_dict(self, record_bytes: int) -> dict[str, float]:
         return {
             "prediction_accuracy": self.correct / self.predicted if self.predicted else 0.0,
             "prefetch_copies": float(self.copied),
             "prefetch_used": float(self.copied_used),
-            "prefetch_read_behind": float(self.read_behind),
             "prefetch_wasted_bytes": float((self.copied - self.copied_used) * record_bytes),
         }
 
@@ -140,10 +138,6 @@ class Scheduler:
         # while this layer computes (`prefetch_next`); False turns it off (tests).
         self.prefetch = True
         self.prefetched_experts = 0  # experts loaded ahead of their layer (counted by prefill)
-        # Decode's prediction also reads the predicted records below the host cache, on the
-        # scan thread, when there is no CPU lane (`prefetch_predicted`); False leaves them to
-        # their layer (measurements).
-        self.read_behind = True
         # Decode's next-layer prediction (`prefetch_predicted`): experts predicted, how many of
         # them the layer then chose, copies started for them, and how many of those it used.
         self.predicted = PredictionCounters()
@@ -281,34 +275,23 @@ class Scheduler:
             return
         want = set(experts)
         # In the prediction's order (the router's best first): they go first when room is
-        # short. A record below the host cache takes ~0.5 ms to read, longer than the next
-        # layer's A: read on the host's thread, the host would reach that layer's ids late.
-        # Where the store reads behind the host (CUDA, a pinned host tier with its scan ring),
-        # its scan thread reads them through the ring and queues their copies meanwhile;
-        # elsewhere they are left to the layer itself. So they are with the CPU lane, which
-        # computes them where they lie, neither read nor copied: reading them ahead took
-        # them from the lane and made decode slower (0.86x, tools/decode_ab.py, 24 GiB).
-        behind = self.read_behind and self.lane is None and store.reads_behind()
+        # short. Records below the host cache are left to the layer itself: reading one takes
+        # the host ~0.5 ms, longer than the next layer's A it would overlap, so the host would
+        # reach that layer's ids late (and the CPU lane can compute them where they lie). With
+        # no host cache (or before it is filled) that is every record: no prediction copies.
+        # (Reading them on the scan thread instead was measured slower: docs/runtime.md.)
         missing = [
             e
             for e in dict.fromkeys(experts)
-            if (layer, e) not in store.gpu.slot_of and (behind or not store.below_host((layer, e)))
+            if (layer, e) not in store.gpu.slot_of and not store.below_host((layer, e))
         ]
         missing = missing[: max(0, store.free_slots())]
         self._prediction = (layer, want, set(missing))
         if not missing:
             return
-        below = {e for e in missing if behind and store.below_host((layer, e))}
-        host = [e for e in missing if e not in below]
         if self.lane is not None:
-            self.lane.note_copies(len(host), len(below))
-        if host:  # their copies first: they need no read
-            store.prefetch(layer, host)
-        if below:
-            # Through the scan ring, not into the host cache: the read and the copy both run
-            # on the scan thread, and the layer's request joins them (`ExpertStore.wait`).
-            store.prefetch(layer, [e for e in missing if e in below], scan=True)
-            self.predicted.read_behind += len(below)
+            self.lane.note_copies(len(missing), 0)
+        store.prefetch(layer, missing)
 
     def _score_prediction(self, layer: int, experts: list[int]) -> None:
         """The layer's actual experts against what was predicted for it."""

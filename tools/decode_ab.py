@@ -8,11 +8,10 @@ session, then decodes the same tokens from that snapshot with the switch on and 
 each run from a cold expert pool, `--rounds` times, and prints each run's median ms/token and
 one JSON line. The greedy tokens must agree between runs (the switches do not change the math).
 
-    python tools/decode_ab.py --gpu-mem-gb 24 --switch read_behind --tokens 32 --rounds 2
+    python tools/decode_ab.py --gpu-mem-gb 24 --switch prefetch --tokens 32 --rounds 2
 
-Switches: `read_behind` (decode's prediction reads the predicted records below the host cache
-on the scan thread), `prefetch` (the next-layer prediction's copies at all), `lane` (the CPU
-lane, built with --cpu-lane on).
+Switches: `prefetch` (the next-layer prediction's copies), `lane` (the CPU lane, built with
+--cpu-lane on).
 """
 
 from __future__ import annotations
@@ -31,14 +30,12 @@ from homeseek.scheduler import make_routing
 
 def _set(eng, switch: str, on: bool, lane) -> None:  # noqa: ANN001 - Engine, CpuLane
     sched = eng.scheduler
-    if switch == "read_behind":
-        sched.read_behind = on
-    elif switch == "prefetch":
+    if switch == "prefetch":
         sched.prefetch = on
     elif switch == "lane":
         sched.lane = lane if on else None
     else:
-        raise SystemExit(f"unknown switch {switch!r}: read_behind, prefetch or lane")
+        raise SystemExit(f"unknown switch {switch!r}: prefetch or lane")
 
 
 def main() -> None:
@@ -48,7 +45,7 @@ def main() -> None:
     ap.add_argument("--expert-alias", type=int, default=64, help="0: every expert its own")
     ap.add_argument("--gpu-mem-gb", type=float, default=24.0)
     ap.add_argument("--host-mem-gb", type=float, default=None)
-    ap.add_argument("--switch", default="read_behind")
+    ap.add_argument("--switch", default="prefetch", choices=("prefetch", "lane"))
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--prompt", type=int, default=8)
@@ -81,7 +78,7 @@ def main() -> None:
             sess.rollback(snap)
             eng.experts.reset_gpu()
             _set(eng, args.switch, on, lane)
-            pred0 = eng.scheduler.predicted.read_behind
+            pred0 = eng.scheduler.predicted.copied
             c0 = eng.experts.counters.as_dict()
             toks, ms, tok = [], [], 7
             for _ in range(args.tokens):
@@ -101,8 +98,8 @@ def main() -> None:
                 "tok_s": round(1000 * len(ms) / sum(ms), 3),
                 "disk_reads_per_token": round((c1["disk_loads"] - c0["disk_loads"]) / len(ms), 2),
                 "h2d_MB_per_token": round((c1["bytes_h2d"] - c0["bytes_h2d"]) / len(ms) / 1e6, 1),
-                "read_behind_per_token": round(
-                    (eng.scheduler.predicted.read_behind - pred0) / len(ms), 2
+                "prefetch_copies_per_token": round(
+                    (eng.scheduler.predicted.copied - pred0) / len(ms), 2
                 ),
                 "same_tokens": toks == first_tokens,
             }
