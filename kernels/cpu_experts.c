@@ -61,7 +61,7 @@
 #include <string.h>
 #include <time.h>
 
-#define HS_ABI_VERSION 1
+#define HS_ABI_VERSION 2
 #define HS_EXPORT __attribute__((visibility("default")))
 #define HS_INLINE static inline __attribute__((always_inline))
 
@@ -845,7 +845,40 @@ typedef struct {
     const uint8_t *const *src;
     const size_t *bytes;
     const size_t *first; /* first item of each segment; first[n] = the item count */
+    int streaming;       /* non-temporal stores (stream_copy) */
 } copy_job_t;
+
+/* memcpy with stores that bypass the caches (non-temporal) from the first 64-byte boundary of
+ * dst on. The destination is a host slot that the GPU's copy engine reads next, not this CPU:
+ * a cached store first reads each destination line from memory (read for ownership), a third
+ * stream of memory traffic beside the source's read and the write, on a host whose memory the
+ * copy engine already draws on while the record is read. The stores are fenced before the
+ * item ends (they are weakly ordered; the pool's completion then publishes them). */
+static void stream_copy(uint8_t *d, const uint8_t *s, size_t len) {
+#if defined(__AVX512F__) || defined(__AVX2__) || defined(__SSE2__)
+    size_t head = (64 - ((uintptr_t)d & 63)) & 63;
+    if (head > len) head = len;
+    memcpy(d, s, head);
+    d += head, s += head, len -= head;
+    size_t body = len & ~(size_t)63;
+    for (size_t i = 0; i < body; i += 64) {
+#if defined(__AVX512F__)
+        _mm512_stream_si512((void *)(d + i), _mm512_loadu_si512((const void *)(s + i)));
+#elif defined(__AVX2__)
+        _mm256_stream_si256((__m256i *)(d + i), _mm256_loadu_si256((const __m256i *)(s + i)));
+        _mm256_stream_si256((__m256i *)(d + i + 32),
+                            _mm256_loadu_si256((const __m256i *)(s + i + 32)));
+#else
+        for (int k = 0; k < 64; k += 16)
+            _mm_stream_si128((__m128i *)(d + i + k), _mm_loadu_si128((const __m128i *)(s + i + k)));
+#endif
+    }
+    memcpy(d + body, s + body, len - body);
+    _mm_sfence();
+#else
+    memcpy(d, s, len);
+#endif
+}
 
 static void copy_item(void *p, int item) {
     const copy_job_t *J = p;
@@ -853,20 +886,25 @@ static void copy_item(void *p, int item) {
     while (s + 1 < J->n && (size_t)item >= J->first[s + 1]) s++;
     size_t off = ((size_t)item - J->first[s]) * HS_COPY_ITEM;
     size_t len = J->bytes[s] - off < HS_COPY_ITEM ? J->bytes[s] - off : HS_COPY_ITEM;
-    memcpy(J->dst[s] + off, J->src[s] + off, len);
+    if (J->streaming)
+        stream_copy(J->dst[s] + off, J->src[s] + off, len);
+    else
+        memcpy(J->dst[s] + off, J->src[s] + off, len);
 }
 
 /* Copy n segments (dst[i] <- src[i], bytes[i] each, not overlapping) in 256 KiB items over the
  * pool: one thread copies a few GB/s, a record of the tier below wants the whole machine.
+ * streaming: with non-temporal stores (stream_copy), else memcpy.
  * Returns 0, or -2 when memory runs out. */
 HS_EXPORT int hs_copy(hs_ctx *c, int n, uint8_t *const *dst, const uint8_t *const *src,
-                      const size_t *bytes) {
+                      const size_t *bytes, int streaming) {
     if (n <= 0) return 0;
     size_t *first = malloc(((size_t)n + 1) * sizeof *first);
     if (!first) return -2;
     first[0] = 0;
     for (int i = 0; i < n; i++) first[i + 1] = first[i] + (bytes[i] + HS_COPY_ITEM - 1) / HS_COPY_ITEM;
-    copy_job_t J = {.n = n, .dst = dst, .src = src, .bytes = bytes, .first = first};
+    copy_job_t J = {.n = n, .dst = dst, .src = src, .bytes = bytes, .first = first,
+                    .streaming = streaming};
     pthread_mutex_lock(&c->call_mu);
     parallel_for(c, copy_item, &J, (int)first[n]);
     pthread_mutex_unlock(&c->call_mu);

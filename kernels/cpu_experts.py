@@ -54,7 +54,7 @@ __all__ = [
 ]
 
 SOURCE = Path(__file__).with_name("cpu_experts.c")
-ABI_VERSION = 1  # hs_abi_version() of cpu_experts.c
+ABI_VERSION = 2  # hs_abi_version() of cpu_experts.c
 
 # Path -> compiler flags. -ffp-contract=off: the scalar roundings must not be fused (the SIMD
 # FMAs are explicit intrinsics); -std=c11 also stops GCC's default contraction.
@@ -235,7 +235,7 @@ def _load(isa: str) -> ctypes.CDLL:
         lib.hs_destroy.argtypes, lib.hs_destroy.restype = [vp], None
         lib.hs_run.argtypes = [vp, i, i, i, i, vp, vp, vp, vp, vp, vp, vp, vp, f, i, i, vp, vp]
         lib.hs_run.restype = i
-        lib.hs_copy.argtypes, lib.hs_copy.restype = [vp, i, vp, vp, vp], i
+        lib.hs_copy.argtypes, lib.hs_copy.restype = [vp, i, vp, vp, vp, i], i
         lib.hs_read_xor.argtypes, lib.hs_read_xor.restype = (
             [vp, vp, ctypes.c_size_t],
             ctypes.c_uint64,
@@ -386,6 +386,8 @@ class CpuExperts:
         if not ctx:
             raise RuntimeError("CPU lane: hs_create failed (out of memory)")
         self._ctx: int | None = ctx
+        # copy()'s stores: non-temporal unless told otherwise (see `copy`)
+        self.stream_copies = True
         # Stop the workers when the object goes away without close() (also at interpreter exit).
         self._finalizer = weakref.finalize(self, self._lib.hs_destroy, ctx)
 
@@ -480,9 +482,13 @@ class CpuExperts:
             raise RuntimeError(f"CPU lane: hs_run failed ({why}, rc={rc})")
         return out
 
-    def copy(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    def copy(
+        self, pairs: list[tuple[torch.Tensor, torch.Tensor]], streaming: bool | None = None
+    ) -> None:
         """dst.copy_(src) for each (dst, src) pair of contiguous CPU tensors of the same byte
-        size, on the pool (the expert store reads records of the tier below with it)."""
+        size, on the pool (the expert store reads records of the tier below with it).
+        streaming: stores that bypass the caches (default `stream_copies`): for a destination
+        this CPU does not read next, such as a host slot the GPU copies from."""
         n = len(pairs)
         for i, (dst, src) in enumerate(pairs):
             for name, t in (("dst", dst), ("src", src)):
@@ -496,7 +502,8 @@ class CpuExperts:
         dsts = vp(*(d.data_ptr() for d, _ in pairs))
         srcs = vp(*(s.data_ptr() for _, s in pairs))
         sizes = (ctypes.c_size_t * n)(*(d.nbytes for d, _ in pairs))
-        if self._lib.hs_copy(self._live(), n, dsts, srcs, sizes) != 0:
+        stream = self.stream_copies if streaming is None else streaming
+        if self._lib.hs_copy(self._live(), n, dsts, srcs, sizes, int(stream)) != 0:
             raise RuntimeError("CPU lane: hs_copy ran out of memory")
 
     def read_xor(self, buf: torch.Tensor) -> int:

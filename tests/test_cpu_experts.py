@@ -282,14 +282,19 @@ def test_memory_mapped_records(lane, tmp_path):
     )
 
 
-def test_parallel_copy(lane):
-    """copy() moves each pair's bytes exactly (segments of odd sizes, larger than one item and
-    smaller), and refuses pairs that do not match."""
+@pytest.mark.parametrize("streaming", [True, False])
+def test_parallel_copy(lane, streaming):
+    """copy() moves each pair's bytes exactly, with cached or non-temporal stores (segments of
+    odd sizes, larger than one item and smaller, at destinations on and off a 64-byte line),
+    and refuses pairs that do not match."""
     g, _ = _gen()
-    sizes = [1, 4097, (256 << 10) + 3, 3 << 20]
+    sizes = [1, 63, 4097, (256 << 10) + 3, 3 << 20]
     srcs = [torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g) for n in sizes]
-    dsts = [torch.zeros(n, dtype=torch.uint8) for n in sizes]
-    lane.copy(list(zip(dsts, srcs, strict=True)))
+    # views at odd offsets of larger buffers: the streaming stores start at the first line
+    dsts = [
+        torch.zeros(n + 64, dtype=torch.uint8)[i % 64 : i % 64 + n] for i, n in enumerate(sizes)
+    ]
+    lane.copy(list(zip(dsts, srcs, strict=True)), streaming=streaming)
     assert all(torch.equal(d, s) for d, s in zip(dsts, srcs, strict=True))
     lane.copy([])
     with pytest.raises(ValueError, match="bytes"):

@@ -145,6 +145,10 @@ def main() -> None:
         help="the host cache's fill order: the engine's (expert ids across the layers), or "
         "layer by layer as before session 14 (to measure the two on one machine)",
     )  # fmt: skip
+    ap.add_argument(
+        "--copy-stores", default="streaming", choices=("streaming", "cached"),
+        help="the stores of the reads of the tier below (the engine's: streaming)",
+    )  # fmt: skip
     args = ap.parse_args()
     if args.host_fill == "layers":
         fill = ExpertStore.start_host_fill
@@ -163,6 +167,9 @@ def main() -> None:
     )  # fmt: skip
     t0 = time.perf_counter()
     eng = build_engine(rt, None, args.synthetic, expert_alias=args.expert_alias or None)
+    copier = getattr(eng.experts.copier, "__self__", None)  # the CPU kernel library's copy
+    if copier is not None:
+        copier.stream_copies = args.copy_stores == "streaming"
     print(f"build {time.perf_counter() - t0:.1f} s; chunk {eng.rt.prefill_chunk}; "
           f"slots {eng.experts.n_slots}", flush=True)  # fmt: skip
     sess = eng.session()
@@ -175,6 +182,7 @@ def main() -> None:
         ids = torch.randint(0, eng.cfg.vocab_size, (n,), generator=g).tolist()
         res: dict[str, float | int | str] = {"tokens": n, "gpu_mem_gb": args.gpu_mem_gb}
         res["host_fill"] = args.host_fill
+        res["copy_stores"] = args.copy_stores if copier is not None else "torch readers"
         for run in ("timed", "profiled"):
             if run == "profiled" and n > args.profile_upto:
                 break
