@@ -135,19 +135,28 @@ def main() -> None:
     # Reading a record of the tier below the host cache into a host slot: the pool's parallel
     # copy (what the expert store uses) against one torch copy.
     copy_gb_s: dict[str, float] = {}
-    dst = {k: torch.empty_like(v) for k, v in pool[0].items()}
+    # As many destinations as sources, in turn: the store's host slots are cold, and one
+    # destination reused would stay in the caches (cached stores would then skip their reads
+    # for ownership, which the store's copies pay).
+    dsts = [{k: torch.zeros_like(v) for k, v in rec.items()} for rec in pool]  # touched
     for threads in _ints(args.threads):
         with ce.CpuExperts(threads=threads) as lane:
             i = [0]
 
-            def pcopy(lane=lane, i=i) -> None:
-                i[0] = (i[0] + 1) % len(pool)
-                lane.copy([(dst[k], pool[i[0]][k]) for k in dst])
+            for streaming in (True, False):
 
-            copy_gb_s[f"pool {threads} thr"] = rec_bytes / _median_s(pcopy, args.reps) / 1e9
+                def pcopy(lane=lane, i=i, streaming=streaming) -> None:
+                    i[0] = (i[0] + 1) % len(pool)
+                    dst = dsts[(i[0] + 1) % len(pool)]
+                    lane.copy([(dst[k], pool[i[0]][k]) for k in dst], streaming=streaming)
+
+                how = "streaming" if streaming else "cached"
+                key = f"pool {threads} thr {how}"
+                copy_gb_s[key] = rec_bytes / _median_s(pcopy, args.reps) / 1e9
 
     def tcopy(i=[0]) -> None:  # noqa: B006 - a counter shared by the calls
         i[0] = (i[0] + 1) % len(pool)
+        dst = dsts[(i[0] + 1) % len(pool)]
         for k in dst:
             dst[k].copy_(pool[i[0]][k])
 
