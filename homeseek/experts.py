@@ -1294,10 +1294,7 @@ class ExpertStore:
         """Hash-routed layers' experts follow from the token ids alone: start their copies at
         step start so they overlap the first layers' attention (skipped when they would crowd
         out more than half the pool)."""
-        wanted = {
-            layer: sorted(set(table[list(ids)].flatten().tolist()))
-            for layer, table in self.tid2eid.items()
-        }
+        wanted = {layer: self.hash_experts(layer, ids) for layer in self.tid2eid}
         if sum(len(v) for v in wanted.values()) > self.n_slots // 2:
             return
         self.begin_layer()
@@ -1305,6 +1302,10 @@ class ExpertStore:
         for layer, experts in wanted.items():
             self.prefetch(layer, experts, scan)
         self.begin_layer()
+
+    def hash_experts(self, layer: int, ids: Sequence[int]) -> list[int]:
+        """The experts a hash-routed layer uses for these token ids (sorted)."""
+        return sorted(set(self.tid2eid[layer][list(ids)].flatten().tolist()))
 
     def prefetch(self, layer: int, experts: Sequence[int], scan: bool = False) -> None:
         """Look `experts` of `layer` up ahead of their layer and start copying the missing

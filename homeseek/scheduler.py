@@ -146,12 +146,14 @@ class Scheduler:
         # split between copies and the CPU. `cpu_job` is the current layer's CPU work.
         self.lane: CpuLane | None = None
         self.cpu_job: Future[torch.Tensor] | None = None
+        self._step_ids: list[int] = []  # the current step's token ids (`begin_step`)
 
     def begin_step(self, token_ids: Sequence[int], prefetch_hash: bool = True) -> None:
         """Hash-routed layers' experts follow from the token ids: start their copies now
         (`prefetch_hash=False`: the caller calls `prefetch_hash` itself, once the step's first
         kernels are queued)."""
         self.store.begin_step()
+        self._step_ids = list(token_ids)  # hash layers' experts follow from them (prefetch_next)
         if self.routing is not None:
             self.routing.begin_step(token_ids)
         elif prefetch_hash:
@@ -317,11 +319,19 @@ class Scheduler:
         (`ExpertStore.used`) and run beside those kernels; the
         next layer's own request then finds them resident and counts each lookup once."""
         store, cfg = self.store, self.cfg
-        if self.routing is not None or cfg.is_hash_layer(layer):
-            return  # an override's ids are drawn per layer; hash layers prefetch at step start
+        if self.routing is not None:
+            return  # an override's ids are drawn per layer
         if not self.is_scan(tokens):
             return
-        missing = [e for e in range(cfg.n_routed_experts) if (layer, e) not in store.gpu.slot_of]
+        # A hash layer's experts are those of the step's token ids. The step start copies them
+        # only while all hash layers' fit in half the pool, never for a long chunk (every
+        # expert of each): then they load here, a layer ahead, like the others.
+        experts = (
+            store.hash_experts(layer, self._step_ids)
+            if cfg.is_hash_layer(layer) and layer in store.tid2eid
+            else range(cfg.n_routed_experts)
+        )
+        missing = [e for e in experts if (layer, e) not in store.gpu.slot_of]
         if not missing or store.free_slots() < len(missing):
             return  # a pool this tight loads the layer's experts on demand
         store.prefetch(layer, missing, scan=True)

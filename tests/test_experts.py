@@ -391,8 +391,20 @@ def test_prefill_loads_the_next_layers_experts_early():
     for prefetch in (True, False):
         eng = homeseek.load("tiny", dtype=torch.float32, max_context=128, expert_slots=20)
         eng.scheduler.prefetch = prefetch
+        store, cfg = eng.experts, eng.cfg
+        loads, ahead = [], store.prefetch
+
+        def spy(layer, experts, scan=False, ahead=ahead, loads=loads):
+            loads.append((layer, sorted(experts), scan))
+            ahead(layer, experts, scan)
+
+        store.prefetch = spy
         logits = eng.session().forward(ids)
-        store = eng.experts
+        if prefetch:
+            # the second hash layer (the step start skips them: all of them would crowd out
+            # half the pool) loads a layer ahead, the experts of the step's token ids only
+            hashed = [(layer, e) for layer, e, scan in loads if scan and cfg.is_hash_layer(layer)]
+            assert hashed == [(1, store.hash_experts(1, ids))], loads
         # prefetched experts the layer's own request found resident leave `prefetched`
         found = eng.scheduler.prefetched_experts - len(store.prefetched)
         runs[prefetch] = (logits, eng.scheduler.prefetched_experts, found, store.counters.lookups)
