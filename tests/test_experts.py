@@ -415,6 +415,18 @@ def test_prefill_loads_the_next_layers_experts_early():
     assert look_pf - look_off == n_pf - found
 
 
+def test_slot_table_looks_every_id_up():
+    """The wave's slot table: each id's slot, -1 for ids not in the wave and for -1 itself."""
+    eng = homeseek.load("tiny", dtype=torch.float32, max_context=64)
+    g = torch.Generator().manual_seed(0)
+    sel = torch.randint(-1, eng.cfg.n_routed_experts, (300, 2), generator=g)
+    slot_of = {e: 17 - e for e in range(0, eng.cfg.n_routed_experts, 2)}
+    want = [[slot_of.get(e, -1) for e in row] for row in sel.tolist()]
+    table = eng.scheduler.slot_table(sel, slot_of, torch.device("cpu"))
+    assert table.dtype == torch.int32 and table.tolist() == want
+    assert eng.scheduler.slot_table(sel, {}, torch.device("cpu")).eq(-1).all()
+
+
 def test_a_request_never_evicts_its_own_hits():
     """ensure_resident protects a request's hits before it admits its misses: a miss early in
     the list does not evict an entry later in it (which would cost a second copy, and could be
