@@ -1132,8 +1132,9 @@ class ExpertStore:
                 self.counters.bg_issue_s += issue
         return ready, None
 
-    def read_ahead(self, layer: int) -> None:
-        """Scan: read `layer`'s records of the tier below into its half of the scan ring now,
+    def read_ahead(self, layer: int, experts: Iterable[int] | None = None) -> None:
+        """Scan: read `layer`'s records of the tier below (of `experts`, default all) into its
+        half of the scan ring now,
         on a thread of its own, once the load that last copied out of that half has queued
         its copies (the layer before is then still loading, out of the other half): that
         layer's own load then only copies them, and the reads of a scan run while the previous
@@ -1141,8 +1142,8 @@ class ExpertStore:
         left to that load to repeat (and report)."""
         if self.copy_stream is None or self.host is None or self.n_stage < 2:
             return
-        keys = [(layer, e) for e in range(self.cfg.n_routed_experts)]
-        keys = [k for k in keys if k not in self.gpu.slot_of]
+        wanted = range(self.cfg.n_routed_experts) if experts is None else experts
+        keys = [(layer, e) for e in wanted if (layer, e) not in self.gpu.slot_of]
         if self._ahead_thread is None:
             self._ahead_thread = ThreadPoolExecutor(1, thread_name_prefix="homeseek-ahead")
         half = layer % 2
@@ -1303,9 +1304,11 @@ class ExpertStore:
             self.prefetch(layer, experts, scan)
         self.begin_layer()
 
-    def hash_experts(self, layer: int, ids: Sequence[int]) -> list[int]:
+    def hash_experts(self, layer: int, ids: Sequence[int] | np.ndarray) -> list[int]:
         """The experts a hash-routed layer uses for these token ids (sorted)."""
-        return sorted(set(self.tid2eid[layer][list(ids)].flatten().tolist()))
+        used = np.zeros(self.cfg.n_routed_experts, dtype=bool)
+        used[self.tid2eid[layer].numpy()[np.asarray(ids, dtype=np.int64)]] = True
+        return np.flatnonzero(used).tolist()
 
     def prefetch(self, layer: int, experts: Sequence[int], scan: bool = False) -> None:
         """Look `experts` of `layer` up ahead of their layer and start copying the missing

@@ -146,14 +146,21 @@ class Scheduler:
         # split between copies and the CPU. `cpu_job` is the current layer's CPU work.
         self.lane: CpuLane | None = None
         self.cpu_job: Future[torch.Tensor] | None = None
-        self._step_ids: list[int] = []  # the current step's token ids (`begin_step`)
+        # The current step's token ids (`begin_step`), the experts its hash layers use (by
+        # layer, as asked for), and the layers whose reads ahead it has started.
+        self._step_ids = np.zeros(0, dtype=np.int64)
+        self._step_hash: dict[int, list[int]] = {}
+        self._read_ahead: set[int] = set()
 
     def begin_step(self, token_ids: Sequence[int], prefetch_hash: bool = True) -> None:
         """Hash-routed layers' experts follow from the token ids: start their copies now
         (`prefetch_hash=False`: the caller calls `prefetch_hash` itself, once the step's first
         kernels are queued)."""
         self.store.begin_step()
-        self._step_ids = list(token_ids)  # hash layers' experts follow from them (prefetch_next)
+        # a scan's hash layers' experts follow from the step's ids (`prefetch_next`)
+        self._step_ids = np.asarray(token_ids, dtype=np.int64)
+        self._step_hash.clear()
+        self._read_ahead.clear()
         if self.routing is not None:
             self.routing.begin_step(token_ids)
         elif prefetch_hash:
@@ -323,21 +330,28 @@ class Scheduler:
             return  # an override's ids are drawn per layer
         if not self.is_scan(tokens):
             return
-        # A hash layer's experts are those of the step's token ids. The step start copies them
-        # only while all hash layers' fit in half the pool, never for a long chunk (every
-        # expert of each): then they load here, a layer ahead, like the others.
-        experts = (
-            store.hash_experts(layer, self._step_ids)
-            if cfg.is_hash_layer(layer) and layer in store.tid2eid
-            else range(cfg.n_routed_experts)
-        )
-        missing = [e for e in experts if (layer, e) not in store.gpu.slot_of]
-        if not missing or store.free_slots() < len(missing):
-            return  # a pool this tight loads the layer's experts on demand
-        store.prefetch(layer, missing, scan=True)
-        self.prefetched_experts += len(missing)
-        if layer + 1 < cfg.num_hidden_layers:
-            store.read_ahead(layer + 1)  # the reads of the layer after run meanwhile
+        missing = [e for e in self._scan_experts(layer) if (layer, e) not in store.gpu.slot_of]
+        if missing:
+            if store.free_slots() < len(missing):
+                return  # a pool this tight loads the layer's experts on demand
+            store.prefetch(layer, missing, scan=True)
+            self.prefetched_experts += len(missing)
+        # The reads of the layer after run meanwhile (once a step: a group's later chunks find
+        # this layer loaded; and also when it was, by the step start's copies of hash layers).
+        after = layer + 1
+        if after < cfg.num_hidden_layers and after not in self._read_ahead:
+            self._read_ahead.add(after)
+            store.read_ahead(after, self._scan_experts(after))
+
+    def _scan_experts(self, layer: int) -> Sequence[int]:
+        """The experts a scan of this step uses at `layer`: all of them, but at a hash layer
+        those of the step's token ids (the step start copies them only while all hash layers'
+        fit in half the pool, never for a long chunk's)."""
+        if not self.cfg.is_hash_layer(layer) or layer not in self.store.tid2eid:
+            return range(self.cfg.n_routed_experts)
+        if layer not in self._step_hash:
+            self._step_hash[layer] = self.store.hash_experts(layer, self._step_ids)
+        return self._step_hash[layer]
 
     def is_scan(self, tokens: int) -> bool:
         """Whether a step of `tokens` tokens is a scan: it uses nearly every expert of each

@@ -291,11 +291,14 @@ def test_parallel_copy(lane, streaming):
     sizes = [1, 63, 4097, (256 << 10) + 3, 3 << 20]
     srcs = [torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g) for n in sizes]
     # views at odd offsets of larger buffers: the streaming stores start at the first line
-    dsts = [
-        torch.zeros(n + 64, dtype=torch.uint8)[i % 64 : i % 64 + n] for i, n in enumerate(sizes)
-    ]
+    # and must not write past either end of the view
+    bases = [torch.zeros(n + 128, dtype=torch.uint8) for n in sizes]
+    offs = [(7 * i) % 64 for i in range(len(sizes))]
+    dsts = [b[o : o + n] for b, o, n in zip(bases, offs, sizes, strict=True)]
     lane.copy(list(zip(dsts, srcs, strict=True)), streaming=streaming)
     assert all(torch.equal(d, s) for d, s in zip(dsts, srcs, strict=True))
+    for b, o, n in zip(bases, offs, sizes, strict=True):
+        assert not b[:o].any() and not b[o + n :].any()
     lane.copy([])
     with pytest.raises(ValueError, match="bytes"):
         lane.copy([(dsts[0], srcs[1])])

@@ -392,19 +392,27 @@ def test_prefill_loads_the_next_layers_experts_early():
         eng = homeseek.load("tiny", dtype=torch.float32, max_context=128, expert_slots=20)
         eng.scheduler.prefetch = prefetch
         store, cfg = eng.experts, eng.cfg
-        loads, ahead = [], store.prefetch
+        loads, reads, load, read = [], [], store.prefetch, store.read_ahead
 
-        def spy(layer, experts, scan=False, ahead=ahead, loads=loads):
+        def spy(layer, experts, scan=False, load=load, loads=loads):
             loads.append((layer, sorted(experts), scan))
-            ahead(layer, experts, scan)
+            load(layer, experts, scan)
 
-        store.prefetch = spy
+        def spy_read(layer, experts=None, read=read, reads=reads):
+            reads.append(layer)
+            read(layer, experts)
+
+        store.prefetch, store.read_ahead = spy, spy_read
         logits = eng.session().forward(ids)
         if prefetch:
             # the second hash layer (the step start skips them: all of them would crowd out
             # half the pool) loads a layer ahead, the experts of the step's token ids only
             hashed = [(layer, e) for layer, e, scan in loads if scan and cfg.is_hash_layer(layer)]
             assert hashed == [(1, store.hash_experts(1, ids))], loads
+            want = [sorted({e for t in ids for e in store.tid2eid[1][t].tolist()})]
+            assert [e for _, e in hashed] == want
+            # each layer after the next is read ahead once in the step
+            assert reads == list(range(2, cfg.num_hidden_layers)), reads
         # prefetched experts the layer's own request found resident leave `prefetched`
         found = eng.scheduler.prefetched_experts - len(store.prefetched)
         runs[prefetch] = (logits, eng.scheduler.prefetched_experts, found, store.counters.lookups)

@@ -60,11 +60,14 @@ def main() -> None:
         host_mem_gb=args.host_mem_gb, max_context=args.prompt + args.tokens + 64,
         cpu_lane=args.cpu_lane,
     )  # fmt: skip
+    if args.switch == "prefetch" and args.routing != "model":
+        raise SystemExit("--switch prefetch needs --routing model: an override draws the ids "
+                         "after the router, so decode predicts nothing under it")  # fmt: skip
     eng = build_engine(rt, None, args.synthetic, expert_alias=args.expert_alias or None)
-    eng.scheduler.routing = make_routing(args.routing, eng.cfg)
     lane = eng.scheduler.lane
     if args.switch == "lane" and lane is None:
         raise SystemExit("--switch lane needs a CPU lane: --cpu-lane on")
+    eng.scheduler.routing = make_routing(args.routing, eng.cfg)
     sess = eng.session()
     sess.forward(list(range(1, args.prompt + 1)), last_only=True)
     snap = sess.snapshot()
@@ -77,6 +80,8 @@ def main() -> None:
         for on in (True, False) if r % 2 == 0 else (False, True):
             sess.rollback(snap)
             eng.experts.reset_gpu()
+            # a fresh override each run: the same draws (uniform) or trace rows in every run
+            eng.scheduler.routing = make_routing(args.routing, eng.cfg)
             _set(eng, args.switch, on, lane)
             pred0 = eng.scheduler.predicted.copied
             c0 = eng.experts.counters.as_dict()
