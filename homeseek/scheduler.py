@@ -204,7 +204,7 @@ class Scheduler:
             sel = self.routing.select(layer, sel, offset)
         if self.trace is not None:
             self.trace.append((layer, sel))
-        experts = sorted(set(sel.flatten().tolist()))
+        experts = self.experts_of(sel)
         self._score_prediction(layer, experts)
         store.begin_layer()
         self.cpu_job = None
@@ -359,6 +359,16 @@ class Scheduler:
         reads of the tier below do not enter the host cache (`ExpertStore.ensure_resident`)."""
         cfg = self.cfg
         return tokens * cfg.num_experts_per_tok >= PREFETCH_COVERAGE * cfg.n_routed_experts
+
+    def experts_of(self, sel: torch.Tensor) -> list[int]:
+        """The distinct experts of sel [T, K] (on the CPU), sorted: a long chunk's through a
+        mask by expert id (24K ids: ~0.05 ms against ~0.5 through a Python set)."""
+        ids = sel.numpy().ravel()
+        if ids.size <= 64:  # decode and verify: a set of a few ids is cheaper than numpy's
+            return sorted(set(ids.tolist()))
+        used = np.zeros(self.cfg.n_routed_experts, dtype=bool)
+        used[ids] = True
+        return np.flatnonzero(used).tolist()
 
     def slot_rows(self, sel: torch.Tensor, slot_of: dict[int, int]) -> np.ndarray:
         """[T, K] int32 slots of sel's experts (on the CPU; -1: not in this wave), through a

@@ -435,6 +435,17 @@ def test_slot_table_looks_every_id_up():
     assert eng.scheduler.slot_table(sel, {}, torch.device("cpu")).eq(-1).all()
 
 
+def test_experts_of_a_step():
+    """The distinct experts of a step's ids, sorted, for a few ids and for a long chunk's."""
+    eng = homeseek.load("tiny", dtype=torch.float32, max_context=64)
+    g = torch.Generator().manual_seed(1)
+    for T in (1, 4, 300):
+        sel = torch.randint(0, eng.cfg.n_routed_experts, (T, 2), generator=g)
+        assert eng.scheduler.experts_of(sel) == sorted(set(sel.flatten().tolist()))
+    sel = torch.tensor([[3, 5]] * 100)
+    assert eng.scheduler.experts_of(sel) == [3, 5]
+
+
 def test_a_request_never_evicts_its_own_hits():
     """ensure_resident protects a request's hits before it admits its misses: a miss early in
     the list does not evict an entry later in it (which would cost a second copy, and could be
