@@ -624,11 +624,10 @@ class Bench:
 
     def _decode_mtp(self, routing: str, sess: Any, snap: tuple) -> None:
         """As many tokens as the plain decode, from the same state and a cold pool as it,
-        speculatively: with the
-        MTP block's drafts, then with each draft kept at each rate of bc.mtp_forced whatever the
-        model says (`speculative.ForcedAcceptance`: the speed at that acceptance; random weights
-        accept few of the block's drafts, and their near-tied logits make the verify step
-        disagree with any known continuation)."""
+        speculatively: with the MTP block's drafts, then with each draft kept at each rate of
+        bc.mtp_forced whatever the model says (`speculative.ForcedAcceptance`: the speed at that
+        acceptance; random weights accept few of the block's drafts, and their near-tied logits
+        make the verify step disagree with any known continuation)."""
         from homeseek import speculative
         from homeseek.sampling import Sampler, SamplingParams
 

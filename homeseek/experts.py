@@ -1134,12 +1134,11 @@ class ExpertStore:
 
     def read_ahead(self, layer: int, experts: Iterable[int] | None = None) -> None:
         """Scan: read `layer`'s records of the tier below (of `experts`, default all) into its
-        half of the scan ring now,
-        on a thread of its own, once the load that last copied out of that half has queued
-        its copies (the layer before is then still loading, out of the other half): that
-        layer's own load then only copies them, and the reads of a scan run while the previous
-        layer's records are copied instead of after. Counted when used; a failed read here is
-        left to that load to repeat (and report)."""
+        half of the scan ring now, on a thread of its own, once the load that last copied out
+        of that half has queued its copies (the layer before is then still loading, out of the
+        other half): that layer's own load then only copies them, and the reads of a scan run
+        while the previous layer's records are copied instead of after. Counted when used; a
+        failed read here is left to that load to repeat (and report)."""
         if self.copy_stream is None or self.host is None or self.n_stage < 2:
             return
         wanted = range(self.cfg.n_routed_experts) if experts is None else experts
