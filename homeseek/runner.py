@@ -346,16 +346,7 @@ class Runner:
         )
         try:
             for layer in self.layers:
-                lw, st = self.weights[layer], state.arena.layers[layer]
-
-                def seg_a(lw=lw, st=st, layer=layer) -> None:
-                    self._a(lw, st, layer, bucket)
-
-                # A's warm-up runs before its capture rewrite X, Xa, post and comb (the previous
-                # layer's mHC post reads what A then overwrites): put them back as well.
-                keep = [b.X, b.Xa, b.post, b.comb] if layer != self.layers[0] else []
-                restore = _non_idempotent(st) + keep
-                self._run(("A", layer, bucket), seg_a, restore=restore, layer=layer)
+                self._run_a(layer, bucket, state)
                 now, later = later, None
                 self._run_later(now)
                 with rec.layer(layer) if rec is not None else contextlib.nullcontext():
@@ -372,6 +363,21 @@ class Runner:
             rec.end_token()
         state.pos += 1
         return b.logits[0].clone()
+
+    def _run_a(self, layer: int, bucket: int, state: SessionState) -> None:
+        """Layer's A (attention, shared expert, router) for the live token, at its position
+        bucket: its graph, captured first if new."""
+        lw, st = self.weights[layer], state.arena.layers[layer]
+
+        def seg_a() -> None:
+            self._a(lw, st, layer, bucket)
+
+        # A's warm-up runs before its capture rewrite X, Xa, post and comb (the previous layer's
+        # mHC post reads what A then overwrites): put them back as well.
+        b = self.buf
+        keep = [b.X, b.Xa, b.post, b.comb] if layer != self.layers[0] else []
+        restore = _non_idempotent(st) + keep
+        self._run(("A", layer, bucket), seg_a, restore=restore, layer=layer)
 
     def _run_later(self, later: tuple[int, Callable[[], None]] | None) -> None:
         """Run a layer's deferred host work (`_moe_layer`), timed as that layer's."""
@@ -501,18 +507,9 @@ class Runner:
             self._v_index_copied.record(self._stream)
         buckets = [D.bucket_of(p0 + t, state.max_context) for t in range(T)]
         for layer in self.layers:
-            lw, st = self.weights[layer], state.arena.layers[layer]
             for t in range(T):  # in order: each token's attention reads what the last wrote
                 self._switch(t)
-
-                def seg_a(lw=lw, st=st, layer=layer, bucket=buckets[t]) -> None:
-                    self._a(lw, st, layer, bucket)
-
-                keep = [b.X, b.Xa, b.post, b.comb] if layer != self.layers[0] else []
-                self._run(
-                    ("A", layer, buckets[t]), seg_a, restore=_non_idempotent(st) + keep,
-                    layer=layer,
-                )  # fmt: skip
+                self._run_a(layer, buckets[t], state)
                 self._v_sel[t].copy_(b.sel[0])
             self._v_sel_host[:T].copy_(self._v_sel[:T], non_blocking=True)
             if layer == self.layers[0]:  # the GPU has the first layer's work: start the copies
