@@ -295,8 +295,9 @@ DEFAULT_PREFILL_CHUNK = 2048
 # The most tokens prefilled layer by layer on CUDA when no group is given
 # (`RuntimeConfig.prefill_group`; the plan derives the group: plan.derive_group). At 24 GiB a
 # 16K-token prompt took 24.5 s chunk by chunk (the model copied once per 4K chunk) and 15.4 s
-# layer by layer (tools/PERF_NOTES.md, session 11), for 384 MiB of the budget (the other
-# chunks' streams) taken from the expert pool. CPU engines copy nothing: chunk by chunk.
+# layer by layer (tools/PERF_NOTES.md, session 11), for 578 MiB of the budget (the other
+# chunks' streams and pending A) taken from the expert pool. CPU engines copy nothing: chunk by
+# chunk.
 DEFAULT_PREFILL_GROUP = 16384
 
 

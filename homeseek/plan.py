@@ -364,12 +364,15 @@ def group_stream_bytes(
     cfg: ModelConfig, chunk: int, group: int | None, max_context: int, act_bytes: int = 2
 ) -> int:
     """What prefilling `group` tokens layer by layer (`Runner.steps`) holds beyond one chunk's
-    activations: the other chunks' streams [chunk, hc_mult, hidden] while one chunk passes a
-    layer (0 for chunk by chunk)."""
+    activations: the other chunks' streams [chunk, hc_mult, hidden] and what their segment A
+    hands to their experts (every chunk's A of a layer is queued before the first chunk's
+    experts) while one chunk passes a layer (0 for chunk by chunk)."""
     if not group or group <= chunk:
         return 0
     chunks = -(-min(group, max_context) // chunk)
-    return (chunks - 1) * _chunk_streams(cfg, chunk, act_bytes)
+    return (chunks - 1) * (
+        _chunk_streams(cfg, chunk, act_bytes) + _chunk_pending(cfg, chunk, act_bytes)
+    )
 
 
 def _chunk_streams(cfg: ModelConfig, chunk: int, act_bytes: int) -> int:
@@ -377,8 +380,16 @@ def _chunk_streams(cfg: ModelConfig, chunk: int, act_bytes: int) -> int:
     return chunk * cfg.hc_mult * cfg.hidden_size * act_bytes
 
 
+def _chunk_pending(cfg: ModelConfig, chunk: int, act_bytes: int) -> int:
+    """What one chunk's segment A hands on besides its streams (model.FfnPending): the experts'
+    input u and the shared expert's output [chunk, hidden], mHC's post [chunk, N] and comb
+    [chunk, N, N] in fp32, the expert ids (int64) and routing weights (fp32) [chunk, K]."""
+    N, K = cfg.hc_mult, cfg.num_experts_per_tok
+    return chunk * (2 * cfg.hidden_size * act_bytes + (N + N * N) * 4 + K * (8 + 4))
+
+
 # A derived layer-by-layer group (`derive_group`) takes at most this share of the expert pool the
-# plan leaves without one: at 24 GiB on V4-Flash the default 16K group's 384 MiB (3% of the
+# plan leaves without one: at 24 GiB on V4-Flash the default 16K group's 578 MiB (4.4% of the
 # pool); on a small card, where the same streams would cost a fifth of the pool's slots (and
 # decode speed with them), a smaller group or none.
 GROUP_POOL_SHARE = 1 / 8
@@ -388,10 +399,12 @@ def derive_group(
     cfg: ModelConfig, chunk: int, pool_bytes: int, max_context: int, act_bytes: int = 2
 ) -> int:
     """The default layer-by-layer group (tokens): the most chunks, up to DEFAULT_PREFILL_GROUP
-    tokens and max_context, whose other chunks' streams take at most GROUP_POOL_SHARE of
-    `pool_bytes`; 0 (chunk by chunk) when fewer than two chunks would."""
+    tokens and max_context, whose other chunks' streams and pending A (`group_stream_bytes`)
+    take at most GROUP_POOL_SHARE of `pool_bytes`; 0 (chunk by chunk) when fewer than two
+    chunks would."""
     most = -(-min(DEFAULT_PREFILL_GROUP, max_context) // chunk)
-    n = min(most, 1 + int(GROUP_POOL_SHARE * pool_bytes) // _chunk_streams(cfg, chunk, act_bytes))
+    per_chunk = _chunk_streams(cfg, chunk, act_bytes) + _chunk_pending(cfg, chunk, act_bytes)
+    n = min(most, 1 + int(GROUP_POOL_SHARE * pool_bytes) // per_chunk)
     return n * chunk if n >= 2 else 0
 
 
@@ -530,7 +543,7 @@ class MemoryPlan:
             f"{(self.workspace - self.activations - self.margin - self.group_streams) / MiB:.0f}"
             " MiB"
             + (
-                f" + the other chunks' streams of a layer-by-layer group "
+                f" + the other chunks' streams and pending A of a layer-by-layer group "
                 f"{self.group_streams / MiB:.0f} MiB"
                 if self.group_streams
                 else ""

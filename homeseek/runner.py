@@ -190,6 +190,10 @@ class Runner:
         self.layers_b = 0
         self.layers_e = 0
         self.recorder: DecodeRecorder | None = None  # `homeseek profile --decode` sets it
+        # A group of prefill chunks queues every chunk's A of a layer before its experts (`steps`);
+        # False: chunk after chunk, as before session 15 (tools/prefill_profile.py --group-order
+        # measures the two in one process).
+        self.a_first = True
         # A copies the experts' input to the host for the CPU lane when the engine has one
         # (decided once: the A graphs hold the copies; `scheduler.lane = None` then turns the
         # lane off without recapture, as the bench's copy-only rows do).
@@ -225,11 +229,28 @@ class Runner:
         ]
         try:
             for layer in self.layers:
+                lw, st = self.weights[layer], state.layers[layer]
+                if self.a_first:
+                    # Every chunk's A is queued before the first chunk's expert ids are waited
+                    # for: chunk c's attention reads only what chunks < c wrote at this layer,
+                    # never their experts' output, so the GPU runs the later chunks' A while
+                    # the host schedules a chunk's experts, instead of draining its queue at
+                    # each chunk's ids (plan.group_stream_bytes counts the pending chunks).
+                    pend: list[M.FfnPending | None] = []
+                    for c, (ids, _) in enumerate(chunks):
+                        pend.append(M.segment_a(X[c], ids, pos[c], starts[c], lw, st, layer,
+                                                self.rope, self.ctx))  # fmt: skip
+                        X[c] = pend[c].X  # the old streams are no longer needed
+                    for c, p in enumerate(pend):
+                        more = c + 1 < len(chunks)  # later chunks of the group use this layer
+                        X[c] = M.segment_b(p, self.moe(p, layer, starts[c] - starts[0], more),
+                                           self.ctx)  # fmt: skip
+                        pend[c] = None
+                    continue
                 for c, (ids, _) in enumerate(chunks):
                     p = M.segment_a(
-                        X[c], ids, pos[c], starts[c], self.weights[layer], state.layers[layer],
-                        layer, self.rope, self.ctx,
-                    )  # fmt: skip
+                        X[c], ids, pos[c], starts[c], lw, st, layer, self.rope, self.ctx
+                    )
                     more = c + 1 < len(chunks)  # later chunks of the group use this layer
                     moe = self.moe(p, layer, starts[c] - starts[0], more)
                     X[c] = M.segment_b(p, moe, self.ctx)

@@ -264,15 +264,18 @@ def test_layer_by_layer_prefill_equals_chunk_by_chunk(ids, slots):
     the next layer starts: an expert loads once per group) gives bitwise the logits and the
     state of chunk by chunk, with whole and partial groups and a last short chunk, also with a
     3-slot pool that loads each layer in waves, and with a pool of two layers (where chunk by
-    chunk loads every layer's experts again for each chunk)."""
+    chunk loads every layer's experts again for each chunk); every chunk's A of a layer before
+    the experts (the default) and chunk after chunk alike."""
     kw = dict(dtype=torch.float32, max_context=256, prefill_chunk=16, expert_slots=slots)
     base = homeseek.load("tiny", **kw)
     want = _prefill_then_decode(base, ids[:100])
-    for group in (48, 64, 1000):
+    for group, a_first in ((48, True), (64, True), (64, False), (1000, True)):
         eng = homeseek.load("tiny", prefill_group=group, **kw)
+        assert eng.runner.a_first  # the default
+        eng.runner.a_first = a_first
         got = _prefill_then_decode(eng, ids[:100])
-        assert torch.equal(got[0], want[0]), group
-        assert got[1] == want[1], group
+        assert torch.equal(got[0], want[0]), (group, a_first)
+        assert got[1] == want[1], (group, a_first)
     if slots == 16:  # each expert of a layer loads once per group
         loads = [e.experts.counters.lookups - e.experts.counters.gpu_hits for e in (eng, base)]
         assert 2 * loads[0] < loads[1], loads

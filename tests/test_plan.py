@@ -58,18 +58,22 @@ def test_full_flash_at_24_gib_derives_a_chunk_and_leaves_a_pool() -> None:
 
 
 def test_a_layer_by_layer_group_reserves_the_other_chunks_streams() -> None:
-    """Prefilling layer by layer holds the other chunks' streams [chunk, hc_mult, hidden]: the
+    """Prefilling layer by layer holds the other chunks' streams [chunk, hc_mult, hidden] and
+    what their segment A hands on (every chunk's A of a layer runs before the experts): the
     plan reserves them (as far as max_context reaches), the pool shrinks by as much, a group of
     one chunk costs nothing, and the plan's lines say so."""
     cfg = flash_config()
     base = plan.memory_plan(cfg, 24, 64, 32768, prefill_chunk=4096)
     p = plan.memory_plan(cfg, 24, 64, 32768, prefill_chunk=4096, prefill_group=16384)
-    per_chunk = 4096 * cfg.hc_mult * cfg.hidden_size * 2
-    assert p.group_streams == 3 * per_chunk == 384 * 2**20
+    N, K, D = cfg.hc_mult, cfg.num_experts_per_tok, cfg.hidden_size
+    # streams [T, N, D] bf16; u and shared [T, D] bf16, post and comb fp32, ids int64, weights fp32
+    per_chunk = 4096 * (N * D * 2 + 2 * D * 2 + (N + N * N) * 4 + K * 12)
+    assert p.group_streams == 3 * per_chunk
+    assert 570 * 2**20 < p.group_streams < 590 * 2**20
     assert p.workspace == base.workspace + p.group_streams
     fewer = base.gpu_slots - p.gpu_slots
     assert fewer in (p.group_streams // p.record, p.group_streams // p.record + 1), fewer
-    assert "layer-by-layer group 384 MiB" in "\n".join(p.lines())
+    assert f"layer-by-layer group {p.group_streams / 2**20:.0f} MiB" in "\n".join(p.lines())
     assert plan.group_stream_bytes(cfg, 4096, 4096, 32768) == 0
     assert plan.group_stream_bytes(cfg, 4096, None, 32768) == 0
     assert plan.group_stream_bytes(cfg, 4096, 1 << 20, 8192) == per_chunk  # max_context caps it
@@ -78,7 +82,7 @@ def test_a_layer_by_layer_group_reserves_the_other_chunks_streams() -> None:
 def test_the_default_group_takes_at_most_an_eighth_of_the_pool() -> None:
     """Without a group given, the plan takes as many chunks as cost at most GROUP_POOL_SHARE of
     the pool a plan without one leaves (up to DEFAULT_PREFILL_GROUP and max_context): the full
-    16K group at 24 GiB (3 % of the slots), a smaller one on a small card, none where two chunks
+    16K group at 24 GiB (4.4 % of the slots), a smaller one on a small card, none where two chunks
     would cost more."""
     cfg = flash_config()
     for gb, max_context in ((24, 32768), (12, 32768), (10, 32768), (24, 4096), (24, 6000)):
@@ -90,7 +94,7 @@ def test_the_default_group_takes_at_most_an_eighth_of_the_pool() -> None:
         assert p.group <= max(DEFAULT_PREFILL_GROUP, p.chunk)
         if gb == 24 and max_context == 32768:
             assert p.group == DEFAULT_PREFILL_GROUP
-            assert base.gpu_slots - p.gpu_slots <= 0.04 * base.gpu_slots
+            assert base.gpu_slots - p.gpu_slots <= 0.05 * base.gpu_slots
         if max_context == 4096:  # one chunk holds any prompt
             assert p.group == 0 and "prefill chunk by chunk" in "\n".join(p.lines())
         if max_context == 6000:  # two chunks at most

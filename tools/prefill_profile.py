@@ -7,6 +7,8 @@ the union of H2D copy intervals, their overlap, the top kernels and the top host
 and one JSON line per prompt.
 
     python tools/prefill_profile.py --gpu-mem-gb 24 --prompts 256,4096
+    python tools/prefill_profile.py --prompts 4096,16384 --copy-stores streaming,cached \
+        --group-order a-first,chunks --profile-upto 0    # each pair in turn, one process
 """
 
 from __future__ import annotations
@@ -146,10 +148,21 @@ def main() -> None:
         "layer by layer as before session 14 (to measure the two on one machine)",
     )  # fmt: skip
     ap.add_argument(
-        "--copy-stores", default="streaming", choices=("streaming", "cached"),
-        help="the stores of the reads of the tier below (the engine's: streaming)",
+        "--copy-stores", default="streaming",
+        help="the stores of the reads of the tier below, a comma list of streaming (the "
+        "engine's) and cached: each timed prompt runs once per value, in turn",
+    )  # fmt: skip
+    ap.add_argument(
+        "--group-order", default="a-first",
+        help="a layer-by-layer group's order, a comma list of a-first (the engine's: every "
+        "chunk's A of a layer, then the chunks' experts) and chunks (chunk after chunk): each "
+        "timed prompt runs once per value, in turn",
     )  # fmt: skip
     args = ap.parse_args()
+    stores = args.copy_stores.split(",")
+    orders = args.group_order.split(",")
+    if not set(stores) <= {"streaming", "cached"} or not set(orders) <= {"a-first", "chunks"}:
+        ap.error("--copy-stores takes streaming,cached; --group-order a-first,chunks")
     if args.host_fill == "layers":
         fill = ExpertStore.start_host_fill
 
@@ -168,8 +181,6 @@ def main() -> None:
     t0 = time.perf_counter()
     eng = build_engine(rt, None, args.synthetic, expert_alias=args.expert_alias or None)
     copier = getattr(eng.experts.copier, "__self__", None)  # the CPU kernel library's copy
-    if copier is not None:
-        copier.stream_copies = args.copy_stores == "streaming"
     print(f"build {time.perf_counter() - t0:.1f} s; chunk {eng.rt.prefill_chunk}; "
           f"slots {eng.experts.n_slots}", flush=True)  # fmt: skip
     sess = eng.session()
@@ -178,14 +189,21 @@ def main() -> None:
     cuda = args.device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     sync()
+    variants = [(st, order) for st in stores for order in orders]
     for n in prompts:
         ids = torch.randint(0, eng.cfg.vocab_size, (n,), generator=g).tolist()
-        res: dict[str, float | int | str] = {"tokens": n, "gpu_mem_gb": args.gpu_mem_gb}
-        res["host_fill"] = args.host_fill
-        res["copy_stores"] = args.copy_stores if copier is not None else "torch readers"
-        for run in ("timed", "profiled"):
-            if run == "profiled" and n > args.profile_upto:
-                break
+        runs = [("timed", v) for v in variants]
+        if n <= args.profile_upto:
+            runs.append(("profiled", variants[0]))
+        for run, (st, order) in runs:
+            if copier is not None:
+                copier.stream_copies = st == "streaming"
+            eng.runner.a_first = order == "a-first"
+            res: dict[str, float | int | str] = {"tokens": n, "gpu_mem_gb": args.gpu_mem_gb}
+            res["host_fill"] = args.host_fill
+            res["copy_stores"] = st if copier is not None else "torch readers"
+            res["group_order"] = order
+            res["run"] = run
             sess.reset()
             eng.experts.reset_gpu()
             sync()
@@ -215,6 +233,7 @@ def main() -> None:
                     **{k: round(getattr(c, k) - bg0[k], 3) for k in BG},
                     peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else 0,
                 )  # fmt: skip
+                print(json.dumps(res), flush=True)
                 continue
             acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
             with profile(activities=acts) as prof:
@@ -261,7 +280,7 @@ def main() -> None:
                     sort_by="self_cpu_time_total", row_limit=args.top, max_name_column_width=60
                 )
             )
-        print(json.dumps(res), flush=True)
+            print(json.dumps(res), flush=True)
 
 
 if __name__ == "__main__":
