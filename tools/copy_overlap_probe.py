@@ -8,7 +8,10 @@ Three measurements, each alone and then together, all on one process and GPU:
    queued up front from one thread: together against each alone (do the engines overlap?);
 3. the threads: the main thread launches many small kernels while a second thread queues the
    copies (as the expert store's background loads do): the main thread's launch time and the
-   GPU span against each alone (does queueing a copy hold up the other thread's launches?).
+   GPU span against each alone (does queueing a copy hold up the other thread's launches?);
+4. a deep queue of copies (a scan queues a layer's 256 records at once) from a second thread
+   beside matmuls from the main thread, unbounded and with at most 16 / 64 copies queued ahead
+   of the copy engine.
 
     python tools/copy_overlap_probe.py [--records 128]
 
@@ -44,6 +47,7 @@ def main() -> None:
     ap.add_argument("--records", type=int, default=128)
     ap.add_argument("--matmuls", type=int, default=60)
     ap.add_argument("--small", type=int, default=3000, help="small kernels to launch")
+    ap.add_argument("--deep", type=int, default=1024, help="copies of the deep queue (4.)")
     args = ap.parse_args()
     cfg = flash_config()
     n, rec = args.records, record_bytes(cfg)
@@ -121,6 +125,47 @@ def main() -> None:
     t.join()
     torch.cuda.synchronize()
     out["matmuls_beside_thread_copies_wall_s"] = round(time.perf_counter() - t0, 4)
+
+    # 4. a deep queue, as a scan's layer queues it (hundreds of records at once), from another
+    #    thread while the main thread launches matmuls, with at most `bound` copies queued ahead
+    #    of the copy engine (0: no bound): the copy thread's host time and the matmuls' launch
+    #    time and wall
+    def deep(bound: int) -> None:
+        ends: list[torch.cuda.Event] = []
+        with torch.cuda.stream(copy_stream):
+            for j in range(args.deep):
+                if bound and len(ends) >= bound:
+                    ends[-bound].synchronize()
+                pool.row(j % n).copy_(host.row(j % n), non_blocking=True)
+                ev = torch.cuda.Event()
+                ev.record()
+                ends.append(ev)
+
+    for bound in (0, 16, 64):
+        res: dict[str, float] = {}
+
+        def copier(bound: int = bound, res: dict[str, float] = res) -> None:
+            t = time.perf_counter()
+            deep(bound)
+            res["issue"] = time.perf_counter() - t
+
+        t = threading.Thread(target=copier)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        t.start()
+        for _ in range(3):
+            matmuls()
+        launch = time.perf_counter() - t0
+        t.join()
+        torch.cuda.synchronize()
+        tag = f"deep{args.deep}_bound{bound}"
+        out[f"{tag}_copy_issue_s"] = round(res["issue"], 4)
+        out[f"{tag}_matmul_launch_s"] = round(launch, 4)
+        out[f"{tag}_wall_s"] = round(time.perf_counter() - t0, 4)
+    _, w = _span(lambda: deep(0))
+    out[f"deep{args.deep}_copies_alone_wall_s"] = round(w, 4)
+    _, w = _span(lambda: [matmuls() for _ in range(3)])
+    out["matmuls_x3_alone_wall_s"] = round(w, 4)
     for k, v in out.items():
         print(f"{k:40s} {v}")
     print(json.dumps({"probe": "copy_overlap", **out}))
