@@ -10,8 +10,8 @@ Three measurements, each alone and then together, all on one process and GPU:
    copies (as the expert store's background loads do): the main thread's launch time and the
    GPU span against each alone (does queueing a copy hold up the other thread's launches?);
 4. a deep queue of copies (a scan queues a layer's 256 records at once) from a second thread
-   beside matmuls from the main thread, unbounded and with at most 16 / 64 copies queued ahead
-   of the copy engine.
+   beside small kernels and matmuls from the main thread, unbounded and with at most 16 / 64
+   copies queued ahead of the copy engine.
 
     python tools/copy_overlap_probe.py [--records 128]
 
@@ -127,9 +127,9 @@ def main() -> None:
     out["matmuls_beside_thread_copies_wall_s"] = round(time.perf_counter() - t0, 4)
 
     # 4. a deep queue, as a scan's layer queues it (hundreds of records at once), from another
-    #    thread while the main thread launches matmuls, with at most `bound` copies queued ahead
-    #    of the copy engine (0: no bound): the copy thread's host time and the matmuls' launch
-    #    time and wall
+    #    thread while the main thread launches small kernels and matmuls, with at most `bound`
+    #    copies queued ahead of the copy engine (0: no bound): the copy thread's host time, the
+    #    main thread's launch time and the wall
     def deep(bound: int) -> None:
         ends: list[torch.cuda.Event] = []
         with torch.cuda.stream(copy_stream):
@@ -154,6 +154,7 @@ def main() -> None:
         t0 = time.perf_counter()
         t.start()
         for _ in range(3):
+            small()
             matmuls()
         launch = time.perf_counter() - t0
         t.join()
@@ -164,8 +165,9 @@ def main() -> None:
         out[f"{tag}_wall_s"] = round(time.perf_counter() - t0, 4)
     _, w = _span(lambda: deep(0))
     out[f"deep{args.deep}_copies_alone_wall_s"] = round(w, 4)
-    _, w = _span(lambda: [matmuls() for _ in range(3)])
-    out["matmuls_x3_alone_wall_s"] = round(w, 4)
+    h, w = _span(lambda: [(small(), matmuls()) for _ in range(3)])
+    out["small_matmuls_x3_alone_host_s"] = round(h, 4)
+    out["small_matmuls_x3_alone_wall_s"] = round(w, 4)
     for k, v in out.items():
         print(f"{k:40s} {v}")
     print(json.dumps({"probe": "copy_overlap", **out}))
