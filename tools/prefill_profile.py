@@ -181,8 +181,9 @@ def main() -> None:
     t0 = time.perf_counter()
     eng = build_engine(rt, None, args.synthetic, expert_alias=args.expert_alias or None)
     copier = getattr(eng.experts.copier, "__self__", None)  # the CPU kernel library's copy
+    store = eng.experts
     print(f"build {time.perf_counter() - t0:.1f} s; chunk {eng.rt.prefill_chunk}; "
-          f"slots {eng.experts.n_slots} ({eng.experts.gpu.n_pinned} pinned)", flush=True)  # fmt: skip
+          f"slots {store.n_slots} ({store.gpu.n_pinned} pinned)", flush=True)  # fmt: skip
     sess = eng.session()
     g = torch.Generator().manual_seed(0)
     sess.forward(torch.randint(0, eng.cfg.vocab_size, (64,), generator=g).tolist(), last_only=True)
