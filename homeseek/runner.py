@@ -231,21 +231,26 @@ class Runner:
             for layer in self.layers:
                 lw, st = self.weights[layer], state.layers[layer]
                 if self.a_first:
-                    # Every chunk's A is queued before the first chunk's expert ids are waited
-                    # for: chunk c's attention reads only what chunks < c wrote at this layer,
-                    # never their experts' output, so the GPU runs the later chunks' A while
-                    # the host schedules a chunk's experts, instead of draining its queue at
-                    # each chunk's ids (plan.group_stream_bytes counts the pending chunks).
+                    # Every chunk's A is queued, each followed by the copy of its expert ids to
+                    # the host, before the first chunk's ids are waited for: chunk c's attention
+                    # reads only what chunks < c wrote at this layer, never their experts'
+                    # output. A chunk's ids then arrive while the GPU runs the later chunks' A
+                    # (and the earlier chunks' experts), so the GPU's queue is not drained at
+                    # each chunk's ids: read in stream order they waited for the chunk before's
+                    # experts, and the GPU idled while the host scheduled and launched the next.
+                    # (plan.group_stream_bytes counts the pending chunks.)
                     pend: list[M.FfnPending | None] = []
+                    early = []
                     for c, (ids, _) in enumerate(chunks):
                         pend.append(M.segment_a(X[c], ids, pos[c], starts[c], lw, st, layer,
                                                 self.rope, self.ctx))  # fmt: skip
                         X[c] = pend[c].X  # the old streams are no longer needed
+                        early.append(_ids_to_host(pend[c].sel))
                     for c, p in enumerate(pend):
                         more = c + 1 < len(chunks)  # later chunks of the group use this layer
-                        X[c] = M.segment_b(p, self.moe(p, layer, starts[c] - starts[0], more),
-                                           self.ctx)  # fmt: skip
-                        pend[c] = None
+                        moe = self.moe(p, layer, starts[c] - starts[0], more, early[c])
+                        X[c] = M.segment_b(p, moe, self.ctx)
+                        pend[c] = early[c] = None
                     continue
                 for c, (ids, _) in enumerate(chunks):
                     p = M.segment_a(
@@ -300,10 +305,18 @@ class Runner:
         state.pos += ids.shape[0]
         return M.head_logits(X, mtop, self.ctx), X
 
-    def moe(self, p: M.FfnPending, layer: int, offset: int = 0, more: bool = False) -> torch.Tensor:
+    def moe(
+        self,
+        p: M.FfnPending,
+        layer: int,
+        offset: int = 0,
+        more: bool = False,
+        ids_host: tuple[torch.Tensor, torch.cuda.Event] | None = None,
+    ) -> torch.Tensor:
         """Routed experts + shared expert of one layer -> [T, D] in the activation dtype.
         `offset`: where these tokens start in the step (a routing override's row); `more`:
-        later chunks of the step use this layer too (`Scheduler.layer`).
+        later chunks of the step use this layer too (`Scheduler.layer`); `ids_host`: p.sel
+        being copied to the host (`_ids_to_host`), read from there.
 
         CUDA: the FP4 kernel reads the slot pool through a slot table. CPU: the reference loop,
         experts in id order, so the sum is bitwise the same for any pool size or wave split.
@@ -313,7 +326,8 @@ class Runner:
         out = p.shared if fused else None
         acc = None if fused else torch.zeros_like(p.u, dtype=torch.float32)
         following = self._following(layer)
-        waves = self.scheduler.layer(layer, p.sel, following, offset=offset, more=more)
+        sel, ready = ids_host if ids_host is not None else (p.sel, None)
+        waves = self.scheduler.layer(layer, sel, following, offset=offset, more=more, ready=ready)
         for sel, slot_of, _last in waves:
             if fused:
                 slots = self.scheduler.slot_table(sel, slot_of, p.u.device)
@@ -747,6 +761,18 @@ class Runner:
             "verify_steps": float(self.verify_steps),
             "verify_tokens": float(self.verify_tokens),
         }
+
+
+def _ids_to_host(sel: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event] | None:
+    """Start copying a chunk's expert ids [T, K] to (pinned) host memory -> (the host tensor,
+    the event after the copy); None on the CPU."""
+    if sel.device.type != "cuda":
+        return None
+    host = torch.empty(sel.shape, dtype=sel.dtype, pin_memory=True)
+    host.copy_(sel, non_blocking=True)
+    ev = torch.cuda.Event()
+    ev.record()
+    return host, ev
 
 
 def _non_idempotent(st) -> list[torch.Tensor]:

@@ -179,6 +179,7 @@ class Scheduler:
         lane_input: tuple[torch.Tensor, torch.Tensor] | None = None,
         offset: int = 0,
         more: bool = False,
+        ready: torch.cuda.Event | None = None,
     ) -> Iterator[tuple[torch.Tensor, dict[int, int], bool]]:
         """Make the experts of sel [T, K] resident, a wave at a time (one wave unless a chunk
         touches more experts than the pool holds; each expert still loads once per chunk).
@@ -193,11 +194,14 @@ class Scheduler:
         rows, when the step's chunks pass each layer in turn). `more`: later chunks of the
         step use this layer too, so the next layer's prefetch leaves all of its experts
         resident (it evicted the ones this chunk did not use, and the next chunk loaded them
-        again, behind the next layer's copies)."""
+        again, behind the next layer's copies). `ready`: sel is a host tensor the GPU is
+        copying into, complete at this event."""
         t0 = time.perf_counter()
         store = self.store
         with marker("hs::ids"):
-            sel = sel.cpu()  # the one host sync of the layer
+            if ready is not None:
+                ready.synchronize()
+            sel = sel.cpu()  # the one host sync of the layer (or none: a host tensor)
         if store.timeline is not None:
             store.timeline.span("ids", layer, t0, time.perf_counter())
         if self.routing is not None:

@@ -177,7 +177,8 @@ def test_cuda_a_failed_background_read_surfaces_and_forgets_its_slot(ids, monkey
 def test_cuda_layer_by_layer_prefill_equals_chunk_by_chunk(ids):
     """Layer by layer (groups of 16-token chunks, each a scan: background loads, the ring,
     reads ahead) gives bitwise the logits of chunk by chunk on CUDA, with a pool of three
-    layers and a host cache smaller than the model."""
+    layers and a host cache smaller than the model; every chunk's A first with the ids read
+    early (the default) and chunk after chunk alike."""
     cfg = PRESETS["tiny"]()
     rec_gb = record_bytes(cfg) / 2**30
     kw = dict(
@@ -185,11 +186,12 @@ def test_cuda_layer_by_layer_prefill_equals_chunk_by_chunk(ids):
         host_mem_gb=24 * rec_gb,
     )  # fmt: skip
     out = []
-    for group in (0, 64):
+    for group, a_first in ((0, True), (64, True), (64, False)):
         eng = _load("cuda", prefill_group=group, **kw)
+        eng.runner.a_first = a_first
         eng.experts.join_host_fill()
         out.append(eng.session().forward(ids[:100]).cpu())
-    assert torch.equal(out[0], out[1])
+    assert torch.equal(out[0], out[1]) and torch.equal(out[0], out[2])
 
 
 def test_cuda_bf16_generate():
