@@ -26,6 +26,7 @@ from homeseek.experts import (
 )
 from homeseek.kernels import cpu_experts
 from homeseek.profile import hot_set
+from homeseek.scheduler import UniformRouting
 
 
 @pytest.fixture(scope="module")
@@ -421,6 +422,22 @@ def test_prefill_loads_the_next_layers_experts_early():
     assert n_off == 0 and n_pf > 0 and found > 0
     # every lookup counted once: the only extra ones are the prefetched experts left unused
     assert look_pf - look_off == n_pf - found
+
+
+def test_prefill_under_a_routing_override_loads_the_next_layers_experts_early():
+    """A routing override (the bench's uniform routing) draws its ids per layer, after the
+    router, hash layers included: a long chunk still queues the next layer's experts early
+    (all of them), to the same logits as loading on demand."""
+    ids = list(range(300, 364))
+    runs = {}
+    for prefetch in (True, False):
+        eng = homeseek.load("tiny", dtype=torch.float32, max_context=128, expert_slots=20)
+        cfg = eng.cfg
+        eng.scheduler.routing = UniformRouting(cfg.n_routed_experts, cfg.num_experts_per_tok, 3)
+        eng.scheduler.prefetch = prefetch
+        runs[prefetch] = (eng.session().forward(ids), eng.scheduler.prefetched_experts)
+    assert torch.equal(runs[True][0], runs[False][0])
+    assert runs[False][1] == 0 and runs[True][1] > 0
 
 
 def test_slot_table_looks_every_id_up():
