@@ -394,5 +394,13 @@ class Scheduler:
     def slot_table(
         self, sel: torch.Tensor, slot_of: dict[int, int], device: torch.device
     ) -> torch.Tensor:
-        """[T, K] int32 slots of sel's experts on `device` (-1: not in this wave)."""
-        return torch.from_numpy(self.slot_rows(sel, slot_of)).to(device, non_blocking=True)
+        """[T, K] int32 slots of sel's experts on `device` (-1: not in this wave). On CUDA
+        through pinned host memory: a copy from pageable memory is staged by the driver, which
+        may first wait for the stream (the queued kernels) and holds up other threads' calls
+        meanwhile, as the background thread's expert copies (`Runner.steps`, `_ids_to_host`)."""
+        rows = self.slot_rows(sel, slot_of)
+        if device.type != "cuda":
+            return torch.from_numpy(rows)
+        host = torch.empty(rows.shape, dtype=torch.int32, pin_memory=True)
+        host.numpy()[...] = rows
+        return host.to(device, non_blocking=True)
