@@ -196,7 +196,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="tokens of a prompt prefilled layer by layer, so each expert is copied to the GPU "
         "once per group instead of once per chunk; the GPU budget then also holds the other "
-        f"chunks' streams (0: chunk by chunk; default: {GROUP_DEFAULT_TEXT})",
+        f"chunks' streams and pending A (0: chunk by chunk; default: {GROUP_DEFAULT_TEXT})",
     )
     p.add_argument(
         "--gpu-mem-gb",

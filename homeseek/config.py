@@ -295,9 +295,9 @@ DEFAULT_PREFILL_CHUNK = 2048
 # The most tokens prefilled layer by layer on CUDA when no group is given
 # (`RuntimeConfig.prefill_group`; the plan derives the group: plan.derive_group). At 24 GiB a
 # 16K-token prompt took 24.5 s chunk by chunk (the model copied once per 4K chunk) and 15.4 s
-# layer by layer (tools/PERF_NOTES.md, session 11), for 578 MiB of the budget (the other
-# chunks' streams and pending A) taken from the expert pool. CPU engines copy nothing: chunk by
-# chunk.
+# layer by layer (tools/PERF_NOTES.md, session 11), for 384 MiB of the budget (the other
+# chunks' streams) taken from the expert pool; 578 MiB since session 15, which also holds the
+# other chunks' pending A (4.9-5.3 s). CPU engines copy nothing: chunk by chunk.
 DEFAULT_PREFILL_GROUP = 16384
 
 
@@ -340,9 +340,9 @@ class RuntimeConfig:
     prefill_chunk: int | None = None
     # Tokens of a prompt prefilled layer by layer (`Runner.steps`): the group's chunks each pass
     # a layer before the next layer starts, so an expert moves over PCIe once per group instead
-    # of once per chunk, for the GPU memory of the other chunks' streams (the plan reserves it).
-    # 0 (or no more than a chunk): chunk by chunk. None on CUDA: derived by the memory plan
-    # (plan.derive_group, at most DEFAULT_PREFILL_GROUP); build() fills it from
+    # of once per chunk, for the GPU memory of the other chunks' streams and pending A (the plan
+    # reserves it). 0 (or no more than a chunk): chunk by chunk. None on CUDA: derived by the
+    # memory plan (plan.derive_group, at most DEFAULT_PREFILL_GROUP); build() fills it from
     # HOMESEEK_PREFILL_GROUP, else leaves None on CUDA and 0 elsewhere.
     prefill_group: int | None = None
     gpu_mem_gb: float | None = None

@@ -653,8 +653,8 @@ def load(
     prefill_chunk: tokens per prefill chunk; None takes HOMESEEK_PREFILL_CHUNK, else derives it
     from the GPU budget (homeseek.plan); one that does not fit the budget is a ConfigError.
     prefill_group: tokens of a prompt prefilled layer by layer (each expert moves once per
-    group, not once per chunk; the plan reserves the other chunks' streams); 0: chunk by
-    chunk; None takes HOMESEEK_PREFILL_GROUP, else on CUDA the plan derives it
+    group, not once per chunk; the plan reserves the other chunks' streams and pending A); 0:
+    chunk by chunk; None takes HOMESEEK_PREFILL_GROUP, else on CUDA the plan derives it
     (plan.derive_group) and elsewhere goes chunk by chunk.
     cpu_lane: "auto" / "on" / "off": compute some of a decode layer's missed experts on the CPU
     (homeseek/cpu_lane.py) with cpu_threads threads. prefetch: start copying the next layer's

@@ -442,7 +442,7 @@ def _largest_within(
     group: int | None = None,
 ) -> int | None:
     """The last of `chunks` (ascending) whose prefill workspace (with a layer-by-layer group's
-    streams, `group_stream_bytes`) is at most `limit` bytes."""
+    streams and pending A, `group_stream_bytes`) is at most `limit` bytes."""
     fit = [
         c
         for c in chunks
@@ -476,7 +476,7 @@ class MemoryPlan:
     margin: int  # the allocator's fragmentation margin on them (alloc_margin)
     group: int  # tokens prefilled layer by layer (0: chunk by chunk)
     group_derived: bool  # group chosen by derive_group (else given)
-    group_streams: int  # a layer-major group's other chunks' streams (group_stream_bytes)
+    group_streams: int  # a group's other chunks' streams and pending A (group_stream_bytes)
     workspace: int  # prefill_workspace(chunk) + group_streams
     record: int
     min_slots: int  # the fewest expert slots a step runs with (one token's experts)
@@ -601,9 +601,9 @@ def memory_plan(
     [64, 4096] whose workspace takes at most a quarter of what dense weights, decode state and
     RoPE tables leave; 64 when none does). A given chunk is used as is; `fits` then says whether
     it leaves room for a token's experts, and `fitting_chunk` which chunk would.
-    prefill_group: tokens prefilled layer by layer; the other chunks' streams join the workspace
-    (`group_stream_bytes`). `derive_prefill_group` (with prefill_group None): the group is
-    `derive_group`'s for the pool a plan without one leaves.
+    prefill_group: tokens prefilled layer by layer; the other chunks' streams and pending A join
+    the workspace (`group_stream_bytes`). `derive_prefill_group` (with prefill_group None): the
+    group is `derive_group`'s for the pool a plan without one leaves.
     """
     if derive_prefill_group and prefill_group is None:
         args = (cfg, gpu_mem_gb, host_mem_gb, max_context, act_bytes, sessions)

@@ -44,6 +44,9 @@ if TYPE_CHECKING:
 # Tokens one multi-token step (`Runner.verify`) takes: speculative decoding's token and its
 # drafts (at most 3, RuntimeConfig.mtp).
 VERIFY_MAX = 4
+# A chunk's expert ids being copied to pinned host memory, and the event after the copy
+# (`_ids_to_host`).
+IdsHost = tuple[torch.Tensor, torch.cuda.Event]
 
 
 @dataclass
@@ -228,37 +231,31 @@ class Runner:
             for (ids, _), a in zip(chunks, starts, strict=True)
         ]
         try:
+            n = len(chunks)
             for layer in self.layers:
-                lw, st = self.weights[layer], state.layers[layer]
-                if self.a_first:
-                    # Every chunk's A is queued, each followed by the copy of its expert ids to
-                    # the host, before the first chunk's ids are waited for: chunk c's attention
-                    # reads only what chunks < c wrote at this layer, never their experts'
-                    # output. A chunk's ids then arrive while the GPU runs the later chunks' A
-                    # (and the earlier chunks' experts), so the GPU's queue is not drained at
-                    # each chunk's ids: read in stream order they waited for the chunk before's
-                    # experts, and the GPU idled while the host scheduled and launched the next.
-                    # (plan.group_stream_bytes counts the pending chunks.)
-                    pend: list[M.FfnPending | None] = []
-                    early = []
-                    for c, (ids, _) in enumerate(chunks):
-                        pend.append(M.segment_a(X[c], ids, pos[c], starts[c], lw, st, layer,
-                                                self.rope, self.ctx))  # fmt: skip
-                        X[c] = pend[c].X  # the old streams are no longer needed
-                        early.append(_ids_to_host(pend[c].sel))
-                    for c, p in enumerate(pend):
-                        more = c + 1 < len(chunks)  # later chunks of the group use this layer
-                        moe = self.moe(p, layer, starts[c] - starts[0], more, early[c])
-                        X[c] = M.segment_b(p, moe, self.ctx)
-                        pend[c] = early[c] = None
+                if not self.a_first:  # chunk after chunk (the order before session 15)
+                    for c in range(n):
+                        self._chunk_b(c, self._chunk_a(c, layer, X, chunks, pos, starts, state),
+                                      layer, X, n, starts)  # fmt: skip
                     continue
-                for c, (ids, _) in enumerate(chunks):
-                    p = M.segment_a(
-                        X[c], ids, pos[c], starts[c], lw, st, layer, self.rope, self.ctx
-                    )
-                    more = c + 1 < len(chunks)  # later chunks of the group use this layer
-                    moe = self.moe(p, layer, starts[c] - starts[0], more)
-                    X[c] = M.segment_b(p, moe, self.ctx)
+                # Every chunk's A is queued, each followed by the copy of its expert ids to the
+                # host, before the first chunk's ids are waited for: chunk c's attention reads
+                # only what chunks < c wrote at this layer, never their experts' output. A
+                # chunk's ids then arrive while the GPU runs the later chunks' A (and the
+                # earlier chunks' experts), so the GPU's queue is not drained at each chunk's
+                # ids: read with `.cpu()` in stream order, they waited for the chunk before's
+                # experts, the GPU idled while the host scheduled and launched the next, and
+                # the copy thread waited with the host (docs/runtime.md). The pending chunks
+                # are counted by plan.group_stream_bytes.
+                pend: list[tuple[M.FfnPending, IdsHost | None] | None] = []
+                for c in range(n):
+                    p = self._chunk_a(c, layer, X, chunks, pos, starts, state)
+                    X[c] = p.X  # the old streams are no longer needed
+                    pend.append((p, _ids_to_host(p.sel)))
+                for c in range(n):
+                    item, pend[c] = pend[c], None
+                    assert item is not None
+                    self._chunk_b(c, item[0], layer, X, n, starts, item[1])
         except BaseException:
             # Loads and reads ahead still running must not overlap a retry's (an out-of-memory
             # group is undone and run again): let them finish; the step's error is the one.
@@ -270,6 +267,37 @@ class Runner:
         # an error of theirs surfaces in this step and not in a later one.
         self.scheduler.store.join_loads()
         return X
+
+    def _chunk_a(
+        self,
+        c: int,
+        layer: int,
+        X: list[torch.Tensor],
+        chunks: Sequence[tuple[torch.Tensor, list[int]]],
+        pos: list[torch.Tensor],
+        starts: list[int],
+        state: SessionState,
+    ) -> M.FfnPending:
+        """`steps`: segment A of chunk c at `layer`."""
+        return M.segment_a(
+            X[c], chunks[c][0], pos[c], starts[c], self.weights[layer], state.layers[layer],
+            layer, self.rope, self.ctx,
+        )  # fmt: skip
+
+    def _chunk_b(
+        self,
+        c: int,
+        p: M.FfnPending,
+        layer: int,
+        X: list[torch.Tensor],
+        n: int,
+        starts: list[int],
+        ids_host: IdsHost | None = None,
+    ) -> None:
+        """`steps`: chunk c's experts and segment B at `layer` (of n chunks) into X[c]."""
+        more = c + 1 < n  # later chunks of the group use this layer
+        moe = self.moe(p, layer, starts[c] - starts[0], more, ids_host)
+        X[c] = M.segment_b(p, moe, self.ctx)
 
     def head(self, X: torch.Tensor) -> torch.Tensor:
         return M.head_logits(X, self.top, self.ctx)
@@ -311,7 +339,7 @@ class Runner:
         layer: int,
         offset: int = 0,
         more: bool = False,
-        ids_host: tuple[torch.Tensor, torch.cuda.Event] | None = None,
+        ids_host: IdsHost | None = None,
     ) -> torch.Tensor:
         """Routed experts + shared expert of one layer -> [T, D] in the activation dtype.
         `offset`: where these tokens start in the step (a routing override's row); `more`:
@@ -763,15 +791,15 @@ class Runner:
         }
 
 
-def _ids_to_host(sel: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event] | None:
-    """Start copying a chunk's expert ids [T, K] to (pinned) host memory -> (the host tensor,
-    the event after the copy); None on the CPU."""
+def _ids_to_host(sel: torch.Tensor) -> IdsHost | None:
+    """Start copying a chunk's expert ids [T, K] to (pinned) host memory on sel's device's
+    current stream -> (the host tensor, the event after the copy); None on the CPU."""
     if sel.device.type != "cuda":
         return None
     host = torch.empty(sel.shape, dtype=sel.dtype, pin_memory=True)
-    host.copy_(sel, non_blocking=True)
+    host.copy_(sel, non_blocking=True)  # on sel's device's current stream
     ev = torch.cuda.Event()
-    ev.record()
+    ev.record(torch.cuda.current_stream(sel.device))
     return host, ev
 
 

@@ -199,9 +199,9 @@ class Scheduler:
         t0 = time.perf_counter()
         store = self.store
         with marker("hs::ids"):
-            if ready is not None:
+            if ready is not None:  # sel is a pinned host copy still arriving: wait for it
                 ready.synchronize()
-            sel = sel.cpu()  # the one host sync of the layer (or none: a host tensor)
+            sel = sel.cpu()  # the one host sync of the layer (with `ready`: a no-op)
         if store.timeline is not None:
             store.timeline.span("ids", layer, t0, time.perf_counter())
         if self.routing is not None:
@@ -349,10 +349,8 @@ class Scheduler:
         """The experts a scan of this step uses at `layer`: all of them, but at a hash layer
         those of the step's token ids (the step start copies them only while all hash layers'
         fit in half the pool, never for a long chunk's). A routing override (the bench's)
-        draws a hash layer's ids too, and at a scan's length uses every expert: all of them.
-        (Before, an override turned a scan's prefetch off and its prefills loaded each layer
-        on demand: in session 15's bench a 16K prompt took 7.9 s under uniform routing and
-        5.3 s under the model's.)"""
+        draws a hash layer's ids too, not from the table: all of them, a superset of what it
+        uses (uniform routing at a scan's length uses them all)."""
         hashed = self.cfg.is_hash_layer(layer) and layer in self.store.tid2eid
         if not hashed or self.routing is not None:
             return range(self.cfg.n_routed_experts)
@@ -396,11 +394,9 @@ class Scheduler:
     ) -> torch.Tensor:
         """[T, K] int32 slots of sel's experts on `device` (-1: not in this wave). On CUDA
         through pinned host memory: a copy from pageable memory is staged by the driver, which
-        may first wait for the stream (the queued kernels) and holds up other threads' calls
-        meanwhile, as the background thread's expert copies (`Runner.steps`, `_ids_to_host`)."""
-        rows = self.slot_rows(sel, slot_of)
+        may first wait for the stream (the queued kernels), and the scan thread's expert copies
+        (`ExpertStore._load_behind`) wait with it (docs/runtime.md)."""
+        rows = torch.from_numpy(self.slot_rows(sel, slot_of))
         if device.type != "cuda":
-            return torch.from_numpy(rows)
-        host = torch.empty(rows.shape, dtype=torch.int32, pin_memory=True)
-        host.numpy()[...] = rows
-        return host.to(device, non_blocking=True)
+            return rows.to(device)
+        return rows.pin_memory().to(device, non_blocking=True)

@@ -174,7 +174,7 @@ def test_prefill_group_reaches_load_and_doctor(no_load, capsys) -> None:
         cli.main(["generate", "--device", "cpu", "--prefill-group", "8192", "x"])
     assert no_load["prefill_group"] == 8192
     assert cli.main(["doctor", "--gpu-mem-gb", "24", "--prefill-group", "16384"]) == 0
-    assert "streams of a layer-by-layer group" in capsys.readouterr().out
+    assert "pending A of a layer-by-layer group" in capsys.readouterr().out
 
 
 def test_prefill_group_defaults_to_layer_by_layer_on_cuda_only(no_load, capsys, monkeypatch):
@@ -191,11 +191,11 @@ def test_prefill_group_defaults_to_layer_by_layer_on_cuda_only(no_load, capsys, 
     monkeypatch.delenv("HOMESEEK_PREFILL_GROUP")
     assert cli.main(["doctor", "--gpu-mem-gb", "24"]) == 0
     out = capsys.readouterr().out
-    assert "streams of a layer-by-layer group" in out
+    assert "pending A of a layer-by-layer group" in out
     assert "groups of 16384 tokens (derived from the pool)" in out
     assert cli.main(["doctor", "--gpu-mem-gb", "24", "--prefill-group", "0"]) == 0
     out = capsys.readouterr().out
-    assert "streams of a layer-by-layer group" not in out and "chunk by chunk" in out
+    assert "pending A of a layer-by-layer group" not in out and "chunk by chunk" in out
 
 
 def test_memory_flags_reach_load(no_load) -> None:

@@ -440,6 +440,41 @@ def test_prefill_under_a_routing_override_loads_the_next_layers_experts_early():
     assert runs[False][1] == 0 and runs[True][1] > 0
 
 
+def test_a_scan_under_a_routing_override_takes_every_expert_of_a_hash_layer():
+    """The experts a scan prefetches at a hash layer: the step's ids' (the table's), but all of
+    them under a routing override, which draws a hash layer's ids too."""
+    eng = homeseek.load("tiny", dtype=torch.float32, max_context=64)
+    sched, cfg = eng.scheduler, eng.cfg
+    layer = next(i for i in range(cfg.num_hidden_layers) if cfg.is_hash_layer(i))
+    ids = [5, 6]
+    sched.begin_step(ids, prefetch_hash=False)
+    table = sched._scan_experts(layer)
+    assert list(table) == eng.experts.hash_experts(layer, ids)
+    assert len(table) < cfg.n_routed_experts
+    sched.routing = UniformRouting(cfg.n_routed_experts, cfg.num_experts_per_tok, 0)
+    sched.begin_step(ids)
+    assert list(sched._scan_experts(layer)) == list(range(cfg.n_routed_experts))
+
+
+def test_the_scheduler_waits_for_ids_still_arriving_on_the_host():
+    """`Scheduler.layer(..., ready=event)`: sel is a host copy still arriving; the scheduler
+    waits on its event once, then uses it as it is."""
+    eng = homeseek.load("tiny", dtype=torch.float32, max_context=64)
+
+    class Arriving:
+        waits = 0
+
+        def synchronize(self) -> None:
+            self.waits += 1
+
+    sel = torch.tensor([[0, 3], [3, 5]])
+    ev = Arriving()
+    waves = list(eng.scheduler.layer(2, sel, ready=ev))
+    assert ev.waits == 1
+    assert [sorted(w[1]) for w in waves] == [[0, 3, 5]]
+    assert all(torch.equal(w[0], sel) for w in waves)
+
+
 def test_slot_table_looks_every_id_up():
     """The wave's slot table: each id's slot, -1 for ids not in the wave and for -1 itself."""
     eng = homeseek.load("tiny", dtype=torch.float32, max_context=64)

@@ -1,7 +1,7 @@
 """Do expert-record copies (pinned host -> GPU) run beside kernels on this machine, and what does
 queueing one cost the thread that queues it?
 
-Three measurements, each alone and then together, all on one process and GPU:
+Four measurements, each alone and then together, all on one process and GPU:
 1. the host time of one `copy_(pinned, non_blocking=True)` of a V4-Flash record (13.4 MB) on a
    side stream, against its GPU time (is the queueing asynchronous?);
 2. the GPU: a queue of matmuls on one stream and a queue of record copies on another, both
@@ -25,6 +25,7 @@ import json
 import statistics
 import threading
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -32,7 +33,7 @@ from homeseek.config import flash_config
 from homeseek.experts import RecordBuffer, record_bytes
 
 
-def _span(fn) -> tuple[float, float]:  # noqa: ANN001
+def _span(fn: Callable[[], object]) -> tuple[float, float]:
     """fn() between two syncs -> (host seconds of the call, wall seconds until the GPU is done)."""
     torch.cuda.synchronize()
     t0 = time.perf_counter()

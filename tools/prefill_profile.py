@@ -2,9 +2,11 @@
 
 Builds the engine as `homeseek bench` does (full-size synthetic V4-Flash on CUDA, the process
 capped at --gpu-mem-gb), warms the kernels up, then for each prompt length runs one timed prefill
-and one under torch.profiler, and prints: wall seconds, the union of kernel intervals (GPU busy),
-the union of H2D copy intervals, their overlap, the top kernels and the top host ops by own time,
-and one JSON line per prompt.
+per pair of --copy-stores and --group-order values (in turn, one JSON line each: wall seconds,
+H2D bytes, the scan threads' counters), then, up to --profile-upto tokens, one under
+torch.profiler with the first pair (the union of kernel intervals, i.e. GPU busy, the union of
+H2D copy intervals, their overlap, the top kernels and the top host ops by own time, a
+timeline window; one JSON line).
 
     python tools/prefill_profile.py --gpu-mem-gb 24 --prompts 256,4096
     python tools/prefill_profile.py --prompts 4096,16384 --copy-stores streaming,cached \
