@@ -193,9 +193,10 @@ class Runner:
         self.layers_b = 0
         self.layers_e = 0
         self.recorder: DecodeRecorder | None = None  # `homeseek profile --decode` sets it
-        # A group of prefill chunks queues every chunk's A of a layer before its experts (`steps`);
-        # False: chunk after chunk, as before session 15 (tools/prefill_profile.py --group-order
-        # measures the two in one process).
+        # Prefill queues every chunk's A of a layer, each chunk's ids copied to the host early,
+        # before their experts (`steps`); False: chunk after chunk, each chunk's ids read with
+        # `.cpu()`, as before session 15 (tools/prefill_profile.py --group-order measures the two
+        # in one process).
         self.a_first = True
         # A copies the experts' input to the host for the CPU lane when the engine has one
         # (decided once: the A graphs hold the copies; `scheduler.lane = None` then turns the
