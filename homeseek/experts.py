@@ -486,7 +486,8 @@ class Counters:
     # Where a scan's background thread (`_load_behind`, `read_ahead`) spends its time: seconds
     # it ran jobs, of which it queued copies (a copy call blocks once the stream's queue is
     # full) and read records of the tier below for scans; and seconds any thread waited for
-    # a host slot's last copy to leave before writing the slot again (`_await_host_slot`).
+    # a host slot's last copy to leave before writing the slot again (`_await_host_slot`) or
+    # a load waited for its layer's reads ahead (not counted as busy).
     bg_busy_s: float = 0.0
     bg_issue_s: float = 0.0
     scan_read_s: float = 0.0
@@ -554,9 +555,14 @@ class ExpertStore:
         # Records of the tier below already read into the ring ahead of their layer's request
         # (`read_ahead`): key -> ring slot, and the key each ring slot holds that way. A half is
         # written by one thread at a time (a layer's reads ahead start once the load that last
-        # copied out of its half has queued its copies; its load starts once they are done).
+        # copied out of its half has queued its copies; its load queues its host-cache hits,
+        # then waits for them). Seconds the current background job waited for them.
         self._ahead: dict[Key, int] = {}
         self._ring_key: dict[int, Key] = {}
+        self._ahead_waited = 0.0
+        # False: a scan's load waits for its reads ahead before it queues anything, as before
+        # session 15 (tools/prefill_profile.py --load-order measures the two in one process).
+        self.hits_first = True
         self._ahead_thread: ThreadPoolExecutor | None = None  # runs `_ahead_job`s in order
         self._ahead_last: Future | None = None
         # The last load and the last reads ahead submitted for each half: a half's reads ahead
@@ -925,21 +931,36 @@ class ExpertStore:
             self.copy_events.append((start, self._copy_event()))
 
     def _sources(
-        self, misses: list[tuple[int, Key]], scan: bool
+        self, misses: list[tuple[int, Key]], scan: bool, ahead: Future | None = None
     ) -> Iterator[tuple[int, Source, int | None]]:
         """(slot, the record to copy into it, its host slot or None) for each miss, in copy
         order: host-cache hits (their copies run while the rest is read), a scan's records read
         ahead, then the records of the tier below as each is read, by all the reader threads
         (a scan's through the ring, a ring's worth at a time: a ring slot is reused once the
-        copy out of it has run). The caller copies each before asking for the next; a cache
-        slot that was to be read into and whose record was not copied is forgotten when the
-        generator ends early (an error, or the caller's)."""
-        below = []
+        copy out of it has run). `ahead`: the reads ahead into the layer's ring half, waited
+        for after the hits and before anything else (the layer's records among them are then
+        copied from the ring, not read again; none of them is still being written). The caller
+        copies each before asking for the next; a cache slot that was to be read into and
+        whose record was not copied is forgotten when the generator ends early (an error, or
+        the caller's)."""
+        rest = []
         for s, key in misses:
             hit = self._host_hit(key)
             if hit is not None:
                 yield s, *hit
-                continue
+            else:
+                rest.append((s, key))
+        if rest and ahead is not None:
+            # The hits' copies are queued by now: the copy stream has work while the reads
+            # ahead finish (waited for first, they left it idle whenever they ran late).
+            t0 = time.perf_counter()
+            futures_wait([ahead])  # its errors are its own (`_ahead_job`)
+            waited = time.perf_counter() - t0
+            self._ahead_waited += waited
+            with self.lock:
+                self.counters.await_s += waited
+        below = []
+        for s, key in rest:
             h = self._ahead.pop(key, None) if scan else None
             if h is None:
                 below.append((s, key))
@@ -1093,18 +1114,20 @@ class ExpertStore:
     ) -> tuple[dict[int, torch.cuda.Event], BaseException | None]:
         """(background thread) -> (slot -> the end of its copy, for the slots whose copy is
         queued; the error that stopped the rest, or None). `ahead`: the last reads ahead into
-        the same half of the ring, waited for first (the layer's records among them are then
-        copied from the ring, not read again; none of them is still being written)."""
+        the same half of the ring, waited for once the host-cache hits are queued
+        (`_sources`)."""
         ready: dict[int, torch.cuda.Event] = {}
-        if ahead is not None:
-            futures_wait([ahead])  # its errors are its own (`_ahead_job`)
+        if ahead is not None and not self.hits_first:  # as before session 15
+            futures_wait([ahead])
+            ahead = None
         t_job, issue = time.perf_counter(), 0.0
+        self._ahead_waited = 0.0
         tl = self.timeline  # read once: the main thread may set it meanwhile
         try:
             with (
                 marker("hs::copier"),
                 torch.cuda.stream(self.copy_stream),
-                contextlib.closing(self._sources(misses, True)) as sources,
+                contextlib.closing(self._sources(misses, True, ahead)) as sources,
             ):
                 start = None
                 for s, src, h in sources:
@@ -1128,7 +1151,7 @@ class ExpertStore:
             return ready, e
         finally:
             with self.lock:
-                self.counters.bg_busy_s += time.perf_counter() - t_job
+                self.counters.bg_busy_s += time.perf_counter() - t_job - self._ahead_waited
                 self.counters.bg_issue_s += issue
         return ready, None
 

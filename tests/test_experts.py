@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import os
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -473,6 +475,28 @@ def test_the_scheduler_waits_for_ids_still_arriving_on_the_host():
     assert ev.waits == 1
     assert [sorted(w[1]) for w in waves] == [[0, 3, 5]]
     assert all(torch.equal(w[0], sel) for w in waves)
+
+
+def test_a_scans_load_queues_its_host_cache_hits_before_waiting_for_the_reads_ahead():
+    """A scan's background load (`_sources` with the reads ahead of its ring half): the
+    host-cache hits come out before the reads ahead are waited for, so the copy stream has
+    their copies while the reads finish; the records read ahead come out once they are done,
+    and the wait is counted."""
+    eng = homeseek.load("tiny", dtype=torch.float32, max_context=64)
+    store = eng.experts
+    hits = {(3, 0): 5, (3, 2): 6}
+    store._host_hit = lambda key: (torch.zeros(1), hits[key]) if key in hits else None
+    store.host = RecordBuffer(eng.cfg, 2, "cpu")  # the ring slot the read ahead landed in: 1
+    store._ahead = {(3, 1): 1}
+    ahead = concurrent.futures.Future()
+    waited0 = store.counters.await_s
+    out = store._sources([(10, (3, 0)), (11, (3, 1)), (12, (3, 2))], True, ahead)
+    assert [next(out)[0], next(out)[0]] == [10, 12] and not ahead.done()
+    threading.Timer(0.05, ahead.set_result, (None,)).start()
+    s, src, h = next(out)
+    assert ahead.done() and (s, h) == (11, 1) and src.data_ptr() == store.host.row(1).data_ptr()
+    assert next(out, None) is None
+    assert store.counters.await_s - waited0 > 0.02 and store._ahead == {}
 
 
 def test_slot_table_looks_every_id_up():

@@ -178,7 +178,8 @@ def test_cuda_layer_by_layer_prefill_equals_chunk_by_chunk(ids):
     """Layer by layer (groups of 16-token chunks, each a scan: background loads, the ring,
     reads ahead) gives bitwise the logits of chunk by chunk on CUDA, with a pool of three
     layers and a host cache smaller than the model; every chunk's A first with the ids read
-    early (the default) and chunk after chunk alike."""
+    early (the default) and chunk after chunk alike, a load's host-cache hits queued before its
+    reads ahead are waited for (the default) or after."""
     cfg = PRESETS["tiny"]()
     rec_gb = record_bytes(cfg) / 2**30
     kw = dict(
@@ -186,12 +187,13 @@ def test_cuda_layer_by_layer_prefill_equals_chunk_by_chunk(ids):
         host_mem_gb=24 * rec_gb,
     )  # fmt: skip
     out = []
-    for group, a_first in ((0, True), (64, True), (64, False)):
+    for group, a_first, hits_first in ((0, True, True), (64, True, True), (64, False, True),
+                                       (64, True, False)):  # fmt: skip
         eng = _load("cuda", prefill_group=group, **kw)
-        eng.runner.a_first = a_first
+        eng.runner.a_first, eng.experts.hits_first = a_first, hits_first
         eng.experts.join_host_fill()
         out.append(eng.session().forward(ids[:100]).cpu())
-    assert torch.equal(out[0], out[1]) and torch.equal(out[0], out[2])
+    assert all(torch.equal(out[0], o) for o in out[1:])
 
 
 def test_cuda_bf16_generate():

@@ -2,15 +2,15 @@
 
 Builds the engine as `homeseek bench` does (full-size synthetic V4-Flash on CUDA, the process
 capped at --gpu-mem-gb), warms the kernels up, then for each prompt length runs one timed prefill
-per pair of --copy-stores and --group-order values (in turn, one JSON line each: wall seconds,
-H2D bytes, the scan threads' counters), then, up to --profile-upto tokens, one under
-torch.profiler with the first pair (the union of kernel intervals, i.e. GPU busy, the union of
-H2D copy intervals, their overlap, the top kernels and the top host ops by own time, a
-timeline window; one JSON line).
+per combination of --copy-stores, --group-order and --load-order values (in turn, one JSON line
+each: wall seconds, H2D bytes, the scan threads' counters), then, up to --profile-upto tokens,
+one under torch.profiler with the first combination (the union of kernel intervals, i.e. GPU
+busy, the union of H2D copy intervals, their overlap, the top kernels and the top host ops by
+own time, a timeline window; one JSON line).
 
     python tools/prefill_profile.py --gpu-mem-gb 24 --prompts 256,4096
     python tools/prefill_profile.py --prompts 4096,16384 --copy-stores streaming,cached \
-        --group-order a-first,chunks --profile-upto 0    # each pair in turn, one process
+        --group-order a-first,chunks --profile-upto 0    # each combination in turn, one process
 """
 
 from __future__ import annotations
@@ -155,6 +155,12 @@ def main() -> None:
         "engine's) and cached: each timed prompt runs once per value, in turn",
     )  # fmt: skip
     ap.add_argument(
+        "--load-order", default="hits-first",
+        help="a scan's background load, a comma list of hits-first (the engine's: the host-cache "
+        "hits' copies queued before waiting for the layer's reads ahead) and reads-first: each "
+        "timed prompt runs once per value, in turn",
+    )  # fmt: skip
+    ap.add_argument(
         "--group-order", default="a-first",
         help="a layer-by-layer group's order, a comma list of a-first (the engine's: every "
         "chunk's A of a layer, then the chunks' experts) and chunks (chunk after chunk): each "
@@ -163,8 +169,16 @@ def main() -> None:
     args = ap.parse_args()
     stores = args.copy_stores.split(",")
     orders = args.group_order.split(",")
-    if not set(stores) <= {"streaming", "cached"} or not set(orders) <= {"a-first", "chunks"}:
-        ap.error("--copy-stores takes streaming,cached; --group-order a-first,chunks")
+    loads = args.load_order.split(",")
+    if (
+        not set(stores) <= {"streaming", "cached"}
+        or not set(orders) <= {"a-first", "chunks"}
+        or not set(loads) <= {"hits-first", "reads-first"}
+    ):
+        ap.error(
+            "--copy-stores takes streaming,cached; --group-order a-first,chunks; "
+            "--load-order hits-first,reads-first"
+        )
     if args.host_fill == "layers":
         fill = ExpertStore.start_host_fill
 
@@ -192,20 +206,22 @@ def main() -> None:
     cuda = args.device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     sync()
-    variants = [(st, order) for st in stores for order in orders]
+    variants = [(st, order, load) for st in stores for order in orders for load in loads]
     for n in prompts:
         ids = torch.randint(0, eng.cfg.vocab_size, (n,), generator=g).tolist()
         runs = [("timed", v) for v in variants]
         if n <= args.profile_upto:
             runs.append(("profiled", variants[0]))
-        for run, (st, order) in runs:
+        for run, (st, order, load) in runs:
             if copier is not None:
                 copier.stream_copies = st == "streaming"
             eng.runner.a_first = order == "a-first"
+            store.hits_first = load == "hits-first"
             res: dict[str, float | int | str] = {"tokens": n, "gpu_mem_gb": args.gpu_mem_gb}
             res["host_fill"] = args.host_fill
             res["copy_stores"] = st if copier is not None else "torch readers"
             res["group_order"] = order
+            res["load_order"] = load
             res["run"] = run
             sess.reset()
             eng.experts.reset_gpu()
