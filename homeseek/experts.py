@@ -77,6 +77,14 @@ def record_bytes(cfg: ModelConfig) -> int:
     return slot_bytes(cfg.hidden_size, cfg.moe_intermediate_size)
 
 
+def distinct_experts(ids: np.ndarray, n_experts: int) -> list[int]:
+    """The distinct expert ids in `ids` (any shape, each in [0, n_experts)), sorted, through a
+    mask by expert id: 24K ids in ~0.05 ms against ~0.5 ms through a Python set."""
+    used = np.zeros(n_experts, dtype=bool)
+    used[ids] = True
+    return np.flatnonzero(used).tolist()
+
+
 # A record to copy into a slot: a packed row of a RecordBuffer ([record_bytes] uint8, one copy),
 # or the four tensors by name (a record read in place from the disk tier: one copy each).
 Source = torch.Tensor | dict[str, torch.Tensor]
@@ -1328,9 +1336,8 @@ class ExpertStore:
 
     def hash_experts(self, layer: int, ids: Sequence[int] | np.ndarray) -> list[int]:
         """The experts a hash-routed layer uses for these token ids (sorted)."""
-        used = np.zeros(self.cfg.n_routed_experts, dtype=bool)
-        used[self.tid2eid[layer].numpy()[np.asarray(ids, dtype=np.int64)]] = True
-        return np.flatnonzero(used).tolist()
+        table = self.tid2eid[layer].numpy()
+        return distinct_experts(table[np.asarray(ids, dtype=np.int64)], self.cfg.n_routed_experts)
 
     def prefetch(self, layer: int, experts: Sequence[int], scan: bool = False) -> None:
         """Look `experts` of `layer` up ahead of their layer and start copying the missing

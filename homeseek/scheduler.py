@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from homeseek.config import ConfigError, ModelConfig
-from homeseek.experts import ExpertStore, marker
+from homeseek.experts import ExpertStore, distinct_experts, marker
 
 if TYPE_CHECKING:
     from homeseek.cpu_lane import CpuLane
@@ -366,14 +366,11 @@ class Scheduler:
         return tokens * cfg.num_experts_per_tok >= PREFETCH_COVERAGE * cfg.n_routed_experts
 
     def experts_of(self, sel: torch.Tensor) -> list[int]:
-        """The distinct experts of sel [T, K] (on the CPU), sorted: a long chunk's through a
-        mask by expert id (24K ids: ~0.05 ms against ~0.5 through a Python set)."""
+        """The distinct experts of sel [T, K] (on the CPU), sorted."""
         ids = sel.numpy().ravel()
         if ids.size <= 64:  # decode and verify: a set of a few ids is cheaper than numpy's
             return sorted(set(ids.tolist()))
-        used = np.zeros(self.cfg.n_routed_experts, dtype=bool)
-        used[ids] = True
-        return np.flatnonzero(used).tolist()
+        return distinct_experts(ids, self.cfg.n_routed_experts)
 
     def slot_rows(self, sel: torch.Tensor, slot_of: dict[int, int]) -> np.ndarray:
         """[T, K] int32 slots of sel's experts (on the CPU; -1: not in this wave), through a
