@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 
 import torch
 from torch.autograd import DeviceType
@@ -123,6 +124,18 @@ def _layers(rows: list[tuple[str, int, float, float]], show: int) -> dict[str, f
     return out
 
 
+def _values(*allowed: str) -> Callable[[str], list[str]]:
+    """An argparse type: a comma list of some of `allowed`."""
+
+    def parse(text: str) -> list[str]:
+        out = text.split(",")
+        if not set(out) <= set(allowed):
+            raise argparse.ArgumentTypeError(f"takes a comma list of {', '.join(allowed)}")
+        return out
+
+    return parse
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--synthetic", default="flash")
@@ -150,35 +163,24 @@ def main() -> None:
         "layer by layer as before session 14 (to measure the two on one machine)",
     )  # fmt: skip
     ap.add_argument(
-        "--copy-stores", default="streaming",
+        "--copy-stores", default="streaming", type=_values("streaming", "cached"),
         help="the stores of the reads of the tier below, a comma list of streaming (the "
         "engine's) and cached: each timed prompt runs once per value, in turn",
     )  # fmt: skip
     ap.add_argument(
-        "--load-order", default="hits-first",
+        "--load-order", default="hits-first", type=_values("hits-first", "reads-first"),
         help="a scan's background load, a comma list of hits-first (the engine's: the host-cache "
         "hits' copies queued before waiting for the layer's reads ahead) and reads-first: each "
         "timed prompt runs once per value, in turn",
     )  # fmt: skip
     ap.add_argument(
-        "--group-order", default="a-first",
+        "--group-order", default="a-first", type=_values("a-first", "chunks"),
         help="a layer-by-layer group's order, a comma list of a-first (the engine's: every "
         "chunk's A of a layer, then the chunks' experts) and chunks (chunk after chunk): each "
         "timed prompt runs once per value, in turn",
     )  # fmt: skip
     args = ap.parse_args()
-    stores = args.copy_stores.split(",")
-    orders = args.group_order.split(",")
-    loads = args.load_order.split(",")
-    if (
-        not set(stores) <= {"streaming", "cached"}
-        or not set(orders) <= {"a-first", "chunks"}
-        or not set(loads) <= {"hits-first", "reads-first"}
-    ):
-        ap.error(
-            "--copy-stores takes streaming,cached; --group-order a-first,chunks; "
-            "--load-order hits-first,reads-first"
-        )
+    stores, orders, loads = args.copy_stores, args.group_order, args.load_order
     if args.host_fill == "layers":
         fill = ExpertStore.start_host_fill
 
