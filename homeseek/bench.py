@@ -70,7 +70,10 @@ class BenchConfig:
     # the copy-only decode the lane (with the next-layer prefetch) is measured against.
     cpu_lanes: tuple[str, ...] = ("auto",)
     cpu_threads: int | None = None
-    prefetch: bool = True
+    # The next-layer prefetch's settings to decode with. One setting: the "off" lane rows are
+    # the copy-only baseline without it; several: every lane mode with each, and the baseline
+    # is the row with neither.
+    prefetch: tuple[bool, ...] = (True,)
     prefill_group: int | None = None  # tokens prefilled layer by layer (None: the engine's default)
 
     def __post_init__(self) -> None:
@@ -233,6 +236,7 @@ class Row:
     # decode rows: the CPU lane's mode ("off": copy-only) and the experts it computed per token
     cpu_lane: str | None = None
     cpu_experts_per_token: float | None = None
+    prefetch: bool | None = None  # decode rows: the next-layer prefetch on
     # decode's next-layer prediction: share of predicted experts the layer chose, and the
     # bytes per token copied for predicted experts it did not choose
     prediction_accuracy: float | None = None
@@ -365,7 +369,7 @@ class Bench:
             # wants it ("on" if any row insists), the "off" rows unset it while they run.
             cpu_lane=lane,
             cpu_threads=bc.cpu_threads,
-            prefetch=bc.prefetch,
+            prefetch=any(bc.prefetch),
             prefill_group=bc.prefill_group,
         )
         return build_engine(rt, bc.model, bc.synthetic, bc.seed, bc.expert_alias)
@@ -390,8 +394,13 @@ class Bench:
         lane = eng.scheduler.lane
         labels = ["off" if m == "off" or lane is None else "on" for m in bc.cpu_lanes]
         self.lanes = [(m, None if m == "off" else lane) for m in dict.fromkeys(labels)]
-        # "off" asked for: the copy-only baseline, without the next-layer prefetch either
-        self.copy_only = "off" in bc.cpu_lanes
+        # Each decode mode: (lane label, the lane or None, prefetch on). One prefetch setting
+        # asked for: "off" is the copy-only baseline, without the next-layer prefetch either.
+        # Prefetch off first: the baseline row is printed before the rows put against it.
+        pf = tuple(sorted(set(bc.prefetch)))
+        self.modes = [
+            (m, ln, p and not (len(pf) == 1 and m == "off")) for m, ln in self.lanes for p in pf
+        ]
         store = eng.experts
         n_total = len(eng.layers) * eng.cfg.n_routed_experts
         filled = store.n_host - (len(store.hostres.free) if store.hostres else 0)
@@ -505,33 +514,35 @@ class Bench:
                 if self._prefill(routing, sess, n).error is not None:
                     continue
                 if i == 0:  # decode at a short position, profiled, once per lane mode
-                    several = len(self.lanes) > 1
+                    several = len(self.modes) > 1
                     snap = sess.snapshot() if bc.mtp or several else None
-                    for j, (mode, lane) in enumerate(self.lanes):
+                    for j, (mode, lane, pf) in enumerate(self.modes):
                         if j:  # the same tokens from the same state
                             sess.rollback(snap)
                         if several or bc.mtp:  # and every row from a cold pool
                             eng.experts.reset_gpu()
                         eng.scheduler.lane = lane
-                        baseline = mode == "off" and self.copy_only
-                        eng.scheduler.prefetch = bc.prefetch and not baseline
-                        self._decode(routing, sess, bc.decode_tokens, profile=True, lane=mode)
-                    eng.scheduler.prefetch = bc.prefetch
+                        eng.scheduler.prefetch = pf
+                        self._decode(
+                            routing, sess, bc.decode_tokens, profile=True, lane=mode, prefetch=pf
+                        )
                     if bc.mtp:
                         self._decode_mtp(routing, sess, snap)
                 elif i == len(prompts) - 1 and bc.long_decode_tokens:  # after the longest
-                    self._decode(  # in the lane mode the short-position rows ended with
+                    self._decode(  # in the mode the short-position rows ended with
                         routing,
                         sess,
                         bc.long_decode_tokens,
                         profile=False,
-                        lane=self.lanes[-1][0],
+                        lane=self.modes[-1][0],
+                        prefetch=self.modes[-1][2],
                         warm=True,
                     )
         finally:
             eng.experts.time_copies = False
             eng.scheduler.routing = None
-            eng.scheduler.lane = self.lanes[-1][1]
+            eng.scheduler.lane = self.modes[-1][1]
+            eng.scheduler.prefetch = self.modes[-1][2]
 
     def _prefill(self, routing: str, sess: Any, n: int) -> Row:
         row = Row(routing, "prefill", n, sess.pos)
@@ -567,6 +578,7 @@ class Bench:
         profile: bool,
         lane: str | None = None,
         warm: bool = False,
+        prefetch: bool | None = None,
     ) -> Row:
         """n decode tokens from the session's position, timed. `warm`: one token first, not
         timed: the first token at a new position bucket captures that bucket's graphs (seconds,
@@ -578,10 +590,12 @@ class Bench:
             if warm:
                 tok = int(sess.decode(tok).argmax())
         except torch.OutOfMemoryError as e:
-            row = Row(routing, "decode", n, sess.pos, cpu_lane=lane, error=_oom(e))
+            row = Row(
+                routing, "decode", n, sess.pos, cpu_lane=lane, prefetch=prefetch, error=_oom(e)
+            )
             self._add(row)
             return row
-        row = Row(routing, "decode", n, sess.pos, cpu_lane=lane)
+        row = Row(routing, "decode", n, sess.pos, cpu_lane=lane, prefetch=prefetch)
         c0, t_all = self._snap()
         try:
             for _ in range(n):
@@ -717,8 +731,9 @@ class Bench:
         work = f"{row.work} {row.tokens}" + (f" @{row.position}" if row.work == "decode" else "")
         if row.drafts:
             work += f" {row.drafts}"
-        if row.cpu_lane is not None and len(self.lanes) > 1:
+        if row.cpu_lane is not None and len(self.modes) > 1:
             work += " cpu" if row.cpu_lane == "on" else " copy"
+            work += "+pf" if row.prefetch and len({m[2] for m in self.modes}) > 1 else ""
         if row.error:
             self.out(f"{row.routing:<8} {work:<16} {row.error}")
             return
@@ -753,12 +768,14 @@ class Bench:
                 f"{bg['bg_issue_s']:.2f} s, reading {bg['scan_read_s']:.2f} s); host slot waits "
                 f"{bg['await_s']:.2f} s; main thread in the scheduler {bg['scheduler_s']:.2f} s"
             )
-        if row.cpu_lane == "on":
+        if row.cpu_lane == "on" or (row.prefetch and row.work == "decode"):
             base = self._copy_only(row)
-            vs = f"; {row.tok_s / base.tok_s:.2f}x the copy-only decode" if base else ""
-            self.out(
-                f"{'':<8} {'':<16} CPU lane: {row.cpu_experts_per_token:.1f} experts per token{vs}"
-            )
+            vs = f"{row.tok_s / base.tok_s:.2f}x the copy-only decode" if base else ""
+            if row.cpu_lane == "on":
+                lane = f"CPU lane: {row.cpu_experts_per_token:.1f} experts per token"
+                vs = f"{lane}; {vs}" if vs else lane
+            if vs:
+                self.out(f"{'':<8} {'':<16} {vs}")
         if row.prediction_accuracy is not None and row.work == "decode":
             self.out(
                 f"{'':<8} {'':<16} next-layer prediction: {100 * row.prediction_accuracy:.0f}% "
@@ -772,10 +789,11 @@ class Bench:
             )
 
     def _copy_only(self, row: Row) -> Row | None:
-        """The copy-only decode row (lane off, no error) of a lane row's routing and position."""
-        want = ("off", row.routing, row.position, None)
+        """The copy-only decode row (lane and prefetch off, no error) of a decode row's routing
+        and position."""
+        want = ("off", False, row.routing, row.position, None)
         for r in self.rows:
-            if (r.cpu_lane, r.routing, r.position, r.error) == want:
+            if (r.cpu_lane, r.prefetch, r.routing, r.position, r.error) == want:
                 return r
         return None
 
@@ -807,11 +825,27 @@ class Bench:
             res["cpu_lane_counters"] = lane.counters.as_dict()
             res["cpu_lane_h2d_GBps"] = lane.h2d_rate / 1e9
         res["prefetch"] = self.eng.scheduler.predicted.as_dict(self.setup["record_bytes"])
+        # over the copy-only row: keyed by routing for the lane with the prefetch (#18's
+        # yardstick), by routing and mode for the other modes asked for
         speedup = {}
         for on in self.rows:
-            off = self._copy_only(on) if on.cpu_lane == "on" and not on.error else None
+            if (
+                on.work != "decode"
+                or on.error
+                or on.drafts
+                or (on.cpu_lane, on.prefetch)
+                in (
+                    ("off", False),
+                    (None, None),
+                )
+            ):
+                continue
+            off = self._copy_only(on)
             if off is not None:
-                speedup[on.routing] = on.tok_s / off.tok_s
+                key = on.routing
+                if not (on.cpu_lane == "on" and on.prefetch):
+                    key += f" lane {on.cpu_lane} prefetch {'on' if on.prefetch else 'off'}"
+                speedup.setdefault(key, on.tok_s / off.tok_s)
         if speedup:
             res["cpu_lane_speedup"] = speedup
         # #13's check: decode after the longest prompt against decode at the short position, in
@@ -827,6 +861,7 @@ class Bench:
                     if q.work == "decode"
                     and q.routing == r.routing
                     and q.cpu_lane == r.cpu_lane
+                    and q.prefetch == r.prefetch
                     and not q.drafts
                     and not q.error
                     and q.position < r.position

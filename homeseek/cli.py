@@ -243,11 +243,25 @@ def _add_lane_args(p: argparse.ArgumentParser, several: bool = False) -> None:
         "--cpu-threads", type=_int_at_least(1), default=None,
         help="threads of the CPU lane (default: the cores but two)",
     )  # fmt: skip
-    p.add_argument(
-        "--prefetch", choices=("on", "off"), default="on",
-        help="start copying the next layer's experts early: in decode those its router "
-        "predicts from this layer's input, in prefill all of them for chunks that use nearly all",
-    )  # fmt: skip
+    pf_help = (
+        "start copying the next layer's experts early: in decode those its router "
+        "predicts from this layer's input, in prefill all of them for chunks that use nearly all"
+    )
+    if several:
+        p.add_argument(
+            "--prefetch", type=_prefetch_list, default=(True,),
+            help=f"{pf_help} (comma-separated on/off: decode rows for each lane mode with each; "
+            "the copy-only row then has neither)",
+        )  # fmt: skip
+    else:
+        p.add_argument("--prefetch", choices=("on", "off"), default="on", help=pf_help)
+
+
+def _prefetch_list(text: str) -> tuple[bool, ...]:
+    modes = tuple(m.strip() for m in text.split(",") if m.strip())
+    if not modes or any(m not in ("on", "off") for m in modes):
+        raise argparse.ArgumentTypeError(f"{text!r}: comma-separated on and/or off")
+    return tuple(m == "on" for m in dict.fromkeys(modes))
 
 
 def _lane_list(text: str) -> tuple[str, ...]:
@@ -1051,7 +1065,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         mtp=args.mtp,
         cpu_lanes=args.cpu_lane,
         cpu_threads=args.cpu_threads,
-        prefetch=args.prefetch == "on",
+        prefetch=args.prefetch,
         prefill_group=args.prefill_group,
     )
     return main(bc)

@@ -77,6 +77,28 @@ def test_bench_mtp_rows(capsys):
     assert "tokens per verify step" in out
 
 
+def test_bench_decodes_each_lane_mode_with_each_prefetch_setting(capsys):
+    """--prefetch on,off: every lane mode decodes with and without the prefetch, the same
+    tokens from the same state; the copy-only row (neither) is what the others are put against."""
+    out, res = _bench(
+        capsys, "--prompts", "8", "--decode-tokens", "3", "--long-decode-tokens", "0",
+        "--profile-tokens", "0", "--cpu-lane", "off", "--prefetch", "on,off",
+    )  # fmt: skip
+    dec = [r for r in res["rows"] if r["work"] == "decode"]
+    assert [(r["cpu_lane"], r["prefetch"]) for r in dec] == [("off", False), ("off", True)]
+    assert all(r["error"] is None and r["tok_s"] > 0 for r in dec)
+    assert "decode 3 @8 copy+pf" in out and "decode 3 @8 copy " in out
+    assert "the copy-only decode" in out
+    assert set(res["cpu_lane_speedup"]) == {"model lane off prefetch on"}
+    # one setting: the "off" row is the copy-only baseline, without the prefetch
+    out, res = _bench(
+        capsys, "--prompts", "8", "--decode-tokens", "2", "--long-decode-tokens", "0",
+        "--profile-tokens", "0", "--cpu-lane", "off",
+    )  # fmt: skip
+    dec = [r for r in res["rows"] if r["work"] == "decode"]
+    assert [(r["cpu_lane"], r["prefetch"]) for r in dec] == [("off", False)]
+
+
 def test_bench_rejects_bad_arguments():
     from homeseek.bench import BenchConfig
 

@@ -94,9 +94,12 @@ def test_bench_takes_several_lane_modes():
     from homeseek.cli import build_parser
 
     args = build_parser().parse_args(["bench", "--cpu-lane", "off,auto", "--prefetch", "off"])
-    assert args.cpu_lane == ("off", "auto") and args.prefetch == "off"
-    with pytest.raises(SystemExit):
-        build_parser().parse_args(["bench", "--cpu-lane", "sometimes"])
+    assert args.cpu_lane == ("off", "auto") and args.prefetch == (False,)
+    args = build_parser().parse_args(["bench", "--prefetch", "on,off,on"])
+    assert args.prefetch == (True, False)
+    for bad in (["--cpu-lane", "sometimes"], ["--prefetch", "maybe"], ["--prefetch", ","]):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["bench", *bad])
     gen = build_parser().parse_args(["generate", "--cpu-lane", "off", "--cpu-threads", "3", "x"])
     assert gen.cpu_lane == "off" and gen.cpu_threads == 3
 
