@@ -34,12 +34,14 @@ def main() -> None:
     ap.add_argument("--trace", default=None, help="Chrome trace of the per-layer report")
     ap.add_argument("--routing", default="model", help="model, uniform or trace:PATH")
     ap.add_argument("--cpu-lane", default="auto", choices=("auto", "on", "off"))
+    ap.add_argument("--prefetch", default="on", choices=("on", "off"))
     args = ap.parse_args()
     device = "cuda"
     cap_process(device, args.gpu_mem_gb)
     rt = RuntimeConfig.build(
         device=device, dtype=torch.bfloat16, gpu_mem_gb=args.gpu_mem_gb,
         host_mem_gb=args.host_mem_gb, max_context=args.prompt + 128, cpu_lane=args.cpu_lane,
+        prefetch=args.prefetch == "on",
     )  # fmt: skip
     eng = build_engine(rt, None, args.synthetic, expert_alias=64)
     eng.scheduler.routing = make_routing(args.routing, eng.cfg)
