@@ -456,10 +456,11 @@ class Runner:
         """After A: the experts if all are resident (B), else, once the host has the ids and
         has made the misses resident, all of them again (E, wave by wave).
 
-        Returns the layer's host work that no kernel of this layer waits for, to run once the
-        next A is queued: the residency bookkeeping of a layer B served whole, and the copies of
-        the next layer's predicted experts. Until then nothing touches the store (the slots B
-        reads stay as they are), and a copy into a slot still waits for its last use."""
+        Returns the host work of a layer B served whole, to run once the next A is queued: its
+        residency bookkeeping and the copies of the next layer's predicted experts. Until then
+        nothing touches the store (the slots B reads stay as they are), and a copy into a slot
+        still waits for its last use. A layer with misses queues the prediction's copies
+        itself, behind its own."""
         b = self.buf
         kernels = self.ctx.kernels
         # B runs the experts from the slot map as A found it; it is launched before the host
@@ -487,28 +488,41 @@ class Runner:
             self.layers_b += 1
         else:
             self.layers_e += kernels
-            self._experts_of(layer, sel_host)
-        if not whole and pred is None:
+
+            def predicted() -> None:
+                self.scheduler.prefetch_predicted(nxt, pred)
+
+            # The next layer's predicted experts are queued on the copy stream right behind
+            # this layer's misses, before its E is launched: E waits for those misses anyway,
+            # and deferred past the next A (as below) they left the copy stream idle through
+            # this layer's E, the next A and the host's work between.
+            self._experts_of(layer, sel_host, then=predicted if pred is not None else None)
             return None
 
         def later() -> None:
-            if whole:
-                for _ in self.scheduler.layer(layer, sel_host):
-                    pass  # hits only: counted, protected, their last use noted
+            for _ in self.scheduler.layer(layer, sel_host):
+                pass  # hits only: counted, protected, their last use noted
             if pred is not None:
                 self.scheduler.prefetch_predicted(nxt, pred)
 
         return layer, later
 
-    def _experts_of(self, layer: int, sel_host: torch.Tensor) -> None:
+    def _experts_of(
+        self, layer: int, sel_host: torch.Tensor, then: Callable[[], None] | None = None
+    ) -> None:
         """The layer's experts once the host has made them resident: E wave by wave (with the
-        CPU lane's part in the first), or the reference experts (kernels off)."""
+        CPU lane's part in the first), or the reference experts (kernels off). `then`: host
+        work run once the last wave's copies are queued, before its kernels (a layer is one
+        wave unless the pool is smaller than its experts: then no wave's copies are evicted
+        for it)."""
         b = self.buf
         first = True  # of the layer's waves: the first starts from `shared`, the rest add
         sched = self.scheduler
         lane_on = sched.lane is not None and self.lane_inputs
         lane_input = (b.u_host, b.weights_host) if lane_on else None
         for sel, slot_of, last in sched.layer(layer, sel_host, lane_input=lane_input):
+            if then is not None and last:
+                then()
             if not self.ctx.kernels:
                 with self._timed(("B", first), layer):
                     self._moe_ref(sel, slot_of, last)
