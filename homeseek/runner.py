@@ -198,6 +198,10 @@ class Runner:
         # `.cpu()`, as before session 15 (tools/prefill_profile.py --group-order measures the two
         # in one process).
         self.a_first = True
+        # Decode: a layer with misses queues the next layer's predicted experts behind its own
+        # copies, before its E; False: after the next A is queued, as before session 16
+        # (tools/decode_ab.py --switch early-prediction measures the two in one process).
+        self.early_prediction = True
         # A copies the experts' input to the host for the CPU lane when the engine has one
         # (decided once: the A graphs hold the copies; `scheduler.lane = None` then turns the
         # lane off without recapture, as the bench's copy-only rows do).
@@ -486,6 +490,12 @@ class Runner:
         whole = ahead and bool(held[sel_host[0].numpy()].all())
         if whole:
             self.layers_b += 1
+        elif not self.early_prediction:
+            self.layers_e += kernels
+            self._experts_of(layer, sel_host)
+            if pred is None:
+                return None
+            return layer, lambda: self.scheduler.prefetch_predicted(nxt, pred)
         else:
             self.layers_e += kernels
 

@@ -325,14 +325,18 @@ def test_next_layer_prediction_prefetches_without_changing_tokens():
     """Decode predicts the next layer's experts in A and starts their copies early: counted
     (accuracy, copies used / wasted), and bit for bit the same decode as without it."""
     runs = []
-    for prefetch in (True, False):
+    # prefetch on (its copies queued behind a layer's own, or after the next A), then off
+    for prefetch, early in ((True, True), (True, False), (False, True)):
         eng = _load(True, dtype=torch.float32, expert_slots=10, prefetch=prefetch)
+        eng.runner.early_prediction = early
         sess = eng.session()
         sess.forward(list(range(50, 90)))
         runs.append((*_greedy(sess, 11, 120), eng))
-    (tp, lp, ep), (tn, ln, en) = runs
-    assert tp == tn
+    (tp, lp, ep), (tl, ll, el), (tn, ln, en) = runs
+    assert tp == tn == tl
     assert all(torch.equal(a, b) for a, b in zip(lp, ln, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(ll, ln, strict=True))
+    assert el.scheduler.predicted.copied > 0
     p = ep.scheduler.predicted
     assert p.layers > 100 and 0 < p.correct <= p.predicted and p.copied > 0
     assert 0 <= p.copied_used <= p.copied

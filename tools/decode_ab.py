@@ -11,7 +11,8 @@ one JSON line. The greedy tokens must agree between runs (the switches do not ch
     python tools/decode_ab.py --gpu-mem-gb 24 --switch prefetch --tokens 32 --rounds 2
 
 Switches: `prefetch` (the next-layer prediction's copies), `lane` (the CPU lane, built with
---cpu-lane on).
+--cpu-lane on), `early-prediction` (a layer with misses queues the prediction's copies behind
+its own, before its E; off: after the next A).
 """
 
 from __future__ import annotations
@@ -34,8 +35,10 @@ def _set(eng, switch: str, on: bool, lane) -> None:  # noqa: ANN001 - Engine, Cp
         sched.prefetch = on
     elif switch == "lane":
         sched.lane = lane if on else None
+    elif switch == "early-prediction":
+        eng.runner.early_prediction = on
     else:
-        raise SystemExit(f"unknown switch {switch!r}: prefetch or lane")
+        raise SystemExit(f"unknown switch {switch!r}: prefetch, lane or early-prediction")
 
 
 def main() -> None:
@@ -45,7 +48,9 @@ def main() -> None:
     ap.add_argument("--expert-alias", type=int, default=64, help="0: every expert its own")
     ap.add_argument("--gpu-mem-gb", type=float, default=24.0)
     ap.add_argument("--host-mem-gb", type=float, default=None)
-    ap.add_argument("--switch", default="prefetch", choices=("prefetch", "lane"))
+    ap.add_argument(
+        "--switch", default="prefetch", choices=("prefetch", "lane", "early-prediction")
+    )
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--prompt", type=int, default=8)
@@ -60,8 +65,8 @@ def main() -> None:
         host_mem_gb=args.host_mem_gb, max_context=args.prompt + args.tokens + 64,
         cpu_lane=args.cpu_lane,
     )  # fmt: skip
-    if args.switch == "prefetch" and args.routing != "model":
-        raise SystemExit("--switch prefetch needs --routing model: an override draws the ids "
+    if args.switch in ("prefetch", "early-prediction") and args.routing != "model":
+        raise SystemExit(f"--switch {args.switch} needs --routing model: an override draws the ids "
                          "after the router, so decode predicts nothing under it")  # fmt: skip
     eng = build_engine(rt, None, args.synthetic, expert_alias=args.expert_alias or None)
     lane = eng.scheduler.lane
