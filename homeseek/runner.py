@@ -198,10 +198,11 @@ class Runner:
         # `.cpu()`, as before session 15 (tools/prefill_profile.py --group-order measures the two
         # in one process).
         self.a_first = True
-        # Decode: a layer with misses queues the next layer's predicted experts behind its own
-        # copies, before its E; False: after the next A is queued, as before session 16
-        # (tools/decode_ab.py --switch early-prediction measures the two in one process).
-        self.early_prediction = True
+        # Decode: True queues a layer's prediction of the next layer's experts behind its own
+        # copies, before its E; False (kept: measured no faster, 39.7 against 38.1 ms a token,
+        # session 16) after the next A is queued (tools/decode_ab.py --switch early-prediction
+        # measures the two in one process).
+        self.early_prediction = False
         # A copies the experts' input to the host for the CPU lane when the engine has one
         # (decided once: the A graphs hold the copies; `scheduler.lane = None` then turns the
         # lane off without recapture, as the bench's copy-only rows do).
