@@ -15,6 +15,7 @@ max(HBM time, FLOPs / bf16 matmul rate).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import platform
@@ -246,7 +247,44 @@ class Row:
     # for a host slot's copy to leave) and the host's main thread in the scheduler (scheduler_s:
     # reading each layer's ids, which waits for the GPU, and joining the loads)
     scan_thread_s: dict[str, float] | None = None
+    # the allocators' events during the row (`allocator_counters`): each retry or sync drains
+    # every stream
+    allocator: dict[str, int] | None = None
     error: str | None = None
+
+
+# The CUDA caching allocator's counters, per phase: a cudaMalloc at the budget's edge frees the
+# cached blocks and retries, and the free synchronizes every stream (the compute stream then waits
+# for the copies queued on the copy stream); so does, by CUDA's rules, a pinned host allocation
+# (torch's host allocator grows when the blocks it has are still in flight).
+ALLOCATOR = {
+    "alloc_retries": "num_alloc_retries",
+    "alloc_syncs": "num_sync_all_streams",
+    "device_allocs": "num_device_alloc",
+    "device_frees": "num_device_free",
+}
+
+
+def allocator_counters(cuda: bool) -> dict[str, int]:
+    """The allocators' event counters now (empty off CUDA): ALLOCATOR's, and pinned host blocks
+    created (`host_pinned_allocs`, where this torch reports them)."""
+    if not cuda:
+        return {}
+    st = torch.cuda.memory_stats()
+    out = {k: int(st.get(v, 0)) for k, v in ALLOCATOR.items()}
+    host = getattr(torch.cuda, "host_memory_stats", None)
+    if host is not None:
+        with contextlib.suppress(Exception):  # a torch without the host allocator's stats
+            out["host_pinned_allocs"] = int(host().get("num_host_alloc", 0))
+    return out
+
+
+def allocator_delta(before: dict[str, int], cuda: bool) -> dict[str, int] | None:
+    """allocator_counters since `before` (None off CUDA)."""
+    if not cuda:
+        return None
+    now = allocator_counters(cuda)
+    return {k: v - before.get(k, 0) for k, v in now.items()}
 
 
 def _gpu_profile(
@@ -458,10 +496,12 @@ class Bench:
             torch.cuda.reset_peak_memory_stats()
         self.eng.experts.copy_busy_s()  # drop what an earlier phase recorded
         self._pred0 = dataclasses.replace(self.eng.scheduler.predicted)
+        self._alloc0 = allocator_counters(self.cuda)
         return dataclasses.replace(self.eng.experts.counters), time.perf_counter()
 
     def _fill(self, row: Row, c0: Any, n_tok: int, h2d_busy: float) -> None:
         """Expert traffic of the phase since c0, per token, and its ceiling."""
+        row.allocator = allocator_delta(self._alloc0, self.cuda)
         c = self.eng.experts.counters
         rec = self.setup["record_bytes"]
         lookups = c.lookups - c0.lookups
@@ -761,6 +801,14 @@ class Bench:
             )
             for name, n, ms in (row.top_kernels or [])[:8]:
                 self.out(f"{'':<8} {'':<16}   {ms:6.2f} ms {n:6.0f}x  {name[:60]}")
+        al = row.allocator
+        drains = ("alloc_retries", "alloc_syncs", "host_pinned_allocs")
+        if al and any(al.get(k) for k in drains):
+            self.out(
+                f"{'':<8} {'':<16} allocators: {al.get('alloc_retries', 0)} cudaMalloc retries, "
+                f"{al.get('alloc_syncs', 0)} syncs of all streams, {al.get('device_allocs', 0)} "
+                f"device allocations, {al.get('host_pinned_allocs', '?')} pinned host blocks"
+            )
         bg = row.scan_thread_s
         if bg and bg["bg_busy_s"] > 0:
             self.out(

@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from homeseek.bench import build_engine, cap_process
+from homeseek.bench import allocator_counters, allocator_delta, build_engine, cap_process
 from homeseek.config import RuntimeConfig
 from homeseek.scheduler import make_routing
 
@@ -69,6 +69,7 @@ def main() -> None:
         raise SystemExit(f"--switch {args.switch} needs --routing model: an override draws the ids "
                          "after the router, so decode predicts nothing under it")  # fmt: skip
     eng = build_engine(rt, None, args.synthetic, expert_alias=args.expert_alias or None)
+    cuda = device.startswith("cuda")
     lane = eng.scheduler.lane
     if args.switch == "lane" and lane is None:
         raise SystemExit("--switch lane needs a CPU lane: --cpu-lane on")
@@ -90,6 +91,7 @@ def main() -> None:
             _set(eng, args.switch, on, lane)
             pred0 = eng.scheduler.predicted.copied
             c0 = eng.experts.counters.as_dict()
+            alloc0 = allocator_counters(cuda)
             toks, ms, tok = [], [], 7
             for _ in range(args.tokens):
                 t0 = time.perf_counter()
@@ -112,6 +114,7 @@ def main() -> None:
                     (eng.scheduler.predicted.copied - pred0) / len(ms), 2
                 ),
                 "same_tokens": toks == first_tokens,
+                "allocator": allocator_delta(alloc0, cuda),
             }
             runs.append(run)
             print(json.dumps(run), flush=True)

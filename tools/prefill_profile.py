@@ -25,7 +25,13 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from homeseek.bench import SCAN_THREAD as BG
-from homeseek.bench import annotation, build_engine, cap_process
+from homeseek.bench import (
+    allocator_counters,
+    allocator_delta,
+    annotation,
+    build_engine,
+    cap_process,
+)
 from homeseek.config import RuntimeConfig
 from homeseek.experts import ExpertStore, Timeline
 
@@ -238,6 +244,7 @@ def main() -> None:
             if run == "timed":
                 tl = Timeline(eng.experts.copy_stream) if args.layers and cuda else None
                 eng.experts.timeline = tl
+                alloc0 = allocator_counters(cuda)
                 t0 = time.perf_counter()
                 try:
                     int(sess.forward(ids, last_only=True)[0].argmax())
@@ -253,6 +260,7 @@ def main() -> None:
                     scheduler_host_s=round(eng.scheduler.host_s - h0, 3),
                     **{k: round(getattr(c, k) - bg0[k], 3) for k in BG},
                     peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else 0,
+                    allocator=allocator_delta(alloc0, cuda),
                 )  # fmt: skip
                 print(json.dumps(res), flush=True)
                 continue
