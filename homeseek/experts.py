@@ -22,6 +22,7 @@ against recency (Lee et al., 2001) - with a per-layer floor so no layer loses al
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import threading
 import time
@@ -61,7 +62,8 @@ def marker(name: str) -> contextlib.AbstractContextManager:
 # GB/s, and a decode layer usually misses one record of the tier below at a time, so each record
 # is read in pieces of READ_PIECE bytes spread over all the threads.
 READER_THREADS = 8
-# Slot map updates are staged in a ring of STAGE_RING pinned buffers of STAGE_ROWS entries.
+# Slot map updates are staged in a ring of STAGE_RING pinned buffers of at least STAGE_ROWS
+# entries (twice the slots: an update's removals and new entries).
 STAGE_RING = 8
 STAGE_ROWS = 512
 READ_PIECE = 1 << 20
@@ -95,6 +97,67 @@ Source = torch.Tensor | dict[str, torch.Tensor]
 # (~99 GB at 24 GiB on a 128 GiB host) asked for 128 GiB and failed, and four per-tensor buffers
 # pinned ~3 GB more than they held; pieces of whole records within 1 GiB waste under 1 %.
 PIN_PIECE = 1 << 30
+
+
+class PinnedRing:
+    """Pinned host buffers reused in turn for the small copies the host queues between the
+    GPU's work (a prefill chunk's expert ids, a wave's slot table), so the steady state creates
+    no page-locked memory. Creating it is, by CUDA's rules, an implicit synchronization: the
+    commands queued after it, on any stream, do not run beside those queued before it (the
+    compute stream then waits for the expert records queued on the copy stream), and torch's
+    pinned allocator creates a block whenever the blocks it holds are still in flight.
+
+    `take(nbytes)` hands out the next buffer (grown when too small: created once more), after
+    waiting for the copy that last used it (`used` records that on the copy's stream; with
+    more buffers than uses in flight the wait has long passed). `pin`: page-locked (CUDA);
+    else plain memory (tests of the rotation)."""
+
+    def __init__(self, n: int, pin: bool = True) -> None:
+        if n < 1:
+            raise ValueError(f"PinnedRing: {n} buffers, at least 1")
+        self.n, self.pin = n, pin
+        self._bufs: list[tuple[torch.Tensor, torch.cuda.Event | None]] = []
+        self._i = -1
+        self.created = 0  # buffers created, growth included (what the steady state avoids)
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        """A uint8 buffer of nbytes, free to write (its last copy has run)."""
+        i = self._i = (self._i + 1) % self.n
+        buf: torch.Tensor | None = None
+        if i < len(self._bufs):
+            buf, ev = self._bufs[i]
+            if ev is not None:
+                ev.synchronize()
+            if buf.numel() < nbytes:
+                buf = None
+        if buf is None:
+            # a power of two, at least 4 KiB: a chunk a little longer reuses it
+            size = max(4096, 1 << (max(nbytes, 1) - 1).bit_length())
+            buf = torch.empty(size, dtype=torch.uint8, pin_memory=self.pin)
+            self.created += 1
+            if i < len(self._bufs):
+                self._bufs[i] = (buf, None)
+            else:
+                self._bufs.append((buf, None))
+        else:
+            self._bufs[i] = (buf, None)
+        return buf[:nbytes]
+
+    def tensor(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        """`take` as a tensor of shape and dtype."""
+        n = math.prod(shape) * dtype.itemsize
+        return self.take(n).view(dtype).view(*shape)
+
+    def used(self, stream: torch.cuda.Stream | None) -> torch.cuda.Event | None:
+        """The buffer last taken is read by a copy just queued on `stream` (None: a copy that
+        has run): the next `take` of it waits for this event. -> the event (None off CUDA)."""
+        if stream is None:
+            return None
+        ev = torch.cuda.Event()
+        ev.record(stream)
+        buf, _ = self._bufs[self._i]
+        self._bufs[self._i] = (buf, ev)
+        return ev
 
 
 class RecordBuffer:
@@ -1300,13 +1363,16 @@ class ExpertStore:
         n = len(rows[0])
         if self.copy_stream is None:
             return torch.tensor(rows, dtype=torch.long)
-        if n > STAGE_ROWS:  # a long prefill wave: a one-off pinned buffer
+        # An update holds at most every slot twice (its removal and its new entry): sized so,
+        # no update needs a pinned buffer of its own (`PinnedRing` says why that matters).
+        width = max(STAGE_ROWS, 2 * self.n_slots)
+        if n > width:  # not reached (see above); kept as the safe way
             return (
                 torch.tensor(rows, dtype=torch.long).pin_memory().to(self.device, non_blocking=True)
             )
         if len(self._stage) < STAGE_RING:
-            host = torch.empty(2, STAGE_ROWS, dtype=torch.long, pin_memory=True)
-            dev = torch.empty(2, STAGE_ROWS, dtype=torch.long, device=self.device)
+            host = torch.empty(2, width, dtype=torch.long, pin_memory=True)
+            dev = torch.empty(2, width, dtype=torch.long, device=self.device)
             self._stage.append((host, dev, None))
         i = self._stage_i = (self._stage_i + 1) % len(self._stage)
         host, dev, ev = self._stage[i]

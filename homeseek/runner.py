@@ -32,6 +32,7 @@ from homeseek import compile as C
 from homeseek import decode as D
 from homeseek import model as M
 from homeseek.config import ModelConfig, RuntimeConfig
+from homeseek.experts import PinnedRing
 from homeseek.graphs import GraphedStep, GraphPool
 from homeseek.kernels import ops
 from homeseek.scheduler import Scheduler
@@ -47,6 +48,9 @@ VERIFY_MAX = 4
 # A chunk's expert ids being copied to pinned host memory, and the event after the copy
 # (`_ids_to_host`).
 IdsHost = tuple[torch.Tensor, torch.cuda.Event]
+# Buffers of the chunks' ids ring: a layer queues each chunk of a group's ids before reading
+# the first (a 16K group of 4K chunks: 4; more than 16 chunks wait for the oldest's copy).
+IDS_RING = 16
 
 
 @dataclass
@@ -198,6 +202,9 @@ class Runner:
         # `.cpu()`, as before session 15 (tools/prefill_profile.py --group-order measures the two
         # in one process).
         self.a_first = True
+        # The buffers the chunks' ids are copied into (`_ids_to_host`): more than a group's
+        # chunks, so a buffer's last copy has run when it comes round again.
+        self._ids_ring = PinnedRing(IDS_RING, pin=on_cuda)
         # Decode: True queues a layer's prediction of the next layer's experts behind its own
         # copies, before its E; False (kept: measured no faster, 39.7 against 38.1 ms a token,
         # session 16) after the next A is queued (tools/decode_ab.py --switch early-prediction
@@ -257,7 +264,8 @@ class Runner:
                 for c in range(n):
                     p = self._chunk_a(c, layer, X, chunks, pos, starts, state)
                     X[c] = p.X  # the old streams are no longer needed
-                    pend.append((p, _ids_to_host(p.sel)))
+                    ring = self._ids_ring if self.scheduler.pinned_rings else None
+                    pend.append((p, _ids_to_host(p.sel, ring)))
                 for c in range(n):
                     item, pend[c] = pend[c], None
                     assert item is not None
@@ -817,15 +825,23 @@ class Runner:
         }
 
 
-def _ids_to_host(sel: torch.Tensor) -> IdsHost | None:
-    """Start copying a chunk's expert ids [T, K] to (pinned) host memory on sel's device's
-    current stream -> (the host tensor, the event after the copy); None on the CPU."""
+def _ids_to_host(sel: torch.Tensor, ring: PinnedRing | None = None) -> IdsHost | None:
+    """Start copying a chunk's expert ids [T, K] to pinned host memory (the next buffer of
+    `ring`; None: a block of torch's pinned allocator) on sel's device's current stream -> (the
+    host tensor, the event after the copy); None on the CPU."""
     if sel.device.type != "cuda":
         return None
-    host = torch.empty(sel.shape, dtype=sel.dtype, pin_memory=True)
-    host.copy_(sel, non_blocking=True)  # on sel's device's current stream
-    ev = torch.cuda.Event()
-    ev.record(torch.cuda.current_stream(sel.device))
+    stream = torch.cuda.current_stream(sel.device)
+    if ring is None:
+        host = torch.empty(sel.shape, dtype=sel.dtype, pin_memory=True)
+        host.copy_(sel, non_blocking=True)  # on sel's device's current stream
+        ev = torch.cuda.Event()
+        ev.record(stream)
+        return host, ev
+    host = ring.tensor(sel.shape, sel.dtype)
+    host.copy_(sel, non_blocking=True)
+    ev = ring.used(stream)
+    assert ev is not None
     return host, ev
 
 

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from homeseek.config import ConfigError, ModelConfig
-from homeseek.experts import ExpertStore, distinct_experts, marker
+from homeseek.experts import ExpertStore, PinnedRing, distinct_experts, marker
 
 if TYPE_CHECKING:
     from homeseek.cpu_lane import CpuLane
@@ -33,6 +33,9 @@ if TYPE_CHECKING:
 # many times the experts of a layer: each expert then misses the chunk with probability
 # e^-4 < 2 %, so nearly every copy started early is one the layer needs.
 PREFETCH_COVERAGE = 4
+# Buffers of the slot-table ring (`Scheduler.slot_table`): a wave's table is copied once its
+# experts' copies are waited for, so the one this many waves back has long been read.
+TABLE_RING = 8
 
 
 class RoutingOverride:
@@ -137,6 +140,12 @@ class Scheduler:
         # layer's experts: nearly every expert is used) load the following layer's experts
         # while this layer computes (`prefetch_next`); False turns it off (tests).
         self.prefetch = True
+        # Prefill's small host->device and device->host copies (a wave's slot table here, a
+        # chunk's ids in the runner) go through pinned rings (`PinnedRing`: no page-locked
+        # allocation, an implicit synchronization of every stream, in the steady state); False:
+        # through torch's pinned allocator, as before session 16 (prefill_profile --pinned).
+        self.pinned_rings = True
+        self._table_ring = PinnedRing(TABLE_RING, pin=store.copy_stream is not None)
         self.prefetched_experts = 0  # experts loaded ahead of their layer (counted by prefill)
         # Decode's next-layer prediction (`prefetch_predicted`): experts predicted, how many of
         # them the layer then chose, copies started for them, and how many of those it used.
@@ -393,7 +402,13 @@ class Scheduler:
         through pinned host memory: a copy from pageable memory is staged by the driver, which
         may first wait for the stream (the queued kernels), and the scan thread's expert copies
         (`ExpertStore._load_behind`) wait with it (docs/runtime.md)."""
-        rows = torch.from_numpy(self.slot_rows(sel, slot_of))
+        rows = self.slot_rows(sel, slot_of)
         if device.type != "cuda":
-            return rows.to(device)
-        return rows.pin_memory().to(device, non_blocking=True)
+            return torch.from_numpy(rows).to(device)
+        if not self.pinned_rings:  # a block of torch's pinned allocator, as before session 16
+            return torch.from_numpy(rows).pin_memory().to(device, non_blocking=True)
+        host = self._table_ring.tensor(rows.shape, torch.int32)
+        host.numpy()[...] = rows
+        out = host.to(device, non_blocking=True)
+        self._table_ring.used(torch.cuda.current_stream(device))
+        return out

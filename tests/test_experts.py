@@ -511,6 +511,28 @@ def test_slot_table_looks_every_id_up():
     assert eng.scheduler.slot_table(sel, {}, torch.device("cpu")).eq(-1).all()
 
 
+def test_pinned_ring_hands_buffers_out_in_turn():
+    """PinnedRing: buffers in turn, the same memory when one comes round again (grown only when
+    too small), a typed view of the size asked for; off CUDA no events."""
+    from homeseek.experts import PinnedRing
+
+    ring = PinnedRing(3, pin=False)
+    a = ring.tensor((5, 6), torch.int64)
+    assert a.shape == (5, 6) and a.dtype == torch.int64 and ring.used(None) is None
+    a[:] = 7
+    b, c = ring.take(100), ring.take(9000)
+    assert ring.created == 3 and b.numel() == 100 and c.numel() == 9000
+    again = ring.tensor((5, 6), torch.int64)  # buffer 0 again, still 4 KiB: no new memory
+    assert again.data_ptr() == a.data_ptr() and again.eq(7).all() and ring.created == 3
+    assert ring.take(100).data_ptr() == b.data_ptr()
+    assert ring.take(20000).numel() == 20000 and ring.created == 4  # buffer 2 grew
+    t = ring.tensor((2, 3), torch.int32)
+    t.numpy()[...] = np.arange(6).reshape(2, 3)
+    assert t.tolist() == [[0, 1, 2], [3, 4, 5]]
+    with pytest.raises(ValueError, match="at least 1"):
+        PinnedRing(0)
+
+
 def test_experts_of_a_step():
     """The distinct experts of a step's ids, sorted, for a few ids and for a long chunk's."""
     eng = homeseek.load("tiny", dtype=torch.float32, max_context=64)

@@ -179,7 +179,8 @@ def test_cuda_layer_by_layer_prefill_equals_chunk_by_chunk(ids):
     reads ahead) gives bitwise the logits of chunk by chunk on CUDA, with a pool of three
     layers and a host cache smaller than the model; every chunk's A first with the ids read
     early (the default) and chunk after chunk alike, a load's host-cache hits queued before its
-    reads ahead are waited for (the default) or after."""
+    reads ahead are waited for (the default) or after, the ids through the runner's pinned ring
+    (the default) or blocks of torch's pinned allocator."""
     cfg = PRESETS["tiny"]()
     rec_gb = record_bytes(cfg) / 2**30
     kw = dict(
@@ -187,10 +188,13 @@ def test_cuda_layer_by_layer_prefill_equals_chunk_by_chunk(ids):
         host_mem_gb=24 * rec_gb,
     )  # fmt: skip
     out = []
-    for group, a_first, hits_first in ((0, True, True), (64, True, True), (64, False, True),
-                                       (64, True, False)):  # fmt: skip
+    for group, a_first, hits_first, rings in (
+        (0, True, True, True), (64, True, True, True), (64, False, True, True),
+        (64, True, False, True), (64, True, True, False),
+    ):  # fmt: skip
         eng = _load("cuda", prefill_group=group, **kw)
         eng.runner.a_first, eng.experts.hits_first = a_first, hits_first
+        eng.scheduler.pinned_rings = rings
         eng.experts.join_host_fill()
         out.append(eng.session().forward(ids[:100]).cpu())
     assert all(torch.equal(out[0], o) for o in out[1:])

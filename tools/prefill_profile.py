@@ -2,11 +2,11 @@
 
 Builds the engine as `homeseek bench` does (full-size synthetic V4-Flash on CUDA, the process
 capped at --gpu-mem-gb), warms the kernels up, then for each prompt length runs one timed prefill
-per combination of --copy-stores, --group-order and --load-order values (in turn, one JSON line
-each: wall seconds, H2D bytes, the scan threads' counters), then, up to --profile-upto tokens,
-one under torch.profiler with the first combination (the union of kernel intervals, i.e. GPU
-busy, the union of H2D copy intervals, their overlap, the top kernels and the top host ops by
-own time, a timeline window; one JSON line).
+per combination of --copy-stores, --group-order, --load-order and --pinned values (in turn, one
+JSON line each: wall seconds, H2D bytes, the scan threads' counters, the allocators' events),
+then, up to --profile-upto tokens, one under torch.profiler with the first combination (the
+union of kernel intervals, i.e. GPU busy, the union of H2D copy intervals, their overlap, the
+top kernels and the top host ops by own time, a timeline window; one JSON line).
 
     python tools/prefill_profile.py --gpu-mem-gb 24 --prompts 256,4096
     python tools/prefill_profile.py --prompts 4096,16384 --copy-stores streaming,cached \
@@ -185,8 +185,14 @@ def main() -> None:
         "chunk's A of a layer, then the chunks' experts) and chunks (chunk after chunk): each "
         "timed prompt runs once per value, in turn",
     )  # fmt: skip
+    ap.add_argument(
+        "--pinned", default="rings", type=_values("rings", "torch"),
+        help="prefill's small host<->device copies (chunk ids, slot tables), a comma list of "
+        "rings (the engine's: reused pinned buffers) and torch (a block of torch's pinned "
+        "allocator each): each timed prompt runs once per value, in turn",
+    )  # fmt: skip
     args = ap.parse_args()
-    stores, orders, loads = args.copy_stores, args.group_order, args.load_order
+    stores, orders, loads, pins = args.copy_stores, args.group_order, args.load_order, args.pinned
     if args.host_fill == "layers":
         fill = ExpertStore.start_host_fill
 
@@ -214,22 +220,30 @@ def main() -> None:
     cuda = args.device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     sync()
-    variants = [(st, order, load) for st in stores for order in orders for load in loads]
+    variants = [
+        (st, order, load, pin)
+        for st in stores
+        for order in orders
+        for load in loads
+        for pin in pins
+    ]
     for n in prompts:
         ids = torch.randint(0, eng.cfg.vocab_size, (n,), generator=g).tolist()
         runs = [("timed", v) for v in variants]
         if n <= args.profile_upto:
             runs.append(("profiled", variants[0]))
-        for run, (st, order, load) in runs:
+        for run, (st, order, load, pin) in runs:
             if copier is not None:
                 copier.stream_copies = st == "streaming"
             eng.runner.a_first = order == "a-first"
             store.hits_first = load == "hits-first"
+            eng.scheduler.pinned_rings = pin == "rings"
             res: dict[str, float | int | str] = {"tokens": n, "gpu_mem_gb": args.gpu_mem_gb}
             res["host_fill"] = args.host_fill
             res["copy_stores"] = st if copier is not None else "torch readers"
             res["group_order"] = order
             res["load_order"] = load
+            res["pinned"] = pin
             res["run"] = run
             sess.reset()
             eng.experts.reset_gpu()
