@@ -143,6 +143,11 @@ class PinnedRing:
             self._bufs[i] = (buf, None)
         return buf[:nbytes]
 
+    def at_least(self, n: int) -> None:
+        """Hand out at least n buffers in turn from the next `take` on (more uses in flight
+        at once than before; the buffers there are kept)."""
+        self.n = max(self.n, n)
+
     def tensor(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
         """`take` as a tensor of shape and dtype."""
         n = math.prod(shape) * dtype.itemsize
@@ -153,6 +158,7 @@ class PinnedRing:
         has run): the next `take` of it waits for this event. -> the event (None off CUDA)."""
         if stream is None:
             return None
+        assert self._i >= 0, "PinnedRing.used before any take"
         ev = torch.cuda.Event()
         ev.record(stream)
         buf, _ = self._bufs[self._i]

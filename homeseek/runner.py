@@ -48,8 +48,8 @@ VERIFY_MAX = 4
 # A chunk's expert ids being copied to pinned host memory, and the event after the copy
 # (`_ids_to_host`).
 IdsHost = tuple[torch.Tensor, torch.cuda.Event]
-# Buffers of the chunks' ids ring: a layer queues each chunk of a group's ids before reading
-# the first (a 16K group of 4K chunks: 4; more than 16 chunks wait for the oldest's copy).
+# Buffers of the chunks' ids ring (at least): a layer queues every chunk of a group's ids
+# before the host reads the first, so the ring holds a buffer per chunk (`steps` grows it).
 IDS_RING = 16
 
 
@@ -202,8 +202,8 @@ class Runner:
         # `.cpu()`, as before session 15 (tools/prefill_profile.py --group-order measures the two
         # in one process).
         self.a_first = True
-        # The buffers the chunks' ids are copied into (`_ids_to_host`): more than a group's
-        # chunks, so a buffer's last copy has run when it comes round again.
+        # The buffers the chunks' ids are copied into (`_ids_to_host`): one per chunk of a group
+        # at least, so a buffer comes round again only once the host has read its ids.
         self._ids_ring = PinnedRing(IDS_RING, pin=on_cuda)
         # Decode: True queues a layer's prediction of the next layer's experts behind its own
         # copies, before its E; False (kept: measured no faster, 39.7 against 38.1 ms a token,
@@ -243,6 +243,8 @@ class Runner:
             torch.arange(a, a + ids.shape[0], device=ids.device)
             for (ids, _), a in zip(chunks, starts, strict=True)
         ]
+        # A buffer per chunk: a layer's ids are all queued before the host reads the first.
+        self._ids_ring.at_least(len(chunks))
         try:
             n = len(chunks)
             for layer in self.layers:

@@ -215,8 +215,8 @@ class Scheduler:
             store.timeline.span("ids", layer, t0, time.perf_counter())
         if self.routing is not None:
             sel = self.routing.select(layer, sel, offset)
-        if self.trace is not None:
-            self.trace.append((layer, sel))
+        if self.trace is not None:  # kept past the step: not the pinned ring's buffer
+            self.trace.append((layer, sel.clone()))
         experts = self.experts_of(sel)
         self._score_prediction(layer, experts)
         store.begin_layer()

@@ -529,6 +529,9 @@ def test_pinned_ring_hands_buffers_out_in_turn():
     t = ring.tensor((2, 3), torch.int32)
     t.numpy()[...] = np.arange(6).reshape(2, 3)
     assert t.tolist() == [[0, 1, 2], [3, 4, 5]]
+    ring.at_least(5)  # two more buffers in turn before buffer 0 comes round again
+    took = [ring.take(10).data_ptr() for _ in range(5)]
+    assert len(set(took)) == 5 and ring.created == 6
     with pytest.raises(ValueError, match="at least 1"):
         PinnedRing(0)
 

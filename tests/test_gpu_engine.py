@@ -198,6 +198,28 @@ def test_cuda_layer_by_layer_prefill_equals_chunk_by_chunk(ids):
         eng.experts.join_host_fill()
         out.append(eng.session().forward(ids[:100]).cpu())
     assert all(torch.equal(out[0], o) for o in out[1:])
+    # more chunks in a group than the ids ring's buffers at first (25 chunks of 4 tokens)
+    eng = _load("cuda", prefill_group=100, **{**kw, "prefill_chunk": 4})
+    eng.experts.join_host_fill()
+    assert torch.equal(eng.session().forward(ids[:100]).cpu(), out[0])
+
+
+def test_cuda_layer_by_layer_kernels_through_the_rings(ids):
+    """The FP4 kernels' slot tables through the scheduler's pinned ring, several waves a layer
+    (4 slots, a chunk uses about all 8 experts) and more chunks than its buffers: the logits of
+    torch's pinned allocator, bitwise; and the routing trace keeps each layer's ids (a ring
+    buffer is written again 16 chunks later)."""
+    cfg = PRESETS["tiny"]()
+    kw = dict(kernels=True, prefill_chunk=8, prefill_group=96, expert_slots=4)
+    out, traces = [], []
+    for rings in (True, False):
+        eng = _load("cuda", **kw)
+        eng.scheduler.pinned_rings = rings
+        eng.scheduler.trace = []
+        out.append(eng.session().forward(ids[:96]).cpu())
+        traces.append([(layer, sel.tolist()) for layer, sel in eng.scheduler.trace])
+    assert torch.equal(out[0], out[1])
+    assert traces[0] == traces[1] and len(traces[0]) == 12 * cfg.num_hidden_layers
 
 
 def test_cuda_bf16_generate():
