@@ -222,6 +222,7 @@ class Row:
     ceiling_ms_per_token: float = 0.0
     pct_of_ceiling: float = 0.0
     peak_gpu_gib: float | None = None
+    peak_reserved_gib: float | None = None  # the caching allocator's, allocated or kept
     kernels_per_token: float | None = None
     gpu_busy_ms_per_token: float | None = None
     host_ms_per_token: float | None = None
@@ -524,6 +525,7 @@ class Bench:
         row.disk_GBps = round(disk / disk_s / 1e9, 2) if disk_s > 0 and disk else None
         if self.cuda:
             row.peak_gpu_gib = round(torch.cuda.max_memory_allocated() / GiB, 2)
+            row.peak_reserved_gib = round(torch.cuda.max_memory_reserved() / GiB, 2)
         chunks = -(-row.tokens // self.eng.rt.prefill_chunk) if row.work == "prefill" else n_tok
         hbm = chunks * self.setup["dense_read_bytes"] + lookups * rec
         row.hbm_bytes_per_token = hbm / n_tok

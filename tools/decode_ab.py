@@ -12,7 +12,9 @@ one JSON line. The greedy tokens must agree between runs (the switches do not ch
 
 Switches: `prefetch` (the next-layer prediction's copies), `lane` (the CPU lane, built with
 --cpu-lane on), `early-prediction` (a layer with misses queues the prediction's copies behind
-its own, before its E; off: after the next A).
+its own, before its E; off: after the next A), `empty-cache` (the caching allocator's unused
+blocks returned before the run: with --warm-chunk, whether a reserve near the budget slows
+decode).
 """
 
 from __future__ import annotations
@@ -31,14 +33,20 @@ from homeseek.scheduler import make_routing
 
 def _set(eng, switch: str, on: bool, lane) -> None:  # noqa: ANN001 - Engine, CpuLane
     sched = eng.scheduler
-    if switch == "prefetch":
+    if switch == "empty-cache":
+        if on and torch.cuda.is_initialized():  # the allocator's unused blocks, returned
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+    elif switch == "prefetch":
         sched.prefetch = on
     elif switch == "lane":
         sched.lane = lane if on else None
     elif switch == "early-prediction":
         eng.runner.early_prediction = on
     else:
-        raise SystemExit(f"unknown switch {switch!r}: prefetch, lane or early-prediction")
+        raise SystemExit(
+            f"unknown switch {switch!r}: prefetch, lane, early-prediction or empty-cache"
+        )
 
 
 def main() -> None:
@@ -49,8 +57,18 @@ def main() -> None:
     ap.add_argument("--gpu-mem-gb", type=float, default=24.0)
     ap.add_argument("--host-mem-gb", type=float, default=None)
     ap.add_argument(
-        "--switch", default="prefetch", choices=("prefetch", "lane", "early-prediction")
-    )
+        "--switch", default="prefetch",
+        choices=("prefetch", "lane", "early-prediction", "empty-cache"),
+    )  # fmt: skip
+    ap.add_argument(
+        "--max-context", type=int, default=None,
+        help="the engine's max_context (default: what the prompt and tokens need)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--warm-chunk", type=int, default=0,
+        help="prefill this many tokens once after the build, as `homeseek bench` warms a full "
+        "chunk up (its activations stay in the caching allocator's reserve)",
+    )  # fmt: skip
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--prompt", type=int, default=8)
@@ -62,7 +80,8 @@ def main() -> None:
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     rt = RuntimeConfig.build(
         device=device, dtype=dtype, gpu_mem_gb=args.gpu_mem_gb,
-        host_mem_gb=args.host_mem_gb, max_context=args.prompt + args.tokens + 64,
+        host_mem_gb=args.host_mem_gb,
+        max_context=args.max_context or max(args.prompt, args.warm_chunk) + args.tokens + 64,
         cpu_lane=args.cpu_lane,
     )  # fmt: skip
     if args.switch in ("prefetch", "early-prediction") and args.routing != "model":
@@ -75,6 +94,9 @@ def main() -> None:
         raise SystemExit("--switch lane needs a CPU lane: --cpu-lane on")
     eng.scheduler.routing = make_routing(args.routing, eng.cfg)
     sess = eng.session()
+    if args.warm_chunk:
+        sess.forward([1 + i % 1000 for i in range(args.warm_chunk)], last_only=True)
+        sess.reset()
     sess.forward(list(range(1, args.prompt + 1)), last_only=True)
     snap = sess.snapshot()
     tok = 7
@@ -115,6 +137,7 @@ def main() -> None:
                 ),
                 "same_tokens": toks == first_tokens,
                 "allocator": allocator_delta(alloc0, cuda),
+                "reserved_gib": round(torch.cuda.memory_reserved() / 2**30, 2) if cuda else None,
             }
             runs.append(run)
             print(json.dumps(run), flush=True)
