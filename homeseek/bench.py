@@ -568,23 +568,28 @@ class Bench:
                         self._decode(
                             routing, sess, bc.decode_tokens, profile=True, lane=mode, prefetch=pf
                         )
+                    # the prompts' prefetch (a scan's next layer) as the engine was built
+                    eng.scheduler.prefetch = any(bc.prefetch)
                     if bc.mtp:
                         self._decode_mtp(routing, sess, snap)
                 elif i == len(prompts) - 1 and bc.long_decode_tokens:  # after the longest
-                    self._decode(  # in the mode the short-position rows ended with
+                    # in the mode the short-position rows ended with
+                    mode, lane, pf = self.modes[-1]
+                    eng.scheduler.lane, eng.scheduler.prefetch = lane, pf
+                    self._decode(
                         routing,
                         sess,
                         bc.long_decode_tokens,
                         profile=False,
-                        lane=self.modes[-1][0],
-                        prefetch=self.modes[-1][2],
+                        lane=mode,
+                        prefetch=pf,
                         warm=True,
                     )
         finally:
             eng.experts.time_copies = False
             eng.scheduler.routing = None
-            eng.scheduler.lane = self.modes[-1][1]
-            eng.scheduler.prefetch = self.modes[-1][2]
+            eng.scheduler.lane = self.lanes[-1][1]
+            eng.scheduler.prefetch = any(bc.prefetch)
 
     def _prefill(self, routing: str, sess: Any, n: int) -> Row:
         row = Row(routing, "prefill", n, sess.pos)

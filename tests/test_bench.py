@@ -100,6 +100,30 @@ def test_bench_decodes_each_lane_mode_with_each_prefetch_setting(capsys):
     assert [(r["cpu_lane"], r["prefetch"]) for r in dec] == [("off", False)]
 
 
+def test_bench_copy_only_decode_leaves_the_prompts_their_prefetch(monkeypatch):
+    """The copy-only decode row turns the prefetch off while it runs; the prompts after it
+    (a 24-token chunk is a scan on the tiny model: it loads the next layer early) and the decode
+    after the longest prompt run as asked (that in the copy-only mode), and the engine keeps
+    its setting."""
+    from homeseek.bench import Bench, BenchConfig
+    from homeseek.scheduler import Scheduler
+
+    scans = []
+    real = Scheduler.prefetch_next
+    monkeypatch.setattr(
+        Scheduler, "prefetch_next", lambda self, *a: (scans.append(a), real(self, *a))[1]
+    )
+    bc = BenchConfig(
+        model="tiny", synthetic=None, device="cpu", prompts=(8, 24), decode_tokens=2,
+        long_decode_tokens=1, profile_tokens=0, cpu_lanes=("off",),
+    )  # fmt: skip
+    b = Bench(bc, out=lambda _: None)
+    res = b.run()
+    dec = [(r["position"], r["prefetch"]) for r in res["rows"] if r["work"] == "decode"]
+    assert dec == [(8, False), (25, False)]
+    assert scans and b.eng.scheduler.prefetch is True
+
+
 def test_bench_rejects_bad_arguments():
     from homeseek.bench import BenchConfig
 
