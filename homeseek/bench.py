@@ -88,6 +88,9 @@ class BenchConfig:
             raise ConfigError("--decode-tokens must be >= 2; the other counts >= 0")
         if not 0 <= self.mtp <= 3:
             raise ConfigError(f"--mtp must be 0 to 3 drafts, got {self.mtp}")
+        pf = self.prefetch
+        if not isinstance(pf, tuple) or not pf or any(not isinstance(p, bool) for p in pf):
+            raise ConfigError(f"--prefetch: one or more of on/off, got {self.prefetch!r}")
         if any(not 0 <= r <= 1 for r in self.mtp_forced):
             raise ConfigError(f"forced acceptance rates must be in [0, 1], got {self.mtp_forced}")
         if self.expert_alias is not None and self.expert_alias < 1:
@@ -432,13 +435,18 @@ class Bench:
         # while its rows run; "on"/"auto" use it, labelled "off" where it could not start.
         lane = eng.scheduler.lane
         labels = ["off" if m == "off" or lane is None else "on" for m in bc.cpu_lanes]
-        self.lanes = [(m, None if m == "off" else lane) for m in dict.fromkeys(labels)]
+        # "off" first: the copy-only row is printed before the rows put against it
+        labels = sorted(dict.fromkeys(labels), key=lambda m: m != "off")
+        self.lanes = [(m, None if m == "off" else lane) for m in labels]
         # Each decode mode: (lane label, the lane or None, prefetch on). One prefetch setting
-        # asked for: "off" is the copy-only baseline, without the next-layer prefetch either.
-        # Prefetch off first: the baseline row is printed before the rows put against it.
+        # and "off" asked for: that row is the copy-only baseline, without the next-layer
+        # prefetch either (a lane that could not start is labelled "off" too: its rows keep the
+        # prefetch). Prefetch off first: the baseline row is printed before the rows put
+        # against it.
         pf = tuple(sorted(set(bc.prefetch)))
+        copy_only = len(pf) == 1 and "off" in bc.cpu_lanes
         self.modes = [
-            (m, ln, p and not (len(pf) == 1 and m == "off")) for m, ln in self.lanes for p in pf
+            (m, ln, p and not (copy_only and m == "off")) for m, ln in self.lanes for p in pf
         ]
         store = eng.experts
         n_total = len(eng.layers) * eng.cfg.n_routed_experts
@@ -768,7 +776,7 @@ class Bench:
             f"{rt.prefill_chunk}-token chunks{group}; max_context {rt.max_context}"
         )
         self.out(
-            f"{'routing':<8} {'work':<16} {'tok/s':>8} {'ms/tok':>8} {'TTFT s':>7} "
+            f"{'routing':<8} {'work':<22} {'tok/s':>8} {'ms/tok':>8} {'TTFT s':>7} "
             f"{'hit%':>5} {'H2D MB/t':>9} {'H2D GB/s':>8} {'ceil ms/t':>9} {'%ceil':>6} "
             f"{'peak GiB':>8}"
         )
@@ -782,7 +790,7 @@ class Bench:
             work += " cpu" if row.cpu_lane == "on" else " copy"
             work += "+pf" if row.prefetch and len({m[2] for m in self.modes}) > 1 else ""
         if row.error:
-            self.out(f"{row.routing:<8} {work:<16} {row.error}")
+            self.out(f"{row.routing:<8} {work:<22} {row.error}")
             return
 
         def f(v: float | None, fmt: str) -> str:
@@ -790,7 +798,7 @@ class Bench:
 
         ms = row.ms_per_token_median
         self.out(
-            f"{row.routing:<8} {work:<16} {row.tok_s:>8.2f} {f(ms, '8.1f'):>8} "
+            f"{row.routing:<8} {work:<22} {row.tok_s:>8.2f} {f(ms, '8.1f'):>8} "
             f"{f(row.ttft_s, '7.2f'):>7} {100 * row.gpu_hit_rate:>5.1f} "
             f"{row.h2d_bytes_per_token / 1e6:>9.1f} {f(row.h2d_GBps, '8.1f'):>8} "
             f"{row.ceiling_ms_per_token:>9.2f} {row.pct_of_ceiling:>6.1f} "
@@ -798,7 +806,7 @@ class Bench:
         )
         if row.kernels_per_token is not None:
             self.out(
-                f"{'':<8} {'':<16} per token: {row.kernels_per_token:.0f} kernels, "
+                f"{'':<8} {'':<22} per token: {row.kernels_per_token:.0f} kernels, "
                 f"{'GPU' if self.cuda else 'op'} busy {row.gpu_busy_ms_per_token:.1f} ms, "
                 f"host {row.host_ms_per_token:.1f} ms (GPU busy {row.gpu_busy_pct:.0f}% of the "
                 f"token; H2D + GPU {row.h2d_plus_gpu_ms:.1f} ms = "
@@ -807,19 +815,19 @@ class Bench:
                 f"{row.disk_reads_per_token:.1f} from below)"
             )
             for name, n, ms in (row.top_kernels or [])[:8]:
-                self.out(f"{'':<8} {'':<16}   {ms:6.2f} ms {n:6.0f}x  {name[:60]}")
+                self.out(f"{'':<8} {'':<22}   {ms:6.2f} ms {n:6.0f}x  {name[:60]}")
         al = row.allocator
         drains = ("alloc_retries", "alloc_syncs", "host_pinned_allocs")
         if al and any(al.get(k) for k in drains):
             self.out(
-                f"{'':<8} {'':<16} allocators: {al.get('alloc_retries', 0)} cudaMalloc retries, "
+                f"{'':<8} {'':<22} allocators: {al.get('alloc_retries', 0)} cudaMalloc retries, "
                 f"{al.get('alloc_syncs', 0)} syncs of all streams, {al.get('device_allocs', 0)} "
                 f"device allocations, {al.get('host_pinned_allocs', '?')} pinned host blocks"
             )
         bg = row.scan_thread_s
         if bg and bg["bg_busy_s"] > 0:
             self.out(
-                f"{'':<8} {'':<16} scan thread: busy {bg['bg_busy_s']:.2f} s (queueing copies "
+                f"{'':<8} {'':<22} scan thread: busy {bg['bg_busy_s']:.2f} s (queueing copies "
                 f"{bg['bg_issue_s']:.2f} s, reading {bg['scan_read_s']:.2f} s); host slot waits "
                 f"{bg['await_s']:.2f} s; main thread in the scheduler {bg['scheduler_s']:.2f} s"
             )
@@ -830,16 +838,16 @@ class Bench:
                 lane = f"CPU lane: {row.cpu_experts_per_token:.1f} experts per token"
                 vs = f"{lane}; {vs}" if vs else lane
             if vs:
-                self.out(f"{'':<8} {'':<16} {vs}")
+                self.out(f"{'':<8} {'':<22} {vs}")
         if row.prediction_accuracy is not None and row.work == "decode":
             self.out(
-                f"{'':<8} {'':<16} next-layer prediction: {100 * row.prediction_accuracy:.0f}% "
+                f"{'':<8} {'':<22} next-layer prediction: {100 * row.prediction_accuracy:.0f}% "
                 f"of predicted experts chosen; {row.prefetch_wasted_MB_per_token:.1f} MB/token "
                 "copied for wrong guesses"
             )
         if row.mtp_acceptance is not None:
             self.out(
-                f"{'':<8} {'':<16} drafts kept {100 * row.mtp_acceptance:.0f}%, "
+                f"{'':<8} {'':<22} drafts kept {100 * row.mtp_acceptance:.0f}%, "
                 f"{row.mtp_tokens_per_step:.2f} tokens per verify step"
             )
 

@@ -98,6 +98,14 @@ def test_bench_decodes_each_lane_mode_with_each_prefetch_setting(capsys):
     )  # fmt: skip
     dec = [r for r in res["rows"] if r["work"] == "decode"]
     assert [(r["cpu_lane"], r["prefetch"]) for r in dec] == [("off", False)]
+    # a lane asked for that cannot start here (a CPU engine) is labelled "off": not a copy-only
+    # baseline, its row keeps the prefetch
+    out, res = _bench(
+        capsys, "--prompts", "8", "--decode-tokens", "2", "--long-decode-tokens", "0",
+        "--profile-tokens", "0", "--cpu-lane", "auto",
+    )  # fmt: skip
+    dec = [r for r in res["rows"] if r["work"] == "decode"]
+    assert [(r["cpu_lane"], r["prefetch"]) for r in dec] == [("off", True)]
 
 
 def test_bench_copy_only_decode_leaves_the_prompts_their_prefetch(monkeypatch):
@@ -121,7 +129,7 @@ def test_bench_copy_only_decode_leaves_the_prompts_their_prefetch(monkeypatch):
     res = b.run()
     dec = [(r["position"], r["prefetch"]) for r in res["rows"] if r["work"] == "decode"]
     assert dec == [(8, False), (25, False)]
-    assert scans and b.eng.scheduler.prefetch is True
+    assert any(tokens == 24 for _, tokens in scans) and b.eng.scheduler.prefetch is True
 
 
 def test_bench_rejects_bad_arguments():
@@ -135,6 +143,9 @@ def test_bench_rejects_bad_arguments():
         BenchConfig(model="tiny", synthetic=None, device="cpu", routings=("trace:/nonexistent",))
     with pytest.raises(ConfigError, match="mtp"):
         BenchConfig(model="tiny", synthetic=None, device="cpu", mtp=5)
+    for bad in ((), True, ("on",)):
+        with pytest.raises(ConfigError, match="--prefetch"):
+            BenchConfig(model="tiny", synthetic=None, device="cpu", prefetch=bad)
 
 
 def test_uniform_routing_draws_distinct_experts_evenly():

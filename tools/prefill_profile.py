@@ -189,7 +189,8 @@ def main() -> None:
         "--pinned", default="rings", type=_values("rings", "torch"),
         help="prefill's small host<->device copies (chunk ids, slot tables), a comma list of "
         "rings (the engine's: reused pinned buffers) and torch (a block of torch's pinned "
-        "allocator each): each timed prompt runs once per value, in turn",
+        "allocator each; slot-map updates keep their ring, sized for any update since session "
+        "16): each timed prompt runs once per value, in turn",
     )  # fmt: skip
     args = ap.parse_args()
     stores, orders, loads, pins = args.copy_stores, args.group_order, args.load_order, args.pinned
