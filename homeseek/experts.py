@@ -123,22 +123,17 @@ class PinnedRing:
     def take(self, nbytes: int) -> torch.Tensor:
         """A uint8 buffer of nbytes, free to write (its last copy has run)."""
         i = self._i = (self._i + 1) % self.n
-        buf: torch.Tensor | None = None
-        if i < len(self._bufs):
-            buf, ev = self._bufs[i]
-            if ev is not None:
-                ev.synchronize()
-            if buf.numel() < nbytes:
-                buf = None
-        if buf is None:
+        new = i == len(self._bufs)  # the ring has not come round to a buffer here yet
+        buf, ev = (None, None) if new else self._bufs[i]
+        if ev is not None:
+            ev.synchronize()
+        if buf is None or buf.numel() < nbytes:
             # a power of two, at least 4 KiB: a chunk a little longer reuses it
             size = max(4096, 1 << (max(nbytes, 1) - 1).bit_length())
             buf = torch.empty(size, dtype=torch.uint8, pin_memory=self.pin)
             self.created += 1
-            if i < len(self._bufs):
-                self._bufs[i] = (buf, None)
-            else:
-                self._bufs.append((buf, None))
+        if new:
+            self._bufs.append((buf, None))
         else:
             self._bufs[i] = (buf, None)
         return buf[:nbytes]

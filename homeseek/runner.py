@@ -245,6 +245,7 @@ class Runner:
         ]
         # A buffer per chunk: a layer's ids are all queued before the host reads the first.
         self._ids_ring.at_least(len(chunks))
+        ring = self._ids_ring if self.scheduler.pinned_rings else None
         try:
             n = len(chunks)
             for layer in self.layers:
@@ -266,7 +267,6 @@ class Runner:
                 for c in range(n):
                     p = self._chunk_a(c, layer, X, chunks, pos, starts, state)
                     X[c] = p.X  # the old streams are no longer needed
-                    ring = self._ids_ring if self.scheduler.pinned_rings else None
                     pend.append((p, _ids_to_host(p.sel, ring)))
                 for c in range(n):
                     item, pend[c] = pend[c], None
@@ -501,24 +501,20 @@ class Runner:
         whole = ahead and bool(held[sel_host[0].numpy()].all())
         if whole:
             self.layers_b += 1
-        elif not self.early_prediction:
-            self.layers_e += kernels
-            self._experts_of(layer, sel_host)
-            if pred is None:
-                return None
-            return layer, lambda: self.scheduler.prefetch_predicted(nxt, pred)
         else:
             self.layers_e += kernels
+            predicted = None
+            if pred is not None:
 
-            def predicted() -> None:
-                self.scheduler.prefetch_predicted(nxt, pred)
+                def predicted() -> None:
+                    self.scheduler.prefetch_predicted(nxt, pred)
 
-            # The next layer's predicted experts are queued on the copy stream right behind
-            # this layer's misses, before its E is launched: E waits for those misses anyway,
-            # and deferred past the next A (as below) they left the copy stream idle through
-            # this layer's E, the next A and the host's work between.
-            self._experts_of(layer, sel_host, then=predicted if pred is not None else None)
-            return None
+            # early: the next layer's predicted experts queued on the copy stream right behind
+            # this layer's misses, before its E is launched (E waits for those misses anyway);
+            # else after the next A is queued
+            early = self.early_prediction
+            self._experts_of(layer, sel_host, then=predicted if early else None)
+            return None if early or predicted is None else (layer, predicted)
 
         def later() -> None:
             for _ in self.scheduler.layer(layer, sel_host):
