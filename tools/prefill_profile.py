@@ -142,6 +142,14 @@ def _values(*allowed: str) -> Callable[[str], list[str]]:
     return parse
 
 
+def _switch(ap: argparse.ArgumentParser, flag: str, values: tuple[str, str], what: str) -> None:
+    """An A/B switch: a comma list of `values` (default the first, the engine's)."""
+    ap.add_argument(
+        flag, default=values[0], type=_values(*values),
+        help=f"{what}; a comma list: each timed prompt runs once per value, in turn",
+    )  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--synthetic", default="flash")
@@ -168,30 +176,35 @@ def main() -> None:
         help="the host cache's fill order: the engine's (expert ids across the layers), or "
         "layer by layer as before session 14 (to measure the two on one machine)",
     )  # fmt: skip
-    ap.add_argument(
-        "--copy-stores", default="streaming", type=_values("streaming", "cached"),
-        help="the stores of the reads of the tier below, a comma list of streaming (the "
-        "engine's) and cached: each timed prompt runs once per value, in turn",
-    )  # fmt: skip
-    ap.add_argument(
-        "--load-order", default="hits-first", type=_values("hits-first", "reads-first"),
-        help="a scan's background load, a comma list of hits-first (the engine's: the host-cache "
-        "hits' copies queued before waiting for the layer's reads ahead) and reads-first: each "
-        "timed prompt runs once per value, in turn",
-    )  # fmt: skip
-    ap.add_argument(
-        "--group-order", default="a-first", type=_values("a-first", "chunks"),
-        help="a layer-by-layer group's order, a comma list of a-first (the engine's: every "
-        "chunk's A of a layer, then the chunks' experts) and chunks (chunk after chunk): each "
-        "timed prompt runs once per value, in turn",
-    )  # fmt: skip
-    ap.add_argument(
-        "--pinned", default="rings", type=_values("rings", "torch"),
-        help="prefill's small host<->device copies (chunk ids, slot tables), a comma list of "
-        "rings (the engine's: reused pinned buffers) and torch (a block of torch's pinned "
-        "allocator each; slot-map updates keep their ring, sized for any update since session "
-        "16): each timed prompt runs once per value, in turn",
-    )  # fmt: skip
+    # A/B switches: each timed prompt runs once per value given, in turn (the first: the engine's)
+    _switch(
+        ap,
+        "--copy-stores",
+        ("streaming", "cached"),
+        "the stores of the reads of the tier below: streaming (the engine's) or cached",
+    )
+    _switch(
+        ap,
+        "--load-order",
+        ("hits-first", "reads-first"),
+        "a scan's background load: hits-first (the engine's: the host-cache hits' copies "
+        "queued before waiting for the layer's reads ahead) or reads-first",
+    )
+    _switch(
+        ap,
+        "--group-order",
+        ("a-first", "chunks"),
+        "a layer-by-layer group's order: a-first (the engine's: every chunk's A of a "
+        "layer, then the chunks' experts) or chunks (chunk after chunk)",
+    )
+    _switch(
+        ap,
+        "--pinned",
+        ("rings", "torch"),
+        "prefill's small host<->device copies (chunk ids, slot tables): rings (the "
+        "engine's: reused pinned buffers) or torch (a block of torch's pinned allocator "
+        "each; slot-map updates keep their ring, sized for any update since session 16)",
+    )
     args = ap.parse_args()
     stores, orders, loads, pins = args.copy_stores, args.group_order, args.load_order, args.pinned
     if args.host_fill == "layers":
