@@ -14,7 +14,8 @@ Switches: `prefetch` (the next-layer prediction's copies), `lane` (the CPU lane,
 --cpu-lane on), `early-prediction` (a layer with misses queues the prediction's copies behind
 its own, before its E; off: after the next A), `empty-cache` (the caching allocator's unused
 blocks returned before the run: with --warm-chunk, whether a reserve near the budget slows
-decode).
+decode), `time-copies` (events around each batch of copies, as `homeseek bench` records
+them to report the copy lane's GB/s). `--switch a,b` measures each in turn on one build.
 """
 
 from __future__ import annotations
@@ -30,6 +31,16 @@ from homeseek.bench import allocator_counters, allocator_delta, build_engine, ca
 from homeseek.config import RuntimeConfig
 from homeseek.scheduler import make_routing
 
+SWITCHES = ("prefetch", "lane", "early-prediction", "empty-cache", "time-copies")
+# each switch as the engine runs it, restored after its runs (the next switch's baseline)
+DEFAULT_ON = {
+    "prefetch": True,
+    "lane": True,
+    "early-prediction": False,
+    "empty-cache": False,
+    "time-copies": False,
+}
+
 
 def _set(eng, switch: str, on: bool, lane) -> None:  # noqa: ANN001 - Engine, CpuLane
     sched = eng.scheduler
@@ -43,10 +54,12 @@ def _set(eng, switch: str, on: bool, lane) -> None:  # noqa: ANN001 - Engine, Cp
         sched.lane = lane if on else None
     elif switch == "early-prediction":
         eng.runner.early_prediction = on
+    elif switch == "time-copies":
+        eng.experts.time_copies = on
+        if not on:
+            eng.experts.copy_busy_s()  # the timed batches' events, forgotten
     else:
-        raise SystemExit(
-            f"unknown switch {switch!r}: prefetch, lane, early-prediction or empty-cache"
-        )
+        raise SystemExit(f"unknown switch {switch!r}: one of {', '.join(SWITCHES)}")
 
 
 def main() -> None:
@@ -58,7 +71,7 @@ def main() -> None:
     ap.add_argument("--host-mem-gb", type=float, default=None)
     ap.add_argument(
         "--switch", default="prefetch",
-        choices=("prefetch", "lane", "early-prediction", "empty-cache"),
+        help=f"one or a comma list (each measured in turn, one build): {', '.join(SWITCHES)}",
     )  # fmt: skip
     ap.add_argument(
         "--max-context", type=int, default=None,
@@ -84,14 +97,20 @@ def main() -> None:
         max_context=args.max_context or max(args.prompt, args.warm_chunk) + args.tokens + 64,
         cpu_lane=args.cpu_lane,
     )  # fmt: skip
-    if args.switch in ("prefetch", "early-prediction") and args.routing != "model":
-        raise SystemExit(f"--switch {args.switch} needs --routing model: an override draws the ids "
-                         "after the router, so decode predicts nothing under it")  # fmt: skip
+    switches = [w.strip() for w in args.switch.split(",") if w.strip()]
+    for sw in switches:
+        if sw not in SWITCHES:
+            raise SystemExit(f"unknown switch {sw!r}: one of {', '.join(SWITCHES)}")
+        if sw in ("prefetch", "early-prediction") and args.routing != "model":
+            raise SystemExit(f"--switch {sw} needs --routing model: an override draws the ids "
+                             "after the router, so decode predicts nothing under it")  # fmt: skip
+        if sw == "lane" and args.cpu_lane == "off":
+            raise SystemExit("--switch lane needs a CPU lane: --cpu-lane on")
     eng = build_engine(rt, None, args.synthetic, expert_alias=args.expert_alias or None)
     cuda = device.startswith("cuda")
     lane = eng.scheduler.lane
-    if args.switch == "lane" and lane is None:
-        raise SystemExit("--switch lane needs a CPU lane: --cpu-lane on")
+    if "lane" in switches and lane is None:
+        raise SystemExit("--switch lane: the CPU lane could not start on this host")
     eng.scheduler.routing = make_routing(args.routing, eng.cfg)
     sess = eng.session()
     warm_ids = [1 + i % 1000 for i in range(args.warm_chunk)]
@@ -111,68 +130,76 @@ def main() -> None:
     tok = 7
     for _ in range(args.tokens):
         tok = int(sess.decode(tok).argmax())
-    runs: list[dict] = []
     first_tokens: list[int] | None = None
-    for r in range(args.rounds):
-        for on in (True, False) if r % 2 == 0 else (False, True):
-            if args.switch == "empty-cache" and not on and warm_ids:
-                # the reserve an "on" run returned, built again (a warm chunk's activations;
-                # its reads also pass through the host cache: disk_reads_per_token shows it)
-                sess.forward(warm_ids, last_only=True)
-            sess.rollback(snap)
-            eng.experts.reset_gpu()
-            # a fresh override each run: the same draws (uniform) or trace rows in every run
-            eng.scheduler.routing = make_routing(args.routing, eng.cfg)
-            _set(eng, args.switch, on, lane)
-            pred0 = eng.scheduler.predicted.copied
-            c0 = eng.experts.counters.as_dict()
-            alloc0 = allocator_counters(cuda)
-            toks, ms, tok = [], [], 7
-            for _ in range(args.tokens):
-                t0 = time.perf_counter()
-                tok = int(sess.decode(tok).argmax())  # the argmax syncs
-                ms.append((time.perf_counter() - t0) * 1000)
-                toks.append(tok)
-            c1 = eng.experts.counters.as_dict()
-            if first_tokens is None:
-                first_tokens = toks
-            run = {
-                "switch": args.switch,
-                "on": on,
-                "round": r,
-                "ms_per_token_median": round(statistics.median(ms), 2),
-                "ms_per_token_mean": round(statistics.fmean(ms), 2),
-                "tok_s": round(1000 * len(ms) / sum(ms), 3),
-                "disk_reads_per_token": round((c1["disk_loads"] - c0["disk_loads"]) / len(ms), 2),
-                "h2d_MB_per_token": round((c1["bytes_h2d"] - c0["bytes_h2d"]) / len(ms) / 1e6, 1),
-                "prefetch_copies_per_token": round(
-                    (eng.scheduler.predicted.copied - pred0) / len(ms), 2
-                ),
-                "same_tokens": toks == first_tokens,
-                "allocator": allocator_delta(alloc0, cuda),
-                "reserved_gib": round(torch.cuda.memory_reserved() / 2**30, 2) if cuda else None,
-            }
-            runs.append(run)
-            print(json.dumps(run), flush=True)
-    _set(eng, args.switch, True, lane)
-    med = {
-        on: statistics.median(x["ms_per_token_median"] for x in runs if x["on"] is on)
-        for on in (True, False)
-    }
-    print(
-        json.dumps(
-            {
-                "switch": args.switch,
-                "routing": args.routing,
-                "cpu_lane": args.cpu_lane,
-                "gpu_mem_gb": args.gpu_mem_gb,
-                "ms_per_token_on": med[True],
-                "ms_per_token_off": med[False],
-                "speedup_on": round(med[False] / med[True], 3),
-                "all_same_tokens": all(x["same_tokens"] for x in runs),
-            }
+    for switch in switches:
+        runs: list[dict] = []
+        for r in range(args.rounds):
+            for on in (True, False) if r % 2 == 0 else (False, True):
+                if switch == "empty-cache" and not on and warm_ids:
+                    # the reserve an "on" run returned, built again (a warm chunk's activations;
+                    # its reads also pass through the host cache: disk_reads_per_token shows it)
+                    sess.forward(warm_ids, last_only=True)
+                sess.rollback(snap)
+                eng.experts.reset_gpu()
+                # a fresh override each run: the same draws (uniform) or trace rows in every run
+                eng.scheduler.routing = make_routing(args.routing, eng.cfg)
+                _set(eng, switch, on, lane)
+                run, toks = _timed_run(eng, sess, switch, on, r, args.tokens, cuda)
+                if first_tokens is None:
+                    first_tokens = toks
+                run["same_tokens"] = toks == first_tokens
+                runs.append(run)
+                print(json.dumps(run), flush=True)
+        _set(eng, switch, DEFAULT_ON[switch], lane)  # as the engine runs it
+        med = {
+            on: statistics.median(x["ms_per_token_median"] for x in runs if x["on"] is on)
+            for on in (True, False)
+        }
+        print(
+            json.dumps(
+                {
+                    "switch": switch,
+                    "routing": args.routing,
+                    "cpu_lane": args.cpu_lane,
+                    "gpu_mem_gb": args.gpu_mem_gb,
+                    "max_context": rt.max_context,
+                    "warm_chunk": args.warm_chunk,
+                    "ms_per_token_on": round(med[True], 2),
+                    "ms_per_token_off": round(med[False], 2),
+                    "speedup_on": round(med[False] / med[True], 3),
+                    "all_same_tokens": all(x["same_tokens"] for x in runs),
+                }
+            ),
+            flush=True,
         )
-    )
+
+
+def _timed_run(eng, sess, switch: str, on: bool, r: int, n: int, cuda: bool):  # noqa: ANN001, ANN202
+    """n greedy tokens from the session's state, each timed: (the run's JSON row, its tokens)."""
+    pred0 = eng.scheduler.predicted.copied
+    c0 = eng.experts.counters.as_dict()
+    alloc0 = allocator_counters(cuda)
+    toks, ms, tok = [], [], 7
+    for _ in range(n):
+        t0 = time.perf_counter()
+        tok = int(sess.decode(tok).argmax())  # the argmax syncs
+        ms.append((time.perf_counter() - t0) * 1000)
+        toks.append(tok)
+    c1 = eng.experts.counters.as_dict()
+    run = {
+        "switch": switch,
+        "on": on,
+        "round": r,
+        "ms_per_token_median": round(statistics.median(ms), 2),
+        "ms_per_token_mean": round(statistics.fmean(ms), 2),
+        "tok_s": round(1000 * len(ms) / sum(ms), 3),
+        "disk_reads_per_token": round((c1["disk_loads"] - c0["disk_loads"]) / len(ms), 2),
+        "h2d_MB_per_token": round((c1["bytes_h2d"] - c0["bytes_h2d"]) / len(ms) / 1e6, 1),
+        "prefetch_copies_per_token": round((eng.scheduler.predicted.copied - pred0) / len(ms), 2),
+        "allocator": allocator_delta(alloc0, cuda),
+        "reserved_gib": round(torch.cuda.memory_reserved() / 2**30, 2) if cuda else None,
+    }
+    return run, toks
 
 
 if __name__ == "__main__":
