@@ -1372,17 +1372,22 @@ class ExpertStore:
                 torch.tensor(rows, dtype=torch.long).pin_memory().to(self.device, non_blocking=True)
             )
         if len(self._stage) < STAGE_RING:
-            host = torch.empty(2, width, dtype=torch.long, pin_memory=True)
-            dev = torch.empty(2, width, dtype=torch.long, device=self.device)
+            host = torch.empty(2 * width, dtype=torch.long, pin_memory=True)
+            dev = torch.empty(2 * width, dtype=torch.long, device=self.device)
             self._stage.append((host, dev, None))
         i = self._stage_i = (self._stage_i + 1) % len(self._stage)
         host, dev, ev = self._stage[i]
         if ev is not None:
             ev.synchronize()  # its previous copy (queued STAGE_RING updates ago) has long run
-        host.numpy()[:, :n] = rows
+        # Both rows in the buffers' first 2n elements: a contiguous copy. (Slices [:, :n] of a
+        # [2, width] buffer were not: torch then copies the source into pageable memory first,
+        # and a copy from pageable memory waits for the stream's queued kernels before it
+        # returns, a host stall behind the GPU at every slot-map update.)
+        src = host[: 2 * n].view(2, n)
+        src.numpy()[...] = rows
         # The device rows are reused in stream order: their next copy follows this scatter.
-        out = dev[:, :n]
-        out.copy_(host[:, :n], non_blocking=True)
+        out = dev[: 2 * n].view(2, n)
+        out.copy_(src, non_blocking=True)
         ev = ev or torch.cuda.Event()
         ev.record(self._compute())
         self._stage[i] = (host, dev, ev)

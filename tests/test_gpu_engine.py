@@ -318,3 +318,29 @@ def test_prefill_layer_timeline(ids):
     assert {"ids", "submit", "queue", "copies", "join"} <= kinds, kinds
     assert all(0 <= a <= b for _, _, a, b in rows)
     assert {r[1] for r in rows if r[0] == "ids"} == set(range(cfg.num_hidden_layers))
+
+
+def test_cuda_host_staging_does_not_wait_for_the_stream():
+    """The slot-map updates (`_staged`) and a wave's slot table (`Scheduler.slot_table`) reach
+    the device through pinned memory in contiguous copies: queued behind a long kernel, each
+    returns while that kernel still runs, and the device receives the right values. (A copy
+    from pageable memory, or a strided one torch stages through pageable memory, waits for the
+    stream's queued work first: the host then stalls behind the GPU.)"""
+    eng = _load("cuda")
+    store, sched = eng.experts, eng.scheduler
+    torch.cuda.synchronize()
+    for n in (1, 3, 40, 2 * store.n_slots):
+        rows = [list(range(n)), list(range(100, 100 + n))]
+        torch.cuda._sleep(500_000_000)  # ~0.25 s of GPU time on the current stream
+        busy = torch.cuda.Event()
+        busy.record()
+        out = store._staged(rows)
+        assert not busy.query(), f"_staged of {n} rows waited for the stream"
+        assert out.is_contiguous() and out.tolist() == rows
+    sel = torch.tensor([[0, 1], [2, 1]])
+    torch.cuda._sleep(500_000_000)
+    busy = torch.cuda.Event()
+    busy.record()
+    table = sched.slot_table(sel, {0: 5, 1: 6, 2: 7}, torch.device("cuda"))
+    assert not busy.query(), "slot_table waited for the stream"
+    assert table.tolist() == [[5, 6], [7, 6]]
