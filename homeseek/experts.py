@@ -506,13 +506,16 @@ class Timeline:
     host spans of the main thread ("ids": waiting for a layer's expert ids; "join": waiting for
     its load to be queued), of the background thread ("queue": queueing a layer's copies, "read
     ahead": reading its records of the tier below early), the moment a load was submitted
-    ("submit"), and the copy stream's span of each load ("copies", from CUDA events), all on one
-    clock: seconds since the timeline started."""
+    ("submit"), the copy stream's span of each load ("copies", from CUDA events) and the
+    compute stream's span of each chunk's A and each layer's experts ("gpu A", "gpu E": from
+    events recorded around their launches), all on one clock: seconds since the timeline
+    started."""
 
     def __init__(self, copy_stream: torch.cuda.Stream) -> None:
         self.lock = threading.Lock()
         self.spans: list[tuple[str, int, float, float]] = []  # (what, layer, start, end)
         self._copies: list[tuple[int, torch.cuda.Event, torch.cuda.Event]] = []
+        self._gpu: list[tuple[str, int, torch.cuda.Event, torch.cuda.Event]] = []
         torch.cuda.synchronize()
         # A reference event on the copy stream, and the host time it completed (within a
         # synchronize's latency): device times are placed on the host clock through it.
@@ -529,14 +532,25 @@ class Timeline:
         with self.lock:
             self._copies.append((layer, start, end))
 
+    @contextlib.contextmanager
+    def gpu(self, what: str, layer: int) -> Iterator[None]:
+        """Time the work queued on the current stream inside the block ("gpu <what>")."""
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        yield
+        b.record()
+        with self.lock:
+            self._gpu.append((f"gpu {what}", layer, a, b))
+
     def rows(self) -> list[tuple[str, int, float, float]]:
         """Every span, copies included, ordered by start (synchronizes)."""
         torch.cuda.synchronize()
         with self.lock:
             out = list(self.spans)
-            for layer, a, b in self._copies:
+            spans = [("copies", layer, a, b) for layer, a, b in self._copies] + self._gpu
+            for what, layer, a, b in spans:
                 t = (self._ref.elapsed_time(a) / 1e3, self._ref.elapsed_time(b) / 1e3)
-                out.append(("copies", layer, *t))
+                out.append((what, layer, *t))
         return sorted(out, key=lambda r: r[2])
 
 

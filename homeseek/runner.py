@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import time
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
@@ -51,6 +52,14 @@ IdsHost = tuple[torch.Tensor, torch.cuda.Event]
 # Buffers of the chunks' ids ring (at least): a layer queues every chunk of a group's ids
 # before the host reads the first, so the ring holds a buffer per chunk (`steps` grows it).
 IDS_RING = 16
+# The GIL's switch interval while a prefill step runs (seconds; Python's default is 0.005).
+# A step runs Python on three threads: this one queueing kernels, the loads' thread queueing
+# record copies (`ExpertStore._load_behind`) and the reads-ahead thread. A thread that gives
+# the GIL up inside a call (every torch op does) takes it back only if it wins the race for
+# it, else once the interval has passed; so the thread on the GPU's critical path could wait
+# up to 5 ms per op while the loads' thread queued copies (session 17's layer timeline: the
+# main thread took 11-40 ms to queue one layer's few kernels, while that thread queued).
+SCAN_SWITCH_INTERVAL = 0.0005
 
 
 @dataclass
@@ -205,6 +214,9 @@ class Runner:
         # The buffers the chunks' ids are copied into (`_ids_to_host`): one per chunk of a group
         # at least, so a buffer comes round again only once the host has read its ids.
         self._ids_ring = PinnedRing(IDS_RING, pin=on_cuda)
+        # The GIL's switch interval during `steps` (None: Python's own; tools/prefill_profile.py
+        # --switch-interval measures the two in one process).
+        self.scan_switch_interval: float | None = SCAN_SWITCH_INTERVAL
         # Decode: True queues a layer's prediction of the next layer's experts behind its own
         # copies, before its E; False (kept: measured no faster, 39.7 against 38.1 ms a token,
         # session 16) after the next A is queued (tools/decode_ab.py --switch early-prediction
@@ -232,7 +244,19 @@ class Runner:
         every chunk passes a layer before the next layer starts, so a layer's experts load once
         for all of them (chunk by chunk they load once per chunk) -> each chunk's final streams
         [n_c, N, D]; advances the state. The same math as `step` on each chunk in turn: all a
-        chunk reads of a layer's state is what the earlier chunks wrote at that layer."""
+        chunk reads of a layer's state is what the earlier chunks wrote at that layer. Runs
+        with the GIL's switch interval at `scan_switch_interval` (restored after)."""
+        old = sys.getswitchinterval()
+        if self.scan_switch_interval is not None:
+            sys.setswitchinterval(self.scan_switch_interval)
+        try:
+            return self._steps(chunks, state)
+        finally:
+            sys.setswitchinterval(old)
+
+    def _steps(
+        self, chunks: Sequence[tuple[torch.Tensor, list[int]]], state: SessionState
+    ) -> list[torch.Tensor]:
         starts, s = [], state.pos
         for ids, _ in chunks:
             starts.append(s)
@@ -295,10 +319,12 @@ class Runner:
         state: SessionState,
     ) -> M.FfnPending:
         """`steps`: segment A of chunk c at `layer`."""
-        return M.segment_a(
-            X[c], chunks[c][0], pos[c], starts[c], self.weights[layer], state.layers[layer],
-            layer, self.rope, self.ctx,
-        )  # fmt: skip
+        tl = self.scheduler.store.timeline  # a prefill's layer timeline
+        with tl.gpu("A", layer) if tl is not None else contextlib.nullcontext():
+            return M.segment_a(
+                X[c], chunks[c][0], pos[c], starts[c], self.weights[layer],
+                state.layers[layer], layer, self.rope, self.ctx,
+            )  # fmt: skip
 
     def _chunk_b(
         self,
@@ -376,10 +402,12 @@ class Runner:
             if fused:
                 slots = self.scheduler.slot_table(sel, slot_of, p.u.device)
                 t = store.pool.t
-                out = ops.fp4_experts(
-                    p.u, slots, p.weights, out, t["w13_q"], t["w13_s"], t["w2_q"], t["w2_s"],
-                    self.cfg.swiglu_limit, act_quant=self.rt.quant_sim,
-                )  # fmt: skip
+                tl = store.timeline  # a prefill's layer timeline (tools/prefill_profile.py)
+                with tl.gpu("E", layer) if tl is not None else contextlib.nullcontext():
+                    out = ops.fp4_experts(
+                        p.u, slots, p.weights, out, t["w13_q"], t["w13_s"], t["w2_q"],
+                        t["w2_s"], self.cfg.swiglu_limit, act_quant=self.rt.quant_sim,
+                    )  # fmt: skip
             else:
                 self._ref_experts(p.u, sel, p.weights, slot_of, acc)
         if fused:

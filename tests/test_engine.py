@@ -317,6 +317,43 @@ def test_layer_by_layer_group_out_of_memory_goes_on_chunk_by_chunk(ids, monkeypa
     assert torch.equal(got, want)
 
 
+def test_prefill_runs_with_the_scan_switch_interval(ids, monkeypatch):
+    """A prefill step runs with the GIL's switch interval at the runner's
+    `scan_switch_interval` and puts Python's back after it, also when the step fails; None
+    leaves Python's."""
+    import sys
+
+    from homeseek.runner import SCAN_SWITCH_INTERVAL
+
+    eng = homeseek.load("tiny", dtype=torch.float32, max_context=256, prefill_chunk=16)
+    runner, real = eng.runner, eng.runner._steps
+    seen: list[float] = []
+
+    def spy(chunks, state):
+        seen.append(sys.getswitchinterval())
+        return real(chunks, state)
+
+    monkeypatch.setattr(runner, "_steps", spy)
+    old = sys.getswitchinterval()
+    assert old != SCAN_SWITCH_INTERVAL
+    eng.session().forward(ids[:40])  # three chunks of 16
+    assert seen == [pytest.approx(SCAN_SWITCH_INTERVAL)] * 3
+    assert sys.getswitchinterval() == old
+    runner.scan_switch_interval = None
+    seen.clear()
+    eng.session().forward(ids[:10])
+    assert seen == [old] and sys.getswitchinterval() == old
+
+    def failing(chunks, state):
+        raise RuntimeError("step failed")
+
+    runner.scan_switch_interval = SCAN_SWITCH_INTERVAL
+    monkeypatch.setattr(runner, "_steps", failing)
+    with pytest.raises(RuntimeError, match="step failed"):
+        eng.session().forward(ids[:10])
+    assert sys.getswitchinterval() == old
+
+
 def test_layer_by_layer_prefill_feeds_the_mtp_block(ids):
     """The MTP block sees every chunk's final streams after a layer-by-layer prefill, as after
     a chunk-by-chunk one."""

@@ -297,16 +297,18 @@ def test_pinned_record_pieces_copy_whole_records():
         assert all(torch.equal(pool.t[k][4 - s].cpu(), want[k]) for k in want)
 
 
-def test_prefill_layer_timeline(ids):
+@pytest.mark.parametrize("kernels", [False, True])
+def test_prefill_layer_timeline(ids, kernels):
     """experts.Timeline (tools/prefill_profile.py --layers): a traced prefill of scans records,
     per layer, the main thread's id waits, the loads submitted and queued in the background,
-    the reads ahead and the copy stream's spans, on one clock, and the logits do not change."""
+    the reads ahead, the copy stream's spans and the compute stream's spans of A (and, with the
+    kernels, of the experts), on one clock, and the logits do not change."""
     from homeseek.experts import Timeline
 
     cfg = PRESETS["tiny"]()
     rec_gb = record_bytes(cfg) / 2**30
     eng = _load(
-        "cuda", kernels=False, expert_slots=3 * cfg.n_routed_experts, host_mem_gb=24 * rec_gb
+        "cuda", kernels=kernels, expert_slots=3 * cfg.n_routed_experts, host_mem_gb=24 * rec_gb
     )
     eng.experts.join_host_fill()
     plain = eng.session().forward(ids[:60]).cpu()
@@ -315,9 +317,12 @@ def test_prefill_layer_timeline(ids):
     assert torch.equal(eng.session().forward(ids[:60]).cpu(), plain)
     rows = tl.rows()
     kinds = {r[0] for r in rows}
-    assert {"ids", "submit", "queue", "copies", "join"} <= kinds, kinds
+    assert {"ids", "submit", "queue", "copies", "join", "gpu A"} <= kinds, kinds
+    assert ("gpu E" in kinds) == kernels, kinds
     assert all(0 <= a <= b for _, _, a, b in rows)
-    assert {r[1] for r in rows if r[0] == "ids"} == set(range(cfg.num_hidden_layers))
+    layers = set(range(cfg.num_hidden_layers))
+    assert {r[1] for r in rows if r[0] == "ids"} == layers
+    assert {r[1] for r in rows if r[0] == "gpu A"} == layers
 
 
 def test_cuda_host_staging_does_not_wait_for_the_stream():

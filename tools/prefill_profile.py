@@ -2,11 +2,12 @@
 
 Builds the engine as `homeseek bench` does (full-size synthetic V4-Flash on CUDA, the process
 capped at --gpu-mem-gb), warms the kernels up, then for each prompt length runs one timed prefill
-per combination of --copy-stores, --group-order, --load-order and --pinned values (in turn, one
-JSON line each: wall seconds, H2D bytes, the scan threads' counters, the allocators' events),
-then, up to --profile-upto tokens, one under torch.profiler with the first combination (the
-union of kernel intervals, i.e. GPU busy, the union of H2D copy intervals, their overlap, the
-top kernels and the top host ops by own time, a timeline window; one JSON line).
+per combination of --copy-stores, --group-order, --load-order, --pinned and --switch-interval
+values (in turn, one JSON line each: wall seconds, H2D bytes, the scan threads' counters, the
+allocators' events), then, up to --profile-upto tokens, one under torch.profiler with the first
+combination (the union of kernel intervals, i.e. GPU busy, the union of H2D copy intervals,
+their overlap, the top kernels and the top host ops by own time, a timeline window; one JSON
+line).
 
     python tools/prefill_profile.py --gpu-mem-gb 24 --prompts 256,4096
     python tools/prefill_profile.py --prompts 4096,16384 --copy-stores streaming,cached \
@@ -34,6 +35,7 @@ from homeseek.bench import (
 )
 from homeseek.config import RuntimeConfig
 from homeseek.experts import ExpertStore, Timeline
+from homeseek.runner import SCAN_SWITCH_INTERVAL
 
 
 def _union(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -205,8 +207,16 @@ def main() -> None:
         "engine's: reused pinned buffers) or torch (a block of torch's pinned allocator "
         "each; slot-map updates keep their ring, sized for any update since session 16)",
     )
+    _switch(
+        ap,
+        "--switch-interval",
+        ("scan", "python"),
+        "the GIL's switch interval while a prefill step runs: scan (the engine's, "
+        "runner.SCAN_SWITCH_INTERVAL) or python (Python's own, 5 ms by default)",
+    )
     args = ap.parse_args()
     stores, orders, loads, pins = args.copy_stores, args.group_order, args.load_order, args.pinned
+    intervals = args.switch_interval
     if args.host_fill == "layers":
         fill = ExpertStore.start_host_fill
 
@@ -235,29 +245,32 @@ def main() -> None:
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     sync()
     variants = [
-        (st, order, load, pin)
+        (st, order, load, pin, gil)
         for st in stores
         for order in orders
         for load in loads
         for pin in pins
+        for gil in intervals
     ]
     for n in prompts:
         ids = torch.randint(0, eng.cfg.vocab_size, (n,), generator=g).tolist()
         runs = [("timed", v) for v in variants]
         if n <= args.profile_upto:
             runs.append(("profiled", variants[0]))
-        for run, (st, order, load, pin) in runs:
+        for run, (st, order, load, pin, gil) in runs:
             if copier is not None:
                 copier.stream_copies = st == "streaming"
             eng.runner.a_first = order == "a-first"
             store.hits_first = load == "hits-first"
             eng.scheduler.pinned_rings = pin == "rings"
+            eng.runner.scan_switch_interval = SCAN_SWITCH_INTERVAL if gil == "scan" else None
             res: dict[str, float | int | str] = {"tokens": n, "gpu_mem_gb": args.gpu_mem_gb}
             res["host_fill"] = args.host_fill
             res["copy_stores"] = st if copier is not None else "torch readers"
             res["group_order"] = order
             res["load_order"] = load
             res["pinned"] = pin
+            res["switch_interval"] = gil
             res["run"] = run
             sess.reset()
             eng.experts.reset_gpu()
