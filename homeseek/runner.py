@@ -22,8 +22,9 @@ from __future__ import annotations
 import contextlib
 import math
 import sys
+import threading
 import time
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -60,6 +61,38 @@ IDS_RING = 16
 # up to 5 ms per op while the loads' thread queued copies (session 17's layer timeline: the
 # main thread took 11-40 ms to queue one layer's few kernels, while that thread queued).
 SCAN_SWITCH_INTERVAL = 0.0005
+
+
+class _SwitchInterval:
+    """The process's GIL switch interval lowered while any step that asks runs (steps of
+    several engines or threads may overlap): Python's is saved by the first to enter and put
+    back by the last to leave."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._depth = 0
+        self._saved = 0.0
+
+    @contextlib.contextmanager
+    def lowered(self, interval: float | None) -> Iterator[None]:
+        if interval is None:
+            yield
+            return
+        with self._lock:
+            if self._depth == 0:
+                self._saved = sys.getswitchinterval()
+            self._depth += 1
+            sys.setswitchinterval(min(interval, sys.getswitchinterval()))
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._depth -= 1
+                if self._depth == 0:
+                    sys.setswitchinterval(self._saved)
+
+
+_SWITCH = _SwitchInterval()
 
 
 @dataclass
@@ -244,15 +277,11 @@ class Runner:
         every chunk passes a layer before the next layer starts, so a layer's experts load once
         for all of them (chunk by chunk they load once per chunk) -> each chunk's final streams
         [n_c, N, D]; advances the state. The same math as `step` on each chunk in turn: all a
-        chunk reads of a layer's state is what the earlier chunks wrote at that layer. Runs
-        with the GIL's switch interval at `scan_switch_interval` (restored after)."""
-        old = sys.getswitchinterval()
-        if self.scan_switch_interval is not None:
-            sys.setswitchinterval(self.scan_switch_interval)
-        try:
+        chunk reads of a layer's state is what the earlier chunks wrote at that layer. Every
+        step of more than one token (a prompt's chunks) runs with the GIL's switch interval
+        at most `scan_switch_interval`; Python's is put back after the last such step."""
+        with _SWITCH.lowered(self.scan_switch_interval):
             return self._steps(chunks, state)
-        finally:
-            sys.setswitchinterval(old)
 
     def _steps(
         self, chunks: Sequence[tuple[torch.Tensor, list[int]]], state: SessionState

@@ -319,8 +319,8 @@ def test_layer_by_layer_group_out_of_memory_goes_on_chunk_by_chunk(ids, monkeypa
 
 def test_prefill_runs_with_the_scan_switch_interval(ids, monkeypatch):
     """A prefill step runs with the GIL's switch interval at the runner's
-    `scan_switch_interval` and puts Python's back after it, also when the step fails; None
-    leaves Python's."""
+    `scan_switch_interval` and puts Python's back after it, also when the step fails, and
+    after the last of overlapping steps; None leaves Python's."""
     import sys
 
     from homeseek.runner import SCAN_SWITCH_INTERVAL
@@ -351,6 +351,21 @@ def test_prefill_runs_with_the_scan_switch_interval(ids, monkeypatch):
     monkeypatch.setattr(runner, "_steps", failing)
     with pytest.raises(RuntimeError, match="step failed"):
         eng.session().forward(ids[:10])
+    assert sys.getswitchinterval() == old
+
+    # Overlapping steps (another engine's, here inside this one's): Python's interval comes
+    # back only once the last of them has ended.
+    other = homeseek.load("tiny", dtype=torch.float32, max_context=256)
+    during: list[float] = []
+
+    def nested(chunks, state):
+        other.session().forward(ids[:5])
+        during.append(sys.getswitchinterval())
+        return real(chunks, state)
+
+    monkeypatch.setattr(runner, "_steps", nested)
+    eng.session().forward(ids[:10])
+    assert during == [pytest.approx(SCAN_SWITCH_INTERVAL)]
     assert sys.getswitchinterval() == old
 
 

@@ -205,7 +205,9 @@ def test_cuda_layer_by_layer_prefill_equals_chunk_by_chunk(ids):
     for group in (0, 100):
         eng = _load("cuda", prefill_group=group, **{**kw, "prefill_chunk": 4})
         eng.experts.join_host_fill()
-        small.append(eng.session().forward(ids[:100]).cpu())
+        sess = eng.session()
+        small.append(sess.forward(ids[:100]).cpu())
+        assert sess._layer_major  # not fallen back to chunk by chunk
     assert torch.equal(small[0], small[1])
 
 
@@ -333,6 +335,9 @@ def test_cuda_host_staging_does_not_wait_for_the_stream():
     stream's queued work first: the host then stalls behind the GPU.)"""
     eng = _load("cuda")
     store, sched = eng.experts, eng.scheduler
+    for _ in range(8):  # the rings' buffers created first (STAGE_RING, TABLE_RING)
+        store._staged([[0], [0]])
+        sched.slot_table(torch.tensor([[0, 1]]), {0: 5, 1: 6}, torch.device("cuda"))
     torch.cuda.synchronize()
     for n in (1, 3, 40, 2 * store.n_slots):
         rows = [list(range(n)), list(range(100, 100 + n))]

@@ -98,6 +98,8 @@ def main() -> None:
         cpu_lane=args.cpu_lane,
     )  # fmt: skip
     switches = [w.strip() for w in args.switch.split(",") if w.strip()]
+    if not switches:
+        raise SystemExit(f"--switch: at least one of {', '.join(SWITCHES)}")
     for sw in switches:
         if sw not in SWITCHES:
             raise SystemExit(f"unknown switch {sw!r}: one of {', '.join(SWITCHES)}")
@@ -110,7 +112,7 @@ def main() -> None:
     cuda = device.startswith("cuda")
     lane = eng.scheduler.lane
     if "lane" in switches and lane is None:
-        raise SystemExit("--switch lane: the CPU lane could not start on this host")
+        raise SystemExit(f"--switch lane: no CPU lane was built (--cpu-lane {args.cpu_lane})")
     eng.scheduler.routing = make_routing(args.routing, eng.cfg)
     sess = eng.session()
     warm_ids = [1 + i % 1000 for i in range(args.warm_chunk)]
@@ -151,6 +153,8 @@ def main() -> None:
                 runs.append(run)
                 print(json.dumps(run), flush=True)
         _set(eng, switch, DEFAULT_ON[switch], lane)  # as the engine runs it
+        if switch == "empty-cache" and warm_ids:  # the next switch's runs keep the reserve
+            sess.forward(warm_ids, last_only=True)
         med = {
             on: statistics.median(x["ms_per_token_median"] for x in runs if x["on"] is on)
             for on in (True, False)
