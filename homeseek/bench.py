@@ -477,20 +477,27 @@ class Bench:
         sess.forward(ids[:WARMUP_PROMPT], last_only=True)
         for t in ids[WARMUP_PROMPT:]:
             sess.decode(t)
-        for n in sorted({n for n in self.bc.prompts if n <= 16}):
-            sess.reset()
-            sess.forward(ids[:n], last_only=True)
-        # One full chunk of the longest prompt: its first pass at that many rows compiles and
-        # probes the prefill kernels for the shape (~1.6 s of a 4K prompt's TTFT on the H200,
-        # session 11), which is no prompt's steady cost.
         chunk = min(max(self.bc.prompts), self.eng.rt.prefill_chunk)
+        # Each prompt length shorter than a chunk once: in a fresh process the first prompt of
+        # a new size took 0.75-1.1 s more on the H200 and later ones of that size nothing
+        # (session 16; consistent with Triton compiling the prefill kernels per size class,
+        # whose on-disk cache then serves later processes), which is no prompt's steady cost.
+        # Then one full chunk of the longest prompt: its first pass at that many rows compiles
+        # and probes the prefill kernels for the shape (~1.6 s of a 4K prompt's TTFT, session
+        # 11).
+        warm = [ids[:n] for n in sorted({n for n in self.bc.prompts if n <= WARMUP_PROMPT})]
+        warm += [
+            self._ids(n, -3) for n in sorted(set(self.bc.prompts)) if WARMUP_PROMPT < n < chunk
+        ]
         if chunk > WARMUP_PROMPT:
-            sess.reset()
-            try:
-                sess.forward(self._ids(chunk, -2), last_only=True)
-            except torch.OutOfMemoryError:  # the prompts' own rows will say so
-                self._sync()
-                torch.cuda.empty_cache()
+            warm.append(self._ids(chunk, -2))
+        try:
+            for prompt in warm:
+                sess.reset()
+                sess.forward(prompt, last_only=True)
+        except torch.OutOfMemoryError:  # the prompts' own rows will say so
+            self._sync()
+            torch.cuda.empty_cache()
         self._sync()
 
     def _sync(self) -> None:
@@ -773,7 +780,8 @@ class Bench:
         group = f", layer by layer in groups of {rt.prefill_group}" if rt.prefill_group else ""
         self.out(
             f"mode: decode {'as CUDA graphs' if rt.graphs else 'eager'}, prefill eager in "
-            f"{rt.prefill_chunk}-token chunks{group}; max_context {rt.max_context}"
+            f"{rt.prefill_chunk}-token chunks{group}; max_context {rt.max_context}; every "
+            "prompt length prefilled once before the rows (kernel compilation not timed)"
         )
         self.out(
             f"{'routing':<8} {'work':<22} {'tok/s':>8} {'ms/tok':>8} {'TTFT s':>7} "

@@ -204,3 +204,28 @@ def test_prefill_layer_timeline_names_why_the_copy_stream_idled(capsys):
     assert abs(out["copy_idle_queued_late_s"] - 0.03) < 1e-9  # 0.20 -> 0.23
     assert abs(out["copy_idle_queued_started_late_s"] - 0.04) < 1e-9  # 0.30 -> 0.34
     assert "layer timeline" in capsys.readouterr().out
+
+
+def test_bench_warms_every_prompt_length_up(capsys, monkeypatch):
+    """Before any row, the warm-up prefills each prompt length shorter than a chunk once, and
+    one full chunk of the longest prompt: a length's first pass (compiling kernels for its
+    size class) is no row's figure."""
+    from homeseek import engine
+
+    seen: list[int] = []
+    real = engine.Session.forward
+
+    def forward(self, ids, *a, **kw):
+        if len(ids) > 1:  # prompts (decode steps come one token at a time)
+            seen.append(len(ids))
+        return real(self, ids, *a, **kw)
+
+    monkeypatch.setattr(engine.Session, "forward", forward)
+    _bench(
+        capsys, "--prompts", "8,80,100", "--decode-tokens", "2", "--long-decode-tokens", "0",
+        "--profile-tokens", "0",
+    )  # fmt: skip
+    # the warm-up ends with a chunk of the longest prompt (here the whole of it)
+    warm = seen[: seen.index(100) + 1]
+    assert sorted(set(warm)) == [8, 64, 80, 100], warm
+    assert seen[len(warm) :] == [8, 80, 100]  # then each prompt's own row
