@@ -53,14 +53,16 @@ IdsHost = tuple[torch.Tensor, torch.cuda.Event]
 # Buffers of the chunks' ids ring (at least): a layer queues every chunk of a group's ids
 # before the host reads the first, so the ring holds a buffer per chunk (`steps` grows it).
 IDS_RING = 16
-# The GIL's switch interval while a prefill step runs (seconds; Python's default is 0.005).
-# A step runs Python on three threads: this one queueing kernels, the loads' thread queueing
-# record copies (`ExpertStore._load_behind`) and the reads-ahead thread. A thread that gives
+# The GIL's switch interval while a step runs (seconds; Python's default is 0.005). A prefill
+# step runs Python on three threads: this one queueing kernels, the loads' thread queueing
+# record copies (`ExpertStore._load_behind`) and the reads-ahead thread; decode with the CPU
+# lane, on two (the lane's worker starts and ends each job in Python). A thread that gives
 # the GIL up inside a call (every torch op does) takes it back only if it wins the race for
 # it, else once the interval has passed; so the thread on the GPU's critical path could wait
 # up to 5 ms per op while the loads' thread queued copies (session 17's layer timeline: the
-# main thread took 11-40 ms to queue one layer's few kernels, while that thread queued).
-SCAN_SWITCH_INTERVAL = 0.0005
+# main thread took 11-40 ms to queue one layer's few kernels, while that thread queued), and
+# a lane job could wait as long to start while this thread scheduled.
+SWITCH_INTERVAL = 0.0005
 
 
 class _SwitchInterval:
@@ -247,9 +249,10 @@ class Runner:
         # The buffers the chunks' ids are copied into (`_ids_to_host`): one per chunk of a group
         # at least, so a buffer comes round again only once the host has read its ids.
         self._ids_ring = PinnedRing(IDS_RING, pin=on_cuda)
-        # The GIL's switch interval during `steps` (None: Python's own; tools/prefill_profile.py
-        # --switch-interval measures the two in one process).
-        self.scan_switch_interval: float | None = SCAN_SWITCH_INTERVAL
+        # The GIL's switch interval during `steps` and `decode` (None: Python's own;
+        # tools/prefill_profile.py --switch-interval and tools/decode_ab.py --switch
+        # switch-interval measure the two in one process).
+        self.switch_interval: float | None = SWITCH_INTERVAL
         # Decode: True queues a layer's prediction of the next layer's experts behind its own
         # copies, before its E; False (kept: measured no faster, 39.7 against 38.1 ms a token,
         # session 16) after the next A is queued (tools/decode_ab.py --switch early-prediction
@@ -279,8 +282,8 @@ class Runner:
         [n_c, N, D]; advances the state. The same math as `step` on each chunk in turn: all a
         chunk reads of a layer's state is what the earlier chunks wrote at that layer. Every
         step of more than one token (a prompt's chunks) runs with the GIL's switch interval
-        at most `scan_switch_interval`; Python's is put back after the last such step."""
-        with _SWITCH.lowered(self.scan_switch_interval):
+        at most `switch_interval`; Python's is put back after the last such step."""
+        with _SWITCH.lowered(self.switch_interval):
             return self._steps(chunks, state)
 
     def _steps(
@@ -445,11 +448,12 @@ class Runner:
 
     # --- decode (T = 1) ------------------------------------------------------------------------
     def decode(self, token: int, state: SessionState) -> torch.Tensor:
-        """One token at the state's position -> fp32 logits [V] (a fresh tensor); advances."""
+        """One token at the state's position -> fp32 logits [V] (a fresh tensor); advances.
+        Runs with the GIL's switch interval at most `switch_interval` (as `steps`)."""
         # The fused glue compiles with the kernel path (CUDA), eager or captured alike, so the
         # graph path and the eager path run the same kernels.
         n0, t0, c0 = self.graphs.counters.captured, self.capture_s, C.compile_seconds()
-        with C.use(self.ctx.kernels):
+        with C.use(self.ctx.kernels), _SWITCH.lowered(self.switch_interval):
             out = self._decode(token, state)
         n = self.graphs.counters.captured - n0
         if n and self.report is not None:

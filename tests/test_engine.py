@@ -317,13 +317,13 @@ def test_layer_by_layer_group_out_of_memory_goes_on_chunk_by_chunk(ids, monkeypa
     assert torch.equal(got, want)
 
 
-def test_prefill_runs_with_the_scan_switch_interval(ids, monkeypatch):
-    """A prefill step runs with the GIL's switch interval at the runner's
-    `scan_switch_interval` and puts Python's back after it, also when the step fails, and
-    after the last of overlapping steps; None leaves Python's."""
+def test_steps_run_with_the_switch_interval(ids, monkeypatch):
+    """A prefill step and a decode step run with the GIL's switch interval at the runner's
+    `switch_interval` and put Python's back after them, also when a step fails, and after
+    the last of overlapping steps; None leaves Python's."""
     import sys
 
-    from homeseek.runner import SCAN_SWITCH_INTERVAL
+    from homeseek.runner import SWITCH_INTERVAL
 
     eng = homeseek.load("tiny", dtype=torch.float32, max_context=256, prefill_chunk=16)
     runner, real = eng.runner, eng.runner._steps
@@ -335,11 +335,11 @@ def test_prefill_runs_with_the_scan_switch_interval(ids, monkeypatch):
 
     monkeypatch.setattr(runner, "_steps", spy)
     old = sys.getswitchinterval()
-    assert old != SCAN_SWITCH_INTERVAL
+    assert old != SWITCH_INTERVAL
     eng.session().forward(ids[:40])  # three chunks of 16
-    assert seen == [pytest.approx(SCAN_SWITCH_INTERVAL)] * 3
+    assert seen == [pytest.approx(SWITCH_INTERVAL)] * 3
     assert sys.getswitchinterval() == old
-    runner.scan_switch_interval = None
+    runner.switch_interval = None
     seen.clear()
     eng.session().forward(ids[:10])
     assert seen == [old] and sys.getswitchinterval() == old
@@ -347,7 +347,7 @@ def test_prefill_runs_with_the_scan_switch_interval(ids, monkeypatch):
     def failing(chunks, state):
         raise RuntimeError("step failed")
 
-    runner.scan_switch_interval = SCAN_SWITCH_INTERVAL
+    runner.switch_interval = SWITCH_INTERVAL
     monkeypatch.setattr(runner, "_steps", failing)
     with pytest.raises(RuntimeError, match="step failed"):
         eng.session().forward(ids[:10])
@@ -365,7 +365,25 @@ def test_prefill_runs_with_the_scan_switch_interval(ids, monkeypatch):
 
     monkeypatch.setattr(runner, "_steps", nested)
     eng.session().forward(ids[:10])
-    assert during == [pytest.approx(SCAN_SWITCH_INTERVAL)]
+    assert during == [pytest.approx(SWITCH_INTERVAL)]
+    assert sys.getswitchinterval() == old
+
+    # decode
+    monkeypatch.setattr(runner, "_steps", real)
+    real_decode = runner._decode
+    in_decode: list[float] = []
+
+    def decode(token, state):
+        in_decode.append(sys.getswitchinterval())
+        return real_decode(token, state)
+
+    monkeypatch.setattr(runner, "_decode", decode)
+    sess = eng.session()
+    sess.forward(ids[:5])
+    sess.decode(ids[5])
+    runner.switch_interval = None
+    sess.decode(ids[6])
+    assert in_decode == [pytest.approx(SWITCH_INTERVAL), old]
     assert sys.getswitchinterval() == old
 
 

@@ -15,7 +15,9 @@ Switches: `prefetch` (the next-layer prediction's copies), `lane` (the CPU lane,
 its own, before its E; off: after the next A), `empty-cache` (the caching allocator's unused
 blocks returned before the run: with --warm-chunk, whether a reserve near the budget slows
 decode), `time-copies` (events around each batch of copies, as `homeseek bench` records
-them to report the copy lane's GB/s). `--switch a,b` measures each in turn on one build.
+them to report the copy lane's GB/s), `switch-interval` (the GIL's switch interval lowered
+during each step, as the engine does, or Python's own). `--switch a,b` measures each in turn
+on one build.
 """
 
 from __future__ import annotations
@@ -29,9 +31,12 @@ import torch
 
 from homeseek.bench import allocator_counters, allocator_delta, build_engine, cap_process
 from homeseek.config import RuntimeConfig
+from homeseek.runner import SWITCH_INTERVAL
 from homeseek.scheduler import make_routing
 
-SWITCHES = ("prefetch", "lane", "early-prediction", "empty-cache", "time-copies")
+SWITCHES = (
+    "prefetch", "lane", "early-prediction", "empty-cache", "time-copies", "switch-interval",
+)  # fmt: skip
 # each switch as the engine runs it, restored after its runs (the next switch's baseline)
 DEFAULT_ON = {
     "prefetch": True,
@@ -39,6 +44,7 @@ DEFAULT_ON = {
     "early-prediction": False,
     "empty-cache": False,
     "time-copies": False,
+    "switch-interval": True,
 }
 
 
@@ -58,6 +64,8 @@ def _set(eng, switch: str, on: bool, lane) -> None:  # noqa: ANN001 - Engine, Cp
         eng.experts.time_copies = on
         if not on:
             eng.experts.copy_busy_s()  # the timed batches' events, forgotten
+    elif switch == "switch-interval":
+        eng.runner.switch_interval = SWITCH_INTERVAL if on else None
     else:
         raise SystemExit(f"unknown switch {switch!r}: one of {', '.join(SWITCHES)}")
 

@@ -35,7 +35,7 @@ from homeseek.bench import (
 )
 from homeseek.config import RuntimeConfig
 from homeseek.experts import ExpertStore, Timeline
-from homeseek.runner import SCAN_SWITCH_INTERVAL
+from homeseek.runner import SWITCH_INTERVAL
 
 
 def _union(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -210,9 +210,9 @@ def main() -> None:
     _switch(
         ap,
         "--switch-interval",
-        ("scan", "python"),
-        "the GIL's switch interval while a prefill step runs: scan (the engine's, "
-        "runner.SCAN_SWITCH_INTERVAL) or python (Python's own, 5 ms by default)",
+        ("lowered", "python"),
+        "the GIL's switch interval while a prefill step runs: lowered (the engine's, "
+        "runner.SWITCH_INTERVAL) or python (Python's own, 5 ms by default)",
     )
     args = ap.parse_args()
     stores, orders, loads, pins = args.copy_stores, args.group_order, args.load_order, args.pinned
@@ -263,7 +263,7 @@ def main() -> None:
             eng.runner.a_first = order == "a-first"
             store.hits_first = load == "hits-first"
             eng.scheduler.pinned_rings = pin == "rings"
-            eng.runner.scan_switch_interval = SCAN_SWITCH_INTERVAL if gil == "scan" else None
+            eng.runner.switch_interval = SWITCH_INTERVAL if gil == "lowered" else None
             res: dict[str, float | int | str] = {"tokens": n, "gpu_mem_gb": args.gpu_mem_gb}
             res["host_fill"] = args.host_fill
             res["copy_stores"] = st if copier is not None else "torch readers"
