@@ -325,15 +325,17 @@ def test_steps_run_with_the_switch_interval(ids, monkeypatch):
 
     from homeseek.runner import SWITCH_INTERVAL
 
+    def spy(fn, seen: list[float]):  # fn, noting the switch interval it runs with
+        def call(*args):
+            seen.append(sys.getswitchinterval())
+            return fn(*args)
+
+        return call
+
     eng = homeseek.load("tiny", dtype=torch.float32, max_context=256, prefill_chunk=16)
     runner, real = eng.runner, eng.runner._steps
     seen: list[float] = []
-
-    def spy(chunks, state):
-        seen.append(sys.getswitchinterval())
-        return real(chunks, state)
-
-    monkeypatch.setattr(runner, "_steps", spy)
+    monkeypatch.setattr(runner, "_steps", spy(real, seen))
     old = sys.getswitchinterval()
     assert old != SWITCH_INTERVAL
     eng.session().forward(ids[:40])  # three chunks of 16
@@ -370,14 +372,8 @@ def test_steps_run_with_the_switch_interval(ids, monkeypatch):
 
     # decode
     monkeypatch.setattr(runner, "_steps", real)
-    real_decode = runner._decode
     in_decode: list[float] = []
-
-    def decode(token, state):
-        in_decode.append(sys.getswitchinterval())
-        return real_decode(token, state)
-
-    monkeypatch.setattr(runner, "_decode", decode)
+    monkeypatch.setattr(runner, "_decode", spy(runner._decode, in_decode))
     sess = eng.session()
     sess.forward(ids[:5])
     sess.decode(ids[5])
