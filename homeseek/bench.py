@@ -465,7 +465,10 @@ class Bench:
             "active_params": active_params(eng.cfg),
         }
         self._print_header()
+        t0 = time.perf_counter()
         self._warmup()
+        self.setup["warmup_s"] = round(time.perf_counter() - t0, 1)
+        self.out(f"warm-up {self.setup['warmup_s']:.1f} s (compiling and first passes; untimed)")
         for routing in bc.routings:
             self._run_routing(routing)
         return self._report()
@@ -485,19 +488,18 @@ class Bench:
         # Then one full chunk of the longest prompt: its first pass at that many rows compiles
         # and probes the prefill kernels for the shape (~1.6 s of a 4K prompt's TTFT, session
         # 11).
-        warm = [ids[:n] for n in sorted({n for n in self.bc.prompts if n <= WARMUP_PROMPT})]
-        warm += [
-            self._ids(n, -3) for n in sorted(set(self.bc.prompts)) if WARMUP_PROMPT < n < chunk
-        ]
-        if chunk > WARMUP_PROMPT:
-            warm.append(self._ids(chunk, -2))
-        try:
-            for prompt in warm:
-                sess.reset()
+        # (A prompt longer than a chunk ends with a shorter one: its length is warmed too.)
+        full = self.eng.rt.prefill_chunk
+        lengths = {n % full if n > full else n for n in self.bc.prompts} | {chunk}
+        lengths -= {0, WARMUP_PROMPT}  # nothing, and the pass above
+        warm = [ids[:n] if n < WARMUP_PROMPT else self._ids(n, -3) for n in sorted(lengths)]
+        for prompt in warm:  # the full chunk last
+            sess.reset()
+            try:
                 sess.forward(prompt, last_only=True)
-        except torch.OutOfMemoryError:  # the prompts' own rows will say so
-            self._sync()
-            torch.cuda.empty_cache()
+            except torch.OutOfMemoryError:  # the prompts' own rows will say so
+                self._sync()
+                torch.cuda.empty_cache()
         self._sync()
 
     def _sync(self) -> None:
@@ -780,8 +782,9 @@ class Bench:
         group = f", layer by layer in groups of {rt.prefill_group}" if rt.prefill_group else ""
         self.out(
             f"mode: decode {'as CUDA graphs' if rt.graphs else 'eager'}, prefill eager in "
-            f"{rt.prefill_chunk}-token chunks{group}; max_context {rt.max_context}; every "
-            "prompt length prefilled once before the rows (kernel compilation not timed)"
+            f"{rt.prefill_chunk}-token chunks{group}; max_context {rt.max_context}; each "
+            "chunk length the prompts need prefilled once before the rows (kernel compilation "
+            "not timed)"
         )
         self.out(
             f"{'routing':<8} {'work':<22} {'tok/s':>8} {'ms/tok':>8} {'TTFT s':>7} "

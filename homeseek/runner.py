@@ -56,7 +56,8 @@ IDS_RING = 16
 # The GIL's switch interval while a step runs (seconds; Python's default is 0.005). A prefill
 # step runs Python on three threads: this one queueing kernels, the loads' thread queueing
 # record copies (`ExpertStore._load_behind`) and the reads-ahead thread; decode with the CPU
-# lane, on two (the lane's worker starts and ends each job in Python). A thread that gives
+# lane, on two (the lane's worker starts and ends each job in Python; the verify step of
+# speculative decoding has no lane). A thread that gives
 # the GIL up inside a call (every torch op does) takes it back only if it wins the race for
 # it, else once the interval has passed; so the thread on the GPU's critical path could wait
 # up to 5 ms per op while the loads' thread queued copies (session 17's layer timeline: the
@@ -81,10 +82,11 @@ class _SwitchInterval:
             yield
             return
         with self._lock:
+            now = sys.getswitchinterval()
+            sys.setswitchinterval(min(interval, now))  # a bad value raises here, nothing held
             if self._depth == 0:
-                self._saved = sys.getswitchinterval()
+                self._saved = now
             self._depth += 1
-            sys.setswitchinterval(min(interval, sys.getswitchinterval()))
         try:
             yield
         finally:
@@ -449,11 +451,15 @@ class Runner:
     # --- decode (T = 1) ------------------------------------------------------------------------
     def decode(self, token: int, state: SessionState) -> torch.Tensor:
         """One token at the state's position -> fp32 logits [V] (a fresh tensor); advances.
-        Runs with the GIL's switch interval at most `switch_interval` (as `steps`)."""
+        With the CPU lane on, runs with the GIL's switch interval at most `switch_interval`
+        (as `steps`)."""
         # The fused glue compiles with the kernel path (CUDA), eager or captured alike, so the
         # graph path and the eager path run the same kernels.
         n0, t0, c0 = self.graphs.counters.captured, self.capture_s, C.compile_seconds()
-        with C.use(self.ctx.kernels), _SWITCH.lowered(self.switch_interval):
+        # Only the CPU lane's worker runs Python beside a decode step: without it there is no
+        # one to hand the GIL to, and the process's interval is left alone.
+        lane = self.scheduler.lane is not None and self.lane_inputs
+        with C.use(self.ctx.kernels), _SWITCH.lowered(self.switch_interval if lane else None):
             out = self._decode(token, state)
         n = self.graphs.counters.captured - n0
         if n and self.report is not None:

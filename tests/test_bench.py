@@ -226,6 +226,12 @@ def test_bench_warms_every_prompt_length_up(capsys, monkeypatch):
         "--profile-tokens", "0",
     )  # fmt: skip
     # the warm-up ends with a chunk of the longest prompt (here the whole of it)
-    warm = seen[: seen.index(100) + 1]
-    assert sorted(set(warm)) == [8, 64, 80, 100], warm
-    assert seen[len(warm) :] == [8, 80, 100]  # then each prompt's own row
+    assert seen == [64, 8, 80, 100] + [8, 80, 100]  # then each prompt's own row
+    # 96-token chunks: 100 tokens end with a 4-token chunk, warmed too (and 8: 8 / 96)
+    seen.clear()
+    monkeypatch.setenv("HOMESEEK_PREFILL_CHUNK", "96")
+    _bench(
+        capsys, "--prompts", "8,100", "--decode-tokens", "2", "--long-decode-tokens", "0",
+        "--profile-tokens", "0",
+    )  # fmt: skip
+    assert seen == [64, 4, 8, 96] + [8, 100]

@@ -318,9 +318,9 @@ def test_layer_by_layer_group_out_of_memory_goes_on_chunk_by_chunk(ids, monkeypa
 
 
 def test_steps_run_with_the_switch_interval(ids, monkeypatch):
-    """A prefill step and a decode step run with the GIL's switch interval at the runner's
-    `switch_interval` and put Python's back after them, also when a step fails, and after
-    the last of overlapping steps; None leaves Python's."""
+    """A prefill step (and a decode step beside the CPU lane) runs with the GIL's switch
+    interval at the runner's `switch_interval` and puts Python's back after it, also when a
+    step fails, and after the last of overlapping steps; None leaves Python's."""
     import sys
 
     from homeseek.runner import SWITCH_INTERVAL
@@ -370,16 +370,27 @@ def test_steps_run_with_the_switch_interval(ids, monkeypatch):
     assert during == [pytest.approx(SWITCH_INTERVAL)]
     assert sys.getswitchinterval() == old
 
-    # decode
-    monkeypatch.setattr(runner, "_steps", real)
+    # A decode step: lowered while the CPU lane computes beside it (another thread running
+    # Python), else left alone. (The step itself is stubbed: the tiny CPU engine has no lane.)
     in_decode: list[float] = []
-    monkeypatch.setattr(runner, "_decode", spy(runner._decode, in_decode))
-    sess = eng.session()
-    sess.forward(ids[:5])
-    sess.decode(ids[5])
+    monkeypatch.setattr(runner, "_decode", spy(lambda token, state: torch.zeros(1), in_decode))
+    runner.switch_interval = SWITCH_INTERVAL
+    state = eng.session().state
+    runner.decode(1, state)
+    monkeypatch.setattr(eng.scheduler, "lane", object())
+    monkeypatch.setattr(runner, "lane_inputs", True)
+    runner.decode(1, state)
     runner.switch_interval = None
-    sess.decode(ids[6])
-    assert in_decode == [pytest.approx(SWITCH_INTERVAL), old]
+    runner.decode(1, state)
+    assert in_decode == [old, pytest.approx(SWITCH_INTERVAL), old]
+    assert sys.getswitchinterval() == old
+
+    # a bad interval leaves nothing behind
+    runner.switch_interval = 0.0
+    with pytest.raises(ValueError):
+        runner.decode(1, state)
+    runner.switch_interval = SWITCH_INTERVAL
+    runner.decode(1, state)
     assert sys.getswitchinterval() == old
 
 

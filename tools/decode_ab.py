@@ -16,8 +16,8 @@ its own, before its E; off: after the next A), `empty-cache` (the caching alloca
 blocks returned before the run: with --warm-chunk, whether a reserve near the budget slows
 decode), `time-copies` (events around each batch of copies, as `homeseek bench` records
 them to report the copy lane's GB/s), `switch-interval` (the GIL's switch interval lowered
-during each step, as the engine does, or Python's own). `--switch a,b` measures each in turn
-on one build.
+during each step beside the CPU lane, as the engine does, or Python's own; needs the lane).
+`--switch a,b` measures each in turn on one build.
 """
 
 from __future__ import annotations
@@ -114,13 +114,14 @@ def main() -> None:
         if sw in ("prefetch", "early-prediction") and args.routing != "model":
             raise SystemExit(f"--switch {sw} needs --routing model: an override draws the ids "
                              "after the router, so decode predicts nothing under it")  # fmt: skip
-        if sw == "lane" and args.cpu_lane == "off":
-            raise SystemExit("--switch lane needs a CPU lane: --cpu-lane on")
+        if sw in ("lane", "switch-interval") and args.cpu_lane == "off":
+            raise SystemExit(f"--switch {sw} needs a CPU lane: --cpu-lane on")
     eng = build_engine(rt, None, args.synthetic, expert_alias=args.expert_alias or None)
     cuda = device.startswith("cuda")
     lane = eng.scheduler.lane
-    if "lane" in switches and lane is None:
-        raise SystemExit(f"--switch lane: no CPU lane was built (--cpu-lane {args.cpu_lane})")
+    for sw in ("lane", "switch-interval"):  # decode lowers the interval only beside the lane
+        if sw in switches and lane is None:
+            raise SystemExit(f"--switch {sw}: no CPU lane was built (--cpu-lane {args.cpu_lane})")
     eng.scheduler.routing = make_routing(args.routing, eng.cfg)
     sess = eng.session()
     warm_ids = [1 + i % 1000 for i in range(args.warm_chunk)]
