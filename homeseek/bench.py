@@ -480,7 +480,8 @@ class Bench:
         sess.forward(ids[:WARMUP_PROMPT], last_only=True)
         for t in ids[WARMUP_PROMPT:]:
             sess.decode(t)
-        chunk = min(max(self.bc.prompts), self.eng.rt.prefill_chunk)
+        full = self.eng.rt.prefill_chunk
+        chunk = min(max(self.bc.prompts), full)
         # Each prompt length shorter than a chunk once: in a fresh process the first prompt of
         # a new size took 0.75-1.1 s more on the H200 and later ones of that size nothing
         # (session 16; consistent with Triton compiling the prefill kernels per size class,
@@ -489,7 +490,6 @@ class Bench:
         # and probes the prefill kernels for the shape (~1.6 s of a 4K prompt's TTFT, session
         # 11).
         # (A prompt longer than a chunk ends with a shorter one: its length is warmed too.)
-        full = self.eng.rt.prefill_chunk
         lengths = {n % full if n > full else n for n in self.bc.prompts} | {chunk}
         lengths -= {0, WARMUP_PROMPT}  # nothing, and the pass above
         warm = [ids[:n] if n < WARMUP_PROMPT else self._ids(n, -3) for n in sorted(lengths)]

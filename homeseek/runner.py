@@ -458,8 +458,8 @@ class Runner:
         n0, t0, c0 = self.graphs.counters.captured, self.capture_s, C.compile_seconds()
         # Only the CPU lane's worker runs Python beside a decode step: without it there is no
         # one to hand the GIL to, and the process's interval is left alone.
-        lane = self.scheduler.lane is not None and self.lane_inputs
-        with C.use(self.ctx.kernels), _SWITCH.lowered(self.switch_interval if lane else None):
+        interval = self.switch_interval if self._lane_on() else None
+        with C.use(self.ctx.kernels), _SWITCH.lowered(interval):
             out = self._decode(token, state)
         n = self.graphs.counters.captured - n0
         if n and self.report is not None:
@@ -591,6 +591,11 @@ class Runner:
 
         return layer, later
 
+    def _lane_on(self) -> bool:
+        """Whether decode's layers split their misses with the CPU lane now (built, its inputs
+        copied by A, and not turned off)."""
+        return self.scheduler.lane is not None and self.lane_inputs
+
     def _experts_of(
         self, layer: int, sel_host: torch.Tensor, then: Callable[[], None] | None = None
     ) -> None:
@@ -602,8 +607,7 @@ class Runner:
         b = self.buf
         first = True  # of the layer's waves: the first starts from `shared`, the rest add
         sched = self.scheduler
-        lane_on = sched.lane is not None and self.lane_inputs
-        lane_input = (b.u_host, b.weights_host) if lane_on else None
+        lane_input = (b.u_host, b.weights_host) if self._lane_on() else None
         for sel, slot_of, last in sched.layer(layer, sel_host, lane_input=lane_input):
             if then is not None and last:
                 then()

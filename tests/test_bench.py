@@ -91,21 +91,19 @@ def test_bench_decodes_each_lane_mode_with_each_prefetch_setting(capsys):
     assert "decode 3 @8 copy+pf" in out and "decode 3 @8 copy " in out
     assert "the copy-only decode" in out
     assert set(res["cpu_lane_speedup"]) == {"model lane off prefetch on"}
+
+    def modes(lane: str) -> list[tuple[str, bool]]:  # (lane, prefetch) of each decode row
+        _, res = _bench(
+            capsys, "--prompts", "8", "--decode-tokens", "2", "--long-decode-tokens", "0",
+            "--profile-tokens", "0", "--cpu-lane", lane,
+        )  # fmt: skip
+        return [(r["cpu_lane"], r["prefetch"]) for r in res["rows"] if r["work"] == "decode"]
+
     # one setting: the "off" row is the copy-only baseline, without the prefetch
-    out, res = _bench(
-        capsys, "--prompts", "8", "--decode-tokens", "2", "--long-decode-tokens", "0",
-        "--profile-tokens", "0", "--cpu-lane", "off",
-    )  # fmt: skip
-    dec = [r for r in res["rows"] if r["work"] == "decode"]
-    assert [(r["cpu_lane"], r["prefetch"]) for r in dec] == [("off", False)]
+    assert modes("off") == [("off", False)]
     # a lane asked for that cannot start here (a CPU engine) is labelled "off": not a copy-only
     # baseline, its row keeps the prefetch
-    out, res = _bench(
-        capsys, "--prompts", "8", "--decode-tokens", "2", "--long-decode-tokens", "0",
-        "--profile-tokens", "0", "--cpu-lane", "auto",
-    )  # fmt: skip
-    dec = [r for r in res["rows"] if r["work"] == "decode"]
-    assert [(r["cpu_lane"], r["prefetch"]) for r in dec] == [("off", True)]
+    assert modes("auto") == [("off", True)]
 
 
 def test_bench_copy_only_decode_leaves_the_prompts_their_prefetch(monkeypatch):
