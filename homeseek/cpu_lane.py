@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from homeseek.config import ConfigError, ModelConfig, default_cache_dir
+from homeseek.experts import device_view
 from homeseek.kernels import cpu_experts
 
 # The CPU kernel library is built once per machine into homeseek's cache (HOMESEEK_CACHE_DIR).
@@ -107,6 +108,16 @@ class CpuLane:
         ]
         self.out_ready: list[torch.cuda.Event | None] = [None, None]
         self.i = 0
+        # The GPU hand-off (`handoff`, homeseek/kernels/handoff.py): each result row's flag,
+        # set to the job's sequence number once its sum is written, and device views of both.
+        self.flag = torch.zeros(2, dtype=torch.int32, pin_memory=pin)
+        self._flag_np = self.flag.numpy()
+        self.seq = 0  # of the job submitted last
+        self._views = (
+            [(device_view(self.flag[j : j + 1], device), device_view(o, device)) for j, o in
+             enumerate(self.out)]
+            if pin and str(device).startswith("cuda") else None
+        )  # fmt: skip
         self.h2d_rate = measure_h2d(device, record_bytes)  # bytes/s of one record's copy
         self.read_rate = READ_RATE
         self.t_cpu: float | None = None  # seconds per expert on the lane (measured)
@@ -169,10 +180,15 @@ class CpuLane:
         if ev is not None:  # the copy of this buffer two layers ago has left
             ev.synchronize()
         limit, aq, adt = self.cfg.swiglu_limit, self.act_quant, self.act_dtype
+        seq = self.seq = self.seq % (2**31 - 1) + 1  # never 0, the flags' first value
+        flag = self._flag_np
 
         def call() -> torch.Tensor:
             t0 = time.perf_counter()
-            self.kernel.run(x, route_w, records, limit, aq, adt, out=out)
+            try:
+                self.kernel.run(x, route_w, records, limit, aq, adt, out=out)
+            finally:  # also when it failed: a GPU hand-off waiting for it goes on
+                flag[i] = seq
             dt = time.perf_counter() - t0
             with self._lock:
                 per = dt / len(records)
@@ -183,6 +199,15 @@ class CpuLane:
             return out
 
         return self.worker.submit(call)
+
+    def handoff(self) -> tuple[torch.Tensor, int, torch.Tensor]:
+        """The job submitted last, for a hand-off on the GPU (`ops.await_copy`): (device view of
+        its flag [1] int32, the value the flag takes once its sum is written, device view of
+        that sum [1, D] fp32). Call `sent` once the kernel that reads them is queued."""
+        if self._views is None:
+            raise RuntimeError("the GPU hand-off needs the lane's pinned buffers (CUDA)")
+        flag, out = self._views[self.i]
+        return flag, self.seq, out
 
     def sent(self, stream: torch.cuda.Stream | None) -> None:
         """The current result's copy to the GPU is queued on `stream`."""

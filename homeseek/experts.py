@@ -99,6 +99,47 @@ Source = torch.Tensor | dict[str, torch.Tensor]
 PIN_PIECE = 1 << 30
 
 
+_TYPESTR = {torch.int64: "<i8", torch.int32: "<i4", torch.float32: "<f4", torch.uint8: "|u1"}
+
+
+class _CudaArray:
+    """`__cuda_array_interface__` of a pinned host tensor's memory (keeps the tensor alive)."""
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self.owner = t
+        self.__cuda_array_interface__ = {
+            "shape": tuple(t.shape),
+            "typestr": _TYPESTR[t.dtype],
+            "data": (t.data_ptr(), False),
+            "version": 2,
+            "strides": None,
+        }
+
+
+def device_view(t: torch.Tensor, device: torch.device | str = "cuda") -> torch.Tensor:
+    """A CUDA tensor over the memory of the contiguous pinned host tensor t, without a copy:
+    a kernel that reads it reads the host's memory over the bus (CUDA maps pinned memory
+    into the device's address space). For the few bytes a kernel needs from the host between
+    the GPU's work: a pinned -> device copy is served by a copy engine, in turn with the
+    expert copies queued there, so a copy of a few bytes on the compute stream waited behind
+    ~70 ms of expert records (tools/copy_queue_probe.py); a kernel's reads wait for nothing."""
+    if not (t.is_pinned() and t.is_contiguous()):
+        raise ValueError("device_view needs a contiguous pinned host tensor")
+    with torch.cuda.device(device):
+        return torch.as_tensor(_CudaArray(t), device=device)
+
+
+@dataclass
+class _Stage:
+    """One pinned staging buffer of `ExpertStore._staged`: its device copy (or view) and an
+    event after the last kernels that read it."""
+
+    host: torch.Tensor
+    dev: torch.Tensor | None = None
+    view: torch.Tensor | None = None
+    read: torch.cuda.Event | None = None
+
+
 class PinnedRing:
     """Pinned host buffers reused in turn for the small copies the host queues between the
     GPU's work (a prefill chunk's expert ids, a wave's slot table), so the steady state creates
@@ -187,6 +228,9 @@ class RecordBuffer:
             packed_pool_views(p, cfg.hidden_size, cfg.moe_intermediate_size) for p in self.pieces
         ]
         self._t = self._views[0] if len(self.pieces) == 1 else None
+        # Each slot's packed row, made on first use: indexing a piece costs ~1 us of host time,
+        # and a decode layer's copies ask for a host row and a pool row per miss.
+        self._rows: list[torch.Tensor | None] = [None] * n
 
     @property
     def t(self) -> dict[str, torch.Tensor]:
@@ -204,7 +248,10 @@ class RecordBuffer:
 
     def row(self, slot: int) -> torch.Tensor:
         """The packed record in `slot` ([record_bytes] uint8, a view)."""
-        return self.pieces[slot // self.per][slot % self.per]
+        row = self._rows[slot]
+        if row is None:
+            row = self._rows[slot] = self.pieces[slot // self.per][slot % self.per]
+        return row
 
     def view(self, slot: int) -> dict[str, torch.Tensor]:
         """The record in `slot` as its four tensors (views)."""
@@ -213,6 +260,10 @@ class RecordBuffer:
 
 
 # --- eviction policies ---------------------------------------------------------------------------
+# Built once: `np.iinfo(...)` costs ~1 us a call, and LRU's victim search runs once per miss.
+_INT64_MAX = int(np.iinfo(np.int64).max)
+
+
 class Policy:
     """Chooses which resident entry to evict. Entries are indexed by slot number."""
 
@@ -257,11 +308,22 @@ class LRUPolicy(Policy):
         return int(np.argmin(self.last[candidates]))
 
     def victim_of(self, ok: np.ndarray, now: int) -> int:
-        return int(np.argmin(np.where(ok, self.last, np.iinfo(np.int64).max)))
+        # The least recent of all slots is nearly always a candidate (the protected ones were
+        # just used), and then it is the answer: one pass over `last` instead of a masked copy
+        # and a pass (the host cache's ~7,000 slots, once per record read from below).
+        i = int(np.argmin(self.last))
+        if ok[i]:
+            return i
+        return int(np.argmin(np.where(ok, self.last, _INT64_MAX)))
 
     def eviction_order(self, ok: np.ndarray, now: int, first: int | None = None) -> np.ndarray:
         cand = np.flatnonzero(ok)
         return cand[np.argsort(self.last[cand], kind="stable")]
+
+
+# `LRFUPolicy.eviction_order` sets its bound at the (BOUND_SLACK x first)-th lowest rank: a
+# decode layer evicts ~3 entries, so it holds for ~(BOUND_SLACK - 1) x first / 3 calls.
+BOUND_SLACK = 4
 
 
 class LRFUPolicy(Policy):
@@ -278,13 +340,17 @@ class LRFUPolicy(Policy):
         self.h = float(half_life)
         self.crf = np.zeros(n_slots, dtype=np.float64)
         self.last = np.full(n_slots, -1, dtype=np.int64)
+        # A rank at or above the `first` lowest candidates' of recent `eviction_order` calls
+        # (a hint only: each call checks that it still holds enough of them)
+        self._bound = -math.inf
 
     def on_access(self, slot: int, now: int) -> None:
         # Scalar math on Python floats: this runs for every expert lookup of a decode token
-        # (258 of them), where numpy's scalar operations cost microseconds each.
-        last = int(self.last[slot])
-        self.crf[slot] = float(self.crf[slot]) * 2.0 ** ((last - now) / self.h) + 1.0
-        self.last[slot] = now
+        # (258 of them), where numpy's scalar operations cost microseconds each (`item`
+        # reads the Python number without a numpy scalar in between).
+        crf, lst = self.crf, self.last
+        crf[slot] = crf.item(slot) * 2.0 ** ((lst.item(slot) - now) / self.h) + 1.0
+        lst[slot] = now
 
     def on_fill(self, slot: int, now: int) -> None:
         self.crf[slot] = 1.0
@@ -312,12 +378,24 @@ class LRFUPolicy(Policy):
         return int(best[np.argmin(self.last[best])])
 
     def eviction_order(self, ok: np.ndarray, now: int, first: int | None = None) -> np.ndarray:
-        cand = np.flatnonzero(ok)
+        # `nonzero` of the 1-D masks directly: `np.flatnonzero` wraps it in ~1 us of Python
+        cand = ok.nonzero()[0]
         score = self._rank(cand)
-        if first is not None and first < cand.size:
-            # Only the `first` lowest (ties at the cut kept whole, so the order is exact)
-            cut = np.partition(score, first - 1)[first - 1]
-            keep = score <= cut
+        if first is not None and 0 < first < cand.size:
+            # Only the `first` lowest (ties at the cut kept whole, so the order is exact),
+            # selected among the candidates at or below `_bound` when at least `first` are:
+            # the cut is then the same, and the selection runs over ~4 x first candidates
+            # instead of all (~10 us of a decode layer's ~1,000). A rank only rises (when its
+            # entry is used) and the lowest are the ones evicted, so a bound holds for dozens
+            # of calls; when it no longer does, a selection over all sets the next one.
+            low = (score <= self._bound).nonzero()[0]
+            if low.size < first:
+                j = min(BOUND_SLACK * first, cand.size) - 1
+                self._bound = float(np.partition(score, (first - 1, j))[j])
+                low = (score <= self._bound).nonzero()[0]
+            low_score = score[low]
+            cut = np.partition(low_score, first - 1)[first - 1]
+            keep = low[low_score <= cut]  # every candidate at or below the cut, in slot order
             cand, score = cand[keep], score[keep]
         return cand[np.lexsort((self.last[cand], score))]  # by score, ties: least recent first
 
@@ -403,28 +481,42 @@ class Residency:
         """`admit` of each key in turn, each new entry protected before the next is admitted,
         with the eviction candidates ranked once for the batch (a decode layer's misses: one
         pass over the slots instead of one per miss) -> [(slot, evicted key or None)]."""
-        # All or nothing: fail before changing anything when the batch cannot fit (each entry
-        # admitted is protected, so every eviction needs a slot neither pinned nor protected).
-        if len(keys) - len(self.free) > int((~(self.pinned | self.protected)).sum()):
-            raise RuntimeError(_FULL)
+        free, protected = self.free, self.protected
+        n_free = len(free)
+        ok: np.ndarray | None = None  # the eviction candidates, once known at the first eviction
+        n_ok = 0
+        if len(keys) > n_free:  # else every key takes a free slot: no candidates to count
+            # All or nothing: fail before changing anything when the batch cannot fit (each
+            # entry admitted is protected, so every eviction needs a slot neither pinned nor
+            # protected). With no free slot to take (and protect) first, these are also the
+            # first eviction's candidates: one pass over the slots serves both.
+            ok = ~(self.pinned | protected)
+            n_ok = int(np.count_nonzero(ok))
+            if len(keys) - n_free > n_ok:
+                raise RuntimeError(_FULL)
+            if n_free:
+                ok = None
         out: list[tuple[int, Key | None]] = []
         order: list[int] | None = None
         whole = False  # whether `order` ranks every candidate, or only the lowest
         taken: set[int] = set()
         for key in keys:
             self.clock += 1
-            if self.free:
-                s, evicted = self.free.pop(), None
+            if free:
+                s, evicted = free.pop(), None
             else:
-                ok = None
                 if order is None:  # ranked at the first eviction; later ones only skip
-                    ok = ~(self.pinned | self.protected)
+                    if ok is None:
+                        ok = ~(self.pinned | protected)
+                        n_ok = int(np.count_nonzero(ok))
                     # Enough of the ranking for this batch and the floor's skips, mostly
                     order = self.policy.eviction_order(ok, self.clock, 4 * len(keys) + 16).tolist()
-                    whole = len(order) == int(ok.sum())
+                    whole = len(order) == n_ok
+                else:
+                    ok = None  # entries admitted since are protected now
                 s = self._next_victim(order, taken, key[0])
                 if s is None and not whole:  # the floor skipped all the ranked ones
-                    ok = ~(self.pinned | self.protected) if ok is None else ok
+                    ok = ~(self.pinned | protected) if ok is None else ok
                     order, whole = self.policy.eviction_order(ok, self.clock).tolist(), True
                     s = self._next_victim(order, taken, key[0])
                 if s is None:
@@ -434,18 +526,21 @@ class Residency:
                 taken.add(s)
                 evicted = self._evict(s)
             self._fill(s, key)
-            self.protected[s] = True
+            protected[s] = True
             out.append((s, evicted))
         return out
 
     def _next_victim(self, order: list[int], taken: set[int], layer: int) -> int | None:
         """The first slot of `order` not yet taken whose layer keeps its floor (or is `layer`):
         what `admit` would choose, unless no candidate keeps the floor (None)."""
+        floor, layer_of, per_layer = self.floor, self.layer_of, self.per_layer
         for s in order:
             if s in taken:
                 continue
-            owner = int(self.layer_of[s])
-            if not self.floor or owner == layer or self.per_layer[max(owner, 0)] > self.floor:
+            if not floor:
+                return s
+            owner = layer_of.item(s)
+            if owner == layer or per_layer.item(max(owner, 0)) > floor:
                 return s
         return None
 
@@ -507,9 +602,9 @@ class Timeline:
     its load to be queued), of the background thread ("queue": queueing a layer's copies, "read
     ahead": reading its records of the tier below early), the moment a load was submitted
     ("submit"), the copy stream's span of each load ("copies", from CUDA events) and the
-    compute stream's span of each chunk's A and each layer's experts ("gpu A", "gpu E": from
-    events recorded around their launches), all on one clock: seconds since the timeline
-    started."""
+    compute stream's span of each chunk's A, each layer's experts and each chunk's B ("gpu A",
+    "gpu E", "gpu B": from events recorded around their launches), all on one clock: seconds
+    since the timeline started."""
 
     def __init__(self, copy_stream: torch.cuda.Stream) -> None:
         self.lock = threading.Lock()
@@ -710,7 +805,13 @@ class ExpertStore:
         self._newmap: dict[int, Key] = {}  # slot -> key filled into it, not yet published
         # Pinned staging rows for `_publish` ([2, n]: flat map index, then slot), reused in turn
         # once the copy out of one has run: pinning new ones per update cost ~50 us each.
-        self._stage: list[tuple[torch.Tensor, torch.Tensor, torch.cuda.Event | None]] = []
+        self._stage: list[_Stage] = []
+        self._stage_last: int | None = None  # the entry staged last, until its readers are queued
+        # Small host -> device updates (slot-map rows, slot tables) are read in place by the
+        # kernels that use them (`device_view`) instead of copied first: a copy on the compute
+        # stream was served after the copy stream's expert records (tools/PERF_NOTES.md,
+        # session 18). False: pinned -> device copies, as before (measured against each other).
+        self.zero_copy = cuda
         self._copy_waited: torch.cuda.Event | None = None  # the copy stream's last wait
         self.timeline: Timeline | None = None  # a prefill's per-layer timeline, when traced
         self._stage_i = 0
@@ -832,6 +933,15 @@ class ExpertStore:
         with self.lock:
             return self.host is None or key not in self.hostres.slot_of
 
+    def host_cached(self, layer: int, experts: Iterable[int]) -> list[int]:
+        """Those of `experts` (of `layer`) whose misses would not be read from the tier below
+        (`below_host`), in order; the lock is taken once, not once an expert."""
+        with self.lock:
+            if self.host is None:
+                return []
+            held = self.hostres.slot_of
+            return [e for e in experts if (layer, e) in held]
+
     def _fill(self, dst: dict[str, torch.Tensor], key: Key) -> None:
         """Read key's record from the disk tier into dst (a host-cache slot), on this thread."""
         for piece in self._pieces(dst, key, 0):
@@ -897,10 +1007,10 @@ class ExpertStore:
 
     def begin_layer(self) -> None:
         """Start a new residency request: nothing is protected from eviction any more."""
-        self.gpu.protected[:] = False
+        self.gpu.protected.fill(False)
         if self.hostres is not None:
             with self.lock:
-                self.hostres.protected[:] = False
+                self.hostres.protected.fill(False)
 
     def hold_layer(self, layer: int) -> None:
         """Protect every resident expert of `layer` until the next `begin_layer` (a prefetch
@@ -921,28 +1031,36 @@ class ExpertStore:
         request is part of a scan (a prefill chunk's layer): misses of the host cache go
         through the scan ring instead of into the cache."""
         t0 = time.perf_counter()
+        gpu, counters, prefetched = self.gpu, self.counters, self.prefetched
+        lookup, protected = gpu.lookup, gpu.protected
         # Hits first, all protected before any miss is admitted: a miss must not evict an
         # entry the same request is about to use (nor one decode's B is reading now).
         keys = [(layer, int(e)) for e in experts]
         slots: list[int] = []
         missed: list[int] = []  # indices into keys
+        looked = hits = 0  # added to the counters once, after the loop
         for i, key in enumerate(keys):
-            s = self.gpu.lookup(key)
-            if key in self.prefetched and s is not None:  # counted when its prefetch looked
-                self.prefetched.discard(key)
-                self.gpu.protected[s] = True
-                slots.append(s)
-                continue
-            self.prefetched.discard(key)  # evicted since it was prefetched: counted again
-            self.counters.lookups += 1
+            s = lookup(key)
+            if key in prefetched:
+                prefetched.discard(key)  # if evicted since it was prefetched: counted again
+                if s is not None:  # counted when its prefetch looked
+                    protected[s] = True
+                    slots.append(s)
+                    continue
+            looked += 1
             if s is None:
                 missed.append(i)
                 slots.append(-1)
                 continue
-            self.counters.gpu_hits += 1
-            self.gpu.protected[s] = True
+            hits += 1
+            protected[s] = True
             slots.append(s)
-        if (self._pending or (self._last is not None and not scan)) and missed:
+        counters.lookups += looked
+        counters.gpu_hits += hits
+        if not missed:  # all hits: nothing to admit, copy or publish
+            counters.copy_s += time.perf_counter() - t0
+            return slots
+        if self._pending or (self._last is not None and not scan):
             # Background loads (a scan's) still to finish: one whose slot may be evicted now
             # first (its copy then precedes the refill's on the copy stream, and a failure
             # forgets the old key, not the new); for a request that is not a scan, all, reads
@@ -953,32 +1071,34 @@ class ExpertStore:
             else:
                 # Loads still running are the next layer's: keep them (protected for this
                 # request) where the others leave room for the misses, else join them first.
-                gpu = self.gpu
-                pend = [s for s in self._pending if not gpu.protected[s]]
-                room = self.n_slots - gpu.n_pinned - int(gpu.protected.sum()) - len(pend)
+                pend = [s for s in self._pending if not protected[s]]
+                room = self.free_slots() - len(pend)
                 if len(missed) <= room:
-                    gpu.protected[pend] = True
+                    protected[pend] = True
                 else:
                     self._join(pend)
         misses = []
-        admitted = self.gpu.admit_many([keys[i] for i in missed])
+        admitted = gpu.admit_many([keys[i] for i in missed])
+        mapped, unmap, newmap = self._mapped, self._unmap, self._newmap
+        evictions = 0
         for i, (s, evicted) in zip(missed, admitted, strict=True):
             key = keys[i]
-            self.counters.evictions += evicted is not None
-            if evicted is not None and self._mapped[evicted] >= 0:
-                self._unmap.add(evicted)
-            self._newmap[s] = key  # replaces an unpublished fill of the same slot
+            if evicted is not None:
+                evictions += 1
+                if mapped.item(evicted) >= 0:
+                    unmap.add(evicted)
+            newmap[s] = key  # replaces an unpublished fill of the same slot
             misses.append((s, key))
             slots[i] = s
-        if misses:
-            if not then_wait:  # evicted entries leave the map before anything reads it again
-                self._publish({})
-            try:
-                self._load(misses, scan)
-            except BaseException:
-                self._publish({})  # the `wait` that would have will not come
-                raise
-        self.counters.copy_s += time.perf_counter() - t0
+        counters.evictions += evictions
+        if not then_wait:  # evicted entries leave the map before anything reads it again
+            self._publish({})
+        try:
+            self._load(misses, scan)
+        except BaseException:
+            self._publish({})  # the `wait` that would have will not come
+            raise
+        counters.copy_s += time.perf_counter() - t0
         return slots
 
     def _load(self, misses: list[tuple[int, Key]], scan: bool = False) -> None:
@@ -1036,7 +1156,9 @@ class ExpertStore:
                 yield s, *hit
             else:
                 rest.append((s, key))
-        if rest and ahead is not None:
+        if not rest:  # all in the host cache (most decode layers): nothing to read
+            return
+        if ahead is not None:
             # The hits' copies are queued by now: the copy stream has work while the reads
             # ahead finish (waited for first, they left it idle whenever they ran late).
             t0 = time.perf_counter()
@@ -1118,8 +1240,10 @@ class ExpertStore:
     def used(self, slots: Iterable[int]) -> None:
         """The kernels reading these slots are queued on the compute stream: a later copy into
         one of them waits for an event recorded now (`_copy_to_slot`)."""
+        if self.copy_stream is None:
+            return
         slots = list(slots)
-        if self.copy_stream is None or not slots:
+        if not slots:
             return
         ev = torch.cuda.Event()
         ev.record(self._compute())
@@ -1359,25 +1483,35 @@ class ExpertStore:
     def _publish(self, new: dict[Key, int]) -> None:
         """Write the pending removals and `new` entries into the device slot map, in order on
         the compute stream (one small copy and one scatter)."""
-        upd = {key: -1 for key in self._unmap}
-        upd.update(new)
-        self._unmap.clear()
-        if not upd:
+        unmap = self._unmap
+        if not unmap and not new:
             return
-        E = self._mapped.shape[1]
-        rows = [[layer * E + e for layer, e in upd], list(upd.values())]
+        upd = dict.fromkeys(unmap, -1)
+        upd.update(new)
+        unmap.clear()
+        mapped = self._mapped
+        E = mapped.shape[1]
+        flat: list[int] = []
         for key, v in upd.items():
-            self._mapped[key] = v
-        both = self._staged(rows)
-        self.slot_map.view(-1).index_copy_(0, both[0], both[1].to(torch.int32))
+            mapped[key] = v
+            flat.append(key[0] * E + key[1])
+        if self.copy_stream is None:  # the map is on the host: its rows as they are, no staging
+            index = torch.from_numpy(np.array(flat, dtype=np.int64))
+            slots = torch.from_numpy(np.array(list(upd.values()), dtype=np.int32))
+        else:
+            both = self._staged([flat, list(upd.values())])
+            index, slots = both[0], both[1].to(torch.int32)
+        self.slot_map.view(-1).index_copy_(0, index, slots)
+        self._staged_read()
 
     def _staged(self, rows: list[list[int]]) -> torch.Tensor:
         """rows [2][n] as an int64 tensor on the device; on CUDA through a pinned staging
-        buffer (a ring of them, each reused once its copy has run), so the copy is queued
-        without the host waiting for it."""
+        buffer (a ring of them, each reused once the kernels that read it have run: the caller
+        calls `_staged_read` once they are queued), so nothing waits for the host. With
+        `zero_copy` the device tensor is a view of the pinned buffer, read in place."""
         n = len(rows[0])
-        if self.copy_stream is None:
-            return torch.tensor(rows, dtype=torch.long)
+        if self.copy_stream is None:  # through numpy: torch.tensor of lists took ~3x as long
+            return torch.from_numpy(np.array(rows, dtype=np.int64))
         # An update holds at most every slot twice (its removal and its new entry): sized so,
         # no update needs a pinned buffer of its own (`PinnedRing` says why that matters).
         width = max(STAGE_ROWS, 2 * self.n_slots)
@@ -1387,25 +1521,39 @@ class ExpertStore:
             )
         if len(self._stage) < STAGE_RING:
             host = torch.empty(2 * width, dtype=torch.long, pin_memory=True)
-            dev = torch.empty(2 * width, dtype=torch.long, device=self.device)
-            self._stage.append((host, dev, None))
+            self._stage.append(_Stage(host))
         i = self._stage_i = (self._stage_i + 1) % len(self._stage)
-        host, dev, ev = self._stage[i]
-        if ev is not None:
-            ev.synchronize()  # its previous copy (queued STAGE_RING updates ago) has long run
+        st = self._stage[i]
+        if st.read is not None:
+            st.read.synchronize()  # its previous readers (STAGE_RING updates ago) have long run
+        host = st.host
         # Both rows in the buffers' first 2n elements: a contiguous copy. (Slices [:, :n] of a
         # [2, width] buffer were not: torch then copies the source into pageable memory first,
         # and a copy from pageable memory waits for the stream's queued kernels before it
         # returns, a host stall behind the GPU at every slot-map update.)
         src = host[: 2 * n].view(2, n)
         src.numpy()[...] = rows
+        self._stage_last = i
+        if self.zero_copy:
+            if st.view is None:
+                st.view = device_view(host, self.device)
+            return st.view[: 2 * n].view(2, n)
+        if st.dev is None:
+            st.dev = torch.empty(2 * width, dtype=torch.long, device=self.device)
         # The device rows are reused in stream order: their next copy follows this scatter.
-        out = dev[: 2 * n].view(2, n)
+        out = st.dev[: 2 * n].view(2, n)
         out.copy_(src, non_blocking=True)
-        ev = ev or torch.cuda.Event()
-        ev.record(self._compute())
-        self._stage[i] = (host, dev, ev)
         return out
+
+    def _staged_read(self) -> None:
+        """The kernels that read the rows `_staged` returned last are queued: the staging
+        buffer is written again only once they have run."""
+        i, self._stage_last = self._stage_last, None
+        if i is None:
+            return
+        st = self._stage[i]
+        st.read = st.read or torch.cuda.Event()
+        st.read.record(self._compute())
 
     def prefetch_hash_layers(self, ids: Sequence[int], scan: bool = False) -> None:
         """Hash-routed layers' experts follow from the token ids alone: start their copies at
@@ -1434,7 +1582,7 @@ class ExpertStore:
     def free_slots(self) -> int:
         """Slots neither pinned nor protected: what a prefetch may fill now."""
         gpu = self.gpu
-        return self.n_slots - gpu.n_pinned - int(gpu.protected.sum())
+        return self.n_slots - gpu.n_pinned - int(np.count_nonzero(gpu.protected))
 
     def weights(self, slot: int) -> tuple[QWeight, QWeight, QWeight]:
         """(w1, w3, w2) of the record in `slot`, as views (reference path)."""

@@ -25,6 +25,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Hashable, Iterator, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -34,7 +35,7 @@ from homeseek import compile as C
 from homeseek import decode as D
 from homeseek import model as M
 from homeseek.config import ModelConfig, RuntimeConfig
-from homeseek.experts import PinnedRing
+from homeseek.experts import PinnedRing, device_view
 from homeseek.graphs import GraphedStep, GraphPool
 from homeseek.kernels import ops
 from homeseek.scheduler import Scheduler
@@ -217,11 +218,13 @@ class Runner:
         self.graphs = GraphedStep(self.pool, enabled=self.pool is not None)
         self._sel_ready = torch.cuda.Event() if on_cuda else None
         K = cfg.num_experts_per_tok
+        # int64: with the store's `zero_copy` a cast kernel reads them in place (`_write_slots`)
         self._slot_stage = (
-            [torch.zeros(VERIFY_MAX, K, dtype=torch.int32, pin_memory=True) for _ in range(2)]
+            [torch.zeros(VERIFY_MAX, K, dtype=torch.long, pin_memory=True) for _ in range(2)]
             if on_cuda else []
         )  # fmt: skip
         self._stage_np = [t.numpy() for t in self._slot_stage]
+        self._stage_view = [device_view(t, rt.device) for t in self._slot_stage]
         self._stage_events: list[torch.cuda.Event | None] = [None, None]
         self._stage_i = 0
         self._stream: torch.cuda.Stream | None = None  # the step's compute stream (CUDA)
@@ -264,6 +267,12 @@ class Runner:
         # (decided once: the A graphs hold the copies; `scheduler.lane = None` then turns the
         # lane off without recapture, as the bench's copy-only rows do).
         self.lane_inputs = scheduler.lane is not None and ctx.kernels
+        # How the CPU lane's sum reaches a layer's expert kernel: "host" (the host waits for
+        # the lane's job, then copies the sum) or "gpu" (the compute stream waits for it,
+        # `ops.await_copy`, and the host goes on queueing; the jobs' errors are raised at the
+        # step's end). tools/decode_ab.py --switch lane-handoff measures the two.
+        self.lane_handoff = "host"
+        self._lane_jobs: list[Future[torch.Tensor]] = []
         # A also predicts the next layer's experts (its router on this layer's expert input)
         # so their copies start while this layer computes (`Scheduler.prefetch_predicted`).
         self.predict = scheduler.prefetch and ctx.kernels and on_cuda
@@ -373,7 +382,9 @@ class Runner:
         """`steps`: chunk c's experts and segment B at `layer` (of n chunks) into X[c]."""
         more = c + 1 < n  # later chunks of the group use this layer
         moe = self.moe(p, layer, starts[c] - starts[0], more, ids_host)
-        X[c] = M.segment_b(p, moe, self.ctx)
+        tl = self.scheduler.store.timeline  # a prefill's layer timeline
+        with tl.gpu("B", layer) if tl is not None else contextlib.nullcontext():
+            X[c] = M.segment_b(p, moe, self.ctx)
 
     def head(self, X: torch.Tensor) -> torch.Tensor:
         return M.head_logits(X, self.top, self.ctx)
@@ -503,12 +514,22 @@ class Runner:
             # noted) before the error leaves the step; an error of its own does not hide it.
             with contextlib.suppress(Exception):
                 self._run_later(later)
+            self._lane_results(raise_error=False)
             raise
         self._run_later(later)
+        self._lane_results()
         if rec is not None:
             rec.end_token()
         state.pos += 1
         return b.logits[0].clone()
+
+    def _lane_results(self, raise_error: bool = True) -> None:
+        """Wait for the CPU lane's jobs handed off on the GPU this step; raise the first error
+        (a failed job's flag is still set, so the GPU went on, with NaN or stale sums)."""
+        jobs, self._lane_jobs = self._lane_jobs, []
+        errors = [e for j in jobs if (e := j.exception()) is not None]
+        if errors and raise_error:
+            raise errors[0]
 
     def _run_a(self, layer: int, bucket: int, state: SessionState) -> None:
         """Layer's A (attention, shared expert, router) for the live token, at its position
@@ -618,7 +639,12 @@ class Runner:
                 self._write_slots(sel, slot_of)
                 job, sched.cpu_job = sched.cpu_job, None
                 if job is not None:  # the CPU lane took some: its sum joins the GPU's
-                    b.cpu_part.copy_(job.result(), non_blocking=True)
+                    if self.lane_handoff == "gpu":
+                        flag, seq, part = sched.lane.handoff()
+                        ops.await_copy(flag, seq, part, b.cpu_part)
+                        self._lane_jobs.append(job)
+                    else:
+                        b.cpu_part.copy_(job.result(), non_blocking=True)
                     sched.lane.sent(self._stream)
                     self._run(("E", False, "cpu"), self._e_cpu, [b.moe], layer=layer)
                 else:
@@ -872,7 +898,10 @@ class Runner:
             ev.synchronize()
         T = sel.shape[0]
         self._stage_np[i][:T] = self.scheduler.slot_rows(sel, slot_of)
-        dst.copy_(self._slot_stage[i][:T], non_blocking=True)
+        if self.scheduler.store.zero_copy:  # a cast kernel reads the rows in place
+            dst.copy_(self._stage_view[i][:T])
+        else:  # a pinned -> device copy, then the cast
+            dst.copy_(self._slot_stage[i][:T].to(dst.device, non_blocking=True))
         ev = self._stage_events[i] or torch.cuda.Event()
         ev.record(self._stream)
         self._stage_events[i] = ev

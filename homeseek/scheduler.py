@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from homeseek.config import ConfigError, ModelConfig
-from homeseek.experts import ExpertStore, PinnedRing, distinct_experts, marker
+from homeseek.experts import ExpertStore, PinnedRing, device_view, distinct_experts, marker
 
 if TYPE_CHECKING:
     from homeseek.cpu_lane import CpuLane
@@ -302,12 +302,10 @@ class Scheduler:
         # reach that layer's ids late (and the CPU lane can compute them where they lie). With
         # no host cache (or before it is filled) that is every record: no prediction copies.
         # (Reading them on the scan thread instead was measured slower: docs/runtime.md.)
-        missing = [
-            e
-            for e in dict.fromkeys(experts)
-            if (layer, e) not in store.gpu.slot_of and not store.below_host((layer, e))
-        ]
-        missing = missing[: max(0, store.free_slots())]
+        resident = store.gpu.slot_of
+        missing = [e for e in dict.fromkeys(experts) if (layer, e) not in resident]
+        if missing:
+            missing = store.host_cached(layer, missing)[: max(0, store.free_slots())]
         self._prediction = (layer, want, set(missing))
         if not missing:
             return
@@ -407,8 +405,13 @@ class Scheduler:
             return torch.from_numpy(rows).to(device)
         if not self.pinned_rings:  # a block of torch's pinned allocator, as before session 16
             return torch.from_numpy(rows).pin_memory().to(device, non_blocking=True)
-        host = self._table_ring.tensor(rows.shape, torch.int32)
-        host.numpy()[...] = rows
-        out = host.to(device, non_blocking=True)
+        if self.store.zero_copy:  # a cast kernel reads the rows in place (`device_view`)
+            host = self._table_ring.tensor(rows.shape, torch.int64)
+            host.numpy()[...] = rows
+            out = device_view(host, device).to(torch.int32)
+        else:
+            host = self._table_ring.tensor(rows.shape, torch.int32)
+            host.numpy()[...] = rows
+            out = host.to(device, non_blocking=True)
         self._table_ring.used(torch.cuda.current_stream(device))
         return out

@@ -13,12 +13,14 @@ import torch
 
 from . import fp4_experts as _fp4
 from . import fp8_linear as _fp8
+from . import handoff as _handoff
 from . import indexer as _idx
 from . import mhc as _mhc
 from . import sparse_attn as _attn
 from ._formats import HAS_TRITON, interpreting
 
 __all__ = [
+    "await_copy",
     "fp4_experts",
     "fp8_linear",
     "indexer_topk",
@@ -92,6 +94,17 @@ def fp4_experts(
         return _fp4.fp4_experts_grouped(*args, out=out, act_quant=act_quant)
     out_dtype = out.dtype if out is not None else None
     return _into(out, _fp4.fp4_experts_ref(*args, act_quant=act_quant, out_dtype=out_dtype))
+
+
+def await_copy(
+    flag: torch.Tensor, expected: int, src: torch.Tensor, dst: torch.Tensor, *,
+    triton: bool | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """dst <- src once flag [1] int32 == expected, waited for on dst's stream (CUDA: by a kernel,
+    the host goes on; flag and src are device views of pinned memory)."""
+    if _pick(triton, dst):
+        return _handoff.await_copy(flag, expected, src, dst)
+    return _handoff.await_copy_ref(flag, expected, src, dst)
 
 
 def sparse_attn(

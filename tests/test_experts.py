@@ -280,6 +280,59 @@ def test_lrfu_ranks_entries_whose_decayed_score_underflows():
     assert pol.victim(np.array([0, 1]), 5375) == 1
 
 
+def test_lrfu_partial_order_is_exact_whatever_bound_earlier_calls_left():
+    """`eviction_order` with `first` selects among the candidates at or below a bound kept
+    from earlier calls: whatever that bound (stale, too low, too high), it returns exactly
+    the whole ranking's entries down to the `first`-th lowest rank (ties there kept whole)."""
+    rng = np.random.default_rng(3)
+    n = 300
+    pol = LRFUPolicy(n, half_life=500)
+    now = 0
+    for step in range(400):
+        for _ in range(int(rng.integers(1, 20))):
+            now += 1
+            s = int(rng.integers(0, n))
+            (pol.on_fill if rng.random() < 0.3 else pol.on_access)(s, now)
+        if step % 50 == 49:  # a tie at the cut: two entries of the same rank
+            a, b = (int(x) for x in rng.choice(n, size=2, replace=False))
+            pol.crf[b], pol.last[b] = pol.crf[a], pol.last[a]
+        if step % 40 == 0:
+            pol._bound = float(rng.choice([-np.inf, np.inf, rng.normal(now / 500, 1)]))
+        ok = rng.random(n) < 0.9
+        first = int(rng.integers(1, 60))
+        whole = pol.eviction_order(ok, now)
+        rank = pol._rank(np.arange(n))
+        cut = np.sort(rank[ok])[first - 1]
+        got = pol.eviction_order(ok, now, first)
+        assert got.tolist() == whole[: int((rank[ok] <= cut).sum())].tolist(), step
+
+
+def test_prediction_copies_predicted_host_cache_records_not_resident():
+    """Decode's prediction copies, in the prediction's order and as far as the free slots
+    allow, the predicted experts neither resident nor below the host cache."""
+    eng = homeseek.load("tiny", dtype=torch.float32, max_context=64, expert_slots=8)
+    store, sched, cfg = eng.experts, eng.scheduler, eng.cfg
+    layer = next(i for i in range(cfg.num_hidden_layers) if not cfg.is_hash_layer(i))
+    store.host = RecordBuffer(cfg, 4, "cpu")
+    store.hostres = Residency(4, cfg.num_hidden_layers, make_policy("lru", 4, 1), 0)
+    for e in (1, 2, 3, 4):
+        s, _ = store.hostres.admit((layer, e))
+        store._fill(store.host.view(s), (layer, e))
+    store.begin_layer()
+    store.ensure_resident(layer, [2])
+    store.begin_layer()
+    # 5 lies below the host cache and 2 is resident: 3 then 1 are copied, 4 finds no room
+    store.gpu.protected[: store.n_slots - 2] = True  # room for two (`free_slots`)
+    sched.prefetch_predicted(layer, [5, 2, 3, 3, 1, 4])
+    assert sched._prediction == (layer, {1, 2, 3, 4, 5}, {1, 3})
+    resident = {e for e in range(cfg.n_routed_experts) if (layer, e) in store.gpu.slot_of}
+    assert resident == {1, 2, 3} and store.prefetched == {(layer, 1), (layer, 3)}
+    store.host = None  # no host cache: nothing is copied ahead
+    store.begin_layer()
+    sched.prefetch_predicted(layer, [4, 6])
+    assert sched._prediction == (layer, {4, 6}, set())
+
+
 def test_a_failed_read_leaves_nothing_behind(monkeypatch):
     """A record whose read fails must not be found later: neither its slot nor the host-cache
     slot it was read into holds it."""

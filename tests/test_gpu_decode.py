@@ -280,8 +280,9 @@ def test_prefill_prefetch_of_the_next_layer_on_cuda():
     assert float((a - b).abs().max() / b.std()) <= 1e-5  # the kernels may sum in any order
 
 
-def _lane_run(lane: str, dtype: torch.dtype, steps: int, share: float = 0.5):
+def _lane_run(lane: str, dtype: torch.dtype, steps: int, share: float = 0.5, handoff: str = "host"):
     eng = _load(True, dtype=dtype, expert_slots=3, cpu_lane=lane)
+    eng.runner.lane_handoff = handoff
     if lane == "on":
         eng.scheduler.lane.fixed_share = share  # not the rates: make it take experts
     sess = eng.session()
@@ -289,12 +290,17 @@ def _lane_run(lane: str, dtype: torch.dtype, steps: int, share: float = 0.5):
     return (*_greedy(sess, 11, steps), eng)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cpu_lane_decodes_as_copy_only(dtype):
+@pytest.mark.parametrize(
+    "dtype,handoff",
+    [(torch.float32, "host"), (torch.bfloat16, "host"), (torch.float32, "gpu"),
+     (torch.bfloat16, "gpu")],
+)  # fmt: skip
+def test_cpu_lane_decodes_as_copy_only(dtype, handoff):
     """Half of every layer's misses computed on the CPU (the lane's kernel on the host records)
     instead of copied: the same greedy tokens as copy-only decoding with an evicting pool, and
-    logits that differ only by the order of fp32 sums."""
-    ton, lon, eon = _lane_run("on", dtype, 200)
+    logits that differ only by the order of fp32 sums; the lane's sum handed over by the host
+    or waited for on the GPU (`Runner.lane_handoff`)."""
+    ton, lon, eon = _lane_run("on", dtype, 200, handoff=handoff)
     toff, loff, eoff = _lane_run("off", dtype, 200)
     c = eon.experts.counters
     assert c.cpu_lane > 200 and eoff.experts.counters.cpu_lane == 0
@@ -304,6 +310,28 @@ def test_cpu_lane_decodes_as_copy_only(dtype):
     assert _close(lon, loff) <= (1e-4 if dtype == torch.float32 else 2e-2)
     st = eon.runner.graph_stats()
     assert st["graph_capture_failures"] == 0 and st["graph_eager_fallbacks"] == 0
+    assert not eon.runner._lane_jobs  # every handed-off job was waited for at its step's end
+
+
+def test_cpu_lane_gpu_handoff_raises_a_failed_job():
+    """A lane job that fails under the GPU hand-off still releases the GPU's wait (its flag is
+    set), and the step raises the job's error; the next step decodes again."""
+    eng = _load(True, dtype=torch.float32, expert_slots=3, cpu_lane="on")
+    eng.runner.lane_handoff = "gpu"
+    lane = eng.scheduler.lane
+    lane.fixed_share = 1.0
+    sess = eng.session()
+    sess.forward(list(range(50, 90)))
+    run = lane.kernel.run
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("lane kernel failed")
+
+    lane.kernel.run = broken
+    with pytest.raises(RuntimeError, match="lane kernel failed"):
+        _greedy(sess, 11, 3)
+    lane.kernel.run = run
+    assert not eng.runner._lane_jobs
 
 
 def test_cpu_lane_taking_all_misses_and_by_its_rates():

@@ -10,7 +10,7 @@ import torch
 
 import homeseek
 from homeseek.config import PRESETS
-from homeseek.experts import record_bytes
+from homeseek.experts import device_view, record_bytes
 
 from oracle import compare
 
@@ -329,28 +329,60 @@ def test_prefill_layer_timeline(ids, kernels):
 
 def test_cuda_host_staging_does_not_wait_for_the_stream():
     """The slot-map updates (`_staged`) and a wave's slot table (`Scheduler.slot_table`) reach
-    the device through pinned memory in contiguous copies: queued behind a long kernel, each
-    returns while that kernel still runs, and the device receives the right values. (A copy
-    from pageable memory, or a strided one torch stages through pageable memory, waits for the
-    stream's queued work first: the host then stalls behind the GPU.)"""
+    the device through pinned memory, read in place (`zero_copy`, the engine's) or in
+    contiguous copies: queued behind a long kernel, each returns while that kernel still runs,
+    and the device receives the right values. (A copy from pageable memory, or a strided one
+    torch stages through pageable memory, waits for the stream's queued work first: the host
+    then stalls behind the GPU.)"""
     eng = _load("cuda")
     store, sched = eng.experts, eng.scheduler
-    for _ in range(8):  # the rings' buffers created first (STAGE_RING, TABLE_RING)
-        store._staged([[0], [0]])
-        sched.slot_table(torch.tensor([[0, 1]]), {0: 5, 1: 6}, torch.device("cuda"))
-    torch.cuda.synchronize()
-    for n in (1, 3, 40, 2 * store.n_slots):
-        rows = [list(range(n)), list(range(100, 100 + n))]
-        torch.cuda._sleep(500_000_000)  # ~0.25 s of GPU time on the current stream
+    assert store.zero_copy
+    for zero_copy in (True, False):
+        store.zero_copy = zero_copy
+        for _ in range(8):  # the rings' buffers created first (STAGE_RING, TABLE_RING)
+            store._staged([[0], [0]])
+            store._staged_read()
+            sched.slot_table(torch.tensor([[0, 1]]), {0: 5, 1: 6}, torch.device("cuda"))
+        torch.cuda.synchronize()
+        for n in (1, 3, 40, 2 * store.n_slots):
+            rows = [list(range(n)), list(range(100, 100 + n))]
+            torch.cuda._sleep(500_000_000)  # ~0.25 s of GPU time on the current stream
+            busy = torch.cuda.Event()
+            busy.record()
+            out = store._staged(rows)
+            assert not busy.query(), f"_staged of {n} rows waited for the stream"
+            # read by a kernel, as the scatter reads it (a zero-copy view is host memory)
+            got = out + 0
+            store._staged_read()
+            assert out.is_contiguous() and got.tolist() == rows
+        sel = torch.tensor([[0, 1], [2, 1]])
+        torch.cuda._sleep(500_000_000)
         busy = torch.cuda.Event()
         busy.record()
-        out = store._staged(rows)
-        assert not busy.query(), f"_staged of {n} rows waited for the stream"
-        assert out.is_contiguous() and out.tolist() == rows
-    sel = torch.tensor([[0, 1], [2, 1]])
-    torch.cuda._sleep(500_000_000)
-    busy = torch.cuda.Event()
-    busy.record()
-    table = sched.slot_table(sel, {0: 5, 1: 6, 2: 7}, torch.device("cuda"))
-    assert not busy.query(), "slot_table waited for the stream"
-    assert table.tolist() == [[5, 6], [7, 6]]
+        table = sched.slot_table(sel, {0: 5, 1: 6, 2: 7}, torch.device("cuda"))
+        assert not busy.query(), "slot_table waited for the stream"
+        assert table.tolist() == [[5, 6], [7, 6]]
+
+
+def test_cuda_device_view_reads_the_host_in_place():
+    """`device_view`: a kernel reads what the host wrote last, also from a CUDA graph replayed
+    after each write (the view's address is fixed at capture), and rejects pageable memory."""
+    host = torch.zeros(16, dtype=torch.long).pin_memory()
+    view = device_view(host)
+    assert view.device.type == "cuda" and view.data_ptr() == host.data_ptr()
+    dev = torch.zeros(16, dtype=torch.int32, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        dev.copy_(view)  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        dev.copy_(view)  # a cast kernel: int64 read in place -> int32
+    for k in range(3):
+        host.copy_(torch.arange(16) * (k + 2))
+        g.replay()
+        torch.cuda.synchronize()
+        assert dev.tolist() == (torch.arange(16) * (k + 2)).tolist()
+    with pytest.raises(ValueError, match="pinned"):
+        device_view(torch.zeros(4, dtype=torch.long))

@@ -16,6 +16,7 @@ import importlib
 import importlib.util
 import os
 import sys
+import time
 
 import pytest
 import torch
@@ -29,7 +30,9 @@ if INTERP:
     os.environ["TRITON_INTERPRET"] = "1"
     # Kernels are bound to interpreter or compiler when their module is imported: if another
     # test imported them first, reload them now that the interpreter is on.
-    for _name in ("_formats", "fp8_linear", "fp4_experts", "sparse_attn", "indexer", "mhc", "ops"):
+    for _name in (
+        "_formats", "fp8_linear", "fp4_experts", "sparse_attn", "indexer", "mhc", "handoff", "ops",
+    ):  # fmt: skip
         _mod = sys.modules.get(f"homeseek.kernels.{_name}")
         if _mod is not None:
             importlib.reload(_mod)
@@ -37,6 +40,7 @@ if INTERP:
 from homeseek.kernels import _formats as fmt  # noqa: E402
 from homeseek.kernels import fp4_experts as f4  # noqa: E402
 from homeseek.kernels import fp8_linear as f8  # noqa: E402
+from homeseek.kernels import handoff as hf  # noqa: E402
 from homeseek.kernels import indexer as ix  # noqa: E402
 from homeseek.kernels import mhc as mh  # noqa: E402
 from homeseek.kernels import ops  # noqa: E402
@@ -1674,3 +1678,40 @@ def test_fp8_linear_scaled_mm_graph_capture_gpu(monkeypatch, decided):
         torch.cuda.synchronize()
         ref = f8.fp8_linear_ref(x, w, s, act_quant=True)
         assert_close(f"graph scaled_mm replay {seed}", y, ref, dtype, loose=2.0)
+
+
+# --- the CPU lane's hand-off (kernels/handoff.py) -------------------------------------------
+@interp
+def test_await_copy_interp():
+    """The kernel copies once the flag holds the expected value, and gives NaN instead of
+    waiting forever when it never does; the twin agrees."""
+    flag = torch.zeros(1, dtype=torch.int32)
+    src = torch.randn(1, 3000)
+    for fn in (hf.await_copy, hf.await_copy_ref):
+        dst = torch.zeros(1, 3000)
+        flag[0] = 7
+        fn(flag, 7, src, dst)
+        assert torch.equal(dst, src)
+        fn(flag, 8, src, dst, max_polls=5)
+        assert torch.isnan(dst).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_await_copy_waits_for_the_host_gpu():
+    """Queued on the stream, the kernel holds it until the host sets the flag (the host is not
+    held meanwhile), then reads the host's row in place."""
+    from homeseek.experts import device_view
+
+    flag_h = torch.zeros(1, dtype=torch.int32).pin_memory()
+    src_h = torch.zeros(1, 4096).pin_memory()
+    dst = torch.zeros(1, 4096, device="cuda")
+    ops.await_copy(device_view(flag_h), 5, device_view(src_h), dst)
+    done = torch.cuda.Event()
+    done.record()
+    time.sleep(0.05)
+    assert not done.query()  # still waiting for the flag
+    src_h.copy_(torch.arange(4096.0).view(1, -1))
+    flag_h[0] = 5
+    done.synchronize()
+    assert torch.equal(dst.cpu(), src_h)

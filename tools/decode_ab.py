@@ -16,7 +16,11 @@ its own, before its E; off: after the next A), `empty-cache` (the caching alloca
 blocks returned before the run: with --warm-chunk, whether a reserve near the budget slows
 decode), `time-copies` (events around each batch of copies, as `homeseek bench` records
 them to report the copy lane's GB/s), `switch-interval` (the GIL's switch interval lowered
-during each step beside the CPU lane, as the engine does, or Python's own; needs the lane).
+during each step beside the CPU lane, as the engine does, or Python's own; needs the lane),
+`zero-copy` (the slot-map updates and slot tables read in place from pinned memory by the
+kernels that use them, as the engine does; off: pinned -> device copies first),
+`lane-handoff` (on: the CPU lane's sum waited for on the GPU, the host going on; off: the host
+waits for the lane's job and copies its sum, the engine's default; needs the lane).
 `--switch a,b` measures each in turn on one build.
 """
 
@@ -36,6 +40,7 @@ from homeseek.scheduler import make_routing
 
 SWITCHES = (
     "prefetch", "lane", "early-prediction", "empty-cache", "time-copies", "switch-interval",
+    "zero-copy", "lane-handoff",
 )  # fmt: skip
 # each switch as the engine runs it, restored after its runs (the next switch's baseline)
 DEFAULT_ON = {
@@ -45,6 +50,8 @@ DEFAULT_ON = {
     "empty-cache": False,
     "time-copies": False,
     "switch-interval": True,
+    "zero-copy": True,
+    "lane-handoff": False,
 }
 
 
@@ -66,6 +73,10 @@ def _set(eng, switch: str, on: bool, lane) -> None:  # noqa: ANN001 - Engine, Cp
             eng.experts.copy_busy_s()  # the timed batches' events, forgotten
     elif switch == "switch-interval":
         eng.runner.switch_interval = SWITCH_INTERVAL if on else None
+    elif switch == "zero-copy":
+        eng.experts.zero_copy = on
+    elif switch == "lane-handoff":
+        eng.runner.lane_handoff = "gpu" if on else "host"
     else:
         raise SystemExit(f"unknown switch {switch!r}: one of {', '.join(SWITCHES)}")
 
@@ -114,12 +125,12 @@ def main() -> None:
         if sw in ("prefetch", "early-prediction") and args.routing != "model":
             raise SystemExit(f"--switch {sw} needs --routing model: an override draws the ids "
                              "after the router, so decode predicts nothing under it")  # fmt: skip
-        if sw in ("lane", "switch-interval") and args.cpu_lane == "off":
+        if sw in ("lane", "switch-interval", "lane-handoff") and args.cpu_lane == "off":
             raise SystemExit(f"--switch {sw} needs a CPU lane: --cpu-lane on")
     eng = build_engine(rt, None, args.synthetic, expert_alias=args.expert_alias or None)
     cuda = device.startswith("cuda")
     lane = eng.scheduler.lane
-    for sw in ("lane", "switch-interval"):  # decode lowers the interval only beside the lane
+    for sw in ("lane", "switch-interval", "lane-handoff"):  # these act only beside the lane
         if sw in switches and lane is None:
             raise SystemExit(f"--switch {sw}: no CPU lane was built (--cpu-lane {args.cpu_lane})")
     eng.scheduler.routing = make_routing(args.routing, eng.cfg)

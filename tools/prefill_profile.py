@@ -2,12 +2,12 @@
 
 Builds the engine as `homeseek bench` does (full-size synthetic V4-Flash on CUDA, the process
 capped at --gpu-mem-gb), warms the kernels up, then for each prompt length runs one timed prefill
-per combination of --copy-stores, --group-order, --load-order, --pinned and --switch-interval
-values (in turn, one JSON line each: wall seconds, H2D bytes, the scan threads' counters, the
-allocators' events), then, up to --profile-upto tokens, one under torch.profiler with the first
-combination (the union of kernel intervals, i.e. GPU busy, the union of H2D copy intervals,
-their overlap, the top kernels and the top host ops by own time, a timeline window; one JSON
-line).
+per combination of --copy-stores, --group-order, --load-order, --pinned, --switch-interval
+and --host-reads values (in turn, one JSON line each: wall seconds, H2D bytes, the scan
+threads' counters, the allocators' events), then, up to --profile-upto tokens, one under
+torch.profiler with the first combination (the union of kernel intervals, i.e. GPU busy, the
+union of H2D copy intervals, their overlap, the top kernels and the top host ops by own time,
+a timeline window; one JSON line).
 
     python tools/prefill_profile.py --gpu-mem-gb 24 --prompts 256,4096
     python tools/prefill_profile.py --prompts 4096,16384 --copy-stores streaming,cached \
@@ -214,9 +214,17 @@ def main() -> None:
         "the GIL's switch interval while a prefill step runs: lowered (the engine's, "
         "runner.SWITCH_INTERVAL) or python (Python's own, 5 ms by default)",
     )
+    _switch(
+        ap,
+        "--host-reads",
+        ("zero-copy", "copies"),
+        "how the compute stream's kernels get the few bytes the host writes between them "
+        "(slot-map updates, slot tables): zero-copy (the engine's: read in place from pinned "
+        "memory) or copies (pinned -> device copies first, as before session 18)",
+    )
     args = ap.parse_args()
     stores, orders, loads, pins = args.copy_stores, args.group_order, args.load_order, args.pinned
-    intervals = args.switch_interval
+    intervals, reads = args.switch_interval, args.host_reads
     if args.host_fill == "layers":
         fill = ExpertStore.start_host_fill
 
@@ -245,25 +253,27 @@ def main() -> None:
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     sync()
     variants = [
-        (st, order, load, pin, gil)
+        (st, order, load, pin, gil, zc)
         for st in stores
         for order in orders
         for load in loads
         for pin in pins
         for gil in intervals
+        for zc in reads
     ]
     for n in prompts:
         ids = torch.randint(0, eng.cfg.vocab_size, (n,), generator=g).tolist()
         runs = [("timed", v) for v in variants]
         if n <= args.profile_upto:
             runs.append(("profiled", variants[0]))
-        for run, (st, order, load, pin, gil) in runs:
+        for run, (st, order, load, pin, gil, zc) in runs:
             if copier is not None:
                 copier.stream_copies = st == "streaming"
             eng.runner.a_first = order == "a-first"
             store.hits_first = load == "hits-first"
             eng.scheduler.pinned_rings = pin == "rings"
             eng.runner.switch_interval = SWITCH_INTERVAL if gil == "lowered" else None
+            store.zero_copy = zc == "zero-copy" and cuda
             res: dict[str, float | int | str] = {"tokens": n, "gpu_mem_gb": args.gpu_mem_gb}
             res["host_fill"] = args.host_fill
             res["copy_stores"] = st if copier is not None else "torch readers"
@@ -271,6 +281,7 @@ def main() -> None:
             res["load_order"] = load
             res["pinned"] = pin
             res["switch_interval"] = gil
+            res["host_reads"] = zc
             res["run"] = run
             sess.reset()
             eng.experts.reset_gpu()
