@@ -26,6 +26,7 @@ import torch
 from homeseek.config import ConfigError, ModelConfig, default_cache_dir
 from homeseek.experts import device_view
 from homeseek.kernels import cpu_experts
+from homeseek.kernels.handoff import MAX_POLLS, MIN_POLL_S
 
 # The CPU kernel library is built once per machine into homeseek's cache (HOMESEEK_CACHE_DIR).
 cpu_experts.cache_root = default_cache_dir
@@ -113,6 +114,9 @@ class CpuLane:
         self.flag = torch.zeros(2, dtype=torch.int32, pin_memory=pin)
         self._flag_np = self.flag.numpy()
         self.seq = 0  # of the job submitted last
+        # Set when a job ended later after its submission than a GPU hand-off's wait is sure to
+        # last (its kernel may have given up and passed NaN on): `Runner` raises then.
+        self.handoff_late = False
         self._views = (
             [(device_view(self.flag[j : j + 1], device), device_view(o, device)) for j, o in
              enumerate(self.out)]
@@ -182,6 +186,7 @@ class CpuLane:
         limit, aq, adt = self.cfg.swiglu_limit, self.act_quant, self.act_dtype
         seq = self.seq = self.seq % (2**31 - 1) + 1  # never 0, the flags' first value
         flag = self._flag_np
+        t_submit = time.perf_counter()
 
         def call() -> torch.Tensor:
             t0 = time.perf_counter()
@@ -189,6 +194,8 @@ class CpuLane:
                 self.kernel.run(x, route_w, records, limit, aq, adt, out=out)
             finally:  # also when it failed: a GPU hand-off waiting for it goes on
                 flag[i] = seq
+                if time.perf_counter() - t_submit > MAX_POLLS * MIN_POLL_S:
+                    self.handoff_late = True
             dt = time.perf_counter() - t0
             with self._lock:
                 per = dt / len(records)

@@ -120,9 +120,10 @@ def device_view(t: torch.Tensor, device: torch.device | str = "cuda") -> torch.T
     """A CUDA tensor over the memory of the contiguous pinned host tensor t, without a copy:
     a kernel that reads it reads the host's memory over the bus (CUDA maps pinned memory
     into the device's address space). For the few bytes a kernel needs from the host between
-    the GPU's work: a pinned -> device copy is served by a copy engine, in turn with the
-    expert copies queued there, so a copy of a few bytes on the compute stream waited behind
-    ~70 ms of expert records (tools/copy_queue_probe.py); a kernel's reads wait for nothing."""
+    the GPU's work: in prefill a pinned -> device copy of a few KB on the compute stream ran
+    only after the ~70 ms of expert records queued on the copy stream before it (why is not
+    pinned down: tools/copy_queue_probe.py did not reproduce it alone); a kernel's reads of
+    pinned memory involve no copy engine (tools/PERF_NOTES.md, session 18)."""
     if not (t.is_pinned() and t.is_contiguous()):
         raise ValueError("device_view needs a contiguous pinned host tensor")
     with torch.cuda.device(device):
@@ -804,13 +805,15 @@ class ExpertStore:
         self._unmap: set[Key] = set()
         self._newmap: dict[int, Key] = {}  # slot -> key filled into it, not yet published
         # Pinned staging rows for `_publish` ([2, n]: flat map index, then slot), reused in turn
-        # once the copy out of one has run: pinning new ones per update cost ~50 us each.
+        # once the kernels that read them (or their copy) have run: pinning new ones per update
+        # cost ~50 us each.
         self._stage: list[_Stage] = []
         self._stage_last: int | None = None  # the entry staged last, until its readers are queued
         # Small host -> device updates (slot-map rows, slot tables) are read in place by the
         # kernels that use them (`device_view`) instead of copied first: a copy on the compute
         # stream was served after the copy stream's expert records (tools/PERF_NOTES.md,
-        # session 18). False: pinned -> device copies, as before (measured against each other).
+        # session 18). False: pinned -> device copies (the slot map's updates and prefill's
+        # slot tables as before; decode's slot tables an int64 copy and a cast), to measure.
         self.zero_copy = cuda
         self._copy_waited: torch.cuda.Event | None = None  # the copy stream's last wait
         self.timeline: Timeline | None = None  # a prefill's per-layer timeline, when traced
@@ -1482,7 +1485,8 @@ class ExpertStore:
 
     def _publish(self, new: dict[Key, int]) -> None:
         """Write the pending removals and `new` entries into the device slot map, in order on
-        the compute stream (one small copy and one scatter)."""
+        the compute stream (one scatter, of rows staged in pinned memory: read in place, or
+        copied first without `zero_copy`)."""
         unmap = self._unmap
         if not unmap and not new:
             return
@@ -1501,8 +1505,10 @@ class ExpertStore:
         else:
             both = self._staged([flat, list(upd.values())])
             index, slots = both[0], both[1].to(torch.int32)
-        self.slot_map.view(-1).index_copy_(0, index, slots)
-        self._staged_read()
+        try:
+            self.slot_map.view(-1).index_copy_(0, index, slots)
+        finally:  # the staging buffer is reused only after what was queued to read it
+            self._staged_read()
 
     def _staged(self, rows: list[list[int]]) -> torch.Tensor:
         """rows [2][n] as an int64 tensor on the device; on CUDA through a pinned staging

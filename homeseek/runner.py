@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import platform
 import sys
 import threading
 import time
@@ -65,6 +66,8 @@ IDS_RING = 16
 # main thread took 11-40 ms to queue one layer's few kernels, while that thread queued), and
 # a lane job could wait as long to start while this thread scheduled.
 SWITCH_INTERVAL = 0.0005
+# How the CPU lane's sum reaches a decode layer's expert kernel (`Runner.lane_handoff`).
+LANE_HANDOFFS = ("host", "gpu")
 
 
 class _SwitchInterval:
@@ -271,7 +274,7 @@ class Runner:
         # the lane's job, then copies the sum) or "gpu" (the compute stream waits for it,
         # `ops.await_copy`, and the host goes on queueing; the jobs' errors are raised at the
         # step's end). tools/decode_ab.py --switch lane-handoff measures the two.
-        self.lane_handoff = "host"
+        self._lane_handoff = "host"
         self._lane_jobs: list[Future[torch.Tensor]] = []
         # A also predicts the next layer's experts (its router on this layer's expert input)
         # so their copies start while this layer computes (`Scheduler.prefetch_predicted`).
@@ -523,11 +526,39 @@ class Runner:
         state.pos += 1
         return b.logits[0].clone()
 
+    @property
+    def lane_handoff(self) -> str:
+        return self._lane_handoff
+
+    @lane_handoff.setter
+    def lane_handoff(self, mode: str) -> None:
+        if mode not in LANE_HANDOFFS:
+            raise ValueError(
+                f"lane_handoff must be one of {', '.join(LANE_HANDOFFS)}, got {mode!r}"
+            )
+        if mode == "gpu" and platform.machine().lower() not in ("x86_64", "amd64"):
+            # the kernel's reads rely on the host storing the sum before the flag, in order
+            raise ValueError(
+                f"lane_handoff='gpu' needs an x86-64 host (store order), this is "
+                f"{platform.machine()}: use 'host'"
+            )
+        self._lane_handoff = mode
+
     def _lane_results(self, raise_error: bool = True) -> None:
         """Wait for the CPU lane's jobs handed off on the GPU this step; raise the first error
-        (a failed job's flag is still set, so the GPU went on, with NaN or stale sums)."""
+        (a failed job's flag is still set, so the GPU went on, with stale sums), or say so if
+        a job outlasted what the GPU's wait is sure to last (it may have passed NaN on)."""
         jobs, self._lane_jobs = self._lane_jobs, []
         errors = [e for j in jobs if (e := j.exception()) is not None]
+        lane = self.scheduler.lane
+        if lane is not None and lane.handoff_late:
+            lane.handoff_late = False
+            errors.append(
+                RuntimeError(
+                    "a CPU lane job outlasted the GPU's wait for it (kernels/handoff.py): this "
+                    "step's output is not valid"
+                )
+            )
         if errors and raise_error:
             raise errors[0]
 
@@ -639,10 +670,10 @@ class Runner:
                 self._write_slots(sel, slot_of)
                 job, sched.cpu_job = sched.cpu_job, None
                 if job is not None:  # the CPU lane took some: its sum joins the GPU's
-                    if self.lane_handoff == "gpu":
+                    if self._lane_handoff == "gpu":
+                        self._lane_jobs.append(job)  # waited for at the step's end
                         flag, seq, part = sched.lane.handoff()
                         ops.await_copy(flag, seq, part, b.cpu_part)
-                        self._lane_jobs.append(job)
                     else:
                         b.cpu_part.copy_(job.result(), non_blocking=True)
                     sched.lane.sent(self._stream)

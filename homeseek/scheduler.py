@@ -33,8 +33,9 @@ if TYPE_CHECKING:
 # many times the experts of a layer: each expert then misses the chunk with probability
 # e^-4 < 2 %, so nearly every copy started early is one the layer needs.
 PREFETCH_COVERAGE = 4
-# Buffers of the slot-table ring (`Scheduler.slot_table`): a wave's table is copied once its
-# experts' copies are waited for, so the one this many waves back has long been read.
+# Buffers of the slot-table ring (`Scheduler.slot_table`): a wave's table is read (in place, or
+# by its copy) once its experts' copies are waited for, so the one this many waves back has
+# long been read.
 TABLE_RING = 8
 
 
@@ -399,19 +400,22 @@ class Scheduler:
         """[T, K] int32 slots of sel's experts on `device` (-1: not in this wave). On CUDA
         through pinned host memory: a copy from pageable memory is staged by the driver, which
         may first wait for the stream (the queued kernels), and the scan thread's expert copies
-        (`ExpertStore._load_behind`) wait with it (docs/runtime.md)."""
+        (`ExpertStore._load_behind`) wait with it (docs/runtime.md). With the store's
+        `zero_copy`, a cast kernel reads the rows in place (`device_view`); without it, or
+        without the pinned rings (`pinned_rings = False`, torch's pinned allocator as before
+        session 16), a pinned -> device copy."""
         rows = self.slot_rows(sel, slot_of)
         if device.type != "cuda":
             return torch.from_numpy(rows).to(device)
         if not self.pinned_rings:  # a block of torch's pinned allocator, as before session 16
             return torch.from_numpy(rows).pin_memory().to(device, non_blocking=True)
-        if self.store.zero_copy:  # a cast kernel reads the rows in place (`device_view`)
-            host = self._table_ring.tensor(rows.shape, torch.int64)
-            host.numpy()[...] = rows
+        zero_copy = self.store.zero_copy
+        # int64 when read in place: the cast to int32 is then the kernel that reads it
+        host = self._table_ring.tensor(rows.shape, torch.int64 if zero_copy else torch.int32)
+        host.numpy()[...] = rows
+        if zero_copy:
             out = device_view(host, device).to(torch.int32)
         else:
-            host = self._table_ring.tensor(rows.shape, torch.int32)
-            host.numpy()[...] = rows
             out = host.to(device, non_blocking=True)
         self._table_ring.used(torch.cuda.current_stream(device))
         return out

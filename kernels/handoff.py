@@ -10,9 +10,13 @@ job's sequence number there (after the sum), then copies the sum from pinned mem
 device buffer. Both are read through device views of the pinned buffers
 (`homeseek.experts.device_view`), with volatile loads: each poll is a read over the bus, and the
 sum is read only after the flag was seen (the host wrote it first; its stores reach memory in
-order). A poll budget bounds the wait: past it the kernel writes NaN, so a lane that never
-answers cannot hang the GPU (its worker writes the flag even when its job fails, and the host
-raises the job's error).
+order: this relies on the host storing in program order, as x86-64 does, and on the kernel's
+reads of the sum being issued after the loop that saw the flag). A poll budget bounds the
+wait: past it the kernel writes NaN, so a lane that never answers cannot hang the GPU for good
+(its worker writes the flag even when its job fails, and the host raises the job's error). A
+poll is a read over the bus, at least `MIN_POLL_S`: a job that ended within
+`MAX_POLLS * MIN_POLL_S` of its submission cannot have outlasted the wait, and the lane flags
+any job that took longer (`CpuLane.handoff_late`), so a run-out wait never passes silently.
 
 `await_copy_ref` is the plain-torch twin (host memory, a Python poll).
 """
@@ -25,13 +29,17 @@ import torch
 
 from ._formats import check_tensor, require_triton, tl, triton
 
-__all__ = ["MAX_POLLS", "await_copy", "await_copy_ref"]
+__all__ = ["MAX_POLLS", "MIN_POLL_S", "await_copy", "await_copy_ref"]
 
-# Polls of the flag before giving up (each a read over the bus, ~1-2 us): seconds.
-MAX_POLLS = 1 << 22
+# Polls of the flag before giving up, and a lower bound of one poll's time (a read over the
+# bus; ~1 us over PCIe): the wait lasts at least MAX_POLLS * MIN_POLL_S, ~107 s.
+MAX_POLLS = 1 << 30
+MIN_POLL_S = 1e-7
 
 
-@triton.jit
+# `expected` changes at every call: not specialised, or Triton would compile again for values
+# that are 1 or divisible by 16.
+@triton.jit(do_not_specialize=["expected"])
 def _await_copy_kernel(flag_ptr, expected, src_ptr, dst_ptr, n, max_polls, BLOCK: tl.constexpr):
     seen = tl.load(flag_ptr, volatile=True)
     polls = 0

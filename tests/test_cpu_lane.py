@@ -156,3 +156,40 @@ def test_host_cache_records_are_handed_over_in_place_and_protected(eng, lane):
         assert not store.hostres.protected[s]
     finally:
         store.host, store.hostres = old
+
+
+@needs_cc
+def test_a_job_sets_its_flag_done_or_failed_and_a_late_one_is_flagged(eng, lane, monkeypatch):
+    """The GPU hand-off's signal (kernels/handoff.py): each job writes its sequence number into
+    its result row's flag once its sum is written, also when it fails; a job that ends later
+    after its submission than the GPU's wait is sure to last is flagged (`handoff_late`)."""
+    cfg, store = eng.cfg, eng.experts
+    layer = next(i for i in range(cfg.num_hidden_layers) if not cfg.is_hash_layer(i))
+    u, w = torch.randn(1, cfg.hidden_size), torch.rand(1, 1) + 0.1
+    records = [store.in_place((layer, 1))[0]]
+    lane.submit(u, w, records).result()
+    assert int(lane.flag[lane.i]) == lane.seq == 1 and not lane.handoff_late
+    run = lane.kernel.run
+
+    def broken(*args, **kwargs):
+        raise OSError("lane kernel failed")
+
+    monkeypatch.setattr(lane.kernel, "run", broken)
+    with pytest.raises(OSError):
+        lane.submit(u, w, records).result()
+    assert int(lane.flag[lane.i]) == lane.seq == 2
+    monkeypatch.setattr(lane.kernel, "run", run)
+    monkeypatch.setattr("homeseek.cpu_lane.MAX_POLLS", 0)  # any job outlasts a wait of 0 polls
+    lane.submit(u, w, records).result()
+    assert lane.handoff_late
+
+
+def test_lane_handoff_modes(eng, monkeypatch):
+    runner = eng.runner
+    assert runner.lane_handoff == "host"
+    with pytest.raises(ValueError, match="lane_handoff must be one of host, gpu"):
+        runner.lane_handoff = "sometimes"
+    monkeypatch.setattr("homeseek.runner.platform.machine", lambda: "aarch64")
+    with pytest.raises(ValueError, match="x86-64"):
+        runner.lane_handoff = "gpu"
+    assert runner.lane_handoff == "host"

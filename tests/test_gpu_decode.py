@@ -315,7 +315,7 @@ def test_cpu_lane_decodes_as_copy_only(dtype, handoff):
 
 def test_cpu_lane_gpu_handoff_raises_a_failed_job():
     """A lane job that fails under the GPU hand-off still releases the GPU's wait (its flag is
-    set), and the step raises the job's error; the next step decodes again."""
+    set), and the step raises the job's error, with no job left behind."""
     eng = _load(True, dtype=torch.float32, expert_slots=3, cpu_lane="on")
     eng.runner.lane_handoff = "gpu"
     lane = eng.scheduler.lane

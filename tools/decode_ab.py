@@ -18,7 +18,8 @@ decode), `time-copies` (events around each batch of copies, as `homeseek bench` 
 them to report the copy lane's GB/s), `switch-interval` (the GIL's switch interval lowered
 during each step beside the CPU lane, as the engine does, or Python's own; needs the lane),
 `zero-copy` (the slot-map updates and slot tables read in place from pinned memory by the
-kernels that use them, as the engine does; off: pinned -> device copies first),
+kernels that use them, as the engine does; off: pinned -> device copies first, decode's slot
+tables as an int64 copy and a cast, not quite the code before session 18),
 `lane-handoff` (on: the CPU lane's sum waited for on the GPU, the host going on; off: the host
 waits for the lane's job and copies its sum, the engine's default; needs the lane).
 `--switch a,b` measures each in turn on one build.

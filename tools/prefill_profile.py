@@ -220,7 +220,8 @@ def main() -> None:
         ("zero-copy", "copies"),
         "how the compute stream's kernels get the few bytes the host writes between them "
         "(slot-map updates, slot tables): zero-copy (the engine's: read in place from pinned "
-        "memory) or copies (pinned -> device copies first, as before session 18)",
+        "memory) or copies (pinned -> device copies first, as before session 18); with "
+        "--pinned torch the slot tables are copies either way",
     )
     args = ap.parse_args()
     stores, orders, loads, pins = args.copy_stores, args.group_order, args.load_order, args.pinned
@@ -281,7 +282,7 @@ def main() -> None:
             res["load_order"] = load
             res["pinned"] = pin
             res["switch_interval"] = gil
-            res["host_reads"] = zc
+            res["host_reads"] = "zero-copy" if store.zero_copy else "copies"
             res["run"] = run
             sess.reset()
             eng.experts.reset_gpu()
