@@ -26,7 +26,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +76,11 @@ class BenchConfig:
     # is the row with neither.
     prefetch: tuple[bool, ...] = (True,)
     prefill_group: int | None = None  # tokens prefilled layer by layer (None: the engine's default)
+    # Synthetic: only the preset's first `layers` main layers (None: all). A model that fits the
+    # device whole where the full one does not (V4-Flash's experts and dense weights are 156 GB):
+    # its rows measure every expert resident, and the whole model's per-token times are about
+    # (the preset's layers / `layers`) times theirs.
+    layers: int | None = None
 
     def __post_init__(self) -> None:
         if (self.model is None) == (self.synthetic is None):
@@ -93,6 +98,14 @@ class BenchConfig:
             raise ConfigError(f"--prefetch: one or more of on/off, got {self.prefetch!r}")
         if any(not 0 <= r <= 1 for r in self.mtp_forced):
             raise ConfigError(f"forced acceptance rates must be in [0, 1], got {self.mtp_forced}")
+        if self.layers is not None:
+            if self.synthetic is None:
+                raise ConfigError("--layers cuts a synthetic preset: not with --model")
+            full = PRESETS[self.synthetic]().num_hidden_layers
+            if not 1 <= self.layers <= full:
+                raise ConfigError(
+                    f"--layers must be 1..{full} for {self.synthetic}, got {self.layers}"
+                )
         if self.expert_alias is not None and self.expert_alias < 1:
             raise ConfigError(f"--expert-alias must be >= 1, got {self.expert_alias}")
         if not self.cpu_lanes or any(m not in ("auto", "on", "off") for m in self.cpu_lanes):
@@ -362,23 +375,35 @@ def cap_process(device: str, gpu_mem_gb: float | None) -> float | None:
     return frac
 
 
+def synthetic_config(name: str, layers: int | None = None) -> ModelConfig:
+    """A preset's config, cut to its first `layers` main layers (its MTP block kept)."""
+    cfg = PRESETS[name]()
+    if layers is None or layers == cfg.num_hidden_layers:
+        return cfg
+    n = cfg.num_hidden_layers
+    ratios = cfg.compress_ratios[:layers] + cfg.compress_ratios[n:]
+    return replace(cfg, num_hidden_layers=layers, compress_ratios=ratios)
+
+
 def build_engine(
     rt: RuntimeConfig,
     model: str | None,
     synthetic: str | None,
     seed: int = 0,
     expert_alias: int | None = None,
+    layers: int | None = None,
 ):  # noqa: ANN201 - homeseek.engine.Engine (imported late)
     """The engine of a measurement: a checkpoint (`model`), or a preset built in memory with
-    random weights (`synthetic`, experts aliased onto `expert_alias` host records); the host tier
-    filled as far as it will get before anything is timed."""
+    random weights (`synthetic`, its first `layers` layers, experts aliased onto `expert_alias`
+    host records); the host tier filled as far as it will get before anything is timed."""
     from homeseek.engine import Engine, resolve_model
     from homeseek.synthetic import SyntheticSource
 
     if synthetic is not None:
         src = SyntheticSource(
-            PRESETS[synthetic](), seed=seed, device=rt.device, expert_alias=expert_alias
-        )
+            synthetic_config(synthetic, layers), seed=seed, device=rt.device,
+            expert_alias=expert_alias,
+        )  # fmt: skip
     else:
         src = resolve_model(model)
     eng = Engine(src, rt, progress=True)
@@ -414,7 +439,7 @@ class Bench:
             prefetch=any(bc.prefetch),
             prefill_group=bc.prefill_group,
         )
-        return build_engine(rt, bc.model, bc.synthetic, bc.seed, bc.expert_alias)
+        return build_engine(rt, bc.model, bc.synthetic, bc.seed, bc.expert_alias, bc.layers)
 
     # -- the run ---------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -422,7 +447,7 @@ class Bench:
         frac = cap_process(bc.device, bc.gpu_mem_gb)
         t0 = time.perf_counter()
         if bc.synthetic is not None:
-            cfg0 = PRESETS[bc.synthetic]()
+            cfg0 = synthetic_config(bc.synthetic, bc.layers)
         else:
             from homeseek.engine import resolve_model
 
@@ -759,10 +784,16 @@ class Bench:
             f"model: {what}; {self.cfg.num_hidden_layers} layers, {s['experts_total']} routed "
             f"experts of {s['record_bytes'] / 2**20:.2f} MiB; built in {s['build_s']:.0f} s"
         )
+        if bc.layers is not None:
+            full = PRESETS[bc.synthetic]().num_hidden_layers
+            self.out(
+                f"only the first {bc.layers} of the preset's {full} layers: the whole model's "
+                f"per-token times are about {full / bc.layers:.3f}x these rows'"
+            )
         if bc.synthetic is not None and bc.expert_alias:
             self.out(
-                f"experts aliased onto {bc.expert_alias} host records (routing stays real; "
-                "every copy still moves a full record)"
+                f"experts aliased onto {min(bc.expert_alias, self.cfg.n_routed_experts)} host "
+                "records (routing stays real; every copy still moves a full record)"
             )
         if not self.cuda:
             gpu = "none (CPU engine)"
@@ -884,6 +915,7 @@ class Bench:
             "python": platform.python_version(),
             "model": bc.model or f"synthetic:{bc.synthetic}",
             "expert_alias": bc.expert_alias if bc.synthetic else None,
+            "layers_of_preset": PRESETS[bc.synthetic]().num_hidden_layers if bc.layers else None,
             "gpu_mem_gb": bc.gpu_mem_gb,
             "host_mem_gb": bc.host_mem_gb,
             "max_context": bc.max_context,

@@ -943,6 +943,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="synthetic: distinct expert records in host RAM (0: every expert its own)",
     )  # fmt: skip
     b.add_argument(
+        "--layers", type=pos_int, default=None,
+        help="synthetic: only the preset's first N layers (a model that fits the GPU whole: "
+        "every expert resident; the whole model's per-token times scale by its layers / N)",
+    )  # fmt: skip
+    b.add_argument(
         "--routing", default="model",
         help="comma-separated: model (the routers) and/or uniform (random experts per token)",
     )  # fmt: skip
@@ -1054,6 +1059,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         gpu_mem_gb=args.gpu_mem_gb if args.gpu_mem_gb is not None else (24.0 if cuda else None),
         host_mem_gb=args.host_mem_gb,
         expert_alias=(args.expert_alias or None) if synthetic else None,
+        layers=args.layers,
         routings=routings,
         prompts=args.prompts,
         decode_tokens=args.decode_tokens,

@@ -191,7 +191,10 @@ class SyntheticSource:
         device: str | torch.device = "cpu",
         expert_alias: int | None = None,
     ) -> None:
-        self.cfg, self.seed, self.device, self.alias = cfg, seed, device, expert_alias
+        self.cfg, self.seed, self.device = cfg, seed, device
+        # The records are layer 0's experts: at most that many (a tiny preset has fewer
+        # experts a layer than the bench's default alias count)
+        self.alias = min(expert_alias, cfg.n_routed_experts) if expert_alias else expert_alias
         self.path = None
         self.table = tensor_table(cfg)
         self._last: tuple[str, dict[str, torch.Tensor]] | None = None

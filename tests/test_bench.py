@@ -146,6 +146,30 @@ def test_bench_rejects_bad_arguments():
             BenchConfig(model="tiny", synthetic=None, device="cpu", prefetch=bad)
 
 
+def test_bench_layers_cuts_a_synthetic_preset(capsys):
+    """`--layers N`: the synthetic preset's first N layers (what fits a device whole), said in
+    the header with the factor to the whole model, and in the JSON line."""
+    from homeseek.bench import BenchConfig, synthetic_config
+
+    cfg = synthetic_config("tiny", 3)
+    assert cfg.num_hidden_layers == 3 and cfg.compress_ratios == (0, 0, 4, 0)  # MTP block kept
+    rc = cli.main([
+        "bench", "--synthetic", "tiny", "--device", "cpu", "--layers", "3", "--prompts", "8",
+        "--decode-tokens", "2", "--long-decode-tokens", "0", "--profile-tokens", "0",
+    ])  # fmt: skip
+    assert rc == 0
+    out = capsys.readouterr().out
+    res = json.loads(out.strip().splitlines()[-1])
+    assert "only the first 3 of the preset's 5 layers" in out and "1.667x" in out
+    assert res["layers_of_preset"] == 5
+    dec = [r for r in res["rows"] if r["work"] == "decode"]
+    assert dec and all(r["expert_lookups_per_token"] == 3 * cfg.num_experts_per_tok for r in dec)
+    with pytest.raises(ConfigError, match="not with --model"):
+        BenchConfig(model="tiny", synthetic=None, device="cpu", layers=3)
+    with pytest.raises(ConfigError, match="1..5"):
+        BenchConfig(synthetic="tiny", device="cpu", layers=6)
+
+
 def test_uniform_routing_draws_distinct_experts_evenly():
     r = UniformRouting(16, 4, seed=1)
     sel = torch.cat([r.select(0, torch.zeros(64, 4, dtype=torch.long)) for _ in range(50)])
