@@ -928,8 +928,23 @@ class Bench:
         }
         lane = self.eng.scheduler.lane
         if lane is not None:
-            res["cpu_lane_counters"] = lane.counters.as_dict()
+            counters = lane.counters.as_dict()
+            res["cpu_lane_counters"] = counters
             res["cpu_lane_h2d_GBps"] = lane.h2d_rate / 1e9
+            # The lane's kernel in decode against this host's RAM read rate with its threads,
+            # measured now (after the rows: nothing else runs)
+            from homeseek.cpu_lane import measure_read_bandwidth
+
+            read = measure_read_bandwidth(1 << 30, lane.threads) / 1e9
+            res["host_read_GBps"] = read
+            per = counters["cpu_lane_ms_per_expert"] / 1e3
+            if per > 0:
+                res["cpu_lane_GBps"] = self.setup["record_bytes"] / per / 1e9
+                self.out(
+                    f"CPU lane kernel in decode: {res['cpu_lane_GBps']:.1f} GB/s per expert "
+                    f"against this host's RAM read {read:.0f} GB/s with {lane.threads} threads "
+                    f"({100 * res['cpu_lane_GBps'] / read:.0f} %)"
+                )
         res["prefetch"] = self.eng.scheduler.predicted.as_dict(self.setup["record_bytes"])
         # over the copy-only row: keyed by routing for the lane with the prefetch (#18's
         # yardstick), by routing and mode for the other modes asked for

@@ -130,6 +130,35 @@ def test_bench_copy_only_decode_leaves_the_prompts_their_prefetch(monkeypatch):
     assert any(tokens == 24 for _, tokens in scans) and b.eng.scheduler.prefetch is True
 
 
+def test_bench_reports_the_lane_kernel_against_the_host_read_rate(monkeypatch):
+    """With a CPU lane, the report puts the lane's kernel rate in decode (a record per its
+    measured seconds per expert) against the host's RAM read rate with the lane's threads."""
+    from types import SimpleNamespace
+
+    from homeseek.bench import Bench, BenchConfig
+    from homeseek.cpu_lane import LaneCounters
+
+    bc = BenchConfig(
+        model="tiny", synthetic=None, device="cpu", prompts=(8,), decode_tokens=2,
+        long_decode_tokens=0, profile_tokens=0, cpu_lanes=("off",),
+    )  # fmt: skip
+    lines: list[str] = []
+    b = Bench(bc, out=lines.append)
+    b.run()
+    monkeypatch.setattr("homeseek.cpu_lane.measure_read_bandwidth", lambda n, t: 100e9)
+    rb = b.setup["record_bytes"]
+    lane = SimpleNamespace(
+        counters=LaneCounters(experts=10, calls=5, busy_s=10 * rb / 25e9), h2d_rate=50e9, threads=3
+    )
+    b.eng.scheduler.lane = lane
+    try:
+        res = b._report()
+    finally:
+        b.eng.scheduler.lane = None
+    assert res["host_read_GBps"] == 100.0 and abs(res["cpu_lane_GBps"] - 25.0) < 1e-6
+    assert any("25.0 GB/s per expert against this host's RAM read 100 GB/s" in x for x in lines)
+
+
 def test_bench_rejects_bad_arguments():
     from homeseek.bench import BenchConfig
 
