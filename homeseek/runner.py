@@ -551,8 +551,10 @@ class Runner:
         jobs, self._lane_jobs = self._lane_jobs, []
         errors = [e for j in jobs if (e := j.exception()) is not None]
         lane = self.scheduler.lane
-        if lane is not None and lane.handoff_late:
-            lane.handoff_late = False
+        late = lane is not None and lane.handoff_late
+        if late:
+            lane.handoff_late = False  # with the "host" hand-off there was no GPU wait to outlast
+        if late and jobs:
             errors.append(
                 RuntimeError(
                     "a CPU lane job outlasted the GPU's wait for it (kernels/handoff.py): this "

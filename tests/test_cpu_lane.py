@@ -193,3 +193,23 @@ def test_lane_handoff_modes(eng, monkeypatch):
     with pytest.raises(ValueError, match="x86-64"):
         runner.lane_handoff = "gpu"
     assert runner.lane_handoff == "host"
+
+
+def test_a_late_job_fails_the_step_only_when_the_gpu_waited_for_it(eng, monkeypatch):
+    """`Runner._lane_results`: a job flagged late raises only among the jobs handed off on the
+    GPU (the host hand-off had no GPU wait to outlast); the flag is cleared either way."""
+    from concurrent.futures import Future
+    from types import SimpleNamespace
+
+    runner = eng.runner
+    lane = SimpleNamespace(handoff_late=True)
+    monkeypatch.setattr(eng.scheduler, "lane", lane)
+    runner._lane_results()  # no job handed off this step
+    assert not lane.handoff_late
+    done: Future = Future()
+    done.set_result(None)
+    lane.handoff_late = True
+    runner._lane_jobs = [done]
+    with pytest.raises(RuntimeError, match="outlasted the GPU's wait"):
+        runner._lane_results()
+    assert not lane.handoff_late and not runner._lane_jobs
