@@ -82,6 +82,13 @@ class BenchConfig:
     # (the preset's layers / `layers`) times theirs.
     layers: int | None = None
 
+    @property
+    def layers_of_preset(self) -> int | None:
+        """With `layers`: the synthetic preset's own number of main layers."""
+        if self.layers is None or self.synthetic is None:
+            return None
+        return PRESETS[self.synthetic]().num_hidden_layers
+
     def __post_init__(self) -> None:
         if (self.model is None) == (self.synthetic is None):
             raise ConfigError("bench: give exactly one of a model or a synthetic preset")
@@ -101,7 +108,7 @@ class BenchConfig:
         if self.layers is not None:
             if self.synthetic is None:
                 raise ConfigError("--layers cuts a synthetic preset: not with --model")
-            full = PRESETS[self.synthetic]().num_hidden_layers
+            full = self.layers_of_preset
             if not 1 <= self.layers <= full:
                 raise ConfigError(
                     f"--layers must be 1..{full} for {self.synthetic}, got {self.layers}"
@@ -784,8 +791,8 @@ class Bench:
             f"model: {what}; {self.cfg.num_hidden_layers} layers, {s['experts_total']} routed "
             f"experts of {s['record_bytes'] / 2**20:.2f} MiB; built in {s['build_s']:.0f} s"
         )
-        if bc.layers is not None:
-            full = PRESETS[bc.synthetic]().num_hidden_layers
+        full = bc.layers_of_preset
+        if full is not None:
             self.out(
                 f"only the first {bc.layers} of the preset's {full} layers: the whole model's "
                 f"per-token times are about {full / bc.layers:.3f}x these rows'"
@@ -915,7 +922,7 @@ class Bench:
             "python": platform.python_version(),
             "model": bc.model or f"synthetic:{bc.synthetic}",
             "expert_alias": bc.expert_alias if bc.synthetic else None,
-            "layers_of_preset": PRESETS[bc.synthetic]().num_hidden_layers if bc.layers else None,
+            "layers_of_preset": bc.layers_of_preset,
             "gpu_mem_gb": bc.gpu_mem_gb,
             "host_mem_gb": bc.host_mem_gb,
             "max_context": bc.max_context,

@@ -1511,13 +1511,12 @@ class ExpertStore:
             self._staged_read()
 
     def _staged(self, rows: list[list[int]]) -> torch.Tensor:
-        """rows [2][n] as an int64 tensor on the device; on CUDA through a pinned staging
-        buffer (a ring of them, each reused once the kernels that read it have run: the caller
-        calls `_staged_read` once they are queued), so nothing waits for the host. With
-        `zero_copy` the device tensor is a view of the pinned buffer, read in place."""
+        """(CUDA; `_publish` builds the CPU map's rows itself) rows [2][n] as an int64 tensor on
+        the device, through a pinned staging buffer (a ring of them, each reused once the
+        kernels that read it have run: the caller calls `_staged_read` once they are queued),
+        so nothing waits for the host. With `zero_copy` the device tensor is a view of the
+        pinned buffer, read in place."""
         n = len(rows[0])
-        if self.copy_stream is None:  # through numpy: torch.tensor of lists took ~3x as long
-            return torch.from_numpy(np.array(rows, dtype=np.int64))
         # An update holds at most every slot twice (its removal and its new entry): sized so,
         # no update needs a pinned buffer of its own (`PinnedRing` says why that matters).
         width = max(STAGE_ROWS, 2 * self.n_slots)

@@ -365,8 +365,7 @@ class Runner:
         state: SessionState,
     ) -> M.FfnPending:
         """`steps`: segment A of chunk c at `layer`."""
-        tl = self.scheduler.store.timeline  # a prefill's layer timeline
-        with tl.gpu("A", layer) if tl is not None else contextlib.nullcontext():
+        with self._gpu_span("A", layer):
             return M.segment_a(
                 X[c], chunks[c][0], pos[c], starts[c], self.weights[layer],
                 state.layers[layer], layer, self.rope, self.ctx,
@@ -385,9 +384,14 @@ class Runner:
         """`steps`: chunk c's experts and segment B at `layer` (of n chunks) into X[c]."""
         more = c + 1 < n  # later chunks of the group use this layer
         moe = self.moe(p, layer, starts[c] - starts[0], more, ids_host)
-        tl = self.scheduler.store.timeline  # a prefill's layer timeline
-        with tl.gpu("B", layer) if tl is not None else contextlib.nullcontext():
+        with self._gpu_span("B", layer):
             X[c] = M.segment_b(p, moe, self.ctx)
+
+    def _gpu_span(self, what: str, layer: int) -> contextlib.AbstractContextManager[None]:
+        """The compute stream's span of the work queued inside, in a prefill's layer timeline
+        when one is traced (tools/prefill_profile.py --layers; `Timeline.gpu`)."""
+        tl = self.scheduler.store.timeline
+        return tl.gpu(what, layer) if tl is not None else contextlib.nullcontext()
 
     def head(self, X: torch.Tensor) -> torch.Tensor:
         return M.head_logits(X, self.top, self.ctx)
@@ -450,8 +454,7 @@ class Runner:
             if fused:
                 slots = self.scheduler.slot_table(sel, slot_of, p.u.device)
                 t = store.pool.t
-                tl = store.timeline  # a prefill's layer timeline (tools/prefill_profile.py)
-                with tl.gpu("E", layer) if tl is not None else contextlib.nullcontext():
+                with self._gpu_span("E", layer):
                     out = ops.fp4_experts(
                         p.u, slots, p.weights, out, t["w13_q"], t["w13_s"], t["w2_q"],
                         t["w2_s"], self.cfg.swiglu_limit, act_quant=self.rt.quant_sim,
