@@ -79,7 +79,8 @@ def _check(lane, x, w, recs, limit, act_quant, act_dtype, seed) -> dict[str, flo
     out = lane.run(x, w, recs, limit, act_quant, act_dtype, a_out=a_k)
     a_t = torch.empty(n, t, n_i)
     ref64 = ce.fp4_experts_cpu_ref(x, w, recs, limit, act_quant, act_dtype, float64=True, a_out=a_t)
-    ref32 = ce.fp4_experts_cpu_ref(x, w, recs, limit, act_quant, act_dtype)
+    a_32 = torch.empty(n, t, n_i)
+    ref32 = ce.fp4_experts_cpu_ref(x, w, recs, limit, act_quant, act_dtype, a_out=a_32)
     errs = {"kernel": _rel(out, ref64), "fp32 twin": _rel(ref32, ref64)}
     msg = f"isa={lane.isa} seed={seed} errors={errs}"
     print(f"\n{lane.isa} T={t} n={n} I={n_i} aq={act_quant} {act_dtype}: {errs}")
@@ -99,12 +100,18 @@ def _check(lane, x, w, recs, limit, act_quant, act_dtype, seed) -> dict[str, flo
     row_max = torch.maximum(a_k.abs(), a_t.abs()).amax(-1, keepdim=True)
     step = 0.125 * torch.maximum(a_k.abs(), a_t.abs()) + 1e-4 * row_max + 1e-7
     assert ((a_k - a_t).abs() <= step).all(), msg
-    assert moved.float().mean() <= 0.05 and errs["a"] <= 1e-3, msg
+    # Within 1e-3 of the float64 a, or, where a tie of an element that dominates the norm fell
+    # the other way in fp32 (the fp32 twin's own a then departs as far: seed 225893930 moved one
+    # element in 2048 and gave the twin and the AVX-512 kernel 2.9e-3), within twice the twin's.
+    errs["a twin"] = _rel(a_32, a_t)
+    assert moved.float().mean() <= 0.05, msg
+    assert errs["a"] <= max(1e-3, 2 * errs["a twin"]), msg
     # the down half, given the kernel's own a
     down64 = ce.fp4_experts_cpu_ref(x, w, recs, limit, act_quant, act_dtype, float64=True, a_in=a_k)
     errs["down"] = _rel(out, down64)
     assert errs["down"] <= TOL, msg
-    assert errs["kernel"] <= (TOL if not moved.any() else 1e-3), msg
+    # a moved element moves the output: as far as the fp32 twin's own departure, at most
+    assert errs["kernel"] <= (TOL if not moved.any() else max(1e-3, 2 * errs["fp32 twin"])), msg
     return errs
 
 
