@@ -81,6 +81,9 @@ class BenchConfig:
     # its rows measure every expert resident, and the whole model's per-token times are about
     # (the preset's layers / `layers`) times theirs.
     layers: int | None = None
+    # Every expert copied into the GPU pool before each routing mode's rows (and again after
+    # each reset to a cold pool): the all-resident rows. Needs a budget whose pool holds them.
+    resident: bool = False
 
     @property
     def layers_of_preset(self) -> int | None:
@@ -496,6 +499,11 @@ class Bench:
             "dense_read_bytes": dense_read_bytes(eng.cfg),
             "active_params": active_params(eng.cfg),
         }
+        if bc.resident and store.n_slots < n_total:  # before the warm-up's minutes, not after
+            raise ConfigError(
+                f"--resident: every expert needs {n_total} GPU slots, the budget gives "
+                f"{store.n_slots}: raise --gpu-mem-gb or cut --layers"
+            )
         self._print_header()
         t0 = time.perf_counter()
         self._warmup()
@@ -586,6 +594,12 @@ class Bench:
             hbm_s = max(hbm_s, flop_s)
         row.ceiling_ms_per_token = (h2d_s + hbm_s) / n_tok * 1000
 
+    def _fresh_pool(self) -> None:
+        """Forget the slot pool; with `resident`, copy every expert back into it."""
+        self.eng.experts.reset_gpu()
+        if self.bc.resident:
+            self.eng.experts.load_all()
+
     def _ids(self, n: int, salt: int) -> list[int]:
         g = torch.Generator().manual_seed(self.bc.seed * 7919 + salt)
         return torch.randint(0, self.cfg.vocab_size, (n,), generator=g).tolist()
@@ -594,7 +608,7 @@ class Bench:
         from homeseek.scheduler import make_routing
 
         bc, eng = self.bc, self.eng
-        eng.experts.reset_gpu()  # every mode starts with a cold slot pool
+        self._fresh_pool()  # every mode starts with a cold (or an all-resident) slot pool
         eng.scheduler.routing = make_routing(routing, eng.cfg, seed=bc.seed)
         eng.experts.time_copies = True
         sess = eng.session()
@@ -611,7 +625,7 @@ class Bench:
                         if j:  # the same tokens from the same state
                             sess.rollback(snap)
                         if several or bc.mtp:  # and every row from a cold pool
-                            eng.experts.reset_gpu()
+                            self._fresh_pool()
                         eng.scheduler.lane = lane
                         eng.scheduler.prefetch = pf
                         self._decode(
@@ -745,7 +759,7 @@ class Bench:
         rates: list[float | None] = [None, *bc.mtp_forced]  # None: the MTP block's drafts
         for rate in rates:
             sess.rollback(snap)
-            self.eng.experts.reset_gpu()  # from a cold pool, as the plain row
+            self._fresh_pool()  # from a cold pool, as the plain row
             if rate is None:
                 label, source = "mtp", speculative.MtpDrafts()
             else:
@@ -796,6 +810,11 @@ class Bench:
             self.out(
                 f"only the first {bc.layers} of the preset's {full} layers: the whole model's "
                 f"per-token times are about {full / bc.layers:.3f}x these rows'"
+            )
+        if bc.resident:
+            self.out(
+                "every expert resident: copied into the GPU pool before each mode's rows "
+                "(their H2D is 0; the rows measure the GPU and the host only)"
             )
         if bc.synthetic is not None and bc.expert_alias:
             self.out(
@@ -923,6 +942,7 @@ class Bench:
             "model": bc.model or f"synthetic:{bc.synthetic}",
             "expert_alias": bc.expert_alias if bc.synthetic else None,
             "layers_of_preset": bc.layers_of_preset,
+            "resident": bc.resident,
             "gpu_mem_gb": bc.gpu_mem_gb,
             "host_mem_gb": bc.host_mem_gb,
             "max_context": bc.max_context,

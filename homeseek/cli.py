@@ -948,6 +948,11 @@ def build_parser() -> argparse.ArgumentParser:
         "every expert resident; the whole model's per-token times scale by its layers / N)",
     )  # fmt: skip
     b.add_argument(
+        "--resident", action="store_true",
+        help="copy every expert into the GPU pool before each routing mode's rows: the "
+        "all-resident rows (the budget must hold the whole model; see --layers)",
+    )  # fmt: skip
+    b.add_argument(
         "--routing", default="model",
         help="comma-separated: model (the routers) and/or uniform (random experts per token)",
     )  # fmt: skip
@@ -1060,6 +1065,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         host_mem_gb=args.host_mem_gb,
         expert_alias=(args.expert_alias or None) if synthetic else None,
         layers=args.layers,
+        resident=args.resident,
         routings=routings,
         prompts=args.prompts,
         decode_tokens=args.decode_tokens,

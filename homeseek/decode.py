@@ -34,7 +34,6 @@ from dataclasses import dataclass
 import torch
 
 from homeseek import model as M
-from homeseek.checkpoint import QWeight
 from homeseek.compile import fused
 from homeseek.config import CSA, SWA
 from homeseek.kernels import ops
@@ -65,24 +64,6 @@ class DecodeIndex:
     ids: torch.Tensor  # [1] int64 token id
     pos: torch.Tensor  # [1] int64 position
     slot: torch.Tensor  # [1] int64 arena slot of the session
-
-
-def mm_f32(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x [T, K] · w [N, K]ᵀ -> fp32 [T, N], as `x.float() @ w.float().T`.
-
-    On CUDA, when both are bf16, one bf16 GEMM with fp32 accumulation and fp32 output gives the
-    same products (bf16·bf16 is exact in fp32) without upcasting the weight every token.
-    """
-    if x.is_cuda and x.dtype == w.dtype == torch.bfloat16:
-        return torch.mm(x, w.T, out_dtype=torch.float32)
-    return x.float() @ w.float().T
-
-
-def plain_f32(x: torch.Tensor, w: QWeight) -> torch.Tensor:
-    """x [T, K] times an unquantised ("plain") weight in fp32, as `x.float() @ w.dequant().T`."""
-    if w.fmt != "plain":
-        return x.float() @ w.dequant().T
-    return mm_f32(x, w.weight)
 
 
 # --- fused glue (pure tensor math; constants as plain arguments) --------------------------------
@@ -258,9 +239,9 @@ def compress_step(
     """Feed one token x [1, D] to a compressor of the session in slot ix.slot; write the entry of
     the block in progress at cache row cache_row0 + pos // m (final once the block completes)."""
     m, cfg = ca.ratio, ctx.cfg
-    kv = plain_f32(x, lw[f"{prefix}.wkv"])  # [1, c·d] fp32
+    kv = M.plain_f32(x, lw[f"{prefix}.wkv"])  # [1, c·d] fp32
     gate, row = compress_rows(
-        plain_f32(x, lw[f"{prefix}.wgate"]), lw[f"{prefix}.ape"], ix.pos, ix.slot, m
+        M.plain_f32(x, lw[f"{prefix}.wgate"]), lw[f"{prefix}.ape"], ix.pos, ix.slot, m
     )
     ca.buf_kv.view(-1, ca.buf_kv.shape[-1]).index_copy_(0, row, kv)
     ca.buf_gate.view(-1, ca.buf_gate.shape[-1]).index_copy_(0, row, gate)
@@ -343,7 +324,7 @@ def indexer_step(
     row0 = ix.slot * ca.capacity
     compress_step(x, ix, lw, "attn.indexer.compressor", ca, cache, row0, rope, "index", ctx)
     cos, sin = rope_rows(*rope.tables[True], ix.pos)
-    wlog = plain_f32(x, lw["attn.indexer.weights_proj"])
+    wlog = M.plain_f32(x, lw["attn.indexer.weights_proj"])
     # Head weights scaled by DI^-1/2 · HI^-1/2 (docs/architecture.md §3.3 step 4).
     q, w = indexer_q(
         qi, wlog, cos, sin, _hmat(ctx, x.device), HI, ctx.quant_sim, DI**-0.5 * HI**-0.5,
@@ -361,7 +342,7 @@ def route_step(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """model.route for one token, the gate product without upcasting the gate weight."""
     cfg = ctx.cfg
-    logits = plain_f32(u, lw["ffn.gate"])  # [1, E] fp32
+    logits = M.plain_f32(u, lw["ffn.gate"])  # [1, E] fp32
     if cfg.is_hash_layer(layer):
         hashed, bias = lw["ffn.gate.tid2eid"][ids], None  # fixed by the input token id
     else:  # the bias steers selection only
@@ -398,4 +379,4 @@ def head_step(X: torch.Tensor, top: dict[str, torch.Tensor], ctx: M.Ctx) -> torc
     if not (X.is_cuda and X.dtype == head.dtype == torch.bfloat16):
         return M.head_logits(X, top, ctx)
     z = M.hc_head(X, top["hc_head_fn"], top["hc_head_base"], top["hc_head_scale"], ctx)
-    return mm_f32(rms(z, top["norm"], ctx.cfg.rms_norm_eps), head)
+    return M.mm_f32(rms(z, top["norm"], ctx.cfg.rms_norm_eps), head)

@@ -1483,6 +1483,18 @@ class ExpertStore:
         """[n_experts] bool: which of the layer's experts the device slot map holds now."""
         return self._mapped[layer] >= 0
 
+    def layer_on_device(self, layer: int) -> bool:
+        """Every expert of `layer` is in the device slot map, and no update of the map is
+        pending (an eviction not yet unpublished would leave a stale entry there)."""
+        return not self._unmap and not self._newmap and bool((self._mapped[layer] >= 0).all())
+
+    def all_on_device(self) -> bool:
+        """Every expert of every layer is in the device slot map, with no update pending: a
+        pool holding the whole model (nothing can miss, so nothing is ever evicted)."""
+        if self._unmap or self._newmap or self.n_slots < len(self.layers) * self._mapped.shape[1]:
+            return False
+        return bool((self._mapped[self.layers] >= 0).all())
+
     def _publish(self, new: dict[Key, int]) -> None:
         """Write the pending removals and `new` entries into the device slot map, in order on
         the compute stream (one scatter, of rows staged in pinned memory: read in place, or
@@ -1583,6 +1595,24 @@ class ExpertStore:
         ones: counted now, so the layer's own request does not count them again."""
         self.ensure_resident(layer, experts, scan=scan)
         self.prefetched.update((layer, e) for e in experts)
+
+    def load_all(self) -> None:
+        """Copy every expert of every layer into the slot pool and wait for the copies: the
+        all-resident case (benchmarks on a budget that holds the whole model). A pool with
+        fewer slots than experts cannot, and says so before copying anything."""
+        E = self.cfg.n_routed_experts
+        need = len(self.layers) * E
+        if self.n_slots < need:
+            raise ConfigError(
+                f"every expert resident needs {need} GPU slots ({len(self.layers)} layers x "
+                f"{E}); this budget gives {self.n_slots}: raise --gpu-mem-gb or cut --layers"
+            )
+        for layer in tqdm(self.layers, desc="experts to the GPU", unit="layer", leave=False):
+            self.begin_layer()
+            self.wait(self.ensure_resident(layer, range(E), then_wait=True))
+        self.begin_layer()
+        if self.copy_stream is not None:
+            torch.cuda.synchronize(self.device)
 
     def free_slots(self) -> int:
         """Slots neither pinned nor protected: what a prefetch may fill now."""

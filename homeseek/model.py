@@ -92,8 +92,10 @@ class FusedLinear:
 
 
 def fp8_shapes(weights: list[LayerWeights], cfg: ModelConfig) -> list[tuple[int, int]]:
-    """(N, K) of every FP8 product the layers launch: each linear (fused ones as one), and
-    wo_a's groups one at a time (`grouped_linear`)."""
+    """(N, K) of every FP8 product the layers launch: each linear (fused ones as one), and wo_a
+    both as one grouped product (`grouped_linear`: N = G·R, whose GEMV plan and split-K scratch
+    are those of the whole) and one group at a time (N = R: fp8_linear falls back to a launch
+    per group when R is narrower than the kernel's row tile, as in small test models)."""
     out = set()
     for lw in weights:
         for name, v in lw.items():
@@ -101,7 +103,9 @@ def fp8_shapes(weights: list[LayerWeights], cfg: ModelConfig) -> list[tuple[int,
             if not isinstance(w, QWeight) or w.fmt != "fp8":
                 continue
             n, k = w.weight.shape
-            out.add((n // cfg.o_groups, k) if name == "attn.wo_a" else (n, k))
+            out.add((n, k))
+            if name == "attn.wo_a":
+                out.add((n // cfg.o_groups, k))
     return sorted(out)
 
 
@@ -159,6 +163,26 @@ def linear(x: torch.Tensor, w: QWeight, ctx: Ctx) -> torch.Tensor:
     if ctx.quant_sim and w.fmt == "fp4":
         x = act_quant_sim(x)
     return (x.float() @ w.dequant().T).to(x.dtype)
+
+
+def mm_f32(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [T, K] · w [N, K]ᵀ -> fp32 [T, N], as `x.float() @ w.float().T`.
+
+    On CUDA, when both are bf16, one bf16 GEMM with fp32 accumulation and fp32 output gives the
+    same products (bf16·bf16 is exact in fp32) without upcasting x and the weight every call,
+    on tensor cores (a 4K prefill's compressors and routers: ~10x the fp32 GEMM).
+    """
+    if x.is_cuda and x.dtype == w.dtype == torch.bfloat16:
+        return torch.mm(x, w.T, out_dtype=torch.float32)
+    return x.float() @ w.float().T
+
+
+def plain_f32(x: torch.Tensor, w: QWeight) -> torch.Tensor:
+    """x [T, K] times an unquantised ("plain") weight in fp32, as `x.float() @ w.dequant().T`
+    (the compressor and the router: fp32 math on bf16 weights)."""
+    if w.fmt != "plain":
+        return x.float() @ w.dequant().T
+    return mm_f32(x, w.weight)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -228,10 +252,9 @@ def compress(
     2m slots, or (HCA) the m tokens of block j, with a per-channel softmax over the gates.
     """
     m, T = cs.ratio, x.shape[0]
-    xf = x.float()  # the compressor runs in fp32
-    kv = xf @ lw[f"{prefix}.wkv"].dequant().T  # [T, c·d]
+    kv = plain_f32(x, lw[f"{prefix}.wkv"])  # [T, c·d]; the compressor runs in fp32
     offs = torch.arange(s0, s0 + T, device=x.device) % m
-    gate = xf @ lw[f"{prefix}.wgate"].dequant().T + lw[f"{prefix}.ape"][offs]  # [T, c·d]
+    gate = plain_f32(x, lw[f"{prefix}.wgate"]) + lw[f"{prefix}.ape"][offs]  # [T, c·d]
     n_buf = s0 % m  # tokens of the current partial block already buffered
     all_kv = torch.cat((cs.buf_kv[:n_buf], kv))
     all_gate = torch.cat((cs.buf_gate[:n_buf], gate))
@@ -339,9 +362,7 @@ def attention(
         qb, qi = linears(qr, ("attn.wq_b", "attn.indexer.wq_b"), lw, ctx)
     else:
         qb = linear(qr, lw["attn.wq_b"], ctx)
-    q = qb.view(T, H, Dh)
-    q = q * torch.rsqrt(q.float().square().mean(-1, keepdim=True) + eps).to(q.dtype)
-    q = apply_rope(q, cos.unsqueeze(1), sin.unsqueeze(1))
+    q = ops.head_rms_rope(qb.view(T, H, Dh), cos, sin, eps, triton=ctx.kernels)  # [T, H, Dh]
 
     # One shared K = V head.
     kv = rms_norm(kva, lw["attn.kv_norm"], eps)  # [T, Dh]
@@ -371,7 +392,7 @@ def attention(
         idx = torch.cat((idx, torch.where(sel >= 0, sel + n_local, sel)), dim=1)
 
     o = sparse_attention(q, keys, idx, lw["attn.attn_sink"], Dh**-0.5, ctx)  # [T, H, Dh]
-    o = apply_rope(o, cos.unsqueeze(1), -sin.unsqueeze(1))  # undo RoPE at the query position
+    o = ops.rope_heads_(o, cos, -sin, triton=ctx.kernels)  # undo RoPE at the query position
 
     # Grouped output: heads 8g..8g+7 form group g (V4-Flash), each projected to o_lora_rank.
     z = grouped_linear(o.reshape(T, cfg.o_groups, -1), lw["attn.wo_a"], ctx)  # [T, G·R]
@@ -382,23 +403,20 @@ def grouped_linear(o: torch.Tensor, w: QWeight, ctx: Ctx) -> torch.Tensor:
     """Block-diagonal linear (wo_a): o [T, G, I] -> z [T, G·R] with z_g = o_g · W[gR:(g+1)R]ᵀ,
     fp32 accumulation, no activation rounding (the reference dequantises wo_a to BF16 at load).
 
-    An FP8 weight goes through the FP8 linear one group at a time (rows of a group share their
-    scale blocks when R is a multiple or a divisor of 128), so it is never dequantised whole: a
-    128 MB fp32 copy per layer and call at V4-Flash size."""
+    An FP8 weight goes through the FP8 linear's grouped mode (R a multiple or a divisor of the
+    128-row scale block, so a group's rows and scale rows slice out together): on CUDA one
+    launch for all G groups at V4-Flash size (each row tile reads its own group's inputs), with
+    the torch twin one product per group; either way W is never dequantised whole (a 128 MB
+    fp32 copy per layer and call at V4-Flash size)."""
     T, G, _ = o.shape
     R, b = w.shape[0] // G, w.block  # b: the 128-row scale block
     if w.fmt != "fp8" or (R % b and b % R):
         wd = w.dequant().view(G, R, -1)  # [G, R, I]
         return torch.einsum("tgi,gri->tgr", o.float(), wd).to(o.dtype).reshape(T, G * R)
-    z = torch.empty(T, G * R, dtype=o.dtype, device=o.device)
-    for g in range(G):
-        s_lo, s_hi = g * R // b, ((g + 1) * R - 1) // b + 1
-        ops.fp8_linear(
-            o[:, g], w.weight[g * R : (g + 1) * R], w.scale[s_lo:s_hi],
-            out=z[:, g * R : (g + 1) * R], act_quant=False, workspace=ctx.fp8_ws,
-            triton=ctx.kernels,
-        )  # fmt: skip
-    return z
+    return ops.fp8_linear(
+        o.reshape(T, -1), w.weight, w.scale, act_quant=False, groups=G, workspace=ctx.fp8_ws,
+        triton=ctx.kernels,
+    )  # fmt: skip
 
 
 def _kv_post(ctx: Ctx) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -432,7 +450,7 @@ def route(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """u [T, D] -> (expert ids [T, K] int64, routing weights [T, K] fp32)."""
     cfg = ctx.cfg
-    logits = u.float() @ lw["ffn.gate"].dequant().T  # [T, E] fp32
+    logits = plain_f32(u, lw["ffn.gate"])  # [T, E] fp32
     if cfg.is_hash_layer(layer):
         hashed, bias = lw["ffn.gate.tid2eid"][ids], None  # fixed by the input token id
     else:  # the bias steers selection only

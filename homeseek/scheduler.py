@@ -260,6 +260,12 @@ class Scheduler:
                 self.prefetch_next(following, sel.shape[0])
         self.host_s += time.perf_counter() - t0
 
+    def device_routed(self, layer: int) -> bool:
+        """Whether `layer`'s expert kernel may take its slots from the device slot map, ahead
+        of the host's ids: the model's own routing (an override draws the ids on the host)
+        and every expert of the layer published there, with no change to the map pending."""
+        return self.routing is None and self.store.layer_on_device(layer)
+
     def _split(
         self,
         layer: int,

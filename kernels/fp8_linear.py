@@ -23,6 +23,10 @@ Three paths, one numerical definition (`fp8_linear_ref`):
 `act_quant=True` simulates the reference activation quantisation (v4-architecture.md §2.5) on x,
 per row in blocks of 128 along K, which line up with the weight scale blocks.
 
+`groups=G` makes it block diagonal (wo_a): x [M, G*K], W [G*R, K], y [M, G*R], output rows
+[g*R, (g+1)*R) reading x's columns [g*K, (g+1)*K). Both Triton kernels take it as a per-program
+offset into x (GROUP_ROWS), so all groups go in one launch while no row tile straddles two groups.
+
 Shapes: M tokens, N outputs, K inputs.
 """
 
@@ -85,13 +89,51 @@ def fp8_linear_ref(
     w_scale: torch.Tensor,
     *,
     act_quant: bool = False,
+    groups: int = 1,
     out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Numerical definition: y [M, N] = q(x) [M, K] . dequant(W)^T in fp32, cast to out_dtype
-    (default x.dtype); q = act_quant_ref when act_quant else the identity."""
-    xf = act_quant_ref(x) if act_quant else x.float()
-    y = xf @ dequant_fp8(w, w_scale).t()
-    return y.to(out_dtype or x.dtype)
+    (default x.dtype); q = act_quant_ref when act_quant else the identity.
+
+    groups = G > 1: the block-diagonal product of x [M, G*K] and W [G*R, K] (R a multiple or a
+    divisor of 128): y[:, gR:(g+1)R] = q(x[:, gK:(g+1)K]) . dequant(W[gR:(g+1)R])^T, each group
+    on its own, so all of W is never dequantised at once."""
+    if groups == 1:
+        xf = act_quant_ref(x) if act_quant else x.float()
+        y = xf @ dequant_fp8(w, w_scale).t()
+        return y.to(out_dtype or x.dtype)
+    r, k = _group_dims(x.shape[1], w.shape, groups, "fp8_linear_ref")
+    sshape = (math.ceil(w.shape[0] / FP8_BLOCK), math.ceil(k / FP8_BLOCK))
+    if tuple(w_scale.shape) != sshape:  # the group slices below would hide a wrong shape
+        raise ValueError(f"fp8_linear_ref: w_scale {list(w_scale.shape)} != {list(sshape)}")
+    ys = []
+    for g in range(groups):
+        xg = x[:, g * k : (g + 1) * k]
+        s_lo, s_hi = _group_scale_rows(g, r)
+        xf = act_quant_ref(xg) if act_quant else xg.float()
+        ys.append(xf @ dequant_fp8(w[g * r : (g + 1) * r], w_scale[s_lo:s_hi]).t())
+    return torch.cat(ys, dim=1).to(out_dtype or x.dtype)
+
+
+def _group_dims(x_cols: int, w_shape: tuple[int, ...], groups: int, who: str) -> tuple[int, int]:
+    """(R, K) of a grouped product of x [M, x_cols] and W w_shape, or ValueError."""
+    n, k = w_shape
+    if groups < 1 or n % groups or x_cols != groups * k:
+        raise ValueError(
+            f"{who}: groups={groups} needs W [G*R, K] and x [M, G*K], got W {list(w_shape)} "
+            f"and x with {x_cols} columns"
+        )
+    r = n // groups
+    if r % FP8_BLOCK and FP8_BLOCK % r:
+        # A group must own whole scale blocks or lie inside one, so that its rows and scale rows
+        # slice out together (see _group_scale_rows).
+        raise ValueError(f"{who}: group rows R={r} must be a multiple or a divisor of 128")
+    return r, k
+
+
+def _group_scale_rows(g: int, r: int) -> tuple[int, int]:
+    """The weight-scale rows [lo, hi) of group g's R rows (R a multiple or a divisor of 128)."""
+    return g * r // FP8_BLOCK, ((g + 1) * r - 1) // FP8_BLOCK + 1
 
 
 # ------------------------------------------------------------------------------------------------
@@ -201,7 +243,8 @@ def _fp8_gemv_step(w, sv, k0, k_hi, koff, xoff, x0, x1, x2, x3, acc0, acc1, acc2
 
 @triton.jit
 def _fp8_gemv_kernel(
-    x_ptr,  # [M, K] activations (bf16/fp16/fp32), row stride stride_xm, unit column stride
+    x_ptr,  # [M, K] activations (bf16/fp16/fp32; [M, G*K] grouped), row stride stride_xm, unit
+    # column stride
     w_ptr,  # [N, K] e4m3fn weight bytes (uint8), contiguous
     s_ptr,  # [ceil(N/128), ceil(K/128)] weight scale, E8M0 bytes or fp32, contiguous
     out_ptr,  # [M, N] output, row stride stride_om
@@ -213,6 +256,7 @@ def _fp8_gemv_kernel(
     stride_xm,
     stride_om,
     K_PER_SPLIT,  # K range of one split, a multiple of NB * 128 (and of the step if EVEN_K)
+    GROUP_ROWS: tl.constexpr,  # > 0: block diagonal, rows [gR, (g+1)R) read x[:, gK:(g+1)K]
     SCALE_E8M0: tl.constexpr,  # scale is E8M0 bytes (else fp32)
     ACT_QUANT: tl.constexpr,  # quantise-dequantise x per 128-block first
     HW_FP8: tl.constexpr,  # hardware e4m3 conversion (GPU) vs exact emulation (interpreter)
@@ -230,6 +274,10 @@ def _fp8_gemv_kernel(
     BLOCK_N: tl.constexpr = R * NW
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
+    if GROUP_ROWS > 0:
+        # The launcher keeps GROUP_ROWS a multiple of BLOCK_N, so the whole tile is one group's
+        # and one offset serves it; only an address, so it may precede the PDL wait.
+        x_ptr += (pid_n * BLOCK_N // GROUP_ROWS) * K
     rows = pid_n * BLOCK_N + tl.arange(0, R)[None, :] * NW + tl.arange(0, NW)[:, None]  # [NW, R]
     n_ok = rows < N
     wrow = tl.minimum(rows, N - 1).to(tl.int64)  # ragged N: load a valid row, store nothing
@@ -350,7 +398,7 @@ def _fp8_gemv_out(acc, m, rows, n_ok, pid_k, out_ptr, part_ptr, M, N, stride_om,
 
 @triton.jit
 def _fp8_gemm_kernel(
-    x_ptr,  # [M, K] activations, row stride stride_xm
+    x_ptr,  # [M, K] activations ([M, G*K] grouped), row stride stride_xm
     w_ptr,  # [N, K] e4m3fn weight bytes (uint8), contiguous
     s_ptr,  # [ceil(N/128), ceil(K/128)] weight scale, E8M0 bytes or fp32
     out_ptr,  # [M, N] output, row stride stride_om
@@ -359,6 +407,7 @@ def _fp8_gemm_kernel(
     K,
     stride_xm,
     stride_om,
+    GROUP_ROWS: tl.constexpr,  # > 0: block diagonal, rows [gR, (g+1)R) read x[:, gK:(g+1)K]
     SCALE_E8M0: tl.constexpr,
     ACT_QUANT: tl.constexpr,
     IEEE_FP32: tl.constexpr,  # x is fp32: dot in full fp32, not tf32
@@ -367,6 +416,8 @@ def _fp8_gemm_kernel(
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
+    if GROUP_ROWS > 0:  # a multiple of BLOCK_N (the launcher's rule): the tile is one group's
+        x_ptr += (pid_n * BLOCK_N // GROUP_ROWS) * K
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, 128)
@@ -820,6 +871,7 @@ def fp8_linear(
     *,
     out: torch.Tensor | None = None,
     act_quant: bool = False,
+    groups: int = 1,
     workspace: Fp8LinearWorkspace | None = None,
     config: dict | None = None,
 ) -> torch.Tensor:
@@ -835,6 +887,13 @@ def fp8_linear(
     (Triton GEMM); scaled_mm (default True: M >= SCALED_MM_MIN_M act-quantised products with a
     bf16 output go to torch's FP8 scaled matmul where it works; False keeps the Triton GEMM).
     That path writes its own output: out= costs one more pass over [M, N] (a copy into out).
+
+    groups = G > 1: block diagonal (wo_a): x [M, G*K] and W [G*R, K], R a multiple or a divisor
+    of 128; output rows [gR, (g+1)R) read x's columns [gK, (g+1)K) (fp8_linear_ref defines it).
+    One launch for all groups when R is a multiple of the kernel's row tile (block_n; V4-Flash's
+    R = 1024 always is), else one launch per group (small test models). The one launch plans and
+    sizes its split-K workspace as the whole (N = G*R, K); the per-group launches as (R, K). The
+    scaled matmul is not taken (grouped act-quantised prefill runs the Triton GEMM).
     """
     require_triton("fp8_linear")
     if x.dim() != 2:
@@ -843,6 +902,11 @@ def fp8_linear(
     check_tensor("fp8_linear: x", x, dtypes=_ACT_DTYPES, contiguous=False)
     if x.stride(1) != 1:
         raise ValueError("fp8_linear: x must have unit column stride")
+    group_rows = 0  # the kernels' GROUP_ROWS: 0 = not grouped
+    if groups != 1:
+        if w.dim() != 2:
+            raise ValueError(f"fp8_linear: w must be [N, K], got {list(w.shape)}")
+        group_rows, k = _group_dims(k, tuple(w.shape), groups, "fp8_linear")
     check_tensor("fp8_linear: w", w, shape=(None, k), dtypes=_W_DTYPES, device=x.device)
     n = w.shape[0]
     sshape = (math.ceil(n / FP8_BLOCK), math.ceil(k / FP8_BLOCK))
@@ -852,7 +916,7 @@ def fp8_linear(
         if out.stride(1) != 1:
             raise ValueError("fp8_linear: out must have unit column stride")
     cfg = dict(config or {})
-    if m > GEMV_MAX_M:
+    if m > GEMV_MAX_M and not group_rows:
         # Prefill: torch's FP8 scaled matmul where it applies and works (it allocates its own
         # output, so this comes before out is allocated), else the Triton GEMM below.
         out_dtype = x.dtype if out is None else out.dtype
@@ -869,6 +933,8 @@ def fp8_linear(
 
     if m <= GEMV_MAX_M:
         p = _gemv_plan(m, n, k, x.device, cfg)
+        if group_rows % p.block_n:
+            return _per_group(x, w, w_scale, out, groups, act_quant, workspace, config)
         n_tiles = triton.cdiv(n, p.block_n)
         part, cnt = out, out  # placeholders, unused when split_k == 1
         if p.split_k > 1:
@@ -892,9 +958,10 @@ def fp8_linear(
         pdl = cfg.get("pdl", True) and pdl_supported(x.device)
         _fp8_gemv_kernel[(n_tiles, p.split_k)](
             x, wb, sb, out, part, cnt, m, n, k, x.stride(0), out.stride(0), p.k_per_split,
-            SCALE_E8M0=e8m0, ACT_QUANT=act_quant, HW_FP8=not interpreting(), EVEN_K=p.even_k,
-            TOK=p.tok, R=p.rows_per_warp, NW=p.num_warps, U=p.u, NB=p.nb, SPLIT_K=p.split_k,
-            PDL=pdl, PRE=p.pre if pdl else 1, EARLY=pdl and cfg.get("pdl_early", True),
+            GROUP_ROWS=group_rows, SCALE_E8M0=e8m0, ACT_QUANT=act_quant, HW_FP8=not interpreting(),
+            EVEN_K=p.even_k, TOK=p.tok, R=p.rows_per_warp, NW=p.num_warps, U=p.u, NB=p.nb,
+            SPLIT_K=p.split_k, PDL=pdl, PRE=p.pre if pdl else 1,
+            EARLY=pdl and cfg.get("pdl_early", True),
             num_warps=p.num_warps, num_stages=1, **({"launch_pdl": True} if pdl else {}),
             **({"maxnreg": cfg["maxnreg"]} if "maxnreg" in cfg else {}),
         )  # fmt: skip
@@ -903,11 +970,36 @@ def fp8_linear(
         bn = cfg.get("block_n", 128)
         if 128 % bn:
             raise ValueError(f"fp8_linear: block_n must divide 128, got {bn}")
+        if group_rows % bn:
+            return _per_group(x, w, w_scale, out, groups, act_quant, workspace, config)
         grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
         _fp8_gemm_kernel[grid](
-            x, wb, sb, out, m, n, k, x.stride(0), out.stride(0),
+            x, wb, sb, out, m, n, k, x.stride(0), out.stride(0), GROUP_ROWS=group_rows,
             SCALE_E8M0=e8m0, ACT_QUANT=act_quant, IEEE_FP32=x.dtype == torch.float32,
             BLOCK_M=bm, BLOCK_N=bn, num_warps=cfg.get("num_warps", 8),
             num_stages=cfg.get("num_stages", 3),
+        )  # fmt: skip
+    return out
+
+
+def _per_group(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    w_scale: torch.Tensor,
+    out: torch.Tensor,
+    groups: int,
+    act_quant: bool,
+    workspace: Fp8LinearWorkspace | None,
+    config: dict | None,
+) -> torch.Tensor:
+    """The grouped product one group per launch, into out: for groups narrower than the kernel's
+    row tile, which would straddle two groups whose inputs differ."""
+    r, k = w.shape[0] // groups, w.shape[1]
+    for g in range(groups):
+        s_lo, s_hi = _group_scale_rows(g, r)
+        fp8_linear(
+            x[:, g * k : (g + 1) * k], w[g * r : (g + 1) * r], w_scale[s_lo:s_hi],
+            out=out[:, g * r : (g + 1) * r], act_quant=act_quant, workspace=workspace,
+            config=config,
         )  # fmt: skip
     return out

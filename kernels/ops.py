@@ -16,6 +16,7 @@ from . import fp8_linear as _fp8
 from . import handoff as _handoff
 from . import indexer as _idx
 from . import mhc as _mhc
+from . import rope as _rope
 from . import sparse_attn as _attn
 from ._formats import HAS_TRITON, interpreting
 
@@ -23,10 +24,12 @@ __all__ = [
     "await_copy",
     "fp4_experts",
     "fp8_linear",
+    "head_rms_rope",
     "indexer_topk",
     "mhc_head",
     "mhc_post",
     "mhc_pre",
+    "rope_heads_",
     "sparse_attn",
     "use_triton",
 ]
@@ -52,6 +55,26 @@ def _into(out: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def head_rms_rope(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float, *, triton: bool | None = None
+) -> torch.Tensor:
+    """The query path: per-head unweighted RMS, then RoPE on the last channels: x [T, H, Dh],
+    cos/sin [T, P] fp32 -> a new contiguous [T, H, Dh] (kernels/rope.py)."""
+    if _pick(triton, x):
+        return _rope.head_rms_rope(x, cos, sin, eps)
+    return _rope.head_rms_rope_ref(x, cos, sin, eps)
+
+
+def rope_heads_(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, triton: bool | None = None
+) -> torch.Tensor:
+    """RoPE on the last 2·P channels of every head of x [T, H, Dh], in place (pass -sin for the
+    inverse rotation) -> x."""
+    if _pick(triton, x):
+        return _rope.rope_heads_(x, cos, sin)
+    return _into(x, _rope.rope_heads_ref(x, cos, sin))
+
+
 def fp8_linear(
     x: torch.Tensor,
     w: torch.Tensor,
@@ -59,14 +82,17 @@ def fp8_linear(
     *,
     out: torch.Tensor | None = None,
     act_quant: bool = False,
+    groups: int = 1,
     workspace: _fp8.Fp8LinearWorkspace | None = None,
     triton: bool | None = None,
 ) -> torch.Tensor:
-    """y [M, N] = x [M, K] . W^T, W e4m3fn [N, K] with 128x128 block scale (E8M0 or fp32)."""
+    """y [M, N] = x [M, K] . W^T, W e4m3fn [N, K] with 128x128 block scale (E8M0 or fp32).
+    groups = G > 1: block diagonal, x [M, G*K], W [G*R, K], y[:, gR:(g+1)R] from x[:, gK:(g+1)K]."""
+    aq = dict(act_quant=act_quant, groups=groups)
     if _pick(triton, x):
-        return _fp8.fp8_linear(x, w, w_scale, out=out, act_quant=act_quant, workspace=workspace)
+        return _fp8.fp8_linear(x, w, w_scale, out=out, workspace=workspace, **aq)
     out_dtype = out.dtype if out is not None else None
-    return _into(out, _fp8.fp8_linear_ref(x, w, w_scale, act_quant=act_quant, out_dtype=out_dtype))
+    return _into(out, _fp8.fp8_linear_ref(x, w, w_scale, out_dtype=out_dtype, **aq))
 
 
 def fp4_experts(

@@ -30,6 +30,14 @@ _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _BLOCK_H = 16
 _KEYS_PER_SPLIT = 256
 _NO_SPLIT_PROGRAMS = 256  # (token, head block) programs that fill an H100/H200 without splits
+# Prefill tiles, from PREFILL_T tokens on (decode and the verify step have <= 4): all 64 heads of
+# a token in one program, so each key block comes from L2 once instead of once per 16-head block,
+# in 64-key blocks, never split. H200, a 4,096-token chunk of V4-Flash (tools/PERF_NOTES.md,
+# session 19): CSA (640 keys a token) 4.23 -> 1.52 ms, HCA (160 keys) 1.17 -> 0.60 ms.
+PREFILL_TILES = {
+    "block_h": 64, "block_l": 64, "num_warps": 8, "num_stages": 2, "no_split_programs": 64,
+}  # fmt: skip
+PREFILL_T = 64
 
 
 def sparse_attn_ref(
@@ -239,9 +247,14 @@ def sparse_attn(
     n_keys = idx.shape[1]
     if t == 0:
         return out
-    cfg = dict(config or {})
+    # (fp32 operands: the prefill tiles exceed the shared memory; they keep the decode tiles)
+    tiles = PREFILL_TILES if t >= PREFILL_T and q.element_size() == 2 else {}
+    cfg = {**tiles, **(config or {})}
     bl = cfg.get("block_l", 32)
-    n_hb = triton.cdiv(h, _BLOCK_H)
+    bh = cfg.get("block_h", _BLOCK_H)
+    if bh < _BLOCK_H or bh & (bh - 1):  # the counters are sized for _BLOCK_H-head blocks
+        raise ValueError(f"sparse_attn: block_h must be a power of two >= {_BLOCK_H}, got {bh}")
+    n_hb = triton.cdiv(h, bh)
     split, per = _n_split(n_keys, cfg, t * n_hb)
     pacc = pml = cnt = out  # placeholders when split == 1
     if split > 1:
@@ -264,8 +277,9 @@ def sparse_attn(
         pacc, pml, cnt = ws.acc, ws.ml, ws.counters
     _sparse_attn_kernel[(t, n_hb, split)](
         q, kv, idx, sink, out, pacc, pml, cnt, h, n_keys, dh, kv.stride(0), float(scale), per,
-        SPLIT=split, SPLIT_P2=triton.next_power_of_2(split), BLOCK_H=_BLOCK_H, BLOCK_L=bl,
+        SPLIT=split, SPLIT_P2=triton.next_power_of_2(split), BLOCK_H=bh, BLOCK_L=bl,
         BLOCK_D=triton.next_power_of_2(dh),
         IEEE_FP32=q.dtype == torch.float32, num_warps=cfg.get("num_warps", 8),
+        num_stages=cfg.get("num_stages", 3),
     )  # fmt: skip
     return out

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import homeseek
 from homeseek import cli
 from homeseek.config import ConfigError, tiny_config
 from homeseek.profile import save_trace
@@ -197,6 +198,29 @@ def test_bench_layers_cuts_a_synthetic_preset(capsys):
         BenchConfig(model="tiny", synthetic=None, device="cpu", layers=3)
     with pytest.raises(ConfigError, match="1..5"):
         BenchConfig(synthetic="tiny", device="cpu", layers=6)
+
+
+def test_bench_resident_rows_hit_every_lookup(capsys):
+    """`--resident`: every expert copied into the pool before the rows, so every lookup of
+    every row hits and nothing is copied; said in the header and the JSON line."""
+    rc = cli.main([
+        "bench", "--synthetic", "tiny", "--device", "cpu", "--resident", "--prompts", "8,40",
+        "--decode-tokens", "3", "--long-decode-tokens", "2", "--profile-tokens", "0",
+    ])  # fmt: skip
+    assert rc == 0
+    out = capsys.readouterr().out
+    res = json.loads(out.strip().splitlines()[-1])
+    assert "every expert resident" in out and res["resident"] is True
+    assert [r["work"] for r in res["rows"]] == ["prefill", "decode"] * 2
+    for r in res["rows"]:
+        assert r["gpu_hit_rate"] == 1.0 and r["h2d_bytes_per_token"] == 0, r
+
+
+def test_load_all_refuses_a_pool_smaller_than_the_model():
+    eng = homeseek.load("tiny", dtype=torch.float32, max_context=64, expert_slots=6)
+    with pytest.raises(ConfigError, match=r"needs \d+ GPU slots .* gives 6"):
+        eng.experts.load_all()
+    assert eng.experts.counters.lookups == 0  # refused before copying anything
 
 
 def test_uniform_routing_draws_distinct_experts_evenly():

@@ -31,7 +31,8 @@ if INTERP:
     # Kernels are bound to interpreter or compiler when their module is imported: if another
     # test imported them first, reload them now that the interpreter is on.
     for _name in (
-        "_formats", "fp8_linear", "fp4_experts", "sparse_attn", "indexer", "mhc", "handoff", "ops",
+        "_formats", "fp8_linear", "fp4_experts", "sparse_attn", "indexer", "mhc", "handoff",
+        "rope", "ops",
     ):  # fmt: skip
         _mod = sys.modules.get(f"homeseek.kernels.{_name}")
         if _mod is not None:
@@ -44,6 +45,7 @@ from homeseek.kernels import handoff as hf  # noqa: E402
 from homeseek.kernels import indexer as ix  # noqa: E402
 from homeseek.kernels import mhc as mh  # noqa: E402
 from homeseek.kernels import ops  # noqa: E402
+from homeseek.kernels import rope as rp  # noqa: E402
 from homeseek.kernels import sparse_attn as sa  # noqa: E402
 
 interp = pytest.mark.skipif(not INTERP, reason="needs triton on a machine without CUDA")
@@ -455,6 +457,95 @@ def test_fp8_linear_grouped_views_interp(m, r):
         assert torch.isnan(z[:, (g + 1) * r :]).all(), f"group {g} wrote past its columns"
 
 
+def _per_group_ref(x, w, s, groups, **kw):
+    """The block-diagonal product as model.grouped_linear used to launch it: one fp8_linear_ref
+    per group (its rows, its scale rows, its columns of x), concatenated."""
+    r, k = w.shape[0] // groups, w.shape[1]
+    ys = []
+    for g in range(groups):
+        s_lo, s_hi = g * r // 128, ((g + 1) * r - 1) // 128 + 1
+        xg = x[:, g * k : (g + 1) * k]
+        ys.append(f8.fp8_linear_ref(xg, w[g * r : (g + 1) * r], s[s_lo:s_hi], **kw))
+    return torch.cat(ys, dim=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("act_quant", [False, True])
+@pytest.mark.parametrize("r", [256, 128, 16])  # group rows: multiples and a divisor of 128
+def test_fp8_linear_ref_groups_is_the_per_group_loop(r, act_quant, dtype):
+    """The twin's grouped mode is, bit for bit, the per-group loop it replaces in the model (the
+    CPU engine's numbers must not move); both views of x (strided: a wider row's columns)."""
+    groups, k = 3, 200
+    w, s = make_fp8(groups * r, k, seed=r)
+    x = torch.randn(4, groups * k + 24, generator=_gen(r)).to(dtype).to(DEV)[:, 8 : 8 + groups * k]
+    got = f8.fp8_linear_ref(x, w, s, act_quant=act_quant, groups=groups)
+    assert torch.equal(got, _per_group_ref(x, w, s, groups, act_quant=act_quant))
+    out = poison((4, groups * r), torch.float32)
+    assert ops.fp8_linear(x, w, s, out=out, groups=groups, triton=False) is out
+    assert torch.equal(out, _per_group_ref(x, w, s, groups, out_dtype=torch.float32))
+    with pytest.raises(ValueError, match="x with"):
+        f8.fp8_linear_ref(x[:, :-1], w, s, groups=groups)
+    w40, s40 = make_fp8(80, k)
+    with pytest.raises(ValueError, match="R=40"):  # neither a multiple nor a divisor of 128
+        f8.fp8_linear_ref(x[:, : 2 * k], w40, s40, groups=2)
+
+
+class _Launches:
+    """Stands in for a Triton kernel: counts its launches and forwards them."""
+
+    def __init__(self, kernel):
+        self.kernel, self.n = kernel, 0
+
+    def __getitem__(self, grid):
+        self.n += 1
+        return self.kernel[grid]
+
+
+@interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(
+    "m,r,k,act_quant,cfg,launches",
+    [(1, 128, 256, False, None, 1),  # GEMV, one token a pass
+     (3, 256, 256, False, None, 1),  # GEMV, 4 tokens a pass (rows past M masked)
+     (3, 128, 256, True, None, 1),
+     (2, 128, 512, False, {"split_k": 2}, 1),  # split-K partials and counters of the whole
+     (20, 128, 256, False, None, 1),  # GEMM (M > GEMV_MAX_M)
+     (20, 256, 384, True, {"block_n": 64}, 1),
+     (1, 16, 256, False, None, 3),  # R under the GEMV's 32-row tile: a launch per group
+     (20, 64, 256, False, None, 3)],  # R under the GEMM's 128-row tile
+)  # fmt: skip
+def test_fp8_linear_grouped_interp(monkeypatch, m, r, k, act_quant, cfg, launches, dtype):
+    """groups=G: the block-diagonal product in one launch (a row tile reads its group's columns
+    of a strided x), against the twin's per-group products; narrow groups fall back to a launch
+    per group."""
+    groups = 3
+    w, s = make_fp8(groups * r, k, seed=r + k)
+    x = torch.randn(m, groups * k + 40, generator=_gen(m + r)).to(dtype)[:, 16 : 16 + groups * k]
+    kern = "_fp8_gemv_kernel" if m <= f8.GEMV_MAX_M else "_fp8_gemm_kernel"
+    spy = _Launches(getattr(f8, kern))
+    monkeypatch.setattr(f8, kern, spy)
+    out = poison((m, groups * r), dtype)
+    f8.fp8_linear(x, w, s, out=out, act_quant=act_quant, groups=groups, config=cfg)
+    assert spy.n == launches
+    ref = _per_group_ref(x, w, s, groups, act_quant=act_quant)
+    assert_close("fp8_linear grouped", out, ref, dtype)
+    y = f8.fp8_linear(x, w, s, act_quant=act_quant, groups=groups, config=cfg)  # allocated out
+    assert_close("fp8_linear grouped, allocated out", y, ref, dtype)
+
+
+@interp
+def test_fp8_linear_grouped_rejects_bad_shapes():
+    w, s = make_fp8(3 * 128, 256)
+    x = torch.randn(1, 3 * 256)
+    with pytest.raises(ValueError, match="groups=2 needs"):
+        f8.fp8_linear(x, w, s, groups=2)  # 384 columns of x, not 2 x 256
+    with pytest.raises(ValueError, match="groups=3 needs"):
+        f8.fp8_linear(x[:, :-128], w, s, groups=3)
+    w40, s40 = make_fp8(120, 256)
+    with pytest.raises(ValueError, match="R=40"):
+        f8.fp8_linear(x, w40, s40, groups=3)
+
+
 @interp
 def test_fp8_linear_split_k_workspace_reuse():
     w, s = make_fp8(32, 1024, seed=3)
@@ -648,6 +739,45 @@ def test_sparse_attn_interp(t, h, dh, n, n_keys, dtype):
 
 
 @interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_sparse_attn_prefill_tiles_interp(dtype):
+    """From PREFILL_T tokens on: every head of a token in one program (fewer heads than the
+    block here: masked), 64-key blocks, never split; the twin's numbers."""
+    t, h, dh, n, n_keys = sa.PREFILL_T + 6, 20, 48, 90, 100
+    g = _gen(t)
+    q = torch.randn(t, h, dh, generator=g).to(dtype)
+    kv = torch.randn(n, dh, generator=g).to(dtype)
+    idx = torch.randint(-1, n, (t, n_keys), generator=g, dtype=torch.int32)
+    idx[3] = -1  # a token with no valid key -> 0
+    sink = torch.randn(h, generator=g)
+    out = poison((t, h, dh), dtype)
+    sa.sparse_attn(q, kv, idx, sink, dh**-0.5, out=out)
+    assert_close("sparse_attn", out, sa.sparse_attn_ref(q, kv, idx, sink, dh**-0.5), dtype)
+    with pytest.raises(ValueError, match="block_h"):
+        sa.sparse_attn(q, kv, idx, sink, dh**-0.5, config={"block_h": 8})
+
+
+@interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_rope_interp(dtype):
+    """The query path's RMS + RoPE from a strided (fused projection's) slice, and the in-place
+    inverse rotation, against their torch twins (fp32 math; bf16 is checked on the GPU: the
+    interpreter truncates bf16 casts)."""
+    t, h, dh, p = 5, 6, 48, 8
+    g = _gen(dh)
+    x = torch.randn(t, h * dh + 40, generator=g).to(dtype)[:, : h * dh].view(t, h, dh)
+    ang = torch.randn(t, p, generator=g)
+    cos, sin = ang.cos(), ang.sin()
+    ref = rp.head_rms_rope_ref(x, cos, sin, 1e-6)
+    assert_close("head_rms_rope", rp.head_rms_rope(x, cos, sin, 1e-6), ref, dtype)
+    y = x.contiguous()
+    want = rp.rope_heads_ref(y, cos, -sin)
+    assert rp.rope_heads_(y, cos, -sin) is y
+    assert_close("rope_heads_", y, want, dtype)
+    assert torch.equal(y[..., : -2 * p], x[..., : -2 * p])  # the unrotated channels untouched
+
+
+@interp
 def test_sparse_attn_unsplit_when_tokens_fill_the_gpu():
     """Prefill: enough (token, head block) programs -> one split, no partials (their workspace
     would be T * H * splits * Dh fp32); same numbers as the twin."""
@@ -687,8 +817,29 @@ def test_indexer_topk_interp(dtype):
 
 @interp
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("t,d", [(1, 64), (3, 200), (2, 300), (20, 96)])
-def test_mhc_interp(t, d, dtype):
+@pytest.mark.parametrize(
+    "t,d,block",
+    [
+        (1, 64, None),
+        (3, 200, None),
+        (2, 300, None),
+        (20, 96, None),
+        (17, 64, {"BLOCK_T": 16}),
+        (40, 36, {"BLOCK_T": 32, "SPLIT": 2}),
+        (33, 100, {"BLOCK_T": 16, "SPLIT": 3}),
+        (260, 16, {"BLOCK_T": 16}),
+        (70, 40, {"BLOCK_T": 64, "BLOCK": 16, "SPLIT": 3}),
+    ],
+)
+def test_mhc_interp(t, d, block, dtype, monkeypatch):
+    # Pin the pre/head path whatever the default T threshold: split kernel (block None) or block +
+    # finish kernels with these _block_config overrides. Each block T ends in a partial token
+    # block; W = 144 (2 splits of 96) and W = 400 (3 splits of 160, SPLIT not a power of two) end
+    # their last split in a partial BLOCK (32) step, after several full ones.
+    monkeypatch.setattr(mh, "_BLOCK_MIN_T", t if block else t + 1)
+    if block:
+        cfg = mh._block_config
+        monkeypatch.setattr(mh, "_block_config", lambda n: {**cfg(n), **block})
     g = _gen(d)
     x = torch.randn(t, 4, d, generator=g).to(dtype)
     fn = torch.randn(24, 4 * d, generator=g) * 0.05
@@ -835,6 +986,31 @@ def test_fp8_linear_gpu(m, n, k, act_quant, dtype):
     f8.fp8_linear(x, w, s, out=out, act_quant=act_quant)
     ref = f8.fp8_linear_ref(x, w, s, act_quant=act_quant)
     assert_close("fp8_linear", out, ref, dtype, loose=2.0 if act_quant else 1.0)
+
+
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("m", [1, 4, 300, 4096])  # GEMV one token, GEMV 4 tokens, GEMM
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_fp8_linear_grouped_gpu(m, dtype):
+    """wo_a at V4-Flash size (8 groups of 1024 rows, 4096 inputs each) in one grouped launch,
+    with a workspace sized the way the engine sizes it (model.fp8_shapes lists the whole (N, K)),
+    against the 8 per-group launches it replaces and the twin."""
+    groups, r, k = 8, 1024, 4096
+    w, s = make_fp8(groups * r, k, seed=7, scale_fp32=True)  # the engine loads fp32 scales
+    x = torch.randn(m, groups * k, generator=_gen(m)).to(dtype).to(DEV)
+    ws = f8.fp8_linear_workspace([(groups * r, k), (r, k)], f8.GEMV_MAX_M, DEV)
+    out = poison((m, groups * r), dtype)
+    f8.fp8_linear(x, w, s, out=out, groups=groups, workspace=ws)
+    per = poison((m, groups * r), dtype)
+    for g in range(groups):
+        f8.fp8_linear(
+            x[:, g * k : (g + 1) * k], w[g * r : (g + 1) * r], s[g * r // 128 : (g + 1) * r // 128],
+            out=per[:, g * r : (g + 1) * r], workspace=ws,
+        )  # fmt: skip
+    assert_close("grouped vs per-group launches", out, per, dtype)
+    assert_close("grouped vs twin", out, f8.fp8_linear_ref(x, w, s, groups=groups), dtype)
+    assert int(ws.counters.abs().sum()) == 0
 
 
 @pytest.mark.parametrize("down", ["pair", "token"])
@@ -1167,6 +1343,39 @@ def test_sparse_attn_gpu(t, n_keys, dtype, cfg):
     assert_close("sparse_attn", out, ref, dtype, loose=2.0)
 
 
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("t,n_keys", [(sa.PREFILL_T, 160), (300, 640), (4096, 160)])
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_sparse_attn_prefill_tiles_gpu(t, n_keys, dtype):
+    h, dh, n = 64, 512, 9000
+    g = _gen(t)
+    q = (torch.randn(t, h, dh, generator=g) * 0.3).to(dtype).to(DEV)
+    kv = torch.randn(n, dh, generator=g).to(dtype).to(DEV)
+    idx = torch.randint(-1, n, (t, n_keys), generator=g, dtype=torch.int32).to(DEV)
+    sink = torch.randn(h, generator=g).to(DEV)
+    out = poison((t, h, dh), dtype)
+    sa.sparse_attn(q, kv, idx, sink, dh**-0.5, out=out)
+    assert_close("sparse_attn", out, sa.sparse_attn_ref(q, kv, idx, sink, dh**-0.5), dtype, 2.0)
+
+
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_rope_gpu(dtype):
+    t, h, dh, p = 300, 64, 512, 32
+    g = _gen(t)
+    x = torch.randn(t, h * dh + 8192, generator=g).to(dtype).to(DEV)[:, : h * dh].view(t, h, dh)
+    ang = torch.randn(t, p, generator=g).to(DEV)
+    cos, sin = ang.cos(), ang.sin()
+    ref = rp.head_rms_rope_ref(x, cos, sin, 1e-6)
+    assert_close("head_rms_rope", rp.head_rms_rope(x, cos, sin, 1e-6), ref, dtype)
+    y = x.contiguous()
+    want = rp.rope_heads_ref(y, cos, -sin)
+    assert_close("rope_heads_", rp.rope_heads_(y, cos, -sin), want, dtype)
+    assert torch.equal(y[..., : -2 * p], x[..., : -2 * p])
+
+
 @pytest.mark.parametrize("c", [4096, 65536, 300])
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
@@ -1193,10 +1402,13 @@ def test_indexer_topk_gpu(c):
 
 
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
-@pytest.mark.parametrize("t", [1, 4, 300])
+@pytest.mark.parametrize("t", [1, 4, 17, 64, 300, 4096, 4133])
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 def test_mhc_gpu(t, dtype):
+    # 1, 4, 17: split kernel (64 and 16 splits); 64, 300, 4096, 4133: block + finish kernels at the
+    # default config (BLOCK_T 16 x 64 splits, 16 x 32 with a partial last block, 32 x 16, 32 x 16
+    # partial).
     d = 4096
     g = _gen(t)
     x = torch.randn(t, 4, d, generator=g).to(dtype).to(DEV)

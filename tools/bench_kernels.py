@@ -579,6 +579,58 @@ def bench_fp8(record, dev, dt, n_sets: int, quick: bool, sweep: bool = False) ->
                     )
 
 
+# wo_a (model.grouped_linear): G groups of R rows, each over its own I inputs; no act_quant.
+WO_A = (8, 1024, 4096)
+
+
+def bench_fp8_wo_a(record, dev, dt, n_sets: int, quick: bool) -> None:
+    """wo_a's block-diagonal product as one grouped launch (fp8_linear groups=8) next to the 8
+    per-group launches it replaces, at decode (M = 1, weights rotated) and prefill (M = 4096,
+    compute bound: one weight). fp32 weight scales, as the engine loads them."""
+    from homeseek.kernels import _formats as fmt
+    from homeseek.kernels import fp8_linear as f8
+
+    g_n, r, k = WO_A
+    n = g_n * r
+    per = n * k + (n // 128) * (k // 128) * 4
+    n_w = max(1, min(n_sets, (400 << 20) // per))
+    ws_ = [torch.randint(0, 0x7F, (n, k), dtype=torch.uint8, device=dev) for _ in range(n_w)]
+    ss_ = [
+        fmt.e8m0_to_float(torch.randint(118, 124, (n // 128, k // 128), dtype=torch.uint8,
+                                        device=dev))
+        for _ in range(n_w)
+    ]  # fmt: skip
+    # Sized as the engine sizes it (model.fp8_shapes): the whole (N, K) and one group's.
+    wsp = f8.fp8_linear_workspace([(n, k), (r, k)], 16, dev)
+    for m in [1] if quick else [1, 4096]:
+        sets = n_w if m <= f8.GEMV_MAX_M else 1
+        x = torch.randn(m, g_n * k, device=dev, dtype=dt)
+        out = torch.empty(m, n, device=dev, dtype=dt)
+
+        def grouped(j, x=x, out=out):
+            f8.fp8_linear(x, ws_[j], ss_[j], out=out, groups=g_n, workspace=wsp)
+
+        def per_group(j, x=x, out=out):
+            for g in range(g_n):
+                f8.fp8_linear(
+                    x[:, g * k : (g + 1) * k], ws_[j][g * r : (g + 1) * r],
+                    ss_[j][g * r // 128 : (g + 1) * r // 128], out=out[:, g * r : (g + 1) * r],
+                    workspace=wsp,
+                )  # fmt: skip
+
+        nbytes = per + m * (g_n * k + n) * 2
+        ms_g = _bench(grouped, sets)
+        if m > f8.GEMV_MAX_M:
+            extra = {"TFLOPS": round(2 * m * n * k / (ms_g * 1e-3) / 1e12, 1)}
+        else:
+            p = f8._gemv_plan(m, n, k, x.device, None)
+            extra = {"plan": f"bn{p.block_n} w{p.num_warps} u{p.u} split{p.split_k} tok{p.tok}"}
+        record(f"fp8_linear wo_a grouped [{g_n}x{r}x{k}] M={m}", ms_g, nbytes, **extra)
+        ms_p = _bench(per_group, sets)
+        record(f"  fp8_linear wo_a per group ({g_n} launches) M={m}", ms_p, nbytes,
+               grouped_speedup=round(ms_p / ms_g, 2))  # fmt: skip
+
+
 # A CSA layer's FP8 launches in decode-step order (attention in, q up, out, shared expert).
 FP8_LAYER = [
     ("wq_a+wkv", 1536, 4096),
@@ -728,8 +780,12 @@ def bench_attention(record, dev, dt, n_sets: int, sweep: bool = False) -> None:
         record(f"indexer_topk C={c} (scores + torch.topk)", _bench(run, n_sets), c * (256 + 16))
 
 
-def bench_mhc(record, dev, dt, n_sets: int) -> None:
-    """mHC pre (split projection + Sinkhorn) and post."""
+def bench_mhc(record, dev, dt, n_sets: int, sweep: bool = False, quick: bool = False) -> None:
+    """mHC pre (split kernel: projection + Sinkhorn) and post at decode; pre and head at prefill
+    (T=64..16384, 16384 not with --quick), each T also through both pre paths forced (split
+    kernel; block + finish kernels) to place mhc._BLOCK_MIN_T. --sweep: block-kernel configs at
+    T=256 and T=4096 (tiles, splits, warps, stages, tensor-core precisions), each with its max
+    error against mhc_pre_ref."""
     d = 4096
     from homeseek.kernels import mhc as mh
 
@@ -754,6 +810,76 @@ def bench_mhc(record, dev, dt, n_sets: int) -> None:
         record(
             f"mhc_post T={t}", _bench(lambda _j, fn=fn: fn(), 1), 2 * x.numel() * 2 + f.numel() * 2
         )
+
+    # Prefill. Bytes: x read once, fn once, y written (both paths read x a second time for y,
+    # which may or may not come from L2). The public rows take the path the T picks; then both
+    # paths are forced through the private launcher (args after comb: workspace, hc_eps,
+    # norm_eps, iters, head).
+    big = 4096
+    wsp = mh.mhc_workspace(4 * big, dev)  # T=16384, and the sweep's SPLIT up to 64 at T=big
+    heads = [f[:4].contiguous() for f in fns]
+
+    def inputs(t):
+        x = torch.randn(t, 4, d, device=dev, dtype=dt)
+        y = torch.empty(t, d, device=dev, dtype=dt)
+        xy = x.numel() * x.element_size() + y.numel() * y.element_size()
+        return x, y, torch.empty(t, 4, device=dev), torch.empty(t, 4, 4, device=dev), xy
+
+    for t in [64, 256, 1024, big] + ([] if quick else [4 * big]):
+        x, y, post, comb, xy = inputs(t)
+        nbytes = xy + 24 * 4 * d * 4
+
+        def run(j, x=x, y=y, post=post, comb=comb):
+            mh.mhc_pre(x, fns[j], sc, base, y=y, post=post, comb=comb, workspace=wsp)
+
+        def run_head(j, x=x, y=y):
+            mh.mhc_head(x, heads[j], sc[:1], base[:4], y=y, workspace=wsp)
+
+        record(f"mhc_pre T={t}", _bench(run, n_sets), nbytes)
+        record(f"mhc_head T={t}", _bench(run_head, n_sets), xy + 4 * 4 * d * 4)
+        for block in (False, True):
+
+            def run(j, x=x, y=y, post=post, comb=comb, block=block):
+                mh._launch_pre("mhc_pre", x, fns[j], sc, base, y, post, comb, wsp, 1e-6, 1e-6,
+                               20, False, block=block)  # fmt: skip
+
+            kind = "block" if block else "split"
+            record(f"  mhc_pre T={t} {kind} kernel", _bench(run, n_sets), nbytes)
+    if not sweep:
+        return
+    # The default config ({}) first, for its error.
+    sweeps = {
+        256: [{}, {"SPLIT": 32}, {"SPLIT": 128}, {"BLOCK_T": 32}, {"num_warps": 2},
+              {"PREC": "tf32x3"}],
+        big: [{}, {"BLOCK_T": 16}, {"BLOCK_T": 64}, {"BLOCK_T": 64, "num_warps": 8},
+              {"SPLIT": 8}, {"SPLIT": 32}, {"SPLIT": 64}, {"num_warps": 8}, {"num_warps": 2},
+              {"BLOCK": 16}, {"BLOCK": 64}, {"num_stages": 1}, {"num_stages": 4},
+              {"PREC": "tf32x3"}, {"PREC": "tf32x3", "BLOCK_T": 64}, {"PREC": "bf16x3"},
+              {"PREC": "bf16x6"}],
+    }  # fmt: skip
+    for t, cfgs in sweeps.items():
+        x, y, post, comb, xy = inputs(t)
+        nbytes = xy + 24 * 4 * d * 4
+        ref = mh.mhc_pre_ref(x, fns[0], sc, base) if _WARM is None else None
+        for cfg in cfgs:
+            name = f"  sweep mhc_pre T={t} block {cfg}"
+
+            def run(j, x=x, y=y, post=post, comb=comb, cfg=cfg):
+                mh._launch_pre("mhc_pre", x, fns[j], sc, base, y, post, comb, wsp, 1e-6, 1e-6,
+                               20, False, block=True, config=cfg)  # fmt: skip
+
+            try:
+                err = {}
+                if _WARM is None:  # a warm-up worker only compiles its share, in _bench
+                    run(0)
+                    outs = (("y", y), ("post", post), ("comb", comb))
+                    err = {
+                        f"max_err_{n}": float((got.float() - r.float()).abs().max())
+                        for (n, got), r in zip(outs, ref, strict=True)
+                    }
+                record(name, _bench(run, n_sets), nbytes, **err)
+            except Exception as exc:  # a config that does not compile here is reported, not fatal
+                print(f"{name}: failed: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
 
 
 SECTIONS = ("fp4", "fp4_grouped", "fp8", "attn", "mhc")
@@ -907,6 +1033,7 @@ def main() -> int:
         torch.cuda.empty_cache()
     if "fp8" in only:
         bench_fp8(record, dev, dt, n_sets, args.quick, args.sweep)
+        bench_fp8_wo_a(record, dev, dt, n_sets, args.quick)
         if not args.quick:
             bench_fp8_layer(record, dev, dt, n_sets)
         torch.cuda.empty_cache()
@@ -917,7 +1044,7 @@ def main() -> int:
         bench_attention(record, dev, dt, n_sets, args.sweep)
         torch.cuda.empty_cache()
     if "mhc" in only:
-        bench_mhc(record, dev, dt, n_sets)
+        bench_mhc(record, dev, dt, n_sets, args.sweep, args.quick)
     if _WARM is not None:
         return 0
 

@@ -162,6 +162,15 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--expert-alias", type=int, default=64, help="0: every expert its own")
+    ap.add_argument(
+        "--model-layers", type=int, default=None,
+        help="build only the preset's first N layers (a model the GPU holds whole)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--resident", action="store_true",
+        help="every expert copied into the GPU pool before each prompt (not timed): the "
+        "all-resident prefill",
+    )  # fmt: skip
     ap.add_argument("--profile-upto", type=int, default=4096, help="profile prompts this long")
     ap.add_argument(
         "--layers", type=int, default=0,
@@ -242,7 +251,9 @@ def main() -> None:
         prefill_group=args.prefill_group,
     )  # fmt: skip
     t0 = time.perf_counter()
-    eng = build_engine(rt, None, args.synthetic, expert_alias=args.expert_alias or None)
+    eng = build_engine(
+        rt, None, args.synthetic, expert_alias=args.expert_alias or None, layers=args.model_layers
+    )
     copier = getattr(eng.experts.copier, "__self__", None)  # the CPU kernel library's copy
     store = eng.experts
     print(f"build {time.perf_counter() - t0:.1f} s; chunk {eng.rt.prefill_chunk}; "
@@ -286,6 +297,8 @@ def main() -> None:
             res["run"] = run
             sess.reset()
             eng.experts.reset_gpu()
+            if args.resident:
+                eng.experts.load_all()
             sync()
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
