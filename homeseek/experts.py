@@ -1488,13 +1488,6 @@ class ExpertStore:
         pending (an eviction not yet unpublished would leave a stale entry there)."""
         return not self._unmap and not self._newmap and bool((self._mapped[layer] >= 0).all())
 
-    def all_on_device(self) -> bool:
-        """Every expert of every layer is in the device slot map, with no update pending: a
-        pool holding the whole model (nothing can miss, so nothing is ever evicted)."""
-        if self._unmap or self._newmap or self.n_slots < len(self.layers) * self._mapped.shape[1]:
-            return False
-        return bool((self._mapped[self.layers] >= 0).all())
-
     def _publish(self, new: dict[Key, int]) -> None:
         """Write the pending removals and `new` entries into the device slot map, in order on
         the compute stream (one scatter, of rows staged in pinned memory: read in place, or

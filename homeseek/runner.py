@@ -68,10 +68,6 @@ IDS_RING = 16
 SWITCH_INTERVAL = 0.0005
 # How the CPU lane's sum reaches a decode layer's expert kernel (`Runner.lane_handoff`).
 LANE_HANDOFFS = ("host", "gpu")
-# A decode step over a pool holding every expert reads a layer's ids this many layers after it
-# queued the layer: the GPU has that many layers' work queued while the host does the layer's
-# bookkeeping (~tens of us), so it never waits for the host.
-RESIDENT_LAG = 4
 
 
 class _SwitchInterval:
@@ -136,7 +132,7 @@ class DecodeBuffers:
     # Pinned on CUDA: what the host writes (the step's index) and reads (the ids, the
     # prediction, the CPU lane's input and weights, which A copies there when the lane is on).
     host_index: torch.Tensor  # [3] int64
-    sel_host: torch.Tensor  # [layers, 1, K] int64: a row per layer (each layer's A writes its own)
+    sel_host: torch.Tensor  # [1, K] int64
     pred_host: torch.Tensor  # [1, K] int64
     u_host: torch.Tensor  # [1, D]
     weights_host: torch.Tensor  # [1, K] fp32
@@ -169,13 +165,12 @@ class DecodeBuffers:
         }
         views["slots"].fill_(-1)
         pin = torch.cuda.is_available() and str(dev).startswith("cuda")
-        n_layers = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
         return cls(
             live=live,
             **views,
             logits=torch.zeros(1, cfg.vocab_size, dtype=torch.float32, device=dev),
             host_index=torch.zeros(3, dtype=torch.long, pin_memory=pin),
-            sel_host=torch.zeros(n_layers, 1, K, dtype=torch.long, pin_memory=pin),
+            sel_host=torch.zeros(1, K, dtype=torch.long, pin_memory=pin),
             pred_host=torch.zeros(1, K, dtype=torch.long, pin_memory=pin),
             u_host=torch.zeros(1, Dm, dtype=dt, pin_memory=pin),
             weights_host=torch.zeros(1, K, dtype=torch.float32, pin_memory=pin),
@@ -225,9 +220,6 @@ class Runner:
         self.pool = GraphPool(rt.device) if (rt.graphs and on_cuda) else None
         self.graphs = GraphedStep(self.pool, enabled=self.pool is not None)
         self._sel_ready = torch.cuda.Event() if on_cuda else None
-        # A step over a pool holding every expert waits for no layer's ids: each layer's ids
-        # are known to the host by this event, read RESIDENT_LAG layers later (`_decode`).
-        self._sel_events = [torch.cuda.Event() for _ in b.sel_host] if on_cuda else []
         K = cfg.num_experts_per_tok
         # int64: with the store's `zero_copy` a cast kernel reads them in place (`_write_slots`)
         self._slot_stage = (
@@ -531,36 +523,19 @@ class Runner:
             self.layers[0],
             lambda: sched.prefetch_hash([token]),
         )
-        # A pool that holds every expert (nothing can miss or be evicted): B is each layer's
-        # result, and no layer waits for its ids before the next A is queued, so the host stays
-        # ahead of the GPU; a layer's bookkeeping runs RESIDENT_LAG layers later, its ids long
-        # known by then (`_resident_book`). Else each layer waits for its ids (`_moe_layer`).
-        resident = self.ctx.kernels and sched.routing is None and sched.store.all_on_device()
-        lagged: list[int] = []
         try:
             for layer in self.layers:
                 self._run_a(layer, bucket, state)
                 now, later = later, None
                 self._run_later(now)
                 with rec.layer(layer) if rec is not None else contextlib.nullcontext():
-                    if resident:
-                        self._sel_events[layer].record(self._stream)
-                        self._run(("B",), self._b, layer=layer)
-                        lagged.append(layer)
-                        if len(lagged) > RESIDENT_LAG:
-                            self._resident_book(lagged.pop(0))
-                    else:
-                        later = self._moe_layer(layer)
+                    later = self._moe_layer(layer)
             self._run(("H",), self._h)
-            while lagged:
-                self._resident_book(lagged.pop(0))
         except BaseException:
             # The deferred work still runs (a layer's hits counted, their slots' last use
             # noted) before the error leaves the step; an error of its own does not hide it.
             with contextlib.suppress(Exception):
                 self._run_later(later)
-                while lagged:
-                    self._resident_book(lagged.pop(0))
             self._lane_results(raise_error=False)
             raise
         self._run_later(later)
@@ -660,7 +635,7 @@ class Runner:
             self._sel_ready.synchronize()  # the one host wait of the layer
         # Copies: the next A overwrites the pinned ids and prediction before the work deferred
         # to after its launch reads them.
-        sel_host = b.sel_host[layer].clone()
+        sel_host = b.sel_host.clone()
         nxt = self._predicted(layer)
         pred = b.pred_host[0].tolist() if nxt is not None and self.scheduler.prefetch else None
         whole = ahead and bool(held[sel_host[0].numpy()].all())
@@ -688,14 +663,6 @@ class Runner:
                 self.scheduler.prefetch_predicted(nxt, pred)
 
         return layer, later
-
-    def _resident_book(self, layer: int) -> None:
-        """A resident step's layer, once its ids are on the host: the scheduler's bookkeeping
-        (every lookup a hit: counted, protected, their last use noted after what is queued)."""
-        self._sel_events[layer].synchronize()
-        for _ in self.scheduler.layer(layer, self.buf.sel_host[layer].clone()):
-            pass
-        self.layers_b += 1
 
     def _lane_on(self) -> bool:
         """Whether decode's layers split their misses with the CPU lane now (built, its inputs
@@ -896,7 +863,7 @@ class Runner:
         if not self.ctx.kernels:
             b.acc_f32.zero_()
         b.sel.copy_(p.sel)
-        b.sel_host[layer].copy_(b.sel, non_blocking=True)
+        b.sel_host.copy_(b.sel, non_blocking=True)
         if self.lane_inputs:  # the CPU lane's input, read after the layer's sync
             b.u_host.copy_(b.u, non_blocking=True)
             b.weights_host.copy_(b.weights, non_blocking=True)

@@ -65,13 +65,17 @@ def _part_rows(max_t: int) -> int:
 
 
 # The block kernel (two launches) serves T >= _BLOCK_MIN_T, the split kernel T below it (decode).
-# Measured on the H200 (tools/bench_kernels.py --only mhc, bf16, D=4096): the split kernel takes
-# 14.7 us at T=1-4, 27.7 at T=64, 83.8 at 256, 218 at 1024 and 895 at 4096, ~0.2 us per token once
-# the GPU is full (each token reads all of fn from L2). The block kernel's cost is an estimate
-# until a device run measures it (bench rows "split kernel" / "block kernel"): at T=64, 256
-# programs of 8 W steps plus the finish launch, ~15-20 us, so it should win from about T=64;
-# from 17 to 63 tokens the two are estimated within a few us, and the split kernel stays.
-_BLOCK_MIN_T = 64
+# Measured on the H200 (tools/bench_kernels.py --only mhc, bf16, D=4096; session 19, run 4):
+#   T      split kernel   block kernel
+#   64        27.7 us        29.1 us
+#   256       84.0 us        87.5 us
+#   1024     218.2 us       185.7 us
+#   4096     895.0 us       711.2 us
+#   16384   3606   us      2763   us
+# so the crossover lies between 256 and 1024. The block kernel stays far from its floor (x read
+# once: ~50 us at T=4096): its fp32 FMA dot, not memory, bounds it (tensor-core precisions are in
+# the bench's --sweep).
+_BLOCK_MIN_T = 512
 
 
 def _use_block(t: int) -> bool:

@@ -256,35 +256,6 @@ def test_cuda_resident_layers_take_their_slots_on_the_device(ids):
     assert torch.equal(out[0], out[1])
 
 
-def test_cuda_resident_decode_reads_the_ids_behind(ids, monkeypatch):
-    """Decode over a pool holding every expert queues each layer's next A without waiting for
-    its ids (the bookkeeping RESIDENT_LAG layers later): the logits of the step that waits for
-    every layer's ids, bitwise, over more layers than the lag; every lookup counted a hit."""
-    from homeseek.experts import ExpertStore
-
-    eng = _load("cuda", kernels=True)
-    eng.experts.join_host_fill()
-    store = eng.experts
-    out = []
-    for resident in (False, True):
-        if not resident:
-            monkeypatch.setattr(ExpertStore, "all_on_device", lambda self: False)
-        else:
-            monkeypatch.undo()
-        store.reset_gpu()
-        store.load_all()
-        assert store.all_on_device()
-        sess = eng.session()
-        sess.forward(ids[:20])
-        c0 = (store.counters.lookups, store.counters.gpu_hits, eng.runner.layers_b)
-        out.append(torch.stack([sess.decode(i) for i in ids[20:40]]).cpu())
-        looked = store.counters.lookups - c0[0]
-        assert looked == 20 * eng.cfg.num_hidden_layers * eng.cfg.num_experts_per_tok
-        assert store.counters.gpu_hits - c0[1] == looked
-        assert eng.runner.layers_b - c0[2] == 20 * eng.cfg.num_hidden_layers
-    assert torch.equal(out[0], out[1])
-
-
 def test_cuda_bf16_generate():
     eng = _load("cuda", dtype=torch.bfloat16)
     msgs = [{"role": "user", "content": "Hello"}]

@@ -1402,13 +1402,17 @@ def test_indexer_topk_gpu(c):
 
 
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
-@pytest.mark.parametrize("t", [1, 4, 17, 64, 300, 4096, 4133])
+@pytest.mark.parametrize(
+    "t,block", [(1, False), (4, False), (17, False), (64, True), (300, False), (300, True),
+                (4096, True), (4133, True)],
+)  # fmt: skip
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
-def test_mhc_gpu(t, dtype):
-    # 1, 4, 17: split kernel (64 and 16 splits); 64, 300, 4096, 4133: block + finish kernels at the
-    # default config (BLOCK_T 16 x 64 splits, 16 x 32 with a partial last block, 32 x 16, 32 x 16
-    # partial).
+def test_mhc_gpu(t, block, dtype, monkeypatch):
+    # The split kernel (64 splits at 1, 4; 16 from 17) or the block + finish kernels at their
+    # default config (BLOCK_T 16 x 64 splits at 64; 16 x 32 with a partial last block at 300;
+    # 32 x 16 at 4096, partial at 4133), whatever the default threshold picks.
+    monkeypatch.setattr(mh, "_BLOCK_MIN_T", t if block else t + 1)
     d = 4096
     g = _gen(t)
     x = torch.randn(t, 4, d, generator=g).to(dtype).to(DEV)
