@@ -1331,6 +1331,10 @@ def test_fp4_v2_operand_gpu(dtype, asm):
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 def test_sparse_attn_gpu(t, n_keys, dtype, cfg):
+    _check_sparse_attn_gpu(t, n_keys, dtype, cfg)
+
+
+def _check_sparse_attn_gpu(t: int, n_keys: int, dtype: torch.dtype, cfg: dict | None) -> None:
     h, dh, n = 64, 512, 9000
     g = _gen(n_keys)
     q = (torch.randn(t, h, dh, generator=g) * 0.3).to(dtype).to(DEV)
@@ -1348,15 +1352,8 @@ def test_sparse_attn_gpu(t, n_keys, dtype, cfg):
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 def test_sparse_attn_prefill_tiles_gpu(t, n_keys, dtype):
-    h, dh, n = 64, 512, 9000
-    g = _gen(t)
-    q = (torch.randn(t, h, dh, generator=g) * 0.3).to(dtype).to(DEV)
-    kv = torch.randn(n, dh, generator=g).to(dtype).to(DEV)
-    idx = torch.randint(-1, n, (t, n_keys), generator=g, dtype=torch.int32).to(DEV)
-    sink = torch.randn(h, generator=g).to(DEV)
-    out = poison((t, h, dh), dtype)
-    sa.sparse_attn(q, kv, idx, sink, dh**-0.5, out=out)
-    assert_close("sparse_attn", out, sa.sparse_attn_ref(q, kv, idx, sink, dh**-0.5), dtype, 2.0)
+    """From PREFILL_T tokens: the prefill tiles (bf16), the decode tiles (fp32)."""
+    _check_sparse_attn_gpu(t, n_keys, dtype, None)
 
 
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
