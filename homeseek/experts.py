@@ -1598,7 +1598,7 @@ class ExpertStore:
         if self.n_slots < need:
             raise ConfigError(
                 f"every expert resident needs {need} GPU slots ({len(self.layers)} layers x "
-                f"{E}); this budget gives {self.n_slots}: raise --gpu-mem-gb or cut --layers"
+                f"{E}); this budget gives {self.n_slots}: a larger GPU budget, or fewer layers"
             )
         for layer in tqdm(self.layers, desc="experts to the GPU", unit="layer", leave=False):
             self.begin_layer()

@@ -451,11 +451,13 @@ class Runner:
         sel, ready = ids_host if ids_host is not None else (p.sel, None)
         waves = self.scheduler.layer(layer, sel, following, offset=offset, more=more, ready=ready)
         if fused and ids_host is not None and self.scheduler.device_routed(layer):
-            # Every expert of the layer is in the device slot map (a pool that holds them all):
-            # the expert kernel looks its slots up there and is queued now, before the host has
-            # the ids, so the GPU runs it right after A instead of idling while the host waits
-            # for the ids and schedules (~1 ms a layer of a resident 4K prefill, session 19).
-            # The host's bookkeeping follows (every lookup hits; nothing is copied or evicted).
+            # Every expert of the layer is in the device slot map (a pool that holds the model,
+            # or this layer whole): the expert kernel looks its slots up there and is queued
+            # now, before the host has the ids, so the GPU runs it right after A instead of
+            # idling while the host waits for the ids and schedules (~1 ms a layer of a resident
+            # 4K prefill, session 19). The host's bookkeeping follows: every lookup of the
+            # layer hits, and what it starts (the next layer's copies) waits for this kernel
+            # wherever it refills a slot, as after any layer.
             slots = store.slot_map[layer].index_select(0, p.sel.view(-1)).view(p.sel.shape)
             t = store.pool.t
             with self._gpu_span("E", layer):

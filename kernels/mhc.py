@@ -13,17 +13,18 @@ pre (sublayer variant, fn [24, W], scale [3], base [24]):
 head variant (fn [4, W], scale [1], base [4]): only pre and y.
 post: X'_k = post_k * F + sum_j C[j, k] * X_j.
 
-Decode (T < _BLOCK_MIN_T): one launch, the split kernel. The W-long projection is split over
-SPLIT programs per token (fn is 1.5 MB, too much for one SM at decode); each writes fp32 partials,
-and the last to arrive (atomic counter, reset afterwards) reduces them in a fixed order, runs the
-4x4 Sinkhorn in registers and writes y.
-Prefill (T >= _BLOCK_MIN_T): two launches. The split kernel would read all of fn from L2 once per
-token (6.4 GB at T=4096), and one program per token block over all of W is a long serial chain
-(latency-bound), so the block kernel splits both ways: grid (token blocks of BLOCK_T, SPLIT slices
-of W); each program streams its fn slice once for its BLOCK_T tokens through an fp32 tl.dot (ieee:
-CUDA-core FMAs, fp32 exact like the split kernel, not tf32) and writes the same fp32 partial rows
-as the split kernel. The finish kernel (one program per token) then runs the split kernel's
-epilogue on them (_pre_finish, shared: same fixed-order reduction, Sinkhorn and y).
+Decode and short prompts (T < _BLOCK_MIN_T): one launch, the split kernel. The W-long
+projection is split over SPLIT programs per token (fn is 1.5 MB, too much for one SM at decode);
+each writes fp32 partials, and the last to arrive (atomic counter, reset afterwards) reduces them
+in a fixed order, runs the 4x4 Sinkhorn in registers and writes y.
+Longer prompts (T >= _BLOCK_MIN_T): two launches. The split kernel would read all of fn from L2
+once per token (6.4 GB at T=4096), and one program per token block over all of W is a long
+serial chain (latency-bound), so the block kernel splits both ways: grid (token blocks of
+BLOCK_T, SPLIT slices of W); each program streams its fn slice once for its BLOCK_T tokens
+through an fp32 tl.dot (ieee: CUDA-core FMAs, fp32 exact like the split kernel, not tf32) and
+writes the same fp32 partial rows as the split kernel. The finish kernel (one program per token)
+then runs the split kernel's epilogue on them (_pre_finish, shared: same fixed-order reduction,
+Sinkhorn and y).
 """
 
 from __future__ import annotations

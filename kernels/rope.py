@@ -98,7 +98,10 @@ def _launch(x, out, cos, sin, eps, norm, name):
     t, h, dh = x.shape
     p = cos.shape[-1]
     for nm, tab in (("cos", cos), ("sin", sin)):
-        check_tensor(f"{name}: {nm}", tab, shape=(t, p), dtypes=(torch.float32,), contiguous=False)
+        check_tensor(
+            f"{name}: {nm}", tab, shape=(t, p), dtypes=(torch.float32,), contiguous=False,
+            device=x.device,
+        )  # fmt: skip
         if tab.stride(1) != 1:
             raise ValueError(f"{name}: {nm} must have unit column stride")
     if cos.stride(0) != sin.stride(0):

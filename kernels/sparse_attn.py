@@ -24,6 +24,14 @@ import torch
 
 from ._formats import check_tensor, require_triton, tl, triton
 
+try:
+    from triton.runtime.errors import OutOfResources
+except ImportError:  # no triton (CPU-only install): the launcher refuses before it launches
+
+    class OutOfResources(Exception):  # type: ignore[no-redef]
+        pass
+
+
 __all__ = ["SparseAttnWorkspace", "sparse_attn", "sparse_attn_ref", "sparse_attn_workspace"]
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -38,6 +46,7 @@ PREFILL_TILES = {
     "block_h": 64, "block_l": 64, "num_warps": 8, "num_stages": 2, "no_split_programs": 64,
 }  # fmt: skip
 PREFILL_T = 64
+_PREFILL_FITS: dict[tuple[str, int | None], bool] = {}  # device -> whether the prefill tiles fit
 
 
 def sparse_attn_ref(
@@ -244,12 +253,30 @@ def sparse_attn(
     if out is None:
         out = torch.empty_like(q)
     check_tensor("sparse_attn: out", out, shape=(t, h, dh), dtypes=_DTYPES, device=dev)
-    n_keys = idx.shape[1]
     if t == 0:
         return out
-    # (fp32 operands: the prefill tiles exceed the shared memory; they keep the decode tiles)
-    tiles = PREFILL_TILES if t >= PREFILL_T and q.element_size() == 2 else {}
-    cfg = {**tiles, **(config or {})}
+    args = (q, kv, idx, sink, out, float(scale), workspace)
+    # The prefill tiles need ~131 KB of shared memory on Hopper (~164 KB as compiled for Ada or
+    # Blackwell consumer parts, which allow ~100 KB a block: an RTX 4090 or 5090) and more than
+    # any GPU has with fp32 operands: where the first launch finds they do not fit, prefill
+    # keeps the decode tiles on that device from then on.
+    fits_key = (dev.type, dev.index)
+    if t >= PREFILL_T and q.element_size() == 2 and _PREFILL_FITS.get(fits_key) is not False:
+        try:
+            _launch(*args, {**PREFILL_TILES, **(config or {})})
+            _PREFILL_FITS[fits_key] = True
+            return out
+        except OutOfResources:
+            _PREFILL_FITS[fits_key] = False
+    _launch(*args, dict(config or {}))
+    return out
+
+
+def _launch(q, kv, idx, sink, out, scale, workspace, cfg: dict) -> None:
+    """sparse_attn's launch with the tiles of cfg (splits and their workspace included)."""
+    t, h, dh = q.shape
+    dev = q.device
+    n_keys = idx.shape[1]
     bl = cfg.get("block_l", 32)
     bh = cfg.get("block_h", _BLOCK_H)
     if bh < _BLOCK_H or bh & (bh - 1):  # the counters are sized for _BLOCK_H-head blocks
@@ -276,10 +303,9 @@ def sparse_attn(
             )
         pacc, pml, cnt = ws.acc, ws.ml, ws.counters
     _sparse_attn_kernel[(t, n_hb, split)](
-        q, kv, idx, sink, out, pacc, pml, cnt, h, n_keys, dh, kv.stride(0), float(scale), per,
+        q, kv, idx, sink, out, pacc, pml, cnt, h, n_keys, dh, kv.stride(0), scale, per,
         SPLIT=split, SPLIT_P2=triton.next_power_of_2(split), BLOCK_H=bh, BLOCK_L=bl,
         BLOCK_D=triton.next_power_of_2(dh),
         IEEE_FP32=q.dtype == torch.float32, num_warps=cfg.get("num_warps", 8),
         num_stages=cfg.get("num_stages", 3),
     )  # fmt: skip
-    return out

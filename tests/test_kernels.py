@@ -738,23 +738,67 @@ def test_sparse_attn_interp(t, h, dh, n, n_keys, dtype):
     assert_close("sparse_attn", out, sa.sparse_attn_ref(q, kv, idx, sink, dh**-0.5), dtype)
 
 
-@interp
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_sparse_attn_prefill_tiles_interp(dtype):
-    """From PREFILL_T tokens on: every head of a token in one program (fewer heads than the
-    block here: masked), 64-key blocks, never split; the twin's numbers."""
+class _TileSpy:
+    """Stands in for the sparse attention kernel: records each launch's head block, and can
+    refuse the prefill tiles as a GPU with ~100 KB of shared memory a block does."""
+
+    def __init__(self, kernel, refuse: bool = False) -> None:
+        self.kernel, self.refuse, self.block_h = kernel, refuse, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kw):
+            self.block_h.append(kw["BLOCK_H"])
+            if self.refuse and kw["BLOCK_H"] == sa.PREFILL_TILES["block_h"]:
+                raise sa.OutOfResources(164096, 101376, "shared memory")
+            return self.kernel[grid](*args, **kw)
+
+        return launch
+
+
+def _prefill_attn_case(dtype):
     t, h, dh, n, n_keys = sa.PREFILL_T + 6, 20, 48, 90, 100
     g = _gen(t)
     q = torch.randn(t, h, dh, generator=g).to(dtype)
     kv = torch.randn(n, dh, generator=g).to(dtype)
     idx = torch.randint(-1, n, (t, n_keys), generator=g, dtype=torch.int32)
     idx[3] = -1  # a token with no valid key -> 0
-    sink = torch.randn(h, generator=g)
-    out = poison((t, h, dh), dtype)
-    sa.sparse_attn(q, kv, idx, sink, dh**-0.5, out=out)
-    assert_close("sparse_attn", out, sa.sparse_attn_ref(q, kv, idx, sink, dh**-0.5), dtype)
+    return q, kv, idx, torch.randn(h, generator=g), dh**-0.5
+
+
+@interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_sparse_attn_prefill_tiles_interp(dtype, monkeypatch):
+    """From PREFILL_T tokens on, 2-byte operands take the prefill tiles (every head of a token
+    in one program, fewer heads than the block here: masked; 64-key blocks; never split), fp32
+    the decode tiles (the prefill tiles exceed any GPU's shared memory); the twin's numbers."""
+    spy = _TileSpy(sa._sparse_attn_kernel)
+    monkeypatch.setattr(sa, "_sparse_attn_kernel", spy)
+    monkeypatch.setattr(sa, "_PREFILL_FITS", {})
+    q, kv, idx, sink, scale = _prefill_attn_case(dtype)
+    out = poison(q.shape, dtype)
+    sa.sparse_attn(q, kv, idx, sink, scale, out=out)
+    assert_close("sparse_attn", out, sa.sparse_attn_ref(q, kv, idx, sink, scale), dtype)
+    assert spy.block_h == [64 if dtype == torch.float16 else 16]
     with pytest.raises(ValueError, match="block_h"):
-        sa.sparse_attn(q, kv, idx, sink, dh**-0.5, config={"block_h": 8})
+        sa.sparse_attn(q, kv, idx, sink, scale, config={"block_h": 8})
+
+
+@interp
+def test_sparse_attn_prefill_tiles_fall_back_where_they_do_not_fit(monkeypatch):
+    """A GPU whose shared memory per block cannot hold the prefill tiles (an RTX 4090's ~100 KB):
+    the first prefill call falls back to the decode tiles with the same numbers, and later
+    calls on that device go there straight away."""
+    spy = _TileSpy(sa._sparse_attn_kernel, refuse=True)
+    monkeypatch.setattr(sa, "_sparse_attn_kernel", spy)
+    monkeypatch.setattr(sa, "_PREFILL_FITS", {})
+    q, kv, idx, sink, scale = _prefill_attn_case(torch.float16)
+    ref = sa.sparse_attn_ref(q, kv, idx, sink, scale)
+    for _ in range(2):
+        out = poison(q.shape, torch.float16)
+        sa.sparse_attn(q, kv, idx, sink, scale, out=out)
+        assert_close("sparse_attn", out, ref, torch.float16)
+    assert spy.block_h == [64, 16, 16]
+    assert sa._PREFILL_FITS == {("cpu", None): False}
 
 
 @interp

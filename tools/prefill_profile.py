@@ -256,6 +256,8 @@ def main() -> None:
     )
     copier = getattr(eng.experts.copier, "__self__", None)  # the CPU kernel library's copy
     store = eng.experts
+    if args.resident:  # refused now (the pool too small) rather than after the warm-up
+        store.load_all()
     print(f"build {time.perf_counter() - t0:.1f} s; chunk {eng.rt.prefill_chunk}; "
           f"slots {store.n_slots} ({store.gpu.n_pinned} pinned)", flush=True)  # fmt: skip
     sess = eng.session()
