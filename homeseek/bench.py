@@ -499,13 +499,9 @@ class Bench:
             "dense_read_bytes": dense_read_bytes(eng.cfg),
             "active_params": active_params(eng.cfg),
         }
-        need = len(store.layers) * eng.cfg.n_routed_experts  # the MTP block's too, with --mtp
-        if bc.resident and store.n_slots < need:  # before the warm-up's minutes, not after
+        if bc.resident:  # refused before the warm-up's minutes, not after
             cut = " or cut --layers" if bc.synthetic is not None else ""
-            raise ConfigError(
-                f"--resident: every expert needs {need} GPU slots, the budget gives "
-                f"{store.n_slots}: raise --gpu-mem-gb{cut}"
-            )
+            store.check_holds_all(f"--resident: raise --gpu-mem-gb{cut}")
         self._print_header()
         t0 = time.perf_counter()
         self._warmup()

@@ -37,6 +37,7 @@ from homeseek import model as M
 from homeseek.compile import fused
 from homeseek.config import CSA, SWA
 from homeseek.kernels import ops
+from homeseek.kernels.rope import head_rms_rope_ref, rope_heads_ref
 from homeseek.quant import hadamard_matrix
 from homeseek.state import ArenaCompressor, ArenaLayer
 
@@ -86,9 +87,7 @@ def q_and_kv(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """qb [1, H·Dh], kva [1, Dh] -> q [1, H, Dh] (per-head RMS, RoPE) and the new key kv [1, Dh]
     (norm, RoPE, cache rounding)."""
-    q = qb.view(1, heads, -1)
-    q = q * torch.rsqrt(q.float().square().mean(-1, keepdim=True) + eps).to(q.dtype)
-    q = M.apply_rope(q, cos.unsqueeze(1), sin.unsqueeze(1))
+    q = head_rms_rope_ref(qb.view(1, heads, -1), cos, sin, eps)
     kv = M.apply_rope(M.rms_norm(kva, kv_w, eps), cos, sin)
     return q, M.kv_round(kv, nope, quant_sim)
 
@@ -96,7 +95,7 @@ def q_and_kv(
 @fused
 def unrope(o: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Undo RoPE at the query position: o [1, H, Dh]."""
-    return M.apply_rope(o, cos.unsqueeze(1), -sin.unsqueeze(1))
+    return rope_heads_ref(o, cos, -sin)
 
 
 @fused

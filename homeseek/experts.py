@@ -1589,17 +1589,23 @@ class ExpertStore:
         self.ensure_resident(layer, experts, scan=scan)
         self.prefetched.update((layer, e) for e in experts)
 
-    def load_all(self) -> None:
-        """Copy every expert of every layer into the slot pool and wait for the copies: the
-        all-resident case (benchmarks on a budget that holds the whole model). A pool with
-        fewer slots than experts cannot, and says so before copying anything."""
+    def check_holds_all(self, remedy: str = "a larger GPU budget, or fewer layers") -> None:
+        """ConfigError, with the numbers and `remedy`, when the slot pool cannot hold every
+        expert of every layer (`load_all`)."""
         E = self.cfg.n_routed_experts
         need = len(self.layers) * E
         if self.n_slots < need:
             raise ConfigError(
                 f"every expert resident needs {need} GPU slots ({len(self.layers)} layers x "
-                f"{E}); this budget gives {self.n_slots}: a larger GPU budget, or fewer layers"
+                f"{E}); this budget gives {self.n_slots}: {remedy}"
             )
+
+    def load_all(self) -> None:
+        """Copy every expert of every layer into the slot pool and wait for the copies: the
+        all-resident case (benchmarks on a budget that holds the whole model). A pool with
+        fewer slots than experts cannot, and says so before copying anything."""
+        self.check_holds_all()
+        E = self.cfg.n_routed_experts
         for layer in tqdm(self.layers, desc="experts to the GPU", unit="layer", leave=False):
             self.begin_layer()
             self.wait(self.ensure_resident(layer, range(E), then_wait=True))

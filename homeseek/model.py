@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from homeseek.checkpoint import QWeight
 from homeseek.config import CSA, SWA, ModelConfig, yarn_inv_freq
 from homeseek.kernels import ops
+from homeseek.kernels.rope import rope_ref
 from homeseek.quant import act_quant_sim, fp4_block_sim, fp8_block_sim, hadamard
 from homeseek.state import CompressorState, LayerState
 
@@ -185,18 +186,8 @@ def plain_f32(x: torch.Tensor, w: QWeight) -> torch.Tensor:
     return mm_f32(x, w.weight)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of the last 2·cos.shape[-1] channels; fp32 math
-    (docs/architecture.md §3.3).
-
-    cos/sin must broadcast against x[..., :pairs]: [T, d_r/2] for [T, Dh], [T, 1, d_r/2] for
-    [T, H, Dh]. Pass -sin for the inverse rotation.
-    """
-    dr = cos.shape[-1] * 2
-    nope, rope = x[..., :-dr], x[..., -dr:].float().unflatten(-1, (-1, 2))
-    a, b = rope[..., 0], rope[..., 1]
-    rot = torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2)
-    return torch.cat((nope, rot.to(x.dtype)), dim=-1)
+# RoPE (docs/architecture.md §3.3): defined once, as the twin of the query path's RoPE kernel.
+apply_rope = rope_ref
 
 
 # --- mHC (docs/architecture.md §3.2) --------------------------------------------------------------

@@ -450,38 +450,40 @@ class Runner:
         following = self._following(layer)
         sel, ready = ids_host if ids_host is not None else (p.sel, None)
         waves = self.scheduler.layer(layer, sel, following, offset=offset, more=more, ready=ready)
-        if fused and ids_host is not None and self.scheduler.device_routed(layer):
+        on_device = fused and ids_host is not None and self.scheduler.device_routed(layer)
+        if on_device:
             # Every expert of the layer is in the device slot map (a pool that holds the model,
             # or this layer whole): the expert kernel looks its slots up there and is queued
             # now, before the host has the ids, so the GPU runs it right after A instead of
             # idling while the host waits for the ids and schedules (~1 ms a layer of a resident
-            # 4K prefill, session 19). The host's bookkeeping follows: every lookup of the
-            # layer hits, and what it starts (the next layer's copies) waits for this kernel
-            # wherever it refills a slot, as after any layer.
+            # 4K prefill, session 19). The host's bookkeeping follows (the waves below, run for
+            # it alone): every lookup of the layer hits, and what it starts (the next layer's
+            # copies) waits for this kernel wherever it refills a slot, as after any layer.
             slots = store.slot_map[layer].index_select(0, p.sel.view(-1)).view(p.sel.shape)
-            t = store.pool.t
-            with self._gpu_span("E", layer):
-                out = ops.fp4_experts(
-                    p.u, slots, p.weights, out, t["w13_q"], t["w13_s"], t["w2_q"], t["w2_s"],
-                    self.cfg.swiglu_limit, act_quant=self.rt.quant_sim,
-                )  # fmt: skip
-            for _ in waves:
-                pass
-            return out
+            out = self._wave(p, slots, out, layer)
         for sel, slot_of, _last in waves:
+            if on_device:
+                continue
             if fused:
                 slots = self.scheduler.slot_table(sel, slot_of, p.u.device)
-                t = store.pool.t
-                with self._gpu_span("E", layer):
-                    out = ops.fp4_experts(
-                        p.u, slots, p.weights, out, t["w13_q"], t["w13_s"], t["w2_q"],
-                        t["w2_s"], self.cfg.swiglu_limit, act_quant=self.rt.quant_sim,
-                    )  # fmt: skip
+                out = self._wave(p, slots, out, layer)
             else:
                 self._ref_experts(p.u, sel, p.weights, slot_of, acc)
         if fused:
             return out
         return (acc + p.shared.float()).to(p.u.dtype)
+
+    def _wave(
+        self, p: M.FfnPending, slots: torch.Tensor, out: torch.Tensor, layer: int
+    ) -> torch.Tensor:
+        """A step's routed experts of one wave (slots [T, K], -1: not in it) from the FP4 slot
+        pool, added to out -> the sum."""
+        t = self.scheduler.store.pool.t
+        with self._gpu_span("E", layer):
+            return ops.fp4_experts(
+                p.u, slots, p.weights, out, t["w13_q"], t["w13_s"], t["w2_q"], t["w2_s"],
+                self.cfg.swiglu_limit, act_quant=self.rt.quant_sim,
+            )  # fmt: skip
 
     # --- decode (T = 1) ------------------------------------------------------------------------
     def decode(self, token: int, state: SessionState) -> torch.Tensor:

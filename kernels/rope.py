@@ -19,20 +19,27 @@ import torch
 
 from ._formats import check_tensor, require_triton, tl, triton
 
-__all__ = ["head_rms_rope", "head_rms_rope_ref", "rope_heads_", "rope_heads_ref"]
+__all__ = ["head_rms_rope", "head_rms_rope_ref", "rope_heads_", "rope_heads_ref", "rope_ref"]
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE, the model's definition (v4-architecture.md §3.3): the interleaved pairs of the last
+    2·cos.shape[-1] channels rotated in fp32 -> a new tensor in x's dtype. cos/sin broadcast
+    against x[..., :pairs]: [T, P] for [T, Dh], [T, 1, P] for [T, H, Dh]. Pass -sin for the
+    inverse rotation."""
+    dr = cos.shape[-1] * 2
+    nope, rope = x[..., :-dr], x[..., -dr:].float().unflatten(-1, (-1, 2))
+    a, b = rope[..., 0], rope[..., 1]
+    rot = torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2)
+    return torch.cat((nope, rot.to(x.dtype)), dim=-1)
 
 
 def rope_heads_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [T, H, Dh] with its last 2·P channels rotated by cos/sin [T, P] (fp32 math) -> a new
     tensor in x's dtype."""
-    p = cos.shape[-1]
-    nope, rope = x[..., : -2 * p], x[..., -2 * p :].float().unflatten(-1, (-1, 2))
-    a, b = rope[..., 0], rope[..., 1]
-    c, s = cos[:, None, :], sin[:, None, :]
-    rot = torch.stack((a * c - b * s, a * s + b * c), dim=-1).flatten(-2)
-    return torch.cat((nope, rot.to(x.dtype)), dim=-1)
+    return rope_ref(x, cos[:, None, :], sin[:, None, :])
 
 
 def head_rms_rope_ref(
