@@ -35,7 +35,7 @@ import torch
 
 from homeseek import model as M
 from homeseek.compile import fused
-from homeseek.config import CSA, SWA
+from homeseek.config import CSA, SWA, ModelConfig
 from homeseek.kernels import ops
 from homeseek.kernels.rope import head_rms_rope_ref, rope_heads_ref
 from homeseek.quant import hadamard_matrix
@@ -71,6 +71,12 @@ class DecodeIndex:
 @fused
 def rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return M.rms_norm(x, w, eps)
+
+
+@fused
+def rms_into(x: torch.Tensor, w: torch.Tensor, eps: float, out: torch.Tensor) -> torch.Tensor:
+    """rms into a static buffer: compiled, the norm's kernel stores there (no copy launch)."""
+    return out.copy_(M.rms_norm(x, w, eps))
 
 
 @fused
@@ -208,7 +214,8 @@ def key_rows(
 
 @fused
 def hca_select(pos: torch.Tensor, n_c: int, m: int) -> torch.Tensor:
-    """HCA attends every complete entry: [1, n_c] entry ids, -1 for those not complete."""
+    """Every complete entry of the first n_c: [1, n_c] entry ids, -1 for those not complete
+    (HCA; CSA while the bucket's entries fit the indexer's top-k)."""
     ent = torch.arange(n_c, device=pos.device)[None]
     return torch.where(ent < (pos + 1) // m, ent, -1)
 
@@ -218,7 +225,44 @@ route_math = fused(M.route_from_logits)
 swiglu_act = fused(M.swiglu_act)
 
 
+@fused
+def route_into(
+    logits: torch.Tensor,
+    bias: torch.Tensor | None,
+    hashed: torch.Tensor | None,
+    k: int,
+    scale: float,
+    sel_out: torch.Tensor,
+    w_out: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """route_math into static buffers (ids, weights): the stores happen in its own kernels."""
+    sel, w = M.route_from_logits(logits, bias, hashed, k, scale)
+    return sel_out.copy_(sel), w_out.copy_(w)
+
+
 # --- the step ------------------------------------------------------------------------------------
+def decode_workspaces(cfg: ModelConfig, max_context: int, device: torch.device | str) -> dict:
+    """The decode token's kernel scratch, built once (Ctx.mhc_ws, Ctx.attn_ws): without it each
+    mHC pre and sparse-attention launch allocates its own and zero-fills its counters, one more
+    kernel per call. The attention's keys: the window plus the most entries a layer attends
+    (CSA: the indexer's top-k; HCA: every entry up to max_context, at least MIN_HCA_ENTRIES)."""
+    from homeseek.kernels.mhc import mhc_workspace
+    from homeseek.kernels.sparse_attn import sparse_attn_workspace
+
+    entries = 0
+    for layer in range(cfg.num_hidden_layers):
+        kind, m = cfg.attn_kind(layer), cfg.compress_ratios[layer]
+        if kind == CSA:
+            entries = max(entries, cfg.index_topk)
+        elif kind != SWA:
+            entries = max(entries, -(-max_context // m), MIN_HCA_ENTRIES)
+    max_l = cfg.sliding_window + entries
+    return {
+        "mhc_ws": mhc_workspace(1, device),
+        "attn_ws": sparse_attn_workspace(1, cfg.num_attention_heads, cfg.head_dim, max_l, device),
+    }
+
+
 def _hmat(ctx: M.Ctx, device: torch.device) -> torch.Tensor:
     return hadamard_matrix(ctx.cfg.index_head_dim, device)
 
@@ -238,9 +282,9 @@ def compress_step(
     """Feed one token x [1, D] to a compressor of the session in slot ix.slot; write the entry of
     the block in progress at cache row cache_row0 + pos // m (final once the block completes)."""
     m, cfg = ca.ratio, ctx.cfg
-    kv = M.plain_f32(x, lw[f"{prefix}.wkv"])  # [1, c·d] fp32
+    kv = M.plain_f32(x, lw[f"{prefix}.wkv"], ctx.kernels)  # [1, c·d] fp32
     gate, row = compress_rows(
-        M.plain_f32(x, lw[f"{prefix}.wgate"]), lw[f"{prefix}.ape"], ix.pos, ix.slot, m
+        M.plain_f32(x, lw[f"{prefix}.wgate"], ctx.kernels), lw[f"{prefix}.ape"], ix.pos, ix.slot, m
     )
     ca.buf_kv.view(-1, ca.buf_kv.shape[-1]).index_copy_(0, row, kv)
     ca.buf_gate.view(-1, ca.buf_gate.shape[-1]).index_copy_(0, row, gate)
@@ -298,7 +342,9 @@ def attention_step(
             sel = hca_select(ix.pos, max(n_c, MIN_HCA_ENTRIES), comp.ratio)
     idx = key_rows(ix.pos, base, sel, W)
 
-    o = ops.sparse_attn(q, keys, idx, lw["attn.attn_sink"], Dh**-0.5, triton=ctx.kernels)
+    o = ops.sparse_attn(
+        q, keys, idx, lw["attn.attn_sink"], Dh**-0.5, workspace=ctx.attn_ws, triton=ctx.kernels
+    )
     z = M.grouped_linear(unrope(o, cos, sin).reshape(1, cfg.o_groups, -1), lw["attn.wo_a"], ctx)
     return M.linear(z, lw["attn.wo_b"], ctx)
 
@@ -322,8 +368,16 @@ def indexer_step(
     cache = ca.cache.reshape(-1, DI)  # [S·C, DI]
     row0 = ix.slot * ca.capacity
     compress_step(x, ix, lw, "attn.indexer.compressor", ca, cache, row0, rope, "index", ctx)
+    if ctx.kernels and n_c <= cfg.index_topk:
+        # The bucket's n_c entries all fit the k selected (positions below 4 x 512 = 2,048 in
+        # V4-Flash), so the top-k is every complete entry whatever the scores: the same set as
+        # the ranked selection in ascending order, without scoring (the weights product, the
+        # query's rounding, the keys kernel) and torch.topk's sort: ~50 us of a CSA layer on
+        # an H200. The attention then sums its keys in another order (fp32 rounding); the torch
+        # twins keep the ranked order, so the CPU decode stays bitwise the prefill step.
+        return hca_select(ix.pos, cfg.index_topk, ca.ratio)
     cos, sin = rope_rows(*rope.tables[True], ix.pos)
-    wlog = M.plain_f32(x, lw["attn.indexer.weights_proj"])
+    wlog = M.plain_f32(x, lw["attn.indexer.weights_proj"], ctx.kernels)
     # Head weights scaled by DI^-1/2 · HI^-1/2 (docs/architecture.md §3.3 step 4).
     q, w = indexer_q(
         qi, wlog, cos, sin, _hmat(ctx, x.device), HI, ctx.quant_sim, DI**-0.5 * HI**-0.5,
@@ -337,16 +391,25 @@ def indexer_step(
 
 
 def route_step(
-    u: torch.Tensor, ids: torch.Tensor, lw: M.LayerWeights, layer: int, ctx: M.Ctx
+    u: torch.Tensor,
+    ids: torch.Tensor,
+    lw: M.LayerWeights,
+    layer: int,
+    ctx: M.Ctx,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """model.route for one token, the gate product without upcasting the gate weight."""
+    """model.route for one token, the gate product without upcasting the gate weight -> (ids
+    [1, K], weights [1, K]); into out's (ids, weights) when given."""
     cfg = ctx.cfg
-    logits = M.plain_f32(u, lw["ffn.gate"])  # [1, E] fp32
+    logits = M.plain_f32(u, lw["ffn.gate"], ctx.kernels)  # [1, E] fp32
     if cfg.is_hash_layer(layer):
         hashed, bias = lw["ffn.gate.tid2eid"][ids], None  # fixed by the input token id
     else:  # the bias steers selection only
         hashed, bias = None, lw["ffn.gate.bias"]
-    return route_math(logits, bias, hashed, cfg.num_experts_per_tok, cfg.routed_scaling_factor)
+    k, scale = cfg.num_experts_per_tok, cfg.routed_scaling_factor
+    if out is not None:
+        return route_into(logits, bias, hashed, k, scale, *out)
+    return route_math(logits, bias, hashed, k, scale)
 
 
 def segment_a_step(
@@ -358,17 +421,29 @@ def segment_a_step(
     layer: int,
     rope: M.RopeTables,
     ctx: M.Ctx,
+    out: M.FfnPending | None = None,
 ) -> M.FfnPending:
-    """model.segment_a for one token: streams X [1, N, D] -> what the experts and segment B read."""
+    """model.segment_a for one token: streams X [1, N, D] -> what the experts and segment B read.
+    out: static buffers the results are written into by the ops that make them (the runner's
+    graphs: no copy launch per result), else new tensors."""
     eps = ctx.cfg.rms_norm_eps
-    y, post, comb = M.hc_pre(X, lw["hc_attn_fn"], lw["hc_attn_base"], lw["hc_attn_scale"], ctx)
+    ws = ctx.mhc_ws
+    y, post, comb = M.hc_pre(
+        X, lw["hc_attn_fn"], lw["hc_attn_base"], lw["hc_attn_scale"], ctx, workspace=ws
+    )
     a = attention_step(rms(y, lw["attn_norm"], eps), ix, bucket, lw, st, layer, rope, ctx)
-    X = M.hc_post(a, X, post, comb, ctx)
-    y, post, comb = M.hc_pre(X, lw["hc_ffn_fn"], lw["hc_ffn_base"], lw["hc_ffn_scale"], ctx)
-    u = rms(y, lw["ffn_norm"], eps)
-    sel, w = route_step(u, ix.ids, lw, layer, ctx)
+    # Each result straight into its buffer in out, or a new tensor where there is none.
+    to = {} if out is None else vars(out)
+    X = M.hc_post(a, X, post, comb, ctx, out=to.get("X"))
+    y, post, comb = M.hc_pre(
+        X, lw["hc_ffn_fn"], lw["hc_ffn_base"], lw["hc_ffn_scale"], ctx,
+        post=to.get("post"), comb=to.get("comb"), workspace=ws,
+    )  # fmt: skip
+    u = rms(y, lw["ffn_norm"], eps) if out is None else rms_into(y, lw["ffn_norm"], eps, out.u)
+    sel, w = route_step(u, ix.ids, lw, layer, ctx, None if out is None else (out.sel, out.weights))
     g, v = M.linears(u, ("ffn.shared_experts.w1", "ffn.shared_experts.w3"), lw, ctx)
-    shared = M.linear(swiglu_act(g, v, ctx.cfg.swiglu_limit), lw["ffn.shared_experts.w2"], ctx)
+    h = swiglu_act(g, v, ctx.cfg.swiglu_limit)
+    shared = M.linear(h, lw["ffn.shared_experts.w2"], ctx, out=to.get("shared"))
     return M.FfnPending(X, u, post, comb, sel, w, shared)
 
 
@@ -377,5 +452,5 @@ def head_step(X: torch.Tensor, top: dict[str, torch.Tensor], ctx: M.Ctx) -> torc
     head = top["head"]
     if not (X.is_cuda and X.dtype == head.dtype == torch.bfloat16):
         return M.head_logits(X, top, ctx)
-    z = M.hc_head(X, top["hc_head_fn"], top["hc_head_base"], top["hc_head_scale"], ctx)
-    return M.mm_f32(rms(z, top["norm"], ctx.cfg.rms_norm_eps), head)
+    z = M.hc_head(X, top["hc_head_fn"], top["hc_head_base"], top["hc_head_scale"], ctx, ctx.mhc_ws)
+    return M.mm_f32(rms(z, top["norm"], ctx.cfg.rms_norm_eps), head, ctx.kernels)

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from homeseek import decode as D
 from homeseek import model as M
 from homeseek import plan
 from homeseek.checkpoint import Checkpoint, QWeight, layer_prefix, layer_table
@@ -211,7 +212,9 @@ class Engine:
 
             blocks = self.weights + ([self.mtp] if self.mtp is not None else [])
             ws = fp8_linear_workspace(M.fp8_shapes(blocks, cfg), GEMV_MAX_M, dev)
-            self.ctx = dataclasses.replace(self.ctx, fp8_ws=ws)
+            self.ctx = dataclasses.replace(
+                self.ctx, fp8_ws=ws, **D.decode_workspaces(cfg, rt.max_context, dev)
+            )
         # With CUDA graphs every session's state lives in one arena the graphs index by slot;
         # eager, each session allocates its own.
         self.arena = StateArena(cfg, rt, self.layers, rt.max_sessions) if rt.graphs else None

@@ -24,12 +24,15 @@ import torch.nn.functional as F
 from homeseek.checkpoint import QWeight
 from homeseek.config import CSA, SWA, ModelConfig, yarn_inv_freq
 from homeseek.kernels import ops
+from homeseek.kernels.gemv import GEMV_MAX_T
 from homeseek.kernels.rope import rope_ref
 from homeseek.quant import act_quant_sim, fp4_block_sim, fp8_block_sim, hadamard
 from homeseek.state import CompressorState, LayerState
 
 if TYPE_CHECKING:
     from homeseek.kernels.fp8_linear import Fp8LinearWorkspace
+    from homeseek.kernels.mhc import MhcWorkspace
+    from homeseek.kernels.sparse_attn import SparseAttnWorkspace
 
 LayerWeights = dict[str, "torch.Tensor | QWeight | FusedLinear"]
 
@@ -46,6 +49,10 @@ class Ctx:
     # sets it on CUDA): without it each launch allocates its own and zero-fills its counters,
     # an extra kernel per linear and token.
     fp8_ws: Fp8LinearWorkspace | None = None
+    # The decode token's (T = 1) mHC and sparse-attention scratch, for the same reason (the
+    # engine sets them on CUDA; homeseek/decode.py passes them, prompts allocate their own).
+    mhc_ws: MhcWorkspace | None = None
+    attn_ws: SparseAttnWorkspace | None = None
 
 
 class RopeTables:
@@ -153,37 +160,59 @@ def linears(
     return [y[:, o : o + n] for o, n in fused.parts]
 
 
-def linear(x: torch.Tensor, w: QWeight, ctx: Ctx) -> torch.Tensor:
+def linear(x: torch.Tensor, w: QWeight, ctx: Ctx, out: torch.Tensor | None = None) -> torch.Tensor:
     """x [T, K]·Wᵀ with fp32 accumulation; FP8/FP4 weights see the reference's activation
-    rounding. FP8 goes through the kernel layer (Triton on CUDA, its torch twin elsewhere)."""
+    rounding. FP8 goes through the kernel layer (Triton on CUDA, its torch twin elsewhere).
+    out: written in place (the decode step's static buffers) and returned."""
     if w.fmt == "fp8":
         return ops.fp8_linear(
-            x, w.weight, w.scale, act_quant=ctx.quant_sim, workspace=ctx.fp8_ws,
+            x, w.weight, w.scale, out=out, act_quant=ctx.quant_sim, workspace=ctx.fp8_ws,
             triton=ctx.kernels,
         )  # fmt: skip
     if ctx.quant_sim and w.fmt == "fp4":
         x = act_quant_sim(x)
-    return (x.float() @ w.dequant().T).to(x.dtype)
+    y = (x.float() @ w.dequant().T).to(x.dtype)
+    return y if out is None else out.copy_(y)
 
 
-def mm_f32(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x [T, K] · w [N, K]ᵀ -> fp32 [T, N], as `x.float() @ w.float().T`.
+# mm_f32 sends products of up to GEMV_MAX_T tokens and this many weight rows to the one-launch
+# Triton GEMV (the router gate, the compressors, weights_proj: N <= 1024); the vocabulary head
+# (N = 129280) stays on cuBLAS, which reads it at bandwidth already.
+MM_F32_GEMV_MAX_N = 16384
 
-    On CUDA, when both are bf16, one bf16 GEMM with fp32 accumulation and fp32 output gives the
-    same products (bf16·bf16 is exact in fp32) without upcasting x and the weight every call,
-    on tensor cores (a 4K prefill's compressors and routers: ~10x the fp32 GEMM).
+
+def mm_f32(x: torch.Tensor, w: torch.Tensor, triton: bool | None = None) -> torch.Tensor:
+    """x [T, K] · w [N, K]ᵀ -> fp32 [T, N], as `x.float() @ w.float().T`. triton: the kernel
+    layer's switch (Ctx.kernels; None: Triton wherever it runs).
+
+    On CUDA, when both are bf16, the products come from the bf16 operands with fp32 accumulation
+    (bf16·bf16 is exact in fp32), without upcasting x and the weight every call:
+    - decode-sized (T <= GEMV_MAX_T, N <= MM_F32_GEMV_MAX_N, Triton on): one Triton GEMV
+      launch (kernels/gemv.py). cuBLAS runs these as a split-K GEMM plus a reduce kernel, two
+      launches (~6 us on an H200) for 0.5-8 MB of weights, about 4 times a layer and token. The
+      kernel's bits do not depend on T (a token alone or in an MTP batch sums alike).
+    - otherwise one bf16 GEMM with fp32 output on tensor cores (a 4K prefill's compressors and
+      routers: ~10x the fp32 GEMM; the head's 129280 rows).
     """
     if x.is_cuda and x.dtype == w.dtype == torch.bfloat16:
+        if (
+            x.shape[0] <= GEMV_MAX_T
+            and w.shape[0] <= MM_F32_GEMV_MAX_N
+            and (ops.use_triton(x) if triton is None else triton)
+            and w.is_contiguous()
+            and x.stride(-1) == 1
+        ):
+            return ops.gemv_f32(x, w)
         return torch.mm(x, w.T, out_dtype=torch.float32)
     return x.float() @ w.float().T
 
 
-def plain_f32(x: torch.Tensor, w: QWeight) -> torch.Tensor:
+def plain_f32(x: torch.Tensor, w: QWeight, triton: bool | None = None) -> torch.Tensor:
     """x [T, K] times an unquantised ("plain") weight in fp32, as `x.float() @ w.dequant().T`
-    (the compressor and the router: fp32 math on bf16 weights)."""
+    (the compressor and the router: fp32 math on bf16 weights); triton as for mm_f32."""
     if w.fmt != "plain":
         return x.float() @ w.dequant().T
-    return mm_f32(x, w.weight)
+    return mm_f32(x, w.weight, triton)
 
 
 # RoPE (docs/architecture.md §3.3): defined once, as the twin of the query path's RoPE kernel.
@@ -198,31 +227,51 @@ apply_rope = rope_ref
 # head: like pre with fn [N, N·D], no post/comb.
 # The math lives once, in kernels/mhc.py (`mhc_*_ref` twins, fused Triton kernels on CUDA).
 def hc_pre(
-    X: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, ctx: Ctx
+    X: torch.Tensor,
+    fn: torch.Tensor,
+    base: torch.Tensor,
+    scale: torch.Tensor,
+    ctx: Ctx,
+    *,
+    post: torch.Tensor | None = None,
+    comb: torch.Tensor | None = None,
+    workspace: MhcWorkspace | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """X [T, N, D] -> (sublayer input y [T, D], post [T, N], comb [T, N, N])."""
+    """X [T, N, D] -> (sublayer input y [T, D], post [T, N], comb [T, N, N]); post / comb
+    written in place when given."""
     c = ctx.cfg
     return ops.mhc_pre(
         X, fn, scale, base, hc_eps=c.hc_eps, iters=c.hc_sinkhorn_iters, norm_eps=c.rms_norm_eps,
-        triton=ctx.kernels,
+        post=post, comb=comb, workspace=workspace, triton=ctx.kernels,
     )  # fmt: skip
 
 
 def hc_post(
-    F_out: torch.Tensor, X: torch.Tensor, post: torch.Tensor, comb: torch.Tensor, ctx: Ctx
+    F_out: torch.Tensor,
+    X: torch.Tensor,
+    post: torch.Tensor,
+    comb: torch.Tensor,
+    ctx: Ctx,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """[T, D] sublayer output, streams [T, N, D] -> next streams [T, N, D]."""
-    return ops.mhc_post(F_out, X, post, comb, triton=ctx.kernels)
+    """[T, D] sublayer output, streams [T, N, D] -> next streams [T, N, D] (into out if given)."""
+    return ops.mhc_post(F_out, X, post, comb, out=out, triton=ctx.kernels)
 
 
 def hc_head(
-    X: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, ctx: Ctx
+    X: torch.Tensor,
+    fn: torch.Tensor,
+    base: torch.Tensor,
+    scale: torch.Tensor,
+    ctx: Ctx,
+    workspace: MhcWorkspace | None = None,
 ) -> torch.Tensor:
     """Collapse the N streams before the final norm: [T, N, D] -> [T, D]."""
     c = ctx.cfg
     return ops.mhc_head(
-        X, fn, scale, base, hc_eps=c.hc_eps, norm_eps=c.rms_norm_eps, triton=ctx.kernels
-    )
+        X, fn, scale, base, hc_eps=c.hc_eps, norm_eps=c.rms_norm_eps, workspace=workspace,
+        triton=ctx.kernels,
+    )  # fmt: skip
 
 
 # --- compressor (docs/architecture.md §3.3) -------------------------------------------------------
@@ -243,9 +292,9 @@ def compress(
     2m slots, or (HCA) the m tokens of block j, with a per-channel softmax over the gates.
     """
     m, T = cs.ratio, x.shape[0]
-    kv = plain_f32(x, lw[f"{prefix}.wkv"])  # [T, c·d]; the compressor runs in fp32
+    kv = plain_f32(x, lw[f"{prefix}.wkv"], ctx.kernels)  # [T, c·d]; the compressor runs in fp32
     offs = torch.arange(s0, s0 + T, device=x.device) % m
-    gate = plain_f32(x, lw[f"{prefix}.wgate"]) + lw[f"{prefix}.ape"][offs]  # [T, c·d]
+    gate = plain_f32(x, lw[f"{prefix}.wgate"], ctx.kernels) + lw[f"{prefix}.ape"][offs]  # [T, c·d]
     n_buf = s0 % m  # tokens of the current partial block already buffered
     all_kv = torch.cat((cs.buf_kv[:n_buf], kv))
     all_gate = torch.cat((cs.buf_gate[:n_buf], gate))
@@ -441,7 +490,7 @@ def route(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """u [T, D] -> (expert ids [T, K] int64, routing weights [T, K] fp32)."""
     cfg = ctx.cfg
-    logits = plain_f32(u, lw["ffn.gate"])  # [T, E] fp32
+    logits = plain_f32(u, lw["ffn.gate"], ctx.kernels)  # [T, E] fp32
     if cfg.is_hash_layer(layer):
         hashed, bias = lw["ffn.gate.tid2eid"][ids], None  # fixed by the input token id
     else:  # the bias steers selection only

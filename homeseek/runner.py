@@ -857,16 +857,11 @@ class Runner:
         b = self.buf
         if layer != self.layers[0]:
             self._post()
-        p = D.segment_a_step(b.X, self.ix, bucket, lw, st, layer, self.rope, self.ctx)
-        b.Xa.copy_(p.X)
-        b.u.copy_(p.u)
-        b.post.copy_(p.post)
-        b.comb.copy_(p.comb)
-        b.weights.copy_(p.weights)
-        b.shared.copy_(p.shared)
+        # A's results land in the static buffers through the ops that make them (no copies)
+        out = M.FfnPending(b.Xa, b.u, b.post, b.comb, b.sel, b.weights, b.shared)
+        D.segment_a_step(b.X, self.ix, bucket, lw, st, layer, self.rope, self.ctx, out=out)
         if not self.ctx.kernels:
             b.acc_f32.zero_()
-        b.sel.copy_(p.sel)
         b.sel_host.copy_(b.sel, non_blocking=True)
         if self.lane_inputs:  # the CPU lane's input, read after the layer's sync
             b.u_host.copy_(b.u, non_blocking=True)
@@ -876,7 +871,7 @@ class Runner:
             b.pred.copy_(D.route_step(b.u, self.ix.ids, self.weights[nxt], nxt, self.ctx)[0])
             b.pred_host.copy_(b.pred, non_blocking=True)
         if self.ctx.kernels:  # the slots B reads: -1 where the expert is not resident
-            b.slots[0].copy_(self.scheduler.store.slot_map[layer].index_select(0, b.sel[0]))
+            torch.index_select(self.scheduler.store.slot_map[layer], 0, b.sel[0], out=b.slots[0])
 
     def _experts(self, shared: torch.Tensor, out: torch.Tensor) -> None:
         t, b = self.scheduler.store.pool.t, self.buf

@@ -13,6 +13,7 @@ import torch
 
 from . import fp4_experts as _fp4
 from . import fp8_linear as _fp8
+from . import gemv as _gemv
 from . import handoff as _handoff
 from . import indexer as _idx
 from . import mhc as _mhc
@@ -24,6 +25,7 @@ __all__ = [
     "await_copy",
     "fp4_experts",
     "fp8_linear",
+    "gemv_f32",
     "head_rms_rope",
     "indexer_topk",
     "mhc_head",
@@ -93,6 +95,20 @@ def fp8_linear(
         return _fp8.fp8_linear(x, w, w_scale, out=out, workspace=workspace, **aq)
     out_dtype = out.dtype if out is not None else None
     return _into(out, _fp8.fp8_linear_ref(x, w, w_scale, out_dtype=out_dtype, **aq))
+
+
+def gemv_f32(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    *,
+    out: torch.Tensor | None = None,
+    triton: bool | None = None,
+) -> torch.Tensor:
+    """y [T, N] fp32 = x [T, K] . w [N, K]^T for bf16/fp16 x and w, in fp32 (kernels/gemv.py:
+    one launch, sized for decode's few tokens)."""
+    if _pick(triton, x):
+        return _gemv.gemv_f32(x, w, out=out)
+    return _gemv.gemv_f32_ref(x, w, out=out)
 
 
 def fp4_experts(

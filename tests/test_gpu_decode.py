@@ -157,20 +157,66 @@ def test_graph_decode_equals_eager_under_a_routing_override():
     assert ("E", False) in eg.runner.graphs.graphs and ("B",) not in eg.runner.graphs.graphs
 
 
-def test_graph_decode_matches_the_prefill_step():
+@pytest.mark.parametrize("prefill_mhc", ["default", "block"])
+def test_graph_decode_matches_the_prefill_step(prefill_mhc, monkeypatch):
     """The capture-safe step against the eager model.py step (the one the oracle tests), in
-    fp32 (in bf16 the two orders of rounding drift apart on a random model, as on CPU)."""
+    fp32 (in bf16 the two orders of rounding drift apart on a random model, as on CPU), without
+    the FP8/FP4 rounding simulation: with it, a 2.4e-7 change of one mHC scale moves these
+    logits by 0.18 of their std (an activation crosses a rounding boundary; measured on the
+    H200), so any legitimate change of summation order could fail the comparison. "block": the
+    prompt's mHC through the block + finish kernels (prefill from 512 tokens) instead of the
+    split kernel decode uses."""
+    from homeseek.kernels import mhc
+
+    if prefill_mhc == "block":
+        monkeypatch.setattr(mhc, "_BLOCK_MIN_T", 2)  # every prompt chunk; decode (T=1) split
     ids = torch.randint(0, 129280, (200,), generator=torch.Generator().manual_seed(3)).tolist()
     old = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
-    eng = _load(True, dtype=torch.float32)
-    full = eng.session().forward(ids).cpu()
-    sess = eng.session()
-    dec = torch.stack([sess.decode(i) for i in ids]).cpu()
+    try:
+        eng = _load(True, dtype=torch.float32, quant_sim=False)
+        full = eng.session().forward(ids).cpu()
+        sess = eng.session()
+        dec = torch.stack([sess.decode(i) for i in ids]).cpu()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
     err = float(((dec - full).abs().amax(-1) / full.std(-1)).max())
     agree = float((dec.argmax(-1) == full.argmax(-1)).float().mean())
-    torch.backends.cuda.matmul.allow_tf32 = old
     assert err < 1e-4 and agree >= 0.99, (err, agree)
+
+
+def test_decode_selects_every_entry_while_they_fit_the_top_k():
+    """A CSA layer's decode skips the indexer's scoring while the bucket's entries fit its top-k
+    (n_c <= k: every complete entry is selected whatever the scores) and ranks them beyond: a
+    tiny model with k = 128 takes the shortcut up to position 511 (bucket 512: 128 entries) and
+    ranks from 512 on (256 entries). Both against the prefill step, fp32, no rounding simulation
+    (see test_graph_decode_matches_the_prefill_step)."""
+    import dataclasses
+
+    from homeseek.bench import synthetic_config
+    from homeseek.config import RuntimeConfig
+    from homeseek.engine import Engine
+    from homeseek.synthetic import SyntheticSource
+
+    cfg = dataclasses.replace(synthetic_config("tiny"), index_topk=128)
+    rt = RuntimeConfig.build(
+        device="cuda", dtype=torch.float32, max_context=2048, cpu_lane="off", quant_sim=False
+    )
+    eng = Engine(SyntheticSource(cfg, seed=0, device="cuda"), rt)
+    assert eng.rt.graphs
+    ids = torch.randint(0, cfg.vocab_size, (560,), generator=torch.Generator().manual_seed(5))
+    ids = ids.tolist()
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        full = eng.session().forward(ids).cpu()
+        sess = eng.session()
+        dec = torch.stack([sess.decode(i) for i in ids]).cpu()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+    err = ((dec - full).abs().amax(-1) / full.std(-1)).tolist()
+    # positions up to 511 (the shortcut) and from 512 (ranked), each to 1e-4 of the logits' std
+    assert max(err[:512]) < 1e-4 and max(err[512:]) < 1e-4, (max(err[:512]), max(err[512:]))
 
 
 def test_decode_profile_on_cuda_times_graphs_and_copies():

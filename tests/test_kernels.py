@@ -32,7 +32,7 @@ if INTERP:
     # test imported them first, reload them now that the interpreter is on.
     for _name in (
         "_formats", "fp8_linear", "fp4_experts", "sparse_attn", "indexer", "mhc", "handoff",
-        "rope", "ops",
+        "rope", "gemv", "ops",
     ):  # fmt: skip
         _mod = sys.modules.get(f"homeseek.kernels.{_name}")
         if _mod is not None:
@@ -41,6 +41,7 @@ if INTERP:
 from homeseek.kernels import _formats as fmt  # noqa: E402
 from homeseek.kernels import fp4_experts as f4  # noqa: E402
 from homeseek.kernels import fp8_linear as f8  # noqa: E402
+from homeseek.kernels import gemv as gv  # noqa: E402
 from homeseek.kernels import handoff as hf  # noqa: E402
 from homeseek.kernels import indexer as ix  # noqa: E402
 from homeseek.kernels import mhc as mh  # noqa: E402
@@ -821,6 +822,80 @@ def test_rope_interp(dtype):
     assert torch.equal(y[..., : -2 * p], x[..., : -2 * p])  # the unrotated channels untouched
 
 
+def _gemv_inputs(t, n, k, dtype, seed=0, device=DEV):
+    """x [t, k] and w [n, k] in dtype (bf16 values: exact fp32 products), on device."""
+    g = _gen(seed * 1009 + n * 31 + k + t)
+    x = torch.randn(t, k, generator=g).to(dtype).to(device)
+    w = (torch.randn(n, k, generator=g) * 0.05).to(dtype).to(device)
+    return x, w
+
+
+def _check_gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """gemv_f32 against the float64 product (fp32 summation error only: ~1e-7 of max|y|) and its
+    twin; out= written in full (poisoned) and returned, with the same bits as without it; every
+    row the same bits as the product of that token alone and of a slice of w's rows (the
+    summation order depends on K alone)."""
+    t, n = x.shape[0], w.shape[0]
+    y = gv.gemv_f32(x, w)
+    assert y.dtype == torch.float32 and y.shape == (t, n)
+    ref = (x.double() @ w.double().T).cpu()
+    err = float((y.cpu().double() - ref).abs().max() / ref.abs().max())
+    assert err <= 1e-6, f"gemv_f32 [{t}x{x.shape[1]}]x[{n}]: {err:.2e} of max off float64"
+    assert_close("gemv_f32 vs twin", y, gv.gemv_f32_ref(x, w), torch.float32)
+    out = poison((t, n), torch.float32)
+    assert gv.gemv_f32(x, w, out=out) is out
+    assert torch.equal(out, y), "out= differs from the allocated result"
+    if t > 1:
+        assert torch.equal(gv.gemv_f32(x[-1:], w)[0], y[-1]), "the last token alone differs"
+    rows = slice(max(0, n // 2 - 5), max(1, n // 2))  # another row tile and grid than all n
+    assert torch.equal(gv.gemv_f32(x, w[rows]), y[:, rows]), "a slice of w's rows differs"
+    return y
+
+
+@interp
+@pytest.mark.parametrize("n,k", [(16, 64), (24, 128), (256, 256)])
+@pytest.mark.parametrize("t", [1, 3, 8])
+def test_gemv_f32_interp(t, n, k):
+    """bf16 x bf16 -> fp32 in one launch: float64 reference, twin, out=, T-invariant rows."""
+    _check_gemv(*_gemv_inputs(t, n, k, torch.bfloat16))
+
+
+@interp
+@pytest.mark.parametrize("t,n,k,dtype", [(11, 5, 200, torch.bfloat16), (2, 40, 72, torch.float16)])
+def test_gemv_f32_ragged_interp(t, n, k, dtype):
+    """Ragged K (masked step), N not a multiple of the row tile, T > 8 (two passes over the
+    weights), fp16, strided x rows (a column slice) and a strided out."""
+    x, w = _gemv_inputs(t, n, k, dtype, seed=1)
+    _check_gemv(x, w)
+    xs = torch.cat([x, x[:, :5]], dim=1)[:, :k]  # row stride k + 5
+    big = poison((t, n + 3), torch.float32)
+    gv.gemv_f32(xs, w, out=big[:, 1 : n + 1])
+    assert torch.equal(big[:, 1 : n + 1], gv.gemv_f32(x, w))
+    assert big[:, 0].isnan().all() and big[:, n + 1 :].isnan().all(), "wrote outside out"
+
+
+@interp
+def test_gemv_f32_rejects_bad_inputs():
+    """The launcher's checks name the argument and what is wrong."""
+    x, w = _gemv_inputs(2, 16, 64, torch.bfloat16)
+    with pytest.raises(TypeError, match="gemv_f32: x: expected dtype"):
+        gv.gemv_f32(x.float(), w)
+    with pytest.raises(TypeError, match="gemv_f32: w: expected dtype"):
+        gv.gemv_f32(x, w.half())
+    with pytest.raises(ValueError, match="gemv_f32: w: must be contiguous"):
+        gv.gemv_f32(x, torch.cat([w, w], dim=1)[:, ::2])
+    with pytest.raises(ValueError, match=r"gemv_f32: w: expected shape \[\*, 64\]"):
+        gv.gemv_f32(x, w[:, :32].contiguous())
+    with pytest.raises(ValueError, match="gemv_f32: x must be"):
+        gv.gemv_f32(x[0], w)
+    with pytest.raises(ValueError, match="gemv_f32: x must have unit column stride"):
+        gv.gemv_f32(torch.cat([x, x], dim=1)[:, ::2], w)
+    with pytest.raises(TypeError, match="gemv_f32: out: expected dtype"):
+        gv.gemv_f32(x, w, out=torch.empty(2, 16, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match=r"gemv_f32: out: expected shape \[2, 16\]"):
+        gv.gemv_f32(x, w, out=torch.empty(16, 2))
+
+
 @interp
 def test_sparse_attn_unsplit_when_tokens_fill_the_gpu():
     """Prefill: enough (token, head block) programs -> one split, no partials (their workspace
@@ -1005,6 +1080,28 @@ def test_ops_dispatch_matches_ref():
     o = poison((1, 16, 32), torch.float32)
     ops.sparse_attn(q, kv, idx, sink, 0.2, out=o)
     assert_close("ops.sparse_attn", o, sa.sparse_attn_ref(q, kv, idx, sink, 0.2), torch.float32)
+
+
+def test_gemv_f32_dispatch_and_mm_f32():
+    """ops.gemv_f32 honours out= on whichever path this machine takes; model.mm_f32 still equals
+    x.float() @ w.float().T (CPU: that very product; CUDA: the GEMV for few tokens, cuBLAS for
+    more, both fp32 sums of exact products)."""
+    from homeseek import model as M
+
+    x, w = _gemv_inputs(3, 64, 256, torch.bfloat16)
+    ref = x.float() @ w.float().T
+    out = poison((3, 64), torch.float32)
+    assert ops.gemv_f32(x, w, out=out) is out
+    assert_close("ops.gemv_f32", out, ref, torch.float32)
+    for t in (1, 3, 12):  # 12 > GEMV_MAX_T: torch.mm on CUDA
+        xt = torch.randn(t, 256, generator=_gen(t)).to(torch.bfloat16).to(DEV)
+        want = xt.float() @ w.float().T
+        got = M.mm_f32(xt, w)
+        assert got.dtype == torch.float32
+        if DEV == "cpu":
+            assert torch.equal(got, want)
+        else:
+            assert_close(f"mm_f32 T={t}", got, want, torch.float32)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1415,6 +1512,33 @@ def test_rope_gpu(dtype):
     want = rp.rope_heads_ref(y, cos, -sin)
     assert_close("rope_heads_", rp.rope_heads_(y, cos, -sin), want, dtype)
     assert torch.equal(y[..., : -2 * p], x[..., : -2 * p])
+
+
+@pytest.mark.parametrize("n", [64, 256, 512, 1024])
+@pytest.mark.parametrize("t", [1, 4])
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_gemv_f32_gpu(t, n):
+    """V4-Flash's plain decode products (weights_proj, router / indexer compressor, compressors;
+    K = 4096): float64 reference, twin, out=, T-invariant rows (_check_gemv); two calls and a
+    CUDA-graph replay give the same bits; no tensor cores (fp32 FMAs: ~1e-7 of max, where a
+    TF32 dot would be ~1e-4 off)."""
+    x, w = _gemv_inputs(t, n, 4096, torch.bfloat16)
+    y = _check_gemv(x, w)
+    assert torch.equal(gv.gemv_f32(x, w), y), "two calls differ"
+    out = torch.empty(t, n, device=DEV)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        gv.gemv_f32(x, w, out=out)  # compile outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        gv.gemv_f32(x, w, out=out)
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, y), "graph replay differs from the eager call"
 
 
 @pytest.mark.parametrize("c", [4096, 65536, 300])

@@ -825,7 +825,7 @@ def bench_mhc(record, dev, dt, n_sets: int, sweep: bool = False, quick: bool = F
         xy = x.numel() * x.element_size() + y.numel() * y.element_size()
         return x, y, torch.empty(t, 4, device=dev), torch.empty(t, 4, 4, device=dev), xy
 
-    for t in [64, 256, 1024, big] + ([] if quick else [4 * big]):
+    for t in [64, 128, 256, 512, 1024, big] + ([] if quick else [4 * big]):
         x, y, post, comb, xy = inputs(t)
         nbytes = xy + 24 * 4 * d * 4
 
@@ -850,11 +850,11 @@ def bench_mhc(record, dev, dt, n_sets: int, sweep: bool = False, quick: bool = F
     # The default config ({}) first, for its error.
     sweeps = {
         256: [{}, {"SPLIT": 32}, {"SPLIT": 128}, {"BLOCK_T": 32}, {"num_warps": 2},
-              {"PREC": "tf32x3"}],
+              {"PREC": "ieee"}],
         big: [{}, {"BLOCK_T": 16}, {"BLOCK_T": 64}, {"BLOCK_T": 64, "num_warps": 8},
               {"SPLIT": 8}, {"SPLIT": 32}, {"SPLIT": 64}, {"num_warps": 8}, {"num_warps": 2},
               {"BLOCK": 16}, {"BLOCK": 64}, {"num_stages": 1}, {"num_stages": 4},
-              {"PREC": "tf32x3"}, {"PREC": "tf32x3", "BLOCK_T": 64}, {"PREC": "bf16x3"},
+              {"PREC": "ieee"}, {"BLOCK_T": 64, "BLOCK": 64}, {"PREC": "bf16x3"},
               {"PREC": "bf16x6"}],
     }  # fmt: skip
     for t, cfgs in sweeps.items():
