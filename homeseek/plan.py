@@ -67,9 +67,10 @@ PREFILL_SHARE = 0.25
 # reserved, +2,035 MiB over the engine against 1.97 GiB of planned activations.
 ALLOC_MARGIN = 0.10
 # Decode allowance: the CUDA-graph pool of the captured decode step (one private pool for every
-# graph and position bucket; measured at ~22 MiB at V4-Flash size), plus the eager decode's
-# scratch (sparse-attention split partials [1, H, 16, Dh] fp32 = 2 MiB, the indexer's [1, C]
-# int64 keys, the logits) with headroom. Measured at full size; smaller models need less.
+# graph and position bucket; measured at ~22 MiB at V4-Flash size), plus the decode's scratch
+# (sparse-attention split partials [1, H, 16, Dh] fp32 = 2 MiB and mHC partials, built once:
+# decode.decode_workspaces; the indexer's [1, C] int64 keys, the logits) with headroom.
+# Measured at full size; smaller models need less.
 DECODE_ALLOWANCE_BYTES = 48 * MiB
 # cuBLAS keeps one workspace per handle and stream once the first torch matmul ran (the compressor
 # and router projections, the head), allocated through torch's caching allocator, so it is live

@@ -66,17 +66,19 @@ def _part_rows(max_t: int) -> int:
 
 
 # The block kernel (two launches) serves T >= _BLOCK_MIN_T, the split kernel T below it (decode).
-# Measured on the H200 (tools/bench_kernels.py --only mhc, bf16, D=4096; session 19, run 4):
+# Measured on the H200 (tools/bench_kernels.py --only mhc, bf16, D=4096; session 20, the block
+# kernel's dot at tf32x3; `tools/results/bench-mhc-h200-s20.log`):
 #   T      split kernel   block kernel
-#   64        27.7 us        29.1 us
-#   256       84.0 us        87.5 us
-#   1024     218.2 us       185.7 us
-#   4096     895.0 us       711.2 us
-#   16384   3606   us      2763   us
-# so the crossover lies between 256 and 1024. The block kernel stays far from its floor (x read
-# once: ~50 us at T=4096): its fp32 FMA dot, not memory, bounds it (tensor-core precisions are in
-# the bench's --sweep).
-_BLOCK_MIN_T = 512
+#   64        27.8 us        14.9 us
+#   128       47.1 us        17.3 us
+#   256       84.3 us        24.5 us
+#   1024     218.3 us        74.8 us
+#   4096     895.6 us       266.7 us
+#   16384   3606   us      1007   us
+# so the block kernel wins from the smallest T measured (64); at decode's T = 1..4 the split
+# kernel's one launch is what counts. (With the fp32-FMA dot of session 19 the crossover lay
+# between 256 and 1024.)
+_BLOCK_MIN_T = 64
 
 
 def _use_block(t: int) -> bool:
