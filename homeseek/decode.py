@@ -374,7 +374,7 @@ def indexer_step(
         # the ranked selection in ascending order, without scoring (the weights product, the
         # query's rounding, the keys kernel) and torch.topk's sort: ~50 us of a CSA layer on
         # an H200. The attention then sums its keys in another order (fp32 rounding); the torch
-        # twins keep the ranked order, so the CPU decode stays bitwise the prefill step.
+        # twins' path (CPU) keeps the ranked selection, unchanged.
         return hca_select(ix.pos, cfg.index_topk, ca.ratio)
     cos, sin = rope_rows(*rope.tables[True], ix.pos)
     wlog = M.plain_f32(x, lw["attn.indexer.weights_proj"], ctx.kernels)

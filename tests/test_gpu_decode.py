@@ -157,19 +157,19 @@ def test_graph_decode_equals_eager_under_a_routing_override():
     assert ("E", False) in eg.runner.graphs.graphs and ("B",) not in eg.runner.graphs.graphs
 
 
-@pytest.mark.parametrize("prefill_mhc", ["default", "block"])
+@pytest.mark.parametrize("prefill_mhc", ["split", "block"])
 def test_graph_decode_matches_the_prefill_step(prefill_mhc, monkeypatch):
     """The capture-safe step against the eager model.py step (the one the oracle tests), in
     fp32 (in bf16 the two orders of rounding drift apart on a random model, as on CPU), without
     the FP8/FP4 rounding simulation: with it, a 2.4e-7 change of one mHC scale moves these
     logits by 0.18 of their std (an activation crosses a rounding boundary; measured on the
-    H200), so any legitimate change of summation order could fail the comparison. "block": the
-    prompt's mHC through the block + finish kernels (prefill from 512 tokens) instead of the
-    split kernel decode uses."""
+    H200), so any legitimate change of summation order could fail the comparison. The prompt's
+    mHC through the split kernel decode uses ("split") or through the block + finish kernels
+    (prompts from _BLOCK_MIN_T tokens on: "block")."""
     from homeseek.kernels import mhc
 
-    if prefill_mhc == "block":
-        monkeypatch.setattr(mhc, "_BLOCK_MIN_T", 2)  # every prompt chunk; decode (T=1) split
+    # the prompt's chunk (200 tokens) through one kernel or the other; decode (T = 1): split
+    monkeypatch.setattr(mhc, "_BLOCK_MIN_T", 2 if prefill_mhc == "block" else 10**9)
     ids = torch.randint(0, 129280, (200,), generator=torch.Generator().manual_seed(3)).tolist()
     old = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -185,7 +185,7 @@ def test_graph_decode_matches_the_prefill_step(prefill_mhc, monkeypatch):
     assert err < 1e-4 and agree >= 0.99, (err, agree)
 
 
-def test_decode_selects_every_entry_while_they_fit_the_top_k():
+def test_decode_selects_every_entry_while_they_fit_the_top_k(monkeypatch):
     """A CSA layer's decode skips the indexer's scoring while the bucket's entries fit its top-k
     (n_c <= k: every complete entry is selected whatever the scores) and ranks them beyond: a
     tiny model with k = 128 takes the shortcut up to position 511 (bucket 512: 128 entries) and
@@ -193,6 +193,7 @@ def test_decode_selects_every_entry_while_they_fit_the_top_k():
     (see test_graph_decode_matches_the_prefill_step)."""
     import dataclasses
 
+    from homeseek import decode as D
     from homeseek.bench import synthetic_config
     from homeseek.config import RuntimeConfig
     from homeseek.engine import Engine
@@ -204,6 +205,14 @@ def test_decode_selects_every_entry_while_they_fit_the_top_k():
     )
     eng = Engine(SyntheticSource(cfg, seed=0, device="cuda"), rt)
     assert eng.rt.graphs
+    shortcut = []  # (n, m) of every hca_select: CSA (m = 4) takes it only through the shortcut
+    select = D.hca_select
+
+    def spy(pos, n, m):
+        shortcut.append((n, m))
+        return select(pos, n, m)
+
+    monkeypatch.setattr(D, "hca_select", spy)
     ids = torch.randint(0, cfg.vocab_size, (560,), generator=torch.Generator().manual_seed(5))
     ids = ids.tolist()
     old = torch.backends.cuda.matmul.allow_tf32
@@ -217,6 +226,7 @@ def test_decode_selects_every_entry_while_they_fit_the_top_k():
     err = ((dec - full).abs().amax(-1) / full.std(-1)).tolist()
     # positions up to 511 (the shortcut) and from 512 (ranked), each to 1e-4 of the logits' std
     assert max(err[:512]) < 1e-4 and max(err[512:]) < 1e-4, (max(err[:512]), max(err[512:]))
+    assert (128, 4) in shortcut  # the CSA layers' selection went through it
 
 
 def test_decode_profile_on_cuda_times_graphs_and_copies():
