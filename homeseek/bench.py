@@ -314,15 +314,12 @@ def allocator_delta(before: dict[str, int], cuda: bool) -> dict[str, int] | None
     return {k: v - before.get(k, 0) for k, v in now.items()}
 
 
-def _gpu_profile(
-    fn: Callable[[], Any], cuda: bool, top: int = 12
-) -> tuple[int, float, list[tuple[str, int, float]]]:
-    """(kernels launched, ms the device was busy, the `top` kernel names by total time as
-    (name, launches, ms)) while fn runs, from torch.profiler.
-
-    CUDA: kernels are device events other than memcpy/memset; busy time is the union of their
-    intervals over all streams. CPU: the top-level aten ops and their summed time (the CPU engine's
-    "kernels"), so the host share is what Python spends between them."""
+def device_events(
+    fn: Callable[[], Any], cuda: bool, copies: bool = False
+) -> list[tuple[float, float, str]]:
+    """(start us, end us, name) of what fn runs, in start order, from torch.profiler. CUDA: the
+    device's kernels (memcpy/memset too with `copies`), not the marked host ranges; CPU: the
+    top-level aten ops (the CPU engine's "kernels")."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -333,23 +330,37 @@ def _gpu_profile(
             fn()
             if cuda:
                 torch.cuda.synchronize()
-    spans = []
-    by_name: dict[str, list[float]] = {}
+    evs = []
     for ev in prof.events():
         if cuda:
             # a host range marked with record_function (experts.marker) also appears as a
             # device-side "user annotation" spanning the kernels under it: not a kernel
             if ev.device_type != DeviceType.CUDA or annotation(ev):
                 continue
-            if ev.name.startswith(("Memcpy", "Memset", "memcpy", "memset")):
+            if not copies and ev.name.startswith(("Memcpy", "Memset", "memcpy", "memset")):
                 continue
         else:
             if not ev.name.startswith("aten::") or ev.cpu_parent is not None:
                 continue
-        spans.append((ev.time_range.start, ev.time_range.end))
-        agg = by_name.setdefault(ev.name[:80], [0, 0.0])
+        evs.append((ev.time_range.start, ev.time_range.end, ev.name))
+    return sorted(evs)
+
+
+def _gpu_profile(
+    fn: Callable[[], Any], cuda: bool, top: int = 12
+) -> tuple[int, float, list[tuple[str, int, float]]]:
+    """(kernels launched, ms the device was busy, the `top` kernel names by total time as
+    (name, launches, ms)) while fn runs (device_events without copies).
+
+    CUDA: busy time is the union of the kernels' intervals over all streams. CPU: the top-level
+    aten ops and their summed time, so the host share is what Python spends between them."""
+    spans = []
+    by_name: dict[str, list[float]] = {}
+    for start, end, name in device_events(fn, cuda):
+        spans.append((start, end))
+        agg = by_name.setdefault(name[:80], [0, 0.0])
         agg[0] += 1
-        agg[1] += (ev.time_range.end - ev.time_range.start) / 1000
+        agg[1] += (end - start) / 1000
     spans.sort()
     busy, end = 0.0, float("-inf")
     for a, b in spans:  # union of intervals (us)

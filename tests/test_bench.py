@@ -310,3 +310,26 @@ def test_bench_warms_every_prompt_length_up(capsys, monkeypatch):
         "--profile-tokens", "0",
     )  # fmt: skip
     assert seen == [64, 4, 8, 96] + [8, 100]
+
+
+def test_decode_kernel_listing_orders_and_totals_the_launches():
+    """tools/decode_kernels.py's report: launches in start order with the gap before each (an
+    overlapped launch, as under PDL, counts no gap) and per-name totals, largest first."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "decode_kernels.py"
+    spec = importlib.util.spec_from_file_location("decode_kernels", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    evs = [(100.0, 102.0, "fill"), (102.5, 140.0, "gate_up"), (120.0, 150.0, "down"),
+           (160.0, 161.0, "fill")]  # fmt: skip
+    lines = mod.report(evs)
+    assert lines[0] == "4 launches; span 0.061 ms"
+    rows = [ln.split() for ln in lines[2:6]]
+    assert [r[-1] for r in rows] == ["fill", "gate_up", "down", "fill"]
+    assert [float(r[1]) for r in rows] == [0.0, 0.5, -20.0, 10.0]  # gaps; down overlapped
+    totals = {ln.split()[-1]: ln.split()[:3] for ln in lines[8:]}
+    assert totals["fill"] == ["2", "3.0", "10.0"] and totals["down"] == ["1", "30.0", "0.0"]
+    assert lines[8].split()[-1] == "gate_up"  # 37.5 us + 0.5 gap: the largest
+    assert mod.report([]) == ["no events"]
