@@ -212,15 +212,15 @@ def _pre_finish(
     srows = part_ptr + (t * SPLIT + sx) * 32  # [SPLIT_P2]
     m3 = s_ok[:, None, None]
     pp = tl.load(srows[:, None, None] + pp_rows[None], mask=m3, other=0.0, cache_modifier=".cg")
-    cc = tl.load(srows[:, None, None] + cc_rows[None], mask=m3, other=0.0, cache_modifier=".cg")
     pp = tl.sum(pp, axis=0)
-    cc = tl.sum(cc, axis=0)
     sq = tl.sum(tl.load(srows + 24, mask=s_ok, other=0.0, cache_modifier=".cg"), axis=0)
     r = 1.0 / tl.sqrt_rn(sq / W + norm_eps)
     s0 = tl.load(scale_ptr)
     pre_m = tl.sum(tl.where(r2[:, None] == 0, pp, 0.0), axis=0) * r  # [4]
     pre = 1.0 / (1.0 + tl.exp(-(pre_m * s0 + tl.load(base_ptr + r4)))) + hc_eps
-    if not HEAD:
+    if not HEAD:  # (the head's block kernel leaves the comb columns of its rows unwritten)
+        cc = tl.load(srows[:, None, None] + cc_rows[None], mask=m3, other=0.0, cache_modifier=".cg")
+        cc = tl.sum(cc, axis=0)
         s1 = tl.load(scale_ptr + 1)
         s2 = tl.load(scale_ptr + 2)
         post_m = tl.sum(tl.where(r2[:, None] == 1, pp, 0.0), axis=0) * r
