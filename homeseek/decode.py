@@ -19,9 +19,11 @@ How each data-dependent piece of the eager step becomes static (docs/architectur
 - The compressed entries a token can see are bounded by the bucket's capacity `n_c` (the first
   `n_c` rows of the cache): the per-token cost follows the position reached, not max_context.
 
-The elementwise glue between kernels sits in small pure functions marked `@fused`, which
+The elementwise glue between kernels sits in small functions marked `@fused`, which
 homeseek/compile.py turns into Inductor kernels on CUDA (one compilation per shape serves every
-layer); everything that writes session state stays outside them, as single index_copy_ launches.
+layer). A region may end in a row store into session state (`index_copy_` into a buffer it is
+given): Inductor writes the row in place from the kernel that computes it. Everything that
+follows from the position and the slot alone is one region per layer (`layer_rows`).
 
 The eager step's keys are ordered (window, then compressed entries) differently from here (ring
 rows), so the attention sums in another order: equal to fp32 rounding, not bitwise.
@@ -35,7 +37,7 @@ import torch
 
 from homeseek import model as M
 from homeseek.compile import fused
-from homeseek.config import CSA, SWA, ModelConfig
+from homeseek.config import CSA, HCA, SWA, ModelConfig
 from homeseek.kernels import ops
 from homeseek.kernels.rope import head_rms_rope_ref, rope_heads_ref
 from homeseek.quant import hadamard_matrix
@@ -86,16 +88,21 @@ def q_and_kv(
     kv_w: torch.Tensor,
     cos: torch.Tensor,
     sin: torch.Tensor,
+    keys: torch.Tensor,
+    ring_row: torch.Tensor,
     eps: float,
     heads: int,
     nope: int,
     quant_sim: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """qb [1, H·Dh], kva [1, Dh] -> q [1, H, Dh] (per-head RMS, RoPE) and the new key kv [1, Dh]
-    (norm, RoPE, cache rounding)."""
+) -> torch.Tensor:
+    """qb [1, H·Dh], kva [1, Dh] -> q [1, H, Dh] (per-head RMS, RoPE); the new key (norm, RoPE,
+    cache rounding) goes to row ring_row of keys [S·R, Dh]. The store is part of the compiled
+    region: Inductor writes the row in place from the kernel that computes it (no launch of
+    its own, no copy of the buffer)."""
     q = head_rms_rope_ref(qb.view(1, heads, -1), cos, sin, eps)
     kv = M.apply_rope(M.rms_norm(kva, kv_w, eps), cos, sin)
-    return q, M.kv_round(kv, nope, quant_sim)
+    keys.index_copy_(0, ring_row, M.kv_round(kv, nope, quant_sim))
+    return q
 
 
 @fused
@@ -163,23 +170,6 @@ def pool_entry(
 
 
 @fused
-def rope_rows(
-    cos_t: torch.Tensor, sin_t: torch.Tensor, pos: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin rows [1, d_r/2] of the position."""
-    return cos_t[pos], sin_t[pos]
-
-
-@fused
-def slot_rows(
-    pos: torch.Tensor, slot: torch.Tensor, rows: int, window: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(first row of the slot in the layer's key buffer, the ring row of this position)."""
-    base = slot * rows
-    return base, base + pos % window
-
-
-@fused
 def indexer_q(
     qi: torch.Tensor,
     wlog: torch.Tensor,
@@ -197,8 +187,7 @@ def indexer_q(
     return M.index_round(q, quant_sim, hmat), wlog.to(dtype).float() * w_scale
 
 
-@fused
-def key_rows(
+def _key_rows(
     pos: torch.Tensor, base: torch.Tensor, sel: torch.Tensor | None, window: int
 ) -> torch.Tensor:
     """Rows of the layer's key buffer one token attends to -> [1, W (+ k)] int32 (-1: none).
@@ -212,32 +201,51 @@ def key_rows(
     return idx.int()
 
 
-@fused
-def hca_select(pos: torch.Tensor, n_c: int, m: int) -> torch.Tensor:
+def _hca_select(pos: torch.Tensor, n_c: int, m: int) -> torch.Tensor:
     """Every complete entry of the first n_c: [1, n_c] entry ids, -1 for those not complete
     (HCA; CSA while the bucket's entries fit the indexer's top-k)."""
     ent = torch.arange(n_c, device=pos.device)[None]
     return torch.where(ent < (pos + 1) // m, ent, -1)
 
 
-# model.py's own definitions, compiled on the kernel path.
-route_math = fused(M.route_from_logits)
-swiglu_act = fused(M.swiglu_act)
+@fused
+def key_rows(
+    pos: torch.Tensor, base: torch.Tensor, sel: torch.Tensor | None, window: int
+) -> torch.Tensor:
+    """_key_rows compiled (a ranked CSA selection's rows)."""
+    return _key_rows(pos, base, sel, window)
 
 
 @fused
-def route_into(
-    logits: torch.Tensor,
-    bias: torch.Tensor | None,
-    hashed: torch.Tensor | None,
-    k: int,
-    scale: float,
-    sel_out: torch.Tensor,
-    w_out: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """route_math into static buffers (ids, weights): the stores happen in its own kernels."""
-    sel, w = M.route_from_logits(logits, bias, hashed, k, scale)
-    return sel_out.copy_(sel), w_out.copy_(w)
+def layer_rows(
+    pos: torch.Tensor,
+    slot: torch.Tensor,
+    cos_t: torch.Tensor,
+    sin_t: torch.Tensor,
+    rows: int,
+    window: int,
+    m: int,
+    n_sel: int,
+    index_cap: int,
+) -> tuple[torch.Tensor, ...]:
+    """Everything of one layer's step that follows from the position and the slot alone, in one
+    compiled region (a few launches instead of one or two per piece, ~7 a layer before):
+    (cos, sin [1, d_r/2] RoPE rows, base (the slot's first row of the key buffer), ring_row,
+    comp_row0 (base + W: the main compressor's first entry row), index_row0 (slot · index_cap:
+    the indexer cache's), idx). idx: the key rows attended ([1, W + n_sel] int32, key_rows)
+    when the compressed entries are every complete one of the first n_sel (_hca_select: HCA, and
+    CSA under the top-k shortcut; m the compression ratio); the window's alone when n_sel is 0
+    (SWA, or CSA ranked by its indexer, whose selection key_rows appends later)."""
+    base = slot * rows
+    sel = _hca_select(pos, n_sel, m) if n_sel else None
+    return (
+        cos_t[pos], sin_t[pos], base, base + pos % window, base + window, slot * index_cap,
+        _key_rows(pos, base, sel, window),
+    )  # fmt: skip
+
+
+# model.py's own definition, compiled on the kernel path.
+swiglu_act = fused(M.swiglu_act)
 
 
 # --- the step ------------------------------------------------------------------------------------
@@ -314,33 +322,43 @@ def attention_step(
     cfg = ctx.cfg
     Dh, W = cfg.head_dim, cfg.sliding_window
     kind = cfg.attn_kind(layer)
-    cos, sin = rope_rows(*rope.tables[kind != SWA], ix.pos)  # [1, d_r/2]; YaRN if compressed
+    comp = st.comp
+    n_c = 0 if comp is None else min(-(-bucket // comp.ratio), comp.capacity)  # entries reached
+    # CSA ranks its entries with the indexer unless the bucket's all fit the top-k
+    ranked = kind == CSA and not topk_shortcut(n_c, ctx)
+    n_sel = 0 if kind == SWA or ranked else cfg.index_topk if kind == CSA else n_c
     keys = st.keys.view(-1, Dh)  # [S·R, Dh]
-    # base: the slot's first row (R = W window rows + the compressed entries per slot)
-    base, ring_row = slot_rows(ix.pos, ix.slot, st.keys.shape[1], W)
+    # base: the slot's first row (R = W window rows + the compressed entries per slot); idx the
+    # key rows attended, complete but for a ranked CSA selection (appended below)
+    cos, sin, base, ring_row, comp_row0, index_row0, idx = layer_rows(
+        ix.pos, ix.slot, *rope.tables[kind != SWA], st.keys.shape[1], W,
+        1 if comp is None else comp.ratio, max(n_sel, MIN_HCA_ENTRIES) if kind == HCA else n_sel,
+        0 if st.index_comp is None else st.index_comp.capacity,
+    )  # fmt: skip
 
     qa, kva = M.linears(x, ("attn.wq_a", "attn.wkv"), lw, ctx)  # [1, Q], [1, Dh]
     qr = rms(qa, lw["attn.q_norm"], cfg.rms_norm_eps)
-    if kind == CSA:
+    if ranked:  # the indexer's query projection with wq_b (one launch)
         qb, qi = M.linears(qr, ("attn.wq_b", "attn.indexer.wq_b"), lw, ctx)
-    else:
+    else:  # no indexer query: SWA and HCA have none; the shortcut does not score
         qb = M.linear(qr, lw["attn.wq_b"], ctx)
-    q, kv = q_and_kv(
-        qb, kva, lw["attn.kv_norm"], cos, sin, cfg.rms_norm_eps, cfg.num_attention_heads,
-        cfg.nope_dim, ctx.quant_sim,
+    # the ring then holds positions pos-W+1..pos
+    q = q_and_kv(
+        qb, kva, lw["attn.kv_norm"], cos, sin, keys, ring_row, cfg.rms_norm_eps,
+        cfg.num_attention_heads, cfg.nope_dim, ctx.quant_sim,
     )  # fmt: skip
-    keys.index_copy_(0, ring_row, kv)  # the ring now holds positions pos-W+1..pos
 
-    sel = None
-    if kind != SWA:
-        comp = st.comp
-        n_c = min(-(-bucket // comp.ratio), comp.capacity)  # entries this bucket can reach
-        compress_step(x, ix, lw, "attn.compressor", comp, keys, base + W, rope, "kv", ctx)
-        if kind == CSA:
-            sel = indexer_step(x, qi, ix, n_c, lw, st, rope, ctx)  # [1, k] entry ids, -1 none
-        else:
-            sel = hca_select(ix.pos, max(n_c, MIN_HCA_ENTRIES), comp.ratio)
-    idx = key_rows(ix.pos, base, sel, W)
+    if comp is not None:
+        compress_step(x, ix, lw, "attn.compressor", comp, keys, comp_row0, rope, "kv", ctx)
+    if kind == CSA:
+        ca = st.index_comp
+        cache = ca.cache.reshape(-1, cfg.index_head_dim)  # [S·C, DI]
+        compress_step(
+            x, ix, lw, "attn.indexer.compressor", ca, cache, index_row0, rope, "index", ctx
+        )
+        if ranked:
+            sel = indexer_step(x, qi, ix, n_c, lw, cache, index_row0, ca.ratio, cos, sin, ctx)
+            idx = key_rows(ix.pos, base, sel, W)  # [1, W + k]
 
     o = ops.sparse_attn(
         q, keys, idx, lw["attn.attn_sink"], Dh**-0.5, workspace=ctx.attn_ws, triton=ctx.kernels
@@ -349,41 +367,43 @@ def attention_step(
     return M.linear(z, lw["attn.wo_b"], ctx)
 
 
+def topk_shortcut(n_c: int, ctx: M.Ctx) -> bool:
+    """Whether a CSA layer selects every complete entry without scoring: on the kernel path,
+    while the bucket's n_c entries all fit the k selected (positions below 4 x 512 = 2,048 in
+    V4-Flash), the top-k is every complete entry whatever the scores, the same set as the
+    ranked selection in ascending order. It saves the indexer's query projection (~8 MB of FP8),
+    its weights product, the query's rounding, the keys kernel and torch.topk's sort: ~50 us of
+    a CSA layer on an H200. The attention then sums its keys in another order (fp32 rounding);
+    the torch twins' path (CPU) keeps the ranked selection, unchanged."""
+    return ctx.kernels and n_c <= ctx.cfg.index_topk
+
+
 def indexer_step(
     x: torch.Tensor,
     qi: torch.Tensor,
     ix: DecodeIndex,
     n_c: int,
     lw: M.LayerWeights,
-    st: ArenaLayer,
-    rope: M.RopeTables,
+    cache: torch.Tensor,
+    row0: torch.Tensor,
+    ratio: int,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
     ctx: M.Ctx,
 ) -> torch.Tensor:
-    """Lightning indexer for one token: top-k of the slot's first n_c indexer entries -> [1, k]
-    (-1 where fewer are complete; k = index_topk whatever n_c, so the shapes after the selection
-    do not change with the bucket)."""
+    """Lightning indexer for one token, after its compressor: top-k of the slot's first n_c
+    indexer entries (cache [S·C, DI], the slot's first at row0) -> [1, k] (-1 where fewer are
+    complete; k = index_topk whatever n_c, so the shapes after the selection do not change with
+    the bucket). cos/sin: the position's compressed-regime RoPE rows."""
     cfg = ctx.cfg
     HI, DI = cfg.index_n_heads, cfg.index_head_dim
-    ca = st.index_comp
-    cache = ca.cache.reshape(-1, DI)  # [S·C, DI]
-    row0 = ix.slot * ca.capacity
-    compress_step(x, ix, lw, "attn.indexer.compressor", ca, cache, row0, rope, "index", ctx)
-    if ctx.kernels and n_c <= cfg.index_topk:
-        # The bucket's n_c entries all fit the k selected (positions below 4 x 512 = 2,048 in
-        # V4-Flash), so the top-k is every complete entry whatever the scores: the same set as
-        # the ranked selection in ascending order, without scoring (the weights product, the
-        # query's rounding, the keys kernel) and torch.topk's sort: ~50 us of a CSA layer on
-        # an H200. The attention then sums its keys in another order (fp32 rounding); the torch
-        # twins' path (CPU) keeps the ranked selection, unchanged.
-        return hca_select(ix.pos, cfg.index_topk, ca.ratio)
-    cos, sin = rope_rows(*rope.tables[True], ix.pos)
     wlog = M.plain_f32(x, lw["attn.indexer.weights_proj"], ctx.kernels)
     # Head weights scaled by DI^-1/2 · HI^-1/2 (docs/architecture.md §3.3 step 4).
     q, w = indexer_q(
         qi, wlog, cos, sin, _hmat(ctx, x.device), HI, ctx.quant_sim, DI**-0.5 * HI**-0.5,
         x.dtype,
     )  # fmt: skip
-    limit = ((ix.pos + 1) // ca.ratio).int()
+    limit = ((ix.pos + 1) // ratio).int()
     top = ops.indexer_topk(
         q, cache, w, limit, cfg.index_topk, n_keys=n_c, k_row0=row0, triton=ctx.kernels
     )
@@ -399,17 +419,18 @@ def route_step(
     out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """model.route for one token, the gate product without upcasting the gate weight -> (ids
-    [1, K], weights [1, K]); into out's (ids, weights) when given."""
+    [1, K], weights [1, K]); into out's (ids, weights) when given. On the kernel path the scores,
+    the selection (or the hash table's row, looked up on the device) and the weights are one
+    launch (kernels/router.py)."""
     cfg = ctx.cfg
     logits = M.plain_f32(u, lw["ffn.gate"], ctx.kernels)  # [1, E] fp32
-    if cfg.is_hash_layer(layer):
-        hashed, bias = lw["ffn.gate.tid2eid"][ids], None  # fixed by the input token id
-    else:  # the bias steers selection only
-        hashed, bias = None, lw["ffn.gate.bias"]
-    k, scale = cfg.num_experts_per_tok, cfg.routed_scaling_factor
-    if out is not None:
-        return route_into(logits, bias, hashed, k, scale, *out)
-    return route_math(logits, bias, hashed, k, scale)
+    hashed = cfg.is_hash_layer(layer)  # ids fixed by the input token, else the bias steers
+    sel_out, w_out = (None, None) if out is None else out
+    return ops.route(
+        logits, None if hashed else lw["ffn.gate.bias"], lw["ffn.gate.tid2eid"] if hashed else None,
+        ids if hashed else None, cfg.num_experts_per_tok, cfg.routed_scaling_factor,
+        sel_out=sel_out, w_out=w_out, triton=ctx.kernels,
+    )  # fmt: skip
 
 
 def segment_a_step(

@@ -26,6 +26,7 @@ from homeseek.config import CSA, SWA, ModelConfig, yarn_inv_freq
 from homeseek.kernels import ops
 from homeseek.kernels.gemv import GEMV_MAX_T
 from homeseek.kernels.rope import rope_ref
+from homeseek.kernels.router import route_ref
 from homeseek.quant import act_quant_sim, fp4_block_sim, fp8_block_sim, hadamard
 from homeseek.state import CompressorState, LayerState
 
@@ -500,20 +501,10 @@ def route(
     )
 
 
-def route_from_logits(
-    logits: torch.Tensor,
-    bias: torch.Tensor | None,
-    hashed: torch.Tensor | None,
-    k: int,
-    scale: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Router logits [T, E] fp32 -> (expert ids [T, K], weights [T, K]): scores
-    sqrt(softplus(logits)); ids from the hash table rows `hashed`, else the top-k of score +
-    bias; weights are the chosen scores normalised to sum `scale`."""
-    sc = torch.sqrt(F.softplus(logits))
-    sel = hashed if hashed is not None else torch.topk(sc + bias, k, dim=-1).indices
-    w = sc.gather(1, sel)
-    return sel, w / w.sum(-1, keepdim=True) * scale
+# The routing math (scores sqrt(softplus(logits)); ids from the hash table rows, else the top-k of
+# score + bias; weights the chosen scores normalised to sum `scale`): defined once, as the twin
+# of the decode step's routing kernel (kernels/router.py).
+route_from_logits = route_ref
 
 
 def swiglu(

@@ -17,11 +17,9 @@ from homeseek.config import ConfigError, RuntimeConfig
 from homeseek.state import NoFreeSlotError, StateArena
 
 FUSED = [
-    "rms", "rms_into", "q_and_kv", "unrope", "pool_entry", "indexer_q", "key_rows", "hca_select",
-    "route_math", "route_into", "swiglu_act", "compress_rows", "rope_rows", "slot_rows",
+    "rms", "rms_into", "q_and_kv", "unrope", "pool_entry", "indexer_q", "key_rows", "layer_rows",
+    "swiglu_act", "compress_rows",
 ]  # fmt: skip
-# Run only by the decode prefetch's prediction (off here): the step itself routes into its buffers.
-PREDICTION_ONLY = {"route_math"}
 
 
 def _step_logits(eng, sess, tok: int) -> torch.Tensor:
@@ -127,7 +125,7 @@ def test_fused_regions_trace_as_whole_graphs(monkeypatch):
         x, y = a.decode(tok), _step_logits(eng, b, tok)
         assert float((x - y).abs().max() / y.std()) < 1e-5
     # tiny has SWA, CSA and HCA layers: every region ran
-    assert {f.__name__ for f in compiled} == set(FUSED) - PREDICTION_ONLY
+    assert {f.__name__ for f in compiled} == set(FUSED)
     torch._dynamo.reset()
 
 

@@ -205,14 +205,14 @@ def test_decode_selects_every_entry_while_they_fit_the_top_k(monkeypatch):
     )
     eng = Engine(SyntheticSource(cfg, seed=0, device="cuda"), rt)
     assert eng.rt.graphs
-    shortcut = []  # (n, m) of every hca_select: CSA (m = 4) takes it only through the shortcut
-    select = D.hca_select
+    shortcut = []  # (n_sel, m) of every layer_rows: CSA (m = 4) selects n_sel only by shortcut
+    rows = D.layer_rows
 
-    def spy(pos, n, m):
-        shortcut.append((n, m))
-        return select(pos, n, m)
+    def spy(pos, slot, cos_t, sin_t, n_rows, window, m, n_sel, index_cap):
+        shortcut.append((n_sel, m))
+        return rows(pos, slot, cos_t, sin_t, n_rows, window, m, n_sel, index_cap)
 
-    monkeypatch.setattr(D, "hca_select", spy)
+    monkeypatch.setattr(D, "layer_rows", spy)
     ids = torch.randint(0, cfg.vocab_size, (560,), generator=torch.Generator().manual_seed(5))
     ids = ids.tolist()
     old = torch.backends.cuda.matmul.allow_tf32

@@ -32,7 +32,7 @@ if INTERP:
     # test imported them first, reload them now that the interpreter is on.
     for _name in (
         "_formats", "fp8_linear", "fp4_experts", "sparse_attn", "indexer", "mhc", "handoff",
-        "rope", "gemv", "ops",
+        "rope", "gemv", "router", "ops",
     ):  # fmt: skip
         _mod = sys.modules.get(f"homeseek.kernels.{_name}")
         if _mod is not None:
@@ -47,6 +47,7 @@ from homeseek.kernels import indexer as ix  # noqa: E402
 from homeseek.kernels import mhc as mh  # noqa: E402
 from homeseek.kernels import ops  # noqa: E402
 from homeseek.kernels import rope as rp  # noqa: E402
+from homeseek.kernels import router as rt  # noqa: E402
 from homeseek.kernels import sparse_attn as sa  # noqa: E402
 
 interp = pytest.mark.skipif(not INTERP, reason="needs triton on a machine without CUDA")
@@ -894,6 +895,61 @@ def test_gemv_f32_rejects_bad_inputs():
         gv.gemv_f32(x, w, out=torch.empty(2, 16, dtype=torch.bfloat16))
     with pytest.raises(ValueError, match=r"gemv_f32: out: expected shape \[2, 16\]"):
         gv.gemv_f32(x, w, out=torch.empty(16, 2))
+
+
+def _check_route(t: int, e: int, k: int, hashed: bool, seed: int = 0) -> None:
+    """The routing kernel against its twin: the same ids in the same (descending) order, the
+    weights to fp32 rounding, into out= buffers; logits spread wide enough to reach softplus's
+    threshold (20) and its small-e branch (-30)."""
+    g = _gen(seed * 7 + e + k + t)
+    logits = (torch.randn(t, e, generator=g) * 8).to(DEV)
+    logits[:, 0] = -30.0
+    logits[:, 1] = 25.0
+    bias = (torch.randn(e, generator=g) * 0.3).to(DEV)
+    table = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(50)]).to(DEV)
+    tokens = torch.randint(0, 50, (t,), generator=g).to(DEV)
+    args = (None, table, tokens) if hashed else (bias, None, None)
+    sel_out = torch.full((t, k), -7, dtype=torch.long, device=DEV)
+    w_out = poison((t, k), torch.float32)
+    sel, w = rt.route(logits, *args, k, 2.5, sel_out=sel_out, w_out=w_out)
+    assert sel is sel_out and w is w_out
+    want_sel, want_w = rt.route_ref(logits, bias if not hashed else None,
+                                    table[tokens] if hashed else None, k, 2.5)  # fmt: skip
+    assert torch.equal(sel.cpu(), want_sel.cpu()), (sel, want_sel)
+    assert_close("route weights", w, want_w, torch.float32)
+    assert torch.allclose(w.sum(-1).cpu(), torch.full((t,), 2.5), atol=1e-5)
+    got = ops.route(logits, *args, k, 2.5, triton=False)
+    assert torch.equal(got[0].cpu(), want_sel.cpu()) and torch.equal(got[1].cpu(), want_w.cpu())
+
+
+@interp
+@pytest.mark.parametrize("t,e,k", [(1, 256, 6), (3, 256, 6), (2, 16, 4), (1, 20, 3)])
+@pytest.mark.parametrize("hashed", [False, True])
+def test_route_interp(t, e, k, hashed):
+    """One launch routes like model.route_from_logits: V4-Flash's 256 experts and 6 per token,
+    the tiny model's 16 / 4, and an E that is not a power of two (masked lanes)."""
+    _check_route(t, e, k, hashed)
+
+
+@interp
+def test_route_rejects_bad_inputs():
+    logits = torch.randn(1, 16)
+    bias = torch.zeros(16)
+    with pytest.raises(ValueError, match="route: give bias"):
+        rt.route(logits, bias, torch.zeros(4, 2, dtype=torch.long), None, 2, 1.0)
+    with pytest.raises(TypeError, match="route: logits: expected dtype"):
+        rt.route(logits.half(), bias, None, None, 2, 1.0)
+    with pytest.raises(ValueError, match=r"route: bias: expected shape \[16\]"):
+        rt.route(logits, torch.zeros(8), None, None, 2, 1.0)
+    with pytest.raises(ValueError, match="route: k must be"):
+        rt.route(logits, bias, None, None, 17, 1.0)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("hashed", [False, True])
+def test_route_gpu(hashed):
+    for t in (1, 4):
+        _check_route(t, 256, 6, hashed, seed=3)
 
 
 @interp
