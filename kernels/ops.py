@@ -18,6 +18,7 @@ from . import handoff as _handoff
 from . import indexer as _idx
 from . import mhc as _mhc
 from . import rope as _rope
+from . import router as _router
 from . import sparse_attn as _attn
 from ._formats import HAS_TRITON, interpreting
 
@@ -32,6 +33,7 @@ __all__ = [
     "mhc_post",
     "mhc_pre",
     "rope_heads_",
+    "route",
     "sparse_attn",
     "use_triton",
 ]
@@ -245,3 +247,25 @@ def mhc_post(
     if _pick(triton, x):
         return _mhc.mhc_post(f, x, post, comb, out=out)
     return _into(out, _mhc.mhc_post_ref(f, x, post, comb))
+
+
+def route(
+    logits: torch.Tensor,
+    bias: torch.Tensor | None,
+    table: torch.Tensor | None,
+    tokens: torch.Tensor | None,
+    k: int,
+    scale: float,
+    *,
+    sel_out: torch.Tensor | None = None,
+    w_out: torch.Tensor | None = None,
+    triton: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MoE routing from the gate's logits [T, E] fp32 -> (ids [T, K] int64, weights [T, K] fp32)
+    (kernels/router.py): learned router with bias [E]; hash layer with table [vocab, K] (tid2eid)
+    and the tokens [T]. Into sel_out / w_out when given."""
+    if _pick(triton, logits):
+        return _router.route(logits, bias, table, tokens, k, scale, sel_out=sel_out, w_out=w_out)
+    hashed = table[tokens] if table is not None else None
+    sel, w = _router.route_ref(logits, bias, hashed, k, scale)
+    return _into(sel_out, sel), _into(w_out, w)
