@@ -13,9 +13,9 @@ How each data-dependent piece of the eager step becomes static (docs/architectur
 - Keys: the window ring and the main compressed cache are one buffer per layer (state.py), so
   the sparse attention reads rows of one tensor; window rows not yet written (`r > pos` early in a
   sequence) and compressed entries not yet complete (`c >= (pos + 1) // m`) are masked (-1).
-- The compressor pools the block in progress every step and writes it at row `pos // m`: the
-  entry is masked until its block completes, and the step that completes it writes the final
-  value. The CSA overlap half moves with `torch.where(block complete, new, old)`.
+- The compressor writes the token's buffer rows every step; the step that completes a block
+  writes its entry at row `pos // m` and moves the CSA overlap half (a branch on the device,
+  inside one kernel: kernels/compress.py). An entry is masked until its block completes.
 - The compressed entries a token can see are bounded by the bucket's capacity `n_c` (the first
   `n_c` rows of the cache): the per-token cost follows the position reached, not max_context.
 
@@ -39,7 +39,7 @@ from homeseek import model as M
 from homeseek.compile import fused
 from homeseek.config import CSA, HCA, SWA, ModelConfig
 from homeseek.kernels import ops
-from homeseek.kernels.rope import head_rms_rope_ref, rope_heads_ref
+from homeseek.kernels.rope import rope_heads_ref
 from homeseek.quant import hadamard_matrix
 from homeseek.state import ArenaCompressor, ArenaLayer
 
@@ -82,99 +82,41 @@ def rms_into(x: torch.Tensor, w: torch.Tensor, eps: float, out: torch.Tensor) ->
 
 
 @fused
-def q_and_kv(
-    qb: torch.Tensor,
+def new_key(
     kva: torch.Tensor,
     kv_w: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
+    cos_t: torch.Tensor,
+    sin_t: torch.Tensor,
+    pos: torch.Tensor,
     keys: torch.Tensor,
     ring_row: torch.Tensor,
     eps: float,
-    heads: int,
     nope: int,
     quant_sim: bool,
-) -> torch.Tensor:
-    """qb [1, H·Dh], kva [1, Dh] -> q [1, H, Dh] (per-head RMS, RoPE); the new key (norm, RoPE,
-    cache rounding) goes to row ring_row of keys [S·R, Dh]. The store is part of the compiled
-    region: Inductor writes the row in place from the kernel that computes it (no launch of
-    its own, no copy of the buffer)."""
-    q = head_rms_rope_ref(qb.view(1, heads, -1), cos, sin, eps)
-    kv = M.apply_rope(M.rms_norm(kva, kv_w, eps), cos, sin)
+) -> None:
+    """The token's key from kva [1, Dh] (norm, RoPE, cache rounding) into row ring_row of keys
+    [S·R, Dh]. The store is part of the compiled region: Inductor writes the row in place from
+    the kernel that computes it (no launch of its own, no copy of the buffer). cos_t/sin_t: the
+    layer's RoPE tables, read at pos inside (no gather launch of its own)."""
+    kv = M.apply_rope(M.rms_norm(kva, kv_w, eps), cos_t[pos], sin_t[pos])
     keys.index_copy_(0, ring_row, M.kv_round(kv, nope, quant_sim))
-    return q
 
 
 @fused
-def unrope(o: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Undo RoPE at the query position: o [1, H, Dh]."""
-    return rope_heads_ref(o, cos, -sin)
-
-
-@fused
-def compress_rows(
-    gate: torch.Tensor, ape: torch.Tensor, pos: torch.Tensor, slot: torch.Tensor, m: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The gate logits plus the position's ape row, and the buffer row the token goes to
-    (slot·m + pos mod m) -> ([1, c·d], [1])."""
-    off = pos % m
-    return gate + ape[off], slot * m + off
-
-
-@fused
-def pool_entry(
-    buf_kv: torch.Tensor,
-    buf_gate: torch.Tensor,
-    prev_kv: torch.Tensor,
-    prev_gate: torch.Tensor,
-    slot: torch.Tensor,
-    pos: torch.Tensor,
-    cache_row0: torch.Tensor,
-    norm_w: torch.Tensor,
-    cos_t: torch.Tensor,
-    sin_t: torch.Tensor,
-    hmat: torch.Tensor,
-    dtype: torch.dtype,
-    m: int,
-    overlap: bool,
-    eps: float,
-    post: str,
-    nope: int,
-    quant_sim: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The entry of the block in progress, from the slot's buffers after this token's row was
-    written -> (entry [1, d], next prev_kv [m, d], next prev_gate [m, d], its cache row [1]).
-
-    CSA pools the previous block's A half with this block's B half over 2m rows, and the A half
-    moves on when this token completes the block. The entry gets RoPE at the block's first
-    position (cos_t/sin_t: the compressed-regime tables). post: "kv" (cache rounding) or
-    "index" (Hadamard + E2M1)."""
-    bk = buf_kv.index_select(0, slot)[0]  # [m, c·d]; rows past pos mod m are the last block's
-    bg = buf_gate.index_select(0, slot)[0]
-    pk = prev_kv.index_select(0, slot)[0]  # [m, d] A half of the previous block (CSA)
-    pg = prev_gate.index_select(0, slot)[0]
-    if overlap:
-        d = pk.shape[-1]
-        slot_kv = torch.cat((pk, bk[:, d:]))  # [2m, d]
-        slot_gate = torch.cat((pg, bg[:, d:]))
-        complete = (pos % m == m - 1).view(1, 1)
-        pk = torch.where(complete, bk[:, :d], pk)
-        pg = torch.where(complete, bg[:, :d], pg)
-    else:
-        slot_kv, slot_gate = bk, bg
-    pooled = (slot_kv * torch.softmax(slot_gate, dim=0)).sum(0, keepdim=True)  # [1, d] fp32
-    first = (pos // m) * m
-    e = M.apply_rope(M.rms_norm(pooled.to(dtype), norm_w, eps), cos_t[first], sin_t[first])
-    e = M.kv_round(e, nope, quant_sim) if post == "kv" else M.index_round(e, quant_sim, hmat)
-    return e, pk, pg, cache_row0 + pos // m
+def unrope(
+    o: torch.Tensor, cos_t: torch.Tensor, sin_t: torch.Tensor, pos: torch.Tensor
+) -> torch.Tensor:
+    """Undo RoPE at the query position: o [1, H, Dh] (cos_t/sin_t: the layer's tables)."""
+    return rope_heads_ref(o, cos_t[pos], -sin_t[pos])
 
 
 @fused
 def indexer_q(
     qi: torch.Tensor,
     wlog: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
+    cos_t: torch.Tensor,
+    sin_t: torch.Tensor,
+    pos: torch.Tensor,
     hmat: torch.Tensor,
     heads: int,
     quant_sim: bool,
@@ -183,7 +125,8 @@ def indexer_q(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Indexer query [1, HI, DI] (RoPE, Hadamard + E2M1) and head weights [1, HI] fp32 from the
     weights_proj product wlog (rounded to the activation dtype, as model.linear returns it)."""
-    q = M.apply_rope(qi.view(1, heads, -1), cos.unsqueeze(1), sin.unsqueeze(1))
+    cos, sin = cos_t[pos].unsqueeze(1), sin_t[pos].unsqueeze(1)  # [1, 1, d_r/2]
+    q = M.apply_rope(qi.view(1, heads, -1), cos, sin)
     return M.index_round(q, quant_sim, hmat), wlog.to(dtype).float() * w_scale
 
 
@@ -220,28 +163,25 @@ def key_rows(
 def layer_rows(
     pos: torch.Tensor,
     slot: torch.Tensor,
-    cos_t: torch.Tensor,
-    sin_t: torch.Tensor,
     rows: int,
     window: int,
     m: int,
     n_sel: int,
     index_cap: int,
-) -> tuple[torch.Tensor, ...]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Everything of one layer's step that follows from the position and the slot alone, in one
-    compiled region (a few launches instead of one or two per piece, ~7 a layer before):
-    (cos, sin [1, d_r/2] RoPE rows, base (the slot's first row of the key buffer), ring_row,
-    comp_row0 (base + W: the main compressor's first entry row), index_row0 (slot · index_cap:
-    the indexer cache's), idx). idx: the key rows attended ([1, W + n_sel] int32, key_rows)
-    when the compressed entries are every complete one of the first n_sel (_hca_select: HCA, and
-    CSA under the top-k shortcut; m the compression ratio); the window's alone when n_sel is 0
-    (SWA, or CSA ranked by its indexer, whose selection key_rows appends later)."""
+    compiled region (two launches; the pieces took ~7 a layer apart) -> (r [4] int64, idx).
+    r: the slot's first row of the key buffer (base), the ring row of pos, the main
+    compressor's first entry row (base + W) and the indexer cache's (slot · index_cap), one
+    tensor so that one kernel writes them. idx: the key rows attended ([1, W + n_sel] int32,
+    _key_rows) when the compressed entries are every complete one of the first n_sel
+    (_hca_select: HCA, and CSA under the top-k shortcut; m the compression ratio); the window's
+    alone when n_sel is 0 (SWA, or CSA ranked by its indexer, whose selection key_rows appends
+    later)."""
     base = slot * rows
     sel = _hca_select(pos, n_sel, m) if n_sel else None
-    return (
-        cos_t[pos], sin_t[pos], base, base + pos % window, base + window, slot * index_cap,
-        _key_rows(pos, base, sel, window),
-    )  # fmt: skip
+    r = torch.cat((base, base + pos % window, base + window, slot * index_cap))
+    return r, _key_rows(pos, base, sel, window)
 
 
 # model.py's own definition, compiled on the kernel path.
@@ -287,25 +227,22 @@ def compress_step(
     post: str,
     ctx: M.Ctx,
 ) -> None:
-    """Feed one token x [1, D] to a compressor of the session in slot ix.slot; write the entry of
-    the block in progress at cache row cache_row0 + pos // m (final once the block completes)."""
-    m, cfg = ca.ratio, ctx.cfg
+    """Feed one token x [1, D] to a compressor of the session in slot ix.slot: its block buffer
+    rows, and, when the token completes the block, the entry at cache row cache_row0 + pos // m
+    (and the CSA overlap half). After the two fp32 projections one launch does it all
+    (kernels/compress.py; ~16 launches before); its torch twin, on the twins' path, also writes
+    the entry of the block in progress (masked until complete, wherever it is read)."""
+    cfg = ctx.cfg
     kv = M.plain_f32(x, lw[f"{prefix}.wkv"], ctx.kernels)  # [1, c·d] fp32
-    gate, row = compress_rows(
-        M.plain_f32(x, lw[f"{prefix}.wgate"], ctx.kernels), lw[f"{prefix}.ape"], ix.pos, ix.slot, m
-    )
-    ca.buf_kv.view(-1, ca.buf_kv.shape[-1]).index_copy_(0, row, kv)
-    ca.buf_gate.view(-1, ca.buf_gate.shape[-1]).index_copy_(0, row, gate)
+    gate = M.plain_f32(x, lw[f"{prefix}.wgate"], ctx.kernels)
     cos_t, sin_t = rope.tables[True]
-    e, pk, pg, cache_row = pool_entry(
-        ca.buf_kv, ca.buf_gate, ca.prev_kv, ca.prev_gate, ix.slot, ix.pos, cache_row0,
-        lw[f"{prefix}.norm"], cos_t, sin_t, _hmat(ctx, x.device), ctx.dtype, m, ca.overlap,
-        cfg.rms_norm_eps, post, cfg.nope_dim, ctx.quant_sim,
+    hmat = _hmat(ctx, x.device) if post == "index" and ctx.quant_sim else None
+    ops.compress_decode(
+        kv, gate, lw[f"{prefix}.ape"], ix.pos, ix.slot, ca.buf_kv, ca.buf_gate, ca.prev_kv,
+        ca.prev_gate, cache_flat, cache_row0, lw[f"{prefix}.norm"], cos_t, sin_t, hmat,
+        m=ca.ratio, overlap=ca.overlap, eps=cfg.rms_norm_eps, post=post, nope=cfg.nope_dim,
+        quant_sim=ctx.quant_sim, dtype=ctx.dtype, triton=ctx.kernels,
     )  # fmt: skip
-    if ca.overlap:
-        ca.prev_kv.index_copy_(0, ix.slot, pk[None])
-        ca.prev_gate.index_copy_(0, ix.slot, pg[None])
-    cache_flat.index_copy_(0, cache_row, e.to(cache_flat.dtype))
 
 
 def attention_step(
@@ -330,11 +267,13 @@ def attention_step(
     keys = st.keys.view(-1, Dh)  # [S·R, Dh]
     # base: the slot's first row (R = W window rows + the compressed entries per slot); idx the
     # key rows attended, complete but for a ranked CSA selection (appended below)
-    cos, sin, base, ring_row, comp_row0, index_row0, idx = layer_rows(
-        ix.pos, ix.slot, *rope.tables[kind != SWA], st.keys.shape[1], W,
+    cos_t, sin_t = rope.tables[kind != SWA]  # YaRN if compressed
+    r, idx = layer_rows(
+        ix.pos, ix.slot, st.keys.shape[1], W,
         1 if comp is None else comp.ratio, max(n_sel, MIN_HCA_ENTRIES) if kind == HCA else n_sel,
         0 if st.index_comp is None else st.index_comp.capacity,
     )  # fmt: skip
+    base, ring_row, comp_row0, index_row0 = r[0:1], r[1:2], r[2:3], r[3:4]  # [1] each
 
     qa, kva = M.linears(x, ("attn.wq_a", "attn.wkv"), lw, ctx)  # [1, Q], [1, Dh]
     qr = rms(qa, lw["attn.q_norm"], cfg.rms_norm_eps)
@@ -342,10 +281,15 @@ def attention_step(
         qb, qi = M.linears(qr, ("attn.wq_b", "attn.indexer.wq_b"), lw, ctx)
     else:  # no indexer query: SWA and HCA have none; the shortcut does not score
         qb = M.linear(qr, lw["attn.wq_b"], ctx)
+    # the query: per-head RMS and RoPE, one launch (the RoPE row read at the position inside)
+    H = cfg.num_attention_heads
+    q = ops.head_rms_rope(
+        qb.view(1, H, -1), cos_t, sin_t, cfg.rms_norm_eps, rows=ix.pos, triton=ctx.kernels
+    )
     # the ring then holds positions pos-W+1..pos
-    q = q_and_kv(
-        qb, kva, lw["attn.kv_norm"], cos, sin, keys, ring_row, cfg.rms_norm_eps,
-        cfg.num_attention_heads, cfg.nope_dim, ctx.quant_sim,
+    new_key(
+        kva, lw["attn.kv_norm"], cos_t, sin_t, ix.pos, keys, ring_row, cfg.rms_norm_eps,
+        cfg.nope_dim, ctx.quant_sim,
     )  # fmt: skip
 
     if comp is not None:
@@ -357,13 +301,15 @@ def attention_step(
             x, ix, lw, "attn.indexer.compressor", ca, cache, index_row0, rope, "index", ctx
         )
         if ranked:
-            sel = indexer_step(x, qi, ix, n_c, lw, cache, index_row0, ca.ratio, cos, sin, ctx)
+            sel = indexer_step(x, qi, ix, n_c, lw, cache, index_row0, ca.ratio, rope, ctx)
             idx = key_rows(ix.pos, base, sel, W)  # [1, W + k]
 
     o = ops.sparse_attn(
         q, keys, idx, lw["attn.attn_sink"], Dh**-0.5, workspace=ctx.attn_ws, triton=ctx.kernels
     )
-    z = M.grouped_linear(unrope(o, cos, sin).reshape(1, cfg.o_groups, -1), lw["attn.wo_a"], ctx)
+    z = M.grouped_linear(
+        unrope(o, cos_t, sin_t, ix.pos).reshape(1, cfg.o_groups, -1), lw["attn.wo_a"], ctx
+    )
     return M.linear(z, lw["attn.wo_b"], ctx)
 
 
@@ -387,21 +333,20 @@ def indexer_step(
     cache: torch.Tensor,
     row0: torch.Tensor,
     ratio: int,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
+    rope: M.RopeTables,
     ctx: M.Ctx,
 ) -> torch.Tensor:
     """Lightning indexer for one token, after its compressor: top-k of the slot's first n_c
     indexer entries (cache [S·C, DI], the slot's first at row0) -> [1, k] (-1 where fewer are
     complete; k = index_topk whatever n_c, so the shapes after the selection do not change with
-    the bucket). cos/sin: the position's compressed-regime RoPE rows."""
+    the bucket)."""
     cfg = ctx.cfg
     HI, DI = cfg.index_n_heads, cfg.index_head_dim
     wlog = M.plain_f32(x, lw["attn.indexer.weights_proj"], ctx.kernels)
     # Head weights scaled by DI^-1/2 · HI^-1/2 (docs/architecture.md §3.3 step 4).
     q, w = indexer_q(
-        qi, wlog, cos, sin, _hmat(ctx, x.device), HI, ctx.quant_sim, DI**-0.5 * HI**-0.5,
-        x.dtype,
+        qi, wlog, *rope.tables[True], ix.pos, _hmat(ctx, x.device), HI, ctx.quant_sim,
+        DI**-0.5 * HI**-0.5, x.dtype,
     )  # fmt: skip
     limit = ((ix.pos + 1) // ratio).int()
     top = ops.indexer_topk(

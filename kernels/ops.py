@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from . import compress as _compress
 from . import fp4_experts as _fp4
 from . import fp8_linear as _fp8
 from . import gemv as _gemv
@@ -24,6 +25,7 @@ from ._formats import HAS_TRITON, interpreting
 
 __all__ = [
     "await_copy",
+    "compress_decode",
     "fp4_experts",
     "fp8_linear",
     "gemv_f32",
@@ -60,12 +62,21 @@ def _into(out: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
 
 
 def head_rms_rope(
-    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float, *, triton: bool | None = None
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    eps: float,
+    *,
+    rows: torch.Tensor | None = None,
+    triton: bool | None = None,
 ) -> torch.Tensor:
     """The query path: per-head unweighted RMS, then RoPE on the last channels: x [T, H, Dh],
-    cos/sin [T, P] fp32 -> a new contiguous [T, H, Dh] (kernels/rope.py)."""
+    cos/sin [T, P] fp32 -> a new contiguous [T, H, Dh] (kernels/rope.py). rows: [T] int64, the
+    rows of cos/sin (whole tables then) the tokens take, read on the device."""
     if _pick(triton, x):
-        return _rope.head_rms_rope(x, cos, sin, eps)
+        return _rope.head_rms_rope(x, cos, sin, eps, rows)
+    if rows is not None:
+        cos, sin = cos[rows], sin[rows]
     return _rope.head_rms_rope_ref(x, cos, sin, eps)
 
 
@@ -269,3 +280,42 @@ def route(
     hashed = table[tokens] if table is not None else None
     sel, w = _router.route_ref(logits, bias, hashed, k, scale)
     return _into(sel_out, sel), _into(w_out, w)
+
+
+def compress_decode(
+    kv: torch.Tensor,
+    gate: torch.Tensor,
+    ape: torch.Tensor,
+    pos: torch.Tensor,
+    slot: torch.Tensor,
+    buf_kv: torch.Tensor,
+    buf_gate: torch.Tensor,
+    prev_kv: torch.Tensor,
+    prev_gate: torch.Tensor,
+    cache: torch.Tensor,
+    cache_row0: torch.Tensor,
+    norm_w: torch.Tensor,
+    cos_t: torch.Tensor,
+    sin_t: torch.Tensor,
+    hmat: torch.Tensor | None,
+    *,
+    m: int,
+    overlap: bool,
+    eps: float,
+    post: str,
+    nope: int,
+    quant_sim: bool,
+    dtype: torch.dtype,
+    triton: bool | None = None,
+) -> None:
+    """One decode token through one KV compressor after its fp32 projections kv, gate [1, c·d],
+    in place: the block buffer rows, and on the step completing a block its entry (cache row
+    cache_row0 + pos // m) and the CSA overlap half (kernels/compress.py). The twin also writes
+    the entry of a block in progress; the kernel leaves it (masked until complete)."""
+    args = (kv, gate, ape, pos, slot, buf_kv, buf_gate, prev_kv, prev_gate, cache, cache_row0,
+            norm_w, cos_t, sin_t, hmat)  # fmt: skip
+    kw = dict(m=m, overlap=overlap, eps=eps, post=post, nope=nope, quant_sim=quant_sim, dtype=dtype)
+    if _pick(triton, kv):
+        _compress.compress_decode(*args, **kw)
+    else:
+        _compress.compress_decode_ref(*args, **kw)

@@ -54,8 +54,9 @@ def head_rms_rope_ref(
 def _head_rms_rope_kernel(
     x_ptr,  # [T, H, Dh]: heads and channels contiguous, tokens at stride_xt
     out_ptr,  # [T, H, Dh] contiguous (may be x itself when not NORM)
-    cos_ptr,  # [T, P] fp32, tokens at stride_ct
+    cos_ptr,  # [T, P] fp32, tokens at stride_ct (ROWS: a table, row rows_ptr[t] for token t)
     sin_ptr,
+    rows_ptr,  # ROWS: [T] int64 table rows (the tokens' positions)
     H,
     DH,
     P,
@@ -63,6 +64,7 @@ def _head_rms_rope_kernel(
     stride_ct,
     eps,
     NORM: tl.constexpr,
+    ROWS: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_D: tl.constexpr,  # >= Dh, a power of two
     BLOCK_P: tl.constexpr,  # >= P, a power of two
@@ -89,25 +91,28 @@ def _head_rms_rope_kernel(
     if NORM:
         a = (a * r[:, None]).to(out_ptr.dtype.element_ty).to(tl.float32)
         b = (b * r[:, None]).to(out_ptr.dtype.element_ty).to(tl.float32)
-    c = tl.load(cos_ptr + t.to(tl.int64) * stride_ct + pp, mask=pp < P, other=0.0)[None, :]
-    s = tl.load(sin_ptr + t.to(tl.int64) * stride_ct + pp, mask=pp < P, other=0.0)[None, :]
+    crow = tl.load(rows_ptr + t) if ROWS else t.to(tl.int64)
+    c = tl.load(cos_ptr + crow * stride_ct + pp, mask=pp < P, other=0.0)[None, :]
+    s = tl.load(sin_ptr + crow * stride_ct + pp, mask=pp < P, other=0.0)[None, :]
     ra = a * c - b * s
     rb = a * s + b * c
     tl.store(o_row + nope + 2 * pp[None, :], ra.to(out_ptr.dtype.element_ty), mask=pm)
     tl.store(o_row + nope + 2 * pp[None, :] + 1, rb.to(out_ptr.dtype.element_ty), mask=pm)
 
 
-def _launch(x, out, cos, sin, eps, norm, name):
+def _launch(x, out, cos, sin, eps, norm, name, rows=None):
     require_triton(name)
     check_tensor(f"{name}: x", x, dtypes=_DTYPES, contiguous=False)
     if x.dim() != 3 or x.stride(2) != 1 or x.stride(1) != x.shape[2]:
         raise ValueError(f"{name}: x must be [T, H, Dh] with heads and channels contiguous")
     t, h, dh = x.shape
     p = cos.shape[-1]
+    if rows is not None:
+        check_tensor(f"{name}: rows", rows, shape=(t,), dtypes=(torch.int64,), device=x.device)
     for nm, tab in (("cos", cos), ("sin", sin)):
         check_tensor(
-            f"{name}: {nm}", tab, shape=(t, p), dtypes=(torch.float32,), contiguous=False,
-            device=x.device,
+            f"{name}: {nm}", tab, shape=(t if rows is None else None, p),
+            dtypes=(torch.float32,), contiguous=False, device=x.device,
         )  # fmt: skip
         if tab.stride(1) != 1:
             raise ValueError(f"{name}: {nm} must have unit column stride")
@@ -120,20 +125,26 @@ def _launch(x, out, cos, sin, eps, norm, name):
         return out
     bh = 4
     _head_rms_rope_kernel[(t, triton.cdiv(h, bh))](
-        x, out, cos, sin, h, dh, p, x.stride(0), cos.stride(0), float(eps),
-        NORM=norm, BLOCK_H=bh, BLOCK_D=triton.next_power_of_2(dh),
-        BLOCK_P=triton.next_power_of_2(max(p, 1)), num_warps=4,
+        x, out, cos, sin, cos if rows is None else rows, h, dh, p, x.stride(0), cos.stride(0),
+        float(eps), NORM=norm, ROWS=rows is not None, BLOCK_H=bh,
+        BLOCK_D=triton.next_power_of_2(dh), BLOCK_P=triton.next_power_of_2(max(p, 1)), num_warps=4,
     )  # fmt: skip
     return out
 
 
 def head_rms_rope(
-    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    eps: float,
+    rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The query path (see the module docstring): x [T, H, Dh] (tokens may be strided, e.g. the
-    column slice of a fused projection), cos/sin [T, P] fp32 -> a new contiguous tensor."""
+    column slice of a fused projection), cos/sin [T, P] fp32 -> a new contiguous tensor. rows:
+    [T] int64 rows of cos/sin (then whole tables) for the tokens, read on the device (decode:
+    the position, without a gather launch of its own)."""
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    return _launch(x, out, cos, sin, eps, True, "head_rms_rope")
+    return _launch(x, out, cos, sin, eps, True, "head_rms_rope", rows)
 
 
 def rope_heads_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -17,8 +17,7 @@ from homeseek.config import ConfigError, RuntimeConfig
 from homeseek.state import NoFreeSlotError, StateArena
 
 FUSED = [
-    "rms", "rms_into", "q_and_kv", "unrope", "pool_entry", "indexer_q", "key_rows", "layer_rows",
-    "swiglu_act", "compress_rows",
+    "rms", "rms_into", "new_key", "unrope", "indexer_q", "key_rows", "layer_rows", "swiglu_act",
 ]  # fmt: skip
 
 

@@ -208,9 +208,9 @@ def test_decode_selects_every_entry_while_they_fit_the_top_k(monkeypatch):
     shortcut = []  # (n_sel, m) of every layer_rows: CSA (m = 4) selects n_sel only by shortcut
     rows = D.layer_rows
 
-    def spy(pos, slot, cos_t, sin_t, n_rows, window, m, n_sel, index_cap):
+    def spy(pos, slot, n_rows, window, m, n_sel, index_cap):
         shortcut.append((n_sel, m))
-        return rows(pos, slot, cos_t, sin_t, n_rows, window, m, n_sel, index_cap)
+        return rows(pos, slot, n_rows, window, m, n_sel, index_cap)
 
     monkeypatch.setattr(D, "layer_rows", spy)
     ids = torch.randint(0, cfg.vocab_size, (560,), generator=torch.Generator().manual_seed(5))

@@ -816,6 +816,14 @@ def test_rope_interp(dtype):
     cos, sin = ang.cos(), ang.sin()
     ref = rp.head_rms_rope_ref(x, cos, sin, 1e-6)
     assert_close("head_rms_rope", rp.head_rms_rope(x, cos, sin, 1e-6), ref, dtype)
+    # rows: the tokens' rows of whole tables, read on the device (decode's position)
+    rows = torch.tensor([3, 0, 7, 7, 1])
+    ang_t = torch.randn(9, p, generator=g)
+    got = rp.head_rms_rope(x, ang_t.cos(), ang_t.sin(), 1e-6, rows=rows)
+    want_rows = rp.head_rms_rope_ref(x, ang_t.cos()[rows], ang_t.sin()[rows], 1e-6)
+    assert_close("head_rms_rope rows", got, want_rows, dtype)
+    twin = ops.head_rms_rope(x, ang_t.cos(), ang_t.sin(), 1e-6, rows=rows, triton=False)
+    assert torch.equal(twin, want_rows)
     y = x.contiguous()
     want = rp.rope_heads_ref(y, cos, -sin)
     assert rp.rope_heads_(y, cos, -sin) is y
@@ -1564,6 +1572,11 @@ def test_rope_gpu(dtype):
     cos, sin = ang.cos(), ang.sin()
     ref = rp.head_rms_rope_ref(x, cos, sin, 1e-6)
     assert_close("head_rms_rope", rp.head_rms_rope(x, cos, sin, 1e-6), ref, dtype)
+    rows = torch.randint(0, t, (1,), generator=g).to(DEV)  # decode: one token, its position
+    got = rp.head_rms_rope(x[:1], cos, sin, 1e-6, rows=rows)
+    assert_close(
+        "head_rms_rope rows", got, rp.head_rms_rope_ref(x[:1], cos[rows], sin[rows], 1e-6), dtype
+    )
     y = x.contiguous()
     want = rp.rope_heads_ref(y, cos, -sin)
     assert_close("rope_heads_", rp.rope_heads_(y, cos, -sin), want, dtype)
