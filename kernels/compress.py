@@ -510,8 +510,10 @@ def compress_decode(
         raise ValueError(f"{name}: sin_t must have cos_t's strides")
     if d % 2 or 2 * p > d:
         raise ValueError(f"{name}: d = {d} must be even and hold the {2 * p} rotated channels")
-    if not 0 <= nope <= d:
+    if post == "kv" and not 0 <= nope <= d:
         raise ValueError(f"{name}: nope = {nope} must be within the entry width {d}")
+    if post == "index":
+        nope = 0  # (the keys' nope width does not apply to the indexer's entries)
     use_h = post == "index" and quant_sim
     if use_h:
         check_tensor(f"{name}: hmat", hmat, shape=(d, d), dtypes=f32, device=dev)

@@ -55,7 +55,7 @@ class Cfg:
 # head 32 = 16 nope + 16 rope, index head 32, HCA ratio 16), plus a ragged FP8 block (nope 48).
 FLASH = {
     "csa-main": Cfg(4, 512, 32, True, "kv", 448),
-    "csa-index": Cfg(4, 128, 32, True, "index", 64),
+    "csa-index": Cfg(4, 128, 32, True, "index", 448),  # the keys' nope, as the engine passes it
     "hca": Cfg(16, 512, 32, False, "kv", 448),  # V4-Flash's ratio is 128: test_hca_128_* below
 }
 TINY = {
@@ -342,7 +342,8 @@ def test_launcher_checks_inputs():
     with pytest.raises(ValueError, match="post"):
         call(post="keys")
     with pytest.raises(ValueError, match="nope"):
-        call(nope=cfg.d + 1)
+        call(nope=cfg.d + 1, post="kv")
+    call(nope=cfg.d + 1)  # an indexer's entry takes no nope width: the keys' is ignored
     with pytest.raises(TypeError, match="dtype"):
         call(dtype=torch.int8)
     call(14, None, quant_sim=False)  # no Hadamard without quant_sim: hmat may be None
