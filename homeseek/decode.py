@@ -229,12 +229,13 @@ def compress_step(
 ) -> None:
     """Feed one token x [1, D] to a compressor of the session in slot ix.slot: its block buffer
     rows, and, when the token completes the block, the entry at cache row cache_row0 + pos // m
-    (and the CSA overlap half). After the two fp32 projections one launch does it all
+    (and the CSA overlap half). After the two fp32 projections (one GEMV on the stacked
+    weights) one launch does it all
     (kernels/compress.py; ~16 launches before); its torch twin, on the twins' path, also writes
     the entry of the block in progress (masked until complete, wherever it is read)."""
     cfg = ctx.cfg
-    kv = M.plain_f32(x, lw[f"{prefix}.wkv"], ctx.kernels)  # [1, c·d] fp32
-    gate = M.plain_f32(x, lw[f"{prefix}.wgate"], ctx.kernels)
+    names = (f"{prefix}.wkv", f"{prefix}.wgate")
+    kv, gate = M.plain_f32s(x, names, lw, ctx.kernels)  # [1, c·d] fp32 each, one product
     cos_t, sin_t = rope.tables[True]
     hmat = _hmat(ctx, x.device) if post == "index" and ctx.quant_sim else None
     ops.compress_decode(

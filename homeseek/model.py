@@ -118,6 +118,15 @@ def fp8_shapes(weights: list[LayerWeights], cfg: ModelConfig) -> list[tuple[int,
     return sorted(out)
 
 
+# Unquantised (bf16) products of one input, stacked the same way (fuse_linears): a compressor's kv
+# and gate projections, one GEMV launch at decode (kernels/gemv.py: a row's bits do not depend
+# on the rows beside it, so the stack computes what the two did apart).
+SHARED_INPUT_PLAIN = (
+    ("attn.compressor.wkv", "attn.compressor.wgate"),
+    ("attn.indexer.compressor.wkv", "attn.indexer.compressor.wgate"),
+)
+
+
 def fuse_linears(lw: LayerWeights) -> None:
     """Stack each group of SHARED_INPUT_LINEARS present in lw (all FP8, same input width) into
     one FusedLinear under the joined name; the parts become views into it (no extra memory).
@@ -147,6 +156,20 @@ def fuse_linears(lw: LayerWeights) -> None:
         for (o, n), name in zip(parts, names, strict=True):
             nb = -(-n // blk)
             lw[name] = QWeight(weight[o : o + n], scale[o // blk : o // blk + nb], "fp8", blk)
+    for names in SHARED_INPUT_PLAIN:
+        ws = [lw.get(n) for n in names]
+        if not all(isinstance(w, QWeight) and w.fmt == "plain" for w in ws):
+            continue
+        if any(w.weight.dtype != ws[0].weight.dtype or w.shape[1] != ws[0].shape[1] for w in ws):
+            continue
+        weight = torch.cat([w.weight for w in ws])
+        parts, off = [], 0
+        for w in ws:
+            parts.append((off, w.shape[0]))
+            off += w.shape[0]
+        lw["+".join(names)] = FusedLinear(QWeight(weight, None, "plain"), tuple(parts))
+        for (o, n), name in zip(parts, names, strict=True):
+            lw[name] = QWeight(weight[o : o + n], None, "plain")
 
 
 def linears(
@@ -206,6 +229,18 @@ def mm_f32(x: torch.Tensor, w: torch.Tensor, triton: bool | None = None) -> torc
             return ops.gemv_f32(x, w)
         return torch.mm(x, w.T, out_dtype=torch.float32)
     return x.float() @ w.float().T
+
+
+def plain_f32s(
+    x: torch.Tensor, names: Sequence[str], lw: LayerWeights, triton: bool | None = None
+) -> list[torch.Tensor]:
+    """plain_f32 of the weights `names` of one input x [T, K]: one product when the loader stacked
+    them (SHARED_INPUT_PLAIN; the outputs are then column views of one [T, rows] result)."""
+    fused = lw.get("+".join(names))
+    if not isinstance(fused, FusedLinear):
+        return [plain_f32(x, lw[n], triton) for n in names]
+    y = plain_f32(x, fused.weight, triton)
+    return [y[:, o : o + n] for o, n in fused.parts]
 
 
 def plain_f32(x: torch.Tensor, w: QWeight, triton: bool | None = None) -> torch.Tensor:

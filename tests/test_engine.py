@@ -162,6 +162,35 @@ def test_shared_input_linears_are_fused_without_copies(eng_fp32_sim):
                 torch.testing.assert_close(y, M.linear(x, part, eng.ctx), rtol=1e-6, atol=1e-6)
 
 
+def test_compressor_projections_are_stacked_without_copies(eng_fp32_sim):
+    """The loader stacks each compressor's wkv and wgate (bf16/fp32 "plain" weights) into one
+    weight, the parts views into it; one product equals the two, column for column."""
+    from homeseek import model as M
+    from homeseek.config import CSA, SWA
+
+    eng = eng_fp32_sim
+    seen = 0
+    for layer in eng.layers:
+        lw = eng.weights[layer]
+        kind = eng.cfg.attn_kind(layer)
+        for names in M.SHARED_INPUT_PLAIN:
+            fused = lw.get("+".join(names))
+            if kind == SWA or (names[0].startswith("attn.indexer") and kind != CSA):
+                assert fused is None
+                continue
+            seen += 1
+            assert isinstance(fused, M.FusedLinear) and fused.weight.fmt == "plain", (layer, names)
+            base = fused.weight.weight.untyped_storage().data_ptr()
+            x = torch.randn(2, fused.weight.shape[1], generator=torch.Generator().manual_seed(1))
+            outs = M.plain_f32s(x, names, lw)
+            for name, (off, n), y in zip(names, fused.parts, outs, strict=True):
+                part = lw[name]
+                assert part.weight.untyped_storage().data_ptr() == base  # a view, not a copy
+                assert torch.equal(part.weight, fused.weight.weight[off : off + n])
+                torch.testing.assert_close(y, M.plain_f32(x, part), rtol=1e-6, atol=1e-6)
+    assert seen
+
+
 def test_head_logits_in_row_blocks_match_one_product(eng_fp32_sim, monkeypatch):
     """The head is upcast a block of rows at a time (a bounded fp32 transient); the logits are
     the single fp32 product's, blocks uneven at the end included."""
@@ -228,7 +257,9 @@ def test_fp8_shapes_cover_every_fp8_product(eng_fp32_sim):
     cfg = eng_fp32_sim.cfg
     shapes = M.fp8_shapes(eng_fp32_sim.weights, cfg)
     lw = eng_fp32_sim.weights[0]
-    fused = [v.weight for v in lw.values() if isinstance(v, M.FusedLinear)]
+    fused = [
+        v.weight for v in lw.values() if isinstance(v, M.FusedLinear) and v.weight.fmt == "fp8"
+    ]
     assert fused and all(tuple(f.weight.shape) in shapes for f in fused)
     wo_a = lw["attn.wo_a"]
     assert isinstance(wo_a, QWeight)
