@@ -1,5 +1,8 @@
-"""One decode token (T = 1) through one KV compressor, after its two fp32 projections: one launch
-(docs/architecture.md §3.3, §4; the torch form is homeseek/decode.py's compress_step).
+"""The decode token's (T = 1) attention keys, one launch each (docs/architecture.md §3.3, §4):
+
+- compress_decode: the token through one KV compressor, after its two fp32 projections (the
+  torch form is homeseek/decode.py's compress_step);
+- new_key: the token's own key into its window ring row (decode.py's new_key), below.
 
 Letters: S arena slots, m compress ratio, d entry width, c = 2 with the CSA overlap (else 1),
 P RoPE pairs (the entry's last 2P channels rotate), n = `nope` (FP8-rounded channels of a key).
@@ -43,12 +46,26 @@ rows fit one tile per half. The token's own row enters the pooling from the inpu
 ape), not read back from the buffer it was just stored to, so no barrier orders the two; one
 barrier separates the pooling's reads of the old overlap half from its overwrite.
 
-Numerics: the same math in fp32 with other summation orders (the softmax sums, the norm's mean,
-the Hadamard product) and the GPU's exp, so equal to fp32 rounding. The roundings (bf16, FP8,
-E2M1) and the block scales are bit for bit their torch definitions (bf16 by the bits, so the
-interpreter, whose cast truncates, agrees too): a rounded value can differ from the twin's only
-where the fp32 value before it does, by one step of its grid. The kernel compiles without fp
-fusion (no FMA contraction), as torch rounds `a cos - b sin` and `w · (x · r)` step by step.
+new_key: the window key of the token at position pos, from kva [1, Dh] (the wkv part of the
+fused wq_a + wkv product, in the activation dtype; d = Dh here) and the kv_norm weight w (fp32
+as the engine loads norm weights, or the activation dtype: w · (...) is fp32 math either way):
+    y = bf(w · (x · rsqrt(mean(x²) + eps)))   x = kva (already in the activation dtype)
+    y = rope(y, cos_t[pos], sin_t[pos])       the token's own position (entries: the block's)
+    y[:n] = FP8 sim, as for a "kv" entry      when quant_sim
+    keys[ring_row] = y                        keys in kva's dtype; no other row is written
+One program, no loop: Dh = 512 is 1 KB in and out. The entry's helpers (_rms_norm, _rope, _fp8_nope)
+do the math, so the two kernels round alike. It replaces the ~4 launches Inductor made of
+decode.py's compiled new_key; pos and ring_row are read on the device (graph-capturable).
+
+Numerics (both kernels): the same math in fp32 with other summation orders (the softmax sums,
+the norm's mean, the Hadamard product) and the GPU's exp, so equal to fp32 rounding. The
+roundings (bf16, FP8, E2M1) and the block scales are bit for bit their torch definitions (bf16
+by the bits, so the interpreter, whose cast truncates, agrees too): a rounded value can differ
+from the twin's only where the fp32 value before it does, by one step of its grid. The kernels
+compile without fp fusion (no FMA contraction), as torch rounds `a cos - b sin` and
+`w · (x · r)` step by step, and take r as 1 / sqrt, each correctly rounded, as torch's CPU
+rsqrt does (CUDA's rsqrtf, eager or Inductor, is within 2 ulp: a twin run on the GPU can put a
+bf16 value one step off where its fp32 value sits at a rounding boundary).
 """
 
 from __future__ import annotations
@@ -68,7 +85,7 @@ from ._formats import (
 )
 from .rope import rope_ref
 
-__all__ = ["compress_decode", "compress_decode_ref", "e2m1_block_ref"]
+__all__ = ["compress_decode", "compress_decode_ref", "e2m1_block_ref", "new_key", "new_key_ref"]
 
 _ACT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # Activation dtype -> the kernel's rounding code (_round_to).
@@ -128,6 +145,19 @@ def e2m1_block_ref(x: torch.Tensor, block: int = INDEX_BLOCK) -> torch.Tensor:
     return (_round_e2m1_ref(xb / s) * s).flatten(-2)[..., :k].to(x.dtype)
 
 
+def _rms_norm_ref(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """model.rms_norm with a weight: w · (x · rsqrt(mean(x²) + eps)) in fp32, in x's dtype."""
+    xf = x.float()
+    return (w * (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps))).to(x.dtype)
+
+
+def _kv_round_ref(kv: torch.Tensor, nope: int) -> torch.Tensor:
+    """model.kv_round with quant_sim: the first nope channels of kv [T, d] FP8-rounded in
+    blocks of KV_BLOCK (quant.fp8_block_sim), the rest as they are; in kv's dtype."""
+    q = act_quant_ref(kv[:, :nope], KV_BLOCK).to(kv.dtype)
+    return torch.cat((q, kv[:, nope:]), dim=-1)
+
+
 def _entry_ref(
     pooled: torch.Tensor,
     norm_w: torch.Tensor,
@@ -142,13 +172,11 @@ def _entry_ref(
 ) -> torch.Tensor:
     """pooled [1, d] fp32 -> the entry [1, d] in dtype (model.rms_norm, apply_rope, kv_round /
     index_round)."""
-    xf = pooled.to(dtype).float()
-    y = (norm_w * (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps))).to(dtype)
-    e = rope_ref(y, cos, sin)
+    e = rope_ref(_rms_norm_ref(pooled.to(dtype), norm_w, eps), cos, sin)
     if not quant_sim:
         return e
     if post == "kv":
-        return torch.cat((act_quant_ref(e[:, :nope], KV_BLOCK).to(dtype), e[:, nope:]), dim=-1)
+        return _kv_round_ref(e, nope)
     return e2m1_block_ref((e.float() @ hmat).to(dtype))
 
 
@@ -214,8 +242,32 @@ def compress_decode_ref(
     cache.index_copy_(0, cache_row0 + pos // m, e.to(cache.dtype))
 
 
+def new_key_ref(
+    kva: torch.Tensor,
+    kv_w: torch.Tensor,
+    cos_t: torch.Tensor,
+    sin_t: torch.Tensor,
+    pos: torch.Tensor,
+    keys: torch.Tensor,
+    ring_row: torch.Tensor,
+    *,
+    eps: float,
+    nope: int,
+    quant_sim: bool,
+) -> None:
+    """The decode token's key into its window ring row, in place: homeseek/decode.py's new_key,
+    restated with model.py's definitions (rms_norm, apply_rope, kv_round).
+
+    kva [1, Dh] (the activation dtype; a column slice of a wider row is fine); kv_w [Dh] the
+    kv_norm weight (fp32 or the activation dtype); cos_t, sin_t [max_pos, P] fp32; pos,
+    ring_row [1] int64; keys [rows, Dh] in kva's dtype: row ring_row <- the key, no other row
+    changes."""
+    kv = rope_ref(_rms_norm_ref(kva, kv_w, eps), cos_t[pos], sin_t[pos])
+    keys.index_copy_(0, ring_row, _kv_round_ref(kv, nope) if quant_sim else kv)
+
+
 # ------------------------------------------------------------------------------------------------
-# Kernel
+# Kernels
 # ------------------------------------------------------------------------------------------------
 
 
@@ -262,6 +314,58 @@ def _e2m1_qdq(y, s, s_inv):
     sign = (z.to(tl.int32, bitcast=True) >> 31) << 31  # 0 or the sign bit
     q = (q.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
     return q * s
+
+
+@triton.jit
+def _rms_norm(x, w, eps, D: tl.constexpr, ACT: tl.constexpr):
+    """model.rms_norm with a weight: bf(w · (x · r)), r = 1 / sqrt(mean(x²) + eps), fp32.
+
+    x [BLOCK_D] fp32 holding values of the activation dtype ACT, w the norm weight in fp32, both
+    0 past D (nothing added to the sum, 0 out). Each product rounds on its own as torch's (the
+    kernels compile without fp fusion); r is 1 / sqrt, each correctly rounded (div_rn, sqrt_rn:
+    Triton's `/` and rsqrt are approximate on NVIDIA)."""
+    r = tl.div_rn(1.0, tl.sqrt_rn(tl.div_rn(tl.sum(x * x, axis=0), D * 1.0) + eps))
+    return _round_to(w * (x * r), ACT)
+
+
+@triton.jit
+def _rope(
+    y, cos_ptr, sin_ptr, row, rope_stride, D: tl.constexpr, P: tl.constexpr,
+    ACT: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """apply_rope on y [BLOCK_D] fp32 (ACT values): its interleaved pairs (a, b) of channels
+    D - 2P..D -> bf(a cos - b sin), bf(a sin + b cos), cos / sin row `row` (int64) of the
+    [max_pos, P] tables, rows rope_stride apart."""
+    a, b = tl.split(tl.reshape(y, (BLOCK_D // 2, 2)))
+    hh = tl.arange(0, BLOCK_D // 2)
+    pr = hh - (D // 2 - P)  # pair index within the rotated channels
+    rot = (pr >= 0) & (hh < D // 2)
+    c = tl.load(cos_ptr + row * rope_stride + pr, mask=rot, other=1.0)
+    s = tl.load(sin_ptr + row * rope_stride + pr, mask=rot, other=0.0)
+    ra = _round_to(a * c - b * s, ACT)
+    rb = _round_to(a * s + b * c, ACT)
+    return tl.reshape(tl.join(tl.where(rot, ra, a), tl.where(rot, rb, b)), (BLOCK_D,))
+
+
+@triton.jit
+def _fp8_nope(
+    y,
+    dd,
+    NOPE: tl.constexpr,
+    ACT: tl.constexpr,
+    HW_FP8: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    KVB: tl.constexpr,
+):
+    """model.kv_round's FP8 sim of the channels dd < NOPE of y [BLOCK_D] fp32 (the rest kept):
+    e4m3 with a UE8M0 scale per block of KVB channels (BLOCK_D a multiple of KVB; a ragged last
+    nope block's other channels count as 0, which leaves its amax as torch's), rounded to ACT."""
+    qm = dd < NOPE
+    yb = tl.reshape(tl.where(qm, y, 0.0), (BLOCK_D // KVB, KVB))
+    sc, sc_inv = _ue8m0_scale(tl.max(tl.abs(yb), axis=1), _FP8_FLOOR, _FP8_MAX)
+    qv = tl.minimum(tl.maximum(yb * sc_inv[:, None], -_FP8_MAX), _FP8_MAX)
+    qv = tl.reshape(_e4m3_q(qv, HW_FP8) * sc[:, None], (BLOCK_D,))
+    return tl.where(qm, _round_to(qv, ACT), y)
 
 
 @triton.jit
@@ -392,19 +496,9 @@ def _compress_decode_kernel(
         # --- the entry: rms_norm, RoPE, rounding ---
         x = _round_to(pooled, ACT)
         w = tl.load(norm_ptr + dd, mask=d_ok, other=0.0).to(tl.float32)
-        r = tl.div_rn(1.0, tl.sqrt_rn(tl.div_rn(tl.sum(x * x, axis=0), D * 1.0) + eps))
-        y = _round_to(w * (x * r), ACT)
-        # RoPE at the block's first position on the interleaved pairs of the last 2P channels
-        first = (pos // M) * M
-        a, b = tl.split(tl.reshape(y, (BLOCK_D // 2, 2)))
-        hh = tl.arange(0, BLOCK_D // 2)
-        pr = hh - (D // 2 - P)  # pair index within the rotated channels
-        rot = (pr >= 0) & (hh < D // 2)
-        c = tl.load(cos_ptr + first * rope_stride + pr, mask=rot, other=1.0)
-        s = tl.load(sin_ptr + first * rope_stride + pr, mask=rot, other=0.0)
-        ra = _round_to(a * c - b * s, ACT)
-        rb = _round_to(a * s + b * c, ACT)
-        y = tl.reshape(tl.join(tl.where(rot, ra, a), tl.where(rot, rb, b)), (BLOCK_D,))
+        y = _rms_norm(x, w, eps, D, ACT)
+        first = (pos // M) * M  # RoPE at the block's first position
+        y = _rope(y, cos_ptr, sin_ptr, first, rope_stride, D, P, ACT, BLOCK_D)
 
         out_row = cache_ptr + (tl.load(row0_ptr) + pos // M) * cache_stride
         if POST_INDEX and QUANT:
@@ -424,19 +518,48 @@ def _compress_decode_kernel(
                 tl.store(out_row + jj, z.to(cache_ptr.dtype.element_ty), mask=j_ok)
         else:
             if QUANT and not POST_INDEX:
-                # FP8 sim of the first NOPE channels in blocks of KVB
-                qm = dd < NOPE
-                yb = tl.reshape(tl.where(qm, y, 0.0), (BLOCK_D // KVB, KVB))
-                sc, sc_inv = _ue8m0_scale(tl.max(tl.abs(yb), axis=1), _FP8_FLOOR, _FP8_MAX)
-                qv = tl.minimum(tl.maximum(yb * sc_inv[:, None], -_FP8_MAX), _FP8_MAX)
-                qv = tl.reshape(_e4m3_q(qv, HW_FP8) * sc[:, None], (BLOCK_D,))
-                y = tl.where(qm, _round_to(qv, ACT), y)
+                y = _fp8_nope(y, dd, NOPE, ACT, HW_FP8, BLOCK_D, KVB)
             y = _round_to(y, OUT)
             tl.store(out_row + dd, y.to(cache_ptr.dtype.element_ty), mask=d_ok)
 
 
+@triton.jit
+def _new_key_kernel(
+    kva_ptr,  # [D] the token's key projection (unit stride), activation dtype
+    w_ptr,  # [D] kv_norm weight
+    cos_ptr,  # [max_pos, P] fp32, unit column stride, rows at rope_stride
+    sin_ptr,
+    rope_stride,
+    pos_ptr,  # [1] int64
+    keys_ptr,  # [rows, D] activation dtype, unit column stride, rows at keys_stride
+    keys_stride,
+    row_ptr,  # [1] int64: the ring row to write
+    eps,
+    D: tl.constexpr,
+    NOPE: tl.constexpr,
+    P: tl.constexpr,
+    QUANT: tl.constexpr,
+    ACT: tl.constexpr,  # activation dtype code (_round_to); keys have the same dtype
+    HW_FP8: tl.constexpr,
+    BLOCK_D: tl.constexpr,  # >= D, a power of two, >= KVB
+    KVB: tl.constexpr,
+):
+    dd = tl.arange(0, BLOCK_D)
+    d_ok = dd < D
+    # Masked channels are 0 in x and w: they add nothing to the norm's sum and stay 0.
+    x = tl.load(kva_ptr + dd, mask=d_ok, other=0.0).to(tl.float32)  # exact: already ACT values
+    w = tl.load(w_ptr + dd, mask=d_ok, other=0.0).to(tl.float32)
+    y = _rms_norm(x, w, eps, D, ACT)
+    y = _rope(y, cos_ptr, sin_ptr, tl.load(pos_ptr), rope_stride, D, P, ACT, BLOCK_D)
+    if QUANT:
+        y = _fp8_nope(y, dd, NOPE, ACT, HW_FP8, BLOCK_D, KVB)
+    # y holds values of the keys' dtype already, so this cast is exact (the interpreter's too)
+    out_row = keys_ptr + tl.load(row_ptr) * keys_stride
+    tl.store(out_row + dd, y.to(keys_ptr.dtype.element_ty), mask=d_ok)
+
+
 # ------------------------------------------------------------------------------------------------
-# Launcher
+# Launchers
 # ------------------------------------------------------------------------------------------------
 
 
@@ -531,4 +654,64 @@ def compress_decode(
         HW_FP8=not interpreting(), BLOCK_CD=triton.next_power_of_2(cd), BLOCK_D=block_d,
         BLOCK_R=block_r, BLOCK_J=INDEX_BLOCK, KVB=KV_BLOCK,
         num_warps=8 if big else 4, enable_fp_fusion=False,
+    )  # fmt: skip
+
+
+def new_key(
+    kva: torch.Tensor,
+    kv_w: torch.Tensor,
+    cos_t: torch.Tensor,
+    sin_t: torch.Tensor,
+    pos: torch.Tensor,
+    keys: torch.Tensor,
+    ring_row: torch.Tensor,
+    *,
+    eps: float,
+    nope: int,
+    quant_sim: bool,
+) -> None:
+    """new_key_ref in one launch (arguments as there), in place: writes row ring_row of keys
+    and nothing else. No host sync, no allocation: CUDA-graph capturable, pos and ring_row read
+    on the device (so not checked here: pos must index cos_t / sin_t and ring_row keys)."""
+    name = "new_key"
+    require_triton(name)
+    check_tensor(f"{name}: kva", kva, dtypes=_ACT_DTYPES, contiguous=False)
+    if kva.dim() != 2 or kva.shape[0] != 1 or kva.stride(1) != 1:
+        raise ValueError(
+            f"{name}: kva must be [1, Dh] with unit column stride, got shape "
+            f"{list(kva.shape)}, strides {kva.stride()}"
+        )
+    d = kva.shape[1]
+    if d % 2:
+        raise ValueError(f"{name}: kva's width Dh = {d} must be even (RoPE pairs)")
+    dev = kva.device
+    # The twin's index_copy_ needs the key's dtype (kva's) in keys: no conversion on the store.
+    check_tensor(f"{name}: keys", keys, dtypes=(kva.dtype,), contiguous=False, device=dev)
+    if keys.dim() != 2 or keys.shape[1] != d or keys.stride(1) != 1:
+        raise ValueError(
+            f"{name}: keys must be [rows, {d}] (kva's width) with unit column stride, got "
+            f"shape {list(keys.shape)}, strides {keys.stride()}"
+        )
+    check_tensor(f"{name}: kv_w", kv_w, shape=(d,), dtypes=_ACT_DTYPES, device=dev)
+    check_tensor(f"{name}: cos_t", cos_t, dtypes=(torch.float32,), contiguous=False, device=dev)
+    if cos_t.dim() != 2 or cos_t.stride(1) != 1:
+        raise ValueError(f"{name}: cos_t must be [max_pos, P] with unit column stride")
+    p = cos_t.shape[1]
+    if 2 * p > d:
+        raise ValueError(f"{name}: cos_t's {p} pairs rotate {2 * p} channels, more than Dh = {d}")
+    check_tensor(f"{name}: sin_t", sin_t, shape=tuple(cos_t.shape), dtypes=(torch.float32,),
+                 contiguous=False, device=dev)  # fmt: skip
+    if sin_t.stride() != cos_t.stride():
+        raise ValueError(f"{name}: sin_t must have cos_t's strides")
+    for nm, t in (("pos", pos), ("ring_row", ring_row)):
+        check_tensor(f"{name}: {nm}", t, shape=(1,), dtypes=(torch.int64,), device=dev)
+    if not isinstance(nope, int) or not 0 <= nope <= d:
+        raise ValueError(f"{name}: nope = {nope!r} must be an int within the key width {d}")
+    block_d = max(KV_BLOCK, triton.next_power_of_2(d))
+    _new_key_kernel[(1,)](
+        kva, kv_w, cos_t, sin_t, cos_t.stride(0), pos, keys, keys.stride(0), ring_row,
+        float(eps), D=d, NOPE=nope, P=p, QUANT=bool(quant_sim), ACT=_DTYPE_CODE[kva.dtype],
+        HW_FP8=not interpreting(), BLOCK_D=block_d, KVB=KV_BLOCK,
+        # Dh = 512: 4 values a thread; the tiny model's 32 fit one warp
+        num_warps=max(1, min(4, block_d // 128)), enable_fp_fusion=False,
     )  # fmt: skip

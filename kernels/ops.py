@@ -34,6 +34,7 @@ __all__ = [
     "mhc_head",
     "mhc_post",
     "mhc_pre",
+    "new_key",
     "rope_heads_",
     "route",
     "sparse_attn",
@@ -319,3 +320,28 @@ def compress_decode(
         _compress.compress_decode(*args, **kw)
     else:
         _compress.compress_decode_ref(*args, **kw)
+
+
+def new_key(
+    kva: torch.Tensor,
+    kv_w: torch.Tensor,
+    cos_t: torch.Tensor,
+    sin_t: torch.Tensor,
+    pos: torch.Tensor,
+    keys: torch.Tensor,
+    ring_row: torch.Tensor,
+    *,
+    eps: float,
+    nope: int,
+    quant_sim: bool,
+    triton: bool | None = None,
+) -> None:
+    """The decode token's window key, in place: keys[ring_row] = kv_round(rope(rms_norm(kva,
+    kv_w), cos_t[pos], sin_t[pos])) for kva [1, Dh], keys [rows, Dh] in kva's dtype, pos and
+    ring_row [1] int64 on the device (kernels/compress.py: one launch)."""
+    args = (kva, kv_w, cos_t, sin_t, pos, keys, ring_row)
+    kw = dict(eps=eps, nope=nope, quant_sim=quant_sim)
+    if _pick(triton, kva):
+        _compress.new_key(*args, **kw)
+    else:
+        _compress.new_key_ref(*args, **kw)

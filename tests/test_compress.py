@@ -1,15 +1,18 @@
-"""The decode compressor kernel (kernels/compress.py) against its torch twin, and the twin against
-today's decode-step math (model.py's definitions).
+"""The decode compressor kernel and the window-key kernel (kernels/compress.py: compress_decode,
+new_key) against their torch twins, and the twins against the decode step's math (model.py's
+definitions).
 
 - Twin tests run everywhere (plain torch).
-- `interp` tests run the Triton kernel on CPU through TRITON_INTERPRET=1 (set when no CUDA device
-  is present), token by token from a fresh state across block boundaries, at V4-Flash widths and
-  the tiny preset's. Skipped without triton, and on a CUDA machine (the gpu tests cover it there).
-- `gpu` tests run the compiled kernel in bf16 against the twin, plus a CUDA-graph replay.
+- `interp` tests run the Triton kernels on CPU through TRITON_INTERPRET=1 (set when no CUDA
+  device is present): the compressor token by token from a fresh state across block boundaries,
+  new_key at a few positions and ring rows; V4-Flash widths and the tiny preset's. Skipped
+  without triton, and on a CUDA machine (the gpu tests cover them there).
+- `gpu` tests run the compiled kernels in bf16 against the twins, plus CUDA-graph replays.
 
-The kernel writes a compressed entry only on the step that completes its block (the twin every
-step), so cache rows are compared for complete entries only; every other cache row must be left
-as it was (poisoned with NaN here).
+The compressor kernel writes a compressed entry only on the step that completes its block (the
+twin every step), so cache rows are compared for complete entries only; every other cache row
+must be left as it was (poisoned with NaN here). new_key writes its ring row only: the rest of
+the keys buffer, columns either side of the key included, stays NaN.
 """
 
 from __future__ import annotations
@@ -402,3 +405,217 @@ def test_kernel_cuda_graph_replay(name):
         assert torch.equal(got.state[k], ref.state[k]), k
     n = steps // cfg.m
     assert_entries("entries", got.entries(n), ref.entries(n), torch.bfloat16, cfg.post, True)
+
+
+# ------------------------------------------------------------------------------------------------
+# new_key: the token's own key into its window ring row
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KeyCfg:
+    d: int  # head_dim
+    nope: int
+    p: int  # RoPE pairs
+
+
+KEYS = {
+    "flash": KeyCfg(512, 448, 32),
+    "tiny": KeyCfg(32, 16, 8),  # tiny_config: head 32 = 16 nope + 16 rope
+    "ragged": KeyCfg(64, 40, 12),  # a ragged FP8 block (40 of 64), P not a power of two
+}
+KEY_ROWS, KEY_MAX_POS, KEY_PAD = 6, 64, 4  # keys rows; table rows; keys' columns before Dh
+# (pos, ring_row) pairs of one case: the first and last table rows and keys rows among them
+KEY_STEPS = ((0, 0), (37, 3), (KEY_MAX_POS - 1, KEY_ROWS - 1))
+DTYPES = {  # (activations and keys, kv_norm weight): the engine loads norm weights as fp32
+    "f32": (torch.float32, torch.float32),
+    "bf16": (torch.bfloat16, torch.float32),
+    "bf16-wbf16": (torch.bfloat16, torch.bfloat16),
+}
+
+
+class KeyCase:
+    """One layer's new_key inputs: kva a column slice of a wider row (the fused wq_a + wkv
+    product's), channels at different scales (FP8 blocks with different exponents), tables."""
+
+    def __init__(self, cfg: KeyCfg, dtype: torch.dtype, w_dtype: torch.dtype, seed: int = 0):
+        self.cfg, self.dtype = cfg, dtype
+        self.g = torch.Generator().manual_seed(seed)
+        q = 24  # wq_a's columns in front of kva's in the fused row
+        self.wide = torch.empty(2, q + cfg.d + 8, dtype=dtype, device=DEV)
+        self.kva = self.wide[:1, q : q + cfg.d]  # row stride q + d + 8, data at an offset
+        self.refill()
+        self.w = (1 + 0.1 * torch.randn(cfg.d, generator=self.g)).to(w_dtype).to(DEV)
+        ang = torch.outer(torch.arange(KEY_MAX_POS + 0.0), torch.rand(cfg.p, generator=self.g))
+        self.cos, self.sin = ang.cos().to(DEV), ang.sin().to(DEV)
+
+    def refill(self) -> None:
+        """New kva values, in place (as the projection rewrites its output buffer)."""
+        d = self.cfg.d
+        x = 3 * torch.randn(self.wide.shape, generator=self.g)
+        # groups of 16 channels at scales 2^-8..2^7: blocks whose small values meet e4m3's
+        # subnormals, and norm sums dominated by a few groups
+        scale = torch.exp2(torch.randint(-8, 8, (-(-d // 16),), generator=self.g).float())
+        x[0, 24 : 24 + d] *= scale.repeat_interleave(16)[:d]
+        self.wide.copy_(x.to(self.dtype))
+
+    def keys(self, fill: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(buffer [rows, Dh + 2·KEY_PAD], keys: its [rows, Dh] view at column KEY_PAD), so a
+        row stride other than Dh and a write past the row's ends both show."""
+        d = self.cfg.d
+        buf = torch.full((KEY_ROWS, d + 2 * KEY_PAD), fill, dtype=self.dtype, device=DEV)
+        return buf, buf[:, KEY_PAD : KEY_PAD + d]
+
+    def kw(self, quant: bool) -> dict:
+        return dict(eps=EPS, nope=self.cfg.nope, quant_sim=quant)
+
+
+def assert_only_row(buf: torch.Tensor, row: int) -> None:
+    """Every value of buf but row `row`'s key columns is still the NaN poison."""
+    rest = buf.clone()
+    rest[row, KEY_PAD:-KEY_PAD] = float("nan")
+    assert rest.isnan().all(), f"values besides ring row {row} were written"
+    assert torch.isfinite(buf[row, KEY_PAD:-KEY_PAD]).all(), f"ring row {row} not written"
+
+
+def check_new_key(cfg: KeyCfg, dtypes: str, quant: bool, kernel) -> None:
+    """`kernel` against the twin at KEY_STEPS, fresh poisoned keys each time."""
+    dtype, w_dtype = DTYPES[dtypes]
+    c = KeyCase(cfg, dtype, w_dtype)
+    wide = c.wide.clone()
+    for p, r in KEY_STEPS:
+        pos, row = torch.tensor([p], device=DEV), torch.tensor([r], device=DEV)
+        _, ref = c.keys(0.0)
+        cp.new_key_ref(c.kva, c.w, c.cos, c.sin, pos, ref, row, **c.kw(quant))
+        buf, got = c.keys(float("nan"))
+        kernel(c.kva, c.w, c.cos, c.sin, pos, got, row, **c.kw(quant))
+        assert_entries(f"pos {p}", got[r : r + 1], ref[r : r + 1], dtype, "kv", quant)
+        assert_only_row(buf, r)
+    assert torch.equal(c.wide, wide), "kva's buffer changed"
+
+
+@pytest.mark.parametrize("quant", [False, True])
+@pytest.mark.parametrize("dtypes", list(DTYPES))
+@pytest.mark.parametrize("name", list(KEYS))
+def test_new_key_twin_is_the_decode_step(name, dtypes, quant):
+    """Bit for bit decode.py's new_key (its two lines with model.py's definitions)."""
+    cfg = KEYS[name]
+    c = KeyCase(cfg, *DTYPES[dtypes])
+    for p, r in KEY_STEPS:
+        pos, row = torch.tensor([p], device=DEV), torch.tensor([r], device=DEV)
+        _, a = c.keys(0.0)
+        _, b = c.keys(0.0)
+        cp.new_key_ref(c.kva, c.w, c.cos, c.sin, pos, a, row, **c.kw(quant))
+        kv = M.apply_rope(M.rms_norm(c.kva, c.w, EPS), c.cos[pos], c.sin[pos])
+        b.index_copy_(0, row, M.kv_round(kv, cfg.nope, quant))
+        bits = torch.int16 if c.dtype == torch.bfloat16 else torch.int32
+        assert torch.equal(a.view(bits), b.view(bits)), f"position {p}"
+
+
+def test_ops_new_key_cpu_runs_the_twin():
+    if DEV != "cpu":
+        pytest.skip("CPU dispatch")
+    c = KeyCase(KEYS["tiny"], torch.float32, torch.float32)
+    pos, row = torch.tensor([5]), torch.tensor([2])
+    _, a = c.keys(0.0)
+    _, b = c.keys(0.0)
+    ops.new_key(c.kva, c.w, c.cos, c.sin, pos, a, row, **c.kw(True))
+    cp.new_key_ref(c.kva, c.w, c.cos, c.sin, pos, b, row, **c.kw(True))
+    assert torch.equal(a, b)
+
+
+@interp
+@pytest.mark.parametrize("quant", [False, True])
+@pytest.mark.parametrize("dtypes", list(DTYPES))
+@pytest.mark.parametrize("name", list(KEYS))
+def test_new_key_interp(name, dtypes, quant):
+    """fp32 to fp32 rounding (the norm's sum order), bf16 within one ulp (by the bits, even
+    in the interpreter); with quant_sim a value may sit one FP8 step away from the twin's."""
+    check_new_key(KEYS[name], dtypes, quant, cp.new_key)
+
+
+@kernels_run
+def test_new_key_checks_inputs():
+    cfg = KEYS["tiny"]
+    d = cfg.d
+    c = KeyCase(cfg, torch.float32, torch.float32)
+    _, keys = c.keys(0.0)
+    pos, row = torch.tensor([1], device=DEV), torch.tensor([0], device=DEV)
+    args = [c.kva, c.w, c.cos, c.sin, pos, keys, row]
+
+    def call(i=None, value=None, **over):
+        a = list(args)
+        if i is not None:
+            a[i] = value
+        cp.new_key(*a, **(c.kw(True) | over))
+
+    z = dict(device=DEV)
+    cases = [
+        (0, c.wide[:1, : 2 * d : 2], ValueError, "kva"),  # column stride 2
+        (0, c.wide[:, :d], ValueError, "kva"),  # two rows
+        (0, torch.zeros(1, d, dtype=torch.int32, **z), TypeError, "kva"),
+        (0, torch.zeros(1, d + 1, **z), ValueError, "kva"),  # odd width: no RoPE pairs
+        (1, torch.ones(d + 1, **z), ValueError, "kv_w"),
+        (1, torch.ones(d, dtype=torch.int64, **z), TypeError, "kv_w"),
+        (2, c.cos[0], ValueError, "cos_t"),
+        (2, torch.ones(4, d // 2 + 1, **z), ValueError, "cos_t"),  # more pairs than Dh holds
+        (3, c.sin[:, :-1], ValueError, "sin_t"),
+        (3, c.sin.double(), TypeError, "sin_t"),
+        (4, torch.tensor([1], dtype=torch.int32, **z), TypeError, "pos"),
+        (4, torch.tensor([1, 2], **z), ValueError, "pos"),
+        (5, torch.zeros(KEY_ROWS, d + 2, **z), ValueError, "keys"),
+        (5, torch.zeros(KEY_ROWS, d, dtype=torch.bfloat16, **z), TypeError, "keys"),
+        (5, torch.zeros(d, KEY_ROWS, **z).t(), ValueError, "keys"),  # column stride
+        (6, torch.tensor([0.0], **z), TypeError, "ring_row"),
+    ]
+    for i, value, err, what in cases:
+        with pytest.raises(err, match=f"new_key: {what}"):
+            call(i, value)
+    with pytest.raises(ValueError, match="new_key: nope"):
+        call(nope=d + 1)
+    call(nope=d)  # every channel FP8-rounded is allowed (the model's nope is d - 2P)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("quant", [False, True])
+@pytest.mark.parametrize("dtypes", ["bf16", "bf16-wbf16"])
+@pytest.mark.parametrize("name", list(KEYS))
+def test_new_key_gpu_bf16(name, dtypes, quant):
+    """The compiled kernel against the twin run by eager CUDA torch (whose rsqrtf is not
+    correctly rounded: a value may sit one bf16 ulp away)."""
+    check_new_key(KEYS[name], dtypes, quant, cp.new_key)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("quant", [False, True])
+def test_new_key_cuda_graph_replay(quant):
+    """One launch captured at one position and ring row, replayed at two others with new kva
+    values (all rewritten in place): the keys the twin writes there, no other value touched."""
+    c = KeyCase(KEYS["flash"], torch.bfloat16, torch.float32)
+    pos, row = torch.tensor([3], device=DEV), torch.tensor([1], device=DEV)
+    buf, keys = c.keys(float("nan"))
+    args = (c.kva, c.w, c.cos, c.sin, pos)
+    _, scratch = c.keys(float("nan"))
+    cp.new_key(*args, scratch, row, **c.kw(quant))  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        cp.new_key(*args, keys, row, **c.kw(quant))
+    torch.cuda.synchronize()
+    assert buf.isnan().all(), "the capture ran the kernel"
+    written = []
+    for p, r in ((41, 4), (KEY_MAX_POS - 1, 0)):
+        c.refill()
+        pos.fill_(p)
+        row.fill_(r)
+        graph.replay()
+        _, ref = c.keys(0.0)
+        cp.new_key_ref(*args, ref, row, **c.kw(quant))
+        torch.cuda.synchronize()
+        assert_entries(f"pos {p}", keys[r : r + 1], ref[r : r + 1], torch.bfloat16, "kv", quant)
+        written.append(r)
+    rest = buf.clone()
+    rest[written, KEY_PAD:-KEY_PAD] = float("nan")
+    assert rest.isnan().all(), "the replays wrote besides their ring rows"

@@ -139,6 +139,29 @@ def test_partly_resident_pool_decodes_as_the_resident_one():
     assert _close(lg, le) <= 1e-5
 
 
+def test_resident_layers_do_not_wait_for_their_ids():
+    """Every expert on the device: each layer runs B and the host queues the next A before it
+    reads the layer's ids (read later from the layer's own pinned row, for the bookkeeping).
+    Bit for bit the decode of the same engine waiting for the ids first, and the same hits."""
+    eng = _load(True, dtype=torch.float32)
+    eng.experts.load_all()
+    r = eng.runner
+    runs = []
+    for no_wait in (True, False):
+        r.resident_no_wait = no_wait
+        s = eng.session()
+        s.forward(list(range(50, 90)))
+        n0, h0 = r.layers_no_wait, eng.experts.counters.gpu_hits
+        toks, logits = _greedy(s, 11, 60)
+        runs.append((toks, logits, r.layers_no_wait - n0, eng.experts.counters.gpu_hits - h0))
+        s.close()
+    (ta, la, na, ha), (tb, lb, nb, hb) = runs
+    assert na == 60 * eng.cfg.num_hidden_layers and nb == 0
+    assert ha == hb > 0  # the deferred bookkeeping counted every layer's ids
+    assert ta == tb
+    assert all(torch.equal(a, b) for a, b in zip(la, lb, strict=True))
+
+
 def test_graph_decode_equals_eager_under_a_routing_override():
     """With the ids replaced after A (benchmarks' uniform routing) E runs every expert from
     the host's table, graphs and eager alike."""

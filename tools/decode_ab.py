@@ -21,7 +21,10 @@ during each step beside the CPU lane, as the engine does, or Python's own; needs
 kernels that use them, as the engine does; off: pinned -> device copies first, decode's slot
 tables as an int64 copy and a cast, not quite the code before session 18),
 `lane-handoff` (on: the CPU lane's sum waited for on the GPU, the host going on; off: the host
-waits for the lane's job and copies its sum, the engine's default; needs the lane).
+waits for the lane's job and copies its sum, the engine's default; needs the lane),
+`resident-no-wait` (a layer whose experts are all on the device runs B and the host queues the
+next A before reading its ids, the engine's default; off: the host waits for the ids first;
+acts with --resident, e.g. `--layers 36 --resident --gpu-mem-gb 135`).
 `--switch a,b` measures each in turn on one build.
 """
 
@@ -41,7 +44,7 @@ from homeseek.scheduler import make_routing
 
 SWITCHES = (
     "prefetch", "lane", "early-prediction", "empty-cache", "time-copies", "switch-interval",
-    "zero-copy", "lane-handoff",
+    "zero-copy", "lane-handoff", "resident-no-wait",
 )  # fmt: skip
 # each switch as the engine runs it, restored after its runs (the next switch's baseline)
 DEFAULT_ON = {
@@ -53,6 +56,7 @@ DEFAULT_ON = {
     "switch-interval": True,
     "zero-copy": True,
     "lane-handoff": False,
+    "resident-no-wait": True,
 }
 
 
@@ -76,6 +80,8 @@ def _set(eng, switch: str, on: bool, lane) -> None:  # noqa: ANN001 - Engine, Cp
         eng.runner.switch_interval = SWITCH_INTERVAL if on else None
     elif switch == "zero-copy":
         eng.experts.zero_copy = on
+    elif switch == "resident-no-wait":
+        eng.runner.resident_no_wait = on
     elif switch == "lane-handoff":
         eng.runner.lane_handoff = "gpu" if on else "host"
     else:
@@ -88,6 +94,11 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--expert-alias", type=int, default=64, help="0: every expert its own")
     ap.add_argument("--gpu-mem-gb", type=float, default=24.0)
+    ap.add_argument("--layers", type=int, default=None, help="the preset's first N layers")
+    ap.add_argument(
+        "--resident", action="store_true",
+        help="every expert copied into the GPU pool first (refused if the pool cannot hold them)",
+    )  # fmt: skip
     ap.add_argument("--host-mem-gb", type=float, default=None)
     ap.add_argument(
         "--switch", default="prefetch",
@@ -128,7 +139,11 @@ def main() -> None:
                              "after the router, so decode predicts nothing under it")  # fmt: skip
         if sw in ("lane", "switch-interval", "lane-handoff") and args.cpu_lane == "off":
             raise SystemExit(f"--switch {sw} needs a CPU lane: --cpu-lane on")
-    eng = build_engine(rt, None, args.synthetic, expert_alias=args.expert_alias or None)
+    eng = build_engine(
+        rt, None, args.synthetic, expert_alias=args.expert_alias or None, layers=args.layers
+    )
+    if args.resident:
+        eng.experts.load_all()
     cuda = device.startswith("cuda")
     lane = eng.scheduler.lane
     for sw in ("lane", "switch-interval", "lane-handoff"):  # these act only beside the lane
