@@ -8,9 +8,11 @@ kernel or two. Compilation is plain torch.compile (no CUDA graphs of its own, `d
 decode shapes are fixed per layer kind), and the runner captures the compiled kernels into its
 own graphs. Inductor's on-disk caches make a second start fast.
 
-A fused function must be pure tensor math with hashable constant arguments (ints, floats,
-bools): no closures, no host syncs, no dicts that change per call, so one compilation serves
-every layer with the same shapes. Off CUDA, or when not configured, the plain function runs.
+A fused function must be tensor math with hashable constant arguments (ints, floats, bools):
+no closures, no host syncs, no dicts that change per call, so one compilation serves every layer
+with the same shapes. Its only side effect may be a row store (`index_copy_`) into a tensor it is
+given, which Inductor performs in place (the step's state writes, without launches of their
+own). Off CUDA, or when not configured, the plain function runs.
 """
 
 from __future__ import annotations

@@ -21,9 +21,9 @@ How each data-dependent piece of the eager step becomes static (docs/architectur
 
 The elementwise glue between kernels sits in small functions marked `@fused`, which
 homeseek/compile.py turns into Inductor kernels on CUDA (one compilation per shape serves every
-layer). Everything that follows from the position and the slot alone is one region per layer
-(`layer_rows`). The state writes happen in the kernels that compute what they store (the new
-key's and the compressors', kernels/compress.py).
+layer). A region may end in a row store into session state (`index_copy_` into a buffer it is
+given): Inductor writes the row in place from the kernel that computes it. Everything that
+follows from the position and the slot alone is one region per layer (`layer_rows`).
 
 The eager step's keys are ordered (window, then compressed entries) differently from here (ring
 rows), so the attention sums in another order: equal to fp32 rounding, not bitwise.
@@ -79,6 +79,27 @@ def rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 def rms_into(x: torch.Tensor, w: torch.Tensor, eps: float, out: torch.Tensor) -> torch.Tensor:
     """rms into a static buffer: compiled, the norm's kernel stores there (no copy launch)."""
     return out.copy_(M.rms_norm(x, w, eps))
+
+
+@fused
+def new_key(
+    kva: torch.Tensor,
+    kv_w: torch.Tensor,
+    cos_t: torch.Tensor,
+    sin_t: torch.Tensor,
+    pos: torch.Tensor,
+    keys: torch.Tensor,
+    ring_row: torch.Tensor,
+    eps: float,
+    nope: int,
+    quant_sim: bool,
+) -> None:
+    """The token's key from kva [1, Dh] (norm, RoPE, cache rounding) into row ring_row of keys
+    [S·R, Dh]. The store is part of the compiled region: Inductor writes the row in place from
+    the kernel that computes it (no launch of its own, no copy of the buffer). cos_t/sin_t: the
+    layer's RoPE tables, read at pos inside (no gather launch of its own)."""
+    kv = M.apply_rope(M.rms_norm(kva, kv_w, eps), cos_t[pos], sin_t[pos])
+    keys.index_copy_(0, ring_row, M.kv_round(kv, nope, quant_sim))
 
 
 @fused
@@ -266,11 +287,10 @@ def attention_step(
     q = ops.head_rms_rope(
         qb.view(1, H, -1), cos_t, sin_t, cfg.rms_norm_eps, rows=ix.pos, triton=ctx.kernels
     )
-    # the key (norm, RoPE, cache rounding) into its ring row, one launch (kernels/compress.py);
     # the ring then holds positions pos-W+1..pos
-    ops.new_key(
-        kva, lw["attn.kv_norm"], cos_t, sin_t, ix.pos, keys, ring_row, eps=cfg.rms_norm_eps,
-        nope=cfg.nope_dim, quant_sim=ctx.quant_sim, triton=ctx.kernels,
+    new_key(
+        kva, lw["attn.kv_norm"], cos_t, sin_t, ix.pos, keys, ring_row, cfg.rms_norm_eps,
+        cfg.nope_dim, ctx.quant_sim,
     )  # fmt: skip
 
     if comp is not None:

@@ -223,10 +223,12 @@ class Runner:
         self._sel_rows = torch.zeros(
             len(weights), 1, cfg.num_experts_per_tok, dtype=torch.long, pin_memory=on_cuda
         )
-        # Decode: a layer whose experts are all on the device (and nothing to predict) runs B and
-        # lets the host queue the next A before it reads the ids (False: the host waits for them
-        # first, as every layer with misses does).
-        self.resident_no_wait = True
+        # Decode: True lets a layer whose experts are all on the device (and nothing to predict)
+        # run B and the host queue the next A before it reads the ids; False: the host waits for
+        # them first, as every layer with misses does. Off until measured on a GPU
+        # (tools/decode_ab.py --switch resident-no-wait --layers 36 --resident; its GPU test is
+        # test_resident_layers_do_not_wait_for_their_ids).
+        self.resident_no_wait = False
         K = cfg.num_experts_per_tok
         # int64: with the store's `zero_copy` a cast kernel reads them in place (`_write_slots`)
         self._slot_stage = (

@@ -2,7 +2,9 @@
 
 - compress_decode: the token through one KV compressor, after its two fp32 projections (the
   torch form is homeseek/decode.py's compress_step);
-- new_key: the token's own key into its window ring row (decode.py's new_key), below.
+- new_key: the token's own key into its window ring row (decode.py's new_key), below. Built
+  and tested under the interpreter (session 21) but not yet what decode runs: its GPU tests
+  had no device time left; decode keeps its compiled new_key until they pass.
 
 Letters: S arena slots, m compress ratio, d entry width, c = 2 with the CSA overlap (else 1),
 P RoPE pairs (the entry's last 2P channels rotate), n = `nope` (FP8-rounded channels of a key).
@@ -53,8 +55,8 @@ as the engine loads norm weights, or the activation dtype: w · (...) is fp32 ma
     y = rope(y, cos_t[pos], sin_t[pos])       the token's own position (entries: the block's)
     y[:n] = FP8 sim, as for a "kv" entry      when quant_sim
     keys[ring_row] = y                        keys in kva's dtype; no other row is written
-One program, no loop: Dh = 512 is 1 KB in and out. The entry's helpers (_rms_norm, _rope, _fp8_nope)
-do the math, so the two kernels round alike. It replaces the ~4 launches Inductor made of
+One program, no loop: Dh = 512 is 1 KB in and out. The entry's helpers (_rms_norm, _rope,
+_fp8_nope) do the math, so the two kernels round alike. It replaces the ~4 launches Inductor made of
 decode.py's compiled new_key; pos and ring_row are read on the device (graph-capturable).
 
 Numerics (both kernels): the same math in fp32 with other summation orders (the softmax sums,

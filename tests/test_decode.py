@@ -17,7 +17,7 @@ from homeseek.config import ConfigError, RuntimeConfig
 from homeseek.state import NoFreeSlotError, StateArena
 
 FUSED = [
-    "rms", "rms_into", "unrope", "indexer_q", "key_rows", "layer_rows", "swiglu_act",
+    "rms", "rms_into", "new_key", "unrope", "indexer_q", "key_rows", "layer_rows", "swiglu_act",
 ]  # fmt: skip
 
 

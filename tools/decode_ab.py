@@ -23,8 +23,8 @@ tables as an int64 copy and a cast, not quite the code before session 18),
 `lane-handoff` (on: the CPU lane's sum waited for on the GPU, the host going on; off: the host
 waits for the lane's job and copies its sum, the engine's default; needs the lane),
 `resident-no-wait` (a layer whose experts are all on the device runs B and the host queues the
-next A before reading its ids, the engine's default; off: the host waits for the ids first;
-acts with --resident, e.g. `--layers 36 --resident --gpu-mem-gb 135`).
+next A before reading its ids; off: the host waits for the ids first, the engine's default until
+measured; acts with --resident, e.g. `--layers 36 --resident --gpu-mem-gb 135`).
 `--switch a,b` measures each in turn on one build.
 """
 
@@ -56,7 +56,7 @@ DEFAULT_ON = {
     "switch-interval": True,
     "zero-copy": True,
     "lane-handoff": False,
-    "resident-no-wait": True,
+    "resident-no-wait": False,
 }
 
 
