@@ -17,7 +17,12 @@ log(u) * e / (u - 1) with u = 1 + e, which keeps its relative precision for smal
 e) would not.
 
 Hash layers (`hashed` given): the ids are row ids[t] of the table tid2eid [vocab, K], read on the
-device (no host lookup); only the weights are computed.
+device (no host lookup; the token ids are not bounds-checked there: the engine checks them
+against the vocabulary first); only the weights are computed.
+
+Rounding: sqrt and the divisions are the correctly rounded ones (torch's), not Triton's fast
+defaults, so the scores differ from the twin's only by exp/log's few ulp. A NaN logit makes the
+token's weights NaN (torch's result too), instead of disappearing from the selection.
 """
 
 from __future__ import annotations
@@ -68,8 +73,10 @@ def _route_kernel(
     ex = tl.exp(tl.minimum(x, 20.0))  # (the exp of an x past the threshold is not used)
     u = 1.0 + ex
     one = u == 1.0
-    lp = tl.where(one, ex, tl.log(u) * (ex / tl.where(one, 1.0, u - 1.0)))
-    sc = tl.sqrt(tl.where(x > 20.0, x, lp))
+    lp = tl.where(one, ex, tl.log(u) * tl.div_rn(ex, tl.where(one, 1.0, u - 1.0)))
+    sc = tl.sqrt_rn(tl.where(x > 20.0, x, lp))
+    # A NaN logit (min() above drops it) makes every weight NaN, as in torch, not a hidden pick.
+    nan = tl.sum(tl.where(e_ok & (x != x), x, 0.0), axis=0)
     kk = tl.arange(0, BLOCK_K)
     k_ok = kk < K
     if HASH:
@@ -89,7 +96,7 @@ def _route_kernel(
             s = tl.where(ee == j, float("-inf"), s)
     w = tl.where(k_ok, w, 0.0)
     tl.store(sel_ptr + t * K + kk, sel, mask=k_ok)
-    tl.store(w_ptr + t * K + kk, w / tl.sum(w, axis=0) * scale, mask=k_ok)
+    tl.store(w_ptr + t * K + kk, tl.div_rn(w, tl.sum(w, axis=0)) * scale + nan, mask=k_ok)
 
 
 def route(

@@ -940,6 +940,17 @@ def test_route_interp(t, e, k, hashed):
 
 
 @interp
+def test_route_nan_logit_shows():
+    """A NaN logit makes the token's weights NaN, as the twin's are, rather than vanishing."""
+    logits = torch.randn(2, 16, generator=_gen(16))
+    logits[1, 5] = float("nan")
+    _, w = rt.route(logits, torch.zeros(16), None, None, 4, 1.0)
+    _, want = rt.route_ref(logits, torch.zeros(16), None, 4, 1.0)
+    assert torch.isfinite(w[0]).all() and torch.isnan(w[1]).all() and torch.isnan(want[1]).all()
+    assert_close("route weights", w[:1], want[:1], torch.float32)
+
+
+@interp
 def test_route_rejects_bad_inputs():
     logits = torch.randn(1, 16)
     bias = torch.zeros(16)
