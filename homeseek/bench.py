@@ -41,6 +41,9 @@ GiB = plan.GiB
 # Warm-up prefills (the grouped prefill kernels; short prompts take the decode kernels at M <= 16,
 # compiled per token count), then 3 decode steps. Excluded from every figure.
 WARMUP_PROMPT = 64
+# Untimed tokens before the decode after the longest prompt, at most (as many as the shortest
+# prompt, whose decode row it is compared with, put through the pool first)
+LONG_DECODE_WARM = 16
 
 
 @dataclass(frozen=True)
@@ -57,7 +60,7 @@ class BenchConfig:
     routings: tuple[str, ...] = ("model",)  # model | uniform | trace:PATH
     prompts: tuple[int, ...] = (8, 512, 4096, 16384)
     decode_tokens: int = 64
-    long_decode_tokens: int = 16  # decode after the longest prompt
+    long_decode_tokens: int = 16  # decode after the longest prompt (after LONG_DECODE_WARM)
     profile_tokens: int = 2  # decode tokens run under the profiler (kernels, GPU busy)
     seed: int = 0
     graphs: bool | None = None  # CUDA graphs for decode (None: on for CUDA)
@@ -129,7 +132,8 @@ class BenchConfig:
     @property
     def max_context(self) -> int:
         longest = max(*self.prompts, WARMUP_PROMPT)
-        need = longest + max(self.decode_tokens, self.long_decode_tokens) + 16
+        long = LONG_DECODE_WARM + self.long_decode_tokens if self.long_decode_tokens else 0
+        need = longest + max(self.decode_tokens, long) + 16
         if self.context is not None:
             if self.context < need:
                 raise ConfigError(f"--max-context {self.context}: the work needs {need} tokens")
@@ -648,6 +652,12 @@ class Bench:
                     # in the mode the short-position rows ended with
                     mode, lane, pf = self.modes[-1]
                     eng.scheduler.lane, eng.scheduler.prefetch = lane, pf
+                    # The pool as the short-position row found it, so that the two rows differ
+                    # by the position alone (#13: position 16K within 10 % of 512): a long
+                    # prompt leaves the pool holding its last layers' experts (hit rate ~14 % at
+                    # 16K, session 19). So a cold pool, then as many untimed tokens as the short
+                    # row's prompt put through it (and the new bucket's captures with them).
+                    self._fresh_pool()
                     self._decode(
                         routing,
                         sess,
@@ -655,7 +665,7 @@ class Bench:
                         profile=False,
                         lane=mode,
                         prefetch=pf,
-                        warm=True,
+                        warm=min(prompts[0], LONG_DECODE_WARM),
                     )
         finally:
             eng.experts.time_copies = False
@@ -696,17 +706,17 @@ class Bench:
         n: int,
         profile: bool,
         lane: str | None = None,
-        warm: bool = False,
+        warm: int = 0,
         prefetch: bool | None = None,
     ) -> Row:
-        """n decode tokens from the session's position, timed. `warm`: one token first, not
-        timed: the first token at a new position bucket captures that bucket's graphs (seconds,
-        which would otherwise count as decode time)."""
+        """n decode tokens from the session's position, timed, after `warm` untimed ones (the
+        first token at a new position bucket captures that bucket's graphs: seconds, which would
+        otherwise count as decode time)."""
         tok = self._ids(1, sess.pos)[0]
         times = []
         self.plain_tokens: list[int] = []  # what the forced drafts of the MTP rows propose
         try:
-            if warm:
+            for _ in range(warm):
                 tok = int(sess.decode(tok).argmax())
         except torch.OutOfMemoryError as e:
             row = Row(

@@ -966,7 +966,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--prompts", type=_int_list, default="8,512,4096,16384", help="prompt lengths, comma-sep."
     )
     b.add_argument("--decode-tokens", type=_int_at_least(2), default=64, help="after the first")
-    b.add_argument("--long-decode-tokens", type=count, default=16, help="after the longest prompt")
+    b.add_argument(
+        "--long-decode-tokens", type=count, default=16,
+        help="after the longest prompt (from a cold pool, after as many untimed tokens as the "
+        "shortest prompt, at most 16: compared with the short-position row)",
+    )  # fmt: skip
     b.add_argument("--profile-tokens", type=count, default=2, help="decode tokens profiled")
     b.add_argument("--seed", type=count, default=0, help="weights, prompts and uniform routing")
     b.add_argument("--threads", type=pos_int, default=None, help="CPU threads for torch")
