@@ -656,8 +656,10 @@ class Bench:
                     # by the position alone (#13: position 16K within 10 % of 512): a long
                     # prompt leaves the pool holding its last layers' experts (hit rate ~14 % at
                     # 16K, session 19). So a cold pool, then as many untimed tokens as the short
-                    # row's prompt put through it (and the new bucket's captures with them).
+                    # row's prompt put through it (one when the short rows each started cold),
+                    # the first capturing the new bucket's graphs.
                     self._fresh_pool()
+                    cold = len(self.modes) > 1 or bc.mtp
                     self._decode(
                         routing,
                         sess,
@@ -665,7 +667,7 @@ class Bench:
                         profile=False,
                         lane=mode,
                         prefetch=pf,
-                        warm=min(prompts[0], LONG_DECODE_WARM),
+                        warm=1 if cold else min(prompts[0], LONG_DECODE_WARM),
                     )
         finally:
             eng.experts.time_copies = False

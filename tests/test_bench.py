@@ -132,6 +132,21 @@ def test_bench_copy_only_decode_leaves_the_prompts_their_prefetch(monkeypatch):
     assert any(tokens == 24 for _, tokens in scans) and b.eng.scheduler.prefetch is True
 
 
+def test_bench_long_decode_starts_as_the_short_rows_did():
+    """With several decode modes each short-position row starts from a cold pool, so the decode
+    after the longest prompt does too, after the one untimed token that captures its bucket (one
+    mode: after as many as the shortest prompt, which warmed the short row's pool)."""
+    from homeseek.bench import Bench, BenchConfig
+
+    bc = BenchConfig(
+        model="tiny", synthetic=None, device="cpu", prompts=(8, 24), decode_tokens=2,
+        long_decode_tokens=1, profile_tokens=0, cpu_lanes=("off",), prefetch=(True, False),
+    )  # fmt: skip
+    res = Bench(bc, out=lambda _: None).run()
+    dec = [(r["position"], r["prefetch"]) for r in res["rows"] if r["work"] == "decode"]
+    assert dec == [(8, False), (8, True), (25, True)]
+
+
 def test_bench_reports_the_lane_kernel_against_the_host_read_rate(monkeypatch):
     """With a CPU lane, the report puts the lane's kernel rate in decode (a record per its
     measured seconds per expert) against the host's RAM read rate with the lane's threads."""
