@@ -39,6 +39,7 @@ from homeseek import model as M
 from homeseek.compile import fused
 from homeseek.config import CSA, HCA, SWA, ModelConfig
 from homeseek.kernels import ops
+from homeseek.kernels.compress import new_key_ref
 from homeseek.kernels.rope import rope_heads_ref
 from homeseek.quant import hadamard_matrix
 from homeseek.state import ArenaCompressor, ArenaLayer
@@ -81,25 +82,11 @@ def rms_into(x: torch.Tensor, w: torch.Tensor, eps: float, out: torch.Tensor) ->
     return out.copy_(M.rms_norm(x, w, eps))
 
 
-@fused
-def new_key(
-    kva: torch.Tensor,
-    kv_w: torch.Tensor,
-    cos_t: torch.Tensor,
-    sin_t: torch.Tensor,
-    pos: torch.Tensor,
-    keys: torch.Tensor,
-    ring_row: torch.Tensor,
-    eps: float,
-    nope: int,
-    quant_sim: bool,
-) -> None:
-    """The token's key from kva [1, Dh] (norm, RoPE, cache rounding) into row ring_row of keys
-    [S·R, Dh]. The store is part of the compiled region: Inductor writes the row in place from
-    the kernel that computes it (no launch of its own, no copy of the buffer). cos_t/sin_t: the
-    layer's RoPE tables, read at pos inside (no gather launch of its own)."""
-    kv = M.apply_rope(M.rms_norm(kva, kv_w, eps), cos_t[pos], sin_t[pos])
-    keys.index_copy_(0, ring_row, M.kv_round(kv, nope, quant_sim))
+# The new key (norm, RoPE, cache rounding) into its ring row of keys [S·R, Dh], compiled: the store
+# is part of the region, so Inductor writes the row in place from the kernel that computes it (no
+# launch of its own, no copy of the buffer); the RoPE tables are read at pos inside. The math is
+# kernels/compress.py's twin of its one-launch kernel (not yet what decode runs: see there).
+new_key = fused(new_key_ref)
 
 
 @fused
@@ -289,8 +276,8 @@ def attention_step(
     )
     # the ring then holds positions pos-W+1..pos
     new_key(
-        kva, lw["attn.kv_norm"], cos_t, sin_t, ix.pos, keys, ring_row, cfg.rms_norm_eps,
-        cfg.nope_dim, ctx.quant_sim,
+        kva, lw["attn.kv_norm"], cos_t, sin_t, ix.pos, keys, ring_row, eps=cfg.rms_norm_eps,
+        nope=cfg.nope_dim, quant_sim=ctx.quant_sim,
     )  # fmt: skip
 
     if comp is not None:
