@@ -37,7 +37,7 @@ import torch
 
 from homeseek import model as M
 from homeseek.compile import fused
-from homeseek.config import CSA, HCA, SWA, ModelConfig
+from homeseek.config import CSA, SWA, ModelConfig
 from homeseek.kernels import ops
 from homeseek.kernels.compress import new_key_ref
 from homeseek.kernels.rope import rope_heads_ref
@@ -217,9 +217,9 @@ def compress_step(
     """Feed one token x [1, D] to a compressor of the session in slot ix.slot: its block buffer
     rows, and, when the token completes the block, the entry at cache row cache_row0 + pos // m
     (and the CSA overlap half). After the two fp32 projections (one GEMV on the stacked
-    weights) one launch does it all
-    (kernels/compress.py; ~16 launches before); its torch twin, on the twins' path, also writes
-    the entry of the block in progress (masked until complete, wherever it is read)."""
+    weights) one launch does it all (kernels/compress.py; ~16 launches before); its torch twin,
+    on the twins' path, also writes the entry of the block in progress (masked until complete,
+    wherever it is read)."""
     cfg = ctx.cfg
     names = (f"{prefix}.wkv", f"{prefix}.wgate")
     kv, gate = M.plain_f32s(x, names, lw, ctx.kernels)  # [1, c·d] fp32 each, one product
@@ -251,14 +251,19 @@ def attention_step(
     n_c = 0 if comp is None else min(-(-bucket // comp.ratio), comp.capacity)  # entries reached
     # CSA ranks its entries with the indexer unless the bucket's all fit the top-k
     ranked = kind == CSA and not topk_shortcut(n_c, ctx)
-    n_sel = 0 if kind == SWA or ranked else cfg.index_topk if kind == CSA else n_c
+    # compressed entries selected by position alone: HCA's every complete one (at least
+    # MIN_HCA_ENTRIES slots, so the glue keeps its shapes), CSA's under the top-k shortcut
+    if kind == SWA or ranked:
+        n_sel = 0
+    else:
+        n_sel = cfg.index_topk if kind == CSA else max(n_c, MIN_HCA_ENTRIES)
     keys = st.keys.view(-1, Dh)  # [S·R, Dh]
     # base: the slot's first row (R = W window rows + the compressed entries per slot); idx the
     # key rows attended, complete but for a ranked CSA selection (appended below)
     cos_t, sin_t = rope.tables[kind != SWA]  # YaRN if compressed
     r, idx = layer_rows(
         ix.pos, ix.slot, st.keys.shape[1], W,
-        1 if comp is None else comp.ratio, max(n_sel, MIN_HCA_ENTRIES) if kind == HCA else n_sel,
+        1 if comp is None else comp.ratio, n_sel,
         0 if st.index_comp is None else st.index_comp.capacity,
     )  # fmt: skip
     base, ring_row, comp_row0, index_row0 = r[0:1], r[1:2], r[2:3], r[3:4]  # [1] each

@@ -24,10 +24,11 @@ import torch.nn.functional as F
 from homeseek.checkpoint import QWeight
 from homeseek.config import CSA, SWA, ModelConfig, yarn_inv_freq
 from homeseek.kernels import ops
+from homeseek.kernels.compress import kv_round_ref
 from homeseek.kernels.gemv import GEMV_MAX_T
 from homeseek.kernels.rope import rope_ref
 from homeseek.kernels.router import route_ref
-from homeseek.quant import act_quant_sim, fp4_block_sim, fp8_block_sim, hadamard
+from homeseek.quant import act_quant_sim, fp4_block_sim, hadamard
 from homeseek.state import CompressorState, LayerState
 
 if TYPE_CHECKING:
@@ -504,12 +505,9 @@ def _kv_post(ctx: Ctx) -> Callable[[torch.Tensor], torch.Tensor]:
     return post
 
 
-def kv_round(kv: torch.Tensor, nope: int, quant_sim: bool) -> torch.Tensor:
-    """A key [T, Dh] as the cache stores it: the nope part FP8-rounded (block 64), the rope part
-    as is (no rounding without quant_sim)."""
-    if not quant_sim:
-        return kv
-    return torch.cat((fp8_block_sim(kv[:, :nope], 64), kv[:, nope:]), dim=-1)
+# A key as the cache stores it (the nope part FP8-rounded in blocks of 64, the rope part as is;
+# nothing without quant_sim): defined once, as the twin of the decode key's kernels.
+kv_round = kv_round_ref
 
 
 def index_round(x: torch.Tensor, quant_sim: bool, h: torch.Tensor | None = None) -> torch.Tensor:

@@ -658,8 +658,9 @@ class Runner:
             held = self.scheduler.store.published(layer)
         if self._sel_ready is not None:
             self._sel_ready.synchronize()  # the one host wait of the layer
-        # Copies: the next A overwrites the pinned ids and prediction before the work deferred
-        # to after its launch reads them.
+        # Copies: the next A overwrites the pinned prediction (one row for every layer) before
+        # the work deferred to after its launch reads it. The ids have a row per layer (cloned
+        # all the same: cheap, and nothing the scheduler holds can change under it).
         sel_host = self._sel_rows[layer].clone()
         pred = b.pred_host[0].tolist() if nxt is not None and self.scheduler.prefetch else None
         whole = ahead and bool(held[sel_host[0].numpy()].all())

@@ -87,7 +87,10 @@ from ._formats import (
 )
 from .rope import rope_ref
 
-__all__ = ["compress_decode", "compress_decode_ref", "e2m1_block_ref", "new_key", "new_key_ref"]
+__all__ = [
+    "compress_decode", "compress_decode_ref", "e2m1_block_ref", "kv_round_ref", "new_key",
+    "new_key_ref",
+]  # fmt: skip
 
 _ACT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # Activation dtype -> the kernel's rounding code (_round_to).
@@ -153,9 +156,12 @@ def _rms_norm_ref(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return (w * (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps))).to(x.dtype)
 
 
-def _kv_round_ref(kv: torch.Tensor, nope: int) -> torch.Tensor:
-    """model.kv_round with quant_sim: the first nope channels of kv [T, d] FP8-rounded in
-    blocks of KV_BLOCK (quant.fp8_block_sim), the rest as they are; in kv's dtype."""
+def kv_round_ref(kv: torch.Tensor, nope: int, quant_sim: bool) -> torch.Tensor:
+    """A key [T, d] as the cache stores it (the model's definition, model.kv_round): the first
+    nope channels FP8-rounded in blocks of KV_BLOCK (quant.fp8_block_sim), the rest as they
+    are, in kv's dtype; nothing rounded without quant_sim."""
+    if not quant_sim:
+        return kv
     q = act_quant_ref(kv[:, :nope], KV_BLOCK).to(kv.dtype)
     return torch.cat((q, kv[:, nope:]), dim=-1)
 
@@ -178,7 +184,7 @@ def _entry_ref(
     if not quant_sim:
         return e
     if post == "kv":
-        return _kv_round_ref(e, nope)
+        return kv_round_ref(e, nope, True)
     return e2m1_block_ref((e.float() @ hmat).to(dtype))
 
 
@@ -265,7 +271,7 @@ def new_key_ref(
     ring_row [1] int64; keys [rows, Dh] in kva's dtype: row ring_row <- the key, no other row
     changes."""
     kv = rope_ref(_rms_norm_ref(kva, kv_w, eps), cos_t[pos], sin_t[pos])
-    keys.index_copy_(0, ring_row, _kv_round_ref(kv, nope) if quant_sim else kv)
+    keys.index_copy_(0, ring_row, kv_round_ref(kv, nope, quant_sim))
 
 
 # ------------------------------------------------------------------------------------------------
